@@ -1,0 +1,1 @@
+"""The GPU node: diffusers pipelines behind arq queues, announced in Consul."""

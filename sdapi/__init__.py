@@ -1,0 +1,1 @@
+"""sdapi: Stable Diffusion as an API (command line and shared plumbing)."""

@@ -1,0 +1,3 @@
+from sdapi.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,67 @@
+"""Append to and read a generation's event stream (Redis streams)."""
+
+from __future__ import annotations
+
+from typing import cast
+from uuid import UUID
+
+from redis.asyncio import Redis
+
+from gpu_node.schemas import (
+    EVENT_ADAPTER,
+    EVENT_FIELD,
+    EVENT_STREAM_MAXLEN,
+    EVENT_TTL_S,
+    DoneEvent,
+    Event,
+    done_key,
+    events_key,
+)
+
+
+async def append_event(redis: Redis, generation_id: UUID | str, event: Event) -> str:
+    """Add `event` to the generation's stream and keep the stream alive."""
+    key = events_key(generation_id)
+    async with redis.pipeline(transaction=True) as pipe:
+        pipe.xadd(
+            key,
+            {EVENT_FIELD: event.model_dump_json()},
+            maxlen=EVENT_STREAM_MAXLEN,
+            approximate=True,
+        )
+        pipe.expire(key, EVENT_TTL_S)
+        entry_id, _ = await pipe.execute()
+    return entry_id.decode() if isinstance(entry_id, bytes) else str(entry_id)
+
+
+async def append_done(redis: Redis, generation_id: UUID | str, event: DoneEvent) -> bool:
+    """Append the generation's one `done` event; False if it was already there."""
+    first = await redis.set(done_key(generation_id), event.status, nx=True, ex=EVENT_TTL_S)
+    if not first:
+        return False
+    await append_event(redis, generation_id, event)
+    return True
+
+
+def decode_entry(fields: dict[bytes, bytes]) -> Event:
+    """The event stored in one stream entry."""
+    return EVENT_ADAPTER.validate_json(fields[EVENT_FIELD.encode()])
+
+
+async def read_events(
+    redis: Redis,
+    generation_id: UUID | str,
+    after: str = "0",
+    *,
+    block_ms: int | None = None,
+    count: int = 500,
+) -> list[tuple[str, Event]]:
+    """Events after entry id `after`, waiting up to `block_ms` for the first one."""
+    key = events_key(generation_id)
+    if block_ms is None:
+        raw = await redis.xrange(key, min=f"({after}" if after != "0" else "-", count=count)
+        entries = cast(list[tuple[bytes, dict[bytes, bytes]]], raw)
+    else:
+        reply = await redis.xread({key: after}, count=count, block=block_ms)
+        entries = reply[0][1] if reply else []
+    return [(entry_id.decode(), decode_entry(fields)) for entry_id, fields in entries]

@@ -1,0 +1,132 @@
+"""Our small layer over arq: msgpack (never pickle), pools, enqueue, lookups.
+
+arq is in maintenance mode upstream; everything else goes through here so it
+can be replaced without touching callers.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+from uuid import UUID
+
+import msgpack
+from arq.connections import ArqRedis, RedisSettings, create_pool
+from arq.constants import in_progress_key_prefix, job_key_prefix, result_key_prefix
+from pydantic import BaseModel
+
+from gpu_node.schemas import (
+    BATCH_FUNCTION,
+    GENERATE_FUNCTION,
+    BatchJob,
+    GenerationJob,
+    batch_job_id,
+    batch_queue,
+    generation_job_id,
+    job_timeout_s,
+    premium_queue,
+)
+
+
+def _fallback(obj: object) -> object:
+    # arq stores a failed job's exception as its result; keep its text only.
+    if isinstance(obj, BaseException):
+        return f"{type(obj).__name__}: {obj}"
+    if isinstance(obj, UUID):
+        return str(obj)
+    raise TypeError(f"cannot serialize {type(obj).__name__}")
+
+
+def serialize(obj: Any) -> bytes:
+    """arq job serializer: msgpack, so nothing in Redis can run code on a worker."""
+    data: bytes = msgpack.packb(obj, use_bin_type=True, default=_fallback)
+    return data
+
+
+def deserialize(data: bytes) -> Any:
+    """arq job deserializer matching `serialize`."""
+    return msgpack.unpackb(data, raw=False, strict_map_key=False)
+
+
+def redis_settings(url: str) -> RedisSettings:
+    """arq connection settings for a redis:// URL, retrying while Redis restarts."""
+    settings = RedisSettings.from_dsn(url)
+    settings.conn_retries = 30
+    settings.conn_retry_delay = 1
+    settings.retry_on_timeout = True
+    return settings
+
+
+async def create_queue_pool(url: str) -> ArqRedis:
+    """An arq pool (a redis.asyncio client with `enqueue_job`) using msgpack."""
+    pool: ArqRedis = await create_pool(
+        redis_settings(url), job_serializer=serialize, job_deserializer=deserialize
+    )
+    return pool
+
+
+async def enqueue(
+    pool: ArqRedis,
+    function: str,
+    payload: BaseModel,
+    *,
+    queue: str,
+    job_id: str,
+    timeout_s: int | None = None,
+    defer_s: float | None = None,
+) -> bool:
+    """Enqueue `function(payload)`; False when a job with `job_id` already exists."""
+    job = await pool.enqueue_job(
+        function,
+        payload.model_dump(mode="json"),
+        _job_id=job_id,
+        _queue_name=queue,
+        _job_timeout=timeout_s,
+        _defer_by=defer_s,
+    )
+    return job is not None
+
+
+async def enqueue_generation(pool: ArqRedis, job: GenerationJob) -> bool:
+    """Put one premium generation on its model's premium queue."""
+    return await enqueue(
+        pool,
+        GENERATE_FUNCTION,
+        job,
+        queue=premium_queue(job.model),
+        job_id=generation_job_id(job.generation_id, job.attempt),
+        timeout_s=job_timeout_s(job.params, job.params.num_images),
+    )
+
+
+async def enqueue_batch(pool: ArqRedis, batch: BatchJob) -> bool:
+    """Put a normal-tier batch on its model's batch queue."""
+    return await enqueue(
+        pool,
+        BATCH_FUNCTION,
+        batch,
+        queue=batch_queue(batch.model),
+        job_id=batch_job_id(batch.batch_id, batch.attempt),
+        timeout_s=job_timeout_s(batch.items[0].params, batch.image_count),
+    )
+
+
+async def queue_position(pool: ArqRedis, queue: str, job_id: str) -> int | None:
+    """0-based place of a job in its queue, or None once it left the queue."""
+    rank: int | None = await pool.zrank(queue, job_id)
+    return rank
+
+
+async def queue_depth(pool: ArqRedis, queue: str) -> int:
+    """Jobs waiting or running on `queue` (arq keeps running jobs in the set)."""
+    depth: int = await pool.zcard(queue)
+    return depth
+
+
+async def job_exists(pool: ArqRedis, job_id: str) -> bool:
+    """Whether arq still knows the job: queued, running or with a kept result."""
+    count: int = await pool.exists(
+        job_key_prefix + job_id,
+        in_progress_key_prefix + job_id,
+        result_key_prefix + job_id,
+    )
+    return count > 0

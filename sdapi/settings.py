@@ -1,0 +1,91 @@
+"""What every sdapi process reads from the environment, and how a bad value fails."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Self
+from urllib.parse import urlsplit
+
+from pydantic import ValidationError, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+ENV_PREFIX = "SDAPI_"
+
+
+class SettingsError(Exception):
+    """A setting is missing or malformed; the message is one line naming it."""
+
+
+class CommonSettings(BaseSettings):
+    """Settings shared by every process; each package subclasses this once."""
+
+    model_config = SettingsConfigDict(
+        env_prefix=ENV_PREFIX, extra="ignore", frozen=True, validate_default=True
+    )
+
+    # Unset: `sdapi dev` (or the test suite) provides embedded servers.
+    database_url: str | None = None
+    redis_url: str | None = None
+    # Unset: no Consul; nodes announce themselves through Redis instead.
+    consul_url: str | None = None
+    data_dir: Path = Path(".sdapi")
+    log_level: str = "INFO"
+
+    @field_validator("database_url")
+    @classmethod
+    def _postgres_url(cls, value: str | None) -> str | None:
+        if value is None or value == "":
+            return None
+        scheme = urlsplit(value).scheme
+        if scheme not in {"postgres", "postgresql"}:
+            raise ValueError("must be a postgres://user:password@host:port/db URL")
+        return value
+
+    @field_validator("redis_url")
+    @classmethod
+    def _redis_url(cls, value: str | None) -> str | None:
+        if value is None or value == "":
+            return None
+        parts = urlsplit(value)
+        if parts.scheme not in {"redis", "rediss", "unix"}:
+            raise ValueError("must be a redis://host:port/db URL")
+        if parts.scheme != "unix" and not parts.hostname:
+            raise ValueError("must name a host, as in redis://host:port/db")
+        return value
+
+    @field_validator("consul_url")
+    @classmethod
+    def _consul_url(cls, value: str | None) -> str | None:
+        if value is None or value == "":
+            return None
+        parts = urlsplit(value)
+        if parts.scheme not in {"http", "https"} or not parts.hostname:
+            raise ValueError("must be an http://host:port URL of a Consul agent")
+        return value.rstrip("/")
+
+    @field_validator("log_level")
+    @classmethod
+    def _log_level(cls, value: str) -> str:
+        level = value.upper()
+        if level not in {"DEBUG", "INFO", "WARNING", "ERROR"}:
+            raise ValueError("must be one of DEBUG, INFO, WARNING, ERROR")
+        return level
+
+    @classmethod
+    def from_env(cls, **overrides: object) -> Self:
+        """Build the settings from the environment, or raise a one-line error."""
+        try:
+            return cls(**overrides)  # type: ignore[arg-type]
+        except ValidationError as exc:
+            raise SettingsError(describe_validation_error(exc)) from None
+
+
+def describe_validation_error(exc: ValidationError) -> str:
+    """One line naming the first bad variable, as an operator would type it."""
+    error = exc.errors()[0]
+    field = ".".join(str(part) for part in error["loc"]) or "?"
+    name = ENV_PREFIX + field.upper()
+    value = error.get("input")
+    shown = f"={value!r}" if isinstance(value, str | int | float) else ""
+    message = str(error["msg"]).removeprefix("Value error, ")
+    return f"bad setting {name}{shown}: {message}"
