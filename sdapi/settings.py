@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import secrets
 from pathlib import Path
 from typing import Self
 from urllib.parse import urlsplit
 
-from pydantic import ValidationError, field_validator
+from pydantic import SecretStr, ValidationError, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 ENV_PREFIX = "SDAPI_"
@@ -30,6 +31,10 @@ class CommonSettings(BaseSettings):
     consul_url: str | None = None
     data_dir: Path = Path(".sdapi")
     log_level: str = "INFO"
+    # Keys the password pre-hash and signs download links in emails; every web
+    # and jobs process of a deployment needs the same one. Unset: generated
+    # once and kept in SDAPI_DATA_DIR/secret_key.
+    secret_key: SecretStr | None = None
 
     @field_validator("database_url")
     @classmethod
@@ -86,6 +91,24 @@ def describe_validation_error(exc: ValidationError) -> str:
     field = ".".join(str(part) for part in error["loc"]) or "?"
     name = ENV_PREFIX + field.upper()
     value = error.get("input")
-    shown = f"={value!r}" if isinstance(value, str | int | float) else ""
+    secret = any(word in field for word in ("secret", "password", "url"))
+    shown = f"={value!r}" if isinstance(value, str | int | float) and not secret else ""
     message = str(error["msg"]).removeprefix("Value error, ")
     return f"bad setting {name}{shown}: {message}"
+
+
+def load_secret_key(data_dir: Path) -> str:
+    """The data folder's secret key, created (mode 0600) the first time."""
+    path = data_dir / "secret_key"
+    try:
+        return path.read_text().strip()
+    except FileNotFoundError:
+        data_dir.mkdir(parents=True, exist_ok=True)
+        key = secrets.token_urlsafe(48)
+        try:
+            with path.open("x", encoding="ascii") as handle:
+                path.chmod(0o600)
+                handle.write(key)
+        except FileExistsError:
+            return path.read_text().strip()
+        return key

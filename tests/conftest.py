@@ -105,7 +105,9 @@ def database_url(postgres_server_url: str) -> Iterator[str]:
         yield url
     finally:
         with contextlib.suppress(Exception):
-            asyncio.run(_admin(postgres_server_url, f'DROP DATABASE "{name}" WITH (FORCE)'))
+            asyncio.run(
+                _admin(postgres_server_url, f'DROP DATABASE "{name}" WITH (FORCE)')
+            )
 
 
 @pytest.fixture

@@ -1,0 +1,1 @@
+"""The jobs worker: results, normal-tier dispatch, email outbox, reconciler."""

@@ -1,0 +1,228 @@
+"""Persisting what GPU nodes report: starts and finished generations.
+
+arq delivers at least once, so both jobs are idempotent: status only moves
+forward (`WHERE status NOT IN terminal`), images are keyed by (generation,
+index), the email by a dedupe key, and the one `done` event by a Redis NX key.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from datetime import timedelta
+from typing import Any
+
+from arq.worker import Retry
+from pydantic import ValidationError
+from redis.asyncio import Redis
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import TimeoutError as RedisTimeoutError
+from tortoise.exceptions import OperationalError
+from tortoise.transactions import in_transaction
+
+from gpu_node.schemas import (
+    TERMINAL_STATUSES,
+    DoneEvent,
+    ErrorInfo,
+    GenerationResult,
+    StartedNotice,
+    Status,
+    image_key,
+    progress_key,
+)
+from jobs.messages import generation_email
+from jobs.worker import resources
+from sdapi.events import append_done
+from web.models import Delivery, GeneratedImage, Generation, utcnow
+from web.outbox import queue_email
+
+log = logging.getLogger(__name__)
+
+# A running generation that reports nothing for this long is checked by the
+# reconciler (its job may be gone); the check keeps live work alone.
+RUNNING_GRACE = timedelta(minutes=2)
+
+
+class ResultRejected(ValueError):
+    """A payload that can never be stored; retrying would not help."""
+
+
+# Errors of a database or Redis that is restarting; arq retries only `Retry`.
+TRANSIENT_ERRORS = (OSError, OperationalError, RedisConnectionError, RedisTimeoutError)
+
+
+def retry_later(ctx: dict[str, Any]) -> Retry:
+    """Back off exponentially (seconds) while a dependency is down."""
+    job_try = int(ctx.get("job_try", 1))
+    return Retry(defer=min(60, 2**job_try))
+
+
+async def mark_started(ctx: dict[str, Any], payload: dict[str, Any]) -> str:
+    """Record that a node began a generation (queued -> running)."""
+    try:
+        notice = StartedNotice.model_validate(payload)
+    except ValidationError as exc:
+        raise ResultRejected(f"malformed mark_started payload: {exc}") from None
+    try:
+        updated = await Generation.filter(
+            id=notice.generation_id, status=Status.QUEUED
+        ).update(
+            status=Status.RUNNING,
+            started_at=notice.started_at,
+            deadline=utcnow() + RUNNING_GRACE,
+        )
+    except TRANSIENT_ERRORS:
+        raise retry_later(ctx) from None
+    return "running" if updated else "unchanged"
+
+
+def _warnings(result: GenerationResult) -> list[dict[str, str]]:
+    notes = []
+    for dropped, which in (
+        (result.prompt_tokens_dropped, "prompt"),
+        (result.negative_prompt_tokens_dropped, "negative prompt"),
+    ):
+        if dropped:
+            notes.append(
+                {
+                    "code": "prompt_truncated",
+                    "message": f"The {which} is longer than the model's text window; "
+                    f"its last {dropped} tokens were ignored.",
+                }
+            )
+    return notes
+
+
+async def _load_pngs(
+    ctx: dict[str, Any], result: GenerationResult
+) -> list[bytes] | None:
+    """The result's PNGs from Redis, checked against their hashes; None if lost."""
+    if not result.images:
+        return []
+    keys = [image_key(result.generation_id, image.index) for image in result.images]
+    values = await resources(ctx).redis.mget(keys)
+    pngs: list[bytes] = []
+    for image, data in zip(result.images, values, strict=True):
+        if data is None:
+            return None
+        if hashlib.sha256(data).hexdigest() != image.sha256:
+            raise ResultRejected(f"image {image.index} does not match its sha256")
+        pngs.append(data)
+    return pngs
+
+
+async def store_result(ctx: dict[str, Any], payload: dict[str, Any]) -> str:
+    """Store a finished generation once, email it if asked, then announce `done`."""
+    try:
+        result = GenerationResult.model_validate(payload)
+    except ValidationError as exc:
+        raise ResultRejected(f"malformed store_result payload: {exc}") from None
+    try:
+        return await _store(ctx, result)
+    except TRANSIENT_ERRORS:
+        log.warning("storing %s failed; retrying", result.generation_id, exc_info=True)
+        raise retry_later(ctx) from None
+
+
+async def _store(ctx: dict[str, Any], result: GenerationResult) -> str:
+    res = resources(ctx)
+    pngs = await _load_pngs(ctx, result)
+    if pngs is None:
+        # Redis lost the images: leave the row for the reconciler to run again.
+        log.warning("images of %s are gone from Redis", result.generation_id)
+        return "images missing"
+
+    async with in_transaction():
+        generation = (
+            await Generation.select_for_update()
+            .select_related("user")
+            .get_or_none(id=result.generation_id)
+        )
+        if generation is None:
+            return "unknown generation"
+        if generation.status in TERMINAL_STATUSES:
+            outcome = "already final"
+        else:
+            await _persist(generation, result, pngs)
+            if generation.delivery is Delivery.EMAIL and result.status in (
+                Status.SUCCEEDED,
+                Status.FAILED,
+            ):
+                message = generation_email(
+                    generation,
+                    result,
+                    secret=res.settings.secret_key.get_secret_value()
+                    if res.settings.secret_key
+                    else "",
+                    base_url=res.settings.public_url,
+                )
+                await queue_email(
+                    dedupe_key=f"generation:{generation.id}",
+                    to_address=generation.user.email,
+                    subject=message.subject,
+                    text_body=message.text,
+                    html_body=message.html,
+                    generation=generation,
+                )
+            outcome = str(result.status)
+
+    await announce_done(res.redis, generation)
+    return outcome
+
+
+async def announce_done(redis: Redis, generation: Generation) -> None:
+    """Append the one `done` event of a finished generation; drop its progress."""
+    status = Status(generation.status)
+    if status not in TERMINAL_STATUSES:
+        return
+    error = None
+    if status is Status.FAILED:
+        error = ErrorInfo(
+            code=generation.error_code or "failed",
+            message=generation.error_message or "The generation failed.",
+        )
+    done = DoneEvent(status=status, error=error)
+    await append_done(redis, generation.id, done)
+    await redis.delete(progress_key(generation.id))
+
+
+async def _persist(
+    generation: Generation, result: GenerationResult, pngs: list[bytes]
+) -> None:
+    """Write the images and the terminal status (inside the caller's transaction)."""
+    now = utcnow()
+    if result.status is Status.SUCCEEDED:
+        await GeneratedImage.bulk_create(
+            [
+                GeneratedImage(
+                    generation=generation,
+                    index=image.index,
+                    seed=image.seed,
+                    width=image.width,
+                    height=image.height,
+                    sha256=image.sha256,
+                    png=png,
+                )
+                for image, png in zip(result.images, pngs, strict=True)
+            ],
+            ignore_conflicts=True,
+        )
+    generation.status = result.status
+    generation.started_at = generation.started_at or result.started_at or now
+    generation.finished_at = result.finished_at
+    generation.deadline = None
+    generation.warnings = _warnings(result)
+    if result.error is not None:
+        generation.error_code = result.error.code
+        generation.error_message = result.error.message
+    await generation.save(
+        update_fields=[
+            "status",
+            "started_at",
+            "finished_at",
+            "deadline",
+            "warnings",
+            "error_code",
+            "error_message",
+        ]
+    )

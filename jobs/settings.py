@@ -1,0 +1,88 @@
+"""Settings of the jobs worker, built once in `jobs.main` and passed down."""
+
+from __future__ import annotations
+
+from typing import Self
+from urllib.parse import parse_qs, unquote, urlsplit
+
+from pydantic import BaseModel, Field, SecretStr, field_validator
+
+from sdapi.embedded import require_database_url, require_redis_url
+from sdapi.settings import CommonSettings, load_secret_key
+
+
+class SmtpConfig(BaseModel):
+    """Where mail goes, parsed from smtp://[user:pass@]host:port[?starttls=true]."""
+
+    host: str
+    port: int
+    username: str | None = None
+    password: str | None = None
+    use_tls: bool = False  # implicit TLS (smtps://)
+    start_tls: bool = False
+
+
+def parse_smtp_url(url: str) -> SmtpConfig:
+    """Parse an smtp:// or smtps:// URL."""
+    parts = urlsplit(url)
+    if parts.scheme not in {"smtp", "smtps"} or not parts.hostname:
+        raise ValueError("must be smtp://[user:pass@]host:port[?starttls=true]")
+    query = parse_qs(parts.query)
+    start_tls = query.get("starttls", ["false"])[0].lower() in {"1", "true", "yes"}
+    return SmtpConfig(
+        host=parts.hostname,
+        port=parts.port or (465 if parts.scheme == "smtps" else 25),
+        username=unquote(parts.username) if parts.username else None,
+        password=unquote(parts.password) if parts.password else None,
+        use_tls=parts.scheme == "smtps",
+        start_tls=start_tls,
+    )
+
+
+class JobsSettings(CommonSettings):
+    # Unset under `sdapi dev`: a local sink that keeps mail as .eml files.
+    smtp_url: str | None = None
+    mail_from: str = "sdapi <sdapi@localhost>"
+    public_url: str = "http://127.0.0.1:8080"
+    # How often the periodic tasks run, in seconds.
+    dispatch_interval: float = Field(default=1.0, gt=0)
+    reconcile_interval: float = Field(default=10.0, gt=0)
+    outbox_interval: float = Field(default=1.0, gt=0)
+    # Outbox retries: exponential backoff from base to max seconds, then give up.
+    outbox_max_attempts: int = Field(default=12, ge=1)
+    outbox_backoff_base: float = Field(default=2.0, gt=0)
+    outbox_backoff_max: float = Field(default=600.0, gt=0)
+    # A message claimed but not sent after this long is retried (sender died).
+    outbox_stuck_after: float = Field(default=300.0, gt=0)
+    smtp_timeout: float = Field(default=30.0, gt=0)
+
+    @field_validator("smtp_url")
+    @classmethod
+    def _smtp_url(cls, value: str | None) -> str | None:
+        if not value:
+            return None
+        parse_smtp_url(value)
+        return value
+
+    @field_validator("public_url")
+    @classmethod
+    def _public_url(cls, value: str) -> str:
+        parts = urlsplit(value)
+        if parts.scheme not in {"http", "https"} or not parts.hostname:
+            raise ValueError("must be an http(s)://host[:port] URL")
+        return value.rstrip("/")
+
+    @property
+    def smtp(self) -> SmtpConfig | None:
+        return parse_smtp_url(self.smtp_url) if self.smtp_url else None
+
+    def resolved(self) -> Self:
+        """A copy with the service URLs filled in (at start-up)."""
+        return self.model_copy(
+            update={
+                "database_url": require_database_url(self.database_url, self.data_dir),
+                "redis_url": require_redis_url(self.redis_url, self.data_dir),
+                "secret_key": self.secret_key
+                or SecretStr(load_secret_key(self.data_dir)),
+            }
+        )

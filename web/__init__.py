@@ -1,0 +1,1 @@
+"""The web tier: HTTP API, WebSocket, docs and playground; owns the schema."""

@@ -1,0 +1,143 @@
+"""The web application factory and the resources it opens and closes."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import socket
+from collections.abc import AsyncIterator
+
+import aiohttp_jinja2
+import jinja2
+import swagger_ui_bundle
+from aiohttp import web
+from aiohttp_session import session_middleware
+from prometheus_client import CollectorRegistry
+
+from sdapi import __version__
+from sdapi.consul import open_consul
+from sdapi.queue import create_queue_pool
+from web.db import open_database
+from web.errors import error_middleware
+from web.keys import (
+    database_key,
+    metrics_key,
+    openapi_key,
+    redis_key,
+    registry_key,
+    settings_key,
+)
+from web.metrics import install_metrics, metrics_middleware
+from web.openapi import ApiRoutes, build_openapi
+from web.registry import NodeRegistry
+from web.routes import route_tables
+from web.sessions import AppRedisStorage
+from web.settings import WebSettings
+
+log = logging.getLogger(__name__)
+
+WEB_SERVICE = "sdapi-web"
+API_DESCRIPTION = (
+    "Stable Diffusion as an API. Premium accounts get images at request time "
+    "(WebSocket progress, download, email); normal accounts' requests run later "
+    "in batches and are emailed. Authenticate with `Authorization: Bearer <token>` "
+    "from `POST /api/v1/auth/signin`."
+)
+
+
+def create_app(settings: WebSettings) -> web.Application:
+    """Build the app for resolved `settings` (URLs and secret key filled in)."""
+    if not settings.database_url or not settings.redis_url or not settings.secret_key:
+        raise ValueError(
+            "create_app needs resolved settings (see WebSettings.resolved)"
+        )
+    app = web.Application(client_max_size=settings.max_body_bytes)
+    app[settings_key] = settings
+    app[metrics_key] = CollectorRegistry()
+    install_metrics(app)
+    app.middlewares.extend(
+        [
+            error_middleware,
+            metrics_middleware,
+            session_middleware(
+                AppRedisStorage(
+                    app, max_age=settings.session_ttl, secure=settings.secure_cookies
+                )
+            ),
+        ]
+    )
+    aiohttp_jinja2.setup(
+        app,
+        loader=jinja2.PackageLoader("web", "templates"),
+        autoescape=jinja2.select_autoescape(["html", "j2"]),
+    )
+    app.cleanup_ctx.extend([database_ctx, redis_ctx, registry_ctx])
+    tables: list[ApiRoutes] = route_tables()
+    for table in tables:
+        table.add_to(app)
+    app[openapi_key] = build_openapi(
+        tables,
+        title="sdapi",
+        version=__version__,
+        description=API_DESCRIPTION,
+        server_url=settings.base_url,
+    )
+    app.router.add_static("/docs/assets", swagger_ui_bundle.swagger_ui_path)
+    return app
+
+
+async def database_ctx(app: web.Application) -> AsyncIterator[None]:
+    """Tortoise, initialised once for the process."""
+    async with open_database(app[settings_key].database_url or "") as ctx:
+        app[database_key] = ctx
+        yield
+
+
+async def redis_ctx(app: web.Application) -> AsyncIterator[None]:
+    """The Redis client (queues, events, sessions, throttling)."""
+    pool = await create_queue_pool(app[settings_key].redis_url or "")
+    app[redis_key] = pool
+    try:
+        yield
+    finally:
+        await pool.aclose()
+
+
+async def registry_ctx(app: web.Application) -> AsyncIterator[None]:
+    """Where healthy GPU nodes are found; registers this replica in Consul."""
+    settings = app[settings_key]
+    async with contextlib.AsyncExitStack() as stack:
+        consul = None
+        if settings.consul_url:
+            consul = await stack.enter_async_context(open_consul(settings.consul_url))
+            await stack.enter_async_context(_registered(consul, settings))
+        app[registry_key] = NodeRegistry(
+            app[redis_key], consul, configured_models=settings.models
+        )
+        yield
+
+
+@contextlib.asynccontextmanager
+async def _registered(consul: object, settings: WebSettings) -> AsyncIterator[None]:
+    import consul as consul_module
+
+    service_id = f"{WEB_SERVICE}-{socket.gethostname()}-{settings.port}"
+    check = consul_module.Check.http(
+        f"http://{settings.host}:{settings.port}/healthz",
+        interval="10s",
+        timeout="2s",
+        deregister="1m",
+    )
+    agent = consul.agent  # type: ignore[attr-defined]
+    await agent.service.register(
+        WEB_SERVICE,
+        service_id=service_id,
+        address=settings.host,
+        port=settings.port,
+        check=check,
+    )
+    log.info("registered %s in Consul as %s", WEB_SERVICE, service_id)
+    try:
+        yield
+    finally:
+        await agent.service.deregister(service_id)

@@ -1,0 +1,82 @@
+"""Opening, migrating and (in tests) emptying the database."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import AsyncIterator
+from typing import Any
+
+from tortoise import Tortoise
+from tortoise.context import TortoiseContext
+
+MODELS_MODULE = "web.models"
+MIGRATIONS_MODULE = "web.migrations"
+APP_LABEL = "models"
+
+
+def tortoise_config(database_url: str, *, pool_size: int = 10) -> dict[str, Any]:
+    """Tortoise config for our one app and its migrations package."""
+    url = database_url.replace("postgresql://", "postgres://", 1)
+    sep = "&" if "?" in url else "?"
+    return {
+        "connections": {"default": f"{url}{sep}minsize=1&maxsize={pool_size}"},
+        "apps": {
+            APP_LABEL: {
+                "models": [MODELS_MODULE],
+                "default_connection": "default",
+                "migrations": MIGRATIONS_MODULE,
+            }
+        },
+        "use_tz": True,
+        "timezone": "UTC",
+    }
+
+
+@contextlib.asynccontextmanager
+async def open_database(
+    database_url: str, *, pool_size: int = 10
+) -> AsyncIterator[TortoiseContext]:
+    """Initialise Tortoise once for this process; close it on exit.
+
+    The context is also the process-wide fallback, so aiohttp handlers and arq
+    jobs (tasks that did not inherit the start-up task's context) see it. One
+    process opens the database once (`cleanup_ctx` / arq `on_startup`).
+    """
+    ctx = await Tortoise.init(
+        config=tortoise_config(database_url, pool_size=pool_size),
+        _enable_global_fallback=True,
+    )
+    try:
+        yield ctx
+    finally:
+        await ctx.close_connections()
+
+
+async def apply_migrations(database_url: str) -> list[str]:
+    """Apply every pending migration; return the names applied."""
+    from tortoise.migrations.api import migrate
+
+    applied: list[str] = []
+
+    def progress(event: str, app_label: str, name: str) -> None:
+        if event == "apply_done":
+            applied.append(f"{app_label}.{name}")
+
+    try:
+        await migrate(
+            config=tortoise_config(database_url, pool_size=2), progress=progress
+        )
+    finally:
+        await Tortoise.close_connections()
+    return applied
+
+
+async def truncate_all(database_url: str) -> None:
+    """Empty every table of our app (tests only)."""
+    async with open_database(database_url, pool_size=1) as ctx:
+        apps = ctx.apps
+        if apps is None:
+            raise RuntimeError("Tortoise has no apps after init")
+        tables = [model._meta.db_table for model in apps.get_models_iterable()]
+        quoted = ", ".join(f'"{table}"' for table in tables)
+        await ctx.db().execute_script(f"TRUNCATE {quoted} RESTART IDENTITY CASCADE")

@@ -1,0 +1,223 @@
+"""Errors the API answers with, and the one middleware that formats them.
+
+Every 4xx/5xx leaves as `{"error": {"code", "message", "details"}}`. Anything
+unexpected is logged with its traceback and answered as a 500 with an error
+id the operator can grep for; the traceback never reaches the client.
+"""
+
+from __future__ import annotations
+
+import logging
+import uuid
+from collections.abc import Awaitable, Callable, Sequence
+from typing import Any, ClassVar
+
+from aiohttp import web
+from pydantic import ValidationError
+
+log = logging.getLogger(__name__)
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+class AppError(Exception):
+    """An error with a public status, code and message."""
+
+    status: ClassVar[int] = 400
+    code: ClassVar[str] = "bad_request"
+    default_message: ClassVar[str] = "The request is malformed."
+
+    def __init__(
+        self,
+        message: str | None = None,
+        *,
+        details: Sequence[dict[str, Any]] = (),
+        headers: dict[str, str] | None = None,
+    ) -> None:
+        self.message = message or self.default_message
+        self.details = list(details)
+        self.headers = headers or {}
+        super().__init__(self.message)
+
+    def body(self) -> dict[str, Any]:
+        return {
+            "error": {
+                "code": self.code,
+                "message": self.message,
+                "details": self.details,
+            }
+        }
+
+
+class BadRequest(AppError):
+    pass
+
+
+class ValidationFailed(AppError):
+    status = 422
+    code = "validation_error"
+    default_message = "The request has invalid fields."
+
+
+class Unauthorized(AppError):
+    status = 401
+    code = "unauthorized"
+    default_message = "Authentication is required: send a valid bearer token."
+
+    def __init__(self, message: str | None = None) -> None:
+        super().__init__(message, headers={"WWW-Authenticate": 'Bearer realm="sdapi"'})
+
+
+class Forbidden(AppError):
+    status = 403
+    code = "forbidden"
+    default_message = "You may not do this."
+
+
+class PremiumRequired(Forbidden):
+    code = "premium_required"
+    default_message = "This needs a premium account."
+
+
+class EmailNotVerified(Forbidden):
+    code = "email_not_verified"
+    default_message = "Verify your email address first: follow the link we sent you."
+
+
+class NotFound(AppError):
+    status = 404
+    code = "not_found"
+    default_message = "Nothing here."
+
+
+class MethodNotAllowed(AppError):
+    status = 405
+    code = "method_not_allowed"
+    default_message = "This method is not allowed here."
+
+
+class Conflict(AppError):
+    status = 409
+    code = "conflict"
+    default_message = "This conflicts with the current state."
+
+
+class PayloadTooLarge(AppError):
+    status = 413
+    code = "payload_too_large"
+    default_message = "The request body is too large."
+
+
+class UnsupportedMediaType(AppError):
+    status = 415
+    code = "bad_request"
+    default_message = "Send the body as application/json."
+
+
+class _RetryLater(AppError):
+    def __init__(self, message: str | None = None, *, retry_after: int) -> None:
+        self.retry_after = max(1, retry_after)
+        super().__init__(message, headers={"Retry-After": str(self.retry_after)})
+
+
+class RateLimited(_RetryLater):
+    status = 429
+    code = "rate_limited"
+    default_message = "Too many requests; try again later."
+
+
+class QuotaExceeded(_RetryLater):
+    status = 429
+    code = "quota_exceeded"
+    default_message = "Your daily image quota is spent."
+
+
+class Unavailable(_RetryLater):
+    status = 503
+    code = "unavailable"
+    default_message = "The service is unavailable right now; try again later."
+
+
+def validation_details(exc: ValidationError) -> list[dict[str, str]]:
+    """One `{"field", "message"}` per bad field, as the contract says."""
+    details = []
+    for error in exc.errors():
+        field = ".".join(str(part) for part in error["loc"]) or "body"
+        message = str(error["msg"]).removeprefix("Value error, ")
+        if error["type"] == "extra_forbidden":
+            message = "Unknown field."
+        details.append({"field": field, "message": message})
+    return details
+
+
+def from_validation_error(exc: ValidationError) -> ValidationFailed:
+    """The 422 for a pydantic error at the boundary."""
+    return ValidationFailed(details=validation_details(exc))
+
+
+_HTTP_CODES = {
+    400: "bad_request",
+    401: "unauthorized",
+    403: "forbidden",
+    404: "not_found",
+    405: "method_not_allowed",
+    413: "payload_too_large",
+    415: "bad_request",
+    429: "rate_limited",
+}
+
+
+def error_response(error: AppError) -> web.Response:
+    """The JSON response for `error`."""
+    return web.json_response(error.body(), status=error.status, headers=error.headers)
+
+
+def _from_http_exception(exc: web.HTTPException) -> web.Response:
+    if exc.status == 413:
+        error: AppError = PayloadTooLarge()
+    elif exc.status == 404:
+        error = NotFound()
+    elif exc.status == 405:
+        error = MethodNotAllowed()
+    else:
+        error = AppError(exc.reason)
+        error.status = exc.status  # type: ignore[misc]
+        error.code = _HTTP_CODES.get(exc.status, "error")  # type: ignore[misc]
+    response = error_response(error)
+    for name in ("Allow", "Retry-After", "WWW-Authenticate"):
+        if name in exc.headers:
+            response.headers[name] = exc.headers[name]
+    return response
+
+
+@web.middleware
+async def error_middleware(
+    request: web.Request, handler: Handler
+) -> web.StreamResponse:
+    """Turn every error into the contract's JSON error format."""
+    try:
+        return await handler(request)
+    except AppError as exc:
+        return error_response(exc)
+    except ValidationError as exc:
+        return error_response(from_validation_error(exc))
+    except web.HTTPException as exc:
+        if exc.status < 400:
+            raise
+        return _from_http_exception(exc)
+    except Exception:
+        error_id = uuid.uuid4().hex
+        log.exception(
+            "unhandled error %s on %s %s", error_id, request.method, request.path
+        )
+        return web.json_response(
+            {
+                "error": {
+                    "code": "internal_error",
+                    "message": "Something went wrong on our side "
+                    f"(error id {error_id}).",
+                    "details": [],
+                }
+            },
+            status=500,
+        )

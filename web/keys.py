@@ -1,0 +1,22 @@
+"""Typed keys of what the web app holds (opened in `web.app`'s cleanup contexts)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from aiohttp import web
+from arq.connections import ArqRedis
+from prometheus_client import CollectorRegistry
+from tortoise.context import TortoiseContext
+
+from web.registry import NodeRegistry
+from web.settings import WebSettings
+
+settings_key = web.AppKey("settings", WebSettings)
+database_key = web.AppKey("database", TortoiseContext)
+# One Redis client (an arq pool) for queues, events, sessions and throttling.
+redis_key = web.AppKey("redis", ArqRedis)
+registry_key = web.AppKey("registry", NodeRegistry)
+metrics_key = web.AppKey("metrics", CollectorRegistry)
+# The OpenAPI document, generated once from the route tables.
+openapi_key = web.AppKey("openapi", dict[str, Any])

@@ -1,0 +1,202 @@
+"""The database schema (Tortoise models). `web` owns it; `jobs` imports it.
+
+Importing this module starts nothing and needs no aiohttp app.
+"""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from enum import StrEnum
+from typing import Any
+
+from tortoise import fields
+from tortoise.indexes import Index
+from tortoise.models import Model
+
+from gpu_node.schemas import Status, Tier
+
+
+def utcnow() -> datetime:
+    """Aware UTC now (Tortoise stores timestamps with time zone)."""
+    return datetime.now(UTC)
+
+
+class Delivery(StrEnum):
+    DOWNLOAD = "download"
+    EMAIL = "email"
+
+
+class OutboxStatus(StrEnum):
+    PENDING = "pending"  # waiting for its next attempt
+    SENDING = "sending"  # claimed by a sender; stuck ones are retried
+    SENT = "sent"
+    FAILED = "failed"  # gave up after the last attempt
+
+
+class TokenKind(StrEnum):
+    BEARER = "bearer"  # Authorization: Bearer
+    SESSION = "session"  # behind a playground session cookie
+
+
+class User(Model):
+    id = fields.UUIDField(primary_key=True)
+    email = fields.CharField(max_length=320)
+    # Lower-cased email: unique, so "A@x.org" and "a@x.org" are one account.
+    email_key = fields.CharField(max_length=320, unique=True)
+    name = fields.CharField(max_length=100, null=True)
+    password_hash = fields.CharField(max_length=128)
+    premium_until = fields.DatetimeField(null=True)
+    email_verified_at = fields.DatetimeField(null=True)
+    created_at = fields.DatetimeField(auto_now_add=True)
+
+    class Meta:
+        table = "users"
+
+    def tier_at(self, now: datetime) -> Tier:
+        """Premium while premium time is left."""
+        if self.premium_until is not None and self.premium_until > now:
+            return Tier.PREMIUM
+        return Tier.NORMAL
+
+
+class ApiToken(Model):
+    """A bearer token or session; only the SHA-256 of the secret is stored."""
+
+    id = fields.UUIDField(primary_key=True)
+    user: fields.ForeignKeyRelation[User] = fields.ForeignKeyField(
+        "models.User", related_name="tokens", on_delete=fields.CASCADE
+    )
+    kind = fields.CharEnumField(TokenKind, max_length=16, default=TokenKind.BEARER)
+    token_hash = fields.CharField(max_length=64, unique=True)
+    created_at = fields.DatetimeField(auto_now_add=True)
+    expires_at = fields.DatetimeField()
+    revoked_at = fields.DatetimeField(null=True)
+    last_used_at = fields.DatetimeField(null=True)
+
+    class Meta:
+        table = "api_tokens"
+
+
+class EmailVerification(Model):
+    id = fields.UUIDField(primary_key=True)
+    user: fields.ForeignKeyRelation[User] = fields.ForeignKeyField(
+        "models.User", related_name="verifications", on_delete=fields.CASCADE
+    )
+    token_hash = fields.CharField(max_length=64, unique=True)
+    created_at = fields.DatetimeField(auto_now_add=True)
+    expires_at = fields.DatetimeField()
+    used_at = fields.DatetimeField(null=True)
+
+    class Meta:
+        table = "email_verifications"
+
+
+class PremiumCode(Model):
+    """A single-use code worth `days` of premium; only its SHA-256 is stored."""
+
+    id = fields.UUIDField(primary_key=True)
+    code_hash = fields.CharField(max_length=64, unique=True)
+    days = fields.IntField()
+    created_at = fields.DatetimeField(auto_now_add=True)
+    redeemed_by: fields.ForeignKeyNullableRelation[User] = fields.ForeignKeyField(
+        "models.User",
+        related_name="redeemed_codes",
+        null=True,
+        on_delete=fields.SET_NULL,
+    )
+    redeemed_at = fields.DatetimeField(null=True)
+
+    class Meta:
+        table = "premium_codes"
+
+
+class Generation(Model):
+    """One request for images, from acceptance to its terminal status."""
+
+    id = fields.UUIDField(primary_key=True)
+    user: fields.ForeignKeyRelation[User] = fields.ForeignKeyField(
+        "models.User", related_name="generations", on_delete=fields.CASCADE
+    )
+    tier = fields.CharEnumField(Tier, max_length=16)
+    status = fields.CharEnumField(Status, max_length=16)
+    delivery = fields.CharEnumField(Delivery, max_length=16)
+    model = fields.CharField(max_length=200)
+    # The public GenerationRequest as accepted, with the seed actually used.
+    request: Any = fields.JSONField()
+    # Copied out of `request` so the dispatcher can group batches in SQL.
+    width = fields.IntField()
+    height = fields.IntField()
+    steps = fields.IntField()
+    guidance_scale = fields.FloatField()
+    scheduler = fields.CharField(max_length=32)
+    num_images = fields.IntField()
+    created_at = fields.DatetimeField(auto_now_add=True)
+    scheduled_for = fields.DatetimeField(null=True)
+    queued_at = fields.DatetimeField(null=True)
+    started_at = fields.DatetimeField(null=True)
+    finished_at = fields.DatetimeField(null=True)
+    # When queued/running work is presumed lost and the reconciler steps in.
+    deadline = fields.DatetimeField(null=True)
+    batch_id = fields.UUIDField(null=True)
+    attempts = fields.IntField(default=0)
+    error_code = fields.CharField(max_length=64, null=True)
+    error_message = fields.TextField(null=True)
+    # Notices for the user, e.g. prompt tokens beyond the encoder's window.
+    warnings: Any = fields.JSONField(default=list)
+    emailed_at = fields.DatetimeField(null=True)
+
+    images: fields.ReverseRelation[GeneratedImage]
+
+    class Meta:
+        table = "generations"
+        indexes = (
+            Index(fields=("status", "scheduled_for")),
+            Index(fields=("user_id", "created_at")),
+            Index(fields=("batch_id",)),
+        )
+
+
+class GeneratedImage(Model):
+    id = fields.UUIDField(primary_key=True)
+    generation: fields.ForeignKeyRelation[Generation] = fields.ForeignKeyField(
+        "models.Generation", related_name="images", on_delete=fields.CASCADE
+    )
+    index = fields.IntField()
+    seed = fields.BigIntField()
+    width = fields.IntField()
+    height = fields.IntField()
+    sha256 = fields.CharField(max_length=64)
+    png = fields.BinaryField()
+    created_at = fields.DatetimeField(auto_now_add=True)
+
+    class Meta:
+        table = "generated_images"
+        unique_together = (("generation", "index"),)
+
+
+class OutboxEmail(Model):
+    """An email to send; `dedupe_key` makes writing it idempotent."""
+
+    id = fields.UUIDField(primary_key=True)
+    dedupe_key = fields.CharField(max_length=200, unique=True)
+    to_address = fields.CharField(max_length=320)
+    subject = fields.CharField(max_length=300)
+    text_body = fields.TextField()
+    html_body = fields.TextField(null=True)
+    # Its images are attached when the email is built.
+    generation: fields.ForeignKeyNullableRelation[Generation] = fields.ForeignKeyField(
+        "models.Generation", related_name="emails", null=True, on_delete=fields.CASCADE
+    )
+    status = fields.CharEnumField(
+        OutboxStatus, max_length=16, default=OutboxStatus.PENDING
+    )
+    attempts = fields.IntField(default=0)
+    last_error = fields.TextField(null=True)
+    next_attempt_at = fields.DatetimeField(default=utcnow)
+    claimed_at = fields.DatetimeField(null=True)
+    sent_at = fields.DatetimeField(null=True)
+    created_at = fields.DatetimeField(auto_now_add=True)
+
+    class Meta:
+        table = "outbox_emails"
+        indexes = (Index(fields=("status", "next_attempt_at")),)

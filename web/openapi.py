@@ -1,0 +1,293 @@
+"""Route tables that know their pydantic models, and the OpenAPI 3.1 built from them.
+
+Each routes module declares its endpoints once, with the models of the body,
+query and responses; the app registers them and `/openapi.json` is generated
+from the same declarations, so the document cannot drift from the code.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Awaitable, Callable, Iterable, Sequence
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+from aiohttp import web
+from pydantic import BaseModel, TypeAdapter, ValidationError
+from pydantic.json_schema import models_json_schema
+
+from web.errors import BadRequest, PayloadTooLarge, from_validation_error
+
+HandlerFn = Callable[[web.Request], Awaitable[web.StreamResponse]]
+ModelT = TypeVar("ModelT", bound=BaseModel)
+
+
+class ErrorBody(BaseModel):
+    """The body of every 4xx/5xx answer."""
+
+    class Detail(BaseModel):
+        field: str
+        message: str
+
+    class Error(BaseModel):
+        code: str
+        message: str
+        details: list[ErrorBody.Detail] = []
+
+    error: Error
+
+
+@dataclass(frozen=True)
+class Response:
+    """One documented response of an endpoint."""
+
+    status: int
+    description: str
+    model: type[BaseModel] | None = None
+    content_type: str = "application/json"
+
+
+@dataclass(frozen=True)
+class Endpoint:
+    method: str
+    path: str
+    handler: HandlerFn
+    summary: str
+    tags: tuple[str, ...]
+    body: type[BaseModel] | None
+    query: type[BaseModel] | None
+    responses: tuple[Response, ...]
+    auth: bool
+    description: str = ""
+    # Served but left out of the OpenAPI document (the docs page itself).
+    hidden: bool = False
+
+
+class ApiRoutes:
+    """Like aiohttp's RouteTableDef, but every route carries its schema."""
+
+    def __init__(self, *, tags: Sequence[str] = ()) -> None:
+        self.tags = tuple(tags)
+        self.endpoints: list[Endpoint] = []
+
+    def route(
+        self,
+        method: str,
+        path: str,
+        *,
+        summary: str,
+        responses: Sequence[Response],
+        body: type[BaseModel] | None = None,
+        query: type[BaseModel] | None = None,
+        auth: bool = True,
+        description: str = "",
+        tags: Sequence[str] = (),
+        hidden: bool = False,
+    ) -> Callable[[HandlerFn], HandlerFn]:
+        """Declare an endpoint; the decorated handler is returned unchanged."""
+
+        def register(handler: HandlerFn) -> HandlerFn:
+            self.endpoints.append(
+                Endpoint(
+                    method=method.upper(),
+                    path=path,
+                    handler=handler,
+                    summary=summary,
+                    tags=tuple(tags) or self.tags,
+                    body=body,
+                    query=query,
+                    responses=tuple(responses),
+                    auth=auth,
+                    description=description or (handler.__doc__ or "").strip(),
+                    hidden=hidden,
+                )
+            )
+            return handler
+
+        return register
+
+    def add_to(self, app: web.Application) -> None:
+        """Register every endpoint on `app`."""
+        for endpoint in self.endpoints:
+            app.router.add_route(endpoint.method, endpoint.path, endpoint.handler)
+
+
+async def read_json(request: web.Request) -> Any:
+    """The request body as JSON, or a contract error (400 / 413)."""
+    content_type = request.headers.get("Content-Type", "")
+    if request.content_type != "application/json":
+        shown = content_type or "none"
+        raise BadRequest(f"Send the body as application/json (got {shown}).")
+    try:
+        raw = await request.read()
+    except web.HTTPRequestEntityTooLarge:
+        raise PayloadTooLarge() from None
+    if not raw:
+        raise BadRequest("The request body is empty; send a JSON object.")
+    try:
+        return json.loads(raw)
+    except (UnicodeDecodeError, ValueError) as exc:
+        raise BadRequest(f"The body is not valid JSON: {exc}.") from None
+
+
+async def read_body(request: web.Request, model: type[ModelT]) -> ModelT:
+    """The request body validated as `model` (422 with one detail per field)."""
+    data = await read_json(request)
+    if not isinstance(data, dict):
+        raise BadRequest("The body must be a JSON object.")
+    try:
+        return model.model_validate(data)
+    except ValidationError as exc:
+        raise from_validation_error(exc) from None
+
+
+def read_query(request: web.Request, model: type[ModelT]) -> ModelT:
+    """The query string validated as `model`."""
+    try:
+        return model.model_validate(dict(request.query))
+    except ValidationError as exc:
+        raise from_validation_error(exc) from None
+
+
+def json_response(model: BaseModel, *, status: int = 200) -> web.Response:
+    """A JSON response from a public model (never an ORM object)."""
+    return web.Response(
+        body=model.model_dump_json(),
+        status=status,
+        content_type="application/json",
+    )
+
+
+_ERROR_DESCRIPTIONS = {
+    400: "Malformed request",
+    401: "Missing, expired or revoked credentials",
+    403: "Not allowed",
+    404: "Not found (also other users' objects)",
+    409: "Conflict",
+    413: "Body too large",
+    422: "Invalid fields",
+    429: "Too many requests or quota spent",
+    503: "Unavailable; retry after the Retry-After seconds",
+}
+
+
+def build_openapi(
+    routes: Iterable[ApiRoutes],
+    *,
+    title: str,
+    version: str,
+    description: str,
+    server_url: str,
+    extra_schemas: Sequence[type[BaseModel]] = (),
+) -> dict[str, Any]:
+    """The OpenAPI 3.1 document of `routes`, schemas generated by pydantic."""
+    endpoints = [
+        endpoint
+        for table in routes
+        for endpoint in table.endpoints
+        if not endpoint.hidden
+    ]
+    models: set[type[BaseModel]] = {ErrorBody, *extra_schemas}
+    for endpoint in endpoints:
+        if endpoint.body is not None:
+            models.add(endpoint.body)
+        models.update(r.model for r in endpoint.responses if r.model is not None)
+    ordered = sorted(models, key=lambda model: model.__name__)
+    keys, definitions = models_json_schema(
+        [(model, "serialization") for model in ordered],
+        ref_template="#/components/schemas/{model}",
+    )
+    refs = {model: keys[(model, "serialization")]["$ref"] for model in ordered}
+    # Request bodies are validated in "validation" mode; pydantic's schema for
+    # our models is the same in both modes apart from defaults being required.
+
+    paths: dict[str, dict[str, Any]] = {}
+    for endpoint in endpoints:
+        operation: dict[str, Any] = {
+            "summary": endpoint.summary,
+            "operationId": endpoint.handler.__name__,
+            "tags": list(endpoint.tags),
+            "responses": {},
+        }
+        if endpoint.description:
+            operation["description"] = endpoint.description
+        if endpoint.auth:
+            operation["security"] = [{"bearer": []}, {"session": []}]
+        parameters = _path_parameters(endpoint.path)
+        if endpoint.query is not None:
+            parameters += _query_parameters(endpoint.query)
+        if parameters:
+            operation["parameters"] = parameters
+        if endpoint.body is not None:
+            operation["requestBody"] = {
+                "required": True,
+                "content": {
+                    "application/json": {"schema": {"$ref": refs[endpoint.body]}}
+                },
+            }
+        for response in endpoint.responses:
+            entry: dict[str, Any] = {"description": response.description}
+            if response.model is not None:
+                entry["content"] = {
+                    response.content_type: {"schema": {"$ref": refs[response.model]}}
+                }
+            elif response.status != 204 and response.content_type != "application/json":
+                entry["content"] = {response.content_type: {"schema": _binary_schema()}}
+            operation["responses"][str(response.status)] = entry
+        for status, text in _ERROR_DESCRIPTIONS.items():
+            operation["responses"].setdefault(
+                str(status),
+                {
+                    "description": text,
+                    "content": {
+                        "application/json": {"schema": {"$ref": refs[ErrorBody]}}
+                    },
+                },
+            )
+        if not endpoint.auth:
+            operation["responses"].pop("401", None)
+        paths.setdefault(endpoint.path, {})[endpoint.method.lower()] = operation
+
+    return {
+        "openapi": "3.1.0",
+        "info": {"title": title, "version": version, "description": description},
+        "servers": [{"url": server_url}],
+        "paths": paths,
+        "components": {
+            "schemas": definitions.get("$defs", {}),
+            "securitySchemes": {
+                "bearer": {"type": "http", "scheme": "bearer"},
+                "session": {"type": "apiKey", "in": "cookie", "name": "sdapi_session"},
+            },
+        },
+    }
+
+
+def _binary_schema() -> dict[str, Any]:
+    return {"type": "string", "contentMediaType": "image/png"}
+
+
+def _path_parameters(path: str) -> list[dict[str, Any]]:
+    names = [
+        part[1:-1].split(":")[0] for part in path.split("/") if part.startswith("{")
+    ]
+    return [
+        {"name": name, "in": "path", "required": True, "schema": {"type": "string"}}
+        for name in names
+    ]
+
+
+def _query_parameters(model: type[BaseModel]) -> list[dict[str, Any]]:
+    params = []
+    for name, info in model.model_fields.items():
+        schema = TypeAdapter(info.annotation or Any).json_schema()
+        entry: dict[str, Any] = {
+            "name": info.alias or name,
+            "in": "query",
+            "required": info.is_required(),
+            "schema": schema,
+        }
+        if info.description:
+            entry["description"] = info.description
+        params.append(entry)
+    return params

@@ -1,0 +1,188 @@
+"""Which models healthy GPU nodes serve: from Consul, or from Redis without it."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Iterable
+from typing import Any
+
+from pydantic import BaseModel, ValidationError
+from redis.asyncio import Redis
+
+from gpu_node.schemas import NODE_KEY_PREFIX, NodeInfo
+
+log = logging.getLogger(__name__)
+
+GPU_SERVICE = "sdapi-gpu"
+# Last NodeInfo seen per model: defaults for normal-tier requests made while
+# no node of that model is up (they wait in the database for one).
+KNOWN_MODELS_KEY = "sdapi:models:known"
+# Defaults for a model no node has announced yet (Stable Diffusion's usual).
+GENERIC_DEFAULTS = {
+    "default_steps": 25,
+    "default_guidance": 7.5,
+    "default_scheduler": "euler_a",
+    "default_width": 512,
+    "default_height": 512,
+    "max_width": 1024,
+    "max_height": 1024,
+    "max_batch": 4,
+    "schedulers": ["euler", "euler_a", "dpmpp_2m", "ddim", "unipc", "lms", "pndm"],
+}
+
+
+class ModelOffer(BaseModel):
+    """A model as the API presents it: what its healthy nodes agree on."""
+
+    id: str
+    nodes: int
+    available: bool
+    max_batch: int
+    default_steps: int
+    default_guidance: float
+    default_scheduler: str
+    default_width: int
+    default_height: int
+    max_width: int
+    max_height: int
+    schedulers: list[str]
+
+    @classmethod
+    def combine(cls, model: str, infos: list[NodeInfo]) -> ModelOffer:
+        """The offer of `model` across its nodes (the tightest limits win)."""
+        first = infos[0]
+        schedulers = set(first.schedulers)
+        for info in infos[1:]:
+            schedulers &= set(info.schedulers)
+        return cls(
+            id=model,
+            nodes=len(infos),
+            available=True,
+            max_batch=min(info.max_batch for info in infos),
+            default_steps=first.default_steps,
+            default_guidance=first.default_guidance,
+            default_scheduler=first.default_scheduler,
+            default_width=first.default_width,
+            default_height=first.default_height,
+            max_width=min(info.max_width for info in infos),
+            max_height=min(info.max_height for info in infos),
+            schedulers=sorted(schedulers),
+        )
+
+    @classmethod
+    def offline(cls, model: str, last_seen: NodeInfo | None) -> ModelOffer:
+        """A configured model no healthy node serves right now."""
+        if last_seen is not None:
+            return cls.combine(model, [last_seen]).model_copy(
+                update={"nodes": 0, "available": False}
+            )
+        return cls.model_validate(
+            {"id": model, "nodes": 0, "available": False, **GENERIC_DEFAULTS}
+        )
+
+
+class NodeRegistry:
+    """Healthy GPU nodes, cached for `cache_s` seconds."""
+
+    def __init__(
+        self,
+        redis: Redis,
+        consul: Any | None = None,
+        *,
+        configured_models: Iterable[str] = (),
+        cache_s: float = 1.0,
+    ) -> None:
+        self._redis = redis
+        self._consul = consul
+        self._configured = tuple(configured_models)
+        self._cache_s = cache_s
+        self._cached: list[NodeInfo] = []
+        self._cached_at = -1e9
+        self._lock = asyncio.Lock()
+
+    @property
+    def uses_consul(self) -> bool:
+        return self._consul is not None
+
+    async def nodes(self) -> list[NodeInfo]:
+        """Healthy nodes now (Consul's passing checks, or live Redis entries)."""
+        async with self._lock:
+            if time.monotonic() - self._cached_at > self._cache_s:
+                self._cached = await self._fetch()
+                self._cached_at = time.monotonic()
+                await self._remember(self._cached)
+            return list(self._cached)
+
+    def invalidate(self) -> None:
+        """Forget the cache (tests, or after a node went away)."""
+        self._cached_at = -1e9
+
+    async def offers(self) -> dict[str, ModelOffer]:
+        """Every model served by a healthy node, plus configured ones (offline)."""
+        by_model: dict[str, list[NodeInfo]] = {}
+        for info in await self.nodes():
+            by_model.setdefault(info.model, []).append(info)
+        offers = {
+            model: ModelOffer.combine(model, infos) for model, infos in by_model.items()
+        }
+        missing = [model for model in self._configured if model not in offers]
+        if missing:
+            known = await self._known(missing)
+            for model in missing:
+                offers[model] = ModelOffer.offline(model, known.get(model))
+        return dict(sorted(offers.items()))
+
+    async def offer(self, model: str) -> ModelOffer | None:
+        """The offer of one model, or None if nobody serves or lists it."""
+        return (await self.offers()).get(model)
+
+    async def _fetch(self) -> list[NodeInfo]:
+        if self._consul is not None:
+            return await self._from_consul()
+        return await self._from_redis()
+
+    async def _from_consul(self) -> list[NodeInfo]:
+        if self._consul is None:
+            return []
+        _, entries = await self._consul.health.service(GPU_SERVICE, passing=True)
+        return _parse(entry.get("Service", {}).get("Meta") or {} for entry in entries)
+
+    async def _from_redis(self) -> list[NodeInfo]:
+        keys = [key async for key in self._redis.scan_iter(match=f"{NODE_KEY_PREFIX}*")]
+        if not keys:
+            return []
+        values = await self._redis.mget(keys)
+        infos = []
+        for value in values:
+            if value is None:
+                continue
+            try:
+                infos.append(NodeInfo.model_validate_json(value))
+            except ValidationError:
+                log.warning("ignoring a malformed node announcement in Redis")
+        return infos
+
+    async def _remember(self, infos: list[NodeInfo]) -> None:
+        if infos:
+            mapping = {info.model: info.model_dump_json() for info in infos}
+            await self._redis.hset(KNOWN_MODELS_KEY, mapping=mapping)  # type: ignore[misc]
+
+    async def _known(self, models: list[str]) -> dict[str, NodeInfo]:
+        values = await self._redis.hmget(KNOWN_MODELS_KEY, models)  # type: ignore[misc]
+        return {
+            model: NodeInfo.model_validate_json(value)
+            for model, value in zip(models, values, strict=True)
+            if value is not None
+        }
+
+
+def _parse(metas: Iterable[dict[str, Any]]) -> list[NodeInfo]:
+    infos = []
+    for meta in metas:
+        try:
+            infos.append(NodeInfo.from_meta(meta))
+        except ValidationError:
+            log.warning("ignoring a %s service with malformed Meta", GPU_SERVICE)
+    return infos

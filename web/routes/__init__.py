@@ -1,0 +1,12 @@
+"""HTTP route tables, one module per area."""
+
+from __future__ import annotations
+
+from web.openapi import ApiRoutes
+
+
+def route_tables() -> list[ApiRoutes]:
+    """Every route table of the app, in documentation order."""
+    from web.routes import ops
+
+    return [ops.routes]

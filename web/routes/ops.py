@@ -1,0 +1,154 @@
+"""Health, readiness, metrics, models, the OpenAPI document and the docs page."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+import aiohttp_jinja2
+from aiohttp import web
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from tortoise.exceptions import BaseORMException
+
+from gpu_node.schemas import batch_queue, premium_queue
+from sdapi.queue import queue_depth
+from web.auth import require_user
+from web.keys import (
+    database_key,
+    metrics_key,
+    openapi_key,
+    redis_key,
+    registry_key,
+    settings_key,
+)
+from web.metrics import web_metrics_key
+from web.openapi import ApiRoutes, Response, json_response
+from web.schemas.ops import Health, ModelList, Readiness
+
+log = logging.getLogger(__name__)
+
+routes = ApiRoutes(tags=["operations"])
+
+READY_TIMEOUT_S = 2.0
+
+
+@routes.route(
+    "GET",
+    "/healthz",
+    summary="The process is alive",
+    auth=False,
+    responses=[Response(200, "Alive", Health)],
+)
+async def healthz(request: web.Request) -> web.StreamResponse:
+    """Answers as long as the event loop runs; checks nothing else."""
+    return json_response(Health())
+
+
+async def _database_ok(request: web.Request) -> bool:
+    try:
+        async with asyncio.timeout(READY_TIMEOUT_S):
+            await request.app[database_key].db().execute_query("SELECT 1")
+    except (TimeoutError, OSError, BaseORMException):
+        log.warning("readiness: database unreachable", exc_info=True)
+        return False
+    return True
+
+
+async def _redis_ok(request: web.Request) -> bool:
+    from redis.exceptions import RedisError
+
+    try:
+        async with asyncio.timeout(READY_TIMEOUT_S):
+            await request.app[redis_key].ping()
+    except (TimeoutError, OSError, RedisError):
+        log.warning("readiness: Redis unreachable", exc_info=True)
+        return False
+    return True
+
+
+@routes.route(
+    "GET",
+    "/readyz",
+    summary="The database and Redis are reachable",
+    auth=False,
+    responses=[
+        Response(200, "Ready", Readiness),
+        Response(503, "A dependency is unreachable", Readiness),
+    ],
+)
+async def readyz(request: web.Request) -> web.StreamResponse:
+    """Ready when both PostgreSQL and Redis answer within two seconds."""
+    database, redis = await asyncio.gather(_database_ok(request), _redis_ok(request))
+    ready = database and redis
+    body = Readiness(
+        status="ready" if ready else "unready", database=database, redis=redis
+    )
+    return json_response(body, status=200 if ready else 503)
+
+
+@routes.route(
+    "GET",
+    "/metrics",
+    summary="Prometheus metrics",
+    auth=False,
+    responses=[Response(200, "Prometheus text format", content_type="text/plain")],
+)
+async def metrics(request: web.Request) -> web.StreamResponse:
+    """Request counts and latencies, queue depths per model and tier, nodes."""
+    app = request.app
+    gauges = app[web_metrics_key]
+    offers = await app[registry_key].offers()
+    redis = app[redis_key]
+    for model, offer in offers.items():
+        gauges.healthy_nodes.labels(model).set(offer.nodes)
+        gauges.queue_depth.labels(model, "premium").set(
+            await queue_depth(redis, premium_queue(model))
+        )
+        gauges.queue_depth.labels(model, "normal").set(
+            await queue_depth(redis, batch_queue(model))
+        )
+    body = generate_latest(app[metrics_key])
+    return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
+
+
+@routes.route(
+    "GET",
+    "/api/v1/models",
+    summary="Models that healthy GPU nodes serve",
+    responses=[Response(200, "Models with their defaults and limits", ModelList)],
+    tags=["models"],
+)
+async def list_models(request: web.Request) -> web.StreamResponse:
+    """Each model with its defaults and limits; `available` is false while no
+    healthy node serves it (normal-tier requests for it wait in the database)."""
+    await require_user(request)
+    offers = await request.app[registry_key].offers()
+    return json_response(ModelList(items=list(offers.values())))
+
+
+@routes.route(
+    "GET",
+    "/openapi.json",
+    summary="This API's OpenAPI 3.1 document",
+    auth=False,
+    responses=[Response(200, "OpenAPI 3.1 document", content_type="application/json")],
+)
+async def openapi_document(request: web.Request) -> web.StreamResponse:
+    """Generated from the routes' pydantic models at start-up."""
+    return web.json_response(request.app[openapi_key])
+
+
+@routes.route(
+    "GET",
+    "/docs",
+    summary="Interactive API documentation",
+    auth=False,
+    responses=[Response(200, "Swagger UI", content_type="text/html")],
+    hidden=True,
+)
+async def docs(request: web.Request) -> web.StreamResponse:
+    """Swagger UI from the packaged bundle: works without internet."""
+    settings = request.app[settings_key]
+    return aiohttp_jinja2.render_template(
+        "docs.html.j2", request, {"title": "sdapi API", "base_url": settings.base_url}
+    )

@@ -1,0 +1,1 @@
+"""Public request and response models (the API's boundary, never ORM objects)."""
