@@ -7,6 +7,6 @@ from web.openapi import ApiRoutes
 
 def route_tables() -> list[ApiRoutes]:
     """Every route table of the app, in documentation order."""
-    from web.routes import ops
+    from web.routes import generations, ops
 
-    return [ops.routes]
+    return [generations.routes, ops.routes]

@@ -1,0 +1,422 @@
+"""Accepting, presenting and cancelling generations (REST, WebSocket and OpenAI).
+
+Postgres is the source of truth: a generation is committed before anything
+goes to Redis, so a 202 is never lost; if the enqueue after the commit fails,
+the reconciler in `jobs` enqueues it once its deadline passes.
+"""
+
+from __future__ import annotations
+
+import base64
+import logging
+import secrets
+import uuid
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+from aiohttp import web
+from redis.exceptions import RedisError
+from tortoise.expressions import Q
+from tortoise.transactions import in_transaction
+
+from gpu_node.schemas import (
+    CANCEL_TTL_S,
+    TERMINAL_STATUSES,
+    DoneEvent,
+    GenerationJob,
+    GenerationParams,
+    QueuedEvent,
+    Status,
+    Tier,
+    batch_job_id,
+    batch_queue,
+    cancel_key,
+    generation_job_id,
+    premium_queue,
+    progress_key,
+)
+from sdapi.events import append_done, append_event
+from sdapi.queue import enqueue_generation, queue_position
+from web.auth import Principal
+from web.errors import (
+    EmailNotVerified,
+    NotFound,
+    QuotaExceeded,
+    RateLimited,
+    Unavailable,
+    ValidationFailed,
+)
+from web.keys import redis_key, registry_key, settings_key
+from web.links import image_path
+from web.models import Delivery, GeneratedImage, Generation, User, utcnow
+from web.quota import usage
+from web.registry import ModelOffer
+from web.schemas import generations as schemas
+
+log = logging.getLogger(__name__)
+
+# How long queued work may sit before the reconciler checks its job is alive.
+QUEUED_CHECK_AFTER = timedelta(seconds=30)
+# Retry-After for a premium user at their in-flight limit, in seconds.
+IN_FLIGHT_RETRY_S = 5
+# Retry-After when no healthy node serves the model, in seconds.
+NO_NODE_RETRY_S = 30
+
+
+def _invalid(field: str, message: str) -> ValidationFailed:
+    return ValidationFailed(details=[{"field": field, "message": message}])
+
+
+async def _offer(app: web.Application, model: str | None) -> ModelOffer:
+    registry = app[registry_key]
+    offers = await registry.offers()
+    if model is None:
+        available = [offer for offer in offers.values() if offer.available]
+        default = app[settings_key].models[0] if app[settings_key].models else None
+        chosen = offers.get(default) if default else None
+        if chosen is None:
+            chosen = available[0] if available else None
+        if chosen is None:
+            raise Unavailable(
+                "No GPU node is serving any model.", retry_after=NO_NODE_RETRY_S
+            )
+        return chosen
+    offer = offers.get(model)
+    if offer is None:
+        known = ", ".join(sorted(offers)) or "none right now"
+        raise _invalid("model", f"Unknown model {model!r} (available: {known}).")
+    return offer
+
+
+def resolve_request(
+    body: schemas.GenerationRequest, offer: ModelOffer, tier: Tier, app: web.Application
+) -> schemas.ResolvedRequest:
+    """Apply the model's defaults and the tier's limits (422 per bad field)."""
+    limits = app[settings_key].limits(tier)
+    problems: list[dict[str, str]] = []
+    for field, value, model_max in (
+        ("width", body.width, offer.max_width),
+        ("height", body.height, offer.max_height),
+    ):
+        cap = min(limits.max_size, model_max)
+        if value > cap:
+            problems.append(
+                {
+                    "field": field,
+                    "message": f"At most {cap} for your tier and this model.",
+                }
+            )
+    steps = body.steps if body.steps is not None else offer.default_steps
+    if steps > limits.max_steps:
+        problems.append(
+            {"field": "steps", "message": f"At most {limits.max_steps} for your tier."}
+        )
+    if body.num_images > limits.max_images:
+        problems.append(
+            {
+                "field": "num_images",
+                "message": f"At most {limits.max_images} images per request "
+                "for your tier.",
+            }
+        )
+    scheduler = body.scheduler or offer.default_scheduler
+    if scheduler not in offer.schedulers:
+        problems.append(
+            {
+                "field": "scheduler",
+                "message": f"Unknown scheduler {scheduler!r} (one of "
+                f"{', '.join(offer.schedulers)}).",
+            }
+        )
+    delivery = body.delivery or ("download" if tier is Tier.PREMIUM else "email")
+    if tier is Tier.NORMAL and delivery != "email":
+        problems.append(
+            {
+                "field": "delivery",
+                "message": "Normal accounts get their images by email; "
+                "download needs premium.",
+            }
+        )
+    if problems:
+        raise ValidationFailed(details=problems)
+    return schemas.ResolvedRequest(
+        prompt=body.prompt,
+        negative_prompt=body.negative_prompt,
+        model=offer.id,
+        width=body.width,
+        height=body.height,
+        steps=steps,
+        guidance_scale=(
+            body.guidance_scale
+            if body.guidance_scale is not None
+            else offer.default_guidance
+        ),
+        seed=body.seed if body.seed is not None else secrets.randbelow(2**32),
+        num_images=body.num_images,
+        scheduler=scheduler,
+        delivery=delivery,
+    )
+
+
+def job_params(request: schemas.ResolvedRequest) -> GenerationParams:
+    """The node's view of an accepted request."""
+    return GenerationParams(
+        prompt=request.prompt,
+        negative_prompt=request.negative_prompt,
+        width=request.width,
+        height=request.height,
+        steps=request.steps,
+        guidance_scale=request.guidance_scale,
+        seed=request.seed,
+        num_images=request.num_images,
+        scheduler=request.scheduler,
+    )
+
+
+def _seconds_to_midnight(now: datetime) -> int:
+    tomorrow = (now + timedelta(days=1)).replace(
+        hour=0, minute=0, second=0, microsecond=0
+    )
+    return int((tomorrow - now).total_seconds()) + 1
+
+
+async def submit_generation(
+    app: web.Application, principal: Principal, body: schemas.GenerationRequest
+) -> Generation:
+    """Validate, store and (premium) enqueue a generation; return the stored row."""
+    settings = app[settings_key]
+    now = utcnow()
+    tier = principal.user.tier_at(now)
+    offer = await _offer(app, body.model)
+    request = resolve_request(body, offer, tier, app)
+    if tier is Tier.NORMAL and principal.user.email_verified_at is None:
+        raise EmailNotVerified()
+    if tier is Tier.PREMIUM and not offer.available:
+        raise Unavailable(
+            f"No healthy GPU node serves {offer.id!r} right now.",
+            retry_after=NO_NODE_RETRY_S,
+        )
+    limits = settings.limits(tier)
+
+    async with in_transaction():
+        # The user's row lock serialises their concurrent requests, so two of
+        # them cannot both take the last slot of the quota.
+        user = await User.select_for_update().get(id=principal.user.id)
+        used = await usage(user, now)
+        if used.images_today + request.num_images > limits.images_per_day:
+            raise QuotaExceeded(
+                f"This would exceed your {limits.images_per_day} images per day "
+                f"({used.images_today} used).",
+                retry_after=_seconds_to_midnight(now),
+            )
+        if limits.max_in_flight is not None and used.in_flight >= limits.max_in_flight:
+            raise RateLimited(
+                f"You already have {used.in_flight} requests queued or running "
+                f"(at most {limits.max_in_flight}).",
+                retry_after=IN_FLIGHT_RETRY_S,
+            )
+        premium = tier is Tier.PREMIUM
+        generation = await Generation.create(
+            id=uuid.uuid4(),
+            user=user,
+            tier=tier,
+            status=Status.QUEUED if premium else Status.SCHEDULED,
+            delivery=Delivery(request.delivery),
+            model=request.model,
+            request=request.model_dump(mode="json"),
+            width=request.width,
+            height=request.height,
+            steps=request.steps,
+            guidance_scale=request.guidance_scale,
+            scheduler=request.scheduler,
+            num_images=request.num_images,
+            scheduled_for=None
+            if premium
+            else now + timedelta(seconds=settings.normal_delay),
+            queued_at=now if premium else None,
+            attempts=1 if premium else 0,
+            deadline=now + QUEUED_CHECK_AFTER if premium else None,
+        )
+    if generation.tier is Tier.PREMIUM:
+        await _enqueue_premium(app, generation, request)
+    return generation
+
+
+async def _enqueue_premium(
+    app: web.Application, generation: Generation, request: schemas.ResolvedRequest
+) -> None:
+    redis = app[redis_key]
+    job = GenerationJob(
+        generation_id=generation.id,
+        model=generation.model,
+        tier=Tier.PREMIUM,
+        params=job_params(request),
+        attempt=generation.attempts,
+    )
+    try:
+        await enqueue_generation(redis, job)
+        position = await queue_position(
+            redis, premium_queue(generation.model), generation_job_id(generation.id)
+        )
+        await append_event(redis, generation.id, QueuedEvent(position=position or 0))
+    except RedisError:
+        # Committed already: the reconciler enqueues it after its deadline.
+        log.warning("enqueue of %s failed; the reconciler will retry", generation.id)
+
+
+async def load_own(user: User, generation_id: str) -> Generation:
+    """The caller's generation, or 404 (also for other users' ids)."""
+    try:
+        key = uuid.UUID(generation_id)
+    except ValueError:
+        raise NotFound("No such generation.") from None
+    generation = await Generation.get_or_none(id=key, user_id=user.id)
+    if generation is None:
+        raise NotFound("No such generation.")
+    return generation
+
+
+async def cancel_generation(app: web.Application, generation: Generation) -> bool:
+    """Cancel unless finished; True if this call cancelled it."""
+    now = utcnow()
+    async with in_transaction():
+        locked = await Generation.select_for_update().get(id=generation.id)
+        if locked.status in TERMINAL_STATUSES:
+            return False
+        was = Status(locked.status)
+        locked.status = Status.CANCELLED
+        locked.finished_at = now
+        locked.deadline = None
+        await locked.save(update_fields=["status", "finished_at", "deadline"])
+    redis = app[redis_key]
+    # The node checks this flag before starting and at every step.
+    await redis.set(cancel_key(generation.id), "1", ex=CANCEL_TTL_S)
+    if was is Status.QUEUED and generation.tier is Tier.PREMIUM:
+        job_id = generation_job_id(generation.id, generation.attempts)
+        await redis.zrem(premium_queue(generation.model), job_id)
+    await append_done(redis, generation.id, DoneEvent(status=Status.CANCELLED))
+    return True
+
+
+def image_url(app: web.Application, generation_id: uuid.UUID | str, index: int) -> str:
+    """Absolute URL of one image (needs the owner's credentials)."""
+    return app[settings_key].base_url + image_path(generation_id, index)
+
+
+async def _live_state(
+    app: web.Application, generation: Generation
+) -> tuple[int | None, schemas.Progress | None]:
+    redis = app[redis_key]
+    status = Status(generation.status)
+    try:
+        if status is Status.QUEUED:
+            if generation.tier is Tier.PREMIUM:
+                job = generation_job_id(generation.id, generation.attempts)
+                return await queue_position(
+                    redis, premium_queue(generation.model), job
+                ), None
+            if generation.batch_id is not None:
+                job = batch_job_id(generation.batch_id, generation.attempts)
+                return await queue_position(
+                    redis, batch_queue(generation.model), job
+                ), None
+        if status is Status.RUNNING:
+            raw: dict[bytes, bytes] = await redis.hgetall(progress_key(generation.id))  # type: ignore[misc]
+            if raw.get(b"step") is not None and raw.get(b"total") is not None:
+                return None, schemas.Progress(
+                    step=int(raw[b"step"]), total=int(raw[b"total"])
+                )
+    except RedisError:
+        log.warning("live state of %s unavailable", generation.id)
+    return None, None
+
+
+async def present(
+    app: web.Application,
+    generation: Generation,
+    images: list[GeneratedImage] | None = None,
+) -> schemas.Generation:
+    """The public view of a generation, with live queue position and progress."""
+    if images is None:
+        images = list(
+            await GeneratedImage.filter(generation_id=generation.id).order_by("index")
+        )
+    position, progress = await _live_state(app, generation)
+    error = None
+    if generation.error_code:
+        error = schemas.ErrorRef(
+            code=generation.error_code, message=generation.error_message or ""
+        )
+    return schemas.Generation(
+        id=str(generation.id),
+        status=Status(generation.status),
+        tier=Tier(generation.tier),
+        request=schemas.ResolvedRequest.model_validate(generation.request),
+        created_at=generation.created_at,
+        scheduled_for=generation.scheduled_for,
+        started_at=generation.started_at,
+        finished_at=generation.finished_at,
+        queue_position=position,
+        progress=progress,
+        images=[
+            schemas.ImageRef(
+                index=image.index,
+                seed=image.seed,
+                url=image_url(app, generation.id, image.index),
+                width=image.width,
+                height=image.height,
+            )
+            for image in images
+        ],
+        error=error,
+        delivery=Delivery(generation.delivery).value,
+        emailed_at=generation.emailed_at,
+        warnings=[
+            schemas.Notice.model_validate(note) for note in generation.warnings or []
+        ],
+    )
+
+
+def encode_cursor(generation: Generation) -> str:
+    """An opaque cursor after `generation` in newest-first order."""
+    raw = f"{generation.created_at.isoformat()}|{generation.id}"
+    return base64.urlsafe_b64encode(raw.encode()).decode().rstrip("=")
+
+
+def decode_cursor(cursor: str) -> tuple[datetime, uuid.UUID]:
+    """Inverse of `encode_cursor`; 422 for anything else."""
+    try:
+        padded = cursor + "=" * (-len(cursor) % 4)
+        created, _, ident = base64.urlsafe_b64decode(padded).decode().partition("|")
+        when = datetime.fromisoformat(created)
+        if when.tzinfo is None:
+            when = when.replace(tzinfo=UTC)
+        return when, uuid.UUID(ident)
+    except (ValueError, UnicodeDecodeError):
+        raise _invalid("before", "Not a cursor this API returned.") from None
+
+
+async def list_own(
+    user: User, limit: int, before: str | None
+) -> tuple[list[Generation], str | None]:
+    """A page of the user's generations, newest first, and the next cursor."""
+    query = Generation.filter(user_id=user.id)
+    if before is not None:
+        when, ident = decode_cursor(before)
+        # Keyset pagination on (created_at, id): stable under concurrent inserts.
+        query = query.filter(Q(created_at__lt=when) | Q(created_at=when, id__lt=ident))
+    rows = list(await query.order_by("-created_at", "-id").limit(limit + 1))
+    more = len(rows) > limit
+    rows = rows[:limit]
+    return rows, encode_cursor(rows[-1]) if more and rows else None
+
+
+def image_headers(image: GeneratedImage) -> dict[str, Any]:
+    """Headers of an image download: immutable content, private cache."""
+    filename = f"{image.generation_id}-{image.index}.png"  # type: ignore[attr-defined]
+    return {
+        "Content-Type": "image/png",
+        "Cache-Control": "private, max-age=31536000, immutable",
+        "ETag": f'"{image.sha256}"',
+        "Content-Disposition": f'inline; filename="{filename}"',
+    }

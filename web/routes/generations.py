@@ -1,0 +1,150 @@
+"""REST endpoints of generations: submit, list, show, download, cancel."""
+
+from __future__ import annotations
+
+import uuid
+
+from aiohttp import web
+from redis.exceptions import RedisError
+
+from gpu_node.schemas import image_key
+from web.auth import authenticate, require_user
+from web.errors import NotFound, Unauthorized
+from web.generations import (
+    cancel_generation,
+    image_headers,
+    list_own,
+    load_own,
+    present,
+    submit_generation,
+)
+from web.keys import redis_key, settings_key
+from web.links import image_path, link_is_valid
+from web.models import GeneratedImage, Generation
+from web.openapi import ApiRoutes, Response, json_response, read_body, read_query
+from web.schemas import generations as schemas
+
+routes = ApiRoutes(tags=["generations"])
+
+
+@routes.route(
+    "POST",
+    "/api/v1/generations",
+    summary="Ask for images",
+    body=schemas.GenerationRequest,
+    responses=[Response(202, "Accepted", schemas.Generation)],
+)
+async def create_generation(request: web.Request) -> web.StreamResponse:
+    """Premium: queued at once and run as soon as a GPU is free. Normal: stored
+    as `scheduled`, run later in a batch, and emailed."""
+    principal = await require_user(request)
+    body = await read_body(request, schemas.GenerationRequest)
+    generation = await submit_generation(request.app, principal, body)
+    view = await present(request.app, generation, images=[])
+    response = json_response(view, status=202)
+    response.headers["Location"] = f"/api/v1/generations/{generation.id}"
+    return response
+
+
+@routes.route(
+    "GET",
+    "/api/v1/generations",
+    summary="Your generations, newest first",
+    query=schemas.ListQuery,
+    responses=[Response(200, "A page of generations", schemas.GenerationList)],
+)
+async def list_generations(request: web.Request) -> web.StreamResponse:
+    """Cursor pagination: pass `next` back as `before`."""
+    principal = await require_user(request)
+    query = read_query(request, schemas.ListQuery)
+    rows, cursor = await list_own(principal.user, query.limit, query.before)
+    images: dict[uuid.UUID, list[GeneratedImage]] = {}
+    if rows:
+        for image in await GeneratedImage.filter(
+            generation_id__in=[row.id for row in rows]
+        ).order_by("index"):
+            images.setdefault(image.generation_id, []).append(image)  # type: ignore[attr-defined]
+    items = [await present(request.app, row, images.get(row.id, [])) for row in rows]
+    return json_response(schemas.GenerationList(items=items, next=cursor))
+
+
+@routes.route(
+    "GET",
+    "/api/v1/generations/{id}",
+    summary="One generation: status, queue position, progress, images",
+    responses=[Response(200, "The generation", schemas.Generation)],
+)
+async def get_generation(request: web.Request) -> web.StreamResponse:
+    """Other users' generations are 404, as if they did not exist."""
+    principal = await require_user(request)
+    generation = await load_own(principal.user, request.match_info["id"])
+    return json_response(await present(request.app, generation))
+
+
+async def _download_generation(request: web.Request) -> Generation:
+    """The generation named in the path, for its owner or a signed link."""
+    query = read_query(request, schemas.ImageQuery)
+    generation_id = request.match_info["id"]
+    if query.signature is not None and query.expires is not None:
+        secret = request.app[settings_key].secret_key
+        path = image_path(generation_id, int(request.match_info["index"]))
+        if secret is None or not link_is_valid(
+            secret.get_secret_value(), path, query.expires, query.signature
+        ):
+            raise Unauthorized("The download link is invalid or has expired.")
+        try:
+            found = await Generation.get_or_none(id=uuid.UUID(generation_id))
+        except ValueError:
+            found = None
+        if found is None:
+            raise NotFound("No such generation.")
+        return found
+    principal = await authenticate(request)
+    if principal is None:
+        raise Unauthorized()
+    return await load_own(principal.user, generation_id)
+
+
+@routes.route(
+    "GET",
+    "/api/v1/generations/{id}/images/{index}",
+    summary="Download one image (PNG with its parameters in text chunks)",
+    query=schemas.ImageQuery,
+    responses=[Response(200, "The PNG", content_type="image/png")],
+)
+async def download_image(request: web.Request) -> web.StreamResponse:
+    """Needs the owner's credentials, or the signed link from the result email."""
+    try:
+        index = int(request.match_info["index"])
+    except ValueError:
+        raise NotFound("No such image.") from None
+    generation = await _download_generation(request)
+    image = await GeneratedImage.get_or_none(generation_id=generation.id, index=index)
+    if image is not None:
+        if request.headers.get("If-None-Match") == f'"{image.sha256}"':
+            return web.Response(status=304, headers=image_headers(image))
+        return web.Response(body=image.png, headers=image_headers(image))
+    # Made but not stored yet: the node keeps it in Redis until `jobs` has it.
+    try:
+        data = await request.app[redis_key].get(image_key(generation.id, index))
+    except RedisError:
+        data = None
+    if data is None:
+        raise NotFound("No such image (yet).")
+    return web.Response(
+        body=data, headers={"Content-Type": "image/png", "Cache-Control": "no-store"}
+    )
+
+
+@routes.route(
+    "DELETE",
+    "/api/v1/generations/{id}",
+    summary="Cancel a generation that has not finished",
+    responses=[Response(204, "Cancelled, or already finished")],
+)
+async def delete_generation(request: web.Request) -> web.StreamResponse:
+    """Scheduled work leaves its window; queued or running work stops within a step."""
+    principal = await require_user(request)
+    generation = await load_own(principal.user, request.match_info["id"])
+    await cancel_generation(request.app, generation)
+    return web.Response(status=204)

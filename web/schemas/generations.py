@@ -1,0 +1,123 @@
+"""Public models of generations (requests, responses, lists)."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from gpu_node.schemas import SEED_MAX, Status, Tier
+
+PROMPT_MAX = 2000
+
+
+class GenerationRequest(BaseModel):
+    """What a client asks for; omitted fields take the model's defaults."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    prompt: str = Field(min_length=1, max_length=PROMPT_MAX)
+    negative_prompt: str = Field(default="", max_length=PROMPT_MAX)
+    model: str | None = Field(default=None, max_length=200)
+    width: int = Field(default=512, ge=64, multiple_of=8)
+    height: int = Field(default=512, ge=64, multiple_of=8)
+    steps: int | None = Field(default=None, ge=1)
+    guidance_scale: float | None = Field(default=None, ge=0, le=50, allow_inf_nan=False)
+    seed: int | None = Field(default=None, ge=0, le=SEED_MAX)
+    num_images: int = Field(default=1, ge=1)
+    scheduler: str | None = Field(default=None, max_length=32)
+    delivery: Literal["download", "email"] | None = Field(
+        default=None,
+        description="How the images reach you; premium defaults to download, "
+        "normal accepts only email.",
+    )
+
+    @field_validator("prompt")
+    @classmethod
+    def _prompt_has_words(cls, value: str) -> str:
+        if not value.strip():
+            raise ValueError("The prompt is empty.")
+        return value
+
+
+class ResolvedRequest(BaseModel):
+    """The request as accepted: every default filled in, the seed chosen."""
+
+    prompt: str
+    negative_prompt: str
+    model: str
+    width: int
+    height: int
+    steps: int
+    guidance_scale: float
+    seed: int
+    num_images: int
+    scheduler: str
+    delivery: Literal["download", "email"]
+
+
+class ImageRef(BaseModel):
+    index: int
+    seed: int
+    url: str
+    width: int
+    height: int
+
+
+class Progress(BaseModel):
+    step: int
+    total: int
+
+
+class ErrorRef(BaseModel):
+    code: str
+    message: str
+
+
+class Notice(BaseModel):
+    """Something the user should know, e.g. a prompt beyond the text window."""
+
+    code: str
+    message: str
+
+
+class Generation(BaseModel):
+    """A generation as clients see it."""
+
+    id: str
+    status: Status
+    tier: Tier
+    request: ResolvedRequest
+    created_at: datetime
+    scheduled_for: datetime | None
+    started_at: datetime | None
+    finished_at: datetime | None
+    queue_position: int | None
+    progress: Progress | None
+    images: list[ImageRef]
+    error: ErrorRef | None
+    delivery: Literal["download", "email"]
+    emailed_at: datetime | None
+    warnings: list[Notice] = []
+
+
+class GenerationList(BaseModel):
+    items: list[Generation]
+    next: str | None = Field(description="Pass as `before` for the next page")
+
+
+class ListQuery(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    limit: int = Field(default=20, ge=1, le=100)
+    before: str | None = Field(default=None, description="A `next` cursor")
+
+
+class ImageQuery(BaseModel):
+    """A signed link from an email authenticates the download by itself."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    expires: str | None = None
+    signature: str | None = None
