@@ -8,7 +8,6 @@ Everything that crosses Redis is one of these models, dumped with
 
 from __future__ import annotations
 
-import math
 from datetime import datetime
 from enum import StrEnum
 from typing import Annotated, Any, Literal
@@ -123,6 +122,11 @@ def result_job_id(generation_id: UUID | str, attempt: int = 1) -> str:
     return f"result:{generation_id}:{attempt}"
 
 
+def started_job_id(generation_id: UUID | str, attempt: int = 1) -> str:
+    """arq job id of the `mark_started` job of one attempt of a generation."""
+    return f"started:{generation_id}:{attempt}"
+
+
 # --- job payloads ----------------------------------------------------------
 
 _CONTRACT = ConfigDict(extra="forbid", frozen=True)
@@ -194,17 +198,24 @@ class BatchJob(BaseModel):
         return sum(item.params.num_images for item in self.items)
 
 
-def job_timeout_s(
-    params: GenerationParams, images: int, seconds_per_image_step: float = 2.0
-) -> int:
-    """A generous arq timeout for `images` images of `params`, in seconds.
+JOB_TIMEOUT_MAX_S = 6 * 3600
 
-    `seconds_per_image_step` is the slowest plausible speed (an SD-1.5 step at
-    512x512 on a CPU is ~4 s; on any GPU well under 0.1 s); size scales it.
+
+def job_timeout_s(
+    params: GenerationParams,
+    images: int,
+    *,
+    base_s: float = 60.0,
+    seconds_per_image_step: float = 2.0,
+) -> float:
+    """A generous time limit for `images` images of `params`, in seconds.
+
+    `seconds_per_image_step` is the slowest plausible speed at 512x512 (an
+    SD-1.5 step on a CPU is ~4 s; on any GPU well under 0.1 s); size scales it.
     """
     pixels = params.width * params.height / (512 * 512)
     estimate = params.steps * images * seconds_per_image_step * max(pixels, 0.25)
-    return int(min(6 * 3600, 60 + math.ceil(estimate)))
+    return min(JOB_TIMEOUT_MAX_S, base_s + estimate)
 
 
 # --- results (node -> jobs) ------------------------------------------------

@@ -48,6 +48,23 @@ class JobsSettings(CommonSettings):
     dispatch_interval: float = Field(default=1.0, gt=0)
     reconcile_interval: float = Field(default=10.0, gt=0)
     outbox_interval: float = Field(default=1.0, gt=0)
+    # Batches kept on a model's batch queue (waiting or running) per healthy
+    # node; beyond that due rows wait in the database, which stays the buffer.
+    dispatch_batches_per_node: int = Field(default=2, ge=1)
+    # How long a batch that is not full may wait for more rows after its
+    # oldest row became due (seconds; 0: dispatch whatever is due). Requests
+    # sent in one burst become due together and share a batch; full batches
+    # never wait.
+    dispatch_window: float = Field(default=2.0, ge=0)
+    # Most due rows one dispatch round looks at per model.
+    dispatch_scan_limit: int = Field(default=500, ge=1)
+    # How long queued or running work may go unchecked before the reconciler
+    # asks whether its job is still alive (seconds); live work is left alone.
+    queued_check_after: float = Field(default=60.0, gt=0)
+    # Enqueues of one generation (first run included) before it ends `failed`.
+    generation_max_attempts: int = Field(default=3, ge=1)
+    # Stuck rows one reconcile round handles, oldest deadline first.
+    reconcile_batch_limit: int = Field(default=200, ge=1)
     # Outbox retries: exponential backoff from base to max seconds, then give up.
     outbox_max_attempts: int = Field(default=12, ge=1)
     outbox_backoff_base: float = Field(default=2.0, gt=0)

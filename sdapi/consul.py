@@ -9,22 +9,29 @@ from typing import Any
 from urllib.parse import urlsplit
 
 
-@contextlib.asynccontextmanager
-async def open_consul(url: str) -> AsyncIterator[Any]:
-    """A `consul.aio.Consul` for `url`, made inside the running loop; closed after."""
+def consul_client(url: str) -> Any:
+    """A `consul.aio.Consul` for an http(s)://host:port URL (call inside a loop)."""
     import consul.aio
 
     parts = urlsplit(url)
+    scheme = parts.scheme or "http"
     with warnings.catch_warnings():
-        # py-consul 1.8 builds its aiohttp connector with the deprecated
-        # verify_ssl/ssl_context arguments; the behaviour is still correct.
+        # py-consul 1.8 builds its aiohttp connector with the verify_ssl /
+        # ssl_context arguments that aiohttp 3.14 deprecates; they still work.
         warnings.simplefilter("ignore", DeprecationWarning)
-        client = consul.aio.Consul(
+        return consul.aio.Consul(
             host=parts.hostname or "127.0.0.1",
-            port=parts.port or (443 if parts.scheme == "https" else 8500),
-            scheme=parts.scheme or "http",
+            port=parts.port or (443 if scheme == "https" else 8500),
+            scheme=scheme,
+            verify=scheme == "https",
         )
+
+
+@contextlib.asynccontextmanager
+async def open_consul(url: str) -> AsyncIterator[Any]:
+    """A Consul client for `url`, closed on exit."""
+    client = consul_client(url)
     try:
         yield client
     finally:
-        await client.http._session.close()
+        await client.close()

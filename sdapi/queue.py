@@ -13,6 +13,10 @@ import msgpack
 from arq.connections import ArqRedis, RedisSettings, create_pool
 from arq.constants import in_progress_key_prefix, job_key_prefix
 from pydantic import BaseModel
+from redis.asyncio.retry import Retry as RedisRetry
+from redis.backoff import ExponentialBackoff
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from gpu_node.schemas import (
     BATCH_FUNCTION,
@@ -22,7 +26,6 @@ from gpu_node.schemas import (
     batch_job_id,
     batch_queue,
     generation_job_id,
-    job_timeout_s,
     premium_queue,
 )
 
@@ -48,11 +51,15 @@ def deserialize(data: bytes) -> Any:
 
 
 def redis_settings(url: str) -> RedisSettings:
-    """arq connection settings for a redis:// URL, retrying while Redis restarts."""
+    """arq connection settings for a redis:// URL that ride out a Redis restart."""
     settings = RedisSettings.from_dsn(url)
     settings.conn_retries = 30
     settings.conn_retry_delay = 1
     settings.retry_on_timeout = True
+    # Each command retries with backoff for about 10 s before it fails, so a
+    # restart of Redis looks like a slow command, not an error.
+    settings.retry = RedisRetry(ExponentialBackoff(cap=2.0, base=0.1), retries=8)
+    settings.retry_on_error = [RedisConnectionError, RedisTimeoutError, OSError]
     return settings
 
 
@@ -71,16 +78,18 @@ async def enqueue(
     *,
     queue: str,
     job_id: str,
-    timeout_s: int | None = None,
     defer_s: float | None = None,
 ) -> bool:
-    """Enqueue `function(payload)`; False when a job with `job_id` already exists."""
+    """Enqueue `function(payload)`; False when a job with `job_id` already exists.
+
+    arq 0.28 has no per-job timeout: consumers derive theirs from the payload
+    (the GPU node applies `gpu_node.schemas.job_timeout_s`).
+    """
     job = await pool.enqueue_job(
         function,
         payload.model_dump(mode="json"),
         _job_id=job_id,
         _queue_name=queue,
-        _job_timeout=timeout_s,
         _defer_by=defer_s,
     )
     return job is not None
@@ -94,7 +103,6 @@ async def enqueue_generation(pool: ArqRedis, job: GenerationJob) -> bool:
         job,
         queue=premium_queue(job.model),
         job_id=generation_job_id(job.generation_id, job.attempt),
-        timeout_s=job_timeout_s(job.params, job.params.num_images),
     )
 
 
@@ -106,7 +114,6 @@ async def enqueue_batch(pool: ArqRedis, batch: BatchJob) -> bool:
         batch,
         queue=batch_queue(batch.model),
         job_id=batch_job_id(batch.batch_id, batch.attempt),
-        timeout_s=job_timeout_s(batch.items[0].params, batch.image_count),
     )
 
 

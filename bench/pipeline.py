@@ -1,0 +1,377 @@
+"""Benchmark: raw pipeline images/s against the same requests through the node.
+
+CPU (default): the built-in tiny model, 128x128, 20 steps; batches 1, 4, 8.
+GPU (--gpu): an SD-1.5-architecture pipeline with random weights built from
+its configs (no download), fp16, 512x512, 25 steps, guidance 7.5; batches
+1, 4, 8, 16; reports batching gain, peak memory and model-load time.
+
+"Raw" calls the engine directly; "service" enqueues the same requests on the
+node's queues (premium `generate` for batch 1, `generate_batch` otherwise)
+on an embedded Valkey, with the node in this process, and waits for each
+result: PNG encoding, Redis hand-off, events and polling included.
+
+    .venv/bin/python bench/pipeline.py [--gpu] [--rounds N] [--model-dir DIR]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from gpu_node import pipeline, store  # noqa: E402
+from gpu_node.schemas import (  # noqa: E402
+    BatchJob,
+    GenerationJob,
+    GenerationParams,
+    Tier,
+    result_job_id,
+)
+from gpu_node.work import CallItem, Engine, PipelineCall  # noqa: E402
+
+SD15_UNET: dict[str, Any] = {
+    "sample_size": 64,
+    "in_channels": 4,
+    "out_channels": 4,
+    "down_block_types": (
+        "CrossAttnDownBlock2D",
+        "CrossAttnDownBlock2D",
+        "CrossAttnDownBlock2D",
+        "DownBlock2D",
+    ),
+    "up_block_types": (
+        "UpBlock2D",
+        "CrossAttnUpBlock2D",
+        "CrossAttnUpBlock2D",
+        "CrossAttnUpBlock2D",
+    ),
+    "block_out_channels": (320, 640, 1280, 1280),
+    "layers_per_block": 2,
+    "cross_attention_dim": 768,
+    "attention_head_dim": 8,
+    "norm_num_groups": 32,
+    "flip_sin_to_cos": True,
+    "freq_shift": 0,
+}
+SD15_VAE: dict[str, Any] = {
+    "in_channels": 3,
+    "out_channels": 3,
+    "down_block_types": ("DownEncoderBlock2D",) * 4,
+    "up_block_types": ("UpDecoderBlock2D",) * 4,
+    "block_out_channels": (128, 256, 512, 512),
+    "layers_per_block": 2,
+    "latent_channels": 4,
+    "norm_num_groups": 32,
+    "sample_size": 512,
+}
+CLIP_VIT_L14_TEXT: dict[str, Any] = {
+    "vocab_size": 49408,
+    "hidden_size": 768,
+    "intermediate_size": 3072,
+    "num_attention_heads": 12,
+    "num_hidden_layers": 12,
+    "max_position_embeddings": 77,
+    "hidden_act": "quick_gelu",
+    "projection_dim": 768,
+    "bos_token_id": 49406,
+    "eos_token_id": 49407,
+    "pad_token_id": 49407,
+}
+
+
+class Quiet:
+    """An observer that asks for nothing (raw pipeline speed)."""
+
+    def before_start(self) -> None:
+        pass
+
+    def preview_keys(self, step: int) -> list[str]:
+        return []
+
+    def on_step(self, step: int, total: int, previews: Any) -> None:
+        pass
+
+
+@dataclass
+class Setup:
+    name: str
+    size: int
+    steps: int
+    guidance: float
+    batches: tuple[int, ...]
+
+
+def build_sd15_random(folder: Path) -> None:
+    """An SD-1.5-shaped pipeline with random fp16 weights, saved as safetensors."""
+    import torch
+    from diffusers import (
+        AutoencoderKL,
+        PNDMScheduler,
+        StableDiffusionPipeline,
+        UNet2DConditionModel,
+    )
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+    vocab = folder / "_vocabulary"
+    pipeline.write_clip_vocabulary(vocab)
+    tokenizer = CLIPTokenizer.from_pretrained(str(vocab), model_max_length=77)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    # Built on the device: random init of 1 B parameters on a CPU takes minutes.
+    with torch.device(device):
+        torch.manual_seed(0)
+        unet = UNet2DConditionModel(**SD15_UNET).half()
+        vae = AutoencoderKL(**SD15_VAE).half()
+        text = CLIPTextModel(CLIPTextConfig(**CLIP_VIT_L14_TEXT)).half()
+    scheduler = PNDMScheduler(
+        beta_start=0.00085,
+        beta_end=0.012,
+        beta_schedule="scaled_linear",
+        skip_prk_steps=True,
+        steps_offset=1,
+        set_alpha_to_one=False,
+    )
+    StableDiffusionPipeline(
+        unet=unet,
+        vae=vae,
+        text_encoder=text,
+        tokenizer=tokenizer,
+        scheduler=scheduler,
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    ).save_pretrained(str(folder), safe_serialization=True)
+    for name in ("vocab.json", "merges.txt"):
+        (vocab / name).replace(folder / "tokenizer" / name)
+    vocab.rmdir()
+
+
+def make_call(setup: Setup, batch: int, round_: int) -> PipelineCall:
+    items = tuple(
+        CallItem(
+            f"r{round_}i{i}", f"a photo of thing {i}", "blurry", (1000 * round_ + i,)
+        )
+        for i in range(batch)
+    )
+    return PipelineCall(
+        setup.size, setup.size, setup.steps, setup.guidance, "euler_a", items
+    )
+
+
+def _params(setup: Setup, seed: int) -> GenerationParams:
+    return GenerationParams(
+        prompt=f"a photo of thing {seed}",
+        negative_prompt="blurry",
+        width=setup.size,
+        height=setup.size,
+        steps=setup.steps,
+        guidance_scale=setup.guidance,
+        seed=seed,
+        num_images=1,
+        scheduler="euler_a",
+    )
+
+
+@dataclass
+class Timings:
+    """Seconds per call of each path at one batch size."""
+
+    raw: list[float]
+    service: list[float]
+
+
+async def measure(
+    engine: Engine, setup: Setup, models_dir: Path, rounds: int, service: bool
+) -> dict[int, Timings]:
+    """Alternate raw calls and service rounds so that both see the same noise."""
+    from arq.constants import job_key_prefix
+
+    from gpu_node.settings import GpuNodeSettings
+    from gpu_node.worker import GpuNode
+    from sdapi.embedded import EmbeddedValkey
+    from sdapi.queue import create_queue_pool, enqueue_batch, enqueue_generation
+
+    model = engine.profile.model
+    results: dict[int, Timings] = {}
+    with tempfile.TemporaryDirectory() as tmp, EmbeddedValkey(Path(tmp)) as server:
+        settings = GpuNodeSettings.from_env(
+            model=model,
+            model_dir=models_dir,
+            redis_url=server.url,
+            node_id="bench",
+            gpu_max_batch=max(setup.batches),
+            gpu_health_port=0,
+            consul_url=None,
+        )
+        node = GpuNode(settings, server.url, engine=engine)
+        await node.start()
+        serving = asyncio.create_task(node.serve())
+        pool = await create_queue_pool(server.url)
+        try:
+
+            async def one_round(batch: int, round_: int) -> None:
+                jobs = [
+                    GenerationJob(
+                        generation_id=uuid.uuid4(),
+                        model=model,
+                        tier=Tier.PREMIUM if batch == 1 else Tier.NORMAL,
+                        params=_params(setup, 1000 * round_ + i),
+                    )
+                    for i in range(batch)
+                ]
+                if batch == 1:
+                    await enqueue_generation(pool, jobs[0])
+                else:
+                    await enqueue_batch(
+                        pool, BatchJob(batch_id=uuid.uuid4(), model=model, items=jobs)
+                    )
+                keys = [job_key_prefix + result_job_id(j.generation_id) for j in jobs]
+                # Polling (10 ms) rather than a wake-up: a `jobs` worker would
+                # poll its queue the same way.
+                while await pool.exists(*keys) < len(keys):  # noqa: ASYNC110
+                    await asyncio.sleep(0.01)
+
+            async def raw_call(batch: int, round_: int) -> None:
+                # The node is idle meanwhile: its GPU thread waits for work.
+                await asyncio.to_thread(
+                    engine.run, make_call(setup, batch, round_), Quiet()
+                )
+
+            for batch in setup.batches:
+                timings = results[batch] = Timings([], [])
+                await raw_call(batch, 999)  # warm-up: kernels, allocator, caches
+                if service:
+                    await one_round(batch, 999)
+                for round_ in range(rounds):
+                    started = time.perf_counter()
+                    await raw_call(batch, round_)
+                    timings.raw.append(time.perf_counter() - started)
+                    if service:
+                        started = time.perf_counter()
+                        await one_round(batch, round_)
+                        timings.service.append(time.perf_counter() - started)
+        finally:
+            await pool.aclose()
+            node.request_stop()
+            await serving
+            await node.close()
+    return results
+
+
+def machine() -> str:
+    import torch
+
+    cpu = platform.processor() or "?"
+    try:
+        lscpu = subprocess.run(
+            ["lscpu"],  # noqa: S607 (a system tool, found on PATH)
+            capture_output=True,
+            text=True,
+            check=True,
+        )
+        for line in lscpu.stdout.splitlines():
+            if line.startswith("Model name:"):
+                cpu = line.split(":", 1)[1].strip()
+    except (OSError, subprocess.CalledProcessError):
+        pass
+    text = f"CPU {cpu}, {os.cpu_count()} cores, torch {torch.__version__}"
+    if torch.cuda.is_available():
+        text += f", GPU {torch.cuda.get_device_name()}"
+    return text
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--gpu", action="store_true", help="SD-1.5 shape, fp16, CUDA")
+    parser.add_argument("--rounds", type=int, default=0, help="calls per batch size")
+    parser.add_argument("--model-dir", type=Path, help="reuse built models from here")
+    parser.add_argument("--no-service", action="store_true", help="raw pipeline only")
+    args = parser.parse_args()
+
+    import torch
+
+    if args.gpu:
+        if not torch.cuda.is_available():
+            parser.error("--gpu needs CUDA")
+        setup = Setup(
+            "SD-1.5 architecture, random fp16 weights", 512, 25, 7.5, (1, 4, 8, 16)
+        )
+    else:
+        setup = Setup("tiny", 128, 20, 7.5, (1, 4, 8))
+    rounds = args.rounds or (3 if args.gpu else 5)
+    with tempfile.TemporaryDirectory() as tmp:
+        models = args.model_dir or Path(tmp)
+        if args.gpu:
+            location = store.ModelLocation(
+                "sd15-random", models / "sd15-random", "local"
+            )
+            started = time.perf_counter()
+            store.install_folder(location.path, build_sd15_random)
+            print(
+                f"built random SD-1.5 weights in {time.perf_counter() - started:.1f} s"
+            )
+            torch.cuda.empty_cache()
+        else:
+            location = store.locate_model("tiny", models)
+            pipeline.prepare_model(location)
+        started = time.perf_counter()
+        engine = pipeline.load_engine(location, device="cuda" if args.gpu else "cpu")
+        if args.gpu:
+            torch.cuda.synchronize()
+        load_s = time.perf_counter() - started
+        if args.gpu:
+            torch.cuda.reset_peak_memory_stats()
+        timings = asyncio.run(
+            measure(engine, setup, models, rounds, service=not args.no_service)
+        )
+        peak = torch.cuda.max_memory_allocated() if args.gpu else 0
+
+    print(f"\n{machine()}")
+    print(
+        f"model: {setup.name}, {setup.size}x{setup.size}, {setup.steps} steps, "
+        f"guidance {setup.guidance}, euler_a, {rounds} calls per batch size"
+    )
+    print(f"model load (hash + from_pretrained + to device): {load_s:.2f} s")
+    print(
+        "\nimages/s from the fastest call of each path (the machine is shared: the"
+        " median is given too)\n"
+    )
+    print(
+        "| batch | raw images/s | service images/s | service/raw "
+        "| medians raw/service |"
+    )
+    print("| ---: | ---: | ---: | ---: | ---: |")
+    best: dict[int, float] = {}
+    for batch in setup.batches:
+        t = timings[batch]
+        best[batch] = batch / min(t.raw)
+        raw_median = batch / statistics.median(t.raw)
+        if t.service:
+            svc = batch / min(t.service)
+            svc_median = batch / statistics.median(t.service)
+            print(
+                f"| {batch} | {best[batch]:.2f} | {svc:.2f} | {svc / best[batch]:.2f} "
+                f"| {raw_median:.2f} / {svc_median:.2f} |"
+            )
+        else:
+            print(f"| {batch} | {best[batch]:.2f} | - | - | {raw_median:.2f} / - |")
+    print(f"\nbatching gain (batch 8 / batch 1, raw): {best[8] / best[1]:.2f}x")
+    if args.gpu:
+        print(f"peak GPU memory (raw and service runs): {peak / 2**30:.2f} GiB")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

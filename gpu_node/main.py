@@ -1,0 +1,38 @@
+"""`sdapi gpu-node`: settings once, then the node until SIGTERM."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import sys
+
+from gpu_node.settings import GpuNodeSettings
+from gpu_node.work import ModelError
+from sdapi.embedded import require_redis_url
+
+log = logging.getLogger("gpu_node")
+
+
+def configure_logging(level: str) -> None:
+    """One line per event on stderr."""
+    logging.basicConfig(
+        level=level,
+        stream=sys.stderr,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        force=True,
+    )
+
+
+def run() -> int:
+    """Run a GPU node serving SDAPI_MODEL; 0 after a graceful stop, 2 bad model."""
+    settings = GpuNodeSettings.from_env()
+    redis_url = require_redis_url(settings.redis_url, settings.data_dir)
+    configure_logging(settings.log_level)
+    from gpu_node.worker import run_node
+
+    try:
+        ok = asyncio.run(run_node(settings, redis_url))
+    except ModelError as exc:
+        print(f"sdapi: {exc}", file=sys.stderr)  # noqa: T201
+        return 2
+    return 0 if ok else 1

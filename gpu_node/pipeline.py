@@ -1,0 +1,528 @@
+"""The diffusers side of the node: the only module that imports torch.
+
+It builds the tiny model, loads a model folder (safetensors only) for one
+device, and runs one pipeline call at a time on the calling thread, telling a
+`StepObserver` about every denoising step.
+"""
+
+from __future__ import annotations
+
+import gzip
+import importlib.util
+import io
+import json
+import logging
+import os
+import threading
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+import diffusers
+import torch
+import transformers
+from diffusers import (
+    AutoencoderKL,
+    PNDMScheduler,
+    StableDiffusionPipeline,
+    StableDiffusionXLPipeline,
+    UNet2DConditionModel,
+)
+from diffusers.models.attention_processor import AttnProcessor2_0
+from PIL import Image
+from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+from gpu_node import store
+from gpu_node.work import (
+    CallStopped,
+    ModelError,
+    ModelProfile,
+    OutOfMemory,
+    PipelineCall,
+    StepObserver,
+)
+
+log = logging.getLogger(__name__)
+
+# The tiny model's weights come from this seed, so every machine makes the
+# same model (and the same images for the same request).
+TINY_SEED = 20240601
+TINY_NATIVE_SIZE = 256
+CLIP_VOCAB_FILE = "bpe_simple_vocab_16e6.txt.gz"
+# The real CLIP vocabulary: 256 bytes, 256 end-of-word bytes, 48,894 merges and
+# the two special tokens.
+CLIP_MERGES = 49152 - 256 - 2
+
+# name -> (diffusers class, overrides of the model's scheduler config)
+SCHEDULERS: Mapping[str, tuple[str, Mapping[str, Any]]] = {
+    "euler": ("EulerDiscreteScheduler", {}),
+    "euler_a": ("EulerAncestralDiscreteScheduler", {}),
+    "dpmpp_2m": (
+        "DPMSolverMultistepScheduler",
+        {"algorithm_type": "dpmsolver++", "solver_order": 2},
+    ),
+    "dpmpp_2m_karras": (
+        "DPMSolverMultistepScheduler",
+        {"algorithm_type": "dpmsolver++", "solver_order": 2, "use_karras_sigmas": True},
+    ),
+    "ddim": ("DDIMScheduler", {}),
+    "unipc": ("UniPCMultistepScheduler", {}),
+    "lms": ("LMSDiscreteScheduler", {}),
+    "pndm": ("PNDMScheduler", {"skip_prk_steps": True}),
+}
+# diffusers is only partly typed: pipelines and models are handled as Any.
+PIPELINES: Mapping[str, tuple[Any, str]] = {
+    "StableDiffusionPipeline": (StableDiffusionPipeline, "sd"),
+    "StableDiffusionXLPipeline": (StableDiffusionXLPipeline, "sdxl"),
+}
+# Linear latent -> RGB approximations (rows: latent channels), as used by
+# AUTOMATIC1111 and ComfyUI for live previews; under 1 ms per image.
+PREVIEW_FACTORS: Mapping[str, tuple[list[list[float]], list[float]]] = {
+    "sd": (
+        [
+            [0.3512, 0.2297, 0.3227],
+            [0.3250, 0.4974, 0.2350],
+            [-0.2829, 0.1762, 0.2721],
+            [-0.2120, -0.2616, -0.7177],
+        ],
+        [0.0, 0.0, 0.0],
+    ),
+    "sdxl": (
+        [
+            [0.3651, 0.4232, 0.4341],
+            [-0.2533, -0.0042, 0.1068],
+            [0.1076, 0.1111, -0.0362],
+            [-0.3165, -0.2492, -0.2188],
+        ],
+        [0.1084, -0.0175, -0.0011],
+    ),
+}
+
+
+def _quiet_libraries() -> None:
+    # Progress bars are multi-line noise in a service log; we log our own lines.
+    diffusers.utils.logging.disable_progress_bar()
+    transformers.utils.logging.disable_progress_bar()  # type: ignore[no-untyped-call]
+
+
+def available_schedulers() -> tuple[str, ...]:
+    """Scheduler names this installation can run (LMS needs scipy)."""
+    has_scipy = importlib.util.find_spec("scipy") is not None
+    return tuple(name for name in SCHEDULERS if name != "lms" or has_scipy)
+
+
+# --- the tiny model ----------------------------------------------------------
+
+
+def _bytes_to_unicode() -> dict[int, str]:
+    # GPT-2/CLIP byte-level BPE: every byte gets a printable stand-in character.
+    printable = [
+        *range(ord("!"), ord("~") + 1),
+        *range(ord("¡"), ord("¬") + 1),
+        *range(ord("®"), ord("ÿ") + 1),
+    ]
+    chars = list(printable)
+    extra = 0
+    for byte in range(256):
+        if byte not in printable:
+            printable.append(byte)
+            chars.append(256 + extra)
+            extra += 1
+    return {byte: chr(char) for byte, char in zip(printable, chars, strict=True)}
+
+
+def clip_vocabulary_file() -> Path | None:
+    """The CLIP BPE merges file an installed package ships, found without importing."""
+    spec = importlib.util.find_spec("open_clip")
+    for folder in (spec.submodule_search_locations or []) if spec else []:
+        candidate = Path(folder) / CLIP_VOCAB_FILE
+        if candidate.is_file():
+            return candidate
+    return None
+
+
+def write_clip_vocabulary(folder: Path) -> int:
+    """Write vocab.json and merges.txt of CLIP's tokenizer; return the vocab size."""
+    base = list(_bytes_to_unicode().values())
+    source = clip_vocabulary_file()
+    if source is not None:
+        lines = gzip.decompress(source.read_bytes()).decode("utf-8").split("\n")
+        merges = lines[1 : CLIP_MERGES + 1]
+    else:
+        # No package ships the vocabulary: a byte-level one still tokenizes
+        # any text, just into more tokens.
+        log.warning("CLIP vocabulary not found; the tiny model uses byte tokens")
+        merges = []
+    vocab = [*base, *(token + "</w>" for token in base)]
+    vocab += ["".join(merge.split()) for merge in merges]
+    vocab += ["<|startoftext|>", "<|endoftext|>"]
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "vocab.json").write_text(
+        json.dumps(
+            {token: index for index, token in enumerate(vocab)}, ensure_ascii=False
+        )
+    )
+    (folder / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n")
+    return len(vocab)
+
+
+def build_tiny_model(folder: Path) -> None:
+    """Make the tiny SD pipeline (random weights from TINY_SEED) in `folder`."""
+    _quiet_libraries()
+    scratch = folder / "_vocabulary"
+    vocab_size = write_clip_vocabulary(scratch)
+    tokenizer = CLIPTokenizer.from_pretrained(
+        str(scratch),
+        model_max_length=77,
+        pad_token="<|endoftext|>",  # noqa: S106 (a token, not a password)
+    )
+    # fork_rng: the global RNG of a process that builds the model stays as it was.
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(TINY_SEED)
+        unet = UNet2DConditionModel(  # type: ignore[no-untyped-call]
+            sample_size=TINY_NATIVE_SIZE // 8,
+            in_channels=4,
+            out_channels=4,
+            block_out_channels=(32, 64),
+            layers_per_block=1,
+            down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+            up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+            cross_attention_dim=32,
+            attention_head_dim=4,
+            norm_num_groups=32,
+        )
+        # Four blocks, so the VAE still scales by 8 as SD's does.
+        vae = AutoencoderKL(  # type: ignore[no-untyped-call]
+            in_channels=3,
+            out_channels=3,
+            block_out_channels=(32, 32, 64, 64),
+            down_block_types=("DownEncoderBlock2D",) * 4,
+            up_block_types=("UpDecoderBlock2D",) * 4,
+            latent_channels=4,
+            layers_per_block=1,
+            norm_num_groups=32,
+            sample_size=TINY_NATIVE_SIZE,
+        )
+        text_encoder = CLIPTextModel(
+            CLIPTextConfig(
+                vocab_size=vocab_size,
+                hidden_size=32,
+                intermediate_size=37,
+                num_attention_heads=4,
+                num_hidden_layers=2,
+                max_position_embeddings=77,
+                bos_token_id=vocab_size - 2,
+                eos_token_id=vocab_size - 1,
+                pad_token_id=vocab_size - 1,
+            )
+        )
+    scheduler = PNDMScheduler(  # type: ignore[no-untyped-call]
+        beta_start=0.00085,
+        beta_end=0.012,
+        beta_schedule="scaled_linear",
+        skip_prk_steps=True,
+        steps_offset=1,
+        set_alpha_to_one=False,
+    )
+    pipe: Any = StableDiffusionPipeline(  # type: ignore[no-untyped-call]
+        unet=unet,
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=tokenizer,
+        scheduler=scheduler,
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+    pipe.save_pretrained(str(folder), safe_serialization=True)
+    for name in ("vocab.json", "merges.txt"):
+        os.replace(scratch / name, folder / "tokenizer" / name)
+    scratch.rmdir()
+
+
+def prepare_model(location: store.ModelLocation) -> None:
+    """Make sure the model's folder exists and is loadable (tiny built, hub fetched)."""
+    if location.source == "tiny":
+        if store.install_folder(location.path, build_tiny_model):
+            log.info("built the tiny model in %s", location.path)
+    elif location.source == "hub":
+        store.download_model(location)
+    store.check_weights(location.path)
+
+
+# --- loading -------------------------------------------------------------------
+
+
+def _pick_device(preference: str) -> torch.device:
+    if preference == "cuda" and not torch.cuda.is_available():
+        raise ModelError("SDAPI_GPU_DEVICE=cuda but torch sees no CUDA device")
+    if preference == "cuda" or (preference == "auto" and torch.cuda.is_available()):
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def _describe_device(device: torch.device) -> tuple[str, int]:
+    if device.type == "cuda":
+        props = torch.cuda.get_device_properties(device)
+        return f"cuda:{device.index} {props.name}", int(props.total_memory)
+    memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    return "cpu", int(memory)
+
+
+def _pipeline_class(folder: Path) -> tuple[Any, str]:
+    index = json.loads((folder / "model_index.json").read_text())
+    name = str(index.get("_class_name", ""))
+    if name not in PIPELINES:
+        raise ModelError(
+            f"model in {folder} is a {name or 'unknown pipeline'}; this node serves "
+            + ", ".join(PIPELINES)
+        )
+    return PIPELINES[name]
+
+
+class DiffusersEngine:
+    """One loaded pipeline on one device; `run` is called from one thread at a time."""
+
+    def __init__(
+        self,
+        base: Any,
+        kind: str,
+        profile: ModelProfile,
+        count_tokenizer: Any,
+    ) -> None:
+        self._base = base
+        self._kind = kind
+        self._profile = profile
+        self._device = base.device
+        # The pipeline's own tokenizer is busy on the GPU thread, and a fast
+        # tokenizer raises "Already borrowed" when two threads share it.
+        self._count_tokenizer = count_tokenizer
+        self._count_lock = threading.Lock()
+
+    @property
+    def profile(self) -> ModelProfile:
+        return self._profile
+
+    @property
+    def default_max_batch(self) -> int:
+        return 8 if self._device.type == "cuda" else 4
+
+    def count_tokens(self, text: str) -> int:
+        """Tokens `text` encodes to, start and end tokens included."""
+        with self._count_lock:
+            ids = self._count_tokenizer(text, truncation=False)["input_ids"]
+        return len(ids)
+
+    def memory_stats(self) -> dict[str, int]:
+        """Device memory in bytes; {} on CPU."""
+        if self._device.type != "cuda":
+            return {}
+        return {
+            "allocated": int(torch.cuda.memory_allocated(self._device)),
+            "reserved": int(torch.cuda.memory_reserved(self._device)),
+            "peak": int(torch.cuda.max_memory_allocated(self._device)),
+            "total": int(torch.cuda.get_device_properties(self._device).total_memory),
+        }
+
+    def _scheduler(self, name: str) -> Any:
+        if name not in self._profile.schedulers:
+            raise ValueError(f"unknown scheduler {name!r}")
+        class_name, overrides = SCHEDULERS[name]
+        scheduler_class = getattr(diffusers, class_name)
+        config = self._base.scheduler.config
+        scheduler = scheduler_class.from_config(config, **overrides)
+        if self._kind == "sd":
+            # StableDiffusionPipeline rewrites these two (with a FutureWarning on
+            # every call) when a scheduler has them otherwise; set them as it would.
+            fixes: dict[str, Any] = {}
+            if getattr(scheduler.config, "steps_offset", 1) != 1:
+                fixes["steps_offset"] = 1
+            if getattr(scheduler.config, "clip_sample", False) is True:
+                fixes["clip_sample"] = False
+            if fixes:
+                scheduler = scheduler_class.from_config(config, **overrides, **fixes)
+        return scheduler
+
+    def _wrapper(self, scheduler: Any) -> Any:
+        # A pipeline object per call keeps per-call state (scheduler, guidance,
+        # interrupt flag) apart, so a premium call nested at a step boundary of a
+        # batch leaves the batch's state untouched; the modules are shared.
+        # (`from_pipe` would also cast the shared modules to float32.)
+        cls = type(self._base)
+        expected, optional = cls._get_signature_keys(cls)
+        kwargs: dict[str, Any] = {
+            name: module
+            for name, module in self._base.components.items()
+            if name in expected
+        }
+        kwargs["scheduler"] = scheduler
+        kwargs.update(
+            {k: self._base.config[k] for k in optional if k in self._base.config}
+        )
+        pipe = cls(**kwargs)
+        pipe.set_progress_bar_config(disable=True)
+        return pipe
+
+    def _preview(self, latent: torch.Tensor) -> bytes | None:
+        factors = PREVIEW_FACTORS.get(self._kind)
+        if factors is None or latent.shape[0] != len(factors[0]):
+            return None
+        weights = torch.tensor(factors[0], dtype=torch.float32)
+        bias = torch.tensor(factors[1], dtype=torch.float32)
+        rgb = torch.einsum("chw,cr->hwr", latent.detach().float().cpu(), weights) + bias
+        pixels = ((rgb.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).numpy()
+        buffer = io.BytesIO()
+        Image.fromarray(pixels, mode="RGB").save(buffer, format="JPEG", quality=70)
+        return buffer.getvalue()
+
+    def run(
+        self, call: PipelineCall, observer: StepObserver
+    ) -> dict[str, list[Image.Image]]:
+        """Run `call` on this thread; images grouped by item key."""
+        observer.before_start()
+        pipe = self._wrapper(self._scheduler(call.scheduler))
+        prompts = [item.prompt for item in call.items for _ in item.seeds]
+        negatives = [item.negative_prompt for item in call.items for _ in item.seeds]
+        # CPU generators: a seed means the same starting noise on any device.
+        generators = [
+            torch.Generator(device="cpu").manual_seed(seed)
+            for item in call.items
+            for seed in item.seeds
+        ]
+        first_row: dict[str, int] = {}
+        rows = [item.key for item in call.items for _ in item.seeds]
+        for row, key in enumerate(rows):
+            first_row.setdefault(key, row)
+
+        def on_step_end(
+            pipe: Any, index: int, timestep: Any, tensors: dict[str, Any]
+        ) -> dict[str, Any]:
+            step = index + 1
+            keys = observer.preview_keys(step)
+            previews: dict[str, bytes] = {}
+            if keys:
+                latents = tensors["latents"]
+                for key in keys:
+                    image = self._preview(latents[first_row[key]])
+                    if image is not None:
+                        previews[key] = image
+            observer.on_step(step, int(pipe.num_timesteps), previews)
+            return {}
+
+        try:
+            with torch.inference_mode():
+                output = pipe(
+                    prompt=prompts,
+                    negative_prompt=negatives,
+                    width=call.width,
+                    height=call.height,
+                    num_inference_steps=call.steps,
+                    guidance_scale=call.guidance_scale,
+                    generator=generators,
+                    callback_on_step_end=on_step_end,
+                    output_type="pil",
+                )
+        except torch.cuda.OutOfMemoryError as exc:
+            torch.cuda.empty_cache()
+            raise OutOfMemory(
+                f"{call.image_count} images of {call.width}x{call.height}"
+            ) from exc
+        except CallStopped:
+            raise
+        images: list[Image.Image] = list(output.images)
+        grouped: dict[str, list[Image.Image]] = {}
+        for item in call.items:
+            grouped.setdefault(item.key, []).extend(images[: len(item.seeds)])
+            images = images[len(item.seeds) :]
+        return grouped
+
+
+def _defaults(kind: str, location: store.ModelLocation) -> dict[str, Any]:
+    if location.source == "tiny":
+        return {"steps": 20, "guidance": 7.5}
+    if kind == "sdxl":
+        return {"steps": 30, "guidance": 5.0}
+    return {"steps": 25, "guidance": 7.5}
+
+
+def load_engine(
+    location: store.ModelLocation,
+    *,
+    device: str = "auto",
+    max_size: int | None = None,
+    default_steps: int | None = None,
+    default_scheduler: str | None = None,
+    on_phase: Callable[[str], None] | None = None,
+) -> DiffusersEngine:
+    """Load a prepared model folder for one device (blocking: call in a thread)."""
+    _quiet_libraries()
+    folder = location.path
+    store.check_weights(folder)
+    cls, kind = _pipeline_class(folder)
+    target = _pick_device(device)
+    if target.type == "cuda":
+        bf16 = kind == "sdxl" and torch.cuda.is_bf16_supported()
+        # SDXL's VAE overflows in float16; bfloat16 keeps its range.
+        dtype = torch.bfloat16 if bf16 else torch.float16
+    else:
+        dtype = torch.float32
+    if on_phase:
+        on_phase("hashing weights")
+    model_hash = store.weights_hash(folder)
+    if on_phase:
+        on_phase("loading pipeline")
+    try:
+        base: Any = cls.from_pretrained(
+            str(folder), dtype=dtype, use_safetensors=True, local_files_only=True
+        )
+    except (OSError, ValueError) as exc:
+        text = " ".join(str(exc).split())[:300]
+        raise ModelError(
+            f"cannot load model {location.model_id} from {folder}: {text}"
+        ) from None
+    base.to(target)
+    if target.type == "cuda":
+        # PyTorch's scaled_dot_product_attention (flash / memory-efficient
+        # kernels), whatever processor a model's config would otherwise pick.
+        base.unet.set_attn_processor(AttnProcessor2_0())  # type: ignore[no-untyped-call]
+        base.vae.set_attn_processor(AttnProcessor2_0())  # type: ignore[no-untyped-call]
+    base.set_progress_bar_config(disable=True)
+    # Counting must see past the window without the "longer than the maximum
+    # sequence length" warning: the window is enforced (and reported) elsewhere.
+    count_tokenizer = type(base.tokenizer).from_pretrained(
+        str(folder / "tokenizer"), model_max_length=1_000_000
+    )
+    vae_scale = 2 ** (len(base.vae.config.block_out_channels) - 1)
+    native = int(base.unet.config.sample_size) * vae_scale
+    limit = max_size or min(2 * native, 2048)
+    schedulers = available_schedulers()
+    scheduler = default_scheduler or "euler_a"
+    if scheduler not in schedulers:
+        raise ModelError(
+            f"SDAPI_GPU_DEFAULT_SCHEDULER={scheduler} is not one of "
+            + ", ".join(schedulers)
+        )
+    defaults = _defaults(kind, location)
+    description, memory = _describe_device(target)
+    profile = ModelProfile(
+        model=location.model_id,
+        model_hash=model_hash,
+        pipeline=kind,
+        device=description,
+        memory_bytes=memory,
+        default_steps=default_steps or defaults["steps"],
+        default_guidance=defaults["guidance"],
+        default_scheduler=scheduler,
+        default_width=min(native, limit),
+        default_height=min(native, limit),
+        max_width=limit,
+        max_height=limit,
+        schedulers=schedulers,
+        token_window=int(base.tokenizer.model_max_length),
+        versions={
+            "diffusers": diffusers.__version__,
+            "torch": torch.__version__,
+            "transformers": transformers.__version__,
+        },
+    )
+    return DiffusersEngine(base, kind, profile, count_tokenizer)

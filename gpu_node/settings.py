@@ -1,0 +1,91 @@
+"""What a GPU node reads from the environment (SDAPI_* variables)."""
+
+from __future__ import annotations
+
+import secrets
+import socket
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, field_validator
+
+from sdapi.settings import CommonSettings
+
+
+def _default_node_id() -> str:
+    # Two nodes on one host (one per GPU) must not share an id.
+    return f"{socket.gethostname()}-{secrets.token_hex(3)}"
+
+
+class GpuNodeSettings(CommonSettings):
+    """Settings of `sdapi gpu-node`; node-only names start with SDAPI_GPU_."""
+
+    # `tiny`, a local folder in diffusers layout, or a Hugging Face repo id.
+    model: str = "tiny"
+    # Name the node serves the model under (queue names, Consul Meta); by
+    # default `tiny`, the repo id, or the local folder's name.
+    model_name: str | None = None
+    # Unset: <SDAPI_DATA_DIR>/models.
+    model_dir: Path | None = None
+    gpu_device: Literal["auto", "cpu", "cuda"] = "auto"
+    # Images per pipeline call; unset: 4 on CPU, 8 on CUDA.
+    gpu_max_batch: int | None = Field(default=None, ge=1, le=64)
+    # Largest width/height served; unset: twice the model's native size.
+    gpu_max_size: int | None = Field(default=None, ge=64, le=4096, multiple_of=8)
+    gpu_default_steps: int | None = Field(default=None, ge=1, le=500)
+    gpu_default_scheduler: str | None = None
+    # Latent previews every N denoising steps (0: none).
+    gpu_preview_every: int = Field(default=5, ge=0)
+    node_id: str = Field(default_factory=_default_node_id, min_length=1, max_length=100)
+    gpu_health_host: str = "127.0.0.1"
+    # 0: pick a free port and log it.
+    gpu_health_port: int = Field(default=0, ge=0, le=65535)
+    # Host others reach this node's health port on; unset: the health host,
+    # or this machine's name when listening on every interface.
+    gpu_advertise_host: str | None = None
+    # arq poll delays (seconds): premium pick-up latency is bounded by the first.
+    gpu_premium_poll_s: float = Field(default=0.02, gt=0, le=5)
+    gpu_batch_poll_s: float = Field(default=0.2, gt=0, le=5)
+    # How long a claimed job stays claimed without a refresh (seconds): after a
+    # SIGKILL its job is picked up again within about this long.
+    # A job's time limit: base + steps x images x this, scaled by its size
+    # relative to 512x512 (seconds); past it, the call stops at a step boundary.
+    gpu_timeout_base_s: float = Field(default=60.0, gt=0)
+    gpu_timeout_per_image_step_s: float = Field(default=2.0, ge=0)
+    gpu_job_lease_s: float = Field(default=20.0, ge=2, le=3600)
+    gpu_max_tries: int = Field(default=3, ge=1, le=20)
+    # On SIGTERM, how long the running jobs may take before they are re-queued.
+    gpu_drain_grace_s: float = Field(default=60.0, ge=0)
+    # How often the node refreshes its Redis key and Consul TTL check (seconds).
+    gpu_announce_every_s: float = Field(default=5.0, gt=0, le=60)
+    gpu_consul_ttl_s: int = Field(default=15, ge=1, le=3600)
+    gpu_consul_deregister_after_s: int = Field(default=60, ge=1)
+
+    @field_validator("model")
+    @classmethod
+    def _model(cls, value: str) -> str:
+        value = value.strip()
+        if not value:
+            raise ValueError("must be `tiny`, a model folder or a Hugging Face repo id")
+        return value
+
+    @field_validator("gpu_default_scheduler", "model_name")
+    @classmethod
+    def _optional_name(cls, value: str | None) -> str | None:
+        return value.strip() or None if value is not None else None
+
+    @property
+    def models_path(self) -> Path:
+        """Where models are downloaded to and the tiny model is made."""
+        return (
+            self.model_dir if self.model_dir is not None else self.data_dir / "models"
+        )
+
+    @property
+    def advertise_host(self) -> str:
+        """The host name other processes use to reach this node."""
+        if self.gpu_advertise_host:
+            return self.gpu_advertise_host
+        if self.gpu_health_host in {"0.0.0.0", "::", ""}:  # noqa: S104
+            return socket.gethostname()
+        return self.gpu_health_host

@@ -1,0 +1,232 @@
+"""The model store: local folders, Hugging Face downloads, the built-in tiny model.
+
+Torch-free: it finds, fetches and checks model folders; `gpu_node.pipeline`
+builds the tiny model and loads folders. Only safetensors weights are used.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fnmatch
+import hashlib
+import json
+import logging
+import os
+import re
+import secrets
+import shutil
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+from gpu_node.work import ModelError
+
+log = logging.getLogger(__name__)
+
+TINY_MODEL = "tiny"
+PICKLE_SUFFIXES = (".bin", ".ckpt", ".pt", ".pth")
+HASH_CACHE = ".sdapi-weights.json"
+_REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+# A diffusers repo's config, tokenizer and safetensors weights; never pickles,
+# never the half-precision duplicates or single-file checkpoints at the root.
+HUB_ALLOW_PATTERNS = ("model_index.json", "*/*.json", "*/*.txt", "*/*.safetensors")
+HUB_IGNORE_PATTERNS = (
+    "*.fp16.safetensors",
+    "*.non_ema.safetensors",
+    "*.ema.safetensors",
+)
+
+
+@dataclass(frozen=True)
+class ModelLocation:
+    """Where a model's diffusers folder is (or will be), and what it is called."""
+
+    model_id: str
+    path: Path
+    source: Literal["tiny", "local", "hub"]
+    repo_id: str = ""
+
+
+def locate_model(spec: str, models_dir: Path, name: str | None = None) -> ModelLocation:
+    """Resolve SDAPI_MODEL to a folder; nothing is created or fetched yet."""
+    if spec == TINY_MODEL:
+        return ModelLocation(name or TINY_MODEL, models_dir / TINY_MODEL, "tiny")
+    path = Path(spec).expanduser()
+    if path.is_dir():
+        return ModelLocation(name or path.resolve().name, path.resolve(), "local")
+    if not _REPO_ID.match(spec):
+        if spec.startswith((".", "/", "~")) or os.sep in spec:
+            raise ModelError(f"model folder {path} does not exist (SDAPI_MODEL={spec})")
+        raise ModelError(
+            f"SDAPI_MODEL={spec!r} is neither `tiny`, an existing folder nor a "
+            "Hugging Face repo id (owner/name)"
+        )
+    return ModelLocation(
+        name or spec, models_dir / spec.replace("/", "--"), "hub", spec
+    )
+
+
+def is_complete(folder: Path) -> bool:
+    """Whether `folder` holds a whole diffusers model (it is renamed in at the end)."""
+    return (folder / "model_index.json").is_file()
+
+
+def install_folder(target: Path, build: Callable[[Path], None]) -> bool:
+    """Build a folder beside `target` and rename it in; False if another won.
+
+    Two processes may start at once: each builds in its own temporary folder
+    and the atomic rename decides; the loser removes its copy.
+    """
+    if is_complete(target):
+        return False
+    target.parent.mkdir(parents=True, exist_ok=True)
+    scratch = (
+        target.parent / f".{target.name}.building-{os.getpid()}-{secrets.token_hex(4)}"
+    )
+    try:
+        build(scratch)
+        try:
+            os.rename(scratch, target)
+        except OSError:
+            if not is_complete(target):
+                raise
+            return False
+        return True
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+
+
+def check_weights(folder: Path) -> None:
+    """Refuse a folder whose weights exist only as pickles (never loaded)."""
+    if not is_complete(folder):
+        pickles = sorted(
+            p.name for p in folder.glob("**/*") if p.suffix in PICKLE_SUFFIXES
+        )
+        if pickles:
+            raise ModelError(
+                f"model folder {folder} holds pickle weights only ({pickles[0]}); "
+                "sdapi loads safetensors only: convert it to safetensors first"
+            )
+        raise ModelError(
+            f"{folder} is not a diffusers model folder (no model_index.json)"
+        )
+    index = json.loads((folder / "model_index.json").read_text())
+    for component, spec in index.items():
+        if component.startswith("_") or not isinstance(spec, list):
+            continue
+        sub = folder / component
+        if not sub.is_dir():
+            continue
+        files = [p for p in sub.iterdir() if p.is_file()]
+        pickles = [p.name for p in files if p.suffix in PICKLE_SUFFIXES]
+        if pickles and not any(p.suffix == ".safetensors" for p in files):
+            raise ModelError(
+                f"model folder {folder} holds pickle weights only for {component} "
+                f"({pickles[0]}); sdapi loads safetensors only: convert it first"
+            )
+
+
+def weights_hash(folder: Path) -> str:
+    """SHA-256 over the folder's safetensors files (names and bytes), cached."""
+    files = sorted(folder.glob("**/*.safetensors"))
+    stamp = [
+        [str(p.relative_to(folder)), p.stat().st_size, p.stat().st_mtime_ns]
+        for p in files
+    ]
+    cache = folder / HASH_CACHE
+    with contextlib.suppress(OSError, ValueError, KeyError):
+        cached = json.loads(cache.read_text())
+        if cached["files"] == stamp:
+            return str(cached["sha256"])
+    total = hashlib.sha256()
+    for path in files:
+        digest = hashlib.sha256()
+        with path.open("rb") as handle:
+            for block in iter(lambda: handle.read(1 << 20), b""):
+                digest.update(block)
+        total.update(f"{path.relative_to(folder)}\0{digest.hexdigest()}\n".encode())
+    value = total.hexdigest()
+    # A read-only model folder is fine: the hash is then recomputed each start.
+    with contextlib.suppress(OSError):
+        scratch = cache.with_name(f"{HASH_CACHE}.{os.getpid()}")
+        scratch.write_text(json.dumps({"files": stamp, "sha256": value}))
+        os.replace(scratch, cache)
+    return value
+
+
+def _hub_files(repo_id: str) -> list[tuple[str, int]]:
+    from huggingface_hub import HfApi
+
+    info = HfApi().model_info(repo_id, files_metadata=True)
+    names = {s.rfilename: s.size or 0 for s in info.siblings or []}
+    wanted = [
+        name
+        for name in names
+        if any(fnmatch.fnmatch(name, p) for p in HUB_ALLOW_PATTERNS)
+        and not any(fnmatch.fnmatch(name, p) for p in HUB_IGNORE_PATTERNS)
+    ]
+    return [(name, names[name]) for name in sorted(wanted)]
+
+
+def _describe(exc: BaseException) -> str:
+    text = " ".join(str(exc).split())
+    return f"{type(exc).__name__}: {text[:200]}" if text else type(exc).__name__
+
+
+def download_model(location: ModelLocation) -> None:
+    """Fetch a hub model into its folder once (safetensors, configs, tokenizer)."""
+    if is_complete(location.path):
+        return
+    from huggingface_hub import constants, hf_hub_download
+    from huggingface_hub.utils.tqdm import disable_progress_bars
+
+    where = f"model {location.repo_id} is not in {location.path}"
+    if constants.HF_HUB_OFFLINE:
+        raise ModelError(f"{where} and HF_HUB_OFFLINE=1 forbids downloading it")
+    try:
+        files = _hub_files(location.repo_id)
+    except Exception as exc:
+        raise ModelError(
+            f"{where} and cannot be downloaded ({_describe(exc)})"
+        ) from None
+    if "model_index.json" not in {name for name, _ in files}:
+        raise ModelError(
+            f"{location.repo_id} is not a diffusers model with safetensors weights "
+            "(no model_index.json)"
+        )
+    total = sum(size for _, size in files)
+    log.info(
+        "downloading %s: %d files, %.1f MB into %s",
+        location.repo_id,
+        len(files),
+        total / 1e6,
+        location.path,
+    )
+
+    def fetch(scratch: Path) -> None:
+        done = 0
+        for index, (name, size) in enumerate(files, 1):
+            hf_hub_download(location.repo_id, name, local_dir=scratch)
+            done += size
+            log.info(
+                "downloaded %s %d/%d %s (%.0f%% of %.1f MB)",
+                location.repo_id,
+                index,
+                len(files),
+                name,
+                100 * done / max(total, 1),
+                total / 1e6,
+            )
+        shutil.rmtree(scratch / ".cache", ignore_errors=True)
+
+    try:
+        # One log line per file instead of interleaved progress bars.
+        with disable_progress_bars():
+            install_folder(location.path, fetch)
+    except ModelError:
+        raise
+    except Exception as exc:
+        raise ModelError(
+            f"{where} and the download failed ({_describe(exc)})"
+        ) from None

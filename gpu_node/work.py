@@ -1,0 +1,151 @@
+"""What the node asks of the pipeline, torch-free: calls, observers, profiles.
+
+`gpu_node.pipeline` (the only module that imports torch) implements `Engine`;
+everything else talks to it through these types, so queue handling, progress
+and announcements import and test without torch.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Protocol
+
+if TYPE_CHECKING:
+    from PIL.Image import Image
+
+
+# Scheduler names clients use, with the sampler names AUTOMATIC1111 writes in
+# its `parameters` PNG chunk (so other tools read our PNGs).
+SAMPLER_LABELS: Mapping[str, str] = {
+    "euler": "Euler",
+    "euler_a": "Euler a",
+    "dpmpp_2m": "DPM++ 2M",
+    "dpmpp_2m_karras": "DPM++ 2M Karras",
+    "ddim": "DDIM",
+    "unipc": "UniPC",
+    "lms": "LMS",
+    "pndm": "PLMS",
+}
+
+
+class OutOfMemory(Exception):
+    """The device ran out of memory; a smaller call may fit."""
+
+
+class CallStopped(Exception):
+    """Raised at a step boundary to end a pipeline call early."""
+
+
+class ModelError(Exception):
+    """The model cannot be found, fetched or loaded; one line naming it."""
+
+
+@dataclass(frozen=True)
+class CallItem:
+    """One generation's share of a pipeline call: its prompts and image seeds."""
+
+    key: str
+    prompt: str
+    negative_prompt: str
+    seeds: tuple[int, ...]
+
+
+@dataclass(frozen=True)
+class PipelineCall:
+    """Images that share size, steps, guidance and scheduler: one pipeline call."""
+
+    width: int
+    height: int
+    steps: int
+    guidance_scale: float
+    scheduler: str
+    items: tuple[CallItem, ...]
+
+    @property
+    def image_count(self) -> int:
+        return sum(len(item.seeds) for item in self.items)
+
+    def split(self, max_images: int) -> list[PipelineCall]:
+        """Calls of at most `max_images` images, same order, items cut if needed."""
+        rows = [(item, seed) for item in self.items for seed in item.seeds]
+        calls: list[PipelineCall] = []
+        for start in range(0, len(rows), max(1, max_images)):
+            chunk = rows[start : start + max(1, max_images)]
+            items: list[CallItem] = []
+            for item, seed in chunk:
+                if items and items[-1].key == item.key:
+                    last = items[-1]
+                    items[-1] = CallItem(
+                        last.key, last.prompt, last.negative_prompt, (*last.seeds, seed)
+                    )
+                else:
+                    items.append(
+                        CallItem(item.key, item.prompt, item.negative_prompt, (seed,))
+                    )
+            calls.append(
+                PipelineCall(
+                    self.width,
+                    self.height,
+                    self.steps,
+                    self.guidance_scale,
+                    self.scheduler,
+                    tuple(items),
+                )
+            )
+        return calls
+
+
+class StepObserver(Protocol):
+    """Told about every denoising step, on the pipeline thread."""
+
+    def before_start(self) -> None:
+        """Called once before the call starts; may raise `CallStopped`."""
+
+    def preview_keys(self, step: int) -> Sequence[str]:
+        """Items that want a latent preview after `step` (1-based)."""
+
+    def on_step(self, step: int, total: int, previews: Mapping[str, bytes]) -> None:
+        """Step `step` of `total` is done; may raise `CallStopped`."""
+
+
+@dataclass(frozen=True)
+class ModelProfile:
+    """What a loaded model is, and the defaults and limits it is served with."""
+
+    model: str
+    model_hash: str
+    pipeline: str
+    device: str
+    memory_bytes: int
+    default_steps: int
+    default_guidance: float
+    default_scheduler: str
+    default_width: int
+    default_height: int
+    max_width: int
+    max_height: int
+    schedulers: tuple[str, ...]
+    token_window: int
+    versions: Mapping[str, str] = field(default_factory=dict)
+
+
+class Engine(Protocol):
+    """A loaded pipeline that runs one call at a time on one device."""
+
+    @property
+    def profile(self) -> ModelProfile:
+        """The model and its defaults."""
+
+    @property
+    def default_max_batch(self) -> int:
+        """Images per call when SDAPI_GPU_MAX_BATCH is unset."""
+
+    def run(self, call: PipelineCall, observer: StepObserver) -> dict[str, list[Image]]:
+        """Run `call` (on the calling thread) and return each item's images."""
+
+    def count_tokens(self, text: str) -> int:
+        """Tokens `text` encodes to, start and end tokens included."""
+
+    def memory_stats(self) -> dict[str, int]:
+        """Device memory in bytes (allocated, reserved, peak, total); {} on CPU."""

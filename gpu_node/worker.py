@@ -1,0 +1,843 @@
+"""The node: two arq workers (premium first, then batches) feeding one GPU thread.
+
+`GpuNode.start()` opens the resources (model, Redis pool, GPU executor,
+publisher, health server, announcements), `serve()` runs the workers until
+`request_stop()`, then drains; `close()` releases everything. Torch is loaded
+only through `gpu_node.pipeline`, imported when a model is loaded.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import TYPE_CHECKING, Any, TypeVar, cast
+
+from aiohttp import web
+from arq.connections import ArqRedis
+from arq.constants import in_progress_key_prefix, job_key_prefix, result_key_prefix
+from arq.worker import Retry, Worker, func
+from pydantic import ValidationError
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import RedisError
+from redis.exceptions import TimeoutError as RedisTimeoutError
+
+from gpu_node.announcer import Announcer
+from gpu_node.executor import GpuExecutor
+from gpu_node.health import NodeMetrics, start_health_server
+from gpu_node.images import ImageManifest, encode_png, sha256_hex
+from gpu_node.progress import CallObserver, CancelChecker, EventPublisher
+from gpu_node.schemas import (
+    BATCH_FUNCTION,
+    GENERATE_FUNCTION,
+    IMAGE_TTL_S,
+    JOB_TIMEOUT_MAX_S,
+    MARK_STARTED_FUNCTION,
+    RESULTS_QUEUE,
+    STORE_RESULT_FUNCTION,
+    BatchJob,
+    ErrorInfo,
+    GenerationJob,
+    GenerationParams,
+    GenerationResult,
+    ImageEvent,
+    ImageInfo,
+    NodeInfo,
+    StartedEvent,
+    StartedNotice,
+    Status,
+    Tier,
+    batch_queue,
+    cancel_key,
+    image_key,
+    job_timeout_s,
+    premium_queue,
+    result_job_id,
+    started_job_id,
+)
+from gpu_node.settings import GpuNodeSettings
+from gpu_node.work import CallItem, CallStopped, Engine, OutOfMemory, PipelineCall
+from sdapi.queue import (
+    create_queue_pool,
+    deserialize,
+    enqueue,
+    serialize,
+)
+
+if TYPE_CHECKING:
+    from PIL.Image import Image
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+# arq 0.28 has one timeout per function, not per job: set it past the largest
+# `job_timeout_s`; each job enforces its own limit, derived from its size,
+# and stops its pipeline call at a step boundary when it runs out.
+ARQ_FUNCTION_TIMEOUT_S = JOB_TIMEOUT_MAX_S + 300
+# arq keeps a finished job's result this long; it also dedupes its job id.
+KEEP_RESULT_S = 3600
+
+
+class InvalidPayload(ValueError):
+    """A job payload failed validation: the job fails for good, no retry."""
+
+
+def _now() -> datetime:
+    return datetime.now(UTC)
+
+
+def _normalize(text: str) -> str:
+    return " ".join(text.split())
+
+
+@dataclass
+class _Prepared:
+    """One generation of a job, checked and ready for the pipeline."""
+
+    job: GenerationJob
+    prompt: str
+    negative_prompt: str
+    prompt_dropped: int = 0
+    negative_dropped: int = 0
+    started_at: datetime | None = None
+    images: list[Image] = field(default_factory=list)
+    status: Status | None = None
+    error: ErrorInfo | None = None
+
+    @property
+    def key(self) -> str:
+        return str(self.job.generation_id)
+
+    def fail(self, code: str, message: str) -> None:
+        self.status = Status.FAILED
+        self.error = ErrorInfo(code=code, message=message)
+
+
+@dataclass
+class NodeResources:
+    """Everything a running node holds; opened in `start`, closed in `close`."""
+
+    redis: ArqRedis
+    engine: Engine
+    executor: GpuExecutor
+    publisher: EventPublisher
+    checker: CancelChecker
+    announcer: Announcer
+    health_runner: web.AppRunner
+    health_url: str
+    info: NodeInfo
+    workers: list[Worker]
+
+
+def load_model_engine(settings: GpuNodeSettings) -> Engine:
+    """Prepare and load SDAPI_MODEL (blocking: downloads, builds, loads)."""
+    from gpu_node import store
+
+    location = store.locate_model(
+        settings.model, settings.models_path, settings.model_name
+    )
+    # Fail fast, before torch loads, when the model cannot be had or is pickled.
+    if location.source == "hub":
+        store.download_model(location)
+    if location.source != "tiny":
+        store.check_weights(location.path)
+    from gpu_node import pipeline
+
+    pipeline.prepare_model(location)
+    return pipeline.load_engine(
+        location,
+        on_phase=lambda phase: log.info("model %s: %s", location.model_id, phase),
+        device=settings.gpu_device,
+        max_size=settings.gpu_max_size,
+        default_steps=settings.gpu_default_steps,
+        default_scheduler=settings.gpu_default_scheduler,
+    )
+
+
+class GpuNode:
+    """One model on one device behind its premium and batch queues."""
+
+    def __init__(
+        self, settings: GpuNodeSettings, redis_url: str, *, engine: Engine | None = None
+    ) -> None:
+        self.settings = settings
+        self.redis_url = redis_url
+        self.metrics = NodeMetrics()
+        self._engine = engine
+        self._resources: NodeResources | None = None
+        self._stop = asyncio.Event()
+        self._draining = False
+        self.failed = False
+
+    # --- life cycle --------------------------------------------------------
+
+    @property
+    def node_id(self) -> str:
+        return self.settings.node_id
+
+    @property
+    def resources(self) -> NodeResources:
+        if self._resources is None:
+            raise RuntimeError("the node is not started")
+        return self._resources
+
+    @property
+    def info(self) -> NodeInfo:
+        return self.resources.info
+
+    async def start(self) -> None:
+        """Load the model and open every resource (the workers' on_startup)."""
+        settings = self.settings
+        engine = self._engine
+        if engine is None:
+            engine = await asyncio.to_thread(load_model_engine, settings)
+        profile = engine.profile
+        self.metrics.model_loaded.labels(profile.model).set(1)
+        redis = await create_queue_pool(self.redis_url)
+        executor = GpuExecutor(name=f"gpu-{profile.model}")
+        publisher = EventPublisher(redis)
+        publisher.start()
+        checker = CancelChecker(self.redis_url)
+        runner, port = await start_health_server(
+            self, settings.gpu_health_host, settings.gpu_health_port
+        )
+        health_url = f"http://{settings.advertise_host}:{port}/healthz"
+        max_batch = settings.gpu_max_batch or engine.default_max_batch
+        info = NodeInfo(
+            node_id=self.node_id,
+            model=profile.model,
+            model_hash=profile.model_hash,
+            pipeline=profile.pipeline,
+            device=profile.device,
+            memory_bytes=profile.memory_bytes,
+            max_batch=max_batch,
+            default_steps=profile.default_steps,
+            default_guidance=profile.default_guidance,
+            default_scheduler=profile.default_scheduler,
+            default_width=profile.default_width,
+            default_height=profile.default_height,
+            max_width=profile.max_width,
+            max_height=profile.max_height,
+            schedulers=list(profile.schedulers),
+            health_url=health_url,
+        )
+        announcer = Announcer(
+            redis,
+            info,
+            every_s=settings.gpu_announce_every_s,
+            consul_url=settings.consul_url,
+            ttl_s=settings.gpu_consul_ttl_s,
+            deregister_after_s=settings.gpu_consul_deregister_after_s,
+            address=settings.advertise_host,
+            port=port,
+            health=self._liveness,
+        )
+        self._resources = NodeResources(
+            redis=redis,
+            engine=engine,
+            executor=executor,
+            publisher=publisher,
+            checker=checker,
+            announcer=announcer,
+            health_runner=runner,
+            health_url=health_url,
+            info=info,
+            workers=[],
+        )
+        self._resources.workers = [
+            self._worker(
+                premium_queue(profile.model), GENERATE_FUNCTION, self.generate, True
+            ),
+            self._worker(
+                batch_queue(profile.model), BATCH_FUNCTION, self.generate_batch, False
+            ),
+        ]
+        await announcer.start()
+        log.info(
+            "gpu node %s: model %s (%s, weights %s) on %s, max batch %d, health %s",
+            self.node_id,
+            profile.model,
+            profile.pipeline,
+            profile.model_hash[:12],
+            profile.device,
+            max_batch,
+            health_url,
+        )
+
+    def _worker(
+        self,
+        queue: str,
+        name: str,
+        coroutine: Callable[..., Awaitable[str]],
+        premium: bool,
+    ) -> Worker:
+        settings = self.settings
+        worker = Worker(
+            functions=[
+                func(
+                    cast(Any, coroutine),
+                    name=name,
+                    timeout=ARQ_FUNCTION_TIMEOUT_S,
+                    max_tries=settings.gpu_max_tries,
+                )
+            ],
+            queue_name=queue,
+            redis_pool=self.resources.redis,
+            handle_signals=False,
+            # One job at a time per queue: jobs left in Redis stay free for other
+            # nodes, and the GPU thread runs one call at a time anyway.
+            max_jobs=1,
+            poll_delay=settings.gpu_premium_poll_s
+            if premium
+            else settings.gpu_batch_poll_s,
+            keep_result=KEEP_RESULT_S,
+            max_tries=settings.gpu_max_tries,
+            job_serializer=serialize,
+            job_deserializer=deserialize,
+            health_check_interval=60,
+            health_check_key=f"{queue}:health-check:{self.node_id}",
+            ctx={},
+            log_results=False,
+        )
+        # arq claims a job for (function timeout + 10 s); a long claim would keep a
+        # SIGKILLed node's job for hours. Claims last one lease instead, and the
+        # running job keeps extending its own (see `_lease`).
+        worker.in_progress_timeout_s = settings.gpu_job_lease_s
+        return worker
+
+    def request_stop(self) -> None:
+        """Begin a graceful stop (signal handlers call this)."""
+        self._stop.set()
+
+    @property
+    def stopping(self) -> bool:
+        return self._stop.is_set()
+
+    async def serve(self) -> None:
+        """Run both workers until `request_stop()`, then drain and return."""
+        workers = self.resources.workers
+        loops = [
+            asyncio.create_task(
+                self._supervise(worker), name=f"arq:{worker.queue_name}"
+            )
+            for worker in workers
+        ]
+        try:
+            await self._stop.wait()
+        finally:
+            await self._drain(workers, loops)
+
+    async def _supervise(self, worker: Worker) -> None:
+        # arq's poll loop dies on a Redis error; restart it (Redis restarts, the
+        # node keeps serving) instead of letting the process crash.
+        while True:
+            try:
+                await worker.main()
+                return
+            except (RedisError, OSError) as exc:
+                log.warning(
+                    "queue %s: Redis unavailable (%s); retrying", worker.queue_name, exc
+                )
+                await _release_lost_slots(worker)
+                await asyncio.sleep(1.0)
+            except Exception:
+                # Anything else is a bug: stop the node (exit 1) rather than
+                # keep announcing a node that no longer serves this queue.
+                log.exception("queue %s: worker crashed", worker.queue_name)
+                self.failed = True
+                self.request_stop()
+                return
+
+    async def _drain(
+        self, workers: list[Worker], loops: list[asyncio.Task[None]]
+    ) -> None:
+        self._draining = True
+        running = [t for w in workers for t in w.tasks.values() if not t.done()]
+        log.info("draining: %d job(s) running, no new jobs taken", len(running))
+        for worker in workers:
+            worker.allow_pick_jobs = False
+        # Let a poll iteration that is claiming a job finish claiming it.
+        await asyncio.sleep(max(w.poll_delay_s for w in workers) + 0.05)
+        for task in loops:
+            task.cancel()
+        await asyncio.gather(*loops, return_exceptions=True)
+        await self.resources.announcer.withdraw()
+        running = [t for w in workers for t in w.tasks.values() if not t.done()]
+        if running:
+            _, pending = await asyncio.wait(
+                running, timeout=self.settings.gpu_drain_grace_s
+            )
+            if pending:
+                log.warning("drain grace over: re-queueing %d job(s)", len(pending))
+                for task in pending:
+                    task.cancel()
+                await asyncio.wait(pending)
+        log.info("drained")
+
+    async def close(self) -> None:
+        """Release every resource (the workers' on_shutdown)."""
+        resources = self._resources
+        if resources is None:
+            return
+        await resources.announcer.close()
+        await resources.health_runner.cleanup()
+        await resources.publisher.close()
+        await asyncio.to_thread(resources.executor.shutdown)
+        resources.checker.close()
+        await resources.redis.aclose()
+        self._resources = None
+        self.metrics.model_loaded.clear()
+
+    # --- health ------------------------------------------------------------
+
+    def _liveness(self) -> tuple[bool, str]:
+        resources = self._resources
+        if resources is None or self._draining or self.stopping:
+            return False, "draining"
+        if not resources.executor.alive:
+            return False, "GPU thread stopped"
+        return True, ""
+
+    def health(self) -> tuple[bool, dict[str, Any]]:
+        """Whether the node can take work, and why not."""
+        resources = self._resources
+        if resources is None:
+            return False, {"status": "starting", "node_id": self.node_id}
+        alive, note = self._liveness()
+        redis_ok = resources.announcer.redis_ok
+        status = "ok" if alive and redis_ok else (note or "redis unavailable")
+        return alive and redis_ok, {
+            "status": status,
+            "node_id": self.node_id,
+            "model": resources.info.model,
+            "model_loaded": True,
+            "device": resources.info.device,
+            "max_batch": resources.info.max_batch,
+            "busy": resources.executor.busy,
+            "redis": redis_ok,
+        }
+
+    def refresh_metrics(self) -> None:
+        """Update gauges read at scrape time."""
+        resources = self._resources
+        if resources is None:
+            return
+        # torch's allocator counters are plain reads: no device sync, no wait.
+        for kind, value in resources.engine.memory_stats().items():
+            self.metrics.memory.labels(kind).set(value)
+        self.metrics.busy.set(1 if resources.executor.busy else 0)
+
+    # --- arq jobs ----------------------------------------------------------
+
+    def _time_limit(self, params: GenerationParams, images: int) -> float:
+        """How long a job of this size may take here, in seconds."""
+        return job_timeout_s(
+            params,
+            images,
+            base_s=self.settings.gpu_timeout_base_s,
+            seconds_per_image_step=self.settings.gpu_timeout_per_image_step_s,
+        )
+
+    async def generate(self, ctx: dict[str, Any], payload: Any) -> str:
+        """arq `generate`: one premium generation."""
+        try:
+            job = GenerationJob.model_validate(payload)
+        except ValidationError as exc:
+            raise InvalidPayload(f"bad {GENERATE_FUNCTION} payload: {exc}") from None
+        timeout = self._time_limit(job.params, job.params.num_images)
+        return await self._run_job(ctx, [job], Tier.PREMIUM, timeout)
+
+    async def generate_batch(self, ctx: dict[str, Any], payload: Any) -> str:
+        """arq `generate_batch`: compatible normal-tier generations, one call."""
+        try:
+            batch = BatchJob.model_validate(payload)
+        except ValidationError as exc:
+            raise InvalidPayload(f"bad {BATCH_FUNCTION} payload: {exc}") from None
+        timeout = self._time_limit(batch.items[0].params, batch.image_count)
+        return await self._run_job(ctx, list(batch.items), Tier.NORMAL, timeout)
+
+    async def _run_job(
+        self,
+        ctx: dict[str, Any],
+        jobs: list[GenerationJob],
+        tier: Tier,
+        timeout_s: float,
+    ) -> str:
+        enqueued = ctx.get("enqueue_time")
+        if isinstance(enqueued, datetime):
+            wait = (_now() - enqueued).total_seconds()
+            self.metrics.queue_wait.labels(tier.value).observe(max(wait, 0.0))
+        try:
+            async with self._lease(str(ctx.get("job_id", ""))):
+                statuses = await self._generate(jobs, tier, timeout_s)
+        except (RedisConnectionError, RedisTimeoutError) as exc:
+            # Redis stayed away longer than the client's own retries: run the job
+            # again later (the images come out the same).
+            log.warning("Redis failed during a %s job: %s; retrying", tier.value, exc)
+            raise Retry(defer=5) from exc
+        return ",".join(statuses)
+
+    @contextlib.asynccontextmanager
+    async def _lease(self, job_id: str) -> AsyncIterator[None]:
+        lease_s = self.settings.gpu_job_lease_s
+        redis = self.resources.redis
+
+        async def refresh() -> None:
+            while True:
+                try:
+                    await redis.pexpire(
+                        in_progress_key_prefix + job_id, int(lease_s * 1000)
+                    )
+                except (RedisError, OSError) as exc:
+                    log.warning("cannot extend the claim on job %s: %s", job_id, exc)
+                await asyncio.sleep(lease_s / 4)
+
+        task = asyncio.create_task(refresh(), name=f"lease:{job_id}")
+        try:
+            yield
+        finally:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+
+    async def _prepare(self, job: GenerationJob) -> _Prepared:
+        engine = self.resources.engine
+        profile = engine.profile
+        params = job.params
+        item = _Prepared(
+            job, _normalize(params.prompt), _normalize(params.negative_prompt)
+        )
+        if job.model != profile.model:
+            item.fail(
+                "invalid_request", f"this node serves {profile.model}, not {job.model}"
+            )
+        elif params.width > profile.max_width or params.height > profile.max_height:
+            item.fail(
+                "invalid_request",
+                f"size {params.width}x{params.height} is over the model's limit "
+                f"{profile.max_width}x{profile.max_height}",
+            )
+        elif params.scheduler not in profile.schedulers:
+            item.fail(
+                "invalid_request",
+                f"unknown scheduler {params.scheduler!r}; one of "
+                + ", ".join(profile.schedulers),
+            )
+        elif not item.prompt:
+            item.fail("invalid_request", "the prompt is empty")
+        else:
+            window = profile.token_window
+            prompt_tokens = await asyncio.to_thread(engine.count_tokens, item.prompt)
+            negative_tokens = await asyncio.to_thread(
+                engine.count_tokens, item.negative_prompt
+            )
+            item.prompt_dropped = max(0, prompt_tokens - window)
+            item.negative_dropped = max(0, negative_tokens - window)
+        return item
+
+    async def _generate(
+        self, jobs: list[GenerationJob], tier: Tier, timeout_s: float
+    ) -> list[str]:
+        resources = self.resources
+        redis = resources.redis
+        deadline = asyncio.get_running_loop().time() + timeout_s
+        items: list[_Prepared] = []
+        for job in jobs:
+            if await _delivered(redis, result_job_id(job.generation_id, job.attempt)):
+                log.info(
+                    "generation %s attempt %d already delivered",
+                    job.generation_id,
+                    job.attempt,
+                )
+                continue
+            items.append(await self._prepare(job))
+        flags = await redis.mget([cancel_key(i.key) for i in items]) if items else []
+        for item, flag in zip(items, flags, strict=True):
+            if flag and item.status is None:
+                item.status = Status.CANCELLED
+        todo = [item for item in items if item.status is None]
+        for item in todo:
+            await self._mark_started(item)
+        if todo:
+            await self._run_calls(todo, tier, deadline)
+        await self._deliver(items, tier)
+        return [str(item.status) for item in items]
+
+    async def _mark_started(self, item: _Prepared) -> None:
+        resources = self.resources
+        item.started_at = _now()
+        notice = StartedNotice(
+            generation_id=item.job.generation_id,
+            attempt=item.job.attempt,
+            node_id=self.node_id,
+            started_at=item.started_at,
+        )
+        await enqueue(
+            resources.redis,
+            MARK_STARTED_FUNCTION,
+            notice,
+            queue=RESULTS_QUEUE,
+            job_id=started_job_id(item.job.generation_id, item.job.attempt),
+        )
+        resources.publisher.emit(item.key, StartedEvent(node_id=self.node_id))
+        resources.publisher.set_progress(item.key, 0, item.job.params.steps)
+
+    async def _run_calls(
+        self, todo: list[_Prepared], tier: Tier, deadline: float
+    ) -> None:
+        params = todo[0].job.params
+        by_key = {item.key: item for item in todo}
+        call = PipelineCall(
+            width=params.width,
+            height=params.height,
+            steps=params.steps,
+            guidance_scale=params.guidance_scale,
+            scheduler=params.scheduler,
+            items=tuple(
+                CallItem(
+                    item.key,
+                    item.prompt,
+                    item.negative_prompt,
+                    tuple(item.job.params.image_seeds()),
+                )
+                for item in todo
+            ),
+        )
+        calls = call.split(self.info.max_batch)
+        while calls:
+            current = calls.pop(0)
+            keys = dict.fromkeys(i.key for i in current.items)
+            live = [key for key in keys if by_key[key].status is None]
+            if not live:
+                continue
+            current = PipelineCall(
+                current.width,
+                current.height,
+                current.steps,
+                current.guidance_scale,
+                current.scheduler,
+                tuple(i for i in current.items if i.key in live),
+            )
+            try:
+                grouped, cancelled = await self._run_call(current, tier, deadline)
+            except OutOfMemory as exc:
+                if current.image_count > 1:
+                    log.warning("out of memory (%s): splitting the call in two", exc)
+                    calls[:0] = current.split((current.image_count + 1) // 2)
+                    continue
+                for key in live:
+                    by_key[key].fail(
+                        "out_of_memory", "the image does not fit in GPU memory"
+                    )
+                continue
+            except TimeoutError:
+                for key in live:
+                    by_key[key].fail(
+                        "timeout", "the generation took longer than its time limit"
+                    )
+                continue
+            except (asyncio.CancelledError, RedisError):
+                raise
+            except Exception:
+                log.exception("pipeline call failed")
+                for key in live:
+                    by_key[key].fail(
+                        "internal_error", "the GPU node failed to run the model"
+                    )
+                continue
+            for key in cancelled:
+                by_key[key].status = Status.CANCELLED
+            for key, images in grouped.items():
+                if by_key[key].status is None:
+                    by_key[key].images.extend(images)
+        for item in todo:
+            if item.status is None:
+                item.status = Status.SUCCEEDED
+
+    async def _run_call(
+        self, call: PipelineCall, tier: Tier, deadline: float
+    ) -> tuple[dict[str, list[Image]], set[str]]:
+        resources = self.resources
+        premium = tier is Tier.PREMIUM
+        metrics = self.metrics
+        observer = CallObserver(
+            [item.key for item in call.items],
+            resources.publisher,
+            resources.checker,
+            preview_every=self.settings.gpu_preview_every,
+            # Only batches yield: premium calls never nest inside each other.
+            executor=None if premium else resources.executor,
+            on_step_done=lambda _step: metrics.steps.inc(),
+        )
+        engine = resources.engine
+
+        def run() -> dict[str, list[Image]]:
+            started = time.perf_counter()
+            images = engine.run(call, observer)
+            seconds = max(time.perf_counter() - started, 1e-9)
+            metrics.call_seconds.labels(tier.value).observe(seconds)
+            metrics.steps_per_second.set(observer.steps_done / seconds)
+            metrics.images_per_second.set(call.image_count / seconds)
+            return images
+
+        future = resources.executor.submit(run, premium=premium)
+        try:
+            images = await _await_thread(future, deadline, observer.abort.set)
+        except CallStopped:
+            if observer.abort.is_set():
+                raise
+            return {}, set(observer.keys)
+        return images, set(observer.cancelled)
+
+    async def _deliver(self, items: list[_Prepared], tier: Tier) -> None:
+        resources = self.resources
+        profile = resources.engine.profile
+        results: list[GenerationResult] = []
+        for item in items:
+            infos: list[ImageInfo] = []
+            if item.status is Status.SUCCEEDED:
+                infos = await self._store_images(item)
+            results.append(
+                GenerationResult(
+                    generation_id=item.job.generation_id,
+                    attempt=item.job.attempt,
+                    status=item.status or Status.FAILED,
+                    images=infos,
+                    error=item.error,
+                    node_id=self.node_id,
+                    model=profile.model,
+                    model_hash=profile.model_hash,
+                    started_at=item.started_at,
+                    finished_at=_now(),
+                    prompt_tokens_dropped=item.prompt_dropped,
+                    negative_prompt_tokens_dropped=item.negative_dropped,
+                )
+            )
+        # Everything this node says about these generations is in their streams
+        # before `jobs` can append `done`.
+        await resources.publisher.flush()
+        for result in results:
+            await enqueue(
+                resources.redis,
+                STORE_RESULT_FUNCTION,
+                result,
+                queue=RESULTS_QUEUE,
+                job_id=result_job_id(result.generation_id, result.attempt),
+            )
+            self.metrics.generations.labels(tier.value, result.status.value).inc()
+            self.metrics.images.labels(tier.value).inc(len(result.images))
+
+    async def _store_images(self, item: _Prepared) -> list[ImageInfo]:
+        resources = self.resources
+        profile = resources.engine.profile
+        params = item.job.params
+        infos: list[ImageInfo] = []
+        for index, (seed, image) in enumerate(
+            zip(params.image_seeds(), item.images, strict=True)
+        ):
+            manifest = ImageManifest(
+                generation_id=item.key,
+                index=index,
+                model=profile.model,
+                model_hash=profile.model_hash,
+                scheduler=params.scheduler,
+                seed=seed,
+                steps=params.steps,
+                guidance_scale=params.guidance_scale,
+                width=params.width,
+                height=params.height,
+                prompt=item.prompt,
+                negative_prompt=item.negative_prompt,
+                versions=profile.versions,
+            )
+            png = await asyncio.to_thread(encode_png, image, manifest)
+            digest = sha256_hex(png)
+            await resources.redis.set(image_key(item.key, index), png, ex=IMAGE_TTL_S)
+            resources.publisher.emit(
+                item.key,
+                ImageEvent(
+                    index=index,
+                    seed=seed,
+                    width=image.width,
+                    height=image.height,
+                    sha256=digest,
+                ),
+            )
+            infos.append(
+                ImageInfo(
+                    index=index,
+                    seed=seed,
+                    width=image.width,
+                    height=image.height,
+                    sha256=digest,
+                    size_bytes=len(png),
+                )
+            )
+        return infos
+
+
+async def _await_thread(
+    future: Future[T], deadline: float, abort: Callable[[], None]
+) -> T:
+    """Await work on the GPU thread; on cancel or timeout stop it and wait for it.
+
+    The thread cannot be killed: it is told to stop at its next step boundary,
+    and nothing else touches the GPU until it has.
+    """
+    wrapped = asyncio.wrap_future(future)
+    remaining = deadline - asyncio.get_running_loop().time()
+    try:
+        return await asyncio.wait_for(
+            asyncio.shield(wrapped), timeout=max(remaining, 0.0)
+        )
+    except (asyncio.CancelledError, TimeoutError):
+        abort()
+        future.cancel()  # still queued: it never starts
+        with contextlib.suppress(BaseException):
+            await wrapped
+        raise
+
+
+async def _delivered(redis: ArqRedis, job_id: str) -> bool:
+    # The `store_result` job of this attempt is queued or done: the work was
+    # finished by an earlier run of this job (arq runs jobs at least once).
+    count: int = await redis.exists(job_key_prefix + job_id, result_key_prefix + job_id)
+    return count > 0
+
+
+async def _release_lost_slots(worker: Worker) -> None:
+    # arq 0.28 takes a job slot before claiming a job in Redis and gives it back
+    # only when the job's task ends; a Redis error in between leaks the slot,
+    # and with max_jobs=1 the worker would never take a job again.
+    running = sum(not task.done() for task in worker.tasks.values())
+    if worker.job_counter == running:
+        return
+    worker.job_counter = running
+    worker.sem = asyncio.BoundedSemaphore(worker.max_jobs + 1)
+    for _ in range(running):
+        await worker.sem.acquire()
+
+
+async def run_node(settings: GpuNodeSettings, redis_url: str) -> bool:
+    """Start a node, serve until SIGTERM/SIGINT, drain, close; False if it failed."""
+    import signal
+
+    node = GpuNode(settings, redis_url)
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, node.request_stop)
+    try:
+        await node.start()
+        if not node.stopping:
+            await node.serve()
+    finally:
+        await node.close()
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            loop.remove_signal_handler(signum)
+    return not node.failed

@@ -1,0 +1,114 @@
+"""Helpers for the GPU node tests: jobs, results and events as the node leaves them."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import uuid
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import redis.asyncio
+from arq.constants import job_key_prefix
+from arq.jobs import deserialize_job
+
+from gpu_node.schemas import (
+    Event,
+    GenerationJob,
+    GenerationParams,
+    GenerationResult,
+    StartedNotice,
+    Tier,
+    result_job_id,
+    started_job_id,
+)
+from sdapi.events import read_events
+from sdapi.queue import deserialize
+
+
+def params(**changes: Any) -> GenerationParams:
+    """Small, fast generation parameters for the tiny model."""
+    values: dict[str, Any] = {
+        "prompt": "a red fox in the snow",
+        "negative_prompt": "blurry",
+        "width": 64,
+        "height": 64,
+        "steps": 4,
+        "guidance_scale": 7.5,
+        "seed": 1234,
+        "num_images": 1,
+        "scheduler": "euler_a",
+    }
+    values.update(changes)
+    return GenerationParams(**values)
+
+
+def job(
+    tier: Tier = Tier.PREMIUM, model: str = "tiny", attempt: int = 1, **changes: Any
+) -> GenerationJob:
+    """A generation job with a fresh id."""
+    return GenerationJob(
+        generation_id=uuid.uuid4(),
+        model=model,
+        tier=tier,
+        params=params(**changes),
+        attempt=attempt,
+    )
+
+
+async def queued_payload(client: redis.asyncio.Redis, job_id: str) -> Any | None:
+    """The first argument of a queued arq job, or None if it is not there."""
+    raw = await client.get(job_key_prefix + job_id)
+    if raw is None:
+        return None
+    return deserialize_job(raw, deserializer=deserialize).args[0]
+
+
+async def wait_for(
+    check: Callable[[], Awaitable[Any]], timeout: float = 60.0, every: float = 0.02
+) -> Any:
+    """Poll `check` until it returns something truthy."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = await check()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"nothing after {timeout} s")
+        await asyncio.sleep(every)
+
+
+async def result_of(
+    client: redis.asyncio.Redis,
+    generation_id: Any,
+    attempt: int = 1,
+    timeout: float = 90.0,
+) -> GenerationResult:
+    """The GenerationResult the node enqueued for `store_result`."""
+
+    async def check() -> Any:
+        return await queued_payload(client, result_job_id(generation_id, attempt))
+
+    payload = await wait_for(check, timeout)
+    return GenerationResult.model_validate(payload)
+
+
+async def started_notice(
+    client: redis.asyncio.Redis, generation_id: Any, attempt: int = 1
+) -> StartedNotice | None:
+    """The StartedNotice the node enqueued for `mark_started`, if any."""
+    payload = await queued_payload(client, started_job_id(generation_id, attempt))
+    return None if payload is None else StartedNotice.model_validate(payload)
+
+
+async def events_of(
+    client: redis.asyncio.Redis, generation_id: Any
+) -> list[tuple[str, Event]]:
+    """Every event of a generation's stream, from the start."""
+    return await read_events(client, generation_id)
+
+
+def stream_ms(entry_id: str) -> tuple[int, int]:
+    """A stream entry id as a sortable (milliseconds, sequence) pair."""
+    millis, _, seq = entry_id.partition("-")
+    return int(millis), int(seq)

@@ -1,0 +1,428 @@
+"""Generations through a running node: events, PNGs, batches, premium first, cancel."""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import redis.asyncio
+from PIL import Image
+
+from gpu_node.images import ImageManifest, encode_png, sha256_hex
+from gpu_node.schemas import (
+    BatchJob,
+    ImageEvent,
+    ProgressEvent,
+    StartedEvent,
+    Status,
+    Tier,
+    cancel_key,
+    image_key,
+    progress_key,
+)
+from gpu_node.work import CallItem, Engine, PipelineCall
+from sdapi.queue import enqueue_batch, enqueue_generation
+from tests.gpu_node.conftest import node_settings, running_node
+from tests.gpu_node.support import (
+    events_of,
+    job,
+    result_of,
+    started_notice,
+    stream_ms,
+    wait_for,
+)
+
+
+class _Quiet:
+    """An observer that lets a reference call run undisturbed."""
+
+    def before_start(self) -> None:
+        pass
+
+    def preview_keys(self, step: int) -> list[str]:
+        return []
+
+    def on_step(self, step: int, total: int, previews: Any) -> None:
+        pass
+
+
+def reference_pngs(engine: Engine, jobs: list[Any]) -> dict[str, list[bytes]]:
+    """PNGs of `jobs` run as one call straight on the engine (no node, no Redis)."""
+    first = jobs[0].params
+    call = PipelineCall(
+        first.width,
+        first.height,
+        first.steps,
+        first.guidance_scale,
+        first.scheduler,
+        tuple(
+            CallItem(
+                str(j.generation_id),
+                j.params.prompt,
+                j.params.negative_prompt,
+                tuple(j.params.image_seeds()),
+            )
+            for j in jobs
+        ),
+    )
+    images = engine.run(call, _Quiet())
+    profile = engine.profile
+    out: dict[str, list[bytes]] = {}
+    for j in jobs:
+        key = str(j.generation_id)
+        out[key] = [
+            encode_png(
+                image,
+                ImageManifest(
+                    generation_id=key,
+                    index=index,
+                    model=profile.model,
+                    model_hash=profile.model_hash,
+                    scheduler=j.params.scheduler,
+                    seed=seed,
+                    steps=j.params.steps,
+                    guidance_scale=j.params.guidance_scale,
+                    width=j.params.width,
+                    height=j.params.height,
+                    prompt=j.params.prompt,
+                    negative_prompt=j.params.negative_prompt,
+                    versions=profile.versions,
+                ),
+            )
+            for index, (seed, image) in enumerate(
+                zip(j.params.image_seeds(), images[key], strict=True)
+            )
+        ]
+    return out
+
+
+def pixels(png: bytes) -> np.ndarray[Any, Any]:
+    return np.asarray(Image.open(io.BytesIO(png)).convert("RGB"), dtype=np.int16)
+
+
+async def test_premium_generation_events_png_and_result(
+    node: Any, client: redis.asyncio.Redis
+) -> None:
+    request = job(prompt="  a   red fox\n in the  snow ", steps=6, num_images=2)
+    await enqueue_generation(client, request)
+    result = await result_of(client, request.generation_id)
+
+    assert result.status is Status.SUCCEEDED
+    assert result.node_id == "test-node" and result.model == "tiny"
+    assert result.model_hash == node.info.model_hash
+    assert [i.seed for i in result.images] == [1234, 1235]
+    assert result.prompt_tokens_dropped == 0
+    notice = await started_notice(client, request.generation_id)
+    assert notice is not None and notice.node_id == "test-node"
+
+    # A reader that starts after the end still gets everything, in order.
+    events = [event for _, event in await events_of(client, request.generation_id)]
+    assert isinstance(events[0], StartedEvent)
+    progress = [e for e in events if isinstance(e, ProgressEvent)]
+    assert [(e.step, e.total) for e in progress] == [(s, 6) for s in range(1, 7)]
+    assert [e.preview is not None for e in progress] == [False, True] * 3
+    assert progress[1].preview is not None
+    assert progress[1].preview.startswith("data:image/jpeg;base64,")
+    images = events[1 + len(progress) :]
+    assert [type(e) for e in images] == [ImageEvent, ImageEvent]
+    assert len(events) == 1 + 6 + 2
+    assert await client.hgetall(progress_key(request.generation_id)) == {
+        b"step": b"6",
+        b"total": b"6",
+    }
+
+    for info, event in zip(result.images, images, strict=True):
+        assert isinstance(event, ImageEvent)
+        png = await client.get(image_key(request.generation_id, info.index))
+        assert png is not None and sha256_hex(png) == info.sha256 == event.sha256
+        assert 0 < await client.ttl(image_key(request.generation_id, info.index))
+        image = Image.open(io.BytesIO(png))
+        assert image.size == (64, 64)
+        parameters = image.info["parameters"]
+        assert parameters.startswith("a red fox in the snow\nNegative prompt: blurry\n")
+        assert f"Seed: {info.seed}" in parameters and "Sampler: Euler a" in parameters
+        manifest = json.loads(image.info["sdapi"])
+        assert manifest["model"] == "tiny"
+        assert manifest["model_hash"] == node.info.model_hash
+        assert manifest["seed"] == info.seed
+        assert manifest["steps"] == 6 and manifest["guidance_scale"] == 7.5
+        assert (manifest["width"], manifest["height"]) == (64, 64)
+        assert manifest["scheduler"] == "euler_a"
+        assert manifest["prompt"] == "a red fox in the snow"
+        assert manifest["negative_prompt"] == "blurry"
+        assert set(manifest["versions"]) >= {"diffusers", "torch"}
+
+
+async def test_long_prompt_reports_dropped_tokens(
+    node: Any, client: redis.asyncio.Redis
+) -> None:
+    request = job(prompt="cat " * 100, negative_prompt="dog " * 80, steps=1)
+    await enqueue_generation(client, request)
+    result = await result_of(client, request.generation_id)
+    assert result.status is Status.SUCCEEDED
+    # 100 words + start + end tokens, in a 77-token window.
+    assert result.prompt_tokens_dropped == 102 - 77
+    assert result.negative_prompt_tokens_dropped == 82 - 77
+
+
+async def test_bad_request_fails_without_running(
+    node: Any, client: redis.asyncio.Redis
+) -> None:
+    too_big = job(width=1024, height=64)
+    unknown = job(scheduler="nope")
+    for request in (too_big, unknown):
+        await enqueue_generation(client, request)
+    for request in (too_big, unknown):
+        result = await result_of(client, request.generation_id)
+        assert result.status is Status.FAILED
+        assert result.error is not None and result.error.code == "invalid_request"
+        assert await started_notice(client, request.generation_id) is None
+
+
+async def test_batch_images_match_single_requests(
+    node: Any, client: redis.asyncio.Redis, tiny_engine: Engine
+) -> None:
+    items = [
+        job(Tier.NORMAL, prompt="a lighthouse", seed=7, num_images=2),
+        job(Tier.NORMAL, prompt="a forest", negative_prompt="", seed=99),
+        job(Tier.NORMAL, prompt="a city at night", seed=2**32 - 1),
+    ]
+    batch = BatchJob(batch_id=items[0].generation_id, model="tiny", items=items)
+    await enqueue_batch(client, batch)
+    alone = [
+        job(
+            prompt=i.params.prompt,
+            negative_prompt=i.params.negative_prompt,
+            seed=i.params.seed,
+            num_images=i.params.num_images,
+        )
+        for i in items
+    ]
+    for request in alone:
+        await enqueue_generation(client, request)
+
+    for in_batch, single in zip(items, alone, strict=True):
+        batched = await result_of(client, in_batch.generation_id)
+        solo = await result_of(client, single.generation_id)
+        assert batched.status is solo.status is Status.SUCCEEDED
+        assert [i.seed for i in batched.images] == [i.seed for i in solo.images]
+        for a, b in zip(batched.images, solo.images, strict=True):
+            pa = pixels(await client.get(image_key(in_batch.generation_id, a.index)))
+            pb = pixels(await client.get(image_key(single.generation_id, b.index)))
+            # Not bit-identical: CPU matmul kernels split the work differently
+            # for a batch of 8 latents (4 images, classifier-free guidance) than
+            # for 2, so float sums round differently and a pixel can land one
+            # step away. Measured with all eight schedulers at 64 and 128 px,
+            # 4 and 20 steps: at most 1 of 255, mean under 0.001; 2 leaves
+            # room for other CPUs' kernels.
+            assert np.abs(pa - pb).max() <= 2
+            assert np.abs(pa - pb).mean() < 0.01
+    # Seed 2**32 - 1 + 1 wraps to 0 for a second image; here the one image keeps it.
+    last = await result_of(client, items[2].generation_id)
+    assert last.images[0].seed == 2**32 - 1
+
+
+async def test_one_item_batch_is_byte_identical_to_premium(
+    node: Any, client: redis.asyncio.Redis
+) -> None:
+    normal = job(Tier.NORMAL, seed=42)
+    premium = job(seed=42)
+    await enqueue_batch(
+        client, BatchJob(batch_id=normal.generation_id, model="tiny", items=[normal])
+    )
+    await enqueue_generation(client, premium)
+    a = await result_of(client, normal.generation_id)
+    b = await result_of(client, premium.generation_id)
+    # Same shapes, same kernels: the pixels match exactly (the PNGs differ only
+    # in the generation id of their manifest).
+    pa = pixels(await client.get(image_key(normal.generation_id, 0)))
+    pb = pixels(await client.get(image_key(premium.generation_id, 0)))
+    assert a.status is b.status is Status.SUCCEEDED
+    assert np.array_equal(pa, pb)
+
+
+async def test_premium_preempts_a_running_batch(
+    node: Any, client: redis.asyncio.Redis, tiny_engine: Engine
+) -> None:
+    items = [
+        job(Tier.NORMAL, prompt="a long batch", steps=50, seed=11),
+        job(Tier.NORMAL, prompt="another one", steps=50, seed=12, num_images=2),
+    ]
+    await enqueue_batch(
+        client, BatchJob(batch_id=items[0].generation_id, model="tiny", items=items)
+    )
+
+    async def batch_at_step_5() -> bool:
+        events = await events_of(client, items[0].generation_id)
+        return any(isinstance(e, ProgressEvent) and e.step >= 5 for _, e in events)
+
+    await wait_for(batch_at_step_5)
+    premium = job(prompt="cut in line", steps=4, seed=5)
+    await enqueue_generation(client, premium)
+
+    premium_result = await result_of(client, premium.generation_id)
+    batch_results = [await result_of(client, i.generation_id) for i in items]
+    assert premium_result.status is Status.SUCCEEDED
+    assert all(r.status is Status.SUCCEEDED for r in batch_results)
+    assert premium_result.finished_at < min(r.finished_at for r in batch_results)
+
+    # The premium call ran between two steps of the batch: batch progress
+    # before its start and after its last image.
+    premium_events = await events_of(client, premium.generation_id)
+    premium_start = stream_ms(premium_events[0][0])
+    premium_end = stream_ms(premium_events[-1][0])
+    batch_steps = [
+        (stream_ms(entry), e.step)
+        for entry, e in await events_of(client, items[0].generation_id)
+        if isinstance(e, ProgressEvent)
+    ]
+    before = [step for at, step in batch_steps if at < premium_start]
+    after = [step for at, step in batch_steps if at > premium_end]
+    assert before and after and max(before) < min(after)
+    assert [step for _, step in batch_steps] == list(range(1, 51))
+
+    # ... and the batch's images are exactly those of an undisturbed run.
+    reference = reference_pngs(tiny_engine, items)
+    for item, result in zip(items, batch_results, strict=True):
+        assert [i.sha256 for i in result.images] == [
+            sha256_hex(png) for png in reference[str(item.generation_id)]
+        ]
+
+
+async def test_cancel_stops_within_one_step(
+    node: Any, client: redis.asyncio.Redis
+) -> None:
+    request = job(width=128, height=128, steps=200)
+    await enqueue_generation(client, request)
+
+    async def at_step_3() -> int:
+        events = await events_of(client, request.generation_id)
+        steps = [e.step for _, e in events if isinstance(e, ProgressEvent)]
+        return max(steps, default=0) if max(steps, default=0) >= 3 else 0
+
+    await wait_for(at_step_3)
+    # The node's step counter is bumped on the pipeline thread itself, after
+    # the cancel check of each step: no publishing lag in this count.
+    registry = node.metrics.registry
+    before = registry.get_sample_value("sdapi_gpu_steps_total")
+    await client.set(cancel_key(request.generation_id), "1")
+    result = await result_of(client, request.generation_id)
+    after = registry.get_sample_value("sdapi_gpu_steps_total")
+
+    assert result.status is Status.CANCELLED and not result.images
+    # The step running when the flag was set may finish; no step after it.
+    assert after - before <= 1
+    events = [e for _, e in await events_of(client, request.generation_id)]
+    assert max(e.step for e in events if isinstance(e, ProgressEvent)) < 200
+    assert not any(isinstance(e, ImageEvent) for e in events)
+
+
+async def test_cancel_before_start_and_inside_batch(
+    node: Any, client: redis.asyncio.Redis
+) -> None:
+    early = job()
+    await client.set(cancel_key(early.generation_id), "1")
+    await enqueue_generation(client, early)
+    result = await result_of(client, early.generation_id)
+    assert result.status is Status.CANCELLED and result.started_at is None
+
+    keep = job(Tier.NORMAL, prompt="keep me", steps=40, seed=3)
+    drop = job(Tier.NORMAL, prompt="drop me", steps=40, seed=4)
+    await enqueue_batch(
+        client, BatchJob(batch_id=keep.generation_id, model="tiny", items=[keep, drop])
+    )
+
+    async def started() -> bool:
+        events = await events_of(client, drop.generation_id)
+        return any(isinstance(e, ProgressEvent) for _, e in events)
+
+    await wait_for(started)
+    await client.set(cancel_key(drop.generation_id), "1")
+    kept = await result_of(client, keep.generation_id)
+    dropped = await result_of(client, drop.generation_id)
+    assert dropped.status is Status.CANCELLED and not dropped.images
+    assert kept.status is Status.SUCCEEDED and len(kept.images) == 1
+    keep_steps = [
+        e.step
+        for _, e in await events_of(client, keep.generation_id)
+        if isinstance(e, ProgressEvent)
+    ]
+    assert keep_steps == list(range(1, 41))
+
+
+async def test_duplicate_delivery_is_skipped(
+    node: Any, client: redis.asyncio.Redis
+) -> None:
+    request = job()
+    await enqueue_generation(client, request)
+    first = await result_of(client, request.generation_id)
+    # arq runs jobs at least once: a second run of the same attempt finds the
+    # result already handed over and does no GPU work.
+    from gpu_node.schemas import GENERATE_FUNCTION, premium_queue
+    from sdapi.queue import enqueue
+
+    await enqueue(
+        client, GENERATE_FUNCTION, request, queue=premium_queue("tiny"), job_id="again"
+    )
+    await asyncio.sleep(0.5)
+    events = [e for _, e in await events_of(client, request.generation_id)]
+    assert sum(isinstance(e, StartedEvent) for e in events) == 1
+    assert (await result_of(client, request.generation_id)) == first
+
+
+async def test_bad_payload_fails_the_job_without_retry(
+    node: Any, client: redis.asyncio.Redis
+) -> None:
+    from arq.jobs import Job
+
+    from gpu_node.schemas import GENERATE_FUNCTION, premium_queue
+    from sdapi.queue import deserialize
+
+    await client.enqueue_job(  # type: ignore[attr-defined]
+        GENERATE_FUNCTION,
+        {"prompt": "no id"},
+        _job_id="bad",
+        _queue_name=premium_queue("tiny"),
+    )
+    arq_job = Job(
+        "bad", client, _queue_name=premium_queue("tiny"), _deserializer=deserialize
+    )
+
+    async def finished() -> Any:
+        return await arq_job.result_info()
+
+    info = await wait_for(finished, timeout=10)
+    assert info.success is False and info.job_try == 1
+    assert "InvalidPayload" in str(info.result)
+
+
+async def test_job_timeout_stops_the_call_and_fails_it(
+    models_dir: Path, clean_redis: str, tiny_engine: Engine, client: redis.asyncio.Redis
+) -> None:
+    # A job's limit comes from its size and the node's time budget; this
+    # node's budget is about one second for the whole request.
+    settings = node_settings(
+        models_dir,
+        clean_redis,
+        gpu_timeout_base_s=1.0,
+        gpu_timeout_per_image_step_s=0.0,
+    )
+    request = job(width=128, height=128, steps=500)
+    async with running_node(settings, clean_redis, tiny_engine):
+        await enqueue_generation(client, request)  # type: ignore[arg-type]
+        result = await result_of(client, request.generation_id)
+    assert result.status is Status.FAILED
+    assert result.error is not None and result.error.code == "timeout"
+    # Stopped at a step boundary long before its 500 steps (~10 s here).
+    assert result.started_at is not None
+    assert (result.finished_at - result.started_at).total_seconds() < 5
+    steps = [
+        e.step
+        for _, e in await events_of(client, request.generation_id)
+        if isinstance(e, ProgressEvent)
+    ]
+    assert max(steps, default=0) < 500

@@ -1,0 +1,250 @@
+"""The node process: announcements, health, metrics, SIGTERM drain, Redis restarts."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+import redis.asyncio
+
+from gpu_node.schemas import NodeInfo, Status, node_key
+from gpu_node.settings import GpuNodeSettings
+from gpu_node.work import Engine
+from sdapi.embedded import EmbeddedValkey
+from sdapi.queue import create_queue_pool, enqueue_generation
+from sdapi.settings import SettingsError
+from tests.gpu_node.conftest import node_settings, running_node
+from tests.gpu_node.support import events_of, job, queued_payload, result_of, wait_for
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+async def test_node_announces_itself_in_redis(
+    node: Any, client: redis.asyncio.Redis
+) -> None:
+    raw = await client.get(node_key("test-node"))
+    assert raw is not None
+    info = NodeInfo.model_validate_json(raw)
+    assert info == node.info
+    assert (info.model, info.device, info.max_batch, info.pipeline) == (
+        "tiny",
+        "cpu",
+        4,
+        "sd",
+    )
+    assert (info.default_width, info.max_width, info.default_steps) == (256, 512, 20)
+    assert {"euler", "euler_a", "dpmpp_2m", "ddim", "unipc", "pndm"} <= set(
+        info.schedulers
+    )
+    assert 0 < await client.ttl(node_key("test-node")) <= 15
+    assert NodeInfo.from_meta(info.to_meta()) == info
+
+
+async def test_node_key_is_deleted_on_shutdown(
+    models_dir: Path, clean_redis: str, tiny_engine: Engine, client: redis.asyncio.Redis
+) -> None:
+    settings = node_settings(models_dir, clean_redis, node_id="short-lived")
+    async with running_node(settings, clean_redis, tiny_engine):
+        assert await client.exists(node_key("short-lived"))
+    assert not await client.exists(node_key("short-lived"))
+
+
+async def test_healthz_and_metrics(node: Any, client: redis.asyncio.Redis) -> None:
+    request = job(steps=3)
+    await enqueue_generation(client, request)
+    await result_of(client, request.generation_id)
+    async with aiohttp.ClientSession() as http:
+        async with http.get(node.info.health_url) as response:
+            assert response.status == 200
+            health = await response.json()
+        metrics_url = node.info.health_url.replace("/healthz", "/metrics")
+        async with http.get(metrics_url) as response:
+            assert response.status == 200
+            assert response.headers["Content-Type"].startswith("text/plain")
+            text = await response.text()
+    assert health["status"] == "ok" and health["model_loaded"] is True
+    assert health["model"] == "tiny" and health["device"] == "cpu"
+    assert 'sdapi_gpu_model_loaded{model="tiny"} 1.0' in text
+    assert 'sdapi_gpu_generations_total{status="succeeded",tier="premium"} 1.0' in text
+    assert 'sdapi_gpu_images_total{tier="premium"} 1.0' in text
+    assert "sdapi_gpu_steps_total 3.0" in text
+    assert 'sdapi_gpu_queue_wait_seconds_count{tier="premium"} 1.0' in text
+    assert (
+        "sdapi_gpu_steps_per_second " in text and "sdapi_gpu_images_per_second " in text
+    )
+
+
+def test_bad_setting_names_the_variable(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("SDAPI_GPU_MAX_BATCH", "0")
+    with pytest.raises(SettingsError, match=r"^bad setting SDAPI_GPU_MAX_BATCH='0': "):
+        GpuNodeSettings.from_env()
+    monkeypatch.setenv("SDAPI_GPU_MAX_BATCH", "2")
+    monkeypatch.setenv("SDAPI_GPU_DEVICE", "tpu")
+    with pytest.raises(SettingsError, match="SDAPI_GPU_DEVICE"):
+        GpuNodeSettings.from_env()
+
+
+async def test_node_survives_a_redis_restart(
+    tmp_path: Path, models_dir: Path, tiny_engine: Engine
+) -> None:
+    server = EmbeddedValkey(tmp_path / "valkey")
+    server.start()
+    try:
+        settings = node_settings(models_dir, server.url, node_id="restart-node")
+        async with running_node(settings, server.url, tiny_engine):
+            pool = await create_queue_pool(server.url)
+            try:
+                before = job(steps=2)
+                await enqueue_generation(pool, before)
+                assert (
+                    await result_of(pool, before.generation_id)
+                ).status is Status.SUCCEEDED
+            finally:
+                await pool.aclose()
+
+            server.stop()
+            await asyncio.sleep(1.5)
+            server.start()
+
+            pool = await create_queue_pool(server.url)
+            try:
+                after = job(steps=2)
+                await enqueue_generation(pool, after)
+                result = await result_of(pool, after.generation_id, timeout=30)
+                assert result.status is Status.SUCCEEDED
+                # The announcement comes back too (the restart lost every key).
+                await wait_for(
+                    lambda: pool.exists(node_key("restart-node")), timeout=10
+                )
+            finally:
+                await pool.aclose()
+    finally:
+        server.stop()
+
+
+@pytest.mark.slow
+async def test_sigterm_drains_the_running_job(
+    tmp_path: Path, models_dir: Path, clean_redis: str, client: redis.asyncio.Redis
+) -> None:
+    env = {
+        **os.environ,
+        "SDAPI_MODEL": "tiny",
+        "SDAPI_MODEL_DIR": str(models_dir),
+        "SDAPI_REDIS_URL": clean_redis,
+        "SDAPI_NODE_ID": "drain-node",
+        "SDAPI_GPU_DEVICE": "cpu",
+        "SDAPI_GPU_HEALTH_PORT": "0",
+        "SDAPI_CONSUL_URL": "",
+    }
+    log_path = tmp_path / "node.log"
+    with log_path.open("w") as log_file:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "sdapi", "gpu-node"],
+            env=env,
+            cwd=REPO,
+            stdout=log_file,
+            stderr=subprocess.STDOUT,
+        )
+    try:
+        await wait_for(lambda: client.exists(node_key("drain-node")), timeout=120)
+        running = job(steps=30)
+        await enqueue_generation(client, running)
+
+        async def started() -> bool:
+            return len(await events_of(client, running.generation_id)) >= 3
+
+        await wait_for(started, timeout=30)
+        process.send_signal(signal.SIGTERM)
+        await asyncio.sleep(0.3)
+        late = job(steps=2)
+        await enqueue_generation(client, late)
+
+        deadline = time.monotonic() + 60
+        while process.poll() is None and time.monotonic() < deadline:
+            await asyncio.sleep(0.1)
+        assert process.returncode == 0, log_path.read_text()
+    finally:
+        if process.poll() is None:
+            process.kill()
+        process.wait()
+    stderr = log_path.read_text()
+    assert "gpu node drain-node: model tiny" in stderr
+    assert "draining: 1 job(s) running" in stderr
+    assert "health http://127.0.0.1:" in stderr
+    # The running job finished and was handed over; the late one was not taken.
+    result = await result_of(client, running.generation_id, timeout=1)
+    assert result.status is Status.SUCCEEDED and len(result.images) == 1
+    assert await events_of(client, late.generation_id) == []
+    assert await queued_payload(client, str(late.generation_id)) is not None
+    assert not await client.exists(node_key("drain-node"))
+
+
+@pytest.mark.slow
+async def test_a_sigkilled_nodes_job_is_picked_up_after_its_lease(
+    tmp_path: Path,
+    models_dir: Path,
+    clean_redis: str,
+    client: redis.asyncio.Redis,
+    tiny_engine: Engine,
+) -> None:
+    env = {
+        **os.environ,
+        "SDAPI_MODEL": "tiny",
+        "SDAPI_MODEL_DIR": str(models_dir),
+        "SDAPI_REDIS_URL": clean_redis,
+        "SDAPI_NODE_ID": "doomed-node",
+        "SDAPI_GPU_DEVICE": "cpu",
+        "SDAPI_GPU_JOB_LEASE_S": "2",
+        "SDAPI_CONSUL_URL": "",
+    }
+    with (tmp_path / "node.log").open("w") as log_file:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "sdapi", "gpu-node"],
+            env=env,
+            cwd=REPO,
+            stdout=log_file,
+            stderr=subprocess.STDOUT,
+        )
+    try:
+        await wait_for(lambda: client.exists(node_key("doomed-node")), timeout=120)
+        request = job(steps=100)
+        await enqueue_generation(client, request)
+
+        async def running() -> bool:
+            return len(await events_of(client, request.generation_id)) >= 3
+
+        await wait_for(running, timeout=30)
+        process.kill()
+        process.wait()
+        killed_at = time.monotonic()
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+
+    settings = node_settings(models_dir, clean_redis, node_id="rescuer")
+    async with running_node(settings, clean_redis, tiny_engine):
+        started_again = await wait_for(
+            lambda: _started_by(client, request.generation_id, "rescuer"), timeout=15
+        )
+        # Claimed again once the dead node's 2 s lease ran out, not after arq's
+        # own claim (the function timeout + 10 s: hours).
+        assert started_again - killed_at < 10
+        result = await result_of(client, request.generation_id, timeout=60)
+    assert result.status is Status.SUCCEEDED and result.node_id == "rescuer"
+
+
+async def _started_by(
+    client: redis.asyncio.Redis, generation_id: Any, node: str
+) -> float:
+    events = await events_of(client, generation_id)
+    found = any(getattr(e, "node_id", None) == node for _, e in events)
+    return time.monotonic() if found else 0.0
