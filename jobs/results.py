@@ -133,8 +133,10 @@ async def _store(ctx: dict[str, Any], result: GenerationResult) -> str:
         return "images missing"
 
     async with in_transaction():
+        # Lock the generation row only: Tortoise joins the user with an outer
+        # join, which Postgres refuses to lock.
         generation = (
-            await Generation.select_for_update()
+            await Generation.select_for_update(of=(Generation._meta.db_table,))
             .select_related("user")
             .get_or_none(id=result.generation_id)
         )

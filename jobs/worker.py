@@ -46,7 +46,8 @@ def resources(ctx: dict[str, Any]) -> JobsResources:
     return found
 
 
-Periodic = Callable[[JobsResources], Awaitable[None]]
+# A periodic task; what it returns (a count, a report) is ignored.
+Periodic = Callable[[JobsResources], Awaitable[object]]
 
 
 async def _every(
@@ -64,9 +65,15 @@ async def _every(
 
 def periodic_tasks(settings: JobsSettings) -> list[tuple[str, float, Periodic]]:
     """The periodic tasks of the worker, with their intervals in seconds."""
+    from jobs.dispatcher import dispatch_due
     from jobs.outbox import send_due_emails
+    from jobs.reconciler import reconcile
 
-    return [("outbox", settings.outbox_interval, send_due_emails)]
+    return [
+        ("outbox", settings.outbox_interval, send_due_emails),
+        ("dispatch", settings.dispatch_interval, dispatch_due),
+        ("reconcile", settings.reconcile_interval, reconcile),
+    ]
 
 
 async def on_startup(ctx: dict[str, Any]) -> None:

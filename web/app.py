@@ -27,6 +27,7 @@ from web.keys import (
     registry_key,
     settings_key,
 )
+from web.live import install_live
 from web.metrics import install_metrics, metrics_middleware
 from web.openapi import ApiRoutes, build_openapi
 from web.registry import NodeRegistry
@@ -55,6 +56,7 @@ def create_app(settings: WebSettings) -> web.Application:
     app[settings_key] = settings
     app[metrics_key] = CollectorRegistry()
     install_metrics(app)
+    install_live(app)
     app.middlewares.extend(
         [
             error_middleware,

@@ -7,7 +7,8 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 from tortoise import Tortoise
-from tortoise.context import TortoiseContext
+from tortoise.context import TortoiseContext, set_global_context
+from tortoise.exceptions import ConfigurationError
 
 MODELS_MODULE = "web.models"
 MIGRATIONS_MODULE = "web.migrations"
@@ -38,18 +39,27 @@ async def open_database(
 ) -> AsyncIterator[TortoiseContext]:
     """Initialise Tortoise once for this process; close it on exit.
 
-    The context is also the process-wide fallback, so aiohttp handlers and arq
-    jobs (tasks that did not inherit the start-up task's context) see it. One
-    process opens the database once (`cleanup_ctx` / arq `on_startup`).
+    A process opens its database once, in `cleanup_ctx` or arq's `on_startup`,
+    never per request.
     """
-    ctx = await Tortoise.init(
-        config=tortoise_config(database_url, pool_size=pool_size),
-        _enable_global_fallback=True,
-    )
+    ctx = TortoiseContext()
+    # Current for this task and every task it starts (arq jobs, the server's
+    # request handlers, periodic loops) ...
+    ctx.__enter__()
     try:
+        await ctx.init(config=tortoise_config(database_url, pool_size=pool_size))
+        # ... and the process-wide fallback for tasks that did not inherit it.
+        # Only one context can be the fallback: a second one in the same
+        # process (tests running an app and a worker side by side) relies on
+        # the context variable alone.
+        with contextlib.suppress(ConfigurationError):
+            set_global_context(ctx)
         yield ctx
     finally:
         await ctx.close_connections()
+        # Cleanup may run in another task than start-up (test fixtures).
+        with contextlib.suppress(ValueError):
+            ctx.__exit__(None, None, None)
 
 
 async def apply_migrations(database_url: str) -> list[str]:

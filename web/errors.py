@@ -13,7 +13,13 @@ from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, ClassVar
 
 from aiohttp import web
+from asyncpg.exceptions import (  # type: ignore[import-untyped]
+    CannotConnectNowError,
+    PostgresConnectionError,
+)
 from pydantic import ValidationError
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 
 log = logging.getLogger(__name__)
 
@@ -102,6 +108,12 @@ class Conflict(AppError):
     default_message = "This conflicts with the current state."
 
 
+class Gone(AppError):
+    status = 410
+    code = "gone"
+    default_message = "This is no longer available."
+
+
 class PayloadTooLarge(AppError):
     status = 413
     code = "payload_too_large"
@@ -138,6 +150,47 @@ class Unavailable(_RetryLater):
     default_message = "The service is unavailable right now; try again later."
 
 
+class InternalError(AppError):
+    status = 500
+    code = "internal_error"
+    default_message = "Something went wrong on our side."
+
+
+class GenerationFailed(AppError):
+    """A generation a caller waited for ended `failed` on the GPU node."""
+
+    status = 502
+    code = "generation_failed"
+    default_message = "The generation failed."
+
+
+class GatewayTimeout(AppError):
+    status = 504
+    code = "timeout"
+    default_message = "The generation did not finish in time."
+
+
+# PostgreSQL or Redis unreachable (restarting, failing over): a 503 to retry,
+# not a 500. Builtin ConnectionError covers refused and reset connections and
+# Tortoise's DBConnectionError.
+DEPENDENCY_ERRORS: tuple[type[Exception], ...] = (
+    ConnectionError,
+    RedisConnectionError,
+    RedisTimeoutError,
+    PostgresConnectionError,
+    CannotConnectNowError,
+)
+DEPENDENCY_RETRY_S = 5
+
+
+def dependency_unavailable() -> Unavailable:
+    """The 503 for a database or Redis that cannot be reached."""
+    return Unavailable(
+        "A database or queue is unreachable right now; try again shortly.",
+        retry_after=DEPENDENCY_RETRY_S,
+    )
+
+
 def validation_details(exc: ValidationError) -> list[dict[str, str]]:
     """One `{"field", "message"}` per bad field, as the contract says."""
     details = []
@@ -166,13 +219,46 @@ _HTTP_CODES = {
     429: "rate_limited",
 }
 
+# Paths answered in the OpenAI API's error shape, so OpenAI clients understand
+# them; every other path keeps the contract's own format.
+OPENAI_PREFIX = "/v1/"
 
-def error_response(error: AppError) -> web.Response:
-    """The JSON response for `error`."""
+
+def openai_body(error: AppError) -> dict[str, Any]:
+    """`error` in the OpenAI API's shape: {"error": {message, type, param, code}}."""
+    if error.status == 401:
+        kind = "authentication_error"
+    elif error.status == 403:
+        kind = "permission_error"
+    elif error.status == 429:
+        kind = "insufficient_quota" if error.code == "quota_exceeded" else "requests"
+    elif error.status >= 500:
+        kind = "server_error"
+    else:
+        kind = "invalid_request_error"
+    param = error.details[0].get("field") if error.details else None
+    # OpenAI's shape has no details list: the fields go into the message.
+    message = " ".join(
+        [error.message]
+        + [f"{d.get('field', 'body')}: {d.get('message', '')}" for d in error.details]
+    )
+    return {
+        "error": {"message": message, "type": kind, "param": param, "code": error.code}
+    }
+
+
+def error_response(error: AppError, request: web.Request | None = None) -> web.Response:
+    """The JSON response for `error` (OpenAI's shape under /v1/)."""
+    if request is not None and request.path.startswith(OPENAI_PREFIX):
+        # OpenAI answers invalid parameters with 400, never 422.
+        status = 400 if error.status == 422 else error.status
+        return web.json_response(
+            openai_body(error), status=status, headers=error.headers
+        )
     return web.json_response(error.body(), status=error.status, headers=error.headers)
 
 
-def _from_http_exception(exc: web.HTTPException) -> web.Response:
+def _from_http_exception(exc: web.HTTPException) -> AppError:
     if exc.status == 413:
         error: AppError = PayloadTooLarge()
     elif exc.status == 404:
@@ -183,11 +269,10 @@ def _from_http_exception(exc: web.HTTPException) -> web.Response:
         error = AppError(exc.reason)
         error.status = exc.status  # type: ignore[misc]
         error.code = _HTTP_CODES.get(exc.status, "error")  # type: ignore[misc]
-    response = error_response(error)
     for name in ("Allow", "Retry-After", "WWW-Authenticate"):
         if name in exc.headers:
-            response.headers[name] = exc.headers[name]
-    return response
+            error.headers[name] = exc.headers[name]
+    return error
 
 
 @web.middleware
@@ -198,26 +283,27 @@ async def error_middleware(
     try:
         return await handler(request)
     except AppError as exc:
-        return error_response(exc)
+        return error_response(exc, request)
     except ValidationError as exc:
-        return error_response(from_validation_error(exc))
+        return error_response(from_validation_error(exc), request)
     except web.HTTPException as exc:
         if exc.status < 400:
             raise
-        return _from_http_exception(exc)
+        return error_response(_from_http_exception(exc), request)
+    except DEPENDENCY_ERRORS:
+        log.warning(
+            "%s %s: a dependency is unreachable",
+            request.method,
+            request.path,
+            exc_info=True,
+        )
+        return error_response(dependency_unavailable(), request)
     except Exception:
         error_id = uuid.uuid4().hex
         log.exception(
             "unhandled error %s on %s %s", error_id, request.method, request.path
         )
-        return web.json_response(
-            {
-                "error": {
-                    "code": "internal_error",
-                    "message": "Something went wrong on our side "
-                    f"(error id {error_id}).",
-                    "details": [],
-                }
-            },
-            status=500,
+        return error_response(
+            InternalError(f"Something went wrong on our side (error id {error_id})."),
+            request,
         )

@@ -36,7 +36,7 @@ from gpu_node.schemas import (
     progress_key,
 )
 from sdapi.events import append_done, append_event
-from sdapi.queue import enqueue_generation, queue_position
+from sdapi.queue import enqueue_generation, queue_depth, queue_position
 from web.auth import Principal
 from web.errors import (
     EmailNotVerified,
@@ -61,31 +61,43 @@ QUEUED_CHECK_AFTER = timedelta(seconds=30)
 IN_FLIGHT_RETRY_S = 5
 # Retry-After when no healthy node serves the model, in seconds.
 NO_NODE_RETRY_S = 30
+# Width and height of a request that names none, in pixels (API.md).
+DEFAULT_SIZE = 512
 
 
 def _invalid(field: str, message: str) -> ValidationFailed:
     return ValidationFailed(details=[{"field": field, "message": message}])
 
 
-async def _offer(app: web.Application, model: str | None) -> ModelOffer:
-    registry = app[registry_key]
-    offers = await registry.offers()
-    if model is None:
-        available = [offer for offer in offers.values() if offer.available]
-        default = app[settings_key].models[0] if app[settings_key].models else None
-        chosen = offers.get(default) if default else None
-        if chosen is None:
-            chosen = available[0] if available else None
-        if chosen is None:
-            raise Unavailable(
-                "No GPU node is serving any model.", retry_after=NO_NODE_RETRY_S
-            )
-        return chosen
-    offer = offers.get(model)
-    if offer is None:
-        known = ", ".join(sorted(offers)) or "none right now"
-        raise _invalid("model", f"Unknown model {model!r} (available: {known}).")
-    return offer
+async def find_offer(app: web.Application, model: str | None) -> ModelOffer:
+    """The offer of `model`, or of the default model when None (422 if unknown).
+
+    Without a model the configured default wins while a node serves it, then
+    any served model; an offline default is still returned so normal-tier
+    requests can wait in the database for a node.
+    """
+    offers = await app[registry_key].offers()
+    if model is not None:
+        offer = offers.get(model)
+        if offer is None:
+            known = ", ".join(sorted(offers)) or "none right now"
+            raise _invalid("model", f"Unknown model {model!r} (available: {known}).")
+        return offer
+    configured = app[settings_key].models
+    default = offers.get(configured[0]) if configured else None
+    served = [offer for offer in offers.values() if offer.available]
+    if default is not None and default.available:
+        return default
+    if served:
+        return served[0]
+    if default is not None:
+        return default
+    raise Unavailable("No GPU node is serving any model.", retry_after=NO_NODE_RETRY_S)
+
+
+def _default_size(model_max: int, model_default: int) -> int:
+    # The contract's 512, unless the model cannot go that large (the tiny one).
+    return DEFAULT_SIZE if DEFAULT_SIZE <= model_max else model_default
 
 
 def resolve_request(
@@ -94,9 +106,11 @@ def resolve_request(
     """Apply the model's defaults and the tier's limits (422 per bad field)."""
     limits = app[settings_key].limits(tier)
     problems: list[dict[str, str]] = []
+    width = body.width or _default_size(offer.max_width, offer.default_width)
+    height = body.height or _default_size(offer.max_height, offer.default_height)
     for field, value, model_max in (
-        ("width", body.width, offer.max_width),
-        ("height", body.height, offer.max_height),
+        ("width", width, offer.max_width),
+        ("height", height, offer.max_height),
     ):
         cap = min(limits.max_size, model_max)
         if value > cap:
@@ -143,8 +157,8 @@ def resolve_request(
         prompt=body.prompt,
         negative_prompt=body.negative_prompt,
         model=offer.id,
-        width=body.width,
-        height=body.height,
+        width=width,
+        height=height,
         steps=steps,
         guidance_scale=(
             body.guidance_scale
@@ -187,10 +201,11 @@ async def submit_generation(
     settings = app[settings_key]
     now = utcnow()
     tier = principal.user.tier_at(now)
-    offer = await _offer(app, body.model)
-    request = resolve_request(body, offer, tier, app)
+    # Before validation: an unverified account can send nothing, valid or not.
     if tier is Tier.NORMAL and principal.user.email_verified_at is None:
         raise EmailNotVerified()
+    offer = await find_offer(app, body.model)
+    request = resolve_request(body, offer, tier, app)
     if tier is Tier.PREMIUM and not offer.available:
         raise Unavailable(
             f"No healthy GPU node serves {offer.id!r} right now.",
@@ -254,11 +269,12 @@ async def _enqueue_premium(
         attempt=generation.attempts,
     )
     try:
+        # `queued` goes into the stream before the job exists, so no node can
+        # append `started` ahead of it; the jobs already queued (running ones
+        # included, as arq keeps them) are the ones ahead of this one.
+        ahead = await queue_depth(redis, premium_queue(generation.model))
+        await append_event(redis, generation.id, QueuedEvent(position=ahead))
         await enqueue_generation(redis, job)
-        position = await queue_position(
-            redis, premium_queue(generation.model), generation_job_id(generation.id)
-        )
-        await append_event(redis, generation.id, QueuedEvent(position=position or 0))
     except RedisError:
         # Committed already: the reconciler enqueues it after its deadline.
         log.warning("enqueue of %s failed; the reconciler will retry", generation.id)
@@ -289,12 +305,17 @@ async def cancel_generation(app: web.Application, generation: Generation) -> boo
         locked.deadline = None
         await locked.save(update_fields=["status", "finished_at", "deadline"])
     redis = app[redis_key]
-    # The node checks this flag before starting and at every step.
-    await redis.set(cancel_key(generation.id), "1", ex=CANCEL_TTL_S)
-    if was is Status.QUEUED and generation.tier is Tier.PREMIUM:
-        job_id = generation_job_id(generation.id, generation.attempts)
-        await redis.zrem(premium_queue(generation.model), job_id)
-    await append_done(redis, generation.id, DoneEvent(status=Status.CANCELLED))
+    try:
+        # The node checks this flag before starting and at every step.
+        await redis.set(cancel_key(generation.id), "1", ex=CANCEL_TTL_S)
+        if was is Status.QUEUED and generation.tier is Tier.PREMIUM:
+            job_id = generation_job_id(generation.id, generation.attempts)
+            await redis.zrem(premium_queue(generation.model), job_id)
+        await append_done(redis, generation.id, DoneEvent(status=Status.CANCELLED))
+    except RedisError:
+        # Cancelled in the database already: a node that runs it anyway has its
+        # result refused, and followers read the ending from the database.
+        log.warning("cancel of %s not announced in Redis", generation.id)
     return True
 
 

@@ -128,6 +128,9 @@ async def read_json(request: web.Request) -> Any:
         return json.loads(raw)
     except (UnicodeDecodeError, ValueError) as exc:
         raise BadRequest(f"The body is not valid JSON: {exc}.") from None
+    except RecursionError:
+        # A small body of deeply nested arrays exhausts the parser's stack.
+        raise BadRequest("The body nests too deeply.") from None
 
 
 async def read_body(request: web.Request, model: type[ModelT]) -> ModelT:

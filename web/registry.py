@@ -19,6 +19,9 @@ GPU_SERVICE = "sdapi-gpu"
 # Last NodeInfo seen per model: defaults for normal-tier requests made while
 # no node of that model is up (they wait in the database for one).
 KNOWN_MODELS_KEY = "sdapi:models:known"
+# Keys a SCAN step looks at: node keys are a few among every generation's
+# events and images, and SCAN's default of 10 costs one round trip per 10 keys.
+SCAN_COUNT = 1000
 # Defaults for a model no node has announced yet (Stable Diffusion's usual).
 GENERIC_DEFAULTS = {
     "default_steps": 25,
@@ -150,7 +153,12 @@ class NodeRegistry:
         return _parse(entry.get("Service", {}).get("Meta") or {} for entry in entries)
 
     async def _from_redis(self) -> list[NodeInfo]:
-        keys = [key async for key in self._redis.scan_iter(match=f"{NODE_KEY_PREFIX}*")]
+        keys = [
+            key
+            async for key in self._redis.scan_iter(
+                match=f"{NODE_KEY_PREFIX}*", count=SCAN_COUNT
+            )
+        ]
         if not keys:
             return []
         values = await self._redis.mget(keys)

@@ -42,6 +42,14 @@ class WebSettings(CommonSettings):
     verify_ttl: int = Field(default=3 * 24 * 3600, ge=60, description="seconds")
     max_body_bytes: int = Field(default=1024 * 1024, ge=1024)
     max_ws_message_bytes: int = Field(default=64 * 1024, ge=1024)
+    # WebSocket ping interval; a client that misses a pong for half of it is
+    # dropped (seconds).
+    ws_heartbeat: float = Field(default=30.0, gt=0, description="seconds")
+    # How long POST /v1/images/generations waits for its images before it
+    # cancels the generation and answers 504 (seconds).
+    openai_timeout: float = Field(default=300.0, gt=0, description="seconds")
+    # How long the `url`s it answers with work without credentials (seconds).
+    openai_url_ttl: int = Field(default=3600, ge=60, description="seconds")
     # Trust X-Forwarded-For / X-Forwarded-Proto (only behind a proxy you run).
     trust_forwarded: bool = False
     # Origins allowed to use the session cookie (WebSocket, forms) besides

@@ -7,6 +7,13 @@ from web.openapi import ApiRoutes
 
 def route_tables() -> list[ApiRoutes]:
     """Every route table of the app, in documentation order."""
-    from web.routes import generations, ops
+    from web.routes import accounts, generations, openai, ops, status, ws
 
-    return [generations.routes, ops.routes]
+    return [
+        accounts.routes,
+        generations.routes,
+        ws.routes,
+        openai.routes,
+        ops.routes,
+        status.routes,
+    ]

@@ -20,8 +20,19 @@ class GenerationRequest(BaseModel):
     prompt: str = Field(min_length=1, max_length=PROMPT_MAX)
     negative_prompt: str = Field(default="", max_length=PROMPT_MAX)
     model: str | None = Field(default=None, max_length=200)
-    width: int = Field(default=512, ge=64, multiple_of=8)
-    height: int = Field(default=512, ge=64, multiple_of=8)
+    # Unset: 512, or the model's own default size when it cannot make 512.
+    width: int | None = Field(
+        default=None,
+        ge=64,
+        multiple_of=8,
+        description="Pixels; default 512 (the model's default if it is smaller)",
+    )
+    height: int | None = Field(
+        default=None,
+        ge=64,
+        multiple_of=8,
+        description="Pixels; default 512 (the model's default if it is smaller)",
+    )
     steps: int | None = Field(default=None, ge=1)
     guidance_scale: float | None = Field(default=None, ge=0, le=50, allow_inf_nan=False)
     seed: int | None = Field(default=None, ge=0, le=SEED_MAX)

@@ -1,0 +1,213 @@
+"""Turning outbox rows into MIME messages, and handing them to an SMTP server.
+
+Building a message with attachments (base64 of several PNGs) and flattening
+it to bytes happen in a worker thread; only the SMTP conversation runs on the
+event loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import email.policy
+import email.utils
+from dataclasses import dataclass, field
+from datetime import datetime
+from email.message import EmailMessage
+from types import TracebackType
+from uuid import UUID
+
+import aiosmtplib
+
+from jobs.settings import SmtpConfig
+from web.models import GeneratedImage, OutboxEmail
+
+
+@dataclass(frozen=True)
+class Attachment:
+    filename: str
+    maintype: str
+    subtype: str
+    data: bytes
+
+
+@dataclass(frozen=True)
+class OutgoingMail:
+    """A message ready for SMTP: envelope addresses and the flattened bytes."""
+
+    sender: str
+    recipients: list[str]
+    data: bytes
+    message_id: str
+    # Non-ASCII addresses need the server's SMTPUTF8 extension.
+    smtputf8: bool = False
+    attachments: list[str] = field(default_factory=list)
+
+
+def message_id(outbox_id: UUID | str, mail_from: str) -> str:
+    """The Message-ID of an outbox row: the same on every attempt, so a
+    receiver can recognise a repeat."""
+    domain = email.utils.parseaddr(mail_from)[1].rpartition("@")[2] or "sdapi.local"
+    return f"<outbox.{outbox_id}@{domain}>"
+
+
+def build_message(
+    *,
+    mail_from: str,
+    to_address: str,
+    subject: str,
+    text_body: str,
+    html_body: str | None,
+    msg_id: str,
+    date: datetime,
+    attachments: list[Attachment],
+) -> EmailMessage:
+    """A text (+ HTML alternative) message with its attachments."""
+    message = EmailMessage()
+    message["From"] = mail_from
+    message["To"] = to_address
+    message["Subject"] = subject
+    message["Date"] = email.utils.format_datetime(date)
+    message["Message-ID"] = msg_id
+    # Tells mail servers and clients not to auto-reply (RFC 3834).
+    message["Auto-Submitted"] = "auto-generated"
+    message.set_content(text_body)
+    if html_body:
+        message.add_alternative(html_body, subtype="html")
+    for attachment in attachments:
+        message.add_attachment(
+            attachment.data,
+            maintype=attachment.maintype,
+            subtype=attachment.subtype,
+            filename=attachment.filename,
+        )
+    return message
+
+
+def _needs_smtputf8(*addresses: str) -> bool:
+    return not all(address.isascii() for address in addresses)
+
+
+def _render(
+    row: OutboxEmail, mail_from: str, attachments: list[Attachment]
+) -> OutgoingMail:
+    msg_id = message_id(row.id, mail_from)
+    message = build_message(
+        mail_from=mail_from,
+        to_address=row.to_address,
+        subject=row.subject,
+        text_body=row.text_body,
+        html_body=row.html_body,
+        msg_id=msg_id,
+        # The time the email was written, whichever attempt delivers it.
+        date=row.created_at,
+        attachments=attachments,
+    )
+    sender = email.utils.parseaddr(mail_from)[1]
+    smtputf8 = _needs_smtputf8(sender, row.to_address)
+    policy = email.policy.SMTPUTF8 if smtputf8 else email.policy.SMTP
+    return OutgoingMail(
+        sender=sender,
+        recipients=[row.to_address],
+        data=message.as_bytes(policy=policy),
+        message_id=msg_id,
+        smtputf8=smtputf8,
+        attachments=[attachment.filename for attachment in attachments],
+    )
+
+
+async def _attachments(row: OutboxEmail) -> list[Attachment]:
+    generation_id = row.generation_id  # type: ignore[attr-defined]
+    if generation_id is None:
+        return []
+    images = await GeneratedImage.filter(generation_id=generation_id).order_by("index")
+    return [
+        Attachment(
+            filename=f"sdapi-{generation_id}-{image.index}.png",
+            maintype="image",
+            subtype="png",
+            data=bytes(image.png),
+        )
+        for image in images
+    ]
+
+
+async def compose(row: OutboxEmail, *, mail_from: str) -> OutgoingMail:
+    """The outgoing mail for an outbox row, its generation's PNGs attached."""
+    attachments = await _attachments(row)
+    return await asyncio.to_thread(_render, row, mail_from, attachments)
+
+
+# Server-level trouble (down, slow, authentication, a 4xx) is worth retrying;
+# a 5xx about this message's recipient or content is not.
+def is_permanent(exc: BaseException) -> bool:
+    """Whether an SMTP error means this message can never be delivered."""
+    if isinstance(exc, aiosmtplib.SMTPNotSupported):
+        return True
+    if isinstance(exc, aiosmtplib.SMTPRecipientsRefused):
+        return all(500 <= refused.code < 600 for refused in exc.recipients)
+    if isinstance(exc, aiosmtplib.SMTPRecipientRefused | aiosmtplib.SMTPDataError):
+        return 500 <= exc.code < 600
+    return False
+
+
+class SmtpConnection:
+    """One SMTP session for a round of messages; reconnects after a broken one."""
+
+    def __init__(self, config: SmtpConfig, *, timeout: float) -> None:
+        self._config = config
+        self._timeout = timeout
+        self._smtp: aiosmtplib.SMTP | None = None
+
+    async def __aenter__(self) -> SmtpConnection:
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.close()
+
+    async def _connected(self) -> aiosmtplib.SMTP:
+        if self._smtp is not None and self._smtp.is_connected:
+            return self._smtp
+        config = self._config
+        smtp = aiosmtplib.SMTP(
+            hostname=config.host,
+            port=config.port,
+            username=config.username,
+            password=config.password,
+            use_tls=config.use_tls,
+            start_tls=config.start_tls,
+            timeout=self._timeout,
+        )
+        # Logs in when a username is set, after STARTTLS when asked for.
+        await smtp.connect()
+        self._smtp = smtp
+        return smtp
+
+    async def send(self, mail: OutgoingMail) -> None:
+        """Deliver `mail`; raises an aiosmtplib error or OSError on failure."""
+        smtp = await self._connected()
+        try:
+            await smtp.sendmail(
+                mail.sender,
+                mail.recipients,
+                mail.data,
+                mail_options=["SMTPUTF8"] if mail.smtputf8 else None,
+            )
+        except (aiosmtplib.SMTPServerDisconnected, aiosmtplib.SMTPTimeoutError):
+            smtp.close()
+            self._smtp = None
+            raise
+
+    async def close(self) -> None:
+        """Say goodbye politely; drop the connection either way."""
+        smtp, self._smtp = self._smtp, None
+        if smtp is None or not smtp.is_connected:
+            return
+        try:
+            await smtp.quit()
+        except (aiosmtplib.SMTPException, OSError):
+            smtp.close()

@@ -1,0 +1,345 @@
+"""`sdapi dev`: web, jobs and a GPU node on one machine, in one command.
+
+Embedded PostgreSQL and Valkey start in SDAPI_DATA_DIR unless
+SDAPI_DATABASE_URL and SDAPI_REDIS_URL are both set, a local SMTP sink keeps
+mail in SDAPI_DATA_DIR/mail unless SDAPI_SMTP_URL is set, migrations are
+applied, then `sdapi web`, `sdapi jobs` and `sdapi gpu-node` run as child
+processes with the resolved URLs in their environment. Their output goes to
+stderr, each line prefixed with the process name. One line on stdout says
+where to point the browser once the API answers and the node has announced
+itself. SIGINT or SIGTERM stops everything (children get SIGTERM and are
+waited for); if a child dies, dev names it, stops the rest and exits 1.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import signal
+import socket
+import sys
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from types import FrameType
+
+import aiohttp
+from pydantic import Field
+from redis.asyncio import Redis
+from redis.exceptions import RedisError
+
+from gpu_node.schemas import node_key
+from sdapi.logs import setup_logging
+from sdapi.settings import CommonSettings, load_secret_key
+
+log = logging.getLogger("sdapi.dev")
+
+CHILDREN = ("web", "jobs", "gpu-node")
+# How often readiness is polled while starting (seconds).
+POLL_S = 0.1
+# Longest output line relayed whole; longer ones are relayed in pieces (bytes).
+LINE_LIMIT = 1024 * 1024
+WILDCARD_HOSTS = frozenset({"0.0.0.0", "::", ""})  # noqa: S104 (names, not binds)
+
+
+class DevSettings(CommonSettings):
+    """What `sdapi dev` reads; the children read the rest of SDAPI_* themselves."""
+
+    host: str = "127.0.0.1"
+    # 0: pick a free port.
+    port: int = Field(default=8080, ge=0, le=65535)
+    public_url: str | None = None
+    smtp_url: str | None = None
+    model: str = "tiny"
+    node_id: str | None = None
+    normal_delay: int = Field(default=1800, ge=0, description="seconds")
+    # How long children get to stop after SIGTERM before they are killed
+    # (seconds); the jobs worker lets running jobs finish for up to 20 s.
+    dev_stop_timeout: float = Field(default=30.0, gt=0)
+
+
+@dataclass(frozen=True)
+class Plan:
+    """Where everything is, once the embedded services run."""
+
+    base_url: str
+    ready_url: str
+    mail: str
+    node_id: str
+    redis_url: str
+    env: Mapping[str, str]
+
+    def banner(self) -> str:
+        """The one line that says where to go."""
+        return (
+            f"sdapi dev is ready: open {self.base_url}/docs "
+            f"(API base {self.base_url}/api/v1); mail goes to {self.mail}"
+        )
+
+
+class Interrupted(Exception):
+    """SIGTERM while starting or stopping the embedded services."""
+
+
+def _interrupt(signum: int, frame: FrameType | None) -> None:
+    raise Interrupted(signal.Signals(signum).name)
+
+
+def _free_port(host: str) -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind((host, 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+def _plan(
+    settings: DevSettings, data_dir: Path, database_url: str, redis_url: str, smtp: str
+) -> Plan:
+    bind_host = settings.host
+    local_host = "127.0.0.1" if bind_host in WILDCARD_HOSTS else bind_host
+    port = settings.port or _free_port(local_host)
+    base_url = settings.public_url or f"http://{local_host}:{port}"
+    node_id = settings.node_id or f"dev-{socket.gethostname()}-{os.getpid()}"
+    env = dict(os.environ)
+    env.update(
+        SDAPI_DATABASE_URL=database_url,
+        SDAPI_REDIS_URL=redis_url,
+        SDAPI_SMTP_URL=smtp,
+        SDAPI_DATA_DIR=str(data_dir),
+        SDAPI_HOST=bind_host,
+        SDAPI_PORT=str(port),
+        SDAPI_PUBLIC_URL=base_url,
+        SDAPI_MODEL=settings.model,
+        SDAPI_NODE_ID=node_id,
+        SDAPI_NORMAL_DELAY=str(settings.normal_delay),
+        SDAPI_LOG_LEVEL=settings.log_level,
+        # Children's output reaches the terminal as it happens.
+        PYTHONUNBUFFERED="1",
+    )
+    if settings.secret_key is None:
+        # Made once here, so web and jobs do not race to create it.
+        env["SDAPI_SECRET_KEY"] = load_secret_key(data_dir)
+    return Plan(
+        base_url=base_url,
+        ready_url=f"http://{local_host}:{port}/readyz",
+        mail=str(data_dir / "mail") if not settings.smtp_url else settings.smtp_url,
+        node_id=node_id,
+        redis_url=redis_url,
+        env=env,
+    )
+
+
+@contextlib.contextmanager
+def _services(settings: DevSettings, data_dir: Path) -> Iterator[tuple[str, str, str]]:
+    """Database, Redis and SMTP URLs: configured, or embedded and local."""
+    with contextlib.ExitStack() as stack:
+        database_url, redis_url = settings.database_url, settings.redis_url
+        if not database_url or not redis_url:
+            from sdapi.embedded import embedded_services
+
+            log.info("starting embedded PostgreSQL and Valkey in %s", data_dir)
+            # Valkey stays in our process group, so a terminal's Ctrl-C would
+            # stop it before the children have drained. A blocked signal is
+            # inherited across exec: it then stops only when we stop it.
+            # (PostgreSQL's pg_ctl puts the server in a session of its own.)
+            mask = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+            try:
+                urls = stack.enter_context(embedded_services(data_dir))
+            finally:
+                signal.pthread_sigmask(signal.SIG_SETMASK, mask)
+            database_url = database_url or urls.database_url
+            redis_url = redis_url or urls.redis_url
+        smtp_url = settings.smtp_url
+        if not smtp_url:
+            from sdapi.mailsink import mail_sink
+
+            smtp_url = stack.enter_context(mail_sink(data_dir / "mail"))
+        yield database_url, redis_url, smtp_url
+
+
+def run() -> int:
+    """Run everything until SIGINT/SIGTERM; 0 after a requested stop."""
+    settings = DevSettings.from_env()
+    setup_logging(settings.log_level)
+    data_dir = settings.data_dir.resolve()
+    previous = signal.signal(signal.SIGTERM, _interrupt)
+    try:
+        with _services(settings, data_dir) as (database_url, redis_url, smtp_url):
+            from web.db import apply_migrations
+
+            applied = asyncio.run(apply_migrations(database_url))
+            if applied:
+                log.info("applied migrations: %s", ", ".join(applied))
+            plan = _plan(settings, data_dir, database_url, redis_url, smtp_url)
+            status = asyncio.run(Supervisor(plan, settings.dev_stop_timeout).run())
+            # The children are gone; a signal must not cut the servers' stop short.
+            signal.signal(signal.SIGTERM, signal.SIG_IGN)
+            signal.signal(signal.SIGINT, signal.SIG_IGN)
+    except (KeyboardInterrupt, Interrupted):
+        log.info("stopped while starting")
+        return 0
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+    return status
+
+
+@dataclass
+class Child:
+    name: str
+    process: asyncio.subprocess.Process
+    pump: asyncio.Task[None]
+
+
+class Supervisor:
+    """Starts the children, relays their output, and stops them together."""
+
+    def __init__(self, plan: Plan, stop_timeout: float) -> None:
+        self.plan = plan
+        self.stop_timeout = stop_timeout
+        self.children: list[Child] = []
+        self.stopping = asyncio.Event()
+        self.signals = 0
+        # Children whose exit was already reported.
+        self.reported: set[str] = set()
+
+    def _on_signal(self) -> None:
+        self.signals += 1
+        self.stopping.set()
+        if self.signals > 1:
+            # A second Ctrl-C: do not wait for anyone.
+            for child in self.children:
+                with contextlib.suppress(ProcessLookupError):
+                    child.process.kill()
+
+    async def run(self) -> int:
+        """Supervise until a signal (0) or a child's death (1)."""
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, self._on_signal)
+        try:
+            for name in CHILDREN:
+                self.children.append(await self._start(name))
+            return await self._watch()
+        finally:
+            await self._stop_all()
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                loop.remove_signal_handler(sig)
+
+    async def _start(self, name: str) -> Child:
+        process = await asyncio.create_subprocess_exec(
+            sys.executable,
+            "-m",
+            "sdapi",
+            name,
+            env=dict(self.plan.env),
+            stdin=asyncio.subprocess.DEVNULL,
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.STDOUT,
+            limit=LINE_LIMIT,
+            # Its own process group: a terminal's Ctrl-C reaches dev only, and
+            # dev stops the children in order.
+            process_group=0,
+        )
+        pump = asyncio.create_task(_relay_output(name, process), name=f"dev-{name}")
+        return Child(name, process, pump)
+
+    async def _watch(self) -> int:
+        waits = {
+            asyncio.create_task(
+                child.process.wait(), name=f"dev-wait-{child.name}"
+            ): child
+            for child in self.children
+        }
+        stop = asyncio.create_task(self.stopping.wait())
+        ready = asyncio.create_task(self._announce_when_ready())
+        try:
+            done, _ = await asyncio.wait(
+                [stop, *waits], return_when=asyncio.FIRST_COMPLETED
+            )
+        finally:
+            ready.cancel()
+            stop.cancel()
+            for wait in waits:
+                wait.cancel()
+        if stop in done:
+            log.info("stopping")
+            return 0
+        died = next(waits[task] for task in done if task in waits)
+        self.reported.add(died.name)
+        log.error(
+            "%s exited with status %s; stopping the rest",
+            died.name,
+            died.process.returncode,
+        )
+        return 1
+
+    async def _announce_when_ready(self) -> None:
+        """Print the one line once the API answers and the node has announced."""
+        async with aiohttp.ClientSession() as session:
+            while True:
+                with contextlib.suppress(aiohttp.ClientError, TimeoutError):
+                    async with session.get(
+                        self.plan.ready_url, timeout=aiohttp.ClientTimeout(total=2)
+                    ) as response:
+                        if response.status == 200:
+                            break
+                await asyncio.sleep(POLL_S)
+        redis: Redis = Redis.from_url(self.plan.redis_url)
+        try:
+            while True:
+                with contextlib.suppress(RedisError, OSError):
+                    if await redis.exists(node_key(self.plan.node_id)):
+                        break
+                await asyncio.sleep(POLL_S)
+        finally:
+            await redis.aclose()
+        sys.stdout.write(self.plan.banner() + "\n")
+        sys.stdout.flush()
+
+    async def _stop_all(self) -> None:
+        """SIGTERM every child still running, wait, then kill stragglers."""
+        for child in self.children:
+            if child.process.returncode is None:
+                with contextlib.suppress(ProcessLookupError):
+                    child.process.terminate()
+        waits = [child.process.wait() for child in self.children]
+        try:
+            async with asyncio.timeout(self.stop_timeout):
+                await asyncio.gather(*waits)
+        except TimeoutError:
+            for child in self.children:
+                if child.process.returncode is None:
+                    log.warning("%s did not stop in time; killing it", child.name)
+                    with contextlib.suppress(ProcessLookupError):
+                        child.process.kill()
+            await asyncio.gather(*(child.process.wait() for child in self.children))
+        await asyncio.gather(*(child.pump for child in self.children))
+        for child in self.children:
+            if child.name in self.reported:
+                continue
+            if child.process.returncode not in (0, -signal.SIGTERM):
+                log.warning(
+                    "%s ended with status %s", child.name, child.process.returncode
+                )
+
+
+async def _relay_output(name: str, process: asyncio.subprocess.Process) -> None:
+    """Copy a child's output to stderr, each line prefixed with its name."""
+    stream = process.stdout
+    if stream is None:
+        return
+    prefix = f"{name:<8}| ".encode()
+    out = sys.stderr.buffer
+    while True:
+        try:
+            line = await stream.readline()
+        except ValueError:
+            # A line longer than LINE_LIMIT: relay what is buffered.
+            line = await stream.read(LINE_LIMIT)
+        if not line:
+            return
+        out.write(prefix + line if line.endswith(b"\n") else prefix + line + b"\n")
+        out.flush()

@@ -1,0 +1,204 @@
+"""Helpers for end-to-end tests: `sdapi <process>` as real subprocesses.
+
+Each test module starts the processes it needs once (a module-scoped
+fixture) on the suite's PostgreSQL and a Valkey, with settings passed as
+SDAPI_* environment variables; the tiny model is built once per session in
+a shared folder by the first GPU node.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import TypeVar
+
+import pytest
+
+from web.models import TokenKind, User, utcnow
+
+T = TypeVar("T")
+
+STOP_TIMEOUT_S = 30
+
+
+def sdapi_env(**settings: object) -> dict[str, str]:
+    """This process's environment without SDAPI_* variables, plus `settings`."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SDAPI_")}
+    env.update(
+        {f"SDAPI_{name.upper()}": str(value) for name, value in settings.items()}
+    )
+    env["PYTHONUNBUFFERED"] = "1"
+    return env
+
+
+@pytest.fixture(scope="session")
+def e2e_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Shared by every GPU node of the session: the tiny model is built once."""
+    return tmp_path_factory.mktemp("models")
+
+
+class Service:
+    """One `sdapi <command>` process, its output in `<root>/<name>.log`."""
+
+    def __init__(
+        self, name: str, command: str, env: dict[str, str], root: Path
+    ) -> None:
+        self.name = name
+        self.command = command
+        self.env = env
+        self.log_path = root / f"{name}.log"
+        self.process: subprocess.Popen[bytes] | None = None
+        # Stopped or killed on purpose: its exit is no failure.
+        self.expected_down = True
+
+    def start(self) -> None:
+        with self.log_path.open("ab") as log:
+            self.process = subprocess.Popen(
+                [sys.executable, "-m", "sdapi", self.command],
+                env=self.env,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+            )
+        self.expected_down = False
+
+    @property
+    def returncode(self) -> int | None:
+        return self.process.poll() if self.process is not None else None
+
+    def signal(self, sig: int) -> None:
+        if self.process is not None:
+            self.process.send_signal(sig)
+
+    def kill(self) -> None:
+        """SIGKILL, as a crash would."""
+        self.expected_down = True
+        if self.process is not None and self.process.poll() is None:
+            self.process.kill()
+            self.process.wait()
+
+    def terminate(self) -> None:
+        self.expected_down = True
+        if self.process is not None and self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+
+    def wait(self, timeout: float = STOP_TIMEOUT_S) -> int | None:
+        """Wait for the process to end; kill it if it takes too long."""
+        if self.process is None:
+            return None
+        try:
+            return self.process.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            return self.process.wait()
+
+    def stop(self, timeout: float = STOP_TIMEOUT_S) -> int | None:
+        self.terminate()
+        return self.wait(timeout)
+
+    def log_text(self) -> str:
+        with contextlib.suppress(FileNotFoundError):
+            return self.log_path.read_text(errors="replace")
+        return ""
+
+
+class Services:
+    """The processes of one test module, by name."""
+
+    def __init__(self) -> None:
+        self.all: dict[str, Service] = {}
+
+    def add(self, service: Service) -> Service:
+        self.all[service.name] = service
+        return service
+
+    def __getitem__(self, name: str) -> Service:
+        return self.all[name]
+
+    def failure(self) -> str | None:
+        """What died unexpectedly, with the end of its log; None if all is well."""
+        for service in self.all.values():
+            code = service.returncode
+            if code is not None and not service.expected_down:
+                return (
+                    f"{service.name} exited with {code}; its log ends:\n"
+                    + service.log_text()[-4000:]
+                )
+        return None
+
+    def logs(self) -> str:
+        return "\n".join(
+            f"--- {service.name}\n{service.log_text()[-2000:]}"
+            for service in self.all.values()
+        )
+
+    def stop(self) -> None:
+        """SIGTERM them all at once, then wait for each."""
+        for service in self.all.values():
+            service.terminate()
+        deadline = time.monotonic() + STOP_TIMEOUT_S
+        for service in self.all.values():
+            service.wait(max(0.1, deadline - time.monotonic()))
+
+
+def wait_sync(
+    check: Callable[[], T], timeout: float, what: str, services: Services
+) -> T:
+    """Poll `check` until it returns something truthy; fail if a process dies."""
+    deadline = time.monotonic() + timeout
+    while True:
+        result = check()
+        if result:
+            return result
+        if (failure := services.failure()) is not None:
+            pytest.fail(f"waiting for {what}: {failure}")
+        if time.monotonic() > deadline:
+            pytest.fail(f"{what}: not within {timeout}s\n{services.logs()}")
+        time.sleep(0.1)
+
+
+async def until(
+    check: Callable[[], Awaitable[T | None]],
+    timeout: float,
+    what: str,
+    services: Services,
+) -> T:
+    """Await `check` until it returns something truthy; fail if a process dies."""
+    deadline = time.monotonic() + timeout
+    while True:
+        result = await check()
+        if result:
+            return result
+        if (failure := services.failure()) is not None:
+            pytest.fail(f"waiting for {what}: {failure}")
+        if time.monotonic() > deadline:
+            pytest.fail(f"{what}: not within {timeout}s\n{services.logs()}")
+        await asyncio.sleep(0.1)
+
+
+async def make_user(*, premium: bool = False) -> tuple[User, dict[str, str]]:
+    """A verified user and the headers of a bearer token (Tortoise must be open)."""
+    from datetime import timedelta
+    from uuid import uuid4
+
+    from web.tokens import issue_token
+
+    now = utcnow()
+    address = f"e2e-{uuid4().hex[:10]}@example.org"
+    user = await User.create(
+        id=uuid4(),
+        email=address,
+        email_key=address,
+        password_hash="!",  # never signs in with a password
+        premium_until=now + timedelta(days=30) if premium else None,
+        email_verified_at=now,
+    )
+    secret, _ = await issue_token(user, kind=TokenKind.BEARER, ttl_s=3600)
+    return user, {"Authorization": f"Bearer {secret}"}

@@ -1,0 +1,577 @@
+"""The normal tier end to end: web, two jobs workers and a `tiny` GPU node as
+real processes, real PostgreSQL, an embedded Valkey this module owns, and an
+aiosmtpd server that keeps the emails."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import email
+import email.policy
+import io
+import json
+import re
+import signal
+import time
+import urllib.request
+from collections import Counter
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass
+from email.message import EmailMessage
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+import redis
+from arq.constants import result_key_prefix
+from PIL import Image
+
+from gpu_node.schemas import (
+    NODE_KEY_PREFIX,
+    TERMINAL_STATUSES,
+    QueuedEvent,
+    Status,
+    batch_job_id,
+    batch_queue,
+)
+from sdapi.embedded import EmbeddedValkey
+from sdapi.events import read_events
+from sdapi.mailsink import free_port, mail_sink, read_messages
+from sdapi.queue import create_queue_pool
+from tests.e2e.conftest import Service, Services, make_user, sdapi_env, until, wait_sync
+from web.db import open_database, truncate_all
+from web.models import GeneratedImage, Generation, OutboxEmail, OutboxStatus, User
+
+pytestmark = pytest.mark.slow
+
+MAIL_FROM = "sdapi <noreply@sdapi.test>"
+NORMAL_DELAY_S = 2
+MAX_BATCH = 4
+BATCHES_PER_NODE = 3
+NODE_ID = "e2e-node"
+
+
+class MailServer:
+    """aiosmtpd keeping messages in a folder, stoppable and restartable on its port."""
+
+    def __init__(self, folder: Path) -> None:
+        self.folder = folder
+        self.port = free_port()
+        self.url = f"smtp://127.0.0.1:{self.port}"
+        self._sink: contextlib.AbstractContextManager[str] | None = None
+
+    def start(self) -> None:
+        self._sink = mail_sink(self.folder, port=self.port)
+        self._sink.__enter__()
+
+    def stop(self) -> None:
+        if self._sink is not None:
+            self._sink.__exit__(None, None, None)
+            self._sink = None
+
+    def clear(self) -> None:
+        for path in self.folder.glob("*.eml"):
+            path.unlink()
+
+    def messages(self) -> list[EmailMessage]:
+        return [
+            email.message_from_bytes(raw, policy=email.policy.default)  # type: ignore[misc]
+            for raw in read_messages(self.folder)
+        ]
+
+
+@dataclass
+class Stack:
+    web_url: str
+    redis_url: str
+    valkey: EmbeddedValkey
+    services: Services
+    mail: MailServer
+
+    @property
+    def node(self) -> Service:
+        return self.services["gpu-node"]
+
+
+def _ready(url: str) -> bool:
+    try:
+        with urllib.request.urlopen(url, timeout=1) as response:  # noqa: S310
+            return bool(response.status == 200)
+    except OSError:
+        return False
+
+
+def _node_announced(redis_url: str) -> bool:
+    client = redis.Redis.from_url(redis_url)
+    try:
+        return bool(client.keys(f"{NODE_KEY_PREFIX}*"))
+    finally:
+        client.close()
+
+
+@pytest.fixture(scope="module")
+def stack(
+    database_url: str, e2e_model_dir: Path, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[Stack]:
+    root = tmp_path_factory.mktemp("normal-e2e")
+    port = free_port()
+    web_url = f"http://127.0.0.1:{port}"
+    mail = MailServer(root / "mail")
+    mail.start()
+    services = Services()
+    with EmbeddedValkey(root / "valkey") as valkey:
+        common: dict[str, object] = {
+            "database_url": database_url,
+            "redis_url": valkey.url,
+            "data_dir": root / "data",
+            "secret_key": "e2e-secret-key",
+            "public_url": web_url,
+        }
+        services.add(
+            Service(
+                "web",
+                "web",
+                sdapi_env(
+                    **common,
+                    host="127.0.0.1",
+                    port=port,
+                    normal_delay=NORMAL_DELAY_S,
+                    bcrypt_rounds=4,
+                    premium_max_in_flight=20,
+                ),
+                root,
+            )
+        )
+        for name in ("jobs-1", "jobs-2"):
+            services.add(
+                Service(
+                    name,
+                    "jobs",
+                    sdapi_env(
+                        **common,
+                        smtp_url=mail.url,
+                        mail_from=MAIL_FROM,
+                        smtp_timeout=5,
+                        dispatch_interval=0.3,
+                        # Longer than it takes to submit a test's requests, so
+                        # requests sent together are batched together.
+                        dispatch_window=3,
+                        dispatch_batches_per_node=BATCHES_PER_NODE,
+                        reconcile_interval=1,
+                        # Lost work is noticed within seconds, not a minute.
+                        queued_check_after=3,
+                        outbox_interval=0.3,
+                        outbox_backoff_base=1,
+                        outbox_backoff_max=4,
+                        outbox_max_attempts=40,
+                    ),
+                    root,
+                )
+            )
+        services.add(
+            Service(
+                "gpu-node",
+                "gpu-node",
+                sdapi_env(
+                    **common,
+                    model="tiny",
+                    model_dir=e2e_model_dir,
+                    node_id=NODE_ID,
+                    gpu_device="cpu",
+                    gpu_max_batch=MAX_BATCH,
+                    # A SIGKILLed node's batch is claimed again after 2 s.
+                    gpu_job_lease_s=2,
+                    gpu_announce_every_s=1,
+                    gpu_preview_every=0,
+                ),
+                root,
+            )
+        )
+        try:
+            for service in services.all.values():
+                service.start()
+            wait_sync(lambda: _ready(f"{web_url}/readyz"), 60, "web", services)
+            for name in ("jobs-1", "jobs-2"):
+                wait_sync(
+                    lambda name=name: (
+                        "jobs worker started"  # type: ignore[misc]
+                        in services[name].log_text()
+                    ),
+                    60,
+                    name,
+                    services,
+                )
+            wait_sync(lambda: _node_announced(valkey.url), 120, "gpu node", services)
+            yield Stack(web_url, valkey.url, valkey, services, mail)
+        finally:
+            services.stop()
+            mail.stop()
+
+
+class E2E:
+    """A test's view of the stack: HTTP, the database, Redis, the mailbox."""
+
+    def __init__(self, stack: Stack, http: aiohttp.ClientSession, redis: Any):
+        self.stack = stack
+        self.http = http
+        self.redis = redis
+
+    async def submit(self, auth: dict[str, str], **fields: Any) -> dict[str, Any]:
+        body = {"prompt": "a lighthouse", "width": 64, "height": 64, **fields}
+        async with self.http.post(
+            "/api/v1/generations", json=body, headers=auth
+        ) as response:
+            data: dict[str, Any] = await response.json()
+            assert response.status == 202, data
+            return data
+
+    async def png(self, auth: dict[str, str], generation_id: str) -> bytes:
+        async with self.http.get(
+            f"/api/v1/generations/{generation_id}/images/0", headers=auth
+        ) as response:
+            assert response.status == 200
+            return await response.read()
+
+    async def finished(self, ids: list[str], timeout: float = 90) -> list[Generation]:
+        """Wait until every generation is final; the rows, in `ids` order."""
+
+        async def check() -> list[Generation] | None:
+            rows = {str(r.id): r for r in await Generation.filter(id__in=ids)}
+            if all(rows[i].status in TERMINAL_STATUSES for i in ids):
+                return [rows[i] for i in ids]
+            return None
+
+        return await until(check, timeout, "generations to finish", self.stack.services)
+
+    async def mails(self, count: int, timeout: float = 60) -> list[EmailMessage]:
+        """Wait for at least `count` messages in the mailbox."""
+
+        async def check() -> list[EmailMessage] | None:
+            messages = self.stack.mail.messages()
+            return messages if len(messages) >= count else None
+
+        return await until(check, timeout, f"{count} emails", self.stack.services)
+
+    async def idle(self) -> None:
+        """Wait until the GPU queues are empty (nothing left for the next test)."""
+
+        async def check() -> bool:
+            return not await self.redis.zcard(batch_queue("tiny"))
+
+        await until(check, 60, "an empty batch queue", self.stack.services)
+
+
+@pytest.fixture
+async def e2e(stack: Stack, database_url: str) -> AsyncIterator[E2E]:
+    await truncate_all(database_url)
+    stack.mail.clear()
+    async with contextlib.AsyncExitStack() as exits:
+        await exits.enter_async_context(open_database(database_url, pool_size=2))
+        pool = await create_queue_pool(stack.redis_url)
+        exits.push_async_callback(pool.aclose)
+        http = await exits.enter_async_context(
+            aiohttp.ClientSession(base_url=stack.web_url)
+        )
+        helper = E2E(stack, http, pool)
+        yield helper
+        await helper.idle()
+
+
+# --- emails and PNGs ---------------------------------------------------------
+
+REQUEST_ID = re.compile(r"Request id: ([0-9a-f-]{36})")
+
+
+def mail_generation(message: EmailMessage) -> str:
+    """The generation an email is about (from its text part)."""
+    text = message.get_body(("plain",))
+    assert text is not None
+    found = REQUEST_ID.search(text.get_content())
+    assert found, text.get_content()
+    return found.group(1)
+
+
+def attached_pngs(message: EmailMessage) -> list[bytes]:
+    return [
+        part.get_content()
+        for part in message.iter_attachments()
+        if part.get_content_type() == "image/png"
+    ]
+
+
+def png_manifest(data: bytes) -> dict[str, Any]:
+    """The parameters a node wrote into the PNG's text chunks."""
+    with Image.open(io.BytesIO(data)) as image:
+        chunks = dict(image.text)  # type: ignore[attr-defined]
+    manifest: dict[str, Any] = json.loads(chunks["sdapi"])
+    manifest["parameters"] = chunks["parameters"]
+    return manifest
+
+
+def pixels(data: bytes) -> bytes:
+    with Image.open(io.BytesIO(data)) as image:
+        return image.convert("RGB").tobytes()
+
+
+def assert_same_image(batched: bytes, alone: bytes) -> None:
+    """The same picture: same seeds, same noise, same denoising.
+
+    A batched pipeline call runs the same maths as a single one, but the CPU
+    kernels sum in another order for another batch size, so a rare 8-bit value
+    may round one level apart (measured: at most 1 of 12,288 values, by 1).
+    """
+    left, right = pixels(batched), pixels(alone)
+    assert len(left) == len(right)
+    diffs = [abs(x - y) for x, y in zip(left, right, strict=True) if x != y]
+    assert max(diffs, default=0) <= 1, f"{len(diffs)} values differ"
+    assert len(diffs) <= len(left) // 200, f"{len(diffs)} values differ"
+
+
+def by_generation(messages: list[EmailMessage]) -> dict[str, list[EmailMessage]]:
+    found: dict[str, list[EmailMessage]] = {}
+    for message in messages:
+        found.setdefault(mail_generation(message), []).append(message)
+    return found
+
+
+# --- the tests -----------------------------------------------------------------
+
+
+async def test_twelve_requests_run_as_four_batches_and_are_emailed(
+    e2e: E2E, stack: Stack
+) -> None:
+    users = [await make_user() for _ in range(3)]
+    submitted = []
+    for i in range(12):
+        user, auth = users[i % 3]
+        data = await e2e.submit(
+            auth, prompt=f"harbour at dusk {i}", seed=1000 + i, steps=2 + i % 2
+        )
+        assert data["status"] == "scheduled"
+        submitted.append((user, data))
+    ids = [data["id"] for _, data in submitted]
+
+    rows = await e2e.finished(ids)
+    assert [row.status for row in rows] == [Status.SUCCEEDED] * 12
+    # 2 parameter groups x 2 chunks of at most 4 images, each run once.
+    batches = Counter(row.batch_id for row in rows)
+    assert sorted(batches.values()) == [2, 2, 4, 4]
+    assert {row.attempts for row in rows} == {1}
+    for batch_id in batches:
+        assert await e2e.redis.exists(result_key_prefix + batch_job_id(batch_id, 1))
+    for row in rows:
+        queued = [
+            e
+            for _, e in await read_events(e2e.redis, row.id)
+            if isinstance(e, QueuedEvent)
+        ]
+        assert len(queued) == 1  # dispatched once, by one of the two workers
+
+    messages = await e2e.mails(12)
+    await asyncio.sleep(1)
+    mails = by_generation(stack.mail.messages())
+    assert sorted(mails) == sorted(ids)
+    for user, data in submitted:
+        [message] = mails[data["id"]]
+        assert message["To"] == user.email
+        assert message["From"] == MAIL_FROM
+        assert message.get_body(("html",)) is not None
+        [png] = attached_pngs(message)
+        manifest = png_manifest(png)
+        assert manifest["seed"] == data["request"]["seed"]
+        assert manifest["prompt"] == data["request"]["prompt"]
+        assert f"Seed: {data['request']['seed']}" in manifest["parameters"]
+        # The signed link in the email works without logging in.
+        text = message.get_body(("plain",))
+        assert text is not None
+        link = re.search(r"(http://\S+/images/0\?\S+)", text.get_content())
+        assert link, text.get_content()
+        async with aiohttp.ClientSession() as anonymous:
+            async with anonymous.get(link.group(1)) as response:
+                assert response.status == 200
+                assert await response.read() == png
+    assert len(messages) == 12
+    for row in await Generation.filter(id__in=ids):
+        assert row.emailed_at is not None
+
+    # Each batched image equals the same request run alone (premium, no batch).
+    _, premium = await make_user(premium=True)
+    for _, data in submitted:
+        request = data["request"]
+        alone = await e2e.submit(
+            premium,
+            prompt=request["prompt"],
+            seed=request["seed"],
+            steps=request["steps"],
+            guidance_scale=request["guidance_scale"],
+            scheduler=request["scheduler"],
+        )
+        [row] = await e2e.finished([alone["id"]])
+        assert row.status is Status.SUCCEEDED
+        batched = await GeneratedImage.get(generation_id=data["id"], index=0)
+        assert_same_image(bytes(batched.png), await e2e.png(premium, alone["id"]))
+
+
+async def test_a_premium_request_starts_before_the_queued_batches(
+    e2e: E2E, stack: Stack
+) -> None:
+    users = [await make_user() for _ in range(2)]
+    normal = [
+        await e2e.submit(users[i % 2][1], seed=i, steps=50, num_images=2)
+        for i in range(10)
+    ]
+    normal_ids = [data["id"] for data in normal]
+
+    async def queue_full() -> bool:
+        depth = await e2e.redis.zcard(batch_queue("tiny"))
+        running = await Generation.filter(status=Status.RUNNING).exists()
+        return depth >= BATCHES_PER_NODE and running
+
+    await until(queue_full, 30, "a full batch queue", stack.services)
+    _, premium = await make_user(premium=True)
+    accepted = await e2e.submit(premium, seed=99, steps=2)
+    [done] = await e2e.finished([accepted["id"]], timeout=60)
+    assert done.status is Status.SUCCEEDED and done.started_at is not None
+
+    # Let a batch that waited when the premium request came start, then stop.
+    async def waited_batch_started() -> bool:
+        return await Generation.filter(
+            id__in=normal_ids, started_at__gt=done.created_at
+        ).exists()
+
+    await until(waited_batch_started, 60, "the next batch", stack.services)
+    for i, data in enumerate(normal):
+        async with e2e.http.delete(
+            f"/api/v1/generations/{data['id']}", headers=users[i % 2][1]
+        ) as response:
+            assert response.status == 204
+    rows = await e2e.finished(normal_ids)
+    later = [r for r in rows if r.started_at and r.started_at > done.created_at]
+    assert later
+    assert all(done.started_at <= r.started_at for r in later if r.started_at)
+
+
+async def test_emails_wait_for_the_smtp_server_and_go_out_once(
+    e2e: E2E, stack: Stack
+) -> None:
+    stack.mail.stop()
+    try:
+        user, auth = await make_user()
+        ids = [(await e2e.submit(auth, seed=i))["id"] for i in range(3)]
+        rows = await e2e.finished(ids)
+        assert {row.status for row in rows} == {Status.SUCCEEDED}
+        ready_at = time.monotonic()
+
+        async def tried() -> bool:
+            outbox = await OutboxEmail.filter(generation_id__in=ids)
+            return len(outbox) == 3 and all(
+                row.attempts >= 1 and row.last_error for row in outbox
+            )
+
+        await until(tried, 30, "failed send attempts", stack.services)
+        await asyncio.sleep(max(0.0, 20 - (time.monotonic() - ready_at)))
+    finally:
+        stack.mail.start()
+
+    await e2e.mails(3, timeout=30)
+    await asyncio.sleep(3)  # a duplicate would arrive by now
+    mails = by_generation(stack.mail.messages())
+    assert sorted(mails) == sorted(ids)
+    assert all(len(copies) == 1 for copies in mails.values())
+    for row in await Generation.filter(id__in=ids):
+        assert row.emailed_at is not None
+    statuses = await OutboxEmail.filter(generation_id__in=ids).values_list(
+        "status", flat=True
+    )
+    assert set(statuses) == {OutboxStatus.SENT}
+    assert (await User.get(id=user.id)).email == mails[ids[0]][0]["To"]
+
+
+async def test_a_batch_survives_its_gpu_node_being_killed(
+    e2e: E2E, stack: Stack
+) -> None:
+    _, auth = await make_user()
+    ids = [(await e2e.submit(auth, seed=i, steps=50))["id"] for i in range(4)]
+
+    async def running() -> bool:
+        return await Generation.filter(id__in=ids, status=Status.RUNNING).exists()
+
+    await until(running, 30, "the batch to start", stack.services)
+    stack.node.kill()
+    killed_mid_batch = not await Generation.filter(
+        id__in=ids, status=Status.SUCCEEDED
+    ).exists()
+    stack.node.start()
+
+    rows = await e2e.finished(ids, timeout=120)
+    assert [row.status for row in rows] == [Status.SUCCEEDED] * 4
+    assert killed_mid_batch
+    assert len({row.batch_id for row in rows}) == 1
+    await e2e.mails(4)
+    await asyncio.sleep(1)
+    mails = by_generation(stack.mail.messages())
+    assert sorted(mails) == sorted(ids)
+    assert all(len(copies) == 1 for copies in mails.values())
+
+
+async def test_a_cancelled_item_leaves_the_rest_of_its_batch(
+    e2e: E2E, stack: Stack
+) -> None:
+    _, auth = await make_user()
+    stack.node.signal(signal.SIGSTOP)
+    try:
+        ids = [(await e2e.submit(auth, seed=i, steps=2))["id"] for i in range(3)]
+
+        async def one_batch() -> bool:
+            rows = await Generation.filter(id__in=ids, status=Status.QUEUED)
+            return len(rows) == 3 and len({row.batch_id for row in rows}) == 1
+
+        await until(one_batch, 30, "one queued batch", stack.services)
+        async with e2e.http.delete(
+            f"/api/v1/generations/{ids[1]}", headers=auth
+        ) as response:
+            assert response.status == 204
+    finally:
+        stack.node.signal(signal.SIGCONT)
+
+    rows = await e2e.finished(ids)
+    assert [row.status for row in rows] == [
+        Status.SUCCEEDED,
+        Status.CANCELLED,
+        Status.SUCCEEDED,
+    ]
+    assert not await GeneratedImage.filter(generation_id=ids[1]).exists()
+    await e2e.mails(2)
+    await asyncio.sleep(1)
+    assert sorted(by_generation(stack.mail.messages())) == sorted([ids[0], ids[2]])
+
+
+async def test_a_flushed_redis_loses_no_generation(e2e: E2E, stack: Stack) -> None:
+    _, auth = await make_user()
+    # The node takes nothing while paused; its announcement lives on (15 s).
+    stack.node.signal(signal.SIGSTOP)
+    try:
+        ids = [(await e2e.submit(auth, seed=i, steps=2))["id"] for i in range(10)]
+
+        async def all_queued() -> bool:
+            return (
+                await Generation.filter(id__in=ids, status=Status.QUEUED).count() == 10
+            )
+
+        await until(all_queued, 30, "10 queued generations", stack.services)
+        assert await e2e.redis.zcard(batch_queue("tiny")) == 3
+        await e2e.redis.flushall()
+    finally:
+        stack.node.signal(signal.SIGCONT)
+
+    rows = await e2e.finished(ids, timeout=60)
+    assert [row.status for row in rows] == [Status.SUCCEEDED] * 10
+    assert {row.attempts for row in rows} == {2}
+    assert await Generation.all().count() == 10
+    assert await GeneratedImage.filter(generation_id__in=ids).count() == 10
+    await e2e.mails(10)
+    await asyncio.sleep(1)
+    mails = by_generation(stack.mail.messages())
+    assert sorted(mails) == sorted(ids)
+    assert all(len(copies) == 1 for copies in mails.values())

@@ -1,0 +1,345 @@
+"""The normal-tier dispatcher against the real database and Redis, in-process."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import uuid
+from datetime import timedelta
+from typing import Any
+
+from arq.connections import ArqRedis
+from arq.constants import job_key_prefix
+
+from gpu_node.schemas import (
+    BATCH_FUNCTION,
+    BatchJob,
+    QueuedEvent,
+    Status,
+    Tier,
+    batch_job_id,
+    batch_queue,
+)
+from jobs.dispatcher import dispatch_due, generation_job, plan_batches, send_batch
+from jobs.settings import JobsSettings
+from jobs.worker import JobsResources
+from sdapi.events import read_events
+from sdapi.queue import deserialize
+from tests.jobs.conftest import (
+    MODEL,
+    announce_node,
+    free_port,
+    make_generation,
+    make_resources,
+    make_user,
+)
+from web.db import open_database
+from web.models import Generation, utcnow
+
+
+async def queued_batches(res: JobsResources, model: str = MODEL) -> list[BatchJob]:
+    """The batch jobs on the model's batch queue, by their oldest request.
+
+    (arq orders jobs enqueued in the same millisecond by id, so the batches of
+    one dispatch round may sit in the queue in any order.)
+    """
+    ids = await res.redis.zrange(batch_queue(model), 0, -1)
+    batches = []
+    for raw_id in ids:
+        raw = await res.redis.get(job_key_prefix + raw_id.decode())
+        job: dict[str, Any] = deserialize(raw)
+        assert job["f"] == BATCH_FUNCTION
+        batches.append(BatchJob.model_validate(job["a"][0]))
+    oldest = {
+        row.id: (row.scheduled_for, row.created_at)
+        for row in await Generation.filter(
+            id__in=[item.generation_id for b in batches for item in b.items]
+        )
+    }
+    return sorted(batches, key=lambda b: oldest[b.items[0].generation_id])
+
+
+async def take_from_queue(res: JobsResources, batch: BatchJob) -> None:
+    """What a node does when it finishes a batch job: it leaves the queue."""
+    job_id = batch_job_id(batch.batch_id, batch.attempt)
+    await res.redis.zrem(batch_queue(batch.model), job_id)
+    await res.redis.delete(job_key_prefix + job_id)
+
+
+async def test_groups_by_parameters_and_cuts_by_images(
+    jobs_resources: JobsResources,
+) -> None:
+    res = jobs_resources
+    await announce_node(res, max_batch=4)
+    users = [await make_user() for _ in range(3)]
+    start = utcnow() - timedelta(minutes=5)
+    rows = []
+    # Two parameter groups, six requests each, alternating (oldest first).
+    for i in range(12):
+        rows.append(
+            await make_generation(
+                users[i % 3],
+                prompt=f"prompt {i}",
+                seed=100 + i,
+                steps=2 if i % 2 == 0 else 3,
+                scheduled_for=start + timedelta(seconds=i),
+            )
+        )
+    res.settings = res.settings.model_copy(update={"dispatch_batches_per_node": 10})
+
+    assert await dispatch_due(res) == 4
+    batches = await queued_batches(res)
+    assert [b.image_count for b in batches] == [4, 4, 2, 2]
+    assert [b.items[0].params.steps for b in batches] == [2, 3, 2, 3]
+    dispatched = [item.generation_id for b in batches for item in b.items]
+    assert sorted(dispatched) == sorted(row.id for row in rows)
+    # Oldest first within each group.
+    assert [item.params.prompt for item in batches[0].items] == [
+        "prompt 0",
+        "prompt 2",
+        "prompt 4",
+        "prompt 6",
+    ]
+    for batch in batches:
+        assert batch.attempt == 1
+        for item in batch.items:
+            row = await Generation.get(id=item.generation_id)
+            assert row.status is Status.QUEUED
+            assert row.batch_id == batch.batch_id
+            assert row.attempts == 1
+            assert row.queued_at is not None and row.deadline is not None
+            assert row.deadline > utcnow() + timedelta(seconds=20)
+            assert item.params.seed == row.request["seed"]
+            assert item.tier is Tier.NORMAL
+            events = [e for _, e in await read_events(res.redis, row.id)]
+            assert events and isinstance(events[-1], QueuedEvent)
+    # Nothing is dispatched twice.
+    assert await dispatch_due(res) == 0
+
+
+async def test_counts_images_not_rows(jobs_resources: JobsResources) -> None:
+    res = jobs_resources
+    await announce_node(res, max_batch=4)
+    user = await make_user()
+    start = utcnow() - timedelta(minutes=1)
+    for i, images in enumerate([3, 2, 1, 4, 1]):
+        await make_generation(
+            user,
+            seed=i,
+            num_images=images,
+            scheduled_for=start + timedelta(seconds=i),
+        )
+    res.settings = res.settings.model_copy(update={"dispatch_batches_per_node": 10})
+    await dispatch_due(res)
+    batches = await queued_batches(res)
+    # 3 | 2+1 (then 4 does not fit) | 4 | 1
+    assert [[i.params.num_images for i in b.items] for b in batches] == [
+        [3],
+        [2, 1],
+        [4],
+        [1],
+    ]
+
+
+async def test_a_row_larger_than_the_max_batch_goes_alone(
+    jobs_resources: JobsResources,
+) -> None:
+    res = jobs_resources
+    await announce_node(res, max_batch=2)
+    user = await make_user()
+    big = await make_generation(user, num_images=4)
+    await dispatch_due(res)
+    [batch] = await queued_batches(res)
+    assert [item.generation_id for item in batch.items] == [big.id]
+
+
+async def test_fills_the_batch_queue_only_up_to_the_bound(
+    jobs_resources: JobsResources,
+) -> None:
+    res = jobs_resources
+    await announce_node(res, max_batch=2)
+    user = await make_user()
+    start = utcnow() - timedelta(minutes=1)
+    rows = [
+        await make_generation(user, seed=i, scheduled_for=start + timedelta(seconds=i))
+        for i in range(10)
+    ]
+    # One node, two batches per node: two batches of two, the oldest rows.
+    assert await dispatch_due(res) == 2
+    first = await queued_batches(res)
+    assert [i.generation_id for b in first for i in b.items] == [r.id for r in rows[:4]]
+    assert await dispatch_due(res) == 0
+    assert await Generation.filter(status=Status.SCHEDULED).count() == 6
+
+    # A node finishes one batch: one more goes, the next oldest.
+    await take_from_queue(res, first[0])
+    assert await dispatch_due(res) == 1
+    third = (await queued_batches(res))[-1]
+    assert [i.generation_id for i in third.items] == [r.id for r in rows[4:6]]
+
+    # A second node doubles the room.
+    await announce_node(res, max_batch=2, node_id="node-b")
+    assert await dispatch_due(res) == 2
+    assert await Generation.filter(status=Status.SCHEDULED).count() == 0
+
+
+async def test_leaves_rows_that_are_not_due_cancelled_premium_or_unserved(
+    jobs_resources: JobsResources,
+) -> None:
+    res = jobs_resources
+    await announce_node(res, max_batch=4)
+    user = await make_user()
+    later = await make_generation(user, scheduled_for=utcnow() + timedelta(hours=1))
+    cancelled = await make_generation(user, status=Status.CANCELLED)
+    premium = await make_generation(user, tier=Tier.PREMIUM)
+    unserved = await make_generation(user, model="other-model")
+    due = await make_generation(user)
+
+    assert await dispatch_due(res) == 1
+    [batch] = await queued_batches(res)
+    assert [item.generation_id for item in batch.items] == [due.id]
+    for row, status in (
+        (later, Status.SCHEDULED),
+        (cancelled, Status.CANCELLED),
+        (premium, Status.QUEUED),
+        (unserved, Status.SCHEDULED),
+    ):
+        stored = await Generation.get(id=row.id)
+        assert stored.status is status
+        assert stored.batch_id is None
+    assert await res.redis.zcard(batch_queue("other-model")) == 0
+
+
+async def test_a_partial_batch_waits_out_the_window_for_more_rows(
+    jobs_resources: JobsResources,
+) -> None:
+    res = jobs_resources
+    res.settings = res.settings.model_copy(update={"dispatch_window": 60})
+    await announce_node(res, max_batch=4)
+    user = await make_user()
+    now = utcnow()
+    first = [
+        await make_generation(user, seed=i, scheduled_for=now - timedelta(seconds=5))
+        for i in range(3)
+    ]
+    # Three of four images, due for 5 s of a 60 s window: they wait.
+    assert await dispatch_due(res) == 0
+    fourth = await make_generation(user, seed=3)
+    fifth = await make_generation(user, seed=4)
+    # Full now: the four oldest go; the fifth waits for company.
+    assert await dispatch_due(res) == 1
+    [batch] = await queued_batches(res)
+    assert [i.generation_id for i in batch.items] == [r.id for r in [*first, fourth]]
+    assert (await Generation.get(id=fifth.id)).status is Status.SCHEDULED
+    # Its window over, it goes alone.
+    await Generation.filter(id=fifth.id).update(
+        scheduled_for=now - timedelta(seconds=61)
+    )
+    assert await dispatch_due(res) == 1
+    assert (await Generation.get(id=fifth.id)).status is Status.QUEUED
+
+
+async def test_no_healthy_node_keeps_rows_scheduled(
+    jobs_resources: JobsResources,
+) -> None:
+    res = jobs_resources
+    user = await make_user()
+    row = await make_generation(user)
+    assert await dispatch_due(res) == 0
+    assert (await Generation.get(id=row.id)).status is Status.SCHEDULED
+    await announce_node(res, max_batch=4)
+    assert await dispatch_due(res) == 1
+
+
+async def test_a_cancel_waiting_on_the_lock_sees_the_row_queued(
+    jobs_resources: JobsResources,
+) -> None:
+    """A cancelled row is never dispatched; a dispatched one stays cancellable."""
+    res = jobs_resources
+    await announce_node(res, max_batch=4)
+    user = await make_user()
+    keep = await make_generation(user, seed=1)
+    drop = await make_generation(user, seed=2)
+    await Generation.filter(id=drop.id, status__in=[Status.SCHEDULED]).update(
+        status=Status.CANCELLED
+    )
+    await dispatch_due(res)
+    [batch] = await queued_batches(res)
+    assert [item.generation_id for item in batch.items] == [keep.id]
+
+
+async def test_two_dispatchers_never_take_the_same_row(
+    jobs_settings: JobsSettings,
+) -> None:
+    settings = jobs_settings.model_copy(
+        update={"dispatch_batches_per_node": 100, "dispatch_scan_limit": 7}
+    )
+    async with contextlib.AsyncExitStack() as stack:
+        await stack.enter_async_context(open_database(settings.database_url or ""))
+        build = make_resources(settings, stack)
+        first, second = await build(), await build()
+        await announce_node(first, max_batch=3)
+        users = [await make_user() for _ in range(3)]
+        rows = [
+            await make_generation(users[i % 3], seed=i, steps=2 + i % 2)
+            for i in range(60)
+        ]
+        for _ in range(20):
+            await asyncio.gather(dispatch_due(first), dispatch_due(second))
+        batches = await queued_batches(first)
+        dispatched = [item.generation_id for b in batches for item in b.items]
+        assert len(dispatched) == len(set(dispatched)) == len(rows)
+        for batch in batches:
+            assert batch.image_count <= 3
+            for item in batch.items:
+                stored = await Generation.get(id=item.generation_id)
+                assert stored.batch_id == batch.batch_id
+
+
+async def test_a_failed_enqueue_leaves_rows_queued_for_the_reconciler(
+    jobs_resources: JobsResources,
+) -> None:
+    res = jobs_resources
+    user = await make_user()
+    row = await make_generation(user, status=Status.QUEUED, attempts=1)
+    batch = BatchJob(batch_id=uuid.uuid4(), model=MODEL, items=[generation_job(row, 1)])
+    # Nothing listens there: every Redis command fails to connect.
+    broken = ArqRedis.from_url(f"redis://127.0.0.1:{free_port()}/0")
+    try:
+        ok = await send_batch(
+            JobsResources(
+                settings=res.settings,
+                redis=broken,
+                registry=res.registry,
+                stack=res.stack,
+            ),
+            batch,
+        )
+    finally:
+        await broken.aclose()
+    assert ok is False
+    assert (await Generation.get(id=row.id)).status is Status.QUEUED
+
+
+def test_plan_batches_keeps_groups_apart_and_oldest_first() -> None:
+    def row(steps: int, images: int, attempts: int = 0) -> Generation:
+        return Generation(
+            id=uuid.uuid4(),
+            width=64,
+            height=64,
+            steps=steps,
+            guidance_scale=5.0,
+            scheduler="euler",
+            num_images=images,
+            attempts=attempts,
+        )
+
+    rows = [row(2, 1), row(3, 1), row(2, 2), row(2, 1, attempts=1), row(2, 2)]
+    plan = plan_batches(rows, max_batch=3)
+    assert [[r.id for r in b.rows] for b in plan] == [
+        [rows[0].id, rows[2].id],
+        [rows[1].id],
+        [rows[3].id],
+        [rows[4].id],
+    ]
+    assert [b.images for b in plan] == [3, 1, 1, 2]

@@ -1,0 +1,393 @@
+"""The outbox sender against real PostgreSQL and an aiosmtpd server."""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import email
+import email.policy
+import hashlib
+import os
+from collections.abc import Iterator
+from datetime import timedelta
+from email.message import EmailMessage
+from pathlib import Path
+from typing import Any
+
+import pytest
+from aiosmtpd.controller import Controller
+from tortoise.transactions import in_transaction
+
+from gpu_node.schemas import Status
+from jobs import outbox
+from jobs.mailer import message_id
+from jobs.outbox import backoff_delay, claim_due, send_due_emails
+from jobs.settings import JobsSettings
+from jobs.worker import JobsResources
+from sdapi.mailsink import free_port, mail_sink, read_messages
+from tests.jobs.conftest import make_generation, make_user
+from web.models import GeneratedImage, Generation, OutboxEmail, OutboxStatus, utcnow
+from web.outbox import queue_email
+
+
+@pytest.fixture
+def sink(tmp_path: Path) -> Iterator[tuple[str, Path]]:
+    """A running mail sink: its smtp:// URL and the folder it writes to."""
+    folder = tmp_path / "mail"
+    with mail_sink(folder) as url:
+        yield url, folder
+
+
+def with_settings(res: JobsResources, **changes: Any) -> JobsResources:
+    """The same resources with some settings changed."""
+    settings = res.settings.model_copy(update=changes)
+    return dataclasses.replace(res, settings=settings)
+
+
+async def write_email(
+    n: int = 0, *, to: str = "reader@example.org", **extra: Any
+) -> OutboxEmail:
+    async with in_transaction():
+        await queue_email(
+            dedupe_key=f"test:{n}",
+            to_address=to,
+            subject=f"Message {n}",
+            text_body=f"Plain text {n}\n",
+            html_body=f"<p>HTML {n}</p>",
+            **extra,
+        )
+    return await OutboxEmail.get(dedupe_key=f"test:{n}")
+
+
+def parse(raw: bytes) -> EmailMessage:
+    # Mail travels with CRLF line ends; read it as a mail client would.
+    message = email.message_from_bytes(
+        raw.replace(b"\r\n", b"\n"), policy=email.policy.default
+    )
+    assert isinstance(message, EmailMessage)
+    return message
+
+
+async def make_due() -> None:
+    """Pretend the backoff has passed for every pending row."""
+    await OutboxEmail.filter(status=OutboxStatus.PENDING).update(
+        next_attempt_at=utcnow() - timedelta(seconds=1)
+    )
+
+
+async def test_sends_a_due_email_as_text_and_html(
+    jobs_resources: JobsResources, sink: tuple[str, Path]
+) -> None:
+    url, folder = sink
+    res = with_settings(
+        jobs_resources, smtp_url=url, mail_from="sdapi <noreply@sdapi.example>"
+    )
+    row = await write_email(1)
+    await send_due_emails(res)
+
+    [raw] = read_messages(folder)
+    message = parse(raw)
+    assert message["From"] == "sdapi <noreply@sdapi.example>"
+    assert message["To"] == "reader@example.org"
+    assert message["Subject"] == "Message 1"
+    assert message["Message-ID"] == f"<outbox.{row.id}@sdapi.example>"
+    assert message["Message-ID"] == message_id(row.id, "noreply@sdapi.example")
+    assert message["Date"]
+    assert message["Auto-Submitted"] == "auto-generated"
+    assert message.get_content_type() == "multipart/alternative"
+    text, html = message.get_body(("plain",)), message.get_body(("html",))
+    assert text is not None
+    assert html is not None
+    assert text.get_content() == "Plain text 1\n"
+    assert html.get_content().strip() == "<p>HTML 1</p>"
+
+    sent = await OutboxEmail.get(id=row.id)
+    assert sent.status is OutboxStatus.SENT
+    assert sent.attempts == 1
+    assert sent.sent_at is not None
+    assert sent.last_error is None
+
+    # Nothing is due any more: another round sends nothing.
+    await send_due_emails(res)
+    assert len(read_messages(folder)) == 1
+
+
+async def test_generation_email_carries_its_pngs_and_records_emailed_at(
+    jobs_resources: JobsResources, sink: tuple[str, Path]
+) -> None:
+    url, folder = sink
+    res = with_settings(jobs_resources, smtp_url=url)
+    user = await make_user()
+    generation = await make_generation(user, num_images=2, status=Status.SUCCEEDED)
+    pngs = [b"\x89PNG\r\n\x1a\n" + os.urandom(3000) for _ in range(2)]
+    for index, png in enumerate(pngs):
+        await GeneratedImage.create(
+            generation=generation,
+            index=index,
+            seed=index,
+            width=64,
+            height=64,
+            sha256=hashlib.sha256(png).hexdigest(),
+            png=png,
+        )
+    row = await write_email(2, to=user.email, generation=generation)
+    await send_due_emails(res)
+
+    [raw] = read_messages(folder)
+    message = parse(raw)
+    assert message.get_content_type() == "multipart/mixed"
+    body = message.get_body(("plain",))
+    assert body is not None
+    assert body.get_content() == "Plain text 2\n"
+    attachments = list(message.iter_attachments())
+    assert [part.get_content_type() for part in attachments] == ["image/png"] * 2
+    assert [part.get_filename() for part in attachments] == [
+        f"sdapi-{generation.id}-0.png",
+        f"sdapi-{generation.id}-1.png",
+    ]
+    assert [part.get_content() for part in attachments] == pngs
+
+    assert (await OutboxEmail.get(id=row.id)).status is OutboxStatus.SENT
+    emailed = await Generation.get(id=generation.id)
+    assert emailed.emailed_at is not None
+
+
+async def test_smtp_down_then_up_is_retried_with_backoff_and_sent_once(
+    jobs_resources: JobsResources, tmp_path: Path
+) -> None:
+    port = free_port()
+    res = with_settings(
+        jobs_resources,
+        smtp_url=f"smtp://127.0.0.1:{port}",
+        outbox_backoff_base=2.0,
+        outbox_backoff_max=600.0,
+        smtp_timeout=5.0,
+    )
+    row = await write_email(3)
+
+    # Attempt 1: nobody listens.
+    before = utcnow()
+    await send_due_emails(res)
+    failed = await OutboxEmail.get(id=row.id)
+    assert failed.status is OutboxStatus.PENDING
+    assert failed.attempts == 1
+    assert failed.last_error
+    assert "connect" in failed.last_error.lower()
+    assert failed.claimed_at is None
+    delay = (failed.next_attempt_at - before).total_seconds()
+    assert 1.7 <= delay <= 2.5, delay  # base * 2^0, minus up to 10 % jitter
+
+    # Not due yet: another round leaves it alone.
+    await send_due_emails(res)
+    assert (await OutboxEmail.get(id=row.id)).attempts == 1
+
+    # Attempt 2 (once due): still down, the delay doubles.
+    await make_due()
+    before = utcnow()
+    await send_due_emails(res)
+    failed = await OutboxEmail.get(id=row.id)
+    assert failed.attempts == 2
+    delay = (failed.next_attempt_at - before).total_seconds()
+    assert 3.5 <= delay <= 4.5, delay
+
+    # The server comes up on that port: attempt 3 delivers, once.
+    folder = tmp_path / "mail"
+    with mail_sink(folder, port=port):
+        await send_due_emails(res)  # not due yet
+        assert read_messages(folder) == []
+        await make_due()
+        await send_due_emails(res)
+        await make_due()
+        await send_due_emails(res)
+    [raw] = read_messages(folder)
+    assert parse(raw)["Subject"] == "Message 3"
+    sent = await OutboxEmail.get(id=row.id)
+    assert sent.status is OutboxStatus.SENT
+    assert sent.attempts == 3
+    # The last error stays on record: it says why it took three attempts.
+    assert sent.last_error
+
+
+async def test_gives_up_after_the_last_attempt(jobs_resources: JobsResources) -> None:
+    res = with_settings(
+        jobs_resources,
+        smtp_url=f"smtp://127.0.0.1:{free_port()}",
+        outbox_max_attempts=2,
+    )
+    row = await write_email(4)
+    await send_due_emails(res)
+    await make_due()
+    await send_due_emails(res)
+    failed = await OutboxEmail.get(id=row.id)
+    assert failed.status is OutboxStatus.FAILED
+    assert failed.attempts == 2
+    assert failed.last_error
+    await make_due()
+    await send_due_emails(res)
+    assert (await OutboxEmail.get(id=row.id)).attempts == 2
+
+
+class Refusing:
+    """An SMTP server that refuses one recipient for good and one for now."""
+
+    async def handle_RCPT(
+        self, server: Any, session: Any, envelope: Any, address: str, options: Any
+    ) -> str:
+        if address.startswith("nobody@"):
+            return "550 5.1.1 No such user"
+        if address.startswith("busy@"):
+            return "451 4.3.0 Try again later"
+        envelope.rcpt_tos.append(address)
+        return "250 OK"
+
+    async def handle_DATA(self, server: Any, session: Any, envelope: Any) -> str:
+        return "250 OK"
+
+
+@pytest.fixture
+def refusing_url() -> Iterator[str]:
+    controller = Controller(Refusing(), hostname="127.0.0.1", port=free_port())
+    controller.start()
+    try:
+        yield f"smtp://127.0.0.1:{controller.port}"
+    finally:
+        controller.stop()
+
+
+async def test_a_permanent_refusal_fails_at_once_a_temporary_one_retries(
+    jobs_resources: JobsResources, refusing_url: str
+) -> None:
+    res = with_settings(jobs_resources, smtp_url=refusing_url)
+    gone = await write_email(5, to="nobody@example.org")
+    busy = await write_email(6, to="busy@example.org")
+    fine = await write_email(7, to="fine@example.org")
+    await send_due_emails(res)
+
+    gone = await OutboxEmail.get(id=gone.id)
+    assert gone.status is OutboxStatus.FAILED
+    assert gone.attempts == 1
+    assert gone.last_error
+    assert "No such user" in gone.last_error
+    busy = await OutboxEmail.get(id=busy.id)
+    assert busy.status is OutboxStatus.PENDING
+    assert busy.last_error
+    assert "Try again later" in busy.last_error
+    # One bad recipient does not hold up the others on the same connection.
+    assert (await OutboxEmail.get(id=fine.id)).status is OutboxStatus.SENT
+
+
+async def test_two_senders_at_once_send_each_email_once(
+    jobs_resources: JobsResources,
+    sink: tuple[str, Path],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    url, folder = sink
+    res = with_settings(jobs_resources, smtp_url=url)
+    rows = [await write_email(n) for n in range(50)]
+
+    claims: dict[str, list[Any]] = {}
+    real_claim = outbox.claim_due
+
+    async def recording_claim(settings: JobsSettings, now: Any) -> list[OutboxEmail]:
+        claimed = await real_claim(settings, now)
+        task = asyncio.current_task()
+        assert task is not None
+        claims.setdefault(task.get_name(), []).extend(row.id for row in claimed)
+        return claimed
+
+    monkeypatch.setattr(outbox, "claim_due", recording_claim)
+    await asyncio.gather(
+        asyncio.create_task(send_due_emails(res), name="sender-a"),
+        asyncio.create_task(send_due_emails(res), name="sender-b"),
+    )
+
+    claimed = [row_id for ids in claims.values() for row_id in ids]
+    assert sorted(claimed) == sorted(row.id for row in rows)
+    assert set(claims) == {"sender-a", "sender-b"}  # both took a share
+
+    ids = [parse(raw)["Message-ID"] for raw in read_messages(folder)]
+    assert len(ids) == 50
+    assert len(set(ids)) == 50
+    for row in await OutboxEmail.all():
+        assert row.status is OutboxStatus.SENT
+        assert row.attempts == 1
+
+
+async def test_claims_skip_rows_another_sender_has_locked(
+    jobs_resources: JobsResources,
+) -> None:
+    first = await write_email(8)
+    second = await write_email(9)
+    locked = asyncio.Event()
+    release = asyncio.Event()
+
+    async def hold_lock() -> None:
+        async with in_transaction():
+            await OutboxEmail.select_for_update().filter(id=first.id)
+            locked.set()
+            await release.wait()
+
+    holder = asyncio.create_task(hold_lock())
+    await locked.wait()
+    try:
+        # SKIP LOCKED: no waiting for the other transaction, no double claim.
+        claimed = await asyncio.wait_for(
+            claim_due(jobs_resources.settings, utcnow()), 5
+        )
+    finally:
+        release.set()
+        await holder
+    assert [row.id for row in claimed] == [second.id]
+    assert (await OutboxEmail.get(id=first.id)).status is OutboxStatus.PENDING
+    assert (await OutboxEmail.get(id=second.id)).status is OutboxStatus.SENDING
+
+
+async def test_a_row_stuck_in_sending_is_taken_over_after_a_while(
+    jobs_resources: JobsResources, sink: tuple[str, Path]
+) -> None:
+    url, folder = sink
+    res = with_settings(jobs_resources, smtp_url=url, outbox_stuck_after=60)
+    stuck = await write_email(10)
+    busy = await write_email(11)
+    now = utcnow()
+    await OutboxEmail.filter(id=stuck.id).update(
+        status=OutboxStatus.SENDING, attempts=1, claimed_at=now - timedelta(seconds=61)
+    )
+    await OutboxEmail.filter(id=busy.id).update(
+        status=OutboxStatus.SENDING, attempts=1, claimed_at=now - timedelta(seconds=5)
+    )
+    await send_due_emails(res)
+    assert [parse(raw)["Subject"] for raw in read_messages(folder)] == ["Message 10"]
+    taken = await OutboxEmail.get(id=stuck.id)
+    assert taken.status is OutboxStatus.SENT
+    assert taken.attempts == 2
+    assert (await OutboxEmail.get(id=busy.id)).status is OutboxStatus.SENDING
+
+
+async def test_non_ascii_addresses_go_out_with_smtputf8(
+    jobs_resources: JobsResources, sink: tuple[str, Path]
+) -> None:
+    url, folder = sink
+    res = with_settings(jobs_resources, smtp_url=url)
+    row = await write_email(12, to="jürgen@exämple.com")
+    await send_due_emails(res)
+    assert (await OutboxEmail.get(id=row.id)).status is OutboxStatus.SENT
+    [raw] = read_messages(folder)
+    assert parse(raw)["To"] == "jürgen@exämple.com"
+
+
+async def test_without_smtp_nothing_is_claimed(jobs_resources: JobsResources) -> None:
+    assert jobs_resources.settings.smtp_url is None
+    row = await write_email(13)
+    await send_due_emails(jobs_resources)
+    waiting = await OutboxEmail.get(id=row.id)
+    assert waiting.status is OutboxStatus.PENDING
+    assert waiting.attempts == 0
+
+
+def test_backoff_doubles_up_to_the_cap_with_a_little_jitter() -> None:
+    for attempts, full in [(1, 2.0), (2, 4.0), (3, 8.0), (9, 512.0), (10, 600.0)]:
+        for _ in range(20):
+            delay = backoff_delay(attempts, base=2.0, cap=600.0)
+            assert full * 0.9 <= delay <= full
+    assert backoff_delay(10_000, base=2.0, cap=600.0) <= 600.0

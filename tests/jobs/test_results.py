@@ -1,0 +1,294 @@
+"""Storing what GPU nodes report: idempotent, forward-only, email when asked."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import AsyncIterator
+from datetime import timedelta
+from typing import Any
+
+import pytest
+from arq.worker import Worker
+
+from gpu_node.schemas import (
+    MARK_STARTED_FUNCTION,
+    RESULTS_QUEUE,
+    STORE_RESULT_FUNCTION,
+    ErrorInfo,
+    GenerationJob,
+    GenerationParams,
+    GenerationResult,
+    StartedNotice,
+    Status,
+    Tier,
+    image_key,
+    progress_key,
+    result_job_id,
+    started_job_id,
+)
+from jobs.results import ResultRejected, mark_started, store_result
+from jobs.worker import job_functions
+from sdapi.events import read_events
+from sdapi.queue import create_queue_pool, deserialize, enqueue, serialize
+from tests.node_double import NodeDouble, jobs_context, make_user
+from web.db import open_database
+from web.models import Delivery, GeneratedImage, Generation, OutboxEmail, User, utcnow
+
+PARAMS = GenerationParams(
+    prompt="a lighthouse at dusk",
+    width=64,
+    height=64,
+    steps=4,
+    guidance_scale=5.0,
+    seed=1234,
+    num_images=2,
+    scheduler="euler",
+)
+
+
+@pytest.fixture
+async def node(clean_db: str, clean_redis: str) -> AsyncIterator[NodeDouble]:
+    async with (
+        open_database(clean_db),
+        jobs_context(clean_redis, clean_db) as ctx,
+    ):
+        yield NodeDouble(ctx)
+
+
+async def queued(
+    user: User, *, delivery: Delivery = Delivery.DOWNLOAD, tier: Tier = Tier.PREMIUM
+) -> GenerationJob:
+    """A queued generation row and the job a node would have claimed for it."""
+    generation = await Generation.create(
+        id=uuid.uuid4(),
+        user=user,
+        tier=tier,
+        status=Status.QUEUED,
+        delivery=delivery,
+        model="tiny",
+        request={
+            **PARAMS.model_dump(mode="json"),
+            "model": "tiny",
+            "delivery": delivery,
+        },
+        width=PARAMS.width,
+        height=PARAMS.height,
+        steps=PARAMS.steps,
+        guidance_scale=PARAMS.guidance_scale,
+        scheduler=PARAMS.scheduler,
+        num_images=PARAMS.num_images,
+        queued_at=utcnow(),
+        attempts=1,
+        deadline=utcnow() + timedelta(seconds=30),
+    )
+    return GenerationJob(
+        generation_id=generation.id, model="tiny", tier=tier, params=PARAMS
+    )
+
+
+async def dones(node: NodeDouble, job: GenerationJob) -> list[Any]:
+    events = await read_events(node.redis, job.generation_id)
+    return [event for _, event in events if event.type == "done"]
+
+
+async def test_a_result_delivered_twice_changes_nothing(node: NodeDouble) -> None:
+    user, _ = await make_user()
+    job = await queued(user)
+    made = await node.images(job)
+    payload = node.result(job, Status.SUCCEEDED, [info for info, _ in made])
+    assert await store_result(node.ctx, payload) == "succeeded"
+    first = await Generation.get(id=job.generation_id)
+    assert await store_result(node.ctx, payload) == "already final"
+    second = await Generation.get(id=job.generation_id)
+    assert second.finished_at == first.finished_at
+    images = await GeneratedImage.filter(generation_id=job.generation_id).order_by(
+        "index"
+    )
+    assert [(i.index, i.seed) for i in images] == [(0, 1234), (1, 1235)]
+    assert [bytes(i.png) for i in images] == [png for _, png in made]
+    assert len(await dones(node, job)) == 1
+    assert await OutboxEmail.all().count() == 0  # delivery is download
+
+
+async def test_status_only_moves_forward(node: NodeDouble) -> None:
+    user, _ = await make_user()
+    job = await queued(user)
+    await node.start(job)
+    row = await Generation.get(id=job.generation_id)
+    assert row.status is Status.RUNNING
+    assert row.started_at is not None
+    made = await node.images(job)
+    await node.result_stored(job, made)
+    # A late or repeated `mark_started` cannot move a finished row back.
+    late = StartedNotice(
+        generation_id=job.generation_id, node_id="double-1", started_at=utcnow()
+    )
+    assert await mark_started(node.ctx, late.model_dump(mode="json")) == "unchanged"
+    # Nor can a second attempt's different ending.
+    error = ErrorInfo(code="out_of_memory", message="no memory")
+    failed = node.result(job, Status.FAILED, error=error)
+    assert await store_result(node.ctx, failed) == "already final"
+    row = await Generation.get(id=job.generation_id)
+    assert row.status is Status.SUCCEEDED
+    assert row.error_code is None
+
+
+async def test_a_cancelled_generation_keeps_its_status_and_gets_no_images(
+    node: NodeDouble,
+) -> None:
+    user, _ = await make_user()
+    job = await queued(user)
+    await Generation.filter(id=job.generation_id).update(
+        status=Status.CANCELLED, finished_at=utcnow()
+    )
+    made = await node.images(job)
+    assert await node.result_stored(job, made) == "already final"
+    row = await Generation.get(id=job.generation_id)
+    assert row.status is Status.CANCELLED
+    assert await GeneratedImage.filter(generation_id=job.generation_id).count() == 0
+    [done] = await dones(node, job)
+    assert done.status == "cancelled"
+
+
+async def test_failure_is_stored_and_announced_with_its_reason(
+    node: NodeDouble,
+) -> None:
+    user, _ = await make_user()
+    job = await queued(user)
+    await node.redis.hset(
+        progress_key(job.generation_id), mapping={"step": 2, "total": 4}
+    )
+    assert await node.fail(job, "the GPU ran out of memory") == "failed"
+    row = await Generation.get(id=job.generation_id)
+    assert row.status is Status.FAILED
+    assert (row.error_code, row.error_message) == (
+        "out_of_memory",
+        "the GPU ran out of memory",
+    )
+    [done] = await dones(node, job)
+    assert done.status == "failed"
+    assert done.error.code == "out_of_memory"
+    assert await node.redis.exists(progress_key(job.generation_id)) == 0
+
+
+async def test_email_delivery_writes_one_email_with_a_signed_link(
+    node: NodeDouble,
+) -> None:
+    user, _ = await make_user(premium=False)
+    job = await queued(user, delivery=Delivery.EMAIL, tier=Tier.NORMAL)
+    made = await node.images(job)
+    payload = node.result(job, Status.SUCCEEDED, [info for info, _ in made])
+    await store_result(node.ctx, payload)
+    await store_result(node.ctx, payload)
+    [email] = await OutboxEmail.all()
+    assert email.to_address == user.email
+    assert email.generation_id == job.generation_id  # type: ignore[attr-defined]
+    assert "a lighthouse at dusk" in email.subject
+    link = f"http://testserver.local/api/v1/generations/{job.generation_id}/images/0"
+    assert link + "?expires=" in email.text_body
+    assert "signature=" in email.text_body
+    assert email.html_body is not None and "signature=" in email.html_body
+
+
+async def test_failed_email_delivery_says_why(node: NodeDouble) -> None:
+    user, _ = await make_user(premium=False)
+    job = await queued(user, delivery=Delivery.EMAIL, tier=Tier.NORMAL)
+    await node.fail(job, "the prompt could not be encoded")
+    [email] = await OutboxEmail.all()
+    assert "the prompt could not be encoded" in email.text_body
+
+
+async def test_cancelled_email_delivery_sends_nothing(node: NodeDouble) -> None:
+    user, _ = await make_user(premium=False)
+    job = await queued(user, delivery=Delivery.EMAIL, tier=Tier.NORMAL)
+    assert await store_result(node.ctx, node.result(job, Status.CANCELLED)) == (
+        "cancelled"
+    )
+    assert await OutboxEmail.all().count() == 0
+
+
+async def test_lost_images_leave_the_row_for_the_reconciler(node: NodeDouble) -> None:
+    user, _ = await make_user()
+    job = await queued(user)
+    made = await node.images(job)
+    await node.redis.delete(image_key(job.generation_id, 1))
+    assert await node.result_stored(job, made) == "images missing"
+    row = await Generation.get(id=job.generation_id)
+    assert row.status is Status.QUEUED
+    assert await dones(node, job) == []
+
+
+async def test_tampered_images_and_malformed_payloads_are_rejected(
+    node: NodeDouble,
+) -> None:
+    user, _ = await make_user()
+    job = await queued(user)
+    made = await node.images(job)
+    await node.redis.set(image_key(job.generation_id, 0), b"not the png")
+    with pytest.raises(ResultRejected, match="sha256"):
+        await node.result_stored(job, made)
+    with pytest.raises(ResultRejected):
+        await store_result(node.ctx, {"generation_id": "nope"})
+    with pytest.raises(ResultRejected):
+        await mark_started(node.ctx, {"generation_id": str(job.generation_id)})
+    assert (await Generation.get(id=job.generation_id)).status is Status.QUEUED
+
+
+async def test_a_result_for_an_unknown_generation_is_dropped(node: NodeDouble) -> None:
+    user, _ = await make_user()
+    job = await queued(user)
+    ghost = job.model_copy(update={"generation_id": uuid.uuid4()})
+    assert await store_result(node.ctx, node.result(ghost, Status.CANCELLED)) == (
+        "unknown generation"
+    )
+
+
+async def test_jobs_enqueued_as_nodes_do_run_on_the_results_queue(
+    node: NodeDouble, clean_redis: str
+) -> None:
+    user, _ = await make_user()
+    job = await queued(user)
+    notice = StartedNotice(
+        generation_id=job.generation_id, node_id="double-1", started_at=utcnow()
+    )
+    made = await node.images(job)
+    result = GenerationResult.model_validate(
+        node.result(job, Status.SUCCEEDED, [info for info, _ in made])
+    )
+    pool = node.ctx["redis"]
+    # `sdapi.queue.enqueue` is how a node hands work to `jobs`.
+    await enqueue(
+        pool,
+        MARK_STARTED_FUNCTION,
+        notice,
+        queue=RESULTS_QUEUE,
+        job_id=started_job_id(job.generation_id),
+    )
+    await enqueue(
+        pool,
+        STORE_RESULT_FUNCTION,
+        result,
+        queue=RESULTS_QUEUE,
+        job_id=result_job_id(job.generation_id),
+    )
+    worker_pool = await create_queue_pool(clean_redis)
+    worker = Worker(
+        functions=job_functions(),
+        queue_name=RESULTS_QUEUE,
+        redis_pool=worker_pool,
+        job_serializer=serialize,
+        job_deserializer=deserialize,
+        ctx=dict(node.ctx),
+        burst=True,
+        handle_signals=False,
+        poll_delay=0.01,
+        max_jobs=1,
+    )
+    try:
+        await worker.async_run()
+    finally:
+        # Not worker.close(): it calls redis-py's deprecated close().
+        await worker_pool.aclose()
+    assert (worker.jobs_complete, worker.jobs_failed) == (2, 0)
+    row = await Generation.get(id=job.generation_id)
+    assert row.status is Status.SUCCEEDED

@@ -1,0 +1,57 @@
+"""Import boundaries, checked at run time (import-linter checks them statically).
+
+A web replica has no GPU: importing the web app must not load torch or
+diffusers. A GPU node has no database or SMTP: importing the node's worker
+must not load Tortoise, aiosmtplib, aiohttp-session or the web/jobs packages.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+
+def _loaded_after(imports: list[str]) -> set[str]:
+    code = (
+        "import json, sys\n"
+        + "".join(f"import {name}\n" for name in imports)
+        + "print(json.dumps(sorted({m.split('.')[0] for m in sys.modules})))"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True
+    )
+    return set(json.loads(result.stdout))
+
+
+@pytest.mark.parametrize(
+    "imports",
+    [
+        ["web.app", "web.main"],
+        ["jobs.worker", "jobs.main"],
+        ["sdapi.cli"],
+    ],
+)
+def test_web_and_jobs_never_load_torch(imports: list[str]) -> None:
+    loaded = _loaded_after(imports)
+    assert not loaded & {"torch", "diffusers", "transformers", "safetensors"}
+
+
+def test_gpu_node_never_loads_web_jobs_tortoise_or_smtp() -> None:
+    loaded = _loaded_after(["gpu_node.main", "gpu_node.worker"])
+    assert not loaded & {
+        "web",
+        "jobs",
+        "tortoise",
+        "aiosmtplib",
+        "aiosmtpd",
+        "aiohttp_session",
+        "asyncpg",
+    }
+
+
+def test_gpu_node_contract_is_pydantic_only() -> None:
+    loaded = _loaded_after(["gpu_node.schemas"])
+    assert not loaded & {"torch", "diffusers", "redis", "arq", "aiohttp", "tortoise"}

@@ -1,0 +1,487 @@
+"""REST generations: submit, list, show, download, cancel; limits and bad input."""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import uuid
+from collections.abc import AsyncIterator
+from typing import Any
+
+import pytest
+from aiohttp.test_utils import TestClient
+from PIL import Image
+from redis.exceptions import ConnectionError as RedisConnectionError
+
+from gpu_node.schemas import (
+    Status,
+    cancel_key,
+    premium_queue,
+)
+from sdapi.events import read_events
+from tests.node_double import TINY, NodeDouble, jobs_context, make_user
+from web.keys import redis_key
+from web.models import Generation
+from web.registry import NodeRegistry
+from web.settings import WebSettings
+
+GENERATIONS = "/api/v1/generations"
+SMALL = {"prompt": "a red fox", "width": 64, "height": 64, "steps": 4}
+
+
+@pytest.fixture
+async def node(
+    client: TestClient, web_settings: WebSettings
+) -> AsyncIterator[NodeDouble]:
+    """A GPU node double serving `tiny`, announced before the first request."""
+    assert web_settings.redis_url and web_settings.database_url
+    async with jobs_context(web_settings.redis_url, web_settings.database_url) as ctx:
+        double = NodeDouble(ctx)
+        await double.announce()
+        yield double
+
+
+def auth(secret: str) -> dict[str, str]:
+    return {"Authorization": f"Bearer {secret}"}
+
+
+async def submit(
+    client: TestClient, secret: str, body: dict[str, Any], status: int = 202
+) -> dict[str, Any]:
+    response = await client.post(GENERATIONS, json=body, headers=auth(secret))
+    data: dict[str, Any] = await response.json()
+    assert response.status == status, data
+    return data
+
+
+async def test_premium_submit_is_queued_with_the_generation_id_as_job_id(
+    client: TestClient, node: NodeDouble
+) -> None:
+    _, secret = await make_user()
+    response = await client.post(GENERATIONS, json=SMALL, headers=auth(secret))
+    assert response.status == 202
+    body = await response.json()
+    assert response.headers["Location"] == f"{GENERATIONS}/{body['id']}"
+    assert body["status"] == "queued"
+    assert body["tier"] == "premium"
+    assert body["queue_position"] == 0
+    assert body["delivery"] == "download"
+    request = body["request"]
+    # The model's defaults fill what the client left out; the seed is chosen.
+    assert request["guidance_scale"] == 5.0
+    assert request["scheduler"] == "euler"
+    assert request["model"] == "tiny"
+    assert 0 <= request["seed"] < 2**32
+    job = await node.claim()
+    assert str(job.generation_id) == body["id"]
+    assert job.params.seed == request["seed"]
+    events = await read_events(node.redis, body["id"])
+    assert [event.type for _, event in events] == ["queued"]
+
+
+async def test_size_defaults_to_512_and_steps_to_the_models(
+    client: TestClient, node: NodeDouble
+) -> None:
+    big = TINY.model_copy(
+        update={
+            "node_id": "double-2",
+            "model": "sd15",
+            "max_width": 1024,
+            "max_height": 1024,
+            "default_steps": 25,
+        }
+    )
+    await NodeDouble(node.ctx, big).announce()
+    _, secret = await make_user()
+    body = await submit(client, secret, {"prompt": "a fox", "model": "sd15"})
+    assert (body["request"]["width"], body["request"]["height"]) == (512, 512)
+    assert body["request"]["steps"] == 25
+    # A model that cannot make 512 (the tiny one) uses its own default size.
+    body = await submit(client, secret, {"prompt": "a fox", "model": "tiny"})
+    assert (body["request"]["width"], body["request"]["height"]) == (64, 64)
+    assert body["request"]["steps"] == 4
+
+
+async def test_queue_position_then_progress_then_images(
+    client: TestClient, node: NodeDouble
+) -> None:
+    _, secret = await make_user()
+    first = await submit(client, secret, SMALL)
+    second = await submit(client, secret, SMALL)
+    assert second["queue_position"] == 1
+    shown = await (
+        await client.get(f"{GENERATIONS}/{second['id']}", headers=auth(secret))
+    ).json()
+    assert shown["queue_position"] == 1
+
+    job = await node.claim()
+    await node.start(job)
+    await node.progress(job, 2)
+    running = await (
+        await client.get(f"{GENERATIONS}/{first['id']}", headers=auth(secret))
+    ).json()
+    assert running["status"] == "running"
+    assert running["started_at"] is not None
+    assert running["queue_position"] is None
+    assert running["progress"] == {"step": 2, "total": 4}
+
+    assert await node.run(job) == "succeeded"
+    done = await (
+        await client.get(f"{GENERATIONS}/{first['id']}", headers=auth(secret))
+    ).json()
+    assert done["status"] == "succeeded"
+    assert done["progress"] is None
+    assert done["finished_at"] is not None
+    [image] = done["images"]
+    assert image["index"] == 0
+    assert image["seed"] == first["request"]["seed"]
+    assert (
+        image["url"] == f"http://testserver.local{GENERATIONS}/{first['id']}/images/0"
+    )
+    assert (image["width"], image["height"]) == (64, 64)
+
+
+async def test_download_is_the_stored_png_with_text_chunks_and_cache_headers(
+    client: TestClient, node: NodeDouble
+) -> None:
+    _, secret = await make_user()
+    generation = await submit(client, secret, {**SMALL, "num_images": 2})
+    job = await node.claim()
+    await node.start(job)
+    made = await node.images(job)
+    path = f"{GENERATIONS}/{generation['id']}/images/1"
+
+    # Made but not stored yet: served from the node's copy, never cached.
+    early = await client.get(path, headers=auth(secret))
+    assert early.status == 200
+    assert early.headers["Cache-Control"] == "no-store"
+    assert await early.read() == made[1][1]
+
+    await node.result_stored(job, made)
+    response = await client.get(path, headers=auth(secret))
+    assert response.status == 200
+    assert response.headers["Content-Type"] == "image/png"
+    assert "immutable" in response.headers["Cache-Control"]
+    assert "private" in response.headers["Cache-Control"]
+    data = await response.read()
+    assert data == made[1][1]
+    assert response.headers["ETag"] == f'"{made[1][0].sha256}"'
+    png = Image.open(io.BytesIO(data))
+    assert "a red fox" in png.text["parameters"]  # type: ignore[attr-defined]
+
+    again = await client.get(
+        path, headers={**auth(secret), "If-None-Match": response.headers["ETag"]}
+    )
+    assert again.status == 304
+    missing = await client.get(
+        f"{GENERATIONS}/{generation['id']}/images/7", headers=auth(secret)
+    )
+    assert missing.status == 404
+    assert (await missing.json())["error"]["code"] == "not_found"
+    bad = await client.get(
+        f"{GENERATIONS}/{generation['id']}/images/x", headers=auth(secret)
+    )
+    assert bad.status == 404
+
+
+async def test_other_users_generations_are_404(
+    client: TestClient, node: NodeDouble
+) -> None:
+    _, owner = await make_user()
+    _, other = await make_user()
+    generation = await submit(client, owner, SMALL)
+    for method, path in (
+        ("GET", f"{GENERATIONS}/{generation['id']}"),
+        ("GET", f"{GENERATIONS}/{generation['id']}/images/0"),
+        ("DELETE", f"{GENERATIONS}/{generation['id']}"),
+        ("GET", f"{GENERATIONS}/{uuid.uuid4()}"),
+        ("GET", f"{GENERATIONS}/not-a-uuid"),
+    ):
+        response = await client.request(method, path, headers=auth(other))
+        assert response.status == 404, (method, path)
+        assert (await response.json())["error"]["code"] == "not_found"
+    listed = await (await client.get(GENERATIONS, headers=auth(other))).json()
+    assert listed == {"items": [], "next": None}
+    still = await Generation.get(id=generation["id"])
+    assert still.status is Status.QUEUED
+
+
+async def test_list_is_own_newest_first_with_a_cursor(
+    client: TestClient, node: NodeDouble
+) -> None:
+    _, secret = await make_user(premium=False)
+    _, other = await make_user(premium=False)
+    await submit(client, other, {**SMALL, "delivery": "email"})
+    ids = [
+        (await submit(client, secret, {**SMALL, "delivery": "email"}))["id"]
+        for _ in range(5)
+    ]
+    seen: list[str] = []
+    cursor = None
+    pages = 0
+    while True:
+        query = {"limit": "2"} | ({"before": cursor} if cursor else {})
+        response = await client.get(GENERATIONS, params=query, headers=auth(secret))
+        assert response.status == 200
+        page = await response.json()
+        pages += 1
+        seen.extend(item["id"] for item in page["items"])
+        assert all(item["status"] == "scheduled" for item in page["items"])
+        cursor = page["next"]
+        if cursor is None:
+            break
+    assert seen == list(reversed(ids))
+    assert pages == 3
+    for bad in ({"limit": "0"}, {"limit": "101"}, {"before": "garbage!"}, {"x": "1"}):
+        response = await client.get(GENERATIONS, params=bad, headers=auth(secret))
+        assert response.status == 422, bad
+        assert (await response.json())["error"]["code"] == "validation_error"
+
+
+async def test_cancel_queued_work_leaves_the_queue(
+    client: TestClient, node: NodeDouble
+) -> None:
+    _, secret = await make_user()
+    generation = await submit(client, secret, SMALL)
+    response = await client.delete(
+        f"{GENERATIONS}/{generation['id']}", headers=auth(secret)
+    )
+    assert response.status == 204
+    shown = await (
+        await client.get(f"{GENERATIONS}/{generation['id']}", headers=auth(secret))
+    ).json()
+    assert shown["status"] == "cancelled"
+    assert shown["finished_at"] is not None
+    assert await node.redis.zcard(premium_queue("tiny")) == 0
+    assert await node.redis.get(cancel_key(generation["id"])) == b"1"
+    events = await read_events(node.redis, generation["id"])
+    assert [event.type for _, event in events] == ["queued", "done"]
+    assert events[-1][1].status == "cancelled"  # type: ignore[union-attr]
+
+
+async def test_cancel_running_work_flags_the_node_and_the_result_changes_nothing(
+    client: TestClient, node: NodeDouble
+) -> None:
+    _, secret = await make_user()
+    generation = await submit(client, secret, SMALL)
+    job = await node.claim()
+    await node.start(job)
+    response = await client.delete(
+        f"{GENERATIONS}/{generation['id']}", headers=auth(secret)
+    )
+    assert response.status == 204
+    assert await node.redis.get(cancel_key(generation["id"])) == b"1"
+    # The node noticed too late and finished anyway: cancelled stays cancelled.
+    assert await node.run(job) == "already final"
+    row = await Generation.get(id=generation["id"])
+    assert row.status is Status.CANCELLED
+    dones = [
+        e
+        for _, e in await read_events(node.redis, generation["id"])
+        if e.type == "done"
+    ]
+    assert len(dones) == 1
+
+
+async def test_cancel_finished_work_is_204_and_changes_nothing(
+    client: TestClient, node: NodeDouble
+) -> None:
+    _, secret = await make_user()
+    generation = await submit(client, secret, SMALL)
+    await node.run(await node.claim())
+    response = await client.delete(
+        f"{GENERATIONS}/{generation['id']}", headers=auth(secret)
+    )
+    assert response.status == 204
+    row = await Generation.get(id=generation["id"])
+    assert row.status is Status.SUCCEEDED
+
+
+async def test_no_healthy_node_is_503_with_retry_after(client: TestClient) -> None:
+    _, secret = await make_user()
+    response = await client.post(GENERATIONS, json=SMALL, headers=auth(secret))
+    assert response.status == 503
+    assert int(response.headers["Retry-After"]) > 0
+    assert (await response.json())["error"]["code"] == "unavailable"
+    assert await Generation.all().count() == 0
+
+
+async def test_in_flight_limit_holds_under_concurrent_requests(
+    client: TestClient, node: NodeDouble
+) -> None:
+    _, secret = await make_user()
+    responses = await asyncio.gather(
+        *(client.post(GENERATIONS, json=SMALL, headers=auth(secret)) for _ in range(8))
+    )
+    statuses = sorted(response.status for response in responses)
+    # The user's row lock serialises the checks: exactly the limit gets in.
+    assert statuses == [202] * 4 + [429] * 4
+    rejected = next(r for r in responses if r.status == 429)
+    assert (await rejected.json())["error"]["code"] == "rate_limited"
+    assert int(rejected.headers["Retry-After"]) > 0
+    assert await node.redis.zcard(premium_queue("tiny")) == 4
+
+
+async def test_daily_quota_is_429_quota_exceeded(
+    aiohttp_client: Any, web_settings: WebSettings
+) -> None:
+    from web.app import create_app
+
+    settings = web_settings.model_copy(update={"premium_images_per_day": 3})
+    client = await aiohttp_client(create_app(settings))
+    assert settings.redis_url and settings.database_url
+    async with jobs_context(settings.redis_url, settings.database_url) as ctx:
+        await NodeDouble(ctx).announce()
+        _, secret = await make_user()
+        await submit(client, secret, {**SMALL, "num_images": 2})
+        body = await submit(client, secret, {**SMALL, "num_images": 2}, status=429)
+    assert body["error"]["code"] == "quota_exceeded"
+
+
+async def test_unauthenticated_is_401(client: TestClient) -> None:
+    for method, path in (
+        ("POST", GENERATIONS),
+        ("GET", GENERATIONS),
+        ("GET", f"{GENERATIONS}/x"),
+    ):
+        response = await client.request(method, path, json=SMALL)
+        assert response.status == 401
+        assert (await response.json())["error"]["code"] == "unauthorized"
+
+
+BAD_REQUESTS = [
+    ({"width": 100}, "width"),
+    ({"height": 70}, "height"),
+    ({"width": 2048}, "width"),
+    ({"height": 1024}, "height"),  # under the tier's 1024 but over the model's 256
+    ({"steps": 0}, "steps"),
+    ({"steps": 10_000}, "steps"),
+    ({"guidance_scale": -1}, "guidance_scale"),
+    ({"seed": -1}, "seed"),
+    ({"seed": 2**40}, "seed"),
+    ({"num_images": 0}, "num_images"),
+    ({"num_images": 100}, "num_images"),
+    ({"model": "no-such-model"}, "model"),
+    ({"scheduler": "no-such-scheduler"}, "scheduler"),
+    ({"prompt": ""}, "prompt"),
+    ({"prompt": "   "}, "prompt"),
+    ({"prompt": "x" * 100_000}, "prompt"),
+    ({"colour": "red"}, "colour"),
+]
+
+
+@pytest.mark.parametrize(("change", "field"), BAD_REQUESTS)
+async def test_bad_input_is_422_naming_the_field(
+    client: TestClient, node: NodeDouble, change: dict[str, Any], field: str
+) -> None:
+    _, secret = await make_user()
+    body = await submit(client, secret, {**SMALL, **change}, status=422)
+    assert body["error"]["code"] == "validation_error"
+    assert field in [detail["field"] for detail in body["error"]["details"]]
+    assert await Generation.all().count() == 0
+
+
+async def test_nan_guidance_is_422_not_500(
+    client: TestClient, node: NodeDouble
+) -> None:
+    _, secret = await make_user()
+    for literal in ("NaN", "Infinity", "-Infinity"):
+        response = await client.post(
+            GENERATIONS,
+            data=f'{{"prompt": "a fox", "guidance_scale": {literal}}}',
+            headers={**auth(secret), "Content-Type": "application/json"},
+        )
+        assert response.status == 422, literal
+        body = await response.json()
+        assert body["error"]["details"][0]["field"] == "guidance_scale"
+
+
+async def test_normal_user_asking_for_download_is_422(
+    client: TestClient, node: NodeDouble
+) -> None:
+    _, secret = await make_user(premium=False)
+    body = await submit(client, secret, {**SMALL, "delivery": "download"}, status=422)
+    assert body["error"]["details"] == [
+        {
+            "field": "delivery",
+            "message": "Normal accounts get their images by email; "
+            "download needs premium.",
+        }
+    ]
+
+
+async def test_malformed_bodies_are_400(client: TestClient, node: NodeDouble) -> None:
+    _, secret = await make_user()
+    for data, content_type in (
+        ("{", "application/json"),
+        ("[1, 2]", "application/json"),
+        ("prompt=fox", "application/x-www-form-urlencoded"),
+        ("[" * 50_000 + "]" * 50_000, "application/json"),
+    ):
+        response = await client.post(
+            GENERATIONS,
+            data=data,
+            headers={**auth(secret), "Content-Type": content_type},
+        )
+        assert response.status == 400, data[:20]
+        assert (await response.json())["error"]["code"] == "bad_request"
+
+
+async def test_unreachable_redis_is_503_not_500(
+    client: TestClient, node: NodeDouble, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    _, secret = await make_user()
+
+    async def down(self: object) -> None:
+        raise RedisConnectionError("Connection refused")
+
+    monkeypatch.setattr(NodeRegistry, "offers", down)
+    response = await client.post(GENERATIONS, json=SMALL, headers=auth(secret))
+    assert response.status == 503
+    assert int(response.headers["Retry-After"]) > 0
+    assert (await response.json())["error"]["code"] == "unavailable"
+
+
+async def test_cancel_holds_while_redis_is_unreachable(
+    client: TestClient, node: NodeDouble, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    _, secret = await make_user()
+    generation = await submit(client, secret, SMALL)
+    app_redis = client.app[redis_key]  # type: ignore[index]
+
+    async def down(*args: object, **kwargs: object) -> None:
+        raise RedisConnectionError("Connection refused")
+
+    monkeypatch.setattr(app_redis, "set", down)
+    response = await client.delete(
+        f"{GENERATIONS}/{generation['id']}", headers=auth(secret)
+    )
+    assert response.status == 204
+    row = await Generation.get(id=generation["id"])
+    assert row.status is Status.CANCELLED
+
+
+async def test_tier_limits_are_enforced_below_the_models(
+    client: TestClient, node: NodeDouble
+) -> None:
+    big = TINY.model_copy(
+        update={
+            "node_id": "double-2",
+            "model": "sd15",
+            "max_width": 1024,
+            "max_height": 1024,
+        }
+    )
+    await NodeDouble(node.ctx, big).announce()
+    _, normal = await make_user(premium=False)
+    _, premium = await make_user()
+    request = {"prompt": "a fox", "model": "sd15", "delivery": "email"}
+    for change, field in (
+        ({"width": 768}, "width"),
+        ({"steps": 51}, "steps"),
+        ({"num_images": 5}, "num_images"),
+    ):
+        body = await submit(client, normal, {**request, **change}, status=422)
+        assert [d["field"] for d in body["error"]["details"]] == [field]
+        # The same request is within the premium tier's limits.
+        await submit(client, premium, {**request, **change})

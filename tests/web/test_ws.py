@@ -1,0 +1,507 @@
+"""The live WebSocket: auth on the upgrade, generate/subscribe/cancel, relays."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import contextlib
+import gc
+import uuid
+from collections.abc import AsyncIterator
+from typing import Any
+
+import aiohttp
+import pytest
+from aiohttp import WSMsgType
+from aiohttp.test_utils import TestClient
+from redis.exceptions import ConnectionError as RedisConnectionError
+
+from gpu_node.schemas import Status, events_key
+from tests.node_double import NodeDouble, jobs_context, make_user
+from web.app import create_app
+from web.live import live_sockets_key
+from web.models import ApiToken, Generation, utcnow
+from web.passwords import hash_password
+from web.registry import NodeRegistry
+from web.settings import WebSettings
+
+WS = "/api/v1/ws"
+SMALL = {"prompt": "a red fox", "width": 64, "height": 64, "steps": 4}
+OUR_ORIGIN = "http://testserver.local"
+
+
+@pytest.fixture
+async def node(
+    client: TestClient, web_settings: WebSettings
+) -> AsyncIterator[NodeDouble]:
+    assert web_settings.redis_url and web_settings.database_url
+    async with jobs_context(web_settings.redis_url, web_settings.database_url) as ctx:
+        double = NodeDouble(ctx)
+        await double.announce()
+        yield double
+
+
+def auth(secret: str) -> dict[str, str]:
+    return {"Authorization": f"Bearer {secret}"}
+
+
+async def frame(
+    ws: aiohttp.ClientWebSocketResponse, timeout: float = 15
+) -> dict[str, Any]:
+    message = await ws.receive(timeout=timeout)
+    assert message.type is WSMsgType.TEXT, message
+    data: dict[str, Any] = message.json()
+    return data
+
+
+async def until_done(
+    ws: aiohttp.ClientWebSocketResponse, ident: str | None = None
+) -> list[dict[str, Any]]:
+    """Frames up to and including the `done` of `ident` (any id when None)."""
+    frames = []
+    while True:
+        data = await frame(ws)
+        frames.append(data)
+        if data["type"] == "done" and (ident is None or data["id"] == ident):
+            return frames
+
+
+async def generate(ws: aiohttp.ClientWebSocketResponse, **change: Any) -> str:
+    await ws.send_json({"type": "generate", "request": {**SMALL, **change}})
+    accepted = await frame(ws)
+    assert accepted["type"] == "accepted", accepted
+    assert accepted["generation"]["id"] == accepted["id"]
+    ident: str = accepted["id"]
+    return ident
+
+
+async def test_premium_client_gets_every_event_in_order(
+    client: TestClient, node: NodeDouble
+) -> None:
+    _, secret = await make_user()
+    async with client.ws_connect(WS, headers=auth(secret)) as ws:
+        await ws.send_json({"type": "generate", "request": SMALL})
+        accepted = await frame(ws)
+        assert accepted["type"] == "accepted"
+        assert accepted["generation"]["status"] == "queued"
+        ident = accepted["id"]
+        job = await node.claim()
+        made = (await asyncio.gather(node.run(job), until_done(ws, ident)))[1]
+    assert [f["type"] for f in made] == [
+        "queued",
+        "started",
+        "progress",
+        "progress",
+        "progress",
+        "progress",
+        "image",
+        "done",
+    ]
+    assert all(f["id"] == ident for f in made)
+    assert made[0] == {"type": "queued", "id": ident, "position": 0}
+    assert made[1] == {"type": "started", "id": ident}
+    progress = made[2:6]
+    assert [(p["step"], p["total"]) for p in progress] == [
+        (1, 4),
+        (2, 4),
+        (3, 4),
+        (4, 4),
+    ]
+    assert progress[0]["preview"] is None
+    assert progress[1]["preview"].startswith("data:image/jpeg;base64,")
+    image = made[6]
+    assert set(image) == {"type", "id", "index", "seed", "url", "data"}
+    assert image["index"] == 0
+    assert image["seed"] == accepted["generation"]["request"]["seed"]
+    assert image["url"] == f"{OUR_ORIGIN}/api/v1/generations/{ident}/images/0"
+    png = base64.b64decode(image["data"])
+    assert png.startswith(b"\x89PNG")
+    download = await client.get(
+        f"/api/v1/generations/{ident}/images/0", headers=auth(secret)
+    )
+    assert await download.read() == png
+    assert made[7] == {"type": "done", "id": ident, "status": "succeeded"}
+
+
+async def test_late_subscriber_gets_the_replay_including_image_and_done(
+    client: TestClient, node: NodeDouble
+) -> None:
+    _, secret = await make_user()
+    async with client.ws_connect(WS, headers=auth(secret)) as ws:
+        ident = await generate(ws)
+        await node.run(await node.claim())
+        live = await until_done(ws, ident)
+    async with client.ws_connect(WS, params={"token": secret}) as ws:
+        await ws.send_json({"type": "subscribe", "id": ident})
+        replay = await until_done(ws, ident)
+    assert replay == live
+
+
+async def test_subscriber_after_the_stream_expired_is_told_from_the_database(
+    client: TestClient, node: NodeDouble
+) -> None:
+    _, secret = await make_user()
+    async with client.ws_connect(WS, headers=auth(secret)) as ws:
+        ident = await generate(ws, num_images=2)
+        await node.run(await node.claim())
+        live = await until_done(ws, ident)
+    await node.redis.delete(events_key(ident))
+    async with client.ws_connect(WS, headers=auth(secret)) as ws:
+        await ws.send_json({"type": "subscribe", "id": ident})
+        told = await until_done(ws, ident)
+    assert told == [f for f in live if f["type"] in ("image", "done")]
+
+
+async def test_failed_generation_done_carries_the_error(
+    client: TestClient, node: NodeDouble
+) -> None:
+    _, secret = await make_user()
+    async with client.ws_connect(WS, headers=auth(secret)) as ws:
+        ident = await generate(ws)
+        await node.fail(await node.claim(), "the GPU ran out of memory")
+        frames = await until_done(ws, ident)
+    assert frames[-1] == {
+        "type": "done",
+        "id": ident,
+        "status": "failed",
+        "error": {"code": "out_of_memory", "message": "the GPU ran out of memory"},
+    }
+
+
+async def test_many_generations_on_one_socket(
+    client: TestClient, node: NodeDouble
+) -> None:
+    _, secret = await make_user()
+    async with client.ws_connect(WS, headers=auth(secret)) as ws:
+        for seed in (1, 2, 3):
+            await ws.send_json({"type": "generate", "request": {**SMALL, "seed": seed}})
+        for _ in range(3):
+            await node.run(await node.claim())
+        seen: dict[str, list[str]] = {}
+        accepted: list[int] = []
+        while sum("done" in kinds for kinds in seen.values()) < 3:
+            data = await frame(ws)
+            if data["type"] == "accepted":
+                accepted.append(data["generation"]["request"]["seed"])
+            seen.setdefault(data["id"], []).append(data["type"])
+    # Messages are answered in order; each generation's frames are in order.
+    assert accepted == [1, 2, 3]
+    assert len(seen) == 3
+    for kinds in seen.values():
+        assert kinds[:2] == ["accepted", "queued"]
+        assert kinds[-2:] == ["image", "done"]
+
+
+async def test_cancel_mid_run_ends_cancelled(
+    client: TestClient, node: NodeDouble
+) -> None:
+    _, secret = await make_user()
+    async with client.ws_connect(WS, headers=auth(secret)) as ws:
+        ident = await generate(ws)
+        job = await node.claim()
+        await node.start(job)
+        await node.progress(job, 1)
+        assert [(await frame(ws))["type"] for _ in range(3)] == [
+            "queued",
+            "started",
+            "progress",
+        ]
+        await ws.send_json({"type": "cancel", "id": ident})
+        assert await frame(ws) == {"type": "done", "id": ident, "status": "cancelled"}
+        # The node finishes its step and reports; nothing changes, no second done.
+        assert await node.run(job) == "already final"
+        await ws.send_json({"type": "subscribe", "id": str(uuid.uuid4())})
+        after = await frame(ws)
+        assert after["type"] == "error"  # the next frame: no events after `done`
+    row = await Generation.get(id=ident)
+    assert row.status is Status.CANCELLED
+
+
+async def test_cancel_without_subscription_answers_done(
+    client: TestClient, node: NodeDouble
+) -> None:
+    _, secret = await make_user()
+    created = await client.post("/api/v1/generations", json=SMALL, headers=auth(secret))
+    ident = (await created.json())["id"]
+    async with client.ws_connect(WS, headers=auth(secret)) as ws:
+        await ws.send_json({"type": "cancel", "id": ident})
+        assert await frame(ws) == {"type": "done", "id": ident, "status": "cancelled"}
+
+
+async def test_normal_user_cannot_generate_but_can_subscribe(
+    client: TestClient, node: NodeDouble
+) -> None:
+    _, secret = await make_user(premium=False)
+    created = await client.post(
+        "/api/v1/generations", json={**SMALL, "delivery": "email"}, headers=auth(secret)
+    )
+    ident = (await created.json())["id"]
+    async with client.ws_connect(WS, headers=auth(secret)) as ws:
+        await ws.send_json({"type": "generate", "request": SMALL})
+        error = await frame(ws)
+        assert error["type"] == "error"
+        assert error["id"] is None
+        assert error["code"] == "premium_required"
+        await ws.send_json({"type": "subscribe", "id": ident})
+        await ws.send_json({"type": "cancel", "id": ident})
+        assert await frame(ws) == {"type": "done", "id": ident, "status": "cancelled"}
+
+
+async def test_other_users_ids_are_not_found(
+    client: TestClient, node: NodeDouble
+) -> None:
+    _, owner = await make_user()
+    _, other = await make_user()
+    created = await client.post("/api/v1/generations", json=SMALL, headers=auth(owner))
+    ident = (await created.json())["id"]
+    async with client.ws_connect(WS, headers=auth(other)) as ws:
+        for kind in ("subscribe", "cancel"):
+            await ws.send_json({"type": kind, "id": ident})
+            error = await frame(ws)
+            assert error == {
+                "type": "error",
+                "id": ident,
+                "code": "not_found",
+                "message": "No such generation.",
+                "details": [],
+            }
+    assert (await Generation.get(id=ident)).status is Status.QUEUED
+
+
+async def test_bad_messages_get_error_frames_and_the_socket_stays_open(
+    client: TestClient, node: NodeDouble
+) -> None:
+    _, secret = await make_user()
+    async with client.ws_connect(WS, headers=auth(secret)) as ws:
+        cases: list[tuple[Any, str]] = [
+            ("not json at all", "bad_request"),
+            ("[1, 2, 3]", "bad_request"),
+            ('{"type": "dance"}', "bad_request"),
+            ('{"id": "x"}', "bad_request"),
+            ('{"type": "subscribe"}', "validation_error"),
+            ('{"type": "generate"}', "validation_error"),
+            ('{"type": "subscribe", "id": "x", "extra": 1}', "validation_error"),
+            ("[" * 30_000 + "]" * 30_000, "bad_request"),
+            (b"\x00\x01binary", "bad_request"),
+        ]
+        for message, code in cases:
+            if isinstance(message, bytes):
+                await ws.send_bytes(message)
+            else:
+                await ws.send_str(message)
+            error = await frame(ws)
+            assert error["type"] == "error", message
+            assert error["code"] == code, message
+        await ws.send_json(
+            {
+                "type": "generate",
+                "request": {**SMALL, "width": 100, "guidance_scale": -1},
+            }
+        )
+        error = await frame(ws)
+        assert error["code"] == "validation_error"
+        fields = {d["field"] for d in error["details"]}
+        assert fields == {"request.width", "request.guidance_scale"}
+        await ws.send_str(
+            '{"type": "generate", "request": {"prompt": "x", "guidance_scale": NaN}}'
+        )
+        assert (await frame(ws))["code"] == "validation_error"
+        await ws.send_json({"type": "generate", "request": {**SMALL, "steps": 10_000}})
+        error = await frame(ws)
+        assert error["code"] == "validation_error"
+        assert error["details"] == [
+            {"field": "steps", "message": "At most 150 for your tier."}
+        ]
+        # Still open and working.
+        ident = await generate(ws)
+        assert ident
+
+
+async def test_oversize_message_closes_with_1009_and_a_reason(
+    client: TestClient, node: NodeDouble
+) -> None:
+    _, secret = await make_user()
+    async with client.ws_connect(WS, headers=auth(secret)) as ws:
+        # The server stops reading at the frame header and drops the rest, so
+        # this send may fail; the answer was sent before that.
+        with contextlib.suppress(ConnectionError):
+            await ws.send_str('{"type": "subscribe", "id": "' + "x" * 10_000_000 + '"}')
+        error = await frame(ws)
+        assert error["type"] == "error"
+        assert error["code"] == "payload_too_large"
+        closing = await ws.receive(timeout=5)
+        assert closing.type is WSMsgType.CLOSE
+        assert closing.data == aiohttp.WSCloseCode.MESSAGE_TOO_BIG
+        assert "at most 65536 bytes" in closing.extra
+
+
+async def test_upgrade_without_auth_is_401_json(client: TestClient) -> None:
+    response = await client.get(WS)
+    assert response.status == 401
+    assert (await response.json())["error"]["code"] == "unauthorized"
+    with pytest.raises(aiohttp.WSServerHandshakeError) as caught:
+        await client.ws_connect(WS)
+    assert caught.value.status == 401
+    with pytest.raises(aiohttp.WSServerHandshakeError) as caught:
+        await client.ws_connect(WS, params={"token": "sdapi_wrong"})
+    assert caught.value.status == 401
+
+
+async def test_plain_get_with_a_token_is_400(client: TestClient) -> None:
+    _, secret = await make_user()
+    response = await client.get(WS, headers=auth(secret))
+    assert response.status == 400
+    assert (await response.json())["error"]["code"] == "bad_request"
+
+
+async def _signed_in_with_cookie(client: TestClient) -> None:
+    user, _ = await make_user()
+    user.password_hash = await hash_password(
+        "correct horse battery", secret_key="test-secret-key", rounds=4
+    )
+    await user.save(update_fields=["password_hash"])
+    response = await client.post(
+        "/api/v1/auth/signin",
+        json={
+            "email": user.email,
+            "password": "correct horse battery",
+            "session": True,
+        },
+    )
+    assert response.status == 200, await response.text()
+
+
+async def test_cookie_needs_one_of_our_origins(
+    client: TestClient, node: NodeDouble
+) -> None:
+    await _signed_in_with_cookie(client)
+    for origin in ("http://evil.example", None):
+        headers = {"Origin": origin} if origin else {}
+        response = await client.get(
+            WS,
+            headers={
+                **headers,
+                "Connection": "Upgrade",
+                "Upgrade": "websocket",
+                "Sec-WebSocket-Version": "13",
+                "Sec-WebSocket-Key": base64.b64encode(b"0123456789abcdef").decode(),
+            },
+        )
+        assert response.status == 403, origin
+        body = await response.json()
+        assert body["error"]["code"] == "forbidden"
+    async with client.ws_connect(WS, origin=OUR_ORIGIN) as ws:
+        ident = await generate(ws)
+        assert ident
+
+
+async def test_bearer_token_works_from_any_origin(
+    client: TestClient, node: NodeDouble
+) -> None:
+    _, secret = await make_user()
+    async with client.ws_connect(
+        WS, headers=auth(secret), origin="http://elsewhere.example"
+    ) as ws:
+        assert await generate(ws)
+
+
+async def test_revoked_token_ends_the_socket(
+    client: TestClient, node: NodeDouble
+) -> None:
+    user, secret = await make_user()
+    async with client.ws_connect(WS, headers=auth(secret)) as ws:
+        await ApiToken.filter(user_id=user.id).update(revoked_at=utcnow())
+        await ws.send_json({"type": "generate", "request": SMALL})
+        error = await frame(ws)
+        assert error["code"] == "unauthorized"
+        closing = await ws.receive(timeout=5)
+        assert closing.type is WSMsgType.CLOSE
+        assert closing.data == aiohttp.WSCloseCode.POLICY_VIOLATION
+
+
+def relay_tasks() -> list[asyncio.Task[Any]]:
+    return [t for t in asyncio.all_tasks() if t.get_name().startswith("sdapi-relay-")]
+
+
+async def test_client_leaving_mid_run_stops_relays_and_the_work_finishes(
+    client: TestClient, node: NodeDouble
+) -> None:
+    _, secret = await make_user()
+    ws = await client.ws_connect(WS, headers=auth(secret))
+    ident = await generate(ws)
+    job = await node.claim()
+    await node.start(job)
+    assert len(relay_tasks()) == 1
+    await ws.close()
+    async with asyncio.timeout(5):
+        while relay_tasks():
+            await asyncio.sleep(0.01)
+    assert await node.run(job) == "succeeded"
+    assert (await Generation.get(id=ident)).status is Status.SUCCEEDED
+    gc.collect()
+    assert len(client.app[live_sockets_key]) == 0  # type: ignore[index]
+
+
+async def test_one_dead_socket_does_not_hurt_another(
+    client: TestClient, node: NodeDouble
+) -> None:
+    _, secret = await make_user()
+    first = await client.ws_connect(WS, headers=auth(secret))
+    ident = await generate(first)
+    async with client.ws_connect(WS, headers=auth(secret)) as second:
+        await second.send_json({"type": "subscribe", "id": ident})
+        assert (await frame(second))["type"] == "queued"
+        # The first client vanishes without a close handshake.
+        first._response.connection.transport.abort()  # type: ignore[union-attr]
+        job = await node.claim()
+        await node.run(job)
+        frames = await until_done(second, ident)
+    assert frames[-1]["status"] == "succeeded"
+    await first.close()
+
+
+async def test_silent_client_is_dropped_by_the_heartbeat(
+    aiohttp_client: Any, web_settings: WebSettings
+) -> None:
+    settings = web_settings.model_copy(update={"ws_heartbeat": 0.2})
+    client = await aiohttp_client(create_app(settings))
+    _, secret = await make_user()
+    async with client.ws_connect(WS, headers=auth(secret), autoping=False) as ws:
+        messages = []
+        async with asyncio.timeout(5):
+            while True:
+                message = await ws.receive()
+                messages.append(message.type)
+                if message.type in (WSMsgType.CLOSE, WSMsgType.CLOSED):
+                    break
+    assert WSMsgType.PING in messages
+
+
+async def test_server_shutdown_says_going_away(
+    aiohttp_client: Any, web_settings: WebSettings
+) -> None:
+    client = await aiohttp_client(create_app(web_settings))
+    _, secret = await make_user()
+    ws = await client.ws_connect(WS, headers=auth(secret))
+    await client.app.shutdown()  # type: ignore[union-attr]
+    closing = await ws.receive(timeout=5)
+    assert closing.type is WSMsgType.CLOSE
+    assert closing.data == aiohttp.WSCloseCode.GOING_AWAY
+    await ws.close()
+
+
+async def test_unreachable_redis_is_an_unavailable_frame(
+    client: TestClient, node: NodeDouble, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    _, secret = await make_user()
+
+    async def down(self: object) -> None:
+        raise RedisConnectionError("Connection refused")
+
+    async with client.ws_connect(WS, headers=auth(secret)) as ws:
+        with monkeypatch.context() as patch:
+            patch.setattr(NodeRegistry, "offers", down)
+            await ws.send_json({"type": "generate", "request": SMALL})
+            error = await frame(ws)
+        assert (error["type"], error["code"]) == ("error", "unavailable")
+        assert await generate(ws)  # back to normal on the same socket

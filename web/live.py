@@ -1,0 +1,492 @@
+"""Live generations: following a generation's events, and the WebSocket relays.
+
+A generation's events live in a Redis stream (`sdapi.events`). `follow`
+replays it from the first entry, then waits on it with a blocking XREAD until
+the `done` event; when the stream is silent and the database says the
+generation has finished (the stream expired, or Redis lost it), the rest is
+told from the database. The WebSocket relays and the OpenAI route both use it.
+
+Each WebSocket has one reader loop (`LiveSocket.serve`) and one relay task
+per followed generation; every write goes through the socket's lock, and a
+failed write only ends that socket's relays.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import contextlib
+import json
+import logging
+import uuid
+import weakref
+from collections.abc import AsyncGenerator
+from typing import Any
+
+from aiohttp import WSCloseCode, WSMsgType, web
+from pydantic import BaseModel, ValidationError
+from redis.exceptions import RedisError
+
+from gpu_node.schemas import (
+    TERMINAL_STATUSES,
+    DoneEvent,
+    ErrorInfo,
+    Event,
+    ImageEvent,
+    ProgressEvent,
+    QueuedEvent,
+    StartedEvent,
+    Status,
+    Tier,
+    image_key,
+)
+from sdapi.events import read_events
+from web.auth import Principal
+from web.errors import (
+    DEPENDENCY_ERRORS,
+    AppError,
+    PremiumRequired,
+    Unauthorized,
+    dependency_unavailable,
+    validation_details,
+)
+from web.generations import (
+    cancel_generation,
+    image_url,
+    load_own,
+    present,
+    submit_generation,
+)
+from web.keys import redis_key
+from web.models import ApiToken, GeneratedImage, Generation, utcnow
+from web.schemas.generations import ErrorRef
+from web.schemas.live import (
+    CLIENT_MESSAGE,
+    MESSAGE_TYPES,
+    AcceptedFrame,
+    CancelMessage,
+    DoneFrame,
+    ErrorFrame,
+    FieldProblem,
+    GenerateMessage,
+    ImageFrame,
+    ProgressFrame,
+    QueuedFrame,
+    ServerFrame,
+    StartedFrame,
+)
+
+log = logging.getLogger(__name__)
+
+# How long one blocking XREAD waits before the database is asked whether the
+# generation finished without its `done` reaching the stream (milliseconds).
+BLOCK_MS = 5000
+# Pause before reading again while Redis is unreachable (seconds).
+REDIS_RETRY_S = 1.0
+
+
+# --- following a generation --------------------------------------------------
+
+
+async def _finished_in_database(
+    generation_id: uuid.UUID, seen_images: set[int]
+) -> list[Event]:
+    """The remaining events of a finished generation, from its row; [] if not."""
+    row = await Generation.get_or_none(id=generation_id)
+    if row is None or Status(row.status) not in TERMINAL_STATUSES:
+        return []
+    status = Status(row.status)
+    events: list[Event] = []
+    if status is Status.SUCCEEDED:
+        images = await GeneratedImage.filter(generation_id=generation_id).order_by(
+            "index"
+        )
+        events.extend(
+            ImageEvent(
+                index=image.index,
+                seed=image.seed,
+                width=image.width,
+                height=image.height,
+                sha256=image.sha256,
+            )
+            for image in images
+            if image.index not in seen_images
+        )
+    error = None
+    if status is Status.FAILED:
+        error = ErrorInfo(
+            code=row.error_code or "failed",
+            message=row.error_message or "The generation failed.",
+        )
+    events.append(DoneEvent(status=status, error=error))
+    return events
+
+
+async def follow(
+    app: web.Application, generation_id: uuid.UUID, *, block_ms: int = BLOCK_MS
+) -> AsyncGenerator[Event, None]:
+    """Every event of a generation, replayed then live, ending with its `done`."""
+    redis = app[redis_key]
+    after = "0"
+    seen_images: set[int] = set()
+    # The first read does not block: a finished generation whose stream has
+    # expired is then told from the database at once.
+    wait: int | None = None
+    while True:
+        try:
+            entries = await read_events(redis, generation_id, after, block_ms=wait)
+        except RedisError:
+            log.warning("reading the events of %s failed; retrying", generation_id)
+            await asyncio.sleep(REDIS_RETRY_S)
+            entries = []
+        wait = block_ms
+        if not entries:
+            for event in await _finished_in_database(generation_id, seen_images):
+                yield event
+                if isinstance(event, DoneEvent):
+                    return
+            continue
+        for entry_id, event in entries:
+            after = entry_id
+            if isinstance(event, ImageEvent):
+                seen_images.add(event.index)
+            yield event
+            if isinstance(event, DoneEvent):
+                return
+
+
+async def wait_until_done(app: web.Application, generation_id: uuid.UUID) -> DoneEvent:
+    """Follow a generation until its `done` event (the caller bounds the time)."""
+    async with contextlib.aclosing(follow(app, generation_id)) as events:
+        async for event in events:
+            if isinstance(event, DoneEvent):
+                return event
+    # `follow` only ends after a `done`.
+    raise RuntimeError(f"the events of {generation_id} ended without `done`")
+
+
+async def image_png(
+    app: web.Application, generation_id: uuid.UUID, index: int
+) -> bytes | None:
+    """One image's PNG: from Redis while the node's copy lives, else the database."""
+    try:
+        data: bytes | None = await app[redis_key].get(image_key(generation_id, index))
+    except RedisError:
+        data = None
+    if data is None:
+        rows = await GeneratedImage.filter(
+            generation_id=generation_id, index=index
+        ).values_list("png", flat=True)
+        data = bytes(rows[0]) if rows else None
+    return data
+
+
+def done_frame(ident: str, status: Status, error: ErrorRef | None) -> DoneFrame:
+    """The `done` frame; the error goes along only when the generation failed."""
+    return DoneFrame(
+        id=ident,
+        status=status,
+        error=error if status is Status.FAILED else None,
+    )
+
+
+async def event_frame(
+    app: web.Application, generation_id: uuid.UUID, event: Event
+) -> ServerFrame:
+    """The WebSocket frame of one event (an image frame carries its PNG)."""
+    ident = str(generation_id)
+    if isinstance(event, QueuedEvent):
+        return QueuedFrame(id=ident, position=event.position)
+    if isinstance(event, StartedEvent):
+        return StartedFrame(id=ident)
+    if isinstance(event, ProgressEvent):
+        return ProgressFrame(
+            id=ident, step=event.step, total=event.total, preview=event.preview
+        )
+    if isinstance(event, ImageEvent):
+        data = await image_png(app, generation_id, event.index)
+        if data is None:
+            return ErrorFrame(
+                id=ident,
+                code="image_unavailable",
+                message=f"Image {event.index} is no longer available.",
+            )
+        return ImageFrame(
+            id=ident,
+            index=event.index,
+            seed=event.seed,
+            url=image_url(app, generation_id, event.index),
+            data=base64.b64encode(data).decode("ascii"),
+        )
+    error = event.error
+    return done_frame(
+        ident,
+        event.status,
+        ErrorRef(code=error.code, message=error.message) if error else None,
+    )
+
+
+# --- WebSockets --------------------------------------------------------------
+
+
+class LiveWebSocket(web.WebSocketResponse):
+    """A WebSocketResponse that owns a write lock and explains an oversize close.
+
+    aiohttp closes the connection itself when a message exceeds max_msg_size
+    (code 1009, no reason); this adds an error frame and a close reason, so
+    the client learns why.
+    """
+
+    def __init__(self, *, max_msg_size: int, heartbeat: float) -> None:
+        # No permessage-deflate: frames are small JSON or base64 PNG/JPEG, which
+        # barely compress, and compressing them costs latency.
+        super().__init__(max_msg_size=max_msg_size, heartbeat=heartbeat, compress=False)
+        self.limit = max_msg_size
+        self.send_lock = asyncio.Lock()
+
+    async def close(
+        self, *, code: int = WSCloseCode.OK, message: bytes = b"", drain: bool = True
+    ) -> bool:
+        """Close; an oversize message gets an error frame and a reason first."""
+        if code == WSCloseCode.MESSAGE_TOO_BIG and not message and not self.closed:
+            text = f"Message too big: at most {self.limit} bytes."
+            frame = ErrorFrame(id=None, code="payload_too_large", message=text)
+            async with self.send_lock:
+                with contextlib.suppress(ConnectionError, RuntimeError):
+                    await self.send_str(frame.model_dump_json())
+            message = text.encode()
+        return await super().close(code=code, message=message, drain=drain)
+
+
+class CredentialsRevoked(Unauthorized):
+    """The socket's token was revoked or expired while it was open."""
+
+
+class LiveSocket:
+    """One client's WebSocket: its reader loop, serialized writes and relays."""
+
+    def __init__(
+        self, app: web.Application, ws: LiveWebSocket, principal: Principal
+    ) -> None:
+        self._app = app
+        self._ws = ws
+        self._principal = principal
+        self._relays: dict[str, asyncio.Task[None]] = {}
+
+    async def send(self, frame: BaseModel) -> bool:
+        """Write one frame; False once the client is gone (the error is swallowed)."""
+        text = frame.model_dump_json()
+        async with self._ws.send_lock:
+            if self._ws.closed:
+                return False
+            try:
+                await self._ws.send_str(text)
+            except (ConnectionError, RuntimeError):
+                return False
+        return True
+
+    async def serve(self) -> None:
+        """Read messages until the client goes; then stop this socket's relays."""
+        try:
+            async for message in self._ws:
+                if message.type is WSMsgType.TEXT:
+                    await self._handle(message.data)
+                elif message.type is WSMsgType.BINARY:
+                    await self._error(None, "bad_request", "Send JSON text frames.")
+                # ERROR: aiohttp has already closed the socket (LiveWebSocket.close).
+        finally:
+            await self.stop()
+
+    async def close(self, code: int, reason: str) -> None:
+        """Close the socket from outside the reader loop (server shutdown)."""
+        with contextlib.suppress(ConnectionError, RuntimeError):
+            await self._ws.close(code=code, message=reason.encode())
+
+    async def stop(self) -> None:
+        """Cancel the relays; the generations themselves go on."""
+        relays = list(self._relays.values())
+        for relay in relays:
+            relay.cancel()
+        await asyncio.gather(*relays, return_exceptions=True)
+
+    async def _error(
+        self,
+        ident: str | None,
+        code: str,
+        message: str,
+        details: list[dict[str, Any]] | None = None,
+    ) -> None:
+        problems = [FieldProblem.model_validate(d) for d in details or []]
+        await self.send(
+            ErrorFrame(id=ident, code=code, message=message, details=problems)
+        )
+
+    async def _handle(self, text: str) -> None:
+        """Answer one client message; a bad one gets an error frame, nothing more."""
+        try:
+            data = json.loads(text)
+        except (ValueError, RecursionError):
+            await self._error(None, "bad_request", "Messages must be JSON objects.")
+            return
+        if not isinstance(data, dict):
+            await self._error(None, "bad_request", "Messages must be JSON objects.")
+            return
+        ident = data.get("id") if isinstance(data.get("id"), str) else None
+        if data.get("type") not in MESSAGE_TYPES:
+            await self._error(
+                ident,
+                "bad_request",
+                f"Unknown message type {data.get('type')!r}; "
+                f"use one of {', '.join(MESSAGE_TYPES)}.",
+            )
+            return
+        try:
+            message = CLIENT_MESSAGE.validate_python(data)
+        except ValidationError as exc:
+            # Name fields as the client wrote them, without the union's tag.
+            tag = f"{data['type']}."
+            details = [
+                {**detail, "field": detail["field"].removeprefix(tag)}
+                for detail in validation_details(exc)
+            ]
+            await self._error(
+                ident, "validation_error", "The message has invalid fields.", details
+            )
+            return
+        try:
+            principal = await self._current_principal()
+            if isinstance(message, GenerateMessage):
+                await self._generate(principal, message)
+            elif isinstance(message, CancelMessage):
+                await self._cancel(principal, message.id)
+            else:
+                await self._subscribe(principal, message.id)
+        except CredentialsRevoked as exc:
+            await self._error(ident, exc.code, exc.message)
+            await self.close(WSCloseCode.POLICY_VIOLATION, "credentials revoked")
+        except AppError as exc:
+            await self._error(ident, exc.code, exc.message, exc.details)
+        except DEPENDENCY_ERRORS:
+            log.warning("live message: a dependency is unreachable", exc_info=True)
+            unavailable = dependency_unavailable()
+            await self._error(ident, unavailable.code, unavailable.message)
+        except Exception:
+            error_id = uuid.uuid4().hex
+            log.exception("live message failed (error id %s)", error_id)
+            await self._error(
+                ident,
+                "internal_error",
+                f"Something went wrong on our side (error id {error_id}).",
+            )
+
+    async def _current_principal(self) -> Principal:
+        """The socket's caller, re-read: a revoked token or lapsed premium counts."""
+        token = (
+            await ApiToken.filter(
+                id=self._principal.token.id, revoked_at=None, expires_at__gt=utcnow()
+            )
+            .select_related("user")
+            .first()
+        )
+        if token is None:
+            raise CredentialsRevoked(
+                "Your token was revoked or has expired; sign in again."
+            )
+        self._principal = Principal(token.user, token, self._principal.via)
+        return self._principal
+
+    async def _generate(self, principal: Principal, message: GenerateMessage) -> None:
+        if principal.tier is not Tier.PREMIUM:
+            raise PremiumRequired(
+                "Live generation needs a premium account; normal accounts use "
+                "POST /api/v1/generations and get their images by email."
+            )
+        generation = await submit_generation(self._app, principal, message.request)
+        view = await present(self._app, generation, images=[])
+        await self.send(AcceptedFrame(id=str(generation.id), generation=view))
+        self._follow(generation.id)
+
+    async def _subscribe(self, principal: Principal, ident: str) -> None:
+        generation = await load_own(principal.user, ident)
+        self._follow(generation.id)
+
+    async def _cancel(self, principal: Principal, ident: str) -> None:
+        generation = await load_own(principal.user, ident)
+        # A relay running before the cancel is bound to relay its `done`.
+        relay = self._relays.get(str(generation.id))
+        followed = relay is not None and not relay.done()
+        await cancel_generation(self._app, generation)
+        if followed:
+            return
+        # Not followed here: answer with how it ended, so the client knows.
+        await generation.refresh_from_db(
+            fields=["status", "error_code", "error_message"]
+        )
+        error = None
+        if generation.error_code:
+            error = ErrorRef(
+                code=generation.error_code, message=generation.error_message or ""
+            )
+        await self.send(
+            done_frame(str(generation.id), Status(generation.status), error)
+        )
+
+    def _follow(self, generation_id: uuid.UUID) -> None:
+        key = str(generation_id)
+        running = self._relays.get(key)
+        if running is not None and not running.done():
+            return  # already relayed on this socket
+        relay = asyncio.create_task(
+            self._relay(generation_id), name=f"sdapi-relay-{key}"
+        )
+        self._relays[key] = relay
+
+        def forget(task: asyncio.Task[None]) -> None:
+            if self._relays.get(key) is task:
+                del self._relays[key]
+
+        relay.add_done_callback(forget)
+
+    async def _relay(self, generation_id: uuid.UUID) -> None:
+        ident = str(generation_id)
+        try:
+            async with contextlib.aclosing(follow(self._app, generation_id)) as events:
+                async for event in events:
+                    frame = await event_frame(self._app, generation_id, event)
+                    if not await self.send(frame):
+                        return  # the client is gone; the generation goes on
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            error_id = uuid.uuid4().hex
+            log.exception("relay of %s failed (error id %s)", ident, error_id)
+            await self._error(
+                ident,
+                "internal_error",
+                f"Following this generation failed (error id {error_id}); "
+                "subscribe again.",
+            )
+
+
+# --- the app's sockets ---------------------------------------------------------
+
+live_sockets_key: web.AppKey[weakref.WeakSet[LiveSocket]] = web.AppKey("live_sockets")
+
+
+def install_live(app: web.Application) -> None:
+    """Track the app's live sockets and close them when the server stops."""
+    sockets: weakref.WeakSet[LiveSocket] = weakref.WeakSet()
+    app[live_sockets_key] = sockets
+    app.on_shutdown.append(close_live_sockets)
+
+
+async def close_live_sockets(app: web.Application) -> None:
+    """Tell every client the server is going away (their work goes on)."""
+    registry = app[live_sockets_key]
+    await asyncio.gather(
+        *(
+            socket.close(WSCloseCode.GOING_AWAY, "server shutting down")
+            for socket in list(registry)
+        ),
+        return_exceptions=True,
+    )

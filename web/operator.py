@@ -1,0 +1,149 @@
+"""Operator commands: migrations, premium codes, premium grants.
+
+They use SDAPI_DATABASE_URL, or else the embedded PostgreSQL of SDAPI_DATA_DIR
+(attached to while `sdapi dev` runs, started for the command otherwise, then
+migrated so a fresh data folder works). Stdout carries only the command's
+result (e.g. the codes, one per line); logs and errors go to stderr. Each
+returns the process exit code.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import sys
+from collections.abc import Callable, Coroutine, Iterator
+from typing import Any
+
+from tortoise.exceptions import BaseORMException
+from tortoise.transactions import in_transaction
+
+from sdapi.logs import setup_logging
+from sdapi.settings import CommonSettings
+from web.db import apply_migrations, open_database
+from web.models import PremiumCode, User, utcnow
+from web.premium import MAX_DAYS, add_premium_days, canonical_code, code_hash, new_code
+
+log = logging.getLogger(__name__)
+
+MAX_CODES = 10_000
+
+EXIT_OK = 0
+EXIT_FAILED = 1
+EXIT_USAGE = 2
+
+
+def _error(message: str) -> None:
+    print(f"sdapi: {message}", file=sys.stderr)  # noqa: T201 (the operator's answer)
+
+
+def _report(message: str) -> None:
+    """Progress for the operator on stderr, whatever the log level (stdout is
+    kept for results)."""
+    print(message, file=sys.stderr)  # noqa: T201
+
+
+@contextlib.contextmanager
+def _database(settings: CommonSettings) -> Iterator[tuple[str, bool]]:
+    """The database URL, and whether it is the embedded one of the data folder."""
+    if settings.database_url:
+        yield settings.database_url, False
+        return
+    from sdapi.embedded import embedded_postgres
+
+    log.info(
+        "SDAPI_DATABASE_URL is not set: using the database in %s", settings.data_dir
+    )
+    with embedded_postgres(settings.data_dir) as url:
+        yield url, True
+
+
+def _run(
+    work: Callable[[str], Coroutine[Any, Any, int]], *, migrate_embedded: bool = True
+) -> int:
+    """Settings, logging and a database for one command; errors as one line."""
+    settings = CommonSettings.from_env()
+    setup_logging(settings.log_level)
+    try:
+        with _database(settings) as (url, embedded):
+            if embedded and migrate_embedded:
+                for name in asyncio.run(apply_migrations(url)):
+                    _report(f"applied migration {name}")
+            return asyncio.run(work(url))
+    except (BaseORMException, OSError) as exc:
+        _error(f"database error: {exc}")
+        return EXIT_FAILED
+
+
+def migrate() -> int:
+    """`sdapi migrate`: apply pending migrations; list them on stderr."""
+
+    async def work(url: str) -> int:
+        applied = await apply_migrations(url)
+        for name in applied:
+            _report(f"applied migration {name}")
+        if not applied:
+            _report("the database is up to date; nothing to apply")
+        return EXIT_OK
+
+    return _run(work, migrate_embedded=False)
+
+
+def _check_days(days: int) -> bool:
+    if 1 <= days <= MAX_DAYS:
+        return True
+    _error(f"--days must be between 1 and {MAX_DAYS} (got {days})")
+    return False
+
+
+def create_premium_codes(*, days: int, count: int) -> int:
+    """`sdapi premium-code create`: print `count` new codes, one per line."""
+    if not _check_days(days):
+        return EXIT_USAGE
+    if not 1 <= count <= MAX_CODES:
+        _error(f"--count must be between 1 and {MAX_CODES} (got {count})")
+        return EXIT_USAGE
+    codes = [new_code() for _ in range(count)]
+
+    async def work(url: str) -> int:
+        async with open_database(url, pool_size=1):
+            rows = []
+            for code in codes:
+                canonical = canonical_code(code)
+                if canonical is None:  # new_code and canonical_code disagree
+                    raise RuntimeError(f"generated an unparsable code {code!r}")
+                rows.append(PremiumCode(code_hash=code_hash(canonical), days=days))
+            async with in_transaction():
+                await PremiumCode.bulk_create(rows)
+        return EXIT_OK
+
+    status = _run(work)
+    if status == EXIT_OK:
+        # Printed only once stored: every printed code works.
+        sys.stdout.write("".join(f"{code}\n" for code in codes))
+        sys.stdout.flush()
+        log.info("created %d premium code(s) worth %d day(s) each", count, days)
+    return status
+
+
+def set_premium(*, email: str, days: int) -> int:
+    """`sdapi user set-premium`: add `days` of premium to the account of `email`."""
+    if not _check_days(days):
+        return EXIT_USAGE
+    email_key = email.strip().lower()
+
+    async def work(url: str) -> int:
+        async with open_database(url, pool_size=1):
+            async with in_transaction():
+                user = await User.get_or_none(email_key=email_key)
+                if user is None:
+                    _error(f"no account with the email address {email.strip()!r}")
+                    return EXIT_FAILED
+                user = await add_premium_days(user.id, days, utcnow())
+        until = user.premium_until
+        shown = f"{until:%Y-%m-%d %H:%M:%S} UTC" if until else "?"
+        sys.stdout.write(f"{user.email} is premium until {shown}\n")
+        return EXIT_OK
+
+    return _run(work)

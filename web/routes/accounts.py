@@ -1,0 +1,475 @@
+"""Accounts: sign-up, email verification, sign-in and -out, `/me`, premium codes."""
+
+from __future__ import annotations
+
+import logging
+import secrets
+import uuid
+from datetime import datetime, timedelta
+
+import aiohttp_jinja2
+from aiohttp import web
+from aiohttp_session import get_session, new_session
+from redis.asyncio import Redis
+from tortoise.exceptions import IntegrityError
+from tortoise.transactions import in_transaction
+
+from web.auth import require_user
+from web.errors import (
+    AppError,
+    Conflict,
+    Gone,
+    NotFound,
+    RateLimited,
+    Unauthorized,
+    ValidationFailed,
+)
+from web.keys import redis_key, settings_key
+from web.models import ApiToken, EmailVerification, PremiumCode, TokenKind, utcnow
+from web.models import User as UserRow
+from web.openapi import (
+    ApiRoutes,
+    ErrorBody,
+    Response,
+    json_response,
+    read_body,
+    read_query,
+)
+from web.outbox import queue_email
+from web.passwords import hash_password, needs_rehash, verify_password, verify_unknown
+from web.premium import add_premium_days, canonical_code, code_hash
+from web.quota import usage
+from web.schemas.accounts import (
+    Me,
+    Quota,
+    RedeemRequest,
+    SigninRequest,
+    SigninResponse,
+    SignupRequest,
+    SignupResponse,
+    User,
+    VerifyQuery,
+    VerifyResponse,
+)
+from web.sessions import SESSION_COOKIE, delete_session
+from web.settings import WebSettings
+from web.throttle import (
+    clear,
+    client_address,
+    client_limit,
+    email_limit,
+    record_failure,
+    retry_after,
+)
+from web.tokens import hash_secret, issue_token, revoke_token
+
+log = logging.getLogger(__name__)
+
+routes = ApiRoutes(tags=["accounts"])
+
+VERIFY_PATH = "/api/v1/auth/verify"
+EMAIL_TAKEN = "An account with this email address already exists."
+WRONG_CREDENTIALS = "Wrong email or password."
+UNKNOWN_CODE = "This premium code does not exist; check how it is typed."
+USED_CODE = "This premium code has already been redeemed."
+
+
+def _secret_key(settings: WebSettings) -> str:
+    if settings.secret_key is None:
+        raise RuntimeError("the web settings are not resolved (no secret key)")
+    return settings.secret_key.get_secret_value()
+
+
+def _email_key(email: str) -> str:
+    return email.lower()
+
+
+# --- sign-up and verification ---------------------------------------------
+
+
+@routes.route(
+    "POST",
+    "/api/v1/auth/signup",
+    summary="Create an account",
+    body=SignupRequest,
+    auth=False,
+    responses=[
+        Response(201, "Created; a verification email is on its way", SignupResponse),
+        Response(409, "An account with this email exists", ErrorBody),
+    ],
+)
+async def signup(request: web.Request) -> web.StreamResponse:
+    """Creates the account and emails a link that verifies the address."""
+    settings = request.app[settings_key]
+    body = await read_body(request, SignupRequest)
+    email = str(body.email)
+    email_key = _email_key(email)
+    # Checked first so a taken email costs no bcrypt; the unique index decides.
+    if await UserRow.exists(email_key=email_key):
+        raise Conflict(EMAIL_TAKEN)
+    password_hash = await hash_password(
+        body.password, secret_key=_secret_key(settings), rounds=settings.bcrypt_rounds
+    )
+    token = secrets.token_urlsafe(32)
+    now = utcnow()
+    expires_at = now + timedelta(seconds=settings.verify_ttl)
+    try:
+        # The user, its verification and the email exist together or not at all.
+        async with in_transaction():
+            user = await UserRow.create(
+                email=email,
+                email_key=email_key,
+                name=body.name,
+                password_hash=password_hash,
+            )
+            verification = await EmailVerification.create(
+                user=user, token_hash=hash_secret(token), expires_at=expires_at
+            )
+            link = f"{settings.base_url}{VERIFY_PATH}?token={token}"
+            await queue_email(
+                dedupe_key=f"verify:{verification.id}",
+                to_address=email,
+                subject="Verify your email address for sdapi",
+                text_body=_verification_text(body.name, email, link, expires_at),
+                html_body=aiohttp_jinja2.render_string(
+                    "verify_email.html.j2",
+                    request,
+                    {
+                        "name": body.name,
+                        "email": email,
+                        "link": link,
+                        "expires": f"{expires_at:%Y-%m-%d %H:%M}",
+                    },
+                ),
+            )
+    except IntegrityError:
+        raise Conflict(EMAIL_TAKEN) from None
+    return json_response(SignupResponse(user=User.of(user, now)), status=201)
+
+
+def _verification_text(
+    name: str | None, email: str, link: str, expires_at: datetime
+) -> str:
+    greeting = f"Hello {name}," if name else "Hello,"
+    return (
+        f"{greeting}\n\n"
+        f"Please confirm that {email} is your email address for sdapi by "
+        f"opening this link:\n\n{link}\n\n"
+        f"The link works until {expires_at:%Y-%m-%d %H:%M} (UTC). "
+        "If you did not sign up, ignore this email.\n"
+    )
+
+
+def prefers_json(request: web.Request) -> bool:
+    """Whether the Accept header ranks application/json at least as high as HTML."""
+    weights: dict[str, float] = {}
+    for item in request.headers.get("Accept", "").split(","):
+        media, *params = (part.strip() for part in item.split(";"))
+        quality = 1.0
+        for param in params:
+            name, _, value = param.partition("=")
+            if name.strip().lower() == "q":
+                try:
+                    quality = float(value)
+                except ValueError:
+                    quality = 0.0
+        weights[media.lower()] = max(weights.get(media.lower(), 0.0), quality)
+    json_weight = weights.get("application/json", 0.0)
+    return json_weight > 0 and json_weight >= weights.get("text/html", 0.0)
+
+
+async def _use_verification(token: str, now: datetime) -> UserRow:
+    async with in_transaction():
+        # Locked: two clicks at once verify once; the second sees it used.
+        verification = await EmailVerification.select_for_update().get_or_none(
+            token_hash=hash_secret(token)
+        )
+        if verification is None:
+            raise NotFound(
+                "This verification link is not valid: open the complete link "
+                "from the email."
+            )
+        if verification.used_at is not None:
+            raise Conflict(
+                "This verification link has already been used; the email address "
+                "is verified."
+            )
+        if verification.expires_at <= now:
+            raise Gone("This verification link has expired.")
+        verification.used_at = now
+        await verification.save(update_fields=["used_at"])
+        await UserRow.filter(id=verification.user_id, email_verified_at=None).update(  # type: ignore[attr-defined]
+            email_verified_at=now
+        )
+        return await UserRow.get(id=verification.user_id)  # type: ignore[attr-defined]
+
+
+@routes.route(
+    "GET",
+    VERIFY_PATH,
+    summary="Verify an email address (the link in the email)",
+    query=VerifyQuery,
+    auth=False,
+    responses=[
+        Response(
+            200,
+            "Verified: an HTML page, or JSON with `Accept: application/json`",
+            VerifyResponse,
+        ),
+        Response(404, "Unknown token", ErrorBody),
+        Response(409, "The link was already used", ErrorBody),
+        Response(410, "The link has expired", ErrorBody),
+    ],
+)
+async def verify_email(request: web.Request) -> web.StreamResponse:
+    """Marks the address verified. Browsers get a page; API clients that send
+    `Accept: application/json` get JSON (and errors in the usual format)."""
+    settings = request.app[settings_key]
+    now = utcnow()
+    wants_json = prefers_json(request)
+    try:
+        query = read_query(request, VerifyQuery)
+        user = await _use_verification(query.token, now)
+    except AppError as exc:
+        if wants_json:
+            raise
+        message = exc.message
+        if isinstance(exc, ValidationFailed):
+            message = "This verification link is incomplete: open the complete link "
+            message += "from the email."
+        return _verify_page(request, settings, ok=False, message=message, exc=exc)
+    if wants_json:
+        return json_response(VerifyResponse(user=User.of(user, now)))
+    return _verify_page(
+        request,
+        settings,
+        ok=True,
+        message="Thank you: your email address is verified.",
+        email=user.email,
+    )
+
+
+_PAGE_TITLES = {
+    404: "Invalid verification link",
+    409: "Link already used",
+    410: "Verification link expired",
+    422: "Incomplete verification link",
+}
+
+
+def _verify_page(
+    request: web.Request,
+    settings: WebSettings,
+    *,
+    ok: bool,
+    message: str,
+    exc: AppError | None = None,
+    email: str | None = None,
+) -> web.Response:
+    return aiohttp_jinja2.render_template(
+        "verify.html.j2",
+        request,
+        {
+            "ok": ok,
+            "title": "Email address verified"
+            if ok
+            else _PAGE_TITLES.get(exc.status if exc else 0, "Verification failed"),
+            "message": message,
+            "email": email,
+            "base_url": settings.base_url,
+        },
+        status=exc.status if exc is not None else 200,
+    )
+
+
+# --- sign-in and sign-out --------------------------------------------------
+
+
+@routes.route(
+    "POST",
+    "/api/v1/auth/signin",
+    summary="Sign in: get a bearer token",
+    body=SigninRequest,
+    auth=False,
+    responses=[
+        Response(200, "Signed in", SigninResponse),
+        Response(401, "Wrong email or password", ErrorBody),
+        Response(429, "Too many failed sign-ins (see Retry-After)", ErrorBody),
+    ],
+)
+async def signin(request: web.Request) -> web.StreamResponse:
+    """Returns a bearer token. With `session: true` it also starts a playground
+    session (HttpOnly cookie) and returns its CSRF token."""
+    settings = request.app[settings_key]
+    redis = request.app[redis_key]
+    secret_key = _secret_key(settings)
+    body = await read_body(request, SigninRequest)
+    email_key = _email_key(str(body.email))
+    by_email = email_limit(
+        email_key,
+        max_failures=settings.signin_max_failures_per_email,
+        window_s=settings.signin_failure_window,
+    )
+    by_client = client_limit(
+        client_address(request, trust_forwarded=settings.trust_forwarded),
+        max_failures=settings.signin_max_failures_per_client,
+        window_s=settings.signin_failure_window,
+    )
+    limits = [by_email, by_client]
+    # Refused before the password is looked at: nothing learned, no bcrypt spent.
+    wait = await retry_after(redis, limits)
+    if wait:
+        raise RateLimited(
+            f"Too many failed sign-ins; try again in {wait} seconds.",
+            retry_after=wait,
+        )
+
+    user = await UserRow.get_or_none(email_key=email_key)
+    if user is None:
+        ok = await verify_unknown(
+            body.password, secret_key=secret_key, rounds=settings.bcrypt_rounds
+        )
+    else:
+        ok = await verify_password(
+            body.password, user.password_hash, secret_key=secret_key
+        )
+    if user is None or not ok:
+        await record_failure(redis, limits)
+        raise Unauthorized(WRONG_CREDENTIALS)
+    await clear(redis, by_email)
+
+    if needs_rehash(user.password_hash, rounds=settings.bcrypt_rounds):
+        upgraded = await hash_password(
+            body.password, secret_key=secret_key, rounds=settings.bcrypt_rounds
+        )
+        await UserRow.filter(id=user.id).update(password_hash=upgraded)
+
+    secret, token = await issue_token(
+        user, kind=TokenKind.BEARER, ttl_s=settings.token_ttl
+    )
+    csrf_token = None
+    if body.session:
+        csrf_token = await _start_session(request, user, settings)
+    return json_response(
+        SigninResponse(
+            token=secret,
+            expires_at=token.expires_at,
+            user=User.of(user, utcnow()),
+            csrf_token=csrf_token,
+        )
+    )
+
+
+async def _start_session(
+    request: web.Request, user: UserRow, settings: WebSettings
+) -> str:
+    """A brand-new session for `user`; returns its CSRF token.
+
+    Never reuse the identity the browser came with (session fixation): the old
+    session, if any, is deleted server-side and its token revoked.
+    """
+    redis = request.app[redis_key]
+    old = await get_session(request)
+    if old.identity is not None:
+        await _end_session(redis, str(old.identity), old.get("token_id"))
+    session = await new_session(request)
+    _, token = await issue_token(
+        user, kind=TokenKind.SESSION, ttl_s=settings.session_ttl
+    )
+    csrf_token = secrets.token_urlsafe(32)
+    session["token_id"] = str(token.id)
+    session["csrf"] = csrf_token
+    return csrf_token
+
+
+async def _end_session(redis: Redis, session_id: str, token_id: object) -> None:
+    await delete_session(redis, session_id)
+    if isinstance(token_id, str):
+        try:
+            parsed = uuid.UUID(token_id)
+        except ValueError:
+            return
+        await ApiToken.filter(
+            id=parsed, kind=TokenKind.SESSION, revoked_at=None
+        ).update(revoked_at=utcnow())
+
+
+@routes.route(
+    "POST",
+    "/api/v1/auth/signout",
+    summary="Sign out: the token (or session) stops working at once",
+    responses=[Response(204, "Signed out")],
+)
+async def signout(request: web.Request) -> web.StreamResponse:
+    """Revokes the bearer token used, or ends the cookie session server-side."""
+    principal = await require_user(request)
+    await revoke_token(principal.token)
+    response = web.Response(status=204)
+    if principal.via == "session":
+        session = await get_session(request)
+        if session.identity is not None:
+            await delete_session(request.app[redis_key], str(session.identity))
+        response.del_cookie(SESSION_COOKIE, path="/")
+    return response
+
+
+# --- the caller's account --------------------------------------------------
+
+
+@routes.route(
+    "GET",
+    "/api/v1/me",
+    summary="The caller's account and quota",
+    responses=[Response(200, "The account with its quota", Me)],
+)
+async def me(request: web.Request) -> web.StreamResponse:
+    """The account, its tier, and what the tier allows today."""
+    principal = await require_user(request)
+    settings = request.app[settings_key]
+    now = utcnow()
+    user = principal.user
+    used = await usage(user, now)
+    quota = Quota.of(
+        settings.limits(user.tier_at(now)),
+        images_today=used.images_today,
+        in_flight=used.in_flight,
+    )
+    return json_response(Me(**User.of(user, now).model_dump(), quota=quota))
+
+
+@routes.route(
+    "POST",
+    "/api/v1/premium/redeem",
+    summary="Redeem a premium code",
+    body=RedeemRequest,
+    responses=[
+        Response(200, "Premium time added", User),
+        Response(404, "Unknown code", ErrorBody),
+        Response(409, "The code was already redeemed", ErrorBody),
+    ],
+    tags=["premium"],
+)
+async def redeem_code(request: web.Request) -> web.StreamResponse:
+    """Adds the code's days to any premium time left. Each code works once."""
+    principal = await require_user(request)
+    body = await read_body(request, RedeemRequest)
+    canonical = canonical_code(body.code)
+    if canonical is None:
+        raise NotFound(UNKNOWN_CODE)
+    now = utcnow()
+    async with in_transaction():
+        # The code row is locked: of two concurrent redeems, the second waits
+        # here and then sees it redeemed.
+        code = await PremiumCode.select_for_update().get_or_none(
+            code_hash=code_hash(canonical)
+        )
+        if code is None:
+            raise NotFound(UNKNOWN_CODE)
+        if code.redeemed_at is not None:
+            raise Conflict(USED_CODE)
+        user = await add_premium_days(principal.user.id, code.days, now)
+        code.redeemed_by = user
+        code.redeemed_at = now
+        await code.save(update_fields=["redeemed_by_id", "redeemed_at"])
+    log.info("user %s redeemed a %d-day premium code", user.id, code.days)
+    return json_response(User.of(user, now))

@@ -1,0 +1,168 @@
+"""`POST /v1/images/generations`: the OpenAI Images API, answered synchronously.
+
+The request becomes an ordinary premium generation; the handler follows its
+event stream until `done` (bounded by SDAPI_OPENAI_TIMEOUT, after which the
+generation is cancelled) and answers in OpenAI's shapes, so OpenAI clients
+pointed at `<base url>/v1` work unchanged. Errors on this path use OpenAI's
+error shape (web.errors).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+from typing import Any
+
+from aiohttp import web
+from pydantic import ValidationError
+
+from gpu_node.schemas import Status, Tier
+from web.auth import Principal, authenticate, bearer_secret
+from web.errors import (
+    GatewayTimeout,
+    GenerationFailed,
+    Gone,
+    PremiumRequired,
+    Unauthorized,
+    ValidationFailed,
+    validation_details,
+)
+from web.generations import cancel_generation, find_offer, submit_generation
+from web.keys import settings_key
+from web.links import signed_image_url
+from web.live import wait_until_done
+from web.models import GeneratedImage, Generation
+from web.openapi import ApiRoutes, Response, json_response, read_body
+from web.schemas.generations import GenerationRequest
+from web.schemas.openai import (
+    AUTO_SIZE,
+    ImageData,
+    ImageGenerationRequest,
+    ImagesResponse,
+    OpenAIErrorBody,
+)
+
+routes = ApiRoutes(tags=["openai"])
+
+# Our field names as the OpenAI request calls them, for error `param`s.
+_OPENAI_FIELDS = {"width": "size", "height": "size", "num_images": "n"}
+
+
+def _openai_error(error: ValidationFailed) -> ValidationFailed:
+    """The same error with fields named as in the OpenAI request."""
+    details = [
+        {**detail, "field": _OPENAI_FIELDS.get(detail["field"], detail["field"])}
+        for detail in error.details
+    ]
+    return ValidationFailed(error.message, details=details)
+
+
+async def _premium_bearer(request: web.Request) -> Principal:
+    """The caller, from a bearer token only (OpenAI clients send one), if premium."""
+    if bearer_secret(request) is None:
+        raise Unauthorized("Send your sdapi token as `Authorization: Bearer <token>`.")
+    principal = await authenticate(request)
+    if principal is None:
+        raise Unauthorized()
+    if principal.tier is not Tier.PREMIUM:
+        raise PremiumRequired(
+            "The OpenAI-compatible endpoint answers synchronously and needs a "
+            "premium account."
+        )
+    return principal
+
+
+async def _generation_request(
+    app: web.Application, body: ImageGenerationRequest
+) -> GenerationRequest:
+    fields: dict[str, Any] = {
+        "prompt": body.prompt,
+        "model": body.model,
+        "num_images": body.n or 1,
+        "delivery": "download",
+    }
+    if body.size is None or body.size == AUTO_SIZE:
+        # As OpenAI's "auto": the size the model is made for.
+        offer = await find_offer(app, body.model)
+        fields.update(width=offer.default_width, height=offer.default_height)
+    else:
+        width, _, height = body.size.partition("x")
+        fields.update(width=int(width), height=int(height))
+    try:
+        return GenerationRequest.model_validate(fields)
+    except ValidationError as exc:
+        raise _openai_error(ValidationFailed(details=validation_details(exc))) from None
+
+
+async def _wait(app: web.Application, generation: Generation) -> None:
+    """Until the generation ends well; otherwise the matching error."""
+    try:
+        async with asyncio.timeout(app[settings_key].openai_timeout):
+            done = await wait_until_done(app, generation.id)
+    except TimeoutError:
+        # Nobody will collect it: free the GPU and the caller's in-flight slot.
+        await cancel_generation(app, generation)
+        raise GatewayTimeout(
+            "The images were not ready in time; the request was cancelled."
+        ) from None
+    if done.status is Status.CANCELLED:
+        raise Gone("The generation was cancelled before it finished.")
+    if done.status is Status.FAILED:
+        reason = done.error.message if done.error else "unknown reason"
+        raise GenerationFailed(f"The generation failed: {reason}")
+
+
+@routes.route(
+    "POST",
+    "/v1/images/generations",
+    summary="Create images (OpenAI Images API compatible)",
+    body=ImageGenerationRequest,
+    responses=[
+        Response(200, "The images", ImagesResponse),
+        Response(400, "Invalid parameters", OpenAIErrorBody),
+        Response(401, "Missing or invalid bearer token", OpenAIErrorBody),
+        Response(403, "Not a premium account", OpenAIErrorBody),
+        Response(410, "Cancelled before it finished", OpenAIErrorBody),
+        Response(429, "Too many requests in flight or quota spent", OpenAIErrorBody),
+        Response(502, "The generation failed", OpenAIErrorBody),
+        Response(503, "No GPU node serves the model", OpenAIErrorBody),
+        Response(504, "Not finished in time (then cancelled)", OpenAIErrorBody),
+    ],
+)
+async def create_images(request: web.Request) -> web.StreamResponse:
+    """Point an OpenAI client at `<base url>/v1` with an sdapi token as the API
+    key. Premium only; waits for the images. `size` "WxH" or "auto" (the
+    model's default), `n` images, `response_format` `url` (signed links valid
+    for an hour) or `b64_json`. Errors use OpenAI's shape, invalid parameters
+    are 400."""
+    principal = await _premium_bearer(request)
+    body = await read_body(request, ImageGenerationRequest)
+    app = request.app
+    try:
+        generation_request = await _generation_request(app, body)
+        generation = await submit_generation(app, principal, generation_request)
+    except ValidationFailed as exc:
+        raise _openai_error(exc) from None
+    await _wait(app, generation)
+
+    settings = app[settings_key]
+    secret = settings.secret_key.get_secret_value() if settings.secret_key else ""
+    images = await GeneratedImage.filter(generation_id=generation.id).order_by("index")
+    if body.response_format == "b64_json":
+        data = [ImageData(b64_json=base64.b64encode(i.png).decode()) for i in images]
+    else:
+        data = [
+            ImageData(
+                url=signed_image_url(
+                    secret,
+                    settings.base_url,
+                    generation.id,
+                    image.index,
+                    ttl_s=settings.openai_url_ttl,
+                )
+            )
+            for image in images
+        ]
+    return json_response(
+        ImagesResponse(created=int(generation.created_at.timestamp()), data=data)
+    )

@@ -1,0 +1,73 @@
+"""The live WebSocket: generate, subscribe and cancel; events relayed as frames."""
+
+from __future__ import annotations
+
+from aiohttp import web
+
+from web.auth import Principal, authenticate, bearer_secret, origin_allowed
+from web.errors import BadRequest, Forbidden, Unauthorized
+from web.keys import settings_key
+from web.live import LiveSocket, LiveWebSocket, live_sockets_key
+from web.openapi import ApiRoutes, Response
+from web.sessions import SESSION_COOKIE
+
+routes = ApiRoutes(tags=["live"])
+
+LIVE_DESCRIPTION = """\
+Authenticate on the upgrade with `Authorization: Bearer <token>`, a `token`
+query parameter, or the session cookie from one of this service's origins.
+
+Client -> server (JSON text frames):
+`{"type": "generate", "request": GenerationRequest}` (premium),
+`{"type": "subscribe", "id"}`, `{"type": "cancel", "id"}`.
+Messages are handled in the order they arrive, so `accepted` and `error`
+answers to `generate` come in the order of the requests.
+
+Server -> client: `accepted` {generation}, `queued` {position}, `started`,
+`progress` {step, total, preview}, `image` {index, seed, url, data},
+`done` {status, error when failed}, `error` {id, code, message, details}.
+A subscription replays the events already emitted before live ones. A bad
+message gets an `error` frame and the connection stays open; a message over
+the size limit closes it with code 1009 after an `error` frame.
+"""
+
+
+async def _caller(request: web.Request) -> Principal:
+    """Who opens the socket; the Origin is checked before anything is upgraded."""
+    token = request.query.get("token") or None
+    uses_cookie = token is None and bearer_secret(request) is None
+    # A page on another site can make the browser send our cookie on a
+    # WebSocket upgrade (no CORS there): only our own origins may use it.
+    if (
+        uses_cookie
+        and SESSION_COOKIE in request.cookies
+        and not origin_allowed(request)
+    ):
+        raise Forbidden("This origin may not use the session cookie here.")
+    principal = await authenticate(request, token=token)
+    if principal is None:
+        raise Unauthorized()
+    return principal
+
+
+@routes.route(
+    "GET",
+    "/api/v1/ws",
+    summary="Live generation over a WebSocket",
+    description=LIVE_DESCRIPTION,
+    responses=[Response(101, "Switching to the WebSocket protocol")],
+)
+async def live(request: web.Request) -> web.StreamResponse:
+    """Upgrade to a WebSocket after authentication; serve until the client goes."""
+    principal = await _caller(request)
+    settings = request.app[settings_key]
+    ws = LiveWebSocket(
+        max_msg_size=settings.max_ws_message_bytes, heartbeat=settings.ws_heartbeat
+    )
+    if not ws.can_prepare(request).ok:
+        raise BadRequest("This endpoint speaks WebSocket: send an Upgrade request.")
+    await ws.prepare(request)
+    socket = LiveSocket(request.app, ws, principal)
+    request.app[live_sockets_key].add(socket)
+    await socket.serve()
+    return ws

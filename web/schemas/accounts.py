@@ -1,0 +1,141 @@
+"""Public models of the accounts API: sign-up, sign-in, `/me`, premium codes."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Annotated, Literal
+from uuid import UUID
+
+from pydantic import BaseModel, ConfigDict, EmailStr, Field, field_validator
+
+from gpu_node.schemas import Tier
+from web.models import User as UserRow
+from web.settings import TierLimits
+
+PASSWORD_MIN = 10
+PASSWORD_MAX = 256
+
+Password = Annotated[
+    str,
+    Field(
+        min_length=PASSWORD_MIN,
+        max_length=PASSWORD_MAX,
+        description=f"{PASSWORD_MIN} to {PASSWORD_MAX} characters; every one counts.",
+    ),
+]
+
+
+class _Request(BaseModel):
+    # Unknown fields are a 422, not silently ignored (the contract says so).
+    model_config = ConfigDict(extra="forbid")
+
+
+class SignupRequest(_Request):
+    email: EmailStr
+    password: Password
+    name: str | None = Field(default=None, max_length=100)
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, value: str | None) -> str | None:
+        if value is None:
+            return None
+        return value.strip() or None
+
+
+class SigninRequest(_Request):
+    email: EmailStr
+    # Only the length bound: a wrong password gets the same 401 as any other.
+    password: str = Field(min_length=1, max_length=PASSWORD_MAX)
+    session: bool = Field(
+        default=False,
+        description="Also start a playground session: sets an HttpOnly session "
+        "cookie and returns `csrf_token`, to send as X-CSRF-Token on unsafe "
+        "cookie-authenticated requests.",
+    )
+
+
+class RedeemRequest(_Request):
+    code: str = Field(
+        min_length=1,
+        max_length=100,
+        description="A premium code such as SDAPI-XXXXX-XXXXX-XXXXX-XXXXX "
+        "(case, dashes and spaces do not matter).",
+    )
+
+
+class VerifyQuery(BaseModel):
+    token: str = Field(
+        min_length=1, max_length=200, description="The token from the email's link."
+    )
+
+
+class User(BaseModel):
+    """An account as its owner sees it."""
+
+    id: UUID
+    email: str
+    name: str | None
+    tier: Tier
+    premium_until: datetime | None
+    email_verified: bool
+    created_at: datetime
+
+    @classmethod
+    def of(cls, user: UserRow, now: datetime) -> User:
+        """The public view of a user row at `now`."""
+        return cls(
+            id=user.id,
+            email=user.email,
+            name=user.name,
+            tier=user.tier_at(now),
+            premium_until=user.premium_until,
+            email_verified=user.email_verified_at is not None,
+            created_at=user.created_at,
+        )
+
+
+class SignupResponse(BaseModel):
+    user: User
+
+
+class VerifyResponse(BaseModel):
+    user: User
+
+
+class SigninResponse(BaseModel):
+    token: str = Field(description="Send as `Authorization: Bearer <token>`.")
+    token_type: Literal["bearer"] = "bearer"  # noqa: S105 (a scheme name)
+    expires_at: datetime
+    user: User
+    csrf_token: str | None = Field(
+        default=None,
+        description="Only with `session: true`: the session's CSRF token.",
+    )
+
+
+class Quota(BaseModel):
+    """What the caller's tier allows and how much of it is in use."""
+
+    images_today: int = Field(description="Images requested today (UTC).")
+    images_per_day: int
+    in_flight: int = Field(description="Premium requests queued or running now.")
+    max_in_flight: int | None = Field(
+        description="null: not limited (normal requests are bounded per day only)."
+    )
+
+    @classmethod
+    def of(cls, limits: TierLimits, *, images_today: int, in_flight: int) -> Quota:
+        """The quota view of a tier's limits and current usage."""
+        return cls(
+            images_today=images_today,
+            images_per_day=limits.images_per_day,
+            in_flight=in_flight,
+            max_in_flight=limits.max_in_flight,
+        )
+
+
+class Me(User):
+    """The caller's account with their quota."""
+
+    quota: Quota

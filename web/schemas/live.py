@@ -1,0 +1,120 @@
+"""Messages of the live WebSocket (`GET /api/v1/ws`), both directions."""
+
+from __future__ import annotations
+
+from typing import Annotated, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter
+
+from gpu_node.schemas import Status
+from web.schemas.generations import ErrorRef, Generation, GenerationRequest
+
+# --- client -> server -------------------------------------------------------
+
+_MESSAGE = ConfigDict(extra="forbid")
+
+
+class GenerateMessage(BaseModel):
+    """Ask for images (premium only); answered by `accepted`, then its events."""
+
+    model_config = _MESSAGE
+
+    type: Literal["generate"]
+    request: GenerationRequest
+
+
+class SubscribeMessage(BaseModel):
+    """Follow one of your generations; what it already emitted is replayed first."""
+
+    model_config = _MESSAGE
+
+    type: Literal["subscribe"]
+    id: str = Field(max_length=100)
+
+
+class CancelMessage(BaseModel):
+    """Cancel one of your generations unless it has finished."""
+
+    model_config = _MESSAGE
+
+    type: Literal["cancel"]
+    id: str = Field(max_length=100)
+
+
+ClientMessage = Annotated[
+    GenerateMessage | SubscribeMessage | CancelMessage, Field(discriminator="type")
+]
+CLIENT_MESSAGE: TypeAdapter[ClientMessage] = TypeAdapter(ClientMessage)
+MESSAGE_TYPES = ("generate", "subscribe", "cancel")
+
+
+# --- server -> client -------------------------------------------------------
+
+
+class AcceptedFrame(BaseModel):
+    type: Literal["accepted"] = "accepted"
+    id: str
+    generation: Generation
+
+
+class QueuedFrame(BaseModel):
+    type: Literal["queued"] = "queued"
+    id: str
+    position: int
+
+
+class StartedFrame(BaseModel):
+    type: Literal["started"] = "started"
+    id: str
+
+
+class ProgressFrame(BaseModel):
+    type: Literal["progress"] = "progress"
+    id: str
+    step: int
+    total: int
+    preview: str | None = Field(
+        description="A small JPEG as a data: URL every few steps; null in between"
+    )
+
+
+class ImageFrame(BaseModel):
+    type: Literal["image"] = "image"
+    id: str
+    index: int
+    seed: int
+    url: str
+    data: str = Field(description="The PNG, base64")
+
+
+class DoneFrame(BaseModel):
+    type: Literal["done"] = "done"
+    id: str
+    status: Literal[Status.SUCCEEDED, Status.FAILED, Status.CANCELLED]
+    # Only when the generation failed.
+    error: ErrorRef | None = Field(default=None, exclude_if=lambda value: value is None)
+
+
+class FieldProblem(BaseModel):
+    field: str
+    message: str
+
+
+class ErrorFrame(BaseModel):
+    type: Literal["error"] = "error"
+    id: str | None
+    code: str
+    message: str
+    # One entry per bad field of a `validation_error`, as in HTTP answers.
+    details: list[FieldProblem] = []
+
+
+ServerFrame = (
+    AcceptedFrame
+    | QueuedFrame
+    | StartedFrame
+    | ProgressFrame
+    | ImageFrame
+    | DoneFrame
+    | ErrorFrame
+)
