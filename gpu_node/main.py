@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import sys
 
 from gpu_node.settings import GpuNodeSettings
 from gpu_node.work import ModelError
+from sdapi import loops
 from sdapi.embedded import require_redis_url
 
 log = logging.getLogger("gpu_node")
@@ -31,7 +31,7 @@ def run() -> int:
     from gpu_node.worker import run_node
 
     try:
-        ok = asyncio.run(run_node(settings, redis_url))
+        ok = loops.run(run_node(settings, redis_url))
     except ModelError as exc:
         print(f"sdapi: {exc}", file=sys.stderr)  # noqa: T201
         return 2

@@ -2,8 +2,8 @@
 
 The pipeline thread never waits on the event loop: it hands events over with
 `loop.call_soon_threadsafe` to a queue that one publisher task drains in
-order. Cancel flags are read on the pipeline thread itself with a tiny
-synchronous MGET per step, so a cancel stops the work within one step.
+order. Cancel flags are kept on the loop (pub/sub messages plus re-reads) in
+a set the pipeline thread checks at every step without I/O.
 """
 
 from __future__ import annotations
@@ -17,14 +17,20 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
-import redis
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
 from gpu_node.executor import GpuExecutor
-from gpu_node.schemas import EVENT_TTL_S, Event, ProgressEvent, cancel_key, progress_key
+from gpu_node.schemas import (
+    EVENT_TTL_S,
+    Event,
+    ProgressEvent,
+    cancel_key,
+    events_key,
+    progress_key,
+)
 from gpu_node.work import CallStopped
-from sdapi.events import append_event
+from sdapi.events import add_events
 
 log = logging.getLogger(__name__)
 
@@ -51,13 +57,31 @@ _STOP = object()
 
 
 class EventPublisher:
-    """Appends events to each generation's stream, in the order they were emitted."""
+    """Appends events to each generation's stream, in the order they were emitted.
 
-    def __init__(self, redis_client: Redis) -> None:
+    Everything queued when the publisher gets to run goes to Redis in one
+    pipelined round trip, so a step costs one hop from the pipeline thread and
+    at most one round trip. The progress hash (what REST shows) keeps only the
+    latest step and is written at most every `progress_every_s`, and at every
+    flush; a stream's TTL is renewed once per `renew_every_s`.
+    """
+
+    def __init__(
+        self,
+        redis_client: Redis,
+        *,
+        progress_every_s: float = 0.5,
+        renew_every_s: float = 60.0,
+    ) -> None:
         self._redis = redis_client
         self._queue: asyncio.Queue[object] = asyncio.Queue()
         self._loop = asyncio.get_running_loop()
         self._task: asyncio.Task[None] | None = None
+        self._progress_every_s = progress_every_s
+        self._renew_every_s = renew_every_s
+        self._progress: dict[str, _Progress] = {}
+        self._progress_written = 0.0
+        self._renewed: dict[str, float] = {}
         self.dropped = 0
 
     def start(self) -> None:
@@ -82,8 +106,6 @@ class EventPublisher:
     def emit(self, generation_id: str, event: Event) -> None:
         """Queue `event` for the generation's stream (from any thread, never blocks)."""
         self._put(_Append(generation_id, event))
-        if isinstance(event, ProgressEvent):
-            self._put(_Progress(generation_id, event.step, event.total))
 
     def set_progress(self, generation_id: str, step: int, total: int) -> None:
         """Queue an update of the generation's progress hash (REST status)."""
@@ -104,76 +126,138 @@ class EventPublisher:
         self._task = None
 
     async def _drain(self) -> None:
-        # Progress-hash writes wait until the queue runs dry and keep only the
-        # last step of each generation: REST polls the hash, it needs no history.
-        progress: dict[str, _Progress] = {}
         while True:
-            if progress and self._queue.empty():
-                await self._write_progress(progress)
-            item = await self._queue.get()
-            if isinstance(item, _Progress):
-                progress[item.generation_id] = item
-            elif isinstance(item, _Append):
-                try:
-                    await append_event(self._redis, item.generation_id, item.event)
-                except (RedisError, OSError) as exc:
-                    # Progress is best effort: the result itself travels via arq.
-                    self.dropped += 1
-                    log.warning("dropped an event of %s: %s", item.generation_id, exc)
-            else:
-                await self._write_progress(progress)
-                if isinstance(item, _Flush) and not item.done.done():
-                    item.done.set_result(None)
-                if item is _STOP:
-                    return
+            item: object | None = await self._queue.get()
+            appends: list[_Append] = []
+            while isinstance(item, _Append | _Progress):
+                if isinstance(item, _Append):
+                    appends.append(item)
+                    if isinstance(item.event, ProgressEvent):
+                        self._note_progress(item.generation_id, item.event)
+                else:
+                    self._progress[item.generation_id] = item
+                if self._queue.empty():
+                    item = None
+                    break
+                item = self._queue.get_nowait()
+            # `item` is now None, or a flush or stop that must follow the writes.
+            await self._write(appends, force_progress=item is not None)
+            if isinstance(item, _Flush) and not item.done.done():
+                item.done.set_result(None)
+            if item is _STOP:
+                return
 
-    async def _write_progress(self, progress: dict[str, _Progress]) -> None:
-        if not progress:
+    def _note_progress(self, generation_id: str, event: ProgressEvent) -> None:
+        self._progress[generation_id] = _Progress(
+            generation_id, event.step, event.total
+        )
+
+    async def _write(self, appends: list[_Append], *, force_progress: bool) -> None:
+        now = time.monotonic()
+        progress: list[_Progress] = []
+        if self._progress and (
+            force_progress or now - self._progress_written >= self._progress_every_s
+        ):
+            progress = list(self._progress.values())
+            self._progress.clear()
+            self._progress_written = now
+        if not appends and not progress:
             return
-        items = list(progress.values())
-        progress.clear()
+        renew = []
+        for item in appends:
+            key = events_key(item.generation_id)
+            if now - self._renewed.get(key, -1e9) >= self._renew_every_s:
+                self._renewed[key] = now
+                renew.append(key)
+        if len(self._renewed) > 10_000:
+            horizon = now - self._renew_every_s
+            self._renewed = {k: t for k, t in self._renewed.items() if t >= horizon}
         try:
             async with self._redis.pipeline(transaction=False) as pipe:
-                for item in items:
-                    key = progress_key(item.generation_id)
-                    pipe.hset(key, mapping={"step": item.step, "total": item.total})
+                add_events(pipe, [(i.generation_id, i.event) for i in appends])
+                for key in renew:
+                    pipe.expire(key, EVENT_TTL_S)
+                for update in progress:
+                    key = progress_key(update.generation_id)
+                    pipe.hset(key, mapping={"step": update.step, "total": update.total})
                     pipe.expire(key, EVENT_TTL_S)
                 await pipe.execute()
         except (RedisError, OSError) as exc:
-            self.dropped += len(items)
-            log.warning("dropped progress of %d generation(s): %s", len(items), exc)
+            # Progress is best effort: the result itself travels via arq.
+            self.dropped += len(appends) + len(progress)
+            log.warning(
+                "dropped %d event(s) and %d progress update(s): %s",
+                len(appends),
+                len(progress),
+                exc,
+            )
 
 
-class CancelChecker:
-    """Reads cancel flags synchronously, from the pipeline thread only."""
+class CancelWatch:
+    """Cancel flags of the generations this node is working on.
 
-    # After a Redis error, skip checks this long (seconds) rather than stall
-    # every step on a connection timeout.
-    BACKOFF_S = 1.0
+    Kept on the event loop from `CANCEL_CHANNEL` messages, from a read of the
+    flags when work starts, and from a re-read every `recheck_s` (a message
+    published while the subscription reconnects is lost). The pipeline thread
+    asks at every step without any I/O, so a cancel stops work within a step.
+    """
 
-    def __init__(self, url: str, timeout_s: float = 0.25) -> None:
-        self._client = redis.Redis.from_url(
-            url, socket_timeout=timeout_s, socket_connect_timeout=timeout_s
-        )
-        self._quiet_until = 0.0
+    def __init__(self, redis_client: Redis, *, recheck_s: float = 1.0) -> None:
+        self._redis = redis_client
+        self._recheck_s = recheck_s
+        self._lock = threading.Lock()
+        self._watched: dict[str, int] = {}
+        self._cancelled: set[str] = set()
+
+    def note(self, generation_id: str) -> None:
+        """A cancel message arrived (from the listener, on the loop)."""
+        with self._lock:
+            if generation_id in self._watched:
+                self._cancelled.add(generation_id)
+
+    async def watch(self, generation_ids: Sequence[str]) -> set[str]:
+        """Follow these generations' flags; return those already cancelled."""
+        with self._lock:
+            for gid in generation_ids:
+                self._watched[gid] = self._watched.get(gid, 0) + 1
+        # Read after watching: a cancel from now on is caught by `note` too.
+        await self._read(list(generation_ids))
+        return self.cancelled(generation_ids)
+
+    def unwatch(self, generation_ids: Sequence[str]) -> None:
+        """Stop following these generations."""
+        with self._lock:
+            for gid in generation_ids:
+                left = self._watched.get(gid, 0) - 1
+                if left > 0:
+                    self._watched[gid] = left
+                else:
+                    self._watched.pop(gid, None)
+                    self._cancelled.discard(gid)
 
     def cancelled(self, generation_ids: Sequence[str]) -> set[str]:
-        """The ids among `generation_ids` whose cancel flag is set."""
-        if not generation_ids or time.monotonic() < self._quiet_until:
-            return set()
-        try:
-            values: list[bytes | None] = list(
-                self._client.mget([cancel_key(gid) for gid in generation_ids])  # type: ignore[arg-type]
-            )
-        except (RedisError, OSError) as exc:
-            self._quiet_until = time.monotonic() + self.BACKOFF_S
-            log.warning("cannot read cancel flags: %s", exc)
-            return set()
-        return {gid for gid, value in zip(generation_ids, values, strict=True) if value}
+        """The ids among `generation_ids` that are cancelled (any thread, no I/O)."""
+        with self._lock:
+            return {gid for gid in generation_ids if gid in self._cancelled}
 
-    def close(self) -> None:
-        """Close the connection pool."""
-        self._client.close()
+    async def _read(self, generation_ids: list[str]) -> None:
+        if not generation_ids:
+            return
+        values = await self._redis.mget([cancel_key(gid) for gid in generation_ids])
+        for gid, value in zip(generation_ids, values, strict=True):
+            if value:
+                self.note(gid)
+
+    async def run(self) -> None:
+        """Re-read the watched flags every `recheck_s` until cancelled."""
+        while True:
+            await asyncio.sleep(self._recheck_s)
+            with self._lock:
+                watched = [g for g in self._watched if g not in self._cancelled]
+            try:
+                await self._read(watched)
+            except (RedisError, OSError) as exc:
+                log.warning("cannot re-read cancel flags: %s", exc)
 
 
 def preview_url(jpeg: bytes | None) -> str | None:
@@ -190,9 +274,10 @@ class CallObserver:
         self,
         keys: Sequence[str],
         publisher: EventPublisher,
-        checker: CancelChecker,
+        cancels: CancelWatch,
         *,
         preview_every: int,
+        min_interval_s: float = 0.0,
         executor: GpuExecutor | None = None,
         on_step_done: Callable[[int], None] | None = None,
     ) -> None:
@@ -201,10 +286,17 @@ class CallObserver:
         self.abort = threading.Event()
         self.steps_done = 0
         self._publisher = publisher
-        self._checker = checker
+        self._cancels = cancels
         self._preview_every = preview_every
+        self._min_interval_s = min_interval_s
         self._executor = executor
         self._on_step_done = on_step_done
+        # Progress goes out at most every `min_interval_s` (the last step always):
+        # faster than a person can see, it only costs the GPU node, Redis and
+        # every relay on the way.
+        self._last_emit = -1e9
+        self._emit_due = True
+        self._last_preview_step = 0
 
     @property
     def active(self) -> list[str]:
@@ -213,7 +305,7 @@ class CallObserver:
     def _check(self) -> None:
         if self.abort.is_set():
             raise CallStopped("aborted")
-        self.cancelled |= self._checker.cancelled(self.active)
+        self.cancelled |= self._cancels.cancelled(self.active)
         if not self.active:
             raise CallStopped("cancelled")
 
@@ -222,22 +314,30 @@ class CallObserver:
         self._check()
 
     def preview_keys(self, step: int) -> Sequence[str]:
-        """Items that get a preview after `step`."""
-        if self._preview_every <= 0 or step % self._preview_every:
+        """Items that get a preview after `step` (asked just before `on_step`)."""
+        self._emit_due = time.monotonic() - self._last_emit >= self._min_interval_s
+        if (
+            not self._emit_due
+            or self._preview_every <= 0
+            or step - self._last_preview_step < self._preview_every
+        ):
             return []
+        self._last_preview_step = step
         return self.active
 
     def on_step(self, step: int, total: int, previews: Mapping[str, bytes]) -> None:
         """Check cancels, publish progress, then let waiting premium work run."""
         self._check()
         self.steps_done += 1
-        for key in self.active:
-            self._publisher.emit(
-                key,
-                ProgressEvent(
-                    step=step, total=total, preview=preview_url(previews.get(key))
-                ),
-            )
+        if self._emit_due or step >= total:
+            self._last_emit = time.monotonic()
+            for key in self.active:
+                self._publisher.emit(
+                    key,
+                    ProgressEvent(
+                        step=step, total=total, preview=preview_url(previews.get(key))
+                    ),
+                )
         if self._on_step_done is not None:
             self._on_step_done(step)
         if self._executor is not None:

@@ -74,6 +74,16 @@ def batch_queue(model: str) -> str:
     return f"{QUEUE_PREFIX}:{model}:batch"
 
 
+def wake_channel(queue: str) -> str:
+    """Pub/sub channel told of new work on `queue`, so nodes need not wait a poll."""
+    return f"{queue}:wake"
+
+
+# Pub/sub channel carrying the ids of cancelled generations (the flag at
+# `cancel_key` stays the truth; the message only saves a node from polling it).
+CANCEL_CHANNEL = "sdapi:cancels"
+
+
 def events_key(generation_id: UUID | str) -> str:
     """Redis stream of a generation's events, replayed to late subscribers."""
     return f"sdapi:events:{generation_id}"

@@ -36,6 +36,9 @@ class GpuNodeSettings(CommonSettings):
     gpu_default_scheduler: str | None = None
     # Latent previews every N denoising steps (0: none).
     gpu_preview_every: int = Field(default=5, ge=0)
+    # Progress events at most this often (seconds; 0: every step). The last
+    # step is always sent; 20 a second is more than a progress bar can show.
+    gpu_progress_interval_s: float = Field(default=0.05, ge=0, le=10)
     node_id: str = Field(default_factory=_default_node_id, min_length=1, max_length=100)
     gpu_health_host: str = "127.0.0.1"
     # 0: pick a free port and log it.
@@ -43,9 +46,11 @@ class GpuNodeSettings(CommonSettings):
     # Host others reach this node's health port on; unset: the health host,
     # or this machine's name when listening on every interface.
     gpu_advertise_host: str | None = None
-    # arq poll delays (seconds): premium pick-up latency is bounded by the first.
-    gpu_premium_poll_s: float = Field(default=0.02, gt=0, le=5)
-    gpu_batch_poll_s: float = Field(default=0.2, gt=0, le=5)
+    # arq poll delays (seconds). Producers publish a wake-up with every job
+    # and a finished job looks for the next at once, so polls only catch a
+    # wake-up lost while Redis restarted.
+    gpu_premium_poll_s: float = Field(default=0.25, gt=0, le=5)
+    gpu_batch_poll_s: float = Field(default=0.5, gt=0, le=5)
     # How long a claimed job stays claimed without a refresh (seconds): after a
     # SIGKILL its job is picked up again within about this long.
     # A job's time limit: base + steps x images x this, scaled by its size

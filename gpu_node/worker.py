@@ -31,9 +31,10 @@ from gpu_node.announcer import Announcer
 from gpu_node.executor import GpuExecutor
 from gpu_node.health import NodeMetrics, start_health_server
 from gpu_node.images import ImageManifest, encode_png, sha256_hex
-from gpu_node.progress import CallObserver, CancelChecker, EventPublisher
+from gpu_node.progress import CallObserver, CancelWatch, EventPublisher
 from gpu_node.schemas import (
     BATCH_FUNCTION,
+    CANCEL_CHANNEL,
     GENERATE_FUNCTION,
     IMAGE_TTL_S,
     JOB_TIMEOUT_MAX_S,
@@ -53,15 +54,16 @@ from gpu_node.schemas import (
     Status,
     Tier,
     batch_queue,
-    cancel_key,
     image_key,
     job_timeout_s,
     premium_queue,
     result_job_id,
     started_job_id,
+    wake_channel,
 )
 from gpu_node.settings import GpuNodeSettings
 from gpu_node.work import CallItem, CallStopped, Engine, OutOfMemory, PipelineCall
+from sdapi.listener import Listener, poll_when_woken, setter, wake_after_job
 from sdapi.queue import (
     create_queue_pool,
     deserialize,
@@ -127,7 +129,9 @@ class NodeResources:
     engine: Engine
     executor: GpuExecutor
     publisher: EventPublisher
-    checker: CancelChecker
+    cancels: CancelWatch
+    listener: Listener
+    background: list[asyncio.Task[None]]
     announcer: Announcer
     health_runner: web.AppRunner
     health_url: str
@@ -172,6 +176,7 @@ class GpuNode:
         self._engine = engine
         self._resources: NodeResources | None = None
         self._stop = asyncio.Event()
+        self._wakeups: dict[str, asyncio.Event] = {}
         self._draining = False
         self.failed = False
 
@@ -203,7 +208,7 @@ class GpuNode:
         executor = GpuExecutor(name=f"gpu-{profile.model}")
         publisher = EventPublisher(redis)
         publisher.start()
-        checker = CancelChecker(self.redis_url)
+        cancels = CancelWatch(redis)
         runner, port = await start_health_server(
             self, settings.gpu_health_host, settings.gpu_health_port
         )
@@ -243,20 +248,37 @@ class GpuNode:
             engine=engine,
             executor=executor,
             publisher=publisher,
-            checker=checker,
+            cancels=cancels,
+            listener=Listener(redis, {}),
+            background=[],
             announcer=announcer,
             health_runner=runner,
             health_url=health_url,
             info=info,
             workers=[],
         )
-        self._resources.workers = [
+        self._wakeups = {
+            queue: asyncio.Event()
+            for queue in (premium_queue(profile.model), batch_queue(profile.model))
+        }
+        workers = [
             self._worker(
                 premium_queue(profile.model), GENERATE_FUNCTION, self.generate, True
             ),
             self._worker(
                 batch_queue(profile.model), BATCH_FUNCTION, self.generate_batch, False
             ),
+        ]
+        self._resources.workers = workers
+        handlers = {
+            wake_channel(queue): setter(event) for queue, event in self._wakeups.items()
+        }
+        handlers[CANCEL_CHANNEL] = lambda data: cancels.note(data.decode())
+        listener = Listener(redis, handlers)
+        self._resources.listener = listener
+        self._resources.background = [
+            asyncio.create_task(listener.run(), name="pubsub"),
+            asyncio.create_task(cancels.run(), name="cancel-recheck"),
         ]
         await announcer.start()
         log.info(
@@ -302,6 +324,7 @@ class GpuNode:
             job_deserializer=deserialize,
             health_check_interval=60,
             health_check_key=f"{queue}:health-check:{self.node_id}",
+            after_job_end=wake_after_job(self._wakeups[queue]),
             ctx={},
             log_results=False,
         )
@@ -325,6 +348,12 @@ class GpuNode:
         loops = [
             asyncio.create_task(
                 self._supervise(worker), name=f"arq:{worker.queue_name}"
+            )
+            for worker in workers
+        ] + [
+            asyncio.create_task(
+                poll_when_woken(worker, self._wakeups[worker.queue_name]),
+                name=f"wake:{worker.queue_name}",
             )
             for worker in workers
         ]
@@ -385,11 +414,13 @@ class GpuNode:
         resources = self._resources
         if resources is None:
             return
+        for task in resources.background:
+            task.cancel()
+        await asyncio.gather(*resources.background, return_exceptions=True)
         await resources.announcer.close()
         await resources.health_runner.cleanup()
         await resources.publisher.close()
         await asyncio.to_thread(resources.executor.shutdown)
-        resources.checker.close()
         await resources.redis.aclose()
         self._resources = None
         self.metrics.model_loaded.clear()
@@ -533,9 +564,11 @@ class GpuNode:
             item.fail("invalid_request", "the prompt is empty")
         else:
             window = profile.token_window
-            prompt_tokens = await asyncio.to_thread(engine.count_tokens, item.prompt)
-            negative_tokens = await asyncio.to_thread(
-                engine.count_tokens, item.negative_prompt
+            prompt_tokens, negative_tokens = await asyncio.to_thread(
+                lambda: (
+                    engine.count_tokens(item.prompt),
+                    engine.count_tokens(item.negative_prompt),
+                )
             )
             item.prompt_dropped = max(0, prompt_tokens - window)
             item.negative_dropped = max(0, negative_tokens - window)
@@ -557,21 +590,38 @@ class GpuNode:
                 )
                 continue
             items.append(await self._prepare(job))
-        flags = await redis.mget([cancel_key(i.key) for i in items]) if items else []
-        for item, flag in zip(items, flags, strict=True):
-            if flag and item.status is None:
-                item.status = Status.CANCELLED
-        todo = [item for item in items if item.status is None]
-        for item in todo:
-            await self._mark_started(item)
-        if todo:
-            await self._run_calls(todo, tier, deadline)
-        await self._deliver(items, tier)
+        keys = [item.key for item in items]
+        cancelled = await resources.cancels.watch(keys)
+        try:
+            for item in items:
+                if item.key in cancelled and item.status is None:
+                    item.status = Status.CANCELLED
+            todo = [item for item in items if item.status is None]
+            for item in todo:
+                self._announce_started(item)
+            # Telling `jobs` is not on the way to the GPU: it runs beside the call.
+            notices = [asyncio.create_task(self._mark_started(item)) for item in todo]
+            try:
+                if todo:
+                    await self._run_calls(todo, tier, deadline)
+            finally:
+                await asyncio.gather(*notices)
+            await self._deliver(items, tier)
+        finally:
+            resources.cancels.unwatch(keys)
         return [str(item.status) for item in items]
 
-    async def _mark_started(self, item: _Prepared) -> None:
+    def _announce_started(self, item: _Prepared) -> None:
+        """Queue the `started` event before any of the call's progress."""
         resources = self.resources
         item.started_at = _now()
+        resources.publisher.emit(item.key, StartedEvent(node_id=self.node_id))
+        resources.publisher.set_progress(item.key, 0, item.job.params.steps)
+
+    async def _mark_started(self, item: _Prepared) -> None:
+        """Have `jobs` record the start (queued -> running) in the database."""
+        if item.started_at is None:
+            raise RuntimeError("announce the start first")
         notice = StartedNotice(
             generation_id=item.job.generation_id,
             attempt=item.job.attempt,
@@ -579,14 +629,12 @@ class GpuNode:
             started_at=item.started_at,
         )
         await enqueue(
-            resources.redis,
+            self.resources.redis,
             MARK_STARTED_FUNCTION,
             notice,
             queue=RESULTS_QUEUE,
             job_id=started_job_id(item.job.generation_id, item.job.attempt),
         )
-        resources.publisher.emit(item.key, StartedEvent(node_id=self.node_id))
-        resources.publisher.set_progress(item.key, 0, item.job.params.steps)
 
     async def _run_calls(
         self, todo: list[_Prepared], tier: Tier, deadline: float
@@ -669,8 +717,9 @@ class GpuNode:
         observer = CallObserver(
             [item.key for item in call.items],
             resources.publisher,
-            resources.checker,
+            resources.cancels,
             preview_every=self.settings.gpu_preview_every,
+            min_interval_s=self.settings.gpu_progress_interval_s,
             # Only batches yield: premium calls never nest inside each other.
             executor=None if premium else resources.executor,
             on_step_done=lambda _step: metrics.steps.inc(),

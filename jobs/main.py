@@ -5,9 +5,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 
+from gpu_node.schemas import RESULTS_QUEUE, wake_channel
 from jobs.settings import JobsSettings
 from jobs.worker import build_worker
+from sdapi import loops
+from sdapi.listener import Listener, poll_when_woken, setter
 from sdapi.logs import setup_logging
+from sdapi.queue import create_queue_pool
 
 # On SIGTERM/SIGINT, running jobs (storing results) get this long to finish
 # before they are cancelled and re-queued (seconds).
@@ -18,16 +22,29 @@ async def serve(settings: JobsSettings) -> None:
     """Run the worker until a signal stops it."""
     # Built inside the loop: arq binds its signal handlers to the running loop.
     worker = build_worker(settings, job_completion_wait=SHUTDOWN_GRACE_S)
+    # Nodes publish a wake-up with every result: store it now, not at the next
+    # poll (the `done` event, and the OpenAI route's answer, wait for it).
+    hints = await create_queue_pool(settings.redis_url or "")
+    woken = asyncio.Event()
+    listener = Listener(hints, {wake_channel(RESULTS_QUEUE): setter(woken)})
+    helpers = [
+        asyncio.create_task(listener.run(), name="pubsub"),
+        asyncio.create_task(poll_when_woken(worker, woken), name="wake"),
+    ]
     try:
         with contextlib.suppress(asyncio.CancelledError):
             await worker.async_run()
     finally:
+        for task in helpers:
+            task.cancel()
+        await asyncio.gather(*helpers, return_exceptions=True)
         await worker.close()
+        await hints.aclose()
 
 
 def run() -> int:
     """Run the jobs worker until SIGINT/SIGTERM."""
     settings = JobsSettings.from_env().resolved()
     setup_logging(settings.log_level)
-    asyncio.run(serve(settings))
+    loops.run(serve(settings))
     return 0

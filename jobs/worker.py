@@ -130,8 +130,9 @@ def build_worker(settings: JobsSettings, **overrides: Any) -> Worker:
         "on_startup": on_startup,
         "on_shutdown": on_shutdown,
         "ctx": {"settings": settings},
-        # Results of premium work wait on this queue: poll it often.
-        "poll_delay": 0.02,
+        # `sdapi jobs` is woken by each enqueue (jobs.main); polling is the
+        # fallback for a wake-up lost while Redis restarted.
+        "poll_delay": 0.2,
         "max_jobs": 20,
         "job_timeout": 120,
         "keep_result": 3600,

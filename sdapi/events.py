@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import cast
 from uuid import UUID
 
 from redis.asyncio import Redis
+from redis.asyncio.client import Pipeline
 
 from gpu_node.schemas import (
     EVENT_ADAPTER,
@@ -21,17 +23,37 @@ from gpu_node.schemas import (
 
 async def append_event(redis: Redis, generation_id: UUID | str, event: Event) -> str:
     """Add `event` to the generation's stream and keep the stream alive."""
-    key = events_key(generation_id)
-    async with redis.pipeline(transaction=True) as pipe:
+    return (await append_events(redis, [(generation_id, event)]))[0]
+
+
+async def append_events(
+    redis: Redis, events: Sequence[tuple[UUID | str, Event]]
+) -> list[str]:
+    """Add events (in order) to their generations' streams in one round trip."""
+    async with redis.pipeline(transaction=False) as pipe:
+        add_events(pipe, events)
+        for key in dict.fromkeys(events_key(gid) for gid, _ in events):
+            pipe.expire(key, EVENT_TTL_S)
+        replies = await pipe.execute()
+    return [
+        entry.decode() if isinstance(entry, bytes) else str(entry)
+        for entry in replies[: len(events)]
+    ]
+
+
+def add_events(pipe: Pipeline, events: Sequence[tuple[UUID | str, Event]]) -> None:
+    """Queue XADDs of `events` on a pipeline, in order (their TTL is the caller's).
+
+    No MULTI/EXEC needed: each XADD is atomic, and entries of one stream keep
+    the pipeline's order.
+    """
+    for generation_id, event in events:
         pipe.xadd(
-            key,
+            events_key(generation_id),
             {EVENT_FIELD: event.model_dump_json()},
             maxlen=EVENT_STREAM_MAXLEN,
             approximate=True,
         )
-        pipe.expire(key, EVENT_TTL_S)
-        entry_id, _ = await pipe.execute()
-    return entry_id.decode() if isinstance(entry_id, bytes) else str(entry_id)
 
 
 async def append_done(

@@ -6,6 +6,7 @@ can be replaced without touching callers.
 
 from __future__ import annotations
 
+import contextlib
 from typing import Any
 from uuid import UUID
 
@@ -13,20 +14,26 @@ import msgpack
 from arq.connections import ArqRedis, RedisSettings, create_pool
 from arq.constants import in_progress_key_prefix, job_key_prefix
 from pydantic import BaseModel
+from redis.asyncio import Redis
 from redis.asyncio.retry import Retry as RedisRetry
 from redis.backoff import ExponentialBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import RedisError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from gpu_node.schemas import (
     BATCH_FUNCTION,
+    CANCEL_CHANNEL,
+    CANCEL_TTL_S,
     GENERATE_FUNCTION,
     BatchJob,
     GenerationJob,
     batch_job_id,
     batch_queue,
+    cancel_key,
     generation_job_id,
     premium_queue,
+    wake_channel,
 )
 
 
@@ -71,6 +78,12 @@ async def create_queue_pool(url: str) -> ArqRedis:
     return pool
 
 
+async def _wake(pool: ArqRedis, queue: str) -> None:
+    # Best effort: a node that misses it still finds the job at its next poll.
+    with contextlib.suppress(RedisError, OSError):
+        await pool.publish(wake_channel(queue), b"")
+
+
 async def enqueue(
     pool: ArqRedis,
     function: str,
@@ -80,10 +93,11 @@ async def enqueue(
     job_id: str,
     defer_s: float | None = None,
 ) -> bool:
-    """Enqueue `function(payload)`; False when a job with `job_id` already exists.
+    """Enqueue `function(payload)` and wake `queue`'s workers.
 
-    arq 0.28 has no per-job timeout: consumers derive theirs from the payload
-    (the GPU node applies `gpu_node.schemas.job_timeout_s`).
+    False when a job with `job_id` already exists. arq 0.28 has no per-job
+    timeout: consumers derive theirs from the payload (the GPU node applies
+    `gpu_node.schemas.job_timeout_s`).
     """
     job = await pool.enqueue_job(
         function,
@@ -92,7 +106,11 @@ async def enqueue(
         _queue_name=queue,
         _defer_by=defer_s,
     )
-    return job is not None
+    if job is None:
+        return False
+    if defer_s is None:
+        await _wake(pool, queue)
+    return True
 
 
 async def enqueue_generation(pool: ArqRedis, job: GenerationJob) -> bool:
@@ -115,6 +133,13 @@ async def enqueue_batch(pool: ArqRedis, batch: BatchJob) -> bool:
         queue=batch_queue(batch.model),
         job_id=batch_job_id(batch.batch_id, batch.attempt),
     )
+
+
+async def request_cancel(pool: Redis, generation_id: UUID | str) -> None:
+    """Raise a generation's cancel flag and tell the nodes at once."""
+    await pool.set(cancel_key(generation_id), b"1", ex=CANCEL_TTL_S)
+    with contextlib.suppress(RedisError, OSError):
+        await pool.publish(CANCEL_CHANNEL, str(generation_id).encode())
 
 
 async def queue_position(pool: ArqRedis, queue: str, job_id: str) -> int | None:

@@ -20,7 +20,6 @@ from tortoise.expressions import Q
 from tortoise.transactions import in_transaction
 
 from gpu_node.schemas import (
-    CANCEL_TTL_S,
     TERMINAL_STATUSES,
     DoneEvent,
     GenerationJob,
@@ -30,13 +29,17 @@ from gpu_node.schemas import (
     Tier,
     batch_job_id,
     batch_queue,
-    cancel_key,
     generation_job_id,
     premium_queue,
     progress_key,
 )
 from sdapi.events import append_done, append_event
-from sdapi.queue import enqueue_generation, queue_depth, queue_position
+from sdapi.queue import (
+    enqueue_generation,
+    queue_depth,
+    queue_position,
+    request_cancel,
+)
 from web.auth import Principal
 from web.errors import (
     EmailNotVerified,
@@ -307,7 +310,7 @@ async def cancel_generation(app: web.Application, generation: Generation) -> boo
     redis = app[redis_key]
     try:
         # The node checks this flag before starting and at every step.
-        await redis.set(cancel_key(generation.id), "1", ex=CANCEL_TTL_S)
+        await request_cancel(redis, generation.id)
         if was is Status.QUEUED and generation.tier is Tier.PREMIUM:
             job_id = generation_job_id(generation.id, generation.attempts)
             await redis.zrem(premium_queue(generation.model), job_id)

@@ -6,6 +6,7 @@ import logging
 
 from aiohttp import web
 
+from sdapi import loops
 from sdapi.logs import setup_logging
 from web.app import create_app
 from web.settings import WebSettings
@@ -19,6 +20,7 @@ def run() -> int:
     logging.getLogger("web").info("serving on %s", settings.base_url)
     web.run_app(
         app,
+        loop=loops.new_event_loop(),
         host=settings.host,
         port=settings.port,
         print=None,

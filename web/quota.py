@@ -9,7 +9,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
-from tortoise.functions import Sum
+from tortoise.expressions import Q
+from tortoise.functions import Count, Sum
 
 from gpu_node.schemas import Status, Tier
 from web.models import Generation, User
@@ -36,15 +37,22 @@ def start_of_day(now: datetime) -> datetime:
 
 async def usage(user: User, now: datetime) -> Usage:
     """The user's images today (UTC) and premium generations in flight at `now`."""
-    totals = (
-        await Generation.filter(user_id=user.id, created_at__gte=start_of_day(now))
-        .exclude(status__in=NOT_COUNTED_TODAY)
-        .annotate(total=Sum("num_images"))
-        .values_list("total", flat=True)
+    # One query: this runs inside the transaction that holds the user's lock.
+    rows = (
+        await Generation.filter(user_id=user.id)
+        .annotate(
+            images=Sum(
+                "num_images",
+                _filter=Q(created_at__gte=start_of_day(now))
+                & ~Q(status__in=NOT_COUNTED_TODAY),
+            ),
+            flying=Count("id", _filter=Q(tier=Tier.PREMIUM, status__in=IN_FLIGHT)),
+        )
+        .values("images", "flying")
     )
-    in_flight = await Generation.filter(
-        user_id=user.id, tier=Tier.PREMIUM, status__in=IN_FLIGHT
-    ).count()
-    total = totals[0] if totals else None
-    images_today = int(total) if isinstance(total, int) else 0
-    return Usage(images_today=images_today, in_flight=in_flight)
+    row = rows[0] if rows else {}
+    images, flying = row.get("images"), row.get("flying")
+    return Usage(
+        images_today=int(images) if isinstance(images, int) else 0,
+        in_flight=int(flying) if isinstance(flying, int) else 0,
+    )

@@ -125,6 +125,8 @@ def stack(
         node_id=NODE_ID,
         gpu_device="cpu",
         gpu_preview_every=2,
+        # Every step, so the test can check each one arrives in order.
+        gpu_progress_interval_s=0,
     )
     # torch's default of one thread per core spins against web, jobs and the
     # test itself on a small machine: a 0.07 s call then takes seconds.

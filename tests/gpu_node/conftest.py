@@ -46,6 +46,8 @@ def node_settings(models_dir: Path, redis_url: str, **changes: Any) -> GpuNodeSe
         "gpu_batch_poll_s": 0.02,
         "gpu_announce_every_s": 0.5,
         "gpu_preview_every": 2,
+        # Every step, so tests can count them.
+        "gpu_progress_interval_s": 0,
         "gpu_drain_grace_s": 10,
         "gpu_max_batch": 4,
         "consul_url": None,

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import itertools
 import threading
 import time
 
 import pytest
 
 from gpu_node.executor import GpuExecutor
+from gpu_node.progress import CallObserver
+from gpu_node.schemas import ProgressEvent
 
 
 def test_premium_overtakes_queued_batches_and_nests_at_steps() -> None:
@@ -64,3 +67,39 @@ def test_errors_reach_the_caller() -> None:
         assert executor.submit(lambda: 3, premium=False).result(5) == 3
     finally:
         executor.shutdown(5)
+
+
+def test_progress_is_throttled_but_the_last_step_always_goes() -> None:
+    class Publisher:
+        def __init__(self) -> None:
+            self.events: list[ProgressEvent] = []
+
+        def emit(self, key: str, event: ProgressEvent) -> None:
+            self.events.append(event)
+
+    class NoCancels:
+        def cancelled(self, ids: list[str]) -> set[str]:
+            return set()
+
+    publisher = Publisher()
+    observer = CallObserver(
+        ["g"],
+        publisher,  # type: ignore[arg-type]
+        NoCancels(),  # type: ignore[arg-type]
+        preview_every=2,
+        min_interval_s=0.05,
+    )
+    asked = []
+    for step in range(1, 11):
+        keys = observer.preview_keys(step)
+        asked.append(bool(keys))
+        observer.on_step(step, 10, dict.fromkeys(keys, b"jpeg"))
+        time.sleep(0.02)
+    steps = [event.step for event in publisher.events]
+    # 20 ms steps against a 50 ms interval: about every third step, then the last.
+    assert steps[0] == 1 and steps[-1] == 10
+    assert 3 <= len(steps) <= 6
+    # (gaps between throttled sends; the last step may follow any step)
+    assert all(b - a >= 2 for a, b in itertools.pairwise(steps[:-1]))
+    # Previews are only computed for steps that are sent.
+    assert sum(asked) == sum(event.preview is not None for event in publisher.events)

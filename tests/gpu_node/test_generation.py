@@ -20,12 +20,11 @@ from gpu_node.schemas import (
     StartedEvent,
     Status,
     Tier,
-    cancel_key,
     image_key,
     progress_key,
 )
 from gpu_node.work import CallItem, Engine, PipelineCall
-from sdapi.queue import enqueue_batch, enqueue_generation
+from sdapi.queue import enqueue_batch, enqueue_generation, request_cancel
 from tests.gpu_node.conftest import node_settings, running_node
 from tests.gpu_node.support import (
     events_of,
@@ -309,7 +308,7 @@ async def test_cancel_stops_within_one_step(
     # the cancel check of each step: no publishing lag in this count.
     registry = node.metrics.registry
     before = registry.get_sample_value("sdapi_gpu_steps_total")
-    await client.set(cancel_key(request.generation_id), "1")
+    await request_cancel(client, request.generation_id)
     result = await result_of(client, request.generation_id)
     after = registry.get_sample_value("sdapi_gpu_steps_total")
 
@@ -325,7 +324,7 @@ async def test_cancel_before_start_and_inside_batch(
     node: Any, client: redis.asyncio.Redis
 ) -> None:
     early = job()
-    await client.set(cancel_key(early.generation_id), "1")
+    await request_cancel(client, early.generation_id)
     await enqueue_generation(client, early)
     result = await result_of(client, early.generation_id)
     assert result.status is Status.CANCELLED and result.started_at is None
@@ -341,7 +340,7 @@ async def test_cancel_before_start_and_inside_batch(
         return any(isinstance(e, ProgressEvent) for _, e in events)
 
     await wait_for(started)
-    await client.set(cancel_key(drop.generation_id), "1")
+    await request_cancel(client, drop.generation_id)
     kept = await result_of(client, keep.generation_id)
     dropped = await result_of(client, drop.generation_id)
     assert dropped.status is Status.CANCELLED and not dropped.images
