@@ -12,8 +12,9 @@ from aiohttp import ClientError
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
-from gpu_node.schemas import NODE_TTL_S, NodeInfo, node_key
+from gpu_node.schemas import NodeInfo
 from sdapi.consul import consul_client
+from sdapi.nodes import announce_node, withdraw_node
 
 log = logging.getLogger(__name__)
 
@@ -87,9 +88,7 @@ class Announcer:
         if self._withdrawn:
             return
         try:
-            await self._redis.set(
-                node_key(self.info.node_id), self.info.model_dump_json(), ex=NODE_TTL_S
-            )
+            await announce_node(self._redis, self.info)
             self.redis_ok = True
         except (RedisError, OSError) as exc:
             self.redis_ok = False
@@ -145,7 +144,7 @@ class Announcer:
                 await self._task
             self._task = None
         try:
-            await self._redis.delete(node_key(self.info.node_id))
+            await withdraw_node(self._redis, self.info.node_id)
         except (RedisError, OSError) as exc:
             log.warning("cannot delete the node key: %s", exc)
         if self._consul is not None and self._registered:

@@ -109,12 +109,9 @@ def progress_key(generation_id: UUID | str) -> str:
     return f"sdapi:progress:{generation_id}"
 
 
-NODE_KEY_PREFIX = "sdapi:node:"
-
-
 def node_key(node_id: str) -> str:
     """A node's `NodeInfo`, refreshed while it lives (used without Consul)."""
-    return f"{NODE_KEY_PREFIX}{node_id}"
+    return f"sdapi:node:{node_id}"
 
 
 def generation_job_id(generation_id: UUID | str, attempt: int = 1) -> str:

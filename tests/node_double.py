@@ -38,7 +38,6 @@ from gpu_node.schemas import (
     StartedNotice,
     Status,
     image_key,
-    node_key,
     premium_queue,
     progress_key,
 )
@@ -46,6 +45,7 @@ from jobs.results import mark_started, store_result
 from jobs.settings import JobsSettings
 from jobs.worker import RESOURCES, JobsResources
 from sdapi.events import append_done, append_event
+from sdapi.nodes import announce_node
 from sdapi.queue import create_queue_pool, deserialize
 from web.models import TokenKind, User, utcnow
 from web.registry import NodeRegistry
@@ -110,9 +110,7 @@ class NodeDouble:
 
     async def announce(self) -> None:
         """Appear in the registry as a healthy node (a Redis announcement)."""
-        await self.redis.set(
-            node_key(self.info.node_id), self.info.model_dump_json(), ex=60
-        )
+        await announce_node(self.redis, self.info, ttl_s=60)
 
     async def claim(self, timeout: float = 5.0) -> GenerationJob:
         """The next premium job of the model, taken off its queue."""

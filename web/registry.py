@@ -11,7 +11,8 @@ from typing import Any
 from pydantic import BaseModel, ValidationError
 from redis.asyncio import Redis
 
-from gpu_node.schemas import NODE_KEY_PREFIX, NodeInfo
+from gpu_node.schemas import NodeInfo
+from sdapi.nodes import live_nodes
 
 log = logging.getLogger(__name__)
 
@@ -19,9 +20,6 @@ GPU_SERVICE = "sdapi-gpu"
 # Last NodeInfo seen per model: defaults for normal-tier requests made while
 # no node of that model is up (they wait in the database for one).
 KNOWN_MODELS_KEY = "sdapi:models:known"
-# Keys a SCAN step looks at: node keys are a few among every generation's
-# events and images, and SCAN's default of 10 costs one round trip per 10 keys.
-SCAN_COUNT = 1000
 # Defaults for a model no node has announced yet (Stable Diffusion's usual).
 GENERIC_DEFAULTS = {
     "default_steps": 25,
@@ -153,24 +151,7 @@ class NodeRegistry:
         return _parse(entry.get("Service", {}).get("Meta") or {} for entry in entries)
 
     async def _from_redis(self) -> list[NodeInfo]:
-        keys = [
-            key
-            async for key in self._redis.scan_iter(
-                match=f"{NODE_KEY_PREFIX}*", count=SCAN_COUNT
-            )
-        ]
-        if not keys:
-            return []
-        values = await self._redis.mget(keys)
-        infos = []
-        for value in values:
-            if value is None:
-                continue
-            try:
-                infos.append(NodeInfo.model_validate_json(value))
-            except ValidationError:
-                log.warning("ignoring a malformed node announcement in Redis")
-        return infos
+        return await live_nodes(self._redis)
 
     async def _remember(self, infos: list[NodeInfo]) -> None:
         if infos:

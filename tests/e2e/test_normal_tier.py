@@ -28,7 +28,6 @@ from arq.constants import result_key_prefix
 from PIL import Image
 
 from gpu_node.schemas import (
-    NODE_KEY_PREFIX,
     TERMINAL_STATUSES,
     QueuedEvent,
     Status,
@@ -38,6 +37,7 @@ from gpu_node.schemas import (
 from sdapi.embedded import EmbeddedValkey
 from sdapi.events import read_events
 from sdapi.mailsink import free_port, mail_sink, read_messages
+from sdapi.nodes import NODES_INDEX
 from sdapi.queue import create_queue_pool
 from tests.e2e.conftest import Service, Services, make_user, sdapi_env, until, wait_sync
 from web.db import open_database, truncate_all
@@ -105,7 +105,7 @@ def _ready(url: str) -> bool:
 def _node_announced(redis_url: str) -> bool:
     client = redis.Redis.from_url(redis_url)
     try:
-        return bool(client.keys(f"{NODE_KEY_PREFIX}*"))
+        return bool(client.zcard(NODES_INDEX))
     finally:
         client.close()
 

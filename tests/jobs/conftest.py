@@ -14,9 +14,10 @@ from typing import Any
 import pytest
 from pydantic import SecretStr
 
-from gpu_node.schemas import NODE_TTL_S, NodeInfo, Status, Tier, node_key
+from gpu_node.schemas import NodeInfo, Status, Tier
 from jobs.settings import JobsSettings
 from jobs.worker import JobsResources
+from sdapi import nodes
 from sdapi.queue import create_queue_pool
 from web.db import open_database
 from web.models import Delivery, Generation, User, utcnow
@@ -85,7 +86,7 @@ async def announce_node(
         max_height=128,
         schedulers=["euler", "ddim"],
     )
-    await res.redis.set(node_key(node_id), info.model_dump_json(), ex=NODE_TTL_S)
+    await nodes.announce_node(res.redis, info)
     return info
 
 

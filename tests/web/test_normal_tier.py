@@ -13,18 +13,17 @@ from aiohttp.test_utils import TestClient
 from pydantic import SecretStr
 
 from gpu_node.schemas import (
-    NODE_TTL_S,
     DoneEvent,
     NodeInfo,
     Status,
     batch_queue,
-    node_key,
     premium_queue,
 )
 from jobs.dispatcher import dispatch_due
 from jobs.settings import JobsSettings
 from jobs.worker import JobsResources
 from sdapi.events import read_events
+from sdapi.nodes import announce_node
 from web.keys import redis_key
 from web.models import Generation, TokenKind, User, utcnow
 from web.registry import NodeRegistry
@@ -78,7 +77,7 @@ async def announce_tiny(client: TestClient, max_batch: int = 4) -> None:
         schedulers=["euler", "ddim"],
     )
     redis = client.app[redis_key]
-    await redis.set(node_key(info.node_id), info.model_dump_json(), ex=NODE_TTL_S)
+    await announce_node(redis, info)
 
 
 def body(**fields: Any) -> dict[str, Any]:
