@@ -2,13 +2,11 @@
 
 from __future__ import annotations
 
-from typing import Self
 from urllib.parse import parse_qs, unquote, urlsplit
 
-from pydantic import BaseModel, Field, SecretStr, field_validator
+from pydantic import BaseModel, Field, field_validator
 
-from sdapi.embedded import require_database_url, require_redis_url
-from sdapi.settings import CommonSettings, load_secret_key
+from sdapi.settings import CommonSettings
 
 
 class SmtpConfig(BaseModel):
@@ -92,14 +90,3 @@ class JobsSettings(CommonSettings):
     @property
     def smtp(self) -> SmtpConfig | None:
         return parse_smtp_url(self.smtp_url) if self.smtp_url else None
-
-    def resolved(self) -> Self:
-        """A copy with the service URLs filled in (at start-up)."""
-        return self.model_copy(
-            update={
-                "database_url": require_database_url(self.database_url, self.data_dir),
-                "redis_url": require_redis_url(self.redis_url, self.data_dir),
-                "secret_key": self.secret_key
-                or SecretStr(load_secret_key(self.data_dir)),
-            }
-        )

@@ -76,6 +76,23 @@ class CommonSettings(BaseSettings):
             raise ValueError("must be one of DEBUG, INFO, WARNING, ERROR")
         return level
 
+    def resolved(self) -> Self:
+        """A copy with the database, Redis and secret key filled in (at start-up).
+
+        Unset URLs come from a `sdapi dev` running in the data folder; an unset
+        secret key from the data folder's own.
+        """
+        from sdapi.embedded import require_database_url, require_redis_url
+
+        return self.model_copy(
+            update={
+                "database_url": require_database_url(self.database_url, self.data_dir),
+                "redis_url": require_redis_url(self.redis_url, self.data_dir),
+                "secret_key": self.secret_key
+                or SecretStr(load_secret_key(self.data_dir)),
+            }
+        )
+
     @classmethod
     def from_env(cls, **overrides: object) -> Self:
         """Build the settings from the environment, or raise a one-line error."""

@@ -4,7 +4,9 @@ No Consul binary can be installed on the development machines, so the tests
 talk to this aiohttp app instead. It keeps the real agent's behaviour for:
 
 - `PUT /v1/agent/service/register` (field names case-insensitive, as Consul
-  decodes them; `Check` or `Checks` of TTL type; a single check gets the id
+  decodes them; `Check` or `Checks` of TTL or HTTP type, an HTTP check run
+  by the double every `Interval`: 2xx passing, 429 warning, else critical,
+  with the agent's `Output` text; a single check gets the id
   `service:<service id>`, several get `service:<id>:<n>`; a new TTL check
   starts `critical` unless `Status` says otherwise; `Meta` is validated),
 - `PUT /v1/agent/service/deregister/<id>`,
@@ -22,6 +24,8 @@ Time comes from a clock the tests can move forward with `advance()`.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import json
 import re
 import socket
@@ -30,6 +34,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+import aiohttp
 from aiohttp import web
 
 NODE_NAME = "consul-double"
@@ -89,9 +94,26 @@ class _Check:
     modify_index: int
     output: str = ""
     critical_since: float | None = None
+    # HTTP checks: the URL the double GETs every `interval_s`.
+    http: str = ""
+    interval_s: float = 0.0
+    timeout_s: float = 10.0
+    next_run: float = 0.0
+
+    @property
+    def kind(self) -> str:
+        return "http" if self.http else "ttl"
 
     def as_json(self) -> dict[str, Any]:
-        definition: dict[str, Any] = {"TTL": f"{self.ttl_s:g}s"}
+        definition: dict[str, Any]
+        if self.http:
+            definition = {
+                "HTTP": self.http,
+                "Interval": f"{self.interval_s:g}s",
+                "Timeout": f"{self.timeout_s:g}s",
+            }
+        else:
+            definition = {"TTL": f"{self.ttl_s:g}s"}
         if self.deregister_after_s is not None:
             definition["DeregisterCriticalServiceAfter"] = (
                 f"{self.deregister_after_s:g}s"
@@ -106,9 +128,9 @@ class _Check:
             "ServiceID": self.service_id,
             "ServiceName": self.service_name,
             "ServiceTags": list(self.service_tags),
-            "Type": "ttl",
-            "Interval": "",
-            "Timeout": "",
+            "Type": self.kind,
+            "Interval": f"{self.interval_s:g}s" if self.http else "",
+            "Timeout": f"{self.timeout_s:g}s" if self.http else "",
             "ExposedPort": 0,
             "Definition": definition,
             "Namespace": "default",
@@ -164,6 +186,7 @@ class ConsulDouble:
         self.index = 1
         self.requests: list[tuple[str, str]] = []
         self._runner: web.AppRunner | None = None
+        self._prober: asyncio.Task[None] | None = None
         self.port = 0
 
     # --- test controls -------------------------------------------------------
@@ -189,13 +212,53 @@ class ConsulDouble:
         self._runner = web.AppRunner(self.app(), access_log=None)
         await self._runner.setup()
         await web.TCPSite(self._runner, "127.0.0.1", self.port).start()
+        self._prober = asyncio.create_task(self._probe_forever())
         return self.url
 
     async def close(self) -> None:
         """Stop serving."""
+        if self._prober is not None:
+            self._prober.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._prober
+            self._prober = None
         if self._runner is not None:
             await self._runner.cleanup()
             self._runner = None
+
+    async def _probe_forever(self) -> None:
+        # The agent runs each HTTP check every Interval; so does the double,
+        # by its own clock, looking every 50 ms of real time.
+        async with aiohttp.ClientSession() as session:
+            while True:
+                now = self.now()
+                for check in list(self.checks.values()):
+                    if check.http and now >= check.next_run:
+                        check.next_run = now + check.interval_s
+                        await self._probe(session, check)
+                await asyncio.sleep(0.05)
+
+    async def _probe(self, session: aiohttp.ClientSession, check: _Check) -> None:
+        try:
+            async with session.get(
+                check.http, timeout=aiohttp.ClientTimeout(total=check.timeout_s)
+            ) as response:
+                body = (await response.text())[:4096]
+                status = (
+                    "passing"
+                    if 200 <= response.status < 300
+                    else "warning"
+                    if response.status == 429
+                    else "critical"
+                )
+                output = (
+                    f"HTTP GET {check.http}: {response.status} {response.reason} "
+                    f"Output: {body}"
+                )
+        except (aiohttp.ClientError, TimeoutError, OSError) as exc:
+            status, output = "critical", f'Get "{check.http}": {exc}'
+        if check.check_id in self.checks:
+            self._set_status(check, status, output)
 
     # --- state ---------------------------------------------------------------
 
@@ -206,7 +269,11 @@ class ConsulDouble:
     def _tick(self) -> None:
         now = self.now()
         for check in self.checks.values():
-            if check.status != "critical" and now >= check.expires_at:
+            if (
+                not check.http
+                and check.status != "critical"
+                and now >= check.expires_at
+            ):
                 check.status = "critical"
                 check.output = "TTL expired"
                 check.critical_since = now
@@ -236,7 +303,8 @@ class ConsulDouble:
         check.status = status
         check.output = output
         # Any update of a TTL check resets its timer, whatever the status.
-        check.expires_at = now + check.ttl_s
+        if not check.http:
+            check.expires_at = now + check.ttl_s
         check.modify_index = self._bump()
 
     # --- HTTP ------------------------------------------------------------------
@@ -331,14 +399,23 @@ class ConsulDouble:
         )
         checks: list[_Check] = []
         for number, definition in enumerate(definitions, 1):
-            if "ttl" not in definition:
-                return self._error(400, "the Consul double reproduces TTL checks only")
+            http = str(definition.get("http") or "")
+            if "ttl" not in definition and not http:
+                return self._error(
+                    400, "the Consul double reproduces TTL and HTTP checks only"
+                )
             try:
-                ttl_s = parse_duration(definition["ttl"])
+                ttl_s = parse_duration(definition["ttl"]) if not http else 0.0
+                interval_s = parse_duration(definition.get("interval") or "0s")
+                timeout_s = parse_duration(definition.get("timeout") or "10s")
                 dereg = definition.get("deregistercriticalserviceafter")
                 dereg_s = parse_duration(dereg) if dereg else None
             except ValueError as exc:
                 return self._error(400, f"Invalid check: {exc}")
+            if http and interval_s <= 0:
+                return self._error(
+                    400, "Interval must be > 0 for Script, HTTP, H2PING, or TCP checks"
+                )
             status = definition.get("status") or "critical"
             if status not in STATUSES:
                 return self._error(
@@ -365,7 +442,11 @@ class ConsulDouble:
                     notes=definition.get("notes") or "",
                     ttl_s=ttl_s,
                     deregister_after_s=dereg_s,
-                    expires_at=existing.expires_at if existing else now + ttl_s,
+                    expires_at=(
+                        existing.expires_at
+                        if existing
+                        else (float("inf") if http else now + ttl_s)
+                    ),
                     create_index=existing.create_index if existing else index,
                     modify_index=index,
                     output=existing.output if existing else "",
@@ -374,6 +455,10 @@ class ConsulDouble:
                         if existing
                         else (now if status == "critical" else None)
                     ),
+                    http=http,
+                    interval_s=interval_s,
+                    timeout_s=timeout_s,
+                    next_run=existing.next_run if existing else now,
                 )
             )
         self.services[service_id] = service

@@ -51,20 +51,33 @@ from web.models import TokenKind, User, utcnow
 from web.registry import NodeRegistry
 from web.tokens import issue_token
 
-TINY = NodeInfo(
-    node_id="double-1",
-    model="tiny",
-    device="cpu",
-    max_batch=4,
-    default_steps=4,
-    default_guidance=5.0,
-    default_scheduler="euler",
-    default_width=64,
-    default_height=64,
-    max_width=256,
-    max_height=256,
-    schedulers=["ddim", "euler", "euler_a"],
-)
+
+def node_info(**changes: Any) -> NodeInfo:
+    """What a small CPU node serving `tiny` announces (fields overridable)."""
+    values: dict[str, Any] = {
+        "node_id": "double-1",
+        "model": "tiny",
+        "device": "cpu",
+        "max_batch": 4,
+        "default_steps": 4,
+        "default_guidance": 5.0,
+        "default_scheduler": "euler",
+        "default_width": 64,
+        "default_height": 64,
+        "max_width": 256,
+        "max_height": 256,
+        "schedulers": ["ddim", "euler", "euler_a"],
+    }
+    values.update(changes)
+    return NodeInfo(**values)
+
+
+TINY = node_info()
+
+
+def auth(secret: str) -> dict[str, str]:
+    """The Authorization header of a bearer token."""
+    return {"Authorization": f"Bearer {secret}"}
 
 
 async def make_user(

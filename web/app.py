@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import socket
 from collections.abc import AsyncIterator
 
+import aiohttp
 import aiohttp_jinja2
 import jinja2
 import swagger_ui_bundle
@@ -123,9 +123,10 @@ async def registry_ctx(app: web.Application) -> AsyncIterator[None]:
 async def _registered(consul: object, settings: WebSettings) -> AsyncIterator[None]:
     import consul as consul_module
 
-    service_id = f"{WEB_SERVICE}-{socket.gethostname()}-{settings.port}"
+    host = settings.advertised_host
+    service_id = f"{WEB_SERVICE}-{host}-{settings.port}"
     check = consul_module.Check.http(
-        f"http://{settings.host}:{settings.port}/healthz",
+        f"http://{host}:{settings.port}/healthz",
         interval="10s",
         timeout="2s",
         deregister="1m",
@@ -134,7 +135,7 @@ async def _registered(consul: object, settings: WebSettings) -> AsyncIterator[No
     await agent.service.register(
         WEB_SERVICE,
         service_id=service_id,
-        address=settings.host,
+        address=host,
         port=settings.port,
         check=check,
     )
@@ -142,4 +143,8 @@ async def _registered(consul: object, settings: WebSettings) -> AsyncIterator[No
     try:
         yield
     finally:
-        await agent.service.deregister(service_id)
+        try:
+            await agent.service.deregister(service_id)
+        except (consul_module.ConsulException, aiohttp.ClientError, OSError) as exc:
+            # Consul reaps it once its check has failed for a minute anyway.
+            log.warning("could not deregister %s from Consul: %s", service_id, exc)

@@ -2,15 +2,15 @@
 
 from __future__ import annotations
 
-from typing import Annotated, Self
+import socket
+from typing import Annotated
 from urllib.parse import urlsplit
 
-from pydantic import BaseModel, Field, SecretStr, field_validator
+from pydantic import BaseModel, Field, field_validator
 from pydantic_settings import NoDecode
 
 from gpu_node.schemas import Tier
-from sdapi.embedded import require_database_url, require_redis_url
-from sdapi.settings import CommonSettings, load_secret_key
+from sdapi.settings import CommonSettings
 
 
 class TierLimits(BaseModel):
@@ -33,6 +33,9 @@ def _split_csv(value: object) -> object:
 class WebSettings(CommonSettings):
     host: str = "127.0.0.1"
     port: int = Field(default=8080, ge=0, le=65535)
+    # The address Consul and other services reach this replica at; defaults
+    # to `host`, or this machine's name when listening on every interface.
+    advertise_host: str | None = None
     # Base of links in emails and of image URLs; defaults to http://host:port.
     public_url: str | None = None
     normal_delay: int = Field(default=1800, ge=0, description="seconds")
@@ -107,6 +110,14 @@ class WebSettings(CommonSettings):
         return self.public_url or f"http://{self.host}:{self.port}"
 
     @property
+    def advertised_host(self) -> str:
+        if self.advertise_host:
+            return self.advertise_host
+        if self.host in {"0.0.0.0", "::", ""}:  # noqa: S104 (a comparison)
+            return socket.gethostname()
+        return self.host
+
+    @property
     def secure_cookies(self) -> bool:
         return self.base_url.startswith("https://")
 
@@ -114,14 +125,3 @@ class WebSettings(CommonSettings):
         """Origins whose pages may use the session cookie."""
         parts = urlsplit(self.base_url)
         return frozenset([f"{parts.scheme}://{parts.netloc}", *self.allowed_origins])
-
-    def resolved(self) -> Self:
-        """A copy with service URLs and the secret key filled in (at start-up)."""
-        return self.model_copy(
-            update={
-                "database_url": require_database_url(self.database_url, self.data_dir),
-                "redis_url": require_redis_url(self.redis_url, self.data_dir),
-                "secret_key": self.secret_key
-                or SecretStr(load_secret_key(self.data_dir)),
-            }
-        )

@@ -21,7 +21,7 @@ from typing import TypeVar
 
 import pytest
 
-from web.models import TokenKind, User, utcnow
+from web.models import User
 
 T = TypeVar("T")
 
@@ -185,20 +185,8 @@ async def until(
 
 async def make_user(*, premium: bool = False) -> tuple[User, dict[str, str]]:
     """A verified user and the headers of a bearer token (Tortoise must be open)."""
-    from datetime import timedelta
-    from uuid import uuid4
+    from tests.node_double import auth
+    from tests.node_double import make_user as make_token_user
 
-    from web.tokens import issue_token
-
-    now = utcnow()
-    address = f"e2e-{uuid4().hex[:10]}@example.org"
-    user = await User.create(
-        id=uuid4(),
-        email=address,
-        email_key=address,
-        password_hash="!",  # never signs in with a password
-        premium_until=now + timedelta(days=30) if premium else None,
-        email_verified_at=now,
-    )
-    secret, _ = await issue_token(user, kind=TokenKind.BEARER, ttl_s=3600)
-    return user, {"Authorization": f"Bearer {secret}"}
+    user, secret = await make_token_user(premium=premium)
+    return user, auth(secret)

@@ -19,6 +19,7 @@ from jobs.settings import JobsSettings
 from jobs.worker import JobsResources
 from sdapi import nodes
 from sdapi.queue import create_queue_pool
+from tests.node_double import node_info
 from web.db import open_database
 from web.models import Delivery, Generation, User, utcnow
 from web.registry import NodeRegistry
@@ -72,16 +73,10 @@ async def announce_node(
     res: JobsResources, *, max_batch: int, node_id: str = "node-a", model: str = MODEL
 ) -> NodeInfo:
     """Announce a healthy node in Redis, as a GPU node without Consul does."""
-    info = NodeInfo(
+    info = node_info(
         node_id=node_id,
         model=model,
-        device="cpu",
         max_batch=max_batch,
-        default_steps=4,
-        default_guidance=5.0,
-        default_scheduler="euler",
-        default_width=64,
-        default_height=64,
         max_width=128,
         max_height=128,
         schedulers=["euler", "ddim"],

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 
@@ -10,6 +10,7 @@ import pytest
 from aiohttp.test_utils import TestClient
 from pydantic import SecretStr
 
+from tests.node_double import NodeDouble, jobs_context
 from web.app import create_app
 from web.settings import WebSettings
 
@@ -27,6 +28,18 @@ def web_settings(clean_db: str, clean_redis: str, tmp_path: Path) -> WebSettings
         bcrypt_rounds=4,
         public_url="http://testserver.local",
     )
+
+
+@pytest.fixture
+async def node(
+    client: TestClient, web_settings: WebSettings
+) -> AsyncIterator[NodeDouble]:
+    """A GPU node double serving `tiny`, announced before the first request."""
+    assert web_settings.redis_url and web_settings.database_url
+    async with jobs_context(web_settings.redis_url, web_settings.database_url) as ctx:
+        double = NodeDouble(ctx)
+        await double.announce()
+        yield double
 
 
 @pytest.fixture

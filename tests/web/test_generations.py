@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import io
 import uuid
-from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest
@@ -19,7 +18,7 @@ from gpu_node.schemas import (
     premium_queue,
 )
 from sdapi.events import read_events
-from tests.node_double import TINY, NodeDouble, jobs_context, make_user
+from tests.node_double import TINY, NodeDouble, auth, jobs_context, make_user
 from web.keys import redis_key
 from web.models import Generation
 from web.registry import NodeRegistry
@@ -27,22 +26,6 @@ from web.settings import WebSettings
 
 GENERATIONS = "/api/v1/generations"
 SMALL = {"prompt": "a red fox", "width": 64, "height": 64, "steps": 4}
-
-
-@pytest.fixture
-async def node(
-    client: TestClient, web_settings: WebSettings
-) -> AsyncIterator[NodeDouble]:
-    """A GPU node double serving `tiny`, announced before the first request."""
-    assert web_settings.redis_url and web_settings.database_url
-    async with jobs_context(web_settings.redis_url, web_settings.database_url) as ctx:
-        double = NodeDouble(ctx)
-        await double.announce()
-        yield double
-
-
-def auth(secret: str) -> dict[str, str]:
-    return {"Authorization": f"Bearer {secret}"}
 
 
 async def submit(

@@ -4,7 +4,6 @@ the `scheduled` row, cancelling it, and `GET /api/v1/status`."""
 from __future__ import annotations
 
 import contextlib
-import uuid
 from datetime import datetime, timedelta
 from typing import Any
 
@@ -14,7 +13,6 @@ from pydantic import SecretStr
 
 from gpu_node.schemas import (
     DoneEvent,
-    NodeInfo,
     Status,
     batch_queue,
     premium_queue,
@@ -24,11 +22,11 @@ from jobs.settings import JobsSettings
 from jobs.worker import JobsResources
 from sdapi.events import read_events
 from sdapi.nodes import announce_node
+from tests.node_double import auth, make_user, node_info
 from web.keys import redis_key
-from web.models import Generation, TokenKind, User, utcnow
+from web.models import Generation, User, utcnow
 from web.registry import NodeRegistry
 from web.settings import WebSettings
-from web.tokens import issue_token
 
 DELAY_S = 120
 PER_DAY = 6
@@ -46,32 +44,15 @@ async def bearer(
     *, verified: bool = True, premium: bool = False
 ) -> tuple[User, dict[str, str]]:
     """A user stored directly, and the Authorization header of a fresh token."""
-    email = f"{uuid.uuid4().hex[:10]}@example.org"
-    now = utcnow()
-    user = await User.create(
-        id=uuid.uuid4(),
-        email=email,
-        email_key=email,
-        password_hash="x",
-        email_verified_at=now if verified else None,
-        premium_until=now + timedelta(days=1) if premium else None,
-    )
-    secret, _ = await issue_token(user, kind=TokenKind.BEARER, ttl_s=3600)
-    return user, {"Authorization": f"Bearer {secret}"}
+    user, secret = await make_user(premium=premium, verified=verified)
+    return user, auth(secret)
 
 
 async def announce_tiny(client: TestClient, max_batch: int = 4) -> None:
     """A healthy `tiny` node, announced as a node without Consul does it."""
-    info = NodeInfo(
+    info = node_info(
         node_id="node-a",
-        model="tiny",
-        device="cpu",
         max_batch=max_batch,
-        default_steps=4,
-        default_guidance=5.0,
-        default_scheduler="euler",
-        default_width=64,
-        default_height=64,
         max_width=512,
         max_height=512,
         schedulers=["euler", "ddim"],

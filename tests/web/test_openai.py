@@ -4,35 +4,19 @@ from __future__ import annotations
 
 import asyncio
 import base64
-from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest
 from aiohttp.test_utils import TestClient
 
 from gpu_node.schemas import Status
-from tests.node_double import NodeDouble, jobs_context, make_user
+from tests.node_double import NodeDouble, auth, jobs_context, make_user
 from web.app import create_app
 from web.models import GeneratedImage, Generation
 from web.settings import WebSettings
 
 IMAGES = "/v1/images/generations"
 BODY = {"prompt": "a red fox", "size": "64x64", "model": "tiny"}
-
-
-@pytest.fixture
-async def node(
-    client: TestClient, web_settings: WebSettings
-) -> AsyncIterator[NodeDouble]:
-    assert web_settings.redis_url and web_settings.database_url
-    async with jobs_context(web_settings.redis_url, web_settings.database_url) as ctx:
-        double = NodeDouble(ctx)
-        await double.announce()
-        yield double
-
-
-def auth(secret: str) -> dict[str, str]:
-    return {"Authorization": f"Bearer {secret}"}
 
 
 def assert_openai_error(

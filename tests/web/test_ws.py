@@ -7,7 +7,6 @@ import base64
 import contextlib
 import gc
 import uuid
-from collections.abc import AsyncIterator
 from typing import Any
 
 import aiohttp
@@ -17,7 +16,7 @@ from aiohttp.test_utils import TestClient
 from redis.exceptions import ConnectionError as RedisConnectionError
 
 from gpu_node.schemas import Status, events_key
-from tests.node_double import NodeDouble, jobs_context, make_user
+from tests.node_double import NodeDouble, auth, make_user
 from web.app import create_app
 from web.live import live_sockets_key
 from web.models import ApiToken, Generation, utcnow
@@ -28,21 +27,6 @@ from web.settings import WebSettings
 WS = "/api/v1/ws"
 SMALL = {"prompt": "a red fox", "width": 64, "height": 64, "steps": 4}
 OUR_ORIGIN = "http://testserver.local"
-
-
-@pytest.fixture
-async def node(
-    client: TestClient, web_settings: WebSettings
-) -> AsyncIterator[NodeDouble]:
-    assert web_settings.redis_url and web_settings.database_url
-    async with jobs_context(web_settings.redis_url, web_settings.database_url) as ctx:
-        double = NodeDouble(ctx)
-        await double.announce()
-        yield double
-
-
-def auth(secret: str) -> dict[str, str]:
-    return {"Authorization": f"Bearer {secret}"}
 
 
 async def frame(
