@@ -9,25 +9,16 @@ from gpu_node.settings import GpuNodeSettings
 from gpu_node.work import ModelError
 from sdapi import loops
 from sdapi.embedded import require_redis_url
+from sdapi.logs import setup_logging
 
 log = logging.getLogger("gpu_node")
-
-
-def configure_logging(level: str) -> None:
-    """One line per event on stderr."""
-    logging.basicConfig(
-        level=level,
-        stream=sys.stderr,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        force=True,
-    )
 
 
 def run() -> int:
     """Run a GPU node serving SDAPI_MODEL; 0 after a graceful stop, 2 bad model."""
     settings = GpuNodeSettings.from_env()
     redis_url = require_redis_url(settings.redis_url, settings.data_dir)
-    configure_logging(settings.log_level)
+    setup_logging(settings.log_level)
     from gpu_node.worker import run_node
 
     try:

@@ -151,6 +151,10 @@ def load_model_engine(settings: GpuNodeSettings) -> Engine:
         store.download_model(location)
     if location.source != "tiny":
         store.check_weights(location.path)
+    # diffusers' pipelines import CLIPImageProcessor; without torchvision (a
+    # node needs none) transformers warns at every start that it uses the PIL
+    # version instead, which is the one we want. Its other warnings stay.
+    logging.getLogger("transformers.utils.import_utils").setLevel(logging.ERROR)
     from gpu_node import pipeline
 
     pipeline.prepare_model(location)

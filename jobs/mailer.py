@@ -50,6 +50,17 @@ def message_id(outbox_id: UUID | str, mail_from: str) -> str:
     return f"<outbox.{outbox_id}@{domain}>"
 
 
+# SMTP's limit on a line, in bytes, line ending excluded (RFC 5321).
+SMTP_LINE_MAX = 998
+
+
+def _plain_cte(text: str) -> str | None:
+    """7bit for ASCII text that fits SMTP's lines, so links stay whole in the raw
+    message (quoted-printable would fold them); None lets email pick one."""
+    fits = all(len(line) <= SMTP_LINE_MAX for line in text.splitlines())
+    return "7bit" if text.isascii() and fits else None
+
+
 def build_message(
     *,
     mail_from: str,
@@ -70,9 +81,9 @@ def build_message(
     message["Message-ID"] = msg_id
     # Tells mail servers and clients not to auto-reply (RFC 3834).
     message["Auto-Submitted"] = "auto-generated"
-    message.set_content(text_body)
+    message.set_content(text_body, cte=_plain_cte(text_body))
     if html_body:
-        message.add_alternative(html_body, subtype="html")
+        message.add_alternative(html_body, subtype="html", cte=_plain_cte(html_body))
     for attachment in attachments:
         message.add_attachment(
             attachment.data,

@@ -118,6 +118,10 @@ def _plan(
         # Children's output reaches the terminal as it happens.
         PYTHONUNBUFFERED="1",
     )
+    # On one machine the node's torch shares the cores with web, jobs and the
+    # databases; torch's default of a thread per core makes it spin against
+    # them (seconds for a call that takes milliseconds alone).
+    env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 2) // 2)))
     if settings.secret_key is None:
         # Made once here, so web and jobs do not race to create it.
         env["SDAPI_SECRET_KEY"] = load_secret_key(data_dir)

