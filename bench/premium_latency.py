@@ -220,6 +220,18 @@ def report(samples: list[Sample], size: int, steps: int, poll: float | None) -> 
         row("raw pipeline (same call, in-process)", [s.raw for s in samples]),
     ]
     lines += [row(f"phase: {p}", [s.phases[p] for s in samples]) for p in PHASES]
+    # Where the tail comes from: a slow `steps` phase with a normal accept,
+    # pickup and finish is the machine slowing the pipeline itself down.
+    worst = sorted(samples, key=lambda s: s.overhead, reverse=True)[:5]
+    lines += [
+        "",
+        "Worst overheads (ms): overhead = e2e - raw; phases accept/pickup/steps/finish",
+    ]
+    lines += [
+        f"- {s.overhead * 1000:.0f} = {s.e2e * 1000:.0f} - {s.raw * 1000:.0f}; "
+        + "/".join(f"{s.phases[p] * 1000:.0f}" for p in PHASES)
+        for s in worst
+    ]
     return "\n".join(lines)
 
 
