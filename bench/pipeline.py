@@ -98,10 +98,7 @@ class Quiet:
     def before_start(self) -> None:
         pass
 
-    def preview_keys(self, step: int) -> list[str]:
-        return []
-
-    def on_step(self, step: int, total: int, previews: Any) -> None:
+    def on_step(self, step: int, total: int, preview: Any) -> None:
         pass
 
 

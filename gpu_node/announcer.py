@@ -14,7 +14,7 @@ from redis.exceptions import RedisError
 
 from gpu_node.schemas import NodeInfo
 from sdapi.consul import consul_client
-from sdapi.nodes import announce_node, withdraw_node
+from sdapi.nodes import announce_node, announcement_ttl_s, withdraw_node
 
 log = logging.getLogger(__name__)
 
@@ -59,6 +59,8 @@ class Announcer:
         self._redis = redis_client
         self.info = info
         self._every_s = every_s
+        # Long enough that a node refreshing every `every_s` never flaps out.
+        self._redis_ttl_s = announcement_ttl_s(every_s)
         self._consul_url = consul_url
         self._ttl_s = ttl_s
         self._deregister_after_s = deregister_after_s
@@ -88,7 +90,7 @@ class Announcer:
         if self._withdrawn:
             return
         try:
-            await announce_node(self._redis, self.info)
+            await announce_node(self._redis, self.info, self._redis_ttl_s)
             self.redis_ok = True
         except (RedisError, OSError) as exc:
             self.redis_ok = False

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from collections import deque
 from collections.abc import Callable
 from concurrent.futures import Future
@@ -58,25 +59,35 @@ class GpuExecutor:
         """Premium calls waiting for the device."""
         return len(self._premium)
 
-    def run_pending_premium(self) -> None:
-        """Run the waiting premium calls now; only from the executor thread."""
+    def run_pending_premium(self) -> float:
+        """Run the waiting premium calls now (GPU thread only); seconds spent."""
         if threading.current_thread() is not self._thread:
             raise RuntimeError("run_pending_premium is for the GPU thread only")
+        started = time.monotonic()
         while True:
             with self._wake:
                 if not self._premium:
-                    return
+                    return time.monotonic() - started
                 task = self._premium.popleft()
             self._run(task)
+            del task
 
-    def _run(self, task: _Task) -> None:
+    @staticmethod
+    def _run(task: _Task) -> None:
         fn, future = task
+        del task
         if not future.set_running_or_notify_cancel():
             return
         try:
             result = fn()
         except BaseException as exc:
             future.set_exception(exc)
+            # As the stdlib thread pool does: the exception's traceback holds
+            # this frame, which holds the future, which holds the exception.
+            # Break that cycle now, so whatever the failed call's frames held
+            # (device tensors after an out-of-memory) is freed before the next
+            # call rather than at some later garbage collection.
+            del fn, future
         else:
             future.set_result(result)
 
@@ -95,6 +106,8 @@ class GpuExecutor:
             try:
                 self._run(task)
             finally:
+                # Not kept alive while the thread waits for the next call.
+                del task
                 self._busy = False
 
     def shutdown(self, timeout: float | None = None) -> None:

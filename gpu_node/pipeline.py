@@ -7,6 +7,7 @@ device, and runs one pipeline call at a time on the calling thread, telling a
 
 from __future__ import annotations
 
+import gc
 import gzip
 import importlib.util
 import io
@@ -34,7 +35,6 @@ from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
 from gpu_node import store
 from gpu_node.work import (
-    CallStopped,
     ModelError,
     ModelProfile,
     OutOfMemory,
@@ -241,13 +241,8 @@ def build_tiny_model(folder: Path) -> None:
 
 
 def prepare_model(location: store.ModelLocation) -> None:
-    """Make sure the model's folder exists and is loadable (tiny built, hub fetched)."""
-    if location.source == "tiny":
-        if store.install_folder(location.path, build_tiny_model):
-            log.info("built the tiny model in %s", location.path)
-    elif location.source == "hub":
-        store.download_model(location)
-    store.check_weights(location.path)
+    """`store.prepare_model` with this module's tiny-model builder."""
+    store.prepare_model(location, build_tiny_model)
 
 
 # --- loading -------------------------------------------------------------------
@@ -375,14 +370,44 @@ class DiffusersEngine:
         Image.fromarray(pixels, mode="RGB").save(buffer, format="JPEG", quality=70)
         return buffer.getvalue()
 
+    def _prompt_inputs(self, pipe: Any, call: PipelineCall) -> dict[str, Any]:
+        prompts = [item.prompt for item in call.items for _ in item.seeds]
+        negatives = [item.negative_prompt for item in call.items for _ in item.seeds]
+        zero_empty = (
+            self._kind == "sdxl"
+            and call.guidance_scale > 1
+            and bool(pipe.config.get("force_zeros_for_empty_prompt", False))
+            and not all(negatives)
+        )
+        if not zero_empty:
+            return {"prompt": prompts, "negative_prompt": negatives}
+        # SDXL uses a zero negative embedding when there is no negative prompt,
+        # but diffusers does so only when `negative_prompt` is None for the
+        # whole call. Encoding here and zeroing the rows without one gives each
+        # image what it gets alone, whatever else shares its call.
+        embeds, negative, pooled, negative_pooled = pipe.encode_prompt(
+            prompt=prompts,
+            device=self._device,
+            num_images_per_prompt=1,
+            do_classifier_free_guidance=True,
+            negative_prompt=negatives,
+        )
+        empty = torch.tensor([not text for text in negatives], device=self._device)
+        return {
+            "prompt_embeds": embeds,
+            "pooled_prompt_embeds": pooled,
+            "negative_prompt_embeds": negative.masked_fill(empty[:, None, None], 0),
+            "negative_pooled_prompt_embeds": negative_pooled.masked_fill(
+                empty[:, None], 0
+            ),
+        }
+
     def run(
         self, call: PipelineCall, observer: StepObserver
     ) -> dict[str, list[Image.Image]]:
         """Run `call` on this thread; images grouped by item key."""
         observer.before_start()
         pipe = self._wrapper(self._scheduler(call.scheduler))
-        prompts = [item.prompt for item in call.items for _ in item.seeds]
-        negatives = [item.negative_prompt for item in call.items for _ in item.seeds]
         # CPU generators: a seed means the same starting noise on any device.
         generators = [
             torch.Generator(device="cpu").manual_seed(seed)
@@ -397,23 +422,21 @@ class DiffusersEngine:
         def on_step_end(
             pipe: Any, index: int, timestep: Any, tensors: dict[str, Any]
         ) -> dict[str, Any]:
-            step = index + 1
-            keys = observer.preview_keys(step)
-            previews: dict[str, bytes] = {}
-            if keys:
-                latents = tensors["latents"]
-                for key in keys:
-                    image = self._preview(latents[first_row[key]])
-                    if image is not None:
-                        previews[key] = image
-            observer.on_step(step, int(pipe.num_timesteps), previews)
+            latents = tensors["latents"]
+            observer.on_step(
+                index + 1,
+                int(pipe.num_timesteps),
+                lambda key: self._preview(latents[first_row[key]]),
+            )
             return {}
 
+        vae = self._base.vae
+        vae_dtype = vae.dtype
+        out_of_memory = False
         try:
             with torch.inference_mode():
                 output = pipe(
-                    prompt=prompts,
-                    negative_prompt=negatives,
+                    **self._prompt_inputs(pipe, call),
                     width=call.width,
                     height=call.height,
                     num_inference_steps=call.steps,
@@ -422,13 +445,22 @@ class DiffusersEngine:
                     callback_on_step_end=on_step_end,
                     output_type="pil",
                 )
-        except torch.cuda.OutOfMemoryError as exc:
+        except torch.cuda.OutOfMemoryError:
+            # Handled below, outside this block: here the error's traceback
+            # still holds the failed call's frames and their device tensors.
+            out_of_memory = True
+        finally:
+            # SDXL's pipeline casts the shared float16 VAE to float32 for
+            # decoding and casts it back only if decoding returns; left in
+            # float32, every later call would fail on a dtype mismatch.
+            if vae.dtype != vae_dtype:
+                vae.to(dtype=vae_dtype)
+        if out_of_memory:
+            gc.collect()
             torch.cuda.empty_cache()
             raise OutOfMemory(
                 f"{call.image_count} images of {call.width}x{call.height}"
-            ) from exc
-        except CallStopped:
-            raise
+            )
         images: list[Image.Image] = list(output.images)
         grouped: dict[str, list[Image.Image]] = {}
         for item in call.items:
@@ -454,15 +486,18 @@ def load_engine(
     default_scheduler: str | None = None,
     on_phase: Callable[[str], None] | None = None,
 ) -> DiffusersEngine:
-    """Load a prepared model folder for one device (blocking: call in a thread)."""
+    """Load a folder readied by `store.prepare_model` (blocking: call in a thread)."""
     _quiet_libraries()
     folder = location.path
-    store.check_weights(folder)
     cls, kind = _pipeline_class(folder)
     target = _pick_device(device)
     if target.type == "cuda":
-        bf16 = kind == "sdxl" and torch.cuda.is_bf16_supported()
-        # SDXL's VAE overflows in float16; bfloat16 keeps its range.
+        # SDXL's VAE overflows in float16; bfloat16 keeps its range, where the
+        # GPU has it natively (compute capability 8+): emulated, it is slower
+        # than float16 with the VAE upcast for decoding.
+        bf16 = kind == "sdxl" and torch.cuda.is_bf16_supported(
+            including_emulation=False
+        )
         dtype = torch.bfloat16 if bf16 else torch.float16
     else:
         dtype = torch.float32
@@ -471,9 +506,20 @@ def load_engine(
     model_hash = store.weights_hash(folder)
     if on_phase:
         on_phase("loading pipeline")
+    # No safety checker (see store.SKIPPED_COMPONENTS): it is not downloaded,
+    # and one in a local folder is not loaded.
+    extra: dict[str, Any] = (
+        {"safety_checker": None, "requires_safety_checker": False}
+        if kind == "sd"
+        else {}
+    )
     try:
         base: Any = cls.from_pretrained(
-            str(folder), dtype=dtype, use_safetensors=True, local_files_only=True
+            str(folder),
+            dtype=dtype,
+            use_safetensors=True,
+            local_files_only=True,
+            **extra,
         )
     except (OSError, ValueError) as exc:
         text = " ".join(str(exc).split())[:300]
@@ -486,6 +532,9 @@ def load_engine(
         # kernels), whatever processor a model's config would otherwise pick.
         base.unet.set_attn_processor(AttnProcessor2_0())  # type: ignore[no-untyped-call]
         base.vae.set_attn_processor(AttnProcessor2_0())  # type: ignore[no-untyped-call]
+    # Decode a batch one image at a time: the VAE's activations at full
+    # size are what runs out of memory first on large batches.
+    base.vae.enable_slicing()
     base.set_progress_bar_config(disable=True)
     # Counting must see past the window without the "longer than the maximum
     # sequence length" warning: the window is enforced (and reported) elsewhere.

@@ -111,11 +111,23 @@ class EventPublisher:
         """Queue an update of the generation's progress hash (REST status)."""
         self._put(_Progress(generation_id, step, total))
 
+    @property
+    def alive(self) -> bool:
+        """Whether the draining task runs (a node without it cannot deliver)."""
+        return self._task is not None and not self._task.done()
+
     async def flush(self) -> None:
         """Wait until everything emitted so far is in Redis (or given up on)."""
+        task = self._task
+        if task is None or task.done():
+            raise RuntimeError("the event publisher is not running")
         done: asyncio.Future[None] = self._loop.create_future()
         self._queue.put_nowait(_Flush(done))
-        await done
+        # Wait for the task too: if it died, nobody would ever answer the flush.
+        await asyncio.wait({done, task}, return_when=asyncio.FIRST_COMPLETED)
+        if not done.done():
+            done.cancel()
+            raise RuntimeError("the event publisher stopped")
 
     async def close(self) -> None:
         """Publish what is queued, then stop; never cancelled (no step gets lost)."""
@@ -191,6 +203,15 @@ class EventPublisher:
                 len(progress),
                 exc,
             )
+        except Exception:
+            # Anything else is a bug, but it must not end the one task every
+            # later flush() waits on.
+            self.dropped += len(appends) + len(progress)
+            log.exception(
+                "dropped %d event(s) and %d progress update(s)",
+                len(appends),
+                len(progress),
+            )
 
 
 class CancelWatch:
@@ -221,7 +242,12 @@ class CancelWatch:
             for gid in generation_ids:
                 self._watched[gid] = self._watched.get(gid, 0) + 1
         # Read after watching: a cancel from now on is caught by `note` too.
-        await self._read(list(generation_ids))
+        try:
+            await self._read(list(generation_ids))
+        except BaseException:
+            # The caller's unwatch never runs when watch itself fails.
+            self.unwatch(generation_ids)
+            raise
         return self.cancelled(generation_ids)
 
     def unwatch(self, generation_ids: Sequence[str]) -> None:
@@ -267,12 +293,43 @@ def preview_url(jpeg: bytes | None) -> str | None:
     return "data:image/jpeg;base64," + base64.b64encode(jpeg).decode("ascii")
 
 
+class ItemProgress:
+    """One generation's progress across the pipeline calls that make its images.
+
+    A generation's images may take several calls (split by the node's batch
+    size, or again after running out of memory), and a scheduler may run
+    more denoising iterations than the requested steps (PNDM: one more).
+    Progress is reported in the generation's own steps (`total` = steps),
+    as the fraction of its planned calls done, and never goes backwards.
+    """
+
+    def __init__(self, steps: int, calls: int = 1) -> None:
+        self.total = steps
+        self.calls = calls
+        self.calls_done = 0
+        self.reported = 0
+
+    def position(self, step: int, call_total: int) -> int:
+        """The generation's step after `step` of `call_total` of its current call."""
+        # Integer arithmetic: step == call_total == steps gives exactly steps.
+        done = self.calls_done * call_total + min(step, call_total)
+        return min(self.total, done * self.total // (self.calls * call_total))
+
+    def resplit(self, pieces: int) -> None:
+        """Its current call was split into `pieces` calls (out of memory)."""
+        self.calls += pieces - 1
+
+    def call_done(self) -> None:
+        """One of its calls finished."""
+        self.calls_done += 1
+
+
 class CallObserver:
     """Publishes a call's steps, applies cancels, and yields to premium work."""
 
     def __init__(
         self,
-        keys: Sequence[str],
+        progress: Mapping[str, ItemProgress],
         publisher: EventPublisher,
         cancels: CancelWatch,
         *,
@@ -280,22 +337,29 @@ class CallObserver:
         min_interval_s: float = 0.0,
         executor: GpuExecutor | None = None,
         on_step_done: Callable[[int], None] | None = None,
+        stop: threading.Event | None = None,
     ) -> None:
-        self.keys = list(dict.fromkeys(keys))
+        self.keys = list(progress)
         self.cancelled: set[str] = set()
+        # Set from the loop when the job's time is up or it was cancelled.
         self.abort = threading.Event()
+        # Set by the job when it lost its claim: another node runs it now.
+        self.stop = stop if stop is not None else threading.Event()
         self.steps_done = 0
+        # Seconds spent running nested premium calls (the batch's time limit
+        # does not count them).
+        self.yielded_s = 0.0
+        self._progress = progress
         self._publisher = publisher
         self._cancels = cancels
         self._preview_every = preview_every
         self._min_interval_s = min_interval_s
         self._executor = executor
         self._on_step_done = on_step_done
-        # Progress goes out at most every `min_interval_s` (the last step always):
-        # faster than a person can see, it only costs the GPU node, Redis and
-        # every relay on the way.
+        # Progress goes out at most every `min_interval_s` (a generation's
+        # last step always): faster than a person can see, it only costs the
+        # GPU node, Redis and every relay on the way.
         self._last_emit = -1e9
-        self._emit_due = True
         self._last_preview_step = 0
 
     @property
@@ -303,7 +367,7 @@ class CallObserver:
         return [key for key in self.keys if key not in self.cancelled]
 
     def _check(self) -> None:
-        if self.abort.is_set():
+        if self.abort.is_set() or self.stop.is_set():
             raise CallStopped("aborted")
         self.cancelled |= self._cancels.cancelled(self.active)
         if not self.active:
@@ -313,32 +377,43 @@ class CallObserver:
         """Stop before the call starts if it was aborted or all of it cancelled."""
         self._check()
 
-    def preview_keys(self, step: int) -> Sequence[str]:
-        """Items that get a preview after `step` (asked just before `on_step`)."""
-        self._emit_due = time.monotonic() - self._last_emit >= self._min_interval_s
-        if (
-            not self._emit_due
-            or self._preview_every <= 0
-            or step - self._last_preview_step < self._preview_every
-        ):
-            return []
-        self._last_preview_step = step
-        return self.active
+    def on_step(
+        self, step: int, total: int, preview: Callable[[str], bytes | None]
+    ) -> None:
+        """Check cancels, publish progress, then let waiting premium work run.
 
-    def on_step(self, step: int, total: int, previews: Mapping[str, bytes]) -> None:
-        """Check cancels, publish progress, then let waiting premium work run."""
+        `preview(key)` renders an item's latent preview; it is only called for
+        the progress events that carry one.
+        """
         self._check()
         self.steps_done += 1
-        if self._emit_due or step >= total:
-            self._last_emit = time.monotonic()
-            for key in self.active:
-                self._publisher.emit(
-                    key,
-                    ProgressEvent(
-                        step=step, total=total, preview=preview_url(previews.get(key))
-                    ),
-                )
+        now = time.monotonic()
+        due = now - self._last_emit >= self._min_interval_s
+        with_preview = (
+            self._preview_every > 0
+            and step - self._last_preview_step >= self._preview_every
+        )
+        emitted = False
+        for key in self.active:
+            item = self._progress[key]
+            position = item.position(step, total)
+            last = position >= item.total
+            if position <= item.reported or not (due or last):
+                continue
+            item.reported = position
+            emitted = True
+            image = preview(key) if due and with_preview else None
+            self._publisher.emit(
+                key,
+                ProgressEvent(
+                    step=position, total=item.total, preview=preview_url(image)
+                ),
+            )
+        if emitted:
+            self._last_emit = now
+            if due and with_preview:
+                self._last_preview_step = step
         if self._on_step_done is not None:
             self._on_step_done(step)
         if self._executor is not None:
-            self._executor.run_pending_premium()
+            self.yielded_s += self._executor.run_pending_premium()

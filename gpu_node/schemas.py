@@ -136,7 +136,17 @@ def started_job_id(generation_id: UUID | str, attempt: int = 1) -> str:
 
 # --- job payloads ----------------------------------------------------------
 
-_CONTRACT = ConfigDict(extra="forbid", frozen=True)
+# Unknown fields are ignored, not refused: during a rolling deploy a producer
+# that already sends a new field must not make an older consumer fail its jobs
+# (or drop its events) for good. Fields are only ever added with defaults.
+_CONTRACT = ConfigDict(extra="ignore", frozen=True)
+
+# Upper bounds a node enforces whatever a producer sends (web's own limits
+# are lower): a payload in Redis is not trusted to be sane.
+STEPS_MAX = 500
+IMAGES_MAX = 64
+PROMPT_MAX_CHARS = 10_000
+SIZE_MAX = 4096
 
 
 class GenerationParams(BaseModel):
@@ -144,14 +154,14 @@ class GenerationParams(BaseModel):
 
     model_config = _CONTRACT
 
-    prompt: str
-    negative_prompt: str = ""
-    width: int = Field(ge=8, multiple_of=8)
-    height: int = Field(ge=8, multiple_of=8)
-    steps: int = Field(ge=1)
+    prompt: str = Field(max_length=PROMPT_MAX_CHARS)
+    negative_prompt: str = Field(default="", max_length=PROMPT_MAX_CHARS)
+    width: int = Field(ge=8, le=SIZE_MAX, multiple_of=8)
+    height: int = Field(ge=8, le=SIZE_MAX, multiple_of=8)
+    steps: int = Field(ge=1, le=STEPS_MAX)
     guidance_scale: float = Field(ge=0, allow_inf_nan=False)
     seed: int = Field(ge=0, le=SEED_MAX)
-    num_images: int = Field(ge=1)
+    num_images: int = Field(ge=1, le=IMAGES_MAX)
     scheduler: str
 
     def image_seeds(self) -> list[int]:
@@ -188,7 +198,7 @@ class BatchJob(BaseModel):
 
     batch_id: UUID
     model: str
-    items: list[GenerationJob] = Field(min_length=1)
+    items: list[GenerationJob] = Field(min_length=1, max_length=IMAGES_MAX)
     attempt: int = Field(default=1, ge=1)
 
     @model_validator(mode="after")
@@ -293,7 +303,9 @@ class GenerationResult(BaseModel):
 
 
 class _Event(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    # Ignored, not refused, for the same reason as `_CONTRACT`: a relay must
+    # not choke on an event from a newer node.
+    model_config = ConfigDict(extra="ignore", frozen=True)
 
 
 class QueuedEvent(_Event):

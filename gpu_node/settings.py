@@ -7,7 +7,7 @@ import socket
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, field_validator
+from pydantic import Field, ValidationInfo, field_validator
 
 from sdapi.settings import CommonSettings
 
@@ -51,18 +51,20 @@ class GpuNodeSettings(CommonSettings):
     # wake-up lost while Redis restarted.
     gpu_premium_poll_s: float = Field(default=0.25, gt=0, le=5)
     gpu_batch_poll_s: float = Field(default=0.5, gt=0, le=5)
-    # How long a claimed job stays claimed without a refresh (seconds): after a
-    # SIGKILL its job is picked up again within about this long.
     # A job's time limit: base + steps x images x this, scaled by its size
     # relative to 512x512 (seconds); past it, the call stops at a step boundary.
     gpu_timeout_base_s: float = Field(default=60.0, gt=0)
     gpu_timeout_per_image_step_s: float = Field(default=2.0, ge=0)
+    # How long a claimed job stays claimed without a refresh (seconds): after a
+    # SIGKILL its job is picked up again within about this long.
     gpu_job_lease_s: float = Field(default=20.0, ge=2, le=3600)
     gpu_max_tries: int = Field(default=3, ge=1, le=20)
     # On SIGTERM, how long the running jobs may take before they are re-queued.
     gpu_drain_grace_s: float = Field(default=60.0, ge=0)
     # How often the node refreshes its Redis key and Consul TTL check (seconds).
     gpu_announce_every_s: float = Field(default=5.0, gt=0, le=60)
+    # Consul marks the node critical when its TTL check is not passed within
+    # this long (seconds): at least twice the announce interval.
     gpu_consul_ttl_s: int = Field(default=15, ge=1, le=3600)
     gpu_consul_deregister_after_s: int = Field(default=60, ge=1)
 
@@ -72,6 +74,17 @@ class GpuNodeSettings(CommonSettings):
         value = value.strip()
         if not value:
             raise ValueError("must be `tiny`, a model folder or a Hugging Face repo id")
+        return value
+
+    @field_validator("gpu_consul_ttl_s")
+    @classmethod
+    def _consul_ttl(cls, value: int, info: ValidationInfo) -> int:
+        every = info.data.get("gpu_announce_every_s")
+        if every is not None and value < 2 * every:
+            raise ValueError(
+                f"must be at least twice SDAPI_GPU_ANNOUNCE_EVERY_S ({every:g} s), "
+                "or the node flaps between passing and critical"
+            )
         return value
 
     @field_validator("gpu_default_scheduler", "model_name")

@@ -28,6 +28,12 @@ TINY_MODEL = "tiny"
 PICKLE_SUFFIXES = (".bin", ".ckpt", ".pt", ".pth")
 HASH_CACHE = ".sdapi-weights.json"
 _REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+# Pipeline components never loaded. SD 1.5's safety checker blacks out the
+# images it flags while the generation still reports success, so it is
+# neither downloaded nor loaded: content policy is the operator's, applied
+# upstream of the node (a moderation step of its own would go in `jobs`,
+# where results are stored, and say so in the result).
+SKIPPED_COMPONENTS = frozenset({"safety_checker"})
 # A diffusers repo's config, tokenizer and safetensors weights; never pickles,
 # never the half-precision duplicates or single-file checkpoints at the root.
 HUB_ALLOW_PATTERNS = ("model_index.json", "*/*.json", "*/*.txt", "*/*.safetensors")
@@ -35,6 +41,7 @@ HUB_IGNORE_PATTERNS = (
     "*.fp16.safetensors",
     "*.non_ema.safetensors",
     "*.ema.safetensors",
+    *(f"{component}/*" for component in sorted(SKIPPED_COMPONENTS)),
 )
 
 
@@ -113,7 +120,11 @@ def check_weights(folder: Path) -> None:
         )
     index = json.loads((folder / "model_index.json").read_text())
     for component, spec in index.items():
-        if component.startswith("_") or not isinstance(spec, list):
+        if (
+            component.startswith("_")
+            or component in SKIPPED_COMPONENTS
+            or not isinstance(spec, list)
+        ):
             continue
         sub = folder / component
         if not sub.is_dir():
@@ -160,13 +171,14 @@ def _hub_files(repo_id: str) -> list[tuple[str, int]]:
 
     info = HfApi().model_info(repo_id, files_metadata=True)
     names = {s.rfilename: s.size or 0 for s in info.siblings or []}
-    wanted = [
-        name
-        for name in names
-        if any(fnmatch.fnmatch(name, p) for p in HUB_ALLOW_PATTERNS)
-        and not any(fnmatch.fnmatch(name, p) for p in HUB_IGNORE_PATTERNS)
-    ]
-    return [(name, names[name]) for name in sorted(wanted)]
+    return [(name, names[name]) for name in sorted(names) if hub_file_wanted(name)]
+
+
+def hub_file_wanted(name: str) -> bool:
+    """Whether a file of a hub repo is downloaded (by its path in the repo)."""
+    return any(fnmatch.fnmatch(name, p) for p in HUB_ALLOW_PATTERNS) and not any(
+        fnmatch.fnmatch(name, p) for p in HUB_IGNORE_PATTERNS
+    )
 
 
 def _describe(exc: BaseException) -> str:
@@ -230,3 +242,18 @@ def download_model(location: ModelLocation) -> None:
         raise ModelError(
             f"{where} and the download failed ({_describe(exc)})"
         ) from None
+
+
+def prepare_model(location: ModelLocation, build_tiny: Callable[[Path], None]) -> None:
+    """Make the model's folder exist and hold loadable weights (blocking).
+
+    The tiny model is made by `build_tiny` (it needs torch, so the caller
+    imports it only then); a hub model is downloaded once; every folder is
+    then checked for pickle-only weights.
+    """
+    if location.source == "tiny":
+        if install_folder(location.path, build_tiny):
+            log.info("built the tiny model in %s", location.path)
+    elif location.source == "hub":
+        download_model(location)
+    check_weights(location.path)

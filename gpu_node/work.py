@@ -7,8 +7,8 @@ and announcements import and test without torch.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Callable, Collection, Mapping
+from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Protocol
 
 if TYPE_CHECKING:
@@ -75,25 +75,15 @@ class PipelineCall:
             items: list[CallItem] = []
             for item, seed in chunk:
                 if items and items[-1].key == item.key:
-                    last = items[-1]
-                    items[-1] = CallItem(
-                        last.key, last.prompt, last.negative_prompt, (*last.seeds, seed)
-                    )
+                    items[-1] = replace(items[-1], seeds=(*items[-1].seeds, seed))
                 else:
-                    items.append(
-                        CallItem(item.key, item.prompt, item.negative_prompt, (seed,))
-                    )
-            calls.append(
-                PipelineCall(
-                    self.width,
-                    self.height,
-                    self.steps,
-                    self.guidance_scale,
-                    self.scheduler,
-                    tuple(items),
-                )
-            )
+                    items.append(replace(item, seeds=(seed,)))
+            calls.append(replace(self, items=tuple(items)))
         return calls
+
+    def only(self, keys: Collection[str]) -> PipelineCall:
+        """The same call for the items in `keys` only."""
+        return replace(self, items=tuple(i for i in self.items if i.key in keys))
 
 
 class StepObserver(Protocol):
@@ -102,11 +92,13 @@ class StepObserver(Protocol):
     def before_start(self) -> None:
         """Called once before the call starts; may raise `CallStopped`."""
 
-    def preview_keys(self, step: int) -> Sequence[str]:
-        """Items that want a latent preview after `step` (1-based)."""
+    def on_step(
+        self, step: int, total: int, preview: Callable[[str], bytes | None]
+    ) -> None:
+        """Step `step` (1-based) of the call's `total` is done; may raise `CallStopped`.
 
-    def on_step(self, step: int, total: int, previews: Mapping[str, bytes]) -> None:
-        """Step `step` of `total` is done; may raise `CallStopped`."""
+        `preview(key)` renders a small JPEG of item `key`'s latents now.
+        """
 
 
 @dataclass(frozen=True)

@@ -11,18 +11,20 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import threading
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar, cast
+from uuid import UUID
 
-from aiohttp import web
 from arq.connections import ArqRedis
 from arq.constants import in_progress_key_prefix, job_key_prefix, result_key_prefix
 from arq.worker import Retry, Worker, func
-from pydantic import ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError
 from redis.exceptions import TimeoutError as RedisTimeoutError
@@ -31,7 +33,7 @@ from gpu_node.announcer import Announcer
 from gpu_node.executor import GpuExecutor
 from gpu_node.health import NodeMetrics, start_health_server
 from gpu_node.images import ImageManifest, encode_png, sha256_hex
-from gpu_node.progress import CallObserver, CancelWatch, EventPublisher
+from gpu_node.progress import CallObserver, CancelWatch, EventPublisher, ItemProgress
 from gpu_node.schemas import (
     BATCH_FUNCTION,
     CANCEL_CHANNEL,
@@ -130,13 +132,16 @@ class NodeResources:
     executor: GpuExecutor
     publisher: EventPublisher
     cancels: CancelWatch
-    listener: Listener
-    background: list[asyncio.Task[None]]
     announcer: Announcer
-    health_runner: web.AppRunner
     health_url: str
     info: NodeInfo
     workers: list[Worker]
+
+
+def _build_tiny_model(folder: Path) -> None:
+    from gpu_node import pipeline
+
+    pipeline.build_tiny_model(folder)
 
 
 def load_model_engine(settings: GpuNodeSettings) -> Engine:
@@ -146,18 +151,15 @@ def load_model_engine(settings: GpuNodeSettings) -> Engine:
     location = store.locate_model(
         settings.model, settings.models_path, settings.model_name
     )
-    # Fail fast, before torch loads, when the model cannot be had or is pickled.
-    if location.source == "hub":
-        store.download_model(location)
-    if location.source != "tiny":
-        store.check_weights(location.path)
+    # Fails fast, before torch loads, when the model cannot be had or is
+    # pickled (torch is imported only to build the tiny model).
+    store.prepare_model(location, _build_tiny_model)
     # diffusers' pipelines import CLIPImageProcessor; without torchvision (a
     # node needs none) transformers warns at every start that it uses the PIL
     # version instead, which is the one we want. Its other warnings stay.
     logging.getLogger("transformers.utils.import_utils").setLevel(logging.ERROR)
     from gpu_node import pipeline
 
-    pipeline.prepare_model(location)
     return pipeline.load_engine(
         location,
         on_phase=lambda phase: log.info("model %s: %s", location.model_id, phase),
@@ -179,6 +181,7 @@ class GpuNode:
         self.metrics = NodeMetrics()
         self._engine = engine
         self._resources: NodeResources | None = None
+        self._closing: contextlib.AsyncExitStack | None = None
         self._stop = asyncio.Event()
         self._wakeups: dict[str, asyncio.Event] = {}
         self._draining = False
@@ -202,22 +205,51 @@ class GpuNode:
 
     async def start(self) -> None:
         """Load the model and open every resource (the workers' on_startup)."""
+        # Each resource is registered for closing as soon as it is open: a
+        # start that fails half-way (say, the health port is taken) releases
+        # what it opened instead of leaking a pool, a thread and tasks.
+        stack = contextlib.AsyncExitStack()
+        try:
+            self._resources = await self._open(stack)
+            await self._resources.announcer.start()
+        except BaseException:
+            self._resources = None
+            await stack.aclose()
+            raise
+        self._closing = stack
+        info = self._resources.info
+        log.info(
+            "gpu node %s: model %s (%s, weights %s) on %s, max batch %d, health %s",
+            self.node_id,
+            info.model,
+            info.pipeline,
+            info.model_hash[:12],
+            info.device,
+            info.max_batch,
+            info.health_url,
+        )
+
+    async def _open(self, stack: contextlib.AsyncExitStack) -> NodeResources:
         settings = self.settings
         engine = self._engine
         if engine is None:
             engine = await asyncio.to_thread(load_model_engine, settings)
         profile = engine.profile
         self.metrics.model_loaded.labels(profile.model).set(1)
+        stack.callback(self.metrics.model_loaded.clear)
         redis = await create_queue_pool(self.redis_url)
+        stack.push_async_callback(redis.aclose)
         executor = GpuExecutor(name=f"gpu-{profile.model}")
+        stack.push_async_callback(asyncio.to_thread, executor.shutdown)
         publisher = EventPublisher(redis)
         publisher.start()
+        stack.push_async_callback(publisher.close)
         cancels = CancelWatch(redis)
         runner, port = await start_health_server(
             self, settings.gpu_health_host, settings.gpu_health_port
         )
+        stack.push_async_callback(runner.cleanup)
         health_url = f"http://{settings.advertise_host}:{port}/healthz"
-        max_batch = settings.gpu_max_batch or engine.default_max_batch
         info = NodeInfo(
             node_id=self.node_id,
             model=profile.model,
@@ -225,7 +257,7 @@ class GpuNode:
             pipeline=profile.pipeline,
             device=profile.device,
             memory_bytes=profile.memory_bytes,
-            max_batch=max_batch,
+            max_batch=settings.gpu_max_batch or engine.default_max_batch,
             default_steps=profile.default_steps,
             default_guidance=profile.default_guidance,
             default_scheduler=profile.default_scheduler,
@@ -247,60 +279,56 @@ class GpuNode:
             port=port,
             health=self._liveness,
         )
-        self._resources = NodeResources(
-            redis=redis,
-            engine=engine,
-            executor=executor,
-            publisher=publisher,
-            cancels=cancels,
-            listener=Listener(redis, {}),
-            background=[],
-            announcer=announcer,
-            health_runner=runner,
-            health_url=health_url,
-            info=info,
-            workers=[],
-        )
+        stack.push_async_callback(announcer.close)
         self._wakeups = {
             queue: asyncio.Event()
             for queue in (premium_queue(profile.model), batch_queue(profile.model))
         }
         workers = [
             self._worker(
-                premium_queue(profile.model), GENERATE_FUNCTION, self.generate, True
+                redis,
+                premium_queue(profile.model),
+                GENERATE_FUNCTION,
+                self.generate,
+                premium=True,
             ),
             self._worker(
-                batch_queue(profile.model), BATCH_FUNCTION, self.generate_batch, False
+                redis,
+                batch_queue(profile.model),
+                BATCH_FUNCTION,
+                self.generate_batch,
+                premium=False,
             ),
         ]
-        self._resources.workers = workers
         handlers = {
             wake_channel(queue): setter(event) for queue, event in self._wakeups.items()
         }
         handlers[CANCEL_CHANNEL] = lambda data: cancels.note(data.decode())
         listener = Listener(redis, handlers)
-        self._resources.listener = listener
-        self._resources.background = [
+        background = [
             asyncio.create_task(listener.run(), name="pubsub"),
             asyncio.create_task(cancels.run(), name="cancel-recheck"),
         ]
-        await announcer.start()
-        log.info(
-            "gpu node %s: model %s (%s, weights %s) on %s, max batch %d, health %s",
-            self.node_id,
-            profile.model,
-            profile.pipeline,
-            profile.model_hash[:12],
-            profile.device,
-            max_batch,
-            health_url,
+        stack.push_async_callback(_cancel_tasks, background)
+        return NodeResources(
+            redis=redis,
+            engine=engine,
+            executor=executor,
+            publisher=publisher,
+            cancels=cancels,
+            announcer=announcer,
+            health_url=health_url,
+            info=info,
+            workers=workers,
         )
 
     def _worker(
         self,
+        redis: ArqRedis,
         queue: str,
         name: str,
         coroutine: Callable[..., Awaitable[str]],
+        *,
         premium: bool,
     ) -> Worker:
         settings = self.settings
@@ -314,7 +342,7 @@ class GpuNode:
                 )
             ],
             queue_name=queue,
-            redis_pool=self.resources.redis,
+            redis_pool=redis,
             handle_signals=False,
             # One job at a time per queue: jobs left in Redis stay free for other
             # nodes, and the GPU thread runs one call at a time anyway.
@@ -415,19 +443,10 @@ class GpuNode:
 
     async def close(self) -> None:
         """Release every resource (the workers' on_shutdown)."""
-        resources = self._resources
-        if resources is None:
-            return
-        for task in resources.background:
-            task.cancel()
-        await asyncio.gather(*resources.background, return_exceptions=True)
-        await resources.announcer.close()
-        await resources.health_runner.cleanup()
-        await resources.publisher.close()
-        await asyncio.to_thread(resources.executor.shutdown)
-        await resources.redis.aclose()
+        closing, self._closing = self._closing, None
         self._resources = None
-        self.metrics.model_loaded.clear()
+        if closing is not None:
+            await closing.aclose()
 
     # --- health ------------------------------------------------------------
 
@@ -437,6 +456,8 @@ class GpuNode:
             return False, "draining"
         if not resources.executor.alive:
             return False, "GPU thread stopped"
+        if not resources.publisher.alive:
+            return False, "event publisher stopped"
         return True, ""
 
     def health(self) -> tuple[bool, dict[str, Any]]:
@@ -484,6 +505,7 @@ class GpuNode:
         try:
             job = GenerationJob.model_validate(payload)
         except ValidationError as exc:
+            await self._refuse(payload, exc)
             raise InvalidPayload(f"bad {GENERATE_FUNCTION} payload: {exc}") from None
         timeout = self._time_limit(job.params, job.params.num_images)
         return await self._run_job(ctx, [job], Tier.PREMIUM, timeout)
@@ -493,9 +515,49 @@ class GpuNode:
         try:
             batch = BatchJob.model_validate(payload)
         except ValidationError as exc:
+            await self._refuse(payload, exc)
             raise InvalidPayload(f"bad {BATCH_FUNCTION} payload: {exc}") from None
         timeout = self._time_limit(batch.items[0].params, batch.image_count)
         return await self._run_job(ctx, list(batch.items), Tier.NORMAL, timeout)
+
+    async def _refuse(self, payload: Any, error: ValidationError) -> None:
+        """Fail every generation a malformed payload names, saying why.
+
+        The job itself fails for good; without a result, its rows would wait
+        for the reconciler and then fail with no reason given.
+        """
+        named = _named_generations(payload)
+        if not named:
+            return
+        problem = error.errors()[0]
+        where = ".".join(str(part) for part in problem["loc"]) or "payload"
+        reason = ErrorInfo(
+            code="invalid_request",
+            message=f"the GPU node refused the job: {where}: {problem['msg']}",
+        )
+        profile = self.resources.engine.profile
+        try:
+            for generation_id, attempt in named:
+                result = GenerationResult(
+                    generation_id=generation_id,
+                    attempt=attempt,
+                    status=Status.FAILED,
+                    error=reason,
+                    node_id=self.node_id,
+                    model=profile.model,
+                    model_hash=profile.model_hash,
+                    finished_at=_now(),
+                )
+                await enqueue(
+                    self.resources.redis,
+                    STORE_RESULT_FUNCTION,
+                    result,
+                    queue=RESULTS_QUEUE,
+                    job_id=result_job_id(generation_id, attempt),
+                )
+        except (RedisConnectionError, RedisTimeoutError) as exc:
+            log.warning("Redis failed refusing a bad payload: %s; retrying", exc)
+            raise Retry(defer=5) from exc
 
     async def _run_job(
         self,
@@ -508,34 +570,49 @@ class GpuNode:
         if isinstance(enqueued, datetime):
             wait = (_now() - enqueued).total_seconds()
             self.metrics.queue_wait.labels(tier.value).observe(max(wait, 0.0))
+        job_id = str(ctx.get("job_id", ""))
         try:
-            async with self._lease(str(ctx.get("job_id", ""))):
-                statuses = await self._generate(jobs, tier, timeout_s)
+            async with self._lease(job_id) as lost:
+                statuses = await self._generate(jobs, tier, timeout_s, lost)
         except (RedisConnectionError, RedisTimeoutError) as exc:
             # Redis stayed away longer than the client's own retries: run the job
             # again later (the images come out the same).
             log.warning("Redis failed during a %s job: %s; retrying", tier.value, exc)
             raise Retry(defer=5) from exc
+        except LeaseLost:
+            log.warning(
+                "job %s stopped undelivered: its new holder delivers it", job_id
+            )
+            return "lease lost"
         return ",".join(statuses)
 
     @contextlib.asynccontextmanager
-    async def _lease(self, job_id: str) -> AsyncIterator[None]:
-        lease_s = self.settings.gpu_job_lease_s
+    async def _lease(self, job_id: str) -> AsyncIterator[threading.Event]:
+        """Keep arq's claim on the running job; the event is set if it was lost."""
+        lease_ms = int(self.settings.gpu_job_lease_s * 1000)
         redis = self.resources.redis
+        lost = threading.Event()
 
         async def refresh() -> None:
             while True:
                 try:
-                    await redis.pexpire(
-                        in_progress_key_prefix + job_id, int(lease_s * 1000)
-                    )
+                    held = await _extend_claim(redis, job_id, lease_ms)
                 except (RedisError, OSError) as exc:
                     log.warning("cannot extend the claim on job %s: %s", job_id, exc)
-                await asyncio.sleep(lease_s / 4)
+                else:
+                    if not held:
+                        log.error(
+                            "job %s: lost the claim on it to another node; "
+                            "stopping at the next step",
+                            job_id,
+                        )
+                        lost.set()
+                        return
+                await asyncio.sleep(lease_ms / 4000)
 
         task = asyncio.create_task(refresh(), name=f"lease:{job_id}")
         try:
-            yield
+            yield lost
         finally:
             task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -579,11 +656,15 @@ class GpuNode:
         return item
 
     async def _generate(
-        self, jobs: list[GenerationJob], tier: Tier, timeout_s: float
+        self,
+        jobs: list[GenerationJob],
+        tier: Tier,
+        timeout_s: float,
+        lost: threading.Event,
     ) -> list[str]:
         resources = self.resources
         redis = resources.redis
-        deadline = asyncio.get_running_loop().time() + timeout_s
+        deadline = _Deadline(asyncio.get_running_loop().time() + timeout_s)
         items: list[_Prepared] = []
         for job in jobs:
             if await _delivered(redis, result_job_id(job.generation_id, job.attempt)):
@@ -607,9 +688,17 @@ class GpuNode:
             notices = [asyncio.create_task(self._mark_started(item)) for item in todo]
             try:
                 if todo:
-                    await self._run_calls(todo, tier, deadline)
+                    await self._run_calls(todo, tier, deadline, lost)
             finally:
-                await asyncio.gather(*notices)
+                outcomes = await asyncio.gather(*notices, return_exceptions=True)
+                for item, outcome in zip(todo, outcomes, strict=True):
+                    if isinstance(outcome, BaseException):
+                        # The result still goes out: `jobs` records the start
+                        # with it, and losing finished GPU work over a notice
+                        # would be the worse failure.
+                        log.warning(
+                            "cannot tell jobs that %s started: %r", item.key, outcome
+                        )
             await self._deliver(items, tier)
         finally:
             resources.cancels.unwatch(keys)
@@ -641,7 +730,11 @@ class GpuNode:
         )
 
     async def _run_calls(
-        self, todo: list[_Prepared], tier: Tier, deadline: float
+        self,
+        todo: list[_Prepared],
+        tier: Tier,
+        deadline: _Deadline,
+        lost: threading.Event,
     ) -> None:
         params = todo[0].job.params
         by_key = {item.key: item for item in todo}
@@ -662,26 +755,33 @@ class GpuNode:
             ),
         )
         calls = call.split(self.info.max_batch)
+        progress = {
+            item.key: ItemProgress(item.job.params.steps, _calls_with(calls, item.key))
+            for item in todo
+        }
         while calls:
+            if lost.is_set():
+                raise LeaseLost
             current = calls.pop(0)
-            keys = dict.fromkeys(i.key for i in current.items)
-            live = [key for key in keys if by_key[key].status is None]
+            live = [
+                key
+                for key in dict.fromkeys(i.key for i in current.items)
+                if by_key[key].status is None
+            ]
             if not live:
                 continue
-            current = PipelineCall(
-                current.width,
-                current.height,
-                current.steps,
-                current.guidance_scale,
-                current.scheduler,
-                tuple(i for i in current.items if i.key in live),
-            )
+            current = current.only(live)
             try:
-                grouped, cancelled = await self._run_call(current, tier, deadline)
+                grouped, cancelled = await self._run_call(
+                    current, tier, deadline, {k: progress[k] for k in live}, lost
+                )
             except OutOfMemory as exc:
                 if current.image_count > 1:
                     log.warning("out of memory (%s): splitting the call in two", exc)
-                    calls[:0] = current.split((current.image_count + 1) // 2)
+                    pieces = current.split((current.image_count + 1) // 2)
+                    for key in live:
+                        progress[key].resplit(_calls_with(pieces, key))
+                    calls[:0] = pieces
                     continue
                 for key in live:
                     by_key[key].fail(
@@ -694,7 +794,7 @@ class GpuNode:
                         "timeout", "the generation took longer than its time limit"
                     )
                 continue
-            except (asyncio.CancelledError, RedisError):
+            except (RedisError, LeaseLost):
                 raise
             except Exception:
                 log.exception("pipeline call failed")
@@ -703,6 +803,8 @@ class GpuNode:
                         "internal_error", "the GPU node failed to run the model"
                     )
                 continue
+            for key in live:
+                progress[key].call_done()
             for key in cancelled:
                 by_key[key].status = Status.CANCELLED
             for key, images in grouped.items():
@@ -713,13 +815,18 @@ class GpuNode:
                 item.status = Status.SUCCEEDED
 
     async def _run_call(
-        self, call: PipelineCall, tier: Tier, deadline: float
+        self,
+        call: PipelineCall,
+        tier: Tier,
+        deadline: _Deadline,
+        progress: dict[str, ItemProgress],
+        lost: threading.Event,
     ) -> tuple[dict[str, list[Image]], set[str]]:
         resources = self.resources
         premium = tier is Tier.PREMIUM
         metrics = self.metrics
         observer = CallObserver(
-            [item.key for item in call.items],
+            progress,
             resources.publisher,
             resources.cancels,
             preview_every=self.settings.gpu_preview_every,
@@ -727,13 +834,14 @@ class GpuNode:
             # Only batches yield: premium calls never nest inside each other.
             executor=None if premium else resources.executor,
             on_step_done=lambda _step: metrics.steps.inc(),
+            stop=lost,
         )
         engine = resources.engine
 
         def run() -> dict[str, list[Image]]:
             started = time.perf_counter()
             images = engine.run(call, observer)
-            seconds = max(time.perf_counter() - started, 1e-9)
+            seconds = max(time.perf_counter() - started - observer.yielded_s, 1e-9)
             metrics.call_seconds.labels(tier.value).observe(seconds)
             metrics.steps_per_second.set(observer.steps_done / seconds)
             metrics.images_per_second.set(call.image_count / seconds)
@@ -741,27 +849,36 @@ class GpuNode:
 
         future = resources.executor.submit(run, premium=premium)
         try:
-            images = await _await_thread(future, deadline, observer.abort.set)
+            # Time spent running premium calls nested in this one is not its own.
+            images = await _await_thread(
+                future,
+                lambda: deadline.at + observer.yielded_s,
+                observer.abort.set,
+            )
         except CallStopped:
-            if observer.abort.is_set():
-                raise
+            if lost.is_set():
+                raise LeaseLost from None
             return {}, set(observer.keys)
+        finally:
+            deadline.at += observer.yielded_s
         return images, set(observer.cancelled)
 
     async def _deliver(self, items: list[_Prepared], tier: Tier) -> None:
         resources = self.resources
         profile = resources.engine.profile
+        succeeded = [item for item in items if item.status is Status.SUCCEEDED]
+        stored = await asyncio.gather(*(self._store_images(i) for i in succeeded))
+        infos = {
+            item.key: images for item, images in zip(succeeded, stored, strict=True)
+        }
         results: list[GenerationResult] = []
         for item in items:
-            infos: list[ImageInfo] = []
-            if item.status is Status.SUCCEEDED:
-                infos = await self._store_images(item)
             results.append(
                 GenerationResult(
                     generation_id=item.job.generation_id,
                     attempt=item.job.attempt,
                     status=item.status or Status.FAILED,
-                    images=infos,
+                    images=infos.get(item.key, []),
                     error=item.error,
                     node_id=self.node_id,
                     model=profile.model,
@@ -790,11 +907,9 @@ class GpuNode:
         resources = self.resources
         profile = resources.engine.profile
         params = item.job.params
-        infos: list[ImageInfo] = []
-        for index, (seed, image) in enumerate(
-            zip(params.image_seeds(), item.images, strict=True)
-        ):
-            manifest = ImageManifest(
+        seeds = params.image_seeds()
+        manifests = [
+            ImageManifest(
                 generation_id=item.key,
                 index=index,
                 model=profile.model,
@@ -809,9 +924,25 @@ class GpuNode:
                 negative_prompt=item.negative_prompt,
                 versions=profile.versions,
             )
-            png = await asyncio.to_thread(encode_png, image, manifest)
-            digest = sha256_hex(png)
-            await resources.redis.set(image_key(item.key, index), png, ex=IMAGE_TTL_S)
+            for index, seed in enumerate(seeds)
+        ]
+        # Encoding and hashing are CPU work: in threads, the images in parallel
+        # (zlib and hashlib let go of the GIL).
+        encoded = await asyncio.gather(
+            *(
+                asyncio.to_thread(_encode, image, manifest)
+                for image, manifest in zip(item.images, manifests, strict=True)
+            )
+        )
+        infos: list[ImageInfo] = []
+        for index, (seed, image, (png, digest)) in enumerate(
+            zip(seeds, item.images, encoded, strict=True)
+        ):
+            kept = await _keep_first_png(
+                resources.redis, image_key(item.key, index), png
+            )
+            if kept is not png:
+                digest = await asyncio.to_thread(sha256_hex, kept)
             resources.publisher.emit(
                 item.key,
                 ImageEvent(
@@ -829,26 +960,109 @@ class GpuNode:
                     width=image.width,
                     height=image.height,
                     sha256=digest,
-                    size_bytes=len(png),
+                    size_bytes=len(kept),
                 )
             )
         return infos
 
 
-async def _await_thread(
-    future: Future[T], deadline: float, abort: Callable[[], None]
-) -> T:
-    """Await work on the GPU thread; on cancel or timeout stop it and wait for it.
+class LeaseLost(Exception):
+    """Another node claimed the running job: stop, and let that node deliver."""
 
-    The thread cannot be killed: it is told to stop at its next step boundary,
-    and nothing else touches the GPU until it has.
+
+@dataclass
+class _Deadline:
+    """When a job must end (loop time), pushed back by nested premium work."""
+
+    at: float
+
+
+def _calls_with(calls: list[PipelineCall], key: str) -> int:
+    return sum(any(item.key == key for item in call.items) for call in calls)
+
+
+def _encode(image: Image, manifest: ImageManifest) -> tuple[bytes, str]:
+    png = encode_png(image, manifest)
+    return png, sha256_hex(png)
+
+
+async def _keep_first_png(redis: ArqRedis, key: str, png: bytes) -> bytes:
+    """Store `png` at `key` unless it holds one already; the bytes that stay.
+
+    A generation may run twice (a lost lease, a re-enqueue by the reconciler)
+    and a GPU need not draw the same bytes twice. The first PNG stays and
+    every result of the generation describes it, so `jobs` never finds an
+    image that does not match its hash.
     """
+    while True:
+        if await redis.set(key, png, nx=True, ex=IMAGE_TTL_S):
+            return png
+        kept: bytes | None = await redis.getex(key, ex=IMAGE_TTL_S)
+        if kept is not None:
+            return kept
+
+
+async def _extend_claim(redis: ArqRedis, job_id: str, lease_ms: int) -> bool:
+    """Extend this node's claim on a job; False if another node holds it now.
+
+    arq marks a claim with the same value whoever holds it, so a claim taken
+    over after ours expired cannot be told apart; what can be seen is our key
+    gone, and then whether we win it back before another node takes it.
+    """
+    key = in_progress_key_prefix + job_id
+    if await redis.pexpire(key, lease_ms):
+        return True
+    log.warning("the claim on job %s had expired; taking it back", job_id)
+    return bool(await redis.set(key, b"1", nx=True, px=lease_ms))
+
+
+async def _cancel_tasks(tasks: list[asyncio.Task[None]]) -> None:
+    for task in tasks:
+        task.cancel()
+    await asyncio.gather(*tasks, return_exceptions=True)
+
+
+def _named_generations(payload: Any) -> list[tuple[UUID, int]]:
+    """(id, attempt) of each generation a payload names, however bad the rest."""
+    if not isinstance(payload, dict):
+        return []
+    entries = payload.get("items", [payload])
+    named: list[tuple[UUID, int]] = []
+    for entry in entries if isinstance(entries, list) else []:
+        try:
+            found = _Named.model_validate(entry)
+        except ValidationError:
+            continue
+        named.append((found.generation_id, found.attempt))
+    return named
+
+
+class _Named(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    generation_id: UUID
+    attempt: int = Field(default=1, ge=1)
+
+
+async def _await_thread(
+    future: Future[T], deadline: Callable[[], float], abort: Callable[[], None]
+) -> T:
+    """Await work on the GPU thread until `deadline()` (loop time, may move).
+
+    On cancel or timeout, stop it and wait for it: the thread cannot be
+    killed, it is told to stop at its next step boundary, and nothing else
+    touches the GPU until it has.
+    """
+    loop = asyncio.get_running_loop()
     wrapped = asyncio.wrap_future(future)
-    remaining = deadline - asyncio.get_running_loop().time()
     try:
-        return await asyncio.wait_for(
-            asyncio.shield(wrapped), timeout=max(remaining, 0.0)
-        )
+        while not wrapped.done():
+            remaining = deadline() - loop.time()
+            if remaining <= 0:
+                raise TimeoutError
+            # `wait` neither cancels `wrapped` nor raises its exception.
+            await asyncio.wait({wrapped}, timeout=remaining)
+        return wrapped.result()
     except (asyncio.CancelledError, TimeoutError):
         abort()
         future.cancel()  # still queued: it never starts

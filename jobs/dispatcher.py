@@ -15,7 +15,14 @@ together run together instead of in several small pipeline calls.
 The batch queue is filled only up to `dispatch_batches_per_node` batches per
 healthy node, so a premium request waits behind at most the batch its node is
 running (the node serves its premium queue first and preempts a batch at step
-boundaries) and the database, not Redis, holds the backlog.
+boundaries) and the database, not Redis, holds the backlog. The room is read
+and taken under a per-model advisory lock, counting the batches committed in
+the database as well as the jobs in Redis, so two `jobs` processes never fill
+the same room twice.
+
+A row whose stored request cannot be turned into a job ends `failed`
+(internal_error) instead of stopping its model's dispatch every round, and
+one model's trouble does not stop the others.
 """
 
 from __future__ import annotations
@@ -26,11 +33,13 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any
 
+from pydantic import ValidationError
 from redis.exceptions import RedisError
 from tortoise.transactions import in_transaction
 
 from gpu_node.schemas import (
     BatchJob,
+    ErrorInfo,
     GenerationJob,
     GenerationParams,
     QueuedEvent,
@@ -39,17 +48,28 @@ from gpu_node.schemas import (
     batch_job_id,
     batch_queue,
 )
+from jobs.results import TRANSIENT_ERRORS, announce_done, fail_generations
 from jobs.worker import JobsResources
 from sdapi.events import append_event
 from sdapi.queue import enqueue_batch, queue_depth, queue_position
 from web.models import Generation, utcnow
+from web.registry import ModelOffer
 
 log = logging.getLogger(__name__)
 
-# Rows that may share a pipeline call: size, steps, guidance, scheduler, and
-# the attempt, so every row of a batch derives the batch's job id
-# (batch_job_id(batch_id, attempts)) from its own columns.
-GroupKey = tuple[int, int, int, float, str, int]
+# Rows that may share a pipeline call: size, steps, guidance, scheduler.
+# (Every scheduled row is on its first attempt, so a batch is too.)
+GroupKey = tuple[int, int, int, float, str]
+
+# A dispatch round ends on these (the database or Redis is down); any other
+# error stops one model's round only.
+OUTAGE_ERRORS: tuple[type[BaseException], ...] = (*TRANSIENT_ERRORS, RedisError)
+
+INTERNAL_ERROR_CODE = "internal_error"
+
+
+class UnbuildableRow(ValueError):
+    """A stored generation that cannot be turned into a GPU job."""
 
 
 @dataclass
@@ -72,14 +92,7 @@ class PlannedBatch:
 
 def group_key(row: Generation) -> GroupKey:
     """What rows must share to run in one batch."""
-    return (
-        row.width,
-        row.height,
-        row.steps,
-        row.guidance_scale,
-        row.scheduler,
-        row.attempts,
-    )
+    return (row.width, row.height, row.steps, row.guidance_scale, row.scheduler)
 
 
 def plan_batches(rows: list[Generation], max_batch: int) -> list[PlannedBatch]:
@@ -106,11 +119,28 @@ def plan_batches(rows: list[Generation], max_batch: int) -> list[PlannedBatch]:
 
 
 def generation_params(row: Generation) -> GenerationParams:
-    """The node's view of a stored generation (from its resolved request)."""
-    request: dict[str, Any] = row.request
-    return GenerationParams.model_validate(
-        {name: request[name] for name in GenerationParams.model_fields}
-    )
+    """The node's view of a stored generation (from its resolved request).
+
+    Raises UnbuildableRow when the stored request lacks a parameter or holds
+    one the node would refuse.
+    """
+    request: Any = row.request
+    if not isinstance(request, dict):
+        raise UnbuildableRow(f"the stored request of {row.id} is not an object")
+    try:
+        return GenerationParams.model_validate(
+            {
+                name: request[name]
+                for name in GenerationParams.model_fields
+                if name in request
+            }
+        )
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        where = ".".join(str(part) for part in first["loc"])
+        raise UnbuildableRow(
+            f"the stored request of {row.id} is invalid: {where}: {first['msg']}"
+        ) from None
 
 
 def generation_job(row: Generation, attempt: int) -> GenerationJob:
@@ -121,6 +151,15 @@ def generation_job(row: Generation, attempt: int) -> GenerationJob:
         tier=Tier(row.tier),
         params=generation_params(row),
         attempt=attempt,
+    )
+
+
+def unbuildable_error() -> ErrorInfo:
+    """What the user reads about a request that could not be handed to a node."""
+    return ErrorInfo(
+        code=INTERNAL_ERROR_CODE,
+        message="The request could not be prepared for a GPU worker (its stored "
+        "parameters are invalid). Please submit it again.",
     )
 
 
@@ -152,13 +191,54 @@ async def send_batch(res: JobsResources, batch: BatchJob) -> bool:
     return True
 
 
+async def _in_flight(res: JobsResources, model: str) -> int:
+    """Batches of `model` waiting or running: jobs in Redis, or committed rows.
+
+    The database also counts batches committed by another process but not yet
+    enqueued, and batches whose job Redis lost (until the reconciler re-runs
+    them); Redis also counts jobs whose rows all ended meanwhile.
+    """
+    batch_ids = await (
+        Generation.filter(
+            model=model,
+            tier=Tier.NORMAL,
+            status__in=(Status.QUEUED, Status.RUNNING),
+            batch_id__not_isnull=True,
+        )
+        .distinct()
+        .values_list("batch_id", flat=True)
+    )
+    return max(len(batch_ids), await queue_depth(res.redis, batch_queue(model)))
+
+
+def dispatch_lock_key(model: str) -> str:
+    """The advisory lock one dispatcher of `model` holds while it takes room."""
+    return f"sdapi:dispatch:{model}"
+
+
 async def _claim(
-    res: JobsResources, model: str, max_batch: int, room: int
-) -> list[BatchJob]:
-    """Lock due rows of `model`, mark up to `room` batches queued, and commit."""
+    res: JobsResources, model: str, offer: ModelOffer
+) -> tuple[list[BatchJob], list[Generation]]:
+    """Mark due rows of `model` queued as batches, as far as there is room.
+
+    Returns the batches to enqueue and the rows that failed because no job
+    could be built from them, both committed.
+    """
     settings = res.settings
-    now = utcnow()
-    async with in_transaction():
+    max_batch = offer.max_batch
+    async with in_transaction() as connection:
+        # Held until commit: another process's dispatcher of this model waits,
+        # then counts the batches committed here.
+        await connection.execute_query(
+            "SELECT pg_advisory_xact_lock(hashtextextended($1, 0))",
+            [dispatch_lock_key(model)],
+        )
+        room = settings.dispatch_batches_per_node * offer.nodes - await _in_flight(
+            res, model
+        )
+        if room < 1:
+            return [], []
+        now = utcnow()
         rows = list(
             await Generation.select_for_update(skip_locked=True)
             .filter(
@@ -170,15 +250,27 @@ async def _claim(
             .order_by("scheduled_for", "created_at")
             .limit(settings.dispatch_scan_limit)
         )
+        params: dict[uuid.UUID, GenerationParams] = {}
+        broken: list[Generation] = []
+        for row in rows:
+            try:
+                params[row.id] = generation_params(row)
+            except UnbuildableRow as exc:
+                log.error("generation %s cannot be dispatched: %s", row.id, exc)
+                broken.append(row)
+        failed = await fail_generations(
+            res, broken, unbuildable_error(), now, statuses=(Status.SCHEDULED,)
+        )
         jobs: list[BatchJob] = []
         deadline = now + timedelta(seconds=settings.queued_check_after)
         window = timedelta(seconds=settings.dispatch_window)
+        good = [row for row in rows if row.id in params]
         ready = [
-            b for b in plan_batches(rows, max_batch) if b.ready(now, max_batch, window)
+            b for b in plan_batches(good, max_batch) if b.ready(now, max_batch, window)
         ]
+        attempt = 1
         for planned in ready[:room]:
             batch_id = uuid.uuid4()
-            attempt = planned.key[-1] + 1
             ids = [row.id for row in planned.rows]
             # The rows are locked by this transaction; the status condition
             # still guards against a path that did not lock first.
@@ -193,15 +285,29 @@ async def _claim(
             )
             if updated != len(ids):
                 raise RuntimeError(f"locked rows of batch {batch_id} changed under us")
-            jobs.append(
-                BatchJob(
-                    batch_id=batch_id,
+            items = [
+                GenerationJob(
+                    generation_id=row.id,
                     model=model,
-                    items=[generation_job(row, attempt) for row in planned.rows],
+                    tier=Tier.NORMAL,
+                    params=params[row.id],
                     attempt=attempt,
                 )
+                for row in planned.rows
+            ]
+            jobs.append(
+                BatchJob(batch_id=batch_id, model=model, items=items, attempt=attempt)
             )
-    return jobs
+    return jobs, failed
+
+
+async def _dispatch_model(res: JobsResources, model: str, offer: ModelOffer) -> int:
+    jobs, failed = await _claim(res, model, offer)
+    for row in failed:
+        await announce_done(res.redis, row)
+    for batch in jobs:
+        await send_batch(res, batch)
+    return len(jobs)
 
 
 async def dispatch_due(res: JobsResources) -> int:
@@ -211,11 +317,12 @@ async def dispatch_due(res: JobsResources) -> int:
     for model, offer in offers.items():
         if not offer.available or offer.nodes < 1:
             continue  # no healthy node: its rows stay scheduled
-        waiting = await queue_depth(res.redis, batch_queue(model))
-        room = res.settings.dispatch_batches_per_node * offer.nodes - waiting
-        if room < 1:
-            continue
-        for batch in await _claim(res, model, offer.max_batch, room):
-            await send_batch(res, batch)
-            sent += 1
+        try:
+            sent += await _dispatch_model(res, model, offer)
+        except OUTAGE_ERRORS:
+            raise  # the database or Redis is down: the whole round waits
+        except Exception:
+            # One model's trouble must not hold up the others; its traceback
+            # is in the log and it is tried again next round.
+            log.exception("dispatching %s failed", model)
     return sent

@@ -13,6 +13,7 @@ import email.utils
 from dataclasses import dataclass, field
 from datetime import datetime
 from email.message import EmailMessage
+from enum import Enum
 from types import TracebackType
 from uuid import UUID
 
@@ -148,17 +149,46 @@ async def compose(row: OutboxEmail, *, mail_from: str) -> OutgoingMail:
     return await asyncio.to_thread(_render, row, mail_from, attachments)
 
 
-# Server-level trouble (down, slow, authentication, a 4xx) is worth retrying;
-# a 5xx about this message's recipient or content is not.
-def is_permanent(exc: BaseException) -> bool:
-    """Whether an SMTP error means this message can never be delivered."""
+class Trouble(Enum):
+    """Whom an SMTP failure is about, which decides what the outbox does."""
+
+    # The server is down, slow, or refuses us (connect, TLS, login, our sender
+    # address, a 4xx to the session, a dropped connection): no message can go
+    # now, and none is to blame.
+    SERVER = "server"
+    # A 4xx about this message's recipient (greylisting, a full mailbox):
+    # this message waits; the others go on.
+    TEMPORARY = "temporary"
+    # A 5xx about this message's recipient or content, or a feature it needs
+    # that the server lacks: it can never be delivered.
+    PERMANENT = "permanent"
+
+
+class SendFailed(Exception):
+    """An SMTP delivery failed; `trouble` says whom it is about."""
+
+    def __init__(self, trouble: Trouble, cause: BaseException) -> None:
+        super().__init__(f"{type(cause).__name__}: {cause}")
+        self.trouble = trouble
+
+
+def _is_5xx(code: int) -> bool:
+    return 500 <= code < 600
+
+
+def classify(exc: BaseException) -> Trouble:
+    """Whom an error raised while sending one message (after connecting) is about."""
     if isinstance(exc, aiosmtplib.SMTPNotSupported):
-        return True
+        # SMTPUTF8 for a non-ASCII address: this message, on this server.
+        return Trouble.PERMANENT
     if isinstance(exc, aiosmtplib.SMTPRecipientsRefused):
-        return all(500 <= refused.code < 600 for refused in exc.recipients)
-    if isinstance(exc, aiosmtplib.SMTPRecipientRefused | aiosmtplib.SMTPDataError):
-        return 500 <= exc.code < 600
-    return False
+        permanent = all(_is_5xx(refused.code) for refused in exc.recipients)
+        return Trouble.PERMANENT if permanent else Trouble.TEMPORARY
+    if isinstance(exc, aiosmtplib.SMTPRecipientRefused):
+        return Trouble.PERMANENT if _is_5xx(exc.code) else Trouble.TEMPORARY
+    if isinstance(exc, aiosmtplib.SMTPDataError) and _is_5xx(exc.code):
+        return Trouble.PERMANENT
+    return Trouble.SERVER
 
 
 class SmtpConnection:
@@ -194,12 +224,16 @@ class SmtpConnection:
             timeout=self._timeout,
         )
         # Logs in when a username is set, after STARTTLS when asked for.
-        await smtp.connect()
+        try:
+            await smtp.connect()
+        except (aiosmtplib.SMTPException, OSError) as exc:
+            smtp.close()
+            raise SendFailed(Trouble.SERVER, exc) from exc
         self._smtp = smtp
         return smtp
 
     async def send(self, mail: OutgoingMail) -> None:
-        """Deliver `mail`; raises an aiosmtplib error or OSError on failure."""
+        """Deliver `mail`; raises SendFailed saying whom a failure is about."""
         smtp = await self._connected()
         try:
             await smtp.sendmail(
@@ -208,10 +242,17 @@ class SmtpConnection:
                 mail.data,
                 mail_options=["SMTPUTF8"] if mail.smtputf8 else None,
             )
-        except (aiosmtplib.SMTPServerDisconnected, aiosmtplib.SMTPTimeoutError):
+        except (aiosmtplib.SMTPException, OSError) as exc:
+            trouble = classify(exc)
+            if trouble is Trouble.SERVER:
+                self.abort()
+            raise SendFailed(trouble, exc) from exc
+
+    def abort(self) -> None:
+        """Drop the connection without a goodbye (the server is not answering)."""
+        smtp, self._smtp = self._smtp, None
+        if smtp is not None:
             smtp.close()
-            self._smtp = None
-            raise
 
     async def close(self) -> None:
         """Say goodbye politely; drop the connection either way."""

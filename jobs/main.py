@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 
 from gpu_node.schemas import RESULTS_QUEUE, wake_channel
 from jobs.settings import JobsSettings
@@ -12,6 +13,8 @@ from sdapi import loops
 from sdapi.listener import Listener, poll_when_woken, setter
 from sdapi.logs import setup_logging
 from sdapi.queue import create_queue_pool
+
+log = logging.getLogger(__name__)
 
 # On SIGTERM/SIGINT, running jobs (storing results) get this long to finish
 # before they are cancelled and re-queued (seconds).
@@ -44,7 +47,13 @@ async def serve(settings: JobsSettings) -> None:
 
 def run() -> int:
     """Run the jobs worker until SIGINT/SIGTERM."""
-    settings = JobsSettings.from_env().resolved()
+    configured = JobsSettings.from_env()
+    settings = configured.resolved()
     setup_logging(settings.log_level)
+    if configured.database_url and "public_url" not in configured.model_fields_set:
+        log.warning(
+            "SDAPI_PUBLIC_URL is not set: links in emails point to %s",
+            settings.public_url,
+        )
     loops.run(serve(settings))
     return 0

@@ -5,9 +5,18 @@ from __future__ import annotations
 from dataclasses import dataclass
 from html import escape
 
-from gpu_node.schemas import GenerationResult, Status
-from web.links import signed_image_url
-from web.models import Generation
+from gpu_node.schemas import ErrorInfo, GenerationResult, Status
+from jobs.worker import JobsResources
+from web.links import LINK_TTL_S, signed_image_url
+from web.models import Delivery, Generation
+from web.outbox import queue_email
+
+# What a download link's lifetime reads as in an email.
+LINK_VALIDITY = (
+    f"{LINK_TTL_S // 86400} days"
+    if LINK_TTL_S % 86400 == 0
+    else f"{LINK_TTL_S // 3600} hours"
+)
 
 
 @dataclass(frozen=True)
@@ -23,12 +32,23 @@ def _short(prompt: str, limit: int = 60) -> str:
 
 
 def generation_email(
-    generation: Generation, result: GenerationResult, *, secret: str, base_url: str
+    generation: Generation,
+    outcome: GenerationResult | ErrorInfo,
+    *,
+    secret: str,
+    base_url: str,
 ) -> Message:
-    """The email for a generation that succeeded or failed (PNGs attached later)."""
-    prompt = str(generation.request.get("prompt", ""))
-    if result.status is Status.FAILED:
-        reason = result.error.message if result.error else "unknown reason"
+    """The email for a generation that succeeded or failed (PNGs attached later).
+
+    `outcome` is the node's result, or the error a generation failed with
+    before any node returned one.
+    """
+    request = generation.request if isinstance(generation.request, dict) else {}
+    prompt = str(request.get("prompt", ""))
+    if isinstance(outcome, GenerationResult) and outcome.status is Status.FAILED:
+        outcome = outcome.error or ErrorInfo(code="failed", message="unknown reason")
+    if isinstance(outcome, ErrorInfo):
+        reason = outcome.message
         text = (
             f"Your image request could not be completed.\n\n"
             f"Prompt: {prompt}\nReason: {reason}\n\n"
@@ -47,7 +67,7 @@ def generation_email(
             image.seed,
             signed_image_url(secret, base_url, generation.id, image.index),
         )
-        for image in result.images
+        for image in outcome.images
     ]
     count = len(links)
     noun = "image is" if count == 1 else f"{count} images are"
@@ -57,7 +77,7 @@ def generation_email(
         f"Prompt: {prompt}\n"
         f"Size: {generation.width}x{generation.height}, {generation.steps} steps, "
         f"guidance {generation.guidance_scale}, scheduler {generation.scheduler}\n\n"
-        f"Download links (valid for 30 days):\n{lines}\n\n"
+        f"Download links (valid for {LINK_VALIDITY}):\n{lines}\n\n"
         f"Request id: {generation.id}\n"
     )
     items = "".join(
@@ -70,7 +90,42 @@ def generation_email(
         f"{generation.width}x{generation.height}, {generation.steps} steps, "
         f"guidance {generation.guidance_scale}, "
         f"scheduler {escape(generation.scheduler)}</p>"
-        f"<p>Download links (valid for 30 days):</p><ul>{items}</ul>"
+        f"<p>Download links (valid for {LINK_VALIDITY}):</p><ul>{items}</ul>"
         f"<p style='color:#666'>Request id: {generation.id}</p>"
     )
     return Message(f"Your image is ready: {_short(prompt)}", text, html)
+
+
+async def queue_generation_email(
+    res: JobsResources, generation: Generation, outcome: GenerationResult | ErrorInfo
+) -> bool:
+    """Write the email of a finished generation to the outbox, once.
+
+    Only for email delivery, and for success or failure (a cancelled request
+    gets none). Call it inside the transaction that makes the outcome final;
+    the dedupe key makes a second call (a repeated result, the reconciler)
+    change nothing. True if the generation's delivery is email.
+    """
+    if generation.delivery is not Delivery.EMAIL:
+        return False
+    if isinstance(outcome, GenerationResult) and outcome.status not in (
+        Status.SUCCEEDED,
+        Status.FAILED,
+    ):
+        return False
+    await generation.fetch_related("user")
+    message = generation_email(
+        generation,
+        outcome,
+        secret=res.settings.secret(),
+        base_url=res.settings.public_url,
+    )
+    await queue_email(
+        dedupe_key=f"generation:{generation.id}",
+        to_address=generation.user.email,
+        subject=message.subject,
+        text_body=message.text,
+        html_body=message.html,
+        generation=generation,
+    )
+    return True

@@ -6,24 +6,39 @@ to exactly one. Sending happens outside any transaction; the outcome is then
 written conditionally on the claim still being ours. A sender that dies
 mid-send leaves its rows `sending`; after `outbox_stuck_after` another sender
 claims them again (the one case where a message may go out twice, which its
-stable Message-ID lets the receiver recognise).
+stable Message-ID lets the receiver recognise). Claim times are the
+database's clock, so senders on hosts whose clocks differ agree on them, and
+each delivery is cut off after `outbox_send_timeout` (under half the stuck
+limit), so a slow one is never taken over while it still runs.
+
+What a failure costs depends on whom it is about (`jobs.mailer.Trouble`):
+- the server (down, slow, refusing us): the round ends, its claimed rows go
+  back without an attempt counted, and this process tries the server again
+  after a growing wait; an email still unsent `outbox_give_up_after` after it
+  was written ends `failed`;
+- this message for now (a 4xx about its recipient): it is retried with
+  backoff until the same age limit;
+- this message for good (a 5xx): it ends `failed` at once;
+- anything else (a bug, bad data): retried with backoff, `failed` after
+  `outbox_max_attempts`.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import random
 import time
 from datetime import datetime, timedelta
 
-import aiosmtplib
 from tortoise.expressions import F, Q
 from tortoise.transactions import in_transaction
 
-from jobs.mailer import SmtpConnection, compose, is_permanent
+from jobs.mailer import SendFailed, SmtpConnection, Trouble, compose
+from jobs.results import TRANSIENT_ERRORS
 from jobs.settings import JobsSettings
-from jobs.worker import JobsResources
-from web.models import Generation, OutboxEmail, OutboxStatus, utcnow
+from jobs.worker import JobsResources, SmtpBackoff
+from web.models import Generation, OutboxEmail, OutboxStatus
 
 log = logging.getLogger(__name__)
 
@@ -36,6 +51,10 @@ ERROR_LIMIT = 1000
 JITTER = 0.1
 
 
+class ServerDown(Exception):
+    """The SMTP server cannot take mail now; the round ends."""
+
+
 def backoff_delay(
     attempts: int, *, base: float, cap: float, jitter: float = JITTER
 ) -> float:
@@ -46,10 +65,21 @@ def backoff_delay(
     return delay * (1.0 - random.uniform(0.0, jitter))  # noqa: S311
 
 
-async def claim_due(settings: JobsSettings, now: datetime) -> list[OutboxEmail]:
-    """Take up to BATCH_SIZE due rows for this sender and mark them `sending`."""
-    stuck_before = now - timedelta(seconds=settings.outbox_stuck_after)
+async def database_now() -> datetime:
+    """The database's clock (the one every sender's claims are compared on)."""
+    rows = await OutboxEmail._meta.db.execute_query_dict("SELECT now() AS now")
+    now: datetime = rows[0]["now"]
+    return now
+
+
+async def claim_due(settings: JobsSettings) -> list[OutboxEmail]:
+    """Take up to BATCH_SIZE due rows for this sender and mark them `sending`.
+
+    Each claimed row's `claimed_at` is the database's time of the claim.
+    """
     async with in_transaction():
+        now = await database_now()
+        stuck_before = now - timedelta(seconds=settings.outbox_stuck_after)
         rows = (
             await OutboxEmail.select_for_update(skip_locked=True)
             .filter(
@@ -59,6 +89,23 @@ async def claim_due(settings: JobsSettings, now: datetime) -> list[OutboxEmail]:
             .order_by("next_attempt_at", "created_at")
             .limit(BATCH_SIZE)
         )
+        # A sender died while sending these; one that dies on every try (a
+        # message that crashes it) must not be tried forever.
+        dead = [
+            row
+            for row in rows
+            if row.status is OutboxStatus.SENDING
+            and row.attempts >= settings.outbox_max_attempts
+        ]
+        if dead:
+            await OutboxEmail.filter(id__in=[row.id for row in dead]).update(
+                status=OutboxStatus.FAILED,
+                claimed_at=None,
+                last_error="the sender stopped while sending it, on the last attempt",
+            )
+            for row in dead:
+                log.error("email %s failed for good: its sender kept dying", row.id)
+            rows = [row for row in rows if row not in dead]
         if not rows:
             return []
         await OutboxEmail.filter(id__in=[row.id for row in rows]).update(
@@ -78,9 +125,16 @@ def _ours(row: OutboxEmail) -> Q:
     return Q(id=row.id, status=OutboxStatus.SENDING, claimed_at=row.claimed_at)
 
 
-async def mark_sent(row: OutboxEmail, now: datetime) -> None:
+def _too_old(row: OutboxEmail, settings: JobsSettings) -> bool:
+    """Whether the email was written longer ago than the outbox keeps trying."""
+    age = (row.claimed_at or row.created_at) - row.created_at
+    return age.total_seconds() >= settings.outbox_give_up_after
+
+
+async def mark_sent(row: OutboxEmail) -> None:
     """Record delivery, and `emailed_at` of the generation the email is about."""
     async with in_transaction():
+        now = await database_now()
         updated = await OutboxEmail.filter(_ours(row)).update(
             status=OutboxStatus.SENT, sent_at=now
         )
@@ -93,28 +147,47 @@ async def mark_sent(row: OutboxEmail, now: datetime) -> None:
         log.warning("email %s was sent but its claim had moved on", row.id)
 
 
+async def _give_up(
+    row: OutboxEmail, error: str, *, counted: bool = True
+) -> OutboxStatus:
+    """End a claimed row `failed`; `counted` False: its claim was no attempt."""
+    if not counted:
+        row.attempts -= 1
+    await OutboxEmail.filter(_ours(row)).update(
+        status=OutboxStatus.FAILED,
+        last_error=error[:ERROR_LIMIT],
+        claimed_at=None,
+        attempts=row.attempts,
+    )
+    log.error(
+        "email %s to %s failed for good after %d attempt(s): %s",
+        row.id,
+        row.to_address,
+        row.attempts,
+        error,
+    )
+    return OutboxStatus.FAILED
+
+
 async def mark_failed_attempt(
     row: OutboxEmail,
     error: str,
     *,
     settings: JobsSettings,
-    now: datetime,
-    permanent: bool = False,
+    trouble: Trouble | None = None,
 ) -> OutboxStatus:
-    """Record a failed attempt: back to `pending` with backoff, or `failed`."""
+    """Record a failed attempt at one message: `pending` with backoff, or `failed`.
+
+    `trouble` None: not the server's doing (a bug, bad data), limited by
+    `outbox_max_attempts`; TEMPORARY: limited by the email's age.
+    """
     error = error[:ERROR_LIMIT]
-    if permanent or row.attempts >= settings.outbox_max_attempts:
-        await OutboxEmail.filter(_ours(row)).update(
-            status=OutboxStatus.FAILED, last_error=error, claimed_at=None
-        )
-        log.error(
-            "email %s to %s failed for good after %d attempt(s): %s",
-            row.id,
-            row.to_address,
-            row.attempts,
-            error,
-        )
-        return OutboxStatus.FAILED
+    if trouble is Trouble.PERMANENT:
+        return await _give_up(row, error)
+    if trouble is Trouble.TEMPORARY and _too_old(row, settings):
+        return await _give_up(row, error)
+    if trouble is None and row.attempts >= settings.outbox_max_attempts:
+        return await _give_up(row, error)
     delay = backoff_delay(
         row.attempts,
         base=settings.outbox_backoff_base,
@@ -124,7 +197,8 @@ async def mark_failed_attempt(
         status=OutboxStatus.PENDING,
         last_error=error,
         claimed_at=None,
-        next_attempt_at=now + timedelta(seconds=delay),
+        next_attempt_at=(row.claimed_at or await database_now())
+        + timedelta(seconds=delay),
     )
     log.warning(
         "email %s: attempt %d failed (%s); retrying in %.1fs",
@@ -136,54 +210,86 @@ async def mark_failed_attempt(
     return OutboxStatus.PENDING
 
 
-async def release(rows: list[OutboxEmail]) -> None:
-    """Hand claimed rows back untried (their attempt is not counted)."""
+async def release(rows: list[OutboxEmail], error: str | None = None) -> None:
+    """Hand claimed rows back untried (their attempt is not counted).
+
+    With `error` (the server was down), it is recorded as their last error.
+    """
     for row in rows:
-        await OutboxEmail.filter(_ours(row)).update(
-            status=OutboxStatus.PENDING, claimed_at=None, attempts=F("attempts") - 1
+        changes: dict[str, object] = {
+            "status": OutboxStatus.PENDING,
+            "claimed_at": None,
+            "attempts": F("attempts") - 1,
+        }
+        if error is not None:
+            changes["last_error"] = error[:ERROR_LIMIT]
+        await OutboxEmail.filter(_ours(row)).update(**changes)
+
+
+async def _server_down(
+    rows: list[OutboxEmail], error: str, settings: JobsSettings, state: SmtpBackoff
+) -> None:
+    """The server failed us: wait longer before trying it, hand the rows back."""
+    state.failures += 1
+    delay = backoff_delay(
+        state.failures, base=settings.outbox_backoff_base, cap=settings.smtp_retry_max
+    )
+    state.retry_at = time.monotonic() + delay
+    expired = [row for row in rows if _too_old(row, settings)]
+    waiting = [row for row in rows if row not in expired]
+    for row in expired:
+        await _give_up(
+            row,
+            f"the SMTP server was unavailable for too long: {error}",
+            counted=False,
         )
+    await release(waiting, error=error)
+    log.warning(
+        "SMTP server unavailable (%s); %d claimed email(s) wait, trying again in %.1fs",
+        error,
+        len(waiting),
+        delay,
+    )
 
 
 async def _deliver(
     row: OutboxEmail, connection: SmtpConnection, settings: JobsSettings
 ) -> None:
-    if row.attempts > settings.outbox_max_attempts:
-        # Only a stuck row gets here: its sender died on the last attempt.
-        await mark_failed_attempt(
-            row,
-            "the sender stopped while sending the last attempt",
-            settings=settings,
-            now=utcnow(),
-            permanent=True,
-        )
-        return
+    """Send one claimed row and record the outcome; ServerDown if the server failed."""
     try:
-        mail = await compose(row, mail_from=settings.mail_from)
-        await connection.send(mail)
-    except (aiosmtplib.SMTPException, OSError) as exc:
-        # The server is down, slow or refusing: expected, retried with backoff.
+        async with asyncio.timeout(settings.outbox_send_timeout):
+            mail = await compose(row, mail_from=settings.mail_from)
+            await connection.send(mail)
+    except SendFailed as failure:
+        if failure.trouble is Trouble.SERVER:
+            raise ServerDown(str(failure)) from failure
         await mark_failed_attempt(
-            row,
-            f"{type(exc).__name__}: {exc}",
-            settings=settings,
-            now=utcnow(),
-            permanent=is_permanent(exc),
+            row, str(failure), settings=settings, trouble=failure.trouble
         )
         return
+    except TimeoutError:
+        # The state of the conversation is unknown: start the next one afresh.
+        connection.abort()
+        raise ServerDown(
+            f"no delivery within {settings.outbox_send_timeout:g}s"
+        ) from None
+    except TRANSIENT_ERRORS:
+        raise  # the database: the round ends; the row is taken over later
     except Exception as exc:
         # A bug or bad data: keep the traceback, still count the attempt so
         # the row ends `failed` instead of being retried forever.
         log.exception("email %s could not be built or sent", row.id)
         await mark_failed_attempt(
-            row, f"{type(exc).__name__}: {exc}", settings=settings, now=utcnow()
+            row, f"{type(exc).__name__}: {exc}", settings=settings
         )
         return
-    await mark_sent(row, utcnow())
+    await mark_sent(row)
     log.info("sent email %s to %s", mail.message_id, row.to_address)
 
 
-async def send_round(settings: JobsSettings) -> int:
+async def send_round(res: JobsResources) -> int:
     """Claim and send due emails until none are left; returns how many were tried."""
+    settings = res.settings
     smtp = settings.smtp
     if smtp is None:
         waiting = await OutboxEmail.filter(status=OutboxStatus.PENDING).count()
@@ -192,10 +298,13 @@ async def send_round(settings: JobsSettings) -> int:
                 "SDAPI_SMTP_URL is not set: %d email(s) wait to be sent", waiting
             )
         return 0
+    state = res.smtp_backoff
+    if time.monotonic() < state.retry_at:
+        return 0  # the server was down a moment ago
     tried = 0
     async with SmtpConnection(smtp, timeout=settings.smtp_timeout) as connection:
         while True:
-            rows = await claim_due(settings, utcnow())
+            rows = await claim_due(settings)
             # Rows not started well before they count as stuck go back, so
             # another sender never takes over a claim this one still works on.
             deadline = time.monotonic() + settings.outbox_stuck_after / 2
@@ -203,7 +312,12 @@ async def send_round(settings: JobsSettings) -> int:
                 if time.monotonic() > deadline:
                     await release(rows[index:])
                     return tried
-                await _deliver(row, connection, settings)
+                try:
+                    await _deliver(row, connection, settings)
+                except ServerDown as down:
+                    await _server_down(rows[index:], str(down), settings, state)
+                    return tried
+                state.failures = 0  # the server answered
                 tried += 1
             if len(rows) < BATCH_SIZE:
                 return tried
@@ -211,4 +325,4 @@ async def send_round(settings: JobsSettings) -> int:
 
 async def send_due_emails(res: JobsResources) -> None:
     """Periodic task of the jobs worker: send whatever the outbox has due."""
-    await send_round(res.settings)
+    await send_round(res)

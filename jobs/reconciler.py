@@ -15,12 +15,20 @@ own columns: premium `generation_job_id(id, attempts)`, normal
   after `generation_max_attempts` enqueues, the row ends `failed` with a
   reason the user sees (and the failure email when delivery is email).
 
-A lost normal row goes back on the queue in its old batch (same batch id,
-next attempt) rather than back to `scheduled`: every unfinished row of a
+Lost normal rows go back on the queue together as a new batch (a fresh batch
+id, next attempt) rather than back to `scheduled`: every unfinished row of a
 batch keeps the batch's attempt, so the job id derived from any row (here,
-and for the queue position `web` shows) is the batch's job id, and a row
-never moves backwards from `queued` to `scheduled`. The node splits a batch
+and for the queue position `web` shows) is its batch's job id, a row never
+moves backwards from `queued` to `scheduled`, and rows of one old batch
+re-run at different times never collide on a job id. The node splits a batch
 that outgrew a smaller node's max batch into several pipeline calls.
+
+Work nobody runs does not wait forever: a premium request still queued
+`premium_max_queued` after it was made, a batch waiting `batch_max_queued` on
+its queue, and a normal request `scheduled_max_wait` past its scheduled time
+end `failed` (model_unavailable), their jobs taken off the queue. A job whose
+rows make a round fail (a bug, bad data) `reconcile_max_failures` rounds in a
+row ends `failed` (internal_error) instead of being tried forever.
 """
 
 from __future__ import annotations
@@ -33,7 +41,6 @@ from enum import Enum
 
 from arq.jobs import Job
 from arq.worker import Retry
-from redis.exceptions import RedisError
 from tortoise.expressions import Q
 from tortoise.transactions import in_transaction
 
@@ -43,38 +50,49 @@ from gpu_node.schemas import (
     BatchJob,
     ErrorInfo,
     GenerationJob,
-    GenerationResult,
     QueuedEvent,
     Status,
     Tier,
     batch_job_id,
+    batch_queue,
     generation_job_id,
     premium_queue,
     result_job_id,
 )
-from jobs.dispatcher import generation_job, send_batch
-from jobs.messages import generation_email
+from jobs.dispatcher import (
+    INTERNAL_ERROR_CODE,
+    OUTAGE_ERRORS,
+    generation_job,
+    send_batch,
+)
 from jobs.results import (
-    TRANSIENT_ERRORS,
     ResultRejected,
     announce_done,
+    fail_generations,
     store_result,
 )
 from jobs.worker import RESOURCES, JobsResources
 from sdapi.events import append_event
 from sdapi.queue import (
     deserialize,
+    drop_waiting_job,
     enqueue_generation,
     job_is_live,
+    job_is_running,
     queue_position,
 )
-from web.models import Delivery, Generation, utcnow
-from web.outbox import queue_email
+from web.models import Generation, utcnow
 
 log = logging.getLogger(__name__)
 
 IN_WORK = (Status.QUEUED, Status.RUNNING)
 GAVE_UP_CODE = "attempts_exhausted"
+UNAVAILABLE_CODE = "model_unavailable"
+# Counts rounds in a row that failed on one job (see `_count_failure`).
+FAILURES_KEY_PREFIX = "sdapi:reconcile:failures:"
+# A count older than this (seconds) is forgotten: failures are "in a row" only
+# while rounds keep failing.
+FAILURES_TTL_S = 3600
 
 
 class Recovery(Enum):
@@ -93,6 +111,7 @@ class Report:
     stored: int = 0
     requeued: int = 0
     failed: int = 0
+    expired: int = 0
 
 
 @dataclass(frozen=True)
@@ -113,21 +132,27 @@ class Unit:
             return None
         return batch_job_id(self.batch_id, self.attempt)
 
+    @property
+    def queue(self) -> str:
+        """The arq queue its job waits on."""
+        model = self.rows[0].model
+        return premium_queue(model) if self.tier is Tier.PREMIUM else batch_queue(model)
+
+    @property
+    def key(self) -> str:
+        """A name for the unit that outlives a round (for its failure count)."""
+        return self.job_id or f"row:{self.rows[0].id}:{self.attempt}"
+
 
 def _overdue(now: datetime) -> Q:
     return Q(deadline__lt=now) | Q(deadline__isnull=True)
 
 
-async def _units(res: JobsResources, now: datetime) -> list[Unit]:
-    """Overdue queued/running rows, grouped by the job they share."""
-    stuck = list(
-        await Generation.filter(_overdue(now), status__in=IN_WORK)
-        .order_by("deadline")
-        .limit(res.settings.reconcile_batch_limit)
-    )
+async def _group(rows: list[Generation]) -> list[Unit]:
+    """`rows` grouped by the job they share, with their batch's other rows."""
     units: list[Unit] = []
     seen: set[tuple[uuid.UUID, int]] = set()
-    for row in stuck:
+    for row in rows:
         tier = Tier(row.tier)
         if tier is Tier.PREMIUM or row.batch_id is None:
             units.append(Unit(tier, row.attempts, (row,)))
@@ -137,11 +162,21 @@ async def _units(res: JobsResources, now: datetime) -> list[Unit]:
             continue
         seen.add(key)
         # The whole batch shares the job, also rows not yet past their deadline.
-        rows = await Generation.filter(
+        batch = await Generation.filter(
             batch_id=row.batch_id, attempts=row.attempts, status__in=IN_WORK
         ).order_by("created_at")
-        units.append(Unit(tier, row.attempts, tuple(rows), row.batch_id))
+        units.append(Unit(tier, row.attempts, tuple(batch), row.batch_id))
     return units
+
+
+async def _units(res: JobsResources, now: datetime) -> list[Unit]:
+    """Overdue queued/running rows, grouped by the job they share."""
+    stuck = list(
+        await Generation.filter(_overdue(now), status__in=IN_WORK)
+        .order_by("deadline")
+        .limit(res.settings.reconcile_batch_limit)
+    )
+    return await _group(stuck)
 
 
 async def _push_deadline(
@@ -185,52 +220,35 @@ def gave_up_message(attempts: int) -> str:
     )
 
 
-async def _fail(res: JobsResources, rows: list[Generation], now: datetime) -> None:
-    """Mark locked `rows` failed and write their failure emails (in a transaction)."""
-    settings = res.settings
-    secret = settings.secret_key.get_secret_value() if settings.secret_key else ""
-    for row in rows:
-        error = ErrorInfo(code=GAVE_UP_CODE, message=gave_up_message(row.attempts))
-        updated = await Generation.filter(
-            id=row.id, status__in=IN_WORK, attempts=row.attempts
-        ).update(
-            status=Status.FAILED,
-            error_code=error.code,
-            error_message=error.message,
-            finished_at=now,
-            deadline=None,
-        )
-        if not updated:
-            continue
-        row.status = Status.FAILED
-        row.error_code = error.code
-        row.error_message = error.message
-        if row.delivery is not Delivery.EMAIL:
-            continue
-        await row.fetch_related("user")
-        message = generation_email(
-            row,
-            GenerationResult(
-                generation_id=row.id,
-                attempt=row.attempts,
-                status=Status.FAILED,
-                error=error,
-                node_id="",
-                model=row.model,
-                finished_at=now,
-            ),
-            secret=secret,
-            base_url=settings.public_url,
-        )
-        # The same dedupe key as store_result's: one email per generation.
-        await queue_email(
-            dedupe_key=f"generation:{row.id}",
-            to_address=row.user.email,
-            subject=message.subject,
-            text_body=message.text,
-            html_body=message.html,
-            generation=row,
-        )
+def _gave_up(row: Generation) -> ErrorInfo:
+    return ErrorInfo(code=GAVE_UP_CODE, message=gave_up_message(row.attempts))
+
+
+def _duration(seconds: float) -> str:
+    """`seconds` as a person says it: 15 minutes, 6 hours, 1 day."""
+    for unit, size in (("day", 86400), ("hour", 3600), ("minute", 60)):
+        if seconds >= size:
+            count = round(seconds / size)
+            return f"{count} {unit}{'' if count == 1 else 's'}"
+    return f"{round(seconds)} seconds"
+
+
+def unavailable_error(model: str, waited_s: float) -> ErrorInfo:
+    """What the user reads when no node took their request in time."""
+    return ErrorInfo(
+        code=UNAVAILABLE_CODE,
+        message=f"No GPU worker serving {model!r} took this request within "
+        f"{_duration(waited_s)}, so it was given up. Please submit it again later.",
+    )
+
+
+def internal_error() -> ErrorInfo:
+    """What the user reads when their request kept failing the reconciler."""
+    return ErrorInfo(
+        code=INTERNAL_ERROR_CODE,
+        message="The request could not be recovered after a failure of the "
+        "service. Please submit it again.",
+    )
 
 
 async def _requeue(
@@ -238,27 +256,25 @@ async def _requeue(
 ) -> GenerationJob | BatchJob:
     """Give locked `rows` their next attempt; the job to enqueue after commit."""
     attempt = unit.attempt + 1
-    batch_id = unit.batch_id or uuid.uuid4()
+    # A fresh batch every time: other rows of the old batch may be re-run
+    # later, as a batch of their own with the same attempt number.
+    batch_id = None if unit.tier is Tier.PREMIUM else uuid.uuid4()
+    jobs = [generation_job(row, attempt) for row in rows]
     updated = await Generation.filter(
         id__in=[row.id for row in rows], status__in=IN_WORK, attempts=unit.attempt
     ).update(
         status=Status.QUEUED,
         attempts=attempt,
-        batch_id=None if unit.tier is Tier.PREMIUM else batch_id,
+        batch_id=batch_id,
         queued_at=now,
         started_at=None,
         deadline=now + timedelta(seconds=res.settings.queued_check_after),
     )
     if updated != len(rows):
         raise RuntimeError(f"locked rows of job {unit.job_id} changed under us")
-    if unit.tier is Tier.PREMIUM:
-        return generation_job(rows[0], attempt)
-    return BatchJob(
-        batch_id=batch_id,
-        model=rows[0].model,
-        items=[generation_job(row, attempt) for row in rows],
-        attempt=attempt,
-    )
+    if batch_id is None:
+        return jobs[0]
+    return BatchJob(batch_id=batch_id, model=rows[0].model, items=jobs, attempt=attempt)
 
 
 async def _send(res: JobsResources, job: GenerationJob | BatchJob) -> None:
@@ -276,7 +292,7 @@ async def _send(res: JobsResources, job: GenerationJob | BatchJob) -> None:
         await append_event(
             res.redis, job.generation_id, QueuedEvent(position=position or 0)
         )
-    except (RedisError, OSError):
+    except OUTAGE_ERRORS:
         log.warning("re-enqueue of %s failed; retrying later", job.generation_id)
 
 
@@ -284,6 +300,8 @@ async def _retry_or_fail(
     res: JobsResources, unit: Unit, lost: list[uuid.UUID], now: datetime, report: Report
 ) -> None:
     """Re-enqueue lost rows of `unit`, or fail them once out of attempts."""
+    failed: list[Generation] = []
+    job: GenerationJob | BatchJob | None = None
     async with in_transaction():
         # Locked in id order (no deadlock between two reconcilers); the second
         # one finds the attempt already moved on and does nothing.
@@ -297,18 +315,16 @@ async def _retry_or_fail(
         ):
             return
         if unit.attempt >= res.settings.generation_max_attempts:
-            await _fail(res, rows, now)
-            job: GenerationJob | BatchJob | None = None
+            failed = await fail_generations(res, rows, _gave_up, now, statuses=IN_WORK)
         else:
             job = await _requeue(res, unit, rows, now)
     if job is None:
-        for row in rows:
-            if row.status is Status.FAILED:
-                await announce_done(res.redis, row)
-                report.failed += 1
+        for row in failed:
+            await announce_done(res.redis, row)
+        report.failed += len(failed)
         log.warning(
             "gave up %d generation(s) of job %s after %d attempts",
-            len(rows),
+            len(failed),
             unit.job_id,
             unit.attempt,
         )
@@ -339,19 +355,176 @@ async def _reconcile_unit(
         await _retry_or_fail(res, unit, lost, now, report)
 
 
+async def _fail_unit(
+    res: JobsResources,
+    unit: Unit,
+    error: ErrorInfo,
+    now: datetime,
+    *,
+    statuses: tuple[Status, ...] = IN_WORK,
+) -> list[Generation]:
+    """End the rows of `unit` still in `statuses` `failed`; announce them."""
+    async with in_transaction():
+        rows = await (
+            Generation.select_for_update()
+            .filter(
+                id__in=[row.id for row in unit.rows],
+                status__in=statuses,
+                attempts=unit.attempt,
+            )
+            .order_by("id")
+        )
+        failed = await fail_generations(res, rows, error, now, statuses=statuses)
+    for row in failed:
+        await announce_done(res.redis, row)
+    return failed
+
+
+async def _count_failure(
+    res: JobsResources, unit: Unit, now: datetime, report: Report
+) -> None:
+    """Count a failed round for `unit`; after too many in a row, fail its rows."""
+    key = FAILURES_KEY_PREFIX + unit.key
+    failures = int(await res.redis.incr(key))
+    await res.redis.expire(key, FAILURES_TTL_S)
+    limit = res.settings.reconcile_max_failures
+    if failures < limit:
+        return
+    failed = await _fail_unit(res, unit, internal_error(), now)
+    await res.redis.delete(key)
+    report.failed += len(failed)
+    log.error(
+        "gave up %d generation(s) of job %s: reconciling failed %d times in a row",
+        len(failed),
+        unit.key,
+        failures,
+    )
+
+
+async def _expire_queued(res: JobsResources, now: datetime, report: Report) -> None:
+    """Fail queued work no node took in time, and take its jobs off the queues."""
+    settings = res.settings
+    premium_limit = settings.premium_max_queued
+    batch_limit = settings.batch_max_queued
+    stale = list(
+        await Generation.filter(
+            tier=Tier.PREMIUM,
+            status=Status.QUEUED,
+            created_at__lt=now - timedelta(seconds=premium_limit),
+        )
+        .order_by("created_at")
+        .limit(settings.reconcile_batch_limit)
+    )
+    stale += await (
+        Generation.filter(
+            tier=Tier.NORMAL,
+            status=Status.QUEUED,
+            queued_at__lt=now - timedelta(seconds=batch_limit),
+        )
+        .order_by("queued_at")
+        .limit(settings.reconcile_batch_limit)
+    )
+    for unit in await _group(stale):
+        try:
+            await _expire_unit(res, unit, now, report)
+        except OUTAGE_ERRORS:
+            raise
+        except Exception:
+            log.exception("giving up the queued job %s failed", unit.key)
+
+
+async def _expire_unit(
+    res: JobsResources, unit: Unit, now: datetime, report: Report
+) -> None:
+    job_id = unit.job_id
+    if job_id is not None and await job_is_running(res.redis, job_id):
+        return  # a node took it after all; its rows start any moment
+    settings = res.settings
+    if unit.tier is Tier.PREMIUM:
+        limit = settings.premium_max_queued
+    else:
+        limit = settings.batch_max_queued
+    error = unavailable_error(unit.rows[0].model, limit)
+    failed = await _fail_unit(res, unit, error, now, statuses=(Status.QUEUED,))
+    if job_id is not None and len(failed) == len(unit.rows):
+        await drop_waiting_job(res.redis, unit.queue, job_id)
+    report.expired += len(failed)
+    if failed:
+        log.warning(
+            "gave up %d queued generation(s) of job %s: no node took them",
+            len(failed),
+            unit.key,
+        )
+
+
+async def _expire_scheduled(res: JobsResources, now: datetime, report: Report) -> None:
+    """Fail normal requests that no node has served since long after they were due."""
+    settings = res.settings
+    limit = settings.scheduled_max_wait
+    overdue = Q(
+        status=Status.SCHEDULED, scheduled_for__lt=now - timedelta(seconds=limit)
+    )
+    ids = await (
+        Generation.filter(overdue)
+        .order_by("scheduled_for")
+        .limit(settings.reconcile_batch_limit)
+        .values_list("id", flat=True)
+    )
+    for generation_id in ids:
+        try:
+            # One at a time: a row the dispatcher holds is skipped, and one
+            # that cannot be failed does not hold up the others.
+            async with in_transaction():
+                rows = await Generation.select_for_update(skip_locked=True).filter(
+                    overdue, id=generation_id
+                )
+                if not rows:
+                    continue  # dispatched or cancelled meanwhile
+                failed = await fail_generations(
+                    res,
+                    rows,
+                    unavailable_error(rows[0].model, limit),
+                    now,
+                    statuses=(Status.SCHEDULED,),
+                )
+            for row in failed:
+                await announce_done(res.redis, row)
+                log.warning(
+                    "gave up scheduled generation %s: no node served %r",
+                    row.id,
+                    row.model,
+                )
+            report.expired += len(failed)
+        except OUTAGE_ERRORS:
+            raise
+        except Exception:
+            log.exception("giving up scheduled generation %s failed", generation_id)
+
+
 async def reconcile(res: JobsResources) -> Report:
-    """One round over overdue queued/running generations."""
+    """One round: expire work nobody runs, then look at overdue queued/running rows."""
     now = utcnow()
     report = Report()
+    await _expire_queued(res, now, report)
+    await _expire_scheduled(res, now, report)
     for unit in await _units(res, now):
         try:
             await _reconcile_unit(res, unit, now, report)
-        except (*TRANSIENT_ERRORS, RedisError):
+        except OUTAGE_ERRORS:
             raise  # Redis or the database is down: the whole round waits
         except Exception:
-            # One bad row must not keep the others stuck; it is tried again
-            # next round, and its traceback is in the log.
-            log.exception("reconciling job %s failed", unit.job_id)
-    if report.stored or report.requeued or report.failed:
+            # One bad job must not keep the others stuck; it is tried again
+            # next round (its traceback is in the log) and given up after
+            # reconcile_max_failures rounds in a row.
+            log.exception("reconciling job %s failed", unit.key)
+            try:
+                await _count_failure(res, unit, now, report)
+            except OUTAGE_ERRORS:
+                raise
+            except Exception:
+                log.exception("giving up job %s failed", unit.key)
+        else:
+            await res.redis.delete(FAILURES_KEY_PREFIX + unit.key)
+    if report.stored or report.requeued or report.failed or report.expired:
         log.info("reconciled: %s", report)
     return report

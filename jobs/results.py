@@ -9,15 +9,21 @@ from __future__ import annotations
 
 import hashlib
 import logging
-from datetime import timedelta
+from collections.abc import Callable, Iterable
+from datetime import datetime, timedelta
 from typing import Any
 
+import asyncpg
 from arq.worker import Retry
 from pydantic import ValidationError
 from redis.asyncio import Redis
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
-from tortoise.exceptions import OperationalError
+from tortoise.exceptions import (
+    DBConnectionError,
+    OperationalError,
+    TransactionManagementError,
+)
 from tortoise.transactions import in_transaction
 
 from gpu_node.schemas import (
@@ -30,25 +36,43 @@ from gpu_node.schemas import (
     image_key,
     progress_key,
 )
-from jobs.messages import generation_email
-from jobs.worker import resources
+from jobs.messages import queue_generation_email
+from jobs.worker import JobsResources, resources
 from sdapi.events import append_done
-from web.models import Delivery, GeneratedImage, Generation, utcnow
-from web.outbox import queue_email
+from web.models import GeneratedImage, Generation, utcnow
 
 log = logging.getLogger(__name__)
 
-# A running generation that reports nothing for this long is checked by the
-# reconciler (its job may be gone); the check keeps live work alone.
-RUNNING_GRACE = timedelta(minutes=2)
+# Tries of a `store_result` job: with the 60 s cap of `retry_later`, about half
+# an hour of a database or Redis outage. After the last one arq keeps the job's
+# payload as its result (keep_result, jobs.worker) for the reconciler to store.
+STORE_RESULT_MAX_TRIES = 30
+MARK_STARTED_MAX_TRIES = 10
 
 
 class ResultRejected(ValueError):
     """A payload that can never be stored; retrying would not help."""
 
 
-# Errors of a database or Redis that is restarting; arq retries only `Retry`.
-TRANSIENT_ERRORS = (OSError, OperationalError, RedisConnectionError, RedisTimeoutError)
+# Errors of a database or Redis that is restarting or unreachable; arq retries
+# only `Retry`. Tortoise passes asyncpg's connection errors through: a backend
+# terminated mid-query (ConnectionDoesNotExistError), a connection found
+# closed, or inside a transaction (InterfaceError), a server shutting down or
+# starting up (AdminShutdownError, CannotConnectNowError, ...).
+TRANSIENT_ERRORS: tuple[type[BaseException], ...] = (
+    OSError,
+    OperationalError,
+    DBConnectionError,
+    TransactionManagementError,
+    asyncpg.PostgresConnectionError,
+    asyncpg.InterfaceError,
+    asyncpg.CannotConnectNowError,
+    asyncpg.AdminShutdownError,
+    asyncpg.CrashShutdownError,
+    asyncpg.TooManyConnectionsError,
+    RedisConnectionError,
+    RedisTimeoutError,
+)
 
 
 def retry_later(ctx: dict[str, Any]) -> Retry:
@@ -63,15 +87,17 @@ async def mark_started(ctx: dict[str, Any], payload: dict[str, Any]) -> str:
         notice = StartedNotice.model_validate(payload)
     except ValidationError as exc:
         raise ResultRejected(f"malformed mark_started payload: {exc}") from None
+    check_after = timedelta(seconds=resources(ctx).settings.queued_check_after)
     try:
         updated = await Generation.filter(
             id=notice.generation_id, status=Status.QUEUED
         ).update(
             status=Status.RUNNING,
             started_at=notice.started_at,
-            deadline=utcnow() + RUNNING_GRACE,
+            deadline=utcnow() + check_after,
         )
     except TRANSIENT_ERRORS:
+        log.warning("recording the start of %s failed; retrying", notice.generation_id)
         raise retry_later(ctx) from None
     return "running" if updated else "unchanged"
 
@@ -146,26 +172,7 @@ async def _store(ctx: dict[str, Any], result: GenerationResult) -> str:
             outcome = "already final"
         else:
             await _persist(generation, result, pngs)
-            if generation.delivery is Delivery.EMAIL and result.status in (
-                Status.SUCCEEDED,
-                Status.FAILED,
-            ):
-                message = generation_email(
-                    generation,
-                    result,
-                    secret=res.settings.secret_key.get_secret_value()
-                    if res.settings.secret_key
-                    else "",
-                    base_url=res.settings.public_url,
-                )
-                await queue_email(
-                    dedupe_key=f"generation:{generation.id}",
-                    to_address=generation.user.email,
-                    subject=message.subject,
-                    text_body=message.text,
-                    html_body=message.html,
-                    generation=generation,
-                )
+            await queue_generation_email(res, generation, result)
             outcome = str(result.status)
 
     await announce_done(res.redis, generation)
@@ -186,6 +193,45 @@ async def announce_done(redis: Redis, generation: Generation) -> None:
     done = DoneEvent(status=status, error=error)
     await append_done(redis, generation.id, done)
     await redis.delete(progress_key(generation.id))
+
+
+async def fail_generations(
+    res: JobsResources,
+    rows: Iterable[Generation],
+    error: ErrorInfo | Callable[[Generation], ErrorInfo],
+    now: datetime,
+    *,
+    statuses: Iterable[Status],
+) -> list[Generation]:
+    """End locked `rows` `failed` with `error`, and write their failure emails.
+
+    Call it inside the caller's transaction; a row no longer in `statuses` or
+    on another attempt is left alone. Returns the rows it failed: announce
+    their `done` (announce_done) after the commit.
+    """
+    allowed = list(statuses)
+    failed: list[Generation] = []
+    for row in rows:
+        info = error(row) if callable(error) else error
+        updated = await Generation.filter(
+            id=row.id, status__in=allowed, attempts=row.attempts
+        ).update(
+            status=Status.FAILED,
+            error_code=info.code,
+            error_message=info.message,
+            finished_at=now,
+            deadline=None,
+        )
+        if not updated:
+            continue
+        row.status = Status.FAILED
+        row.error_code = info.code
+        row.error_message = info.message
+        row.finished_at = now
+        row.deadline = None
+        await queue_generation_email(res, row, info)
+        failed.append(row)
+    return failed
 
 
 async def _persist(

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+from typing import Self
 from urllib.parse import parse_qs, unquote, urlsplit
 
-from pydantic import BaseModel, Field, field_validator
+from pydantic import BaseModel, Field, ValidationInfo, field_validator
 
-from sdapi.settings import CommonSettings
+from sdapi.settings import CommonSettings, SettingsError
 
 
 class SmtpConfig(BaseModel):
@@ -27,6 +28,10 @@ def parse_smtp_url(url: str) -> SmtpConfig:
         raise ValueError("must be smtp://[user:pass@]host:port[?starttls=true]")
     query = parse_qs(parts.query)
     start_tls = query.get("starttls", ["false"])[0].lower() in {"1", "true", "yes"}
+    if start_tls and parts.scheme == "smtps":
+        raise ValueError(
+            "starttls=true goes with smtp://; smtps:// is TLS from the start"
+        )
     return SmtpConfig(
         host=parts.hostname,
         port=parts.port or (465 if parts.scheme == "smtps" else 25),
@@ -39,6 +44,7 @@ def parse_smtp_url(url: str) -> SmtpConfig:
 
 class JobsSettings(CommonSettings):
     # Unset under `sdapi dev`: a local sink that keeps mail as .eml files.
+    # Required when SDAPI_DATABASE_URL is set (mail would wait forever).
     smtp_url: str | None = None
     mail_from: str = "sdapi <sdapi@localhost>"
     public_url: str = "http://127.0.0.1:8080"
@@ -56,20 +62,43 @@ class JobsSettings(CommonSettings):
     dispatch_window: float = Field(default=2.0, ge=0)
     # Most due rows one dispatch round looks at per model.
     dispatch_scan_limit: int = Field(default=500, ge=1)
-    # How long queued or running work may go unchecked before the reconciler
-    # asks whether its job is still alive (seconds); live work is left alone.
-    queued_check_after: float = Field(default=60.0, gt=0)
     # Enqueues of one generation (first run included) before it ends `failed`.
     generation_max_attempts: int = Field(default=3, ge=1)
     # Stuck rows one reconcile round handles, oldest deadline first.
     reconcile_batch_limit: int = Field(default=200, ge=1)
-    # Outbox retries: exponential backoff from base to max seconds, then give up.
+    # Rounds in a row that may fail on the same job (a bug, bad data) before
+    # its rows end `failed` (internal_error) instead of being tried forever.
+    reconcile_max_failures: int = Field(default=5, ge=1)
+    # Work nobody runs ends `failed` (model_unavailable) after this long, in
+    # seconds: a premium request this long after it was made and still
+    # waiting for a node; a normal batch waiting this long on its queue; a
+    # normal request this long past its scheduled time and still not
+    # dispatched (no node serves its model).
+    premium_max_queued: float = Field(default=15 * 60.0, gt=0)
+    batch_max_queued: float = Field(default=6 * 3600.0, gt=0)
+    scheduled_max_wait: float = Field(default=24 * 3600.0, gt=0)
+    # Outbox. A message-level failure (bad data, a sender that died while
+    # sending) counts an attempt, retried with exponential backoff from base to
+    # max seconds, up to max attempts; a 5xx about the recipient or content
+    # fails at once. Server-level trouble (down, slow, authentication, 4xx)
+    # counts no attempt: the round ends, the server is tried again with the
+    # same backoff, and an email still unsent this long after it was written
+    # (seconds) ends `failed`.
     outbox_max_attempts: int = Field(default=12, ge=1)
     outbox_backoff_base: float = Field(default=2.0, gt=0)
     outbox_backoff_max: float = Field(default=600.0, gt=0)
+    outbox_give_up_after: float = Field(default=3 * 24 * 3600.0, gt=0)
     # A message claimed but not sent after this long is retried (sender died).
     outbox_stuck_after: float = Field(default=300.0, gt=0)
+    # Longest one delivery (building and sending a message) may take; under
+    # half of outbox_stuck_after, so a slow send is never taken over while it
+    # still runs (seconds).
+    outbox_send_timeout: float = Field(default=120.0, gt=0)
+    # Per SMTP command (connect, each reply), seconds.
     smtp_timeout: float = Field(default=30.0, gt=0)
+    # Longest wait between tries of an SMTP server that is down (seconds);
+    # the waits grow from outbox_backoff_base.
+    smtp_retry_max: float = Field(default=60.0, gt=0)
 
     @field_validator("smtp_url")
     @classmethod
@@ -87,6 +116,26 @@ class JobsSettings(CommonSettings):
             raise ValueError("must be an http(s)://host[:port] URL")
         return value.rstrip("/")
 
+    @field_validator("outbox_send_timeout")
+    @classmethod
+    def _send_timeout(cls, value: float, info: ValidationInfo) -> float:
+        stuck_after = info.data.get("outbox_stuck_after")
+        if stuck_after is not None and value >= stuck_after / 2:
+            raise ValueError(
+                "must be under half of SDAPI_OUTBOX_STUCK_AFTER (a slow send "
+                "would be taken over while it runs)"
+            )
+        return value
+
     @property
     def smtp(self) -> SmtpConfig | None:
         return parse_smtp_url(self.smtp_url) if self.smtp_url else None
+
+    def resolved(self) -> Self:
+        """As CommonSettings.resolved, and a deployment must name its SMTP server."""
+        if self.database_url and not self.smtp_url:
+            raise SettingsError(
+                "SDAPI_SMTP_URL must be set when SDAPI_DATABASE_URL is: without it "
+                "emails wait in the outbox forever"
+            )
+        return super().resolved()

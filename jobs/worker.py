@@ -16,7 +16,12 @@ from typing import Any
 from arq.connections import ArqRedis
 from arq.worker import Worker, func
 
-from gpu_node.schemas import MARK_STARTED_FUNCTION, RESULTS_QUEUE, STORE_RESULT_FUNCTION
+from gpu_node.schemas import (
+    IMAGE_TTL_S,
+    MARK_STARTED_FUNCTION,
+    RESULTS_QUEUE,
+    STORE_RESULT_FUNCTION,
+)
 from jobs.settings import JobsSettings
 from sdapi.consul import open_consul
 from sdapi.queue import deserialize, redis_settings, serialize
@@ -29,6 +34,14 @@ RESOURCES = "sdapi"  # the key of `JobsResources` on arq's ctx
 
 
 @dataclass
+class SmtpBackoff:
+    """This process's view of an SMTP server that is down: when to try it again."""
+
+    failures: int = 0  # server-level failures in a row
+    retry_at: float = 0.0  # time.monotonic() before which no round tries it
+
+
+@dataclass
 class JobsResources:
     """What the jobs worker holds while it runs."""
 
@@ -38,6 +51,7 @@ class JobsResources:
     stack: contextlib.AsyncExitStack
     loops: list[asyncio.Task[None]] = field(default_factory=list)
     stopping: asyncio.Event = field(default_factory=asyncio.Event)
+    smtp_backoff: SmtpBackoff = field(default_factory=SmtpBackoff)
 
 
 def resources(ctx: dict[str, Any]) -> JobsResources:
@@ -80,10 +94,14 @@ async def on_startup(ctx: dict[str, Any]) -> None:
     """Open the database and registry; start the periodic tasks."""
     settings: JobsSettings = ctx["settings"]
     stack = contextlib.AsyncExitStack()
-    await stack.enter_async_context(open_database(settings.database_url or ""))
-    consul = None
-    if settings.consul_url:
-        consul = await stack.enter_async_context(open_consul(settings.consul_url))
+    try:
+        await stack.enter_async_context(open_database(settings.database_url or ""))
+        consul = None
+        if settings.consul_url:
+            consul = await stack.enter_async_context(open_consul(settings.consul_url))
+    except BaseException:
+        await stack.aclose()
+        raise
     redis: ArqRedis = ctx["redis"]
     res = JobsResources(
         settings=settings,
@@ -111,11 +129,20 @@ async def on_shutdown(ctx: dict[str, Any]) -> None:
 
 def job_functions() -> list[Any]:
     """The arq functions of the results queue."""
-    from jobs.results import mark_started, store_result
+    from jobs.results import (
+        MARK_STARTED_MAX_TRIES,
+        STORE_RESULT_MAX_TRIES,
+        mark_started,
+        store_result,
+    )
 
     return [
-        func(store_result, name=STORE_RESULT_FUNCTION, max_tries=5),
-        func(mark_started, name=MARK_STARTED_FUNCTION, max_tries=5),
+        func(
+            store_result, name=STORE_RESULT_FUNCTION, max_tries=STORE_RESULT_MAX_TRIES
+        ),
+        func(
+            mark_started, name=MARK_STARTED_FUNCTION, max_tries=MARK_STARTED_MAX_TRIES
+        ),
     ]
 
 
@@ -135,7 +162,9 @@ def build_worker(settings: JobsSettings, **overrides: Any) -> Worker:
         "poll_delay": 0.2,
         "max_jobs": 20,
         "job_timeout": 120,
-        "keep_result": 3600,
+        # A result key keeps the payload a node sent: as long as the images
+        # it names live, the reconciler can store a result whose job failed.
+        "keep_result": IMAGE_TTL_S,
     }
     options.update(overrides)
     return Worker(**options)

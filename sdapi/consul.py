@@ -8,9 +8,16 @@ from collections.abc import AsyncIterator
 from typing import Any
 from urllib.parse import urlsplit
 
+# How long one call to the agent may take, connecting included (seconds): the
+# agent is local, so a slow one is a sick one, and callers must not hang on it.
+DEFAULT_TIMEOUT_S = 5.0
 
-def consul_client(url: str) -> Any:
-    """A `consul.aio.Consul` for an http(s)://host:port URL (call inside a loop)."""
+
+def consul_client(url: str, *, timeout_s: float = DEFAULT_TIMEOUT_S) -> Any:
+    """A `consul.aio.Consul` for an http(s)://host:port URL (call inside a loop).
+
+    Every call fails with TimeoutError after `timeout_s` seconds.
+    """
     import consul.aio
 
     parts = urlsplit(url)
@@ -24,13 +31,16 @@ def consul_client(url: str) -> Any:
             port=parts.port or (443 if scheme == "https" else 8500),
             scheme=scheme,
             verify=scheme == "https",
+            connections_timeout=timeout_s,
         )
 
 
 @contextlib.asynccontextmanager
-async def open_consul(url: str) -> AsyncIterator[Any]:
-    """A Consul client for `url`, closed on exit."""
-    client = consul_client(url)
+async def open_consul(
+    url: str, *, timeout_s: float = DEFAULT_TIMEOUT_S
+) -> AsyncIterator[Any]:
+    """A Consul client for `url` (calls bounded by `timeout_s`), closed on exit."""
+    client = consul_client(url, timeout_s=timeout_s)
     try:
         yield client
     finally:

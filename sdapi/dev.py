@@ -7,8 +7,14 @@ applied, then `sdapi web`, `sdapi jobs` and `sdapi gpu-node` run as child
 processes with the resolved URLs in their environment. Their output goes to
 stderr, each line prefixed with the process name. One line on stdout says
 where to point the browser once the API answers and the node has announced
-itself. SIGINT or SIGTERM stops everything (children get SIGTERM and are
-waited for); if a child dies, dev names it, stops the rest and exits 1.
+itself. SIGINT, SIGTERM or SIGHUP (a closed terminal) stops everything, in
+the order that loses no work: the GPU node first (it finishes or hands back
+what it runs), then jobs (it stores the results), then web; each gets SIGTERM
+and is waited for. If a child dies, dev names it, stops the rest and exits 1.
+If dev itself dies without stopping them (SIGKILL), its children stop too
+(signalled by the kernel on Linux, noticing within a second elsewhere, and
+exiting at most a few seconds later), Valkey is stopped by the kernel (Linux),
+and Valkey's append-only file keeps what the queues held for the next start.
 """
 
 from __future__ import annotations
@@ -20,10 +26,12 @@ import os
 import signal
 import socket
 import sys
-from collections.abc import Iterator, Mapping
+import threading
+from collections.abc import Awaitable, Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from types import FrameType
+from urllib.parse import urlsplit, urlunsplit
 
 import aiohttp
 from pydantic import Field
@@ -31,16 +39,23 @@ from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
 from gpu_node.schemas import node_key
+from sdapi.cli import PARENT_PID_ENV
 from sdapi.logs import setup_logging
+from sdapi.net import free_port
 from sdapi.settings import CommonSettings, load_secret_key
 
 log = logging.getLogger("sdapi.dev")
 
+# Started in this order, stopped in the reverse one.
 CHILDREN = ("web", "jobs", "gpu-node")
+# Signals that stop dev (SIGHUP: its terminal was closed).
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 # How often readiness is polled while starting (seconds).
 POLL_S = 0.1
 # Longest output line relayed whole; longer ones are relayed in pieces (bytes).
 LINE_LIMIT = 1024 * 1024
+# Most bytes read from a child's output at once.
+READ_CHUNK = 64 * 1024
 WILDCARD_HOSTS = frozenset({"0.0.0.0", "::", ""})  # noqa: S104 (names, not binds)
 
 
@@ -55,7 +70,7 @@ class DevSettings(CommonSettings):
     model: str = "tiny"
     node_id: str | None = None
     normal_delay: int = Field(default=1800, ge=0, description="seconds")
-    # How long children get to stop after SIGTERM before they are killed
+    # How long each child gets to stop after SIGTERM before it is killed
     # (seconds); the jobs worker lets running jobs finish for up to 20 s.
     dev_stop_timeout: float = Field(default=30.0, gt=0)
 
@@ -73,25 +88,29 @@ class Plan:
 
     def banner(self) -> str:
         """The one line that says where to go."""
+        mail = mask_password(self.mail)
         return (
             f"sdapi dev is ready: open {self.base_url}/docs "
-            f"(API base {self.base_url}/api/v1); mail goes to {self.mail}"
+            f"(API base {self.base_url}/api/v1); mail goes to {mail}"
         )
 
 
+def mask_password(url: str) -> str:
+    """`url` with the password of its user info (if any) replaced by ***."""
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    userinfo, _, host = parts.netloc.rpartition("@")
+    user = userinfo.partition(":")[0]
+    return urlunsplit(parts._replace(netloc=f"{user}:***@{host}"))
+
+
 class Interrupted(Exception):
-    """SIGTERM while starting or stopping the embedded services."""
+    """SIGTERM or SIGHUP while starting or stopping the embedded services."""
 
 
 def _interrupt(signum: int, frame: FrameType | None) -> None:
     raise Interrupted(signal.Signals(signum).name)
-
-
-def _free_port(host: str) -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind((host, 0))
-        port: int = sock.getsockname()[1]
-        return port
 
 
 def _plan(
@@ -99,7 +118,7 @@ def _plan(
 ) -> Plan:
     bind_host = settings.host
     local_host = "127.0.0.1" if bind_host in WILDCARD_HOSTS else bind_host
-    port = settings.port or _free_port(local_host)
+    port = settings.port or free_port(local_host)
     base_url = settings.public_url or f"http://{local_host}:{port}"
     node_id = settings.node_id or f"dev-{socket.gethostname()}-{os.getpid()}"
     env = dict(os.environ)
@@ -118,6 +137,8 @@ def _plan(
         # Children's output reaches the terminal as it happens.
         PYTHONUNBUFFERED="1",
     )
+    # The children die with dev (sdapi.cli), even when dev is SIGKILLed.
+    env[PARENT_PID_ENV] = str(os.getpid())
     # On one machine the node's torch shares the cores with web, jobs and the
     # databases; torch's default of a thread per core makes it spin against
     # them (seconds for a call that takes milliseconds alone).
@@ -150,7 +171,11 @@ def _services(settings: DevSettings, data_dir: Path) -> Iterator[tuple[str, str,
             # (PostgreSQL's pg_ctl puts the server in a session of its own.)
             mask = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
             try:
-                urls = stack.enter_context(embedded_services(data_dir))
+                urls = stack.enter_context(
+                    embedded_services(
+                        data_dir, durable_redis=True, die_with_parent=True
+                    )
+                )
             finally:
                 signal.pthread_sigmask(signal.SIG_SETMASK, mask)
             database_url = database_url or urls.database_url
@@ -168,7 +193,7 @@ def run() -> int:
     settings = DevSettings.from_env()
     setup_logging(settings.log_level)
     data_dir = settings.data_dir.resolve()
-    previous = signal.signal(signal.SIGTERM, _interrupt)
+    previous = {sig: signal.signal(sig, _interrupt) for sig in STOP_SIGNALS[1:]}
     try:
         with _services(settings, data_dir) as (database_url, redis_url, smtp_url):
             from web.db import apply_migrations
@@ -179,13 +204,14 @@ def run() -> int:
             plan = _plan(settings, data_dir, database_url, redis_url, smtp_url)
             status = asyncio.run(Supervisor(plan, settings.dev_stop_timeout).run())
             # The children are gone; a signal must not cut the servers' stop short.
-            signal.signal(signal.SIGTERM, signal.SIG_IGN)
-            signal.signal(signal.SIGINT, signal.SIG_IGN)
+            for sig in STOP_SIGNALS:
+                signal.signal(sig, signal.SIG_IGN)
     except (KeyboardInterrupt, Interrupted):
         log.info("stopped while starting")
         return 0
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
         signal.signal(signal.SIGINT, signal.default_int_handler)
     return status
 
@@ -204,6 +230,7 @@ class Supervisor:
         self.plan = plan
         self.stop_timeout = stop_timeout
         self.children: list[Child] = []
+        self.output = Output(sys.stderr.fileno())
         self.stopping = asyncio.Event()
         self.signals = 0
         # Children whose exit was already reported.
@@ -221,7 +248,7 @@ class Supervisor:
     async def run(self) -> int:
         """Supervise until a signal (0) or a child's death (1)."""
         loop = asyncio.get_running_loop()
-        for sig in (signal.SIGINT, signal.SIGTERM):
+        for sig in STOP_SIGNALS:
             loop.add_signal_handler(sig, self._on_signal)
         try:
             for name in CHILDREN:
@@ -229,7 +256,7 @@ class Supervisor:
             return await self._watch()
         finally:
             await self._stop_all()
-            for sig in (signal.SIGINT, signal.SIGTERM):
+            for sig in STOP_SIGNALS:
                 loop.remove_signal_handler(sig)
 
     async def _start(self, name: str) -> Child:
@@ -242,12 +269,15 @@ class Supervisor:
             stdin=asyncio.subprocess.DEVNULL,
             stdout=asyncio.subprocess.PIPE,
             stderr=asyncio.subprocess.STDOUT,
-            limit=LINE_LIMIT,
             # Its own process group: a terminal's Ctrl-C reaches dev only, and
             # dev stops the children in order.
             process_group=0,
         )
-        pump = asyncio.create_task(_relay_output(name, process), name=f"dev-{name}")
+        if process.stdout is None:
+            raise RuntimeError(f"{name} has no output pipe")
+        pump = asyncio.create_task(
+            relay_lines(name, process.stdout, self.output.write), name=f"dev-{name}"
+        )
         return Child(name, process, pump)
 
     async def _watch(self) -> int:
@@ -304,22 +334,9 @@ class Supervisor:
         sys.stdout.flush()
 
     async def _stop_all(self) -> None:
-        """SIGTERM every child still running, wait, then kill stragglers."""
-        for child in self.children:
-            if child.process.returncode is None:
-                with contextlib.suppress(ProcessLookupError):
-                    child.process.terminate()
-        waits = [child.process.wait() for child in self.children]
-        try:
-            async with asyncio.timeout(self.stop_timeout):
-                await asyncio.gather(*waits)
-        except TimeoutError:
-            for child in self.children:
-                if child.process.returncode is None:
-                    log.warning("%s did not stop in time; killing it", child.name)
-                    with contextlib.suppress(ProcessLookupError):
-                        child.process.kill()
-            await asyncio.gather(*(child.process.wait() for child in self.children))
+        """Stop the children one by one, last started first, then report."""
+        for child in reversed(self.children):
+            await self._stop(child)
         await asyncio.gather(*(child.pump for child in self.children))
         for child in self.children:
             if child.name in self.reported:
@@ -329,21 +346,69 @@ class Supervisor:
                     "%s ended with status %s", child.name, child.process.returncode
                 )
 
-
-async def _relay_output(name: str, process: asyncio.subprocess.Process) -> None:
-    """Copy a child's output to stderr, each line prefixed with its name."""
-    stream = process.stdout
-    if stream is None:
-        return
-    prefix = f"{name:<8}| ".encode()
-    out = sys.stderr.buffer
-    while True:
+    async def _stop(self, child: Child) -> None:
+        """SIGTERM one child and wait for it; kill it if it takes too long."""
+        if child.process.returncode is None:
+            log.info("stopping %s", child.name)
+            with contextlib.suppress(ProcessLookupError):
+                child.process.terminate()
         try:
-            line = await stream.readline()
-        except ValueError:
-            # A line longer than LINE_LIMIT: relay what is buffered.
-            line = await stream.read(LINE_LIMIT)
-        if not line:
+            async with asyncio.timeout(self.stop_timeout):
+                await child.process.wait()
+        except TimeoutError:
+            log.warning("%s did not stop in time; killing it", child.name)
+            with contextlib.suppress(ProcessLookupError):
+                child.process.kill()
+            await child.process.wait()
+
+
+class Output:
+    """Whole blocks of bytes to a file descriptor, written from worker threads.
+
+    A slow or paused terminal then blocks a thread, never the supervisor's
+    loop (signals, stopping); a lost one (closed terminal) drops the output.
+    """
+
+    def __init__(self, fd: int) -> None:
+        self.fd = fd
+        self._lock = threading.Lock()
+        self._broken = False
+
+    def _write_all(self, data: bytes) -> None:
+        with self._lock:
+            view = memoryview(data)
+            while view and not self._broken:
+                try:
+                    view = view[os.write(self.fd, view) :]
+                except OSError:
+                    self._broken = True
+
+    async def write(self, data: bytes) -> None:
+        """Write all of `data`, in one piece relative to other writers."""
+        await asyncio.to_thread(self._write_all, data)
+
+
+async def relay_lines(
+    name: str,
+    stream: asyncio.StreamReader,
+    write: Callable[[bytes], Awaitable[None]],
+) -> None:
+    """Copy a child's output, each line prefixed with its name, until EOF.
+
+    Lines are split here rather than by `readline`, which drops its buffer on
+    an over-long line: one longer than LINE_LIMIT goes out in pieces.
+    """
+    prefix = f"{name:<8}| ".encode()
+    pending = b""
+    while True:
+        chunk = await stream.read(READ_CHUNK)
+        if not chunk:
+            if pending:
+                await write(prefix + pending + b"\n")
             return
-        out.write(prefix + line if line.endswith(b"\n") else prefix + line + b"\n")
-        out.flush()
+        *lines, pending = (pending + chunk).split(b"\n")
+        while len(pending) >= LINE_LIMIT:
+            lines.append(pending[:LINE_LIMIT])
+            pending = pending[LINE_LIMIT:]
+        if lines:
+            await write(b"".join(prefix + line + b"\n" for line in lines))

@@ -56,17 +56,41 @@ def add_events(pipe: Pipeline, events: Sequence[tuple[UUID | str, Event]]) -> No
         )
 
 
+# The marker and the event go together: SET NX, then XADD + EXPIRE only when
+# the marker was set; if the XADD fails (the key holds another type, Redis is
+# out of memory) the marker is deleted again, so a retry can still append.
+# One script: no client can die between the two writes.
+_APPEND_DONE = """
+if not redis.call('SET', KEYS[1], ARGV[1], 'NX', 'EX', ARGV[2]) then
+  return 0
+end
+local added = redis.pcall(
+  'XADD', KEYS[2], 'MAXLEN', '~', ARGV[3], '*', ARGV[4], ARGV[5])
+if type(added) == 'table' and added.err then
+  redis.call('DEL', KEYS[1])
+  return added
+end
+redis.call('EXPIRE', KEYS[2], ARGV[2])
+return 1
+"""
+
+
 async def append_done(
     redis: Redis, generation_id: UUID | str, event: DoneEvent
 ) -> bool:
     """Append the generation's one `done` event; False if it was already there."""
-    first = await redis.set(
-        done_key(generation_id), event.status, nx=True, ex=EVENT_TTL_S
+    script = redis.register_script(_APPEND_DONE)
+    added = await script(
+        keys=[done_key(generation_id), events_key(generation_id)],
+        args=[
+            event.status.value,
+            EVENT_TTL_S,
+            EVENT_STREAM_MAXLEN,
+            EVENT_FIELD,
+            event.model_dump_json(),
+        ],
     )
-    if not first:
-        return False
-    await append_event(redis, generation_id, event)
-    return True
+    return bool(added)
 
 
 def decode_entry(fields: dict[bytes, bytes]) -> Event:

@@ -51,9 +51,15 @@ class Listener:
                 channel = message["channel"]
                 name = channel.decode() if isinstance(channel, bytes) else str(channel)
                 handler = self._handlers.get(name)
-                if handler is not None:
-                    data = message["data"]
+                if handler is None:
+                    continue
+                data = message["data"]
+                try:
                     handler(data if isinstance(data, bytes) else str(data).encode())
+                except Exception:
+                    # One bad message (say, not UTF-8) must not end the
+                    # subscription: later hints would be lost without a trace.
+                    log.exception("pub/sub handler for %s failed", name)
 
 
 def setter(event: asyncio.Event) -> Handler:

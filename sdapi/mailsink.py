@@ -10,7 +10,6 @@ import asyncio
 import contextlib
 import logging
 import os
-import socket
 import time
 import uuid
 from collections.abc import Iterator
@@ -19,17 +18,12 @@ from typing import Any
 
 from aiosmtpd.controller import Controller
 
+# aiosmtpd cannot listen on port 0; `free_port` stays importable from here.
+from sdapi.net import LOOPBACK, free_port
+
 log = logging.getLogger(__name__)
 
-HOST = "127.0.0.1"
-
-
-def free_port(host: str = HOST) -> int:
-    """A TCP port free right now (aiosmtpd cannot listen on port 0)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind((host, 0))
-        port: int = sock.getsockname()[1]
-        return port
+HOST = LOOPBACK
 
 
 class FolderHandler:

@@ -9,6 +9,7 @@ SCAN over every generation's events and images would not).
 from __future__ import annotations
 
 import logging
+import math
 import time
 
 from pydantic import ValidationError
@@ -19,6 +20,11 @@ from gpu_node.schemas import NODE_TTL_S, NodeInfo, node_key
 log = logging.getLogger(__name__)
 
 NODES_INDEX = "sdapi:nodes"
+
+
+def announcement_ttl_s(every_s: float) -> int:
+    """TTL of an announcement refreshed every `every_s` s (two refreshes may fail)."""
+    return max(NODE_TTL_S, math.ceil(3 * every_s))
 
 
 async def announce_node(redis: Redis, info: NodeInfo, ttl_s: int = NODE_TTL_S) -> None:

@@ -70,10 +70,18 @@ def redis_settings(url: str) -> RedisSettings:
     return settings
 
 
-async def create_queue_pool(url: str) -> ArqRedis:
-    """An arq pool (a redis.asyncio client with `enqueue_job`) using msgpack."""
+async def create_queue_pool(
+    url: str, *, max_connections: int | None = None
+) -> ArqRedis:
+    """An arq pool (a redis.asyncio client with `enqueue_job`) using msgpack.
+
+    With `max_connections`, a command that finds them all busy fails at once
+    instead of opening another connection.
+    """
+    settings = redis_settings(url)
+    settings.max_connections = max_connections
     pool: ArqRedis = await create_pool(
-        redis_settings(url), job_serializer=serialize, job_deserializer=deserialize
+        settings, job_serializer=serialize, job_deserializer=deserialize
     )
     return pool
 
@@ -160,3 +168,18 @@ async def job_is_live(pool: ArqRedis, job_id: str) -> bool:
         job_key_prefix + job_id, in_progress_key_prefix + job_id
     )
     return count > 0
+
+
+async def job_is_running(pool: ArqRedis, job_id: str) -> bool:
+    """Whether a worker has taken the job and runs it now."""
+    count: int = await pool.exists(in_progress_key_prefix + job_id)
+    return count > 0
+
+
+async def drop_waiting_job(pool: ArqRedis, queue: str, job_id: str) -> None:
+    """Take a job nobody runs off its queue (a worker that takes it meanwhile
+    finds it gone and drops it)."""
+    async with pool.pipeline(transaction=True) as pipe:
+        pipe.zrem(queue, job_id)
+        pipe.delete(job_key_prefix + job_id)
+        await pipe.execute()

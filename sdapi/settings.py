@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
+import os
 import secrets
 from pathlib import Path
 from typing import Self
 from urllib.parse import urlsplit
 
-from pydantic import SecretStr, ValidationError, field_validator
+from pydantic import Field, SecretStr, ValidationError, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 ENV_PREFIX = "SDAPI_"
@@ -32,9 +34,14 @@ class CommonSettings(BaseSettings):
     data_dir: Path = Path(".sdapi")
     log_level: str = "INFO"
     # Keys the password pre-hash and signs download links in emails; every web
-    # and jobs process of a deployment needs the same one. Unset: generated
+    # and jobs process of a deployment needs the same one, so it must be set
+    # whenever SDAPI_DATABASE_URL is. Unset (`sdapi dev`, the tests): generated
     # once and kept in SDAPI_DATA_DIR/secret_key.
     secret_key: SecretStr | None = None
+    # How long queued or running work may go unchecked before the reconciler
+    # asks whether its job is still alive (seconds); live work is left alone.
+    # `web` sets it on the premium rows it queues, `jobs` on everything else.
+    queued_check_after: float = Field(default=60.0, gt=0)
 
     @field_validator("database_url")
     @classmethod
@@ -68,6 +75,13 @@ class CommonSettings(BaseSettings):
             raise ValueError("must be an http://host:port URL of a Consul agent")
         return value.rstrip("/")
 
+    @field_validator("secret_key")
+    @classmethod
+    def _secret_key(cls, value: SecretStr | None) -> SecretStr | None:
+        if value is not None and not value.get_secret_value().strip():
+            raise ValueError("must not be empty")
+        return value
+
     @field_validator("log_level")
     @classmethod
     def _log_level(cls, value: str) -> str:
@@ -80,10 +94,16 @@ class CommonSettings(BaseSettings):
         """A copy with the database, Redis and secret key filled in (at start-up).
 
         Unset URLs come from a `sdapi dev` running in the data folder; an unset
-        secret key from the data folder's own.
+        secret key from the data folder's own, unless SDAPI_DATABASE_URL is set:
+        a deployment's processes run on several hosts and must share one key.
         """
         from sdapi.embedded import require_database_url, require_redis_url
 
+        if self.database_url and self.secret_key is None:
+            raise SettingsError(
+                "SDAPI_SECRET_KEY must be set when SDAPI_DATABASE_URL is: every "
+                "web and jobs process of a deployment needs the same key"
+            )
         return self.model_copy(
             update={
                 "database_url": require_database_url(self.database_url, self.data_dir),
@@ -92,6 +112,12 @@ class CommonSettings(BaseSettings):
                 or SecretStr(load_secret_key(self.data_dir)),
             }
         )
+
+    def secret(self) -> str:
+        """The secret key's value; raises SettingsError when it is not set."""
+        if self.secret_key is None:
+            raise SettingsError("SDAPI_SECRET_KEY is not set")
+        return self.secret_key.get_secret_value()
 
     @classmethod
     def from_env(cls, **overrides: object) -> Self:
@@ -115,17 +141,41 @@ def describe_validation_error(exc: ValidationError) -> str:
 
 
 def load_secret_key(data_dir: Path) -> str:
-    """The data folder's secret key, created (mode 0600) the first time."""
+    """The data folder's secret key, created (mode 0600) the first time.
+
+    The key is written to a file of its own and then linked into place, so a
+    process starting at the same moment reads either no key (and races to link
+    its own, losing to the first) or the whole key, never an empty file.
+    """
     path = data_dir / "secret_key"
     try:
-        return path.read_text().strip()
+        return _read_secret_key(path)
     except FileNotFoundError:
-        data_dir.mkdir(parents=True, exist_ok=True)
-        key = secrets.token_urlsafe(48)
+        pass
+    data_dir.mkdir(parents=True, exist_ok=True)
+    key = secrets.token_urlsafe(48)
+    partial = data_dir / f".secret_key.{os.getpid()}.{secrets.token_hex(4)}"
+    fd = os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    try:
+        with os.fdopen(fd, "w", encoding="ascii") as handle:
+            handle.write(key)
+            handle.flush()
+            os.fsync(handle.fileno())
         try:
-            with path.open("x", encoding="ascii") as handle:
-                path.chmod(0o600)
-                handle.write(key)
+            os.link(partial, path)
         except FileExistsError:
-            return path.read_text().strip()
-        return key
+            return _read_secret_key(path)
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            partial.unlink()
+    return key
+
+
+def _read_secret_key(path: Path) -> str:
+    key = path.read_text(encoding="ascii").strip()
+    if not key:
+        raise SettingsError(
+            f"{path} is empty: delete it to have a new key made, or set "
+            "SDAPI_SECRET_KEY"
+        )
+    return key

@@ -1,1 +1,1 @@
-"""The web tier: HTTP API, WebSocket, docs and playground; owns the schema."""
+"""The web tier: HTTP API, WebSocket and API docs; owns the database schema."""

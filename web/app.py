@@ -13,6 +13,7 @@ import swagger_ui_bundle
 from aiohttp import web
 from aiohttp_session import session_middleware
 from prometheus_client import CollectorRegistry
+from redis.asyncio import BlockingConnectionPool, Redis
 
 from sdapi import __version__
 from sdapi.consul import open_consul
@@ -21,8 +22,10 @@ from web.db import open_database
 from web.errors import error_middleware
 from web.keys import (
     database_key,
+    live_redis_key,
     metrics_key,
     openapi_key,
+    passwords_key,
     redis_key,
     registry_key,
     settings_key,
@@ -30,6 +33,7 @@ from web.keys import (
 from web.live import install_live
 from web.metrics import install_metrics, metrics_middleware
 from web.openapi import ApiRoutes, build_openapi
+from web.passwords import Passwords
 from web.registry import NodeRegistry
 from web.routes import route_tables
 from web.sessions import AppRedisStorage
@@ -44,6 +48,10 @@ API_DESCRIPTION = (
     "in batches and are emailed. Authenticate with `Authorization: Bearer <token>` "
     "from `POST /api/v1/auth/signin`."
 )
+# How long a WebSocket relay waits for a free connection of its pool before
+# it retries its read (seconds).
+LIVE_POOL_WAIT_S = 10
+LIVE_CONNECT_TIMEOUT_S = 2
 
 
 def create_app(settings: WebSettings) -> web.Application:
@@ -55,12 +63,18 @@ def create_app(settings: WebSettings) -> web.Application:
     app = web.Application(client_max_size=settings.max_body_bytes)
     app[settings_key] = settings
     app[metrics_key] = CollectorRegistry()
+    app[passwords_key] = Passwords(
+        secret_key=settings.secret(),
+        rounds=settings.bcrypt_rounds,
+        concurrency=settings.bcrypt_concurrency,
+    )
     install_metrics(app)
     install_live(app)
     app.middlewares.extend(
         [
-            error_middleware,
+            # Outermost: it counts the status the client got, errors included.
             metrics_middleware,
+            error_middleware,
             session_middleware(
                 AppRedisStorage(
                     app, max_age=settings.session_ttl, secure=settings.secure_cookies
@@ -96,13 +110,27 @@ async def database_ctx(app: web.Application) -> AsyncIterator[None]:
 
 
 async def redis_ctx(app: web.Application) -> AsyncIterator[None]:
-    """The Redis client (queues, events, sessions, throttling)."""
-    pool = await create_queue_pool(app[settings_key].redis_url or "")
-    app[redis_key] = pool
-    try:
+    """The Redis clients: one for requests (queues, events, sessions,
+    throttling), one for the WebSocket relays' blocking reads; both bounded."""
+    settings = app[settings_key]
+    url = settings.redis_url or ""
+    async with contextlib.AsyncExitStack() as stack:
+        pool = await create_queue_pool(
+            url, max_connections=settings.redis_max_connections
+        )
+        stack.push_async_callback(pool.aclose)
+        live = Redis(
+            connection_pool=BlockingConnectionPool.from_url(
+                url,
+                max_connections=settings.live_redis_connections,
+                timeout=LIVE_POOL_WAIT_S,
+                socket_connect_timeout=LIVE_CONNECT_TIMEOUT_S,
+            )
+        )
+        stack.push_async_callback(live.aclose)
+        app[redis_key] = pool
+        app[live_redis_key] = live
         yield
-    finally:
-        await pool.aclose()
 
 
 async def registry_ctx(app: web.Application) -> AsyncIterator[None]:
@@ -111,7 +139,9 @@ async def registry_ctx(app: web.Application) -> AsyncIterator[None]:
     async with contextlib.AsyncExitStack() as stack:
         consul = None
         if settings.consul_url:
-            consul = await stack.enter_async_context(open_consul(settings.consul_url))
+            consul = await stack.enter_async_context(
+                open_consul(settings.consul_url, timeout_s=settings.consul_timeout)
+            )
             await stack.enter_async_context(_registered(consul, settings))
         app[registry_key] = NodeRegistry(
             app[redis_key], consul, configured_models=settings.models
@@ -145,6 +175,11 @@ async def _registered(consul: object, settings: WebSettings) -> AsyncIterator[No
     finally:
         try:
             await agent.service.deregister(service_id)
-        except (consul_module.ConsulException, aiohttp.ClientError, OSError) as exc:
+        except (
+            consul_module.ConsulException,
+            aiohttp.ClientError,
+            OSError,
+            TimeoutError,
+        ) as exc:
             # Consul reaps it once its check has failed for a minute anyway.
             log.warning("could not deregister %s from Consul: %s", service_id, exc)

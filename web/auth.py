@@ -10,9 +10,9 @@ from aiohttp import web
 from aiohttp_session import get_session
 
 from gpu_node.schemas import Tier
-from web.errors import Forbidden, PremiumRequired, Unauthorized
+from web.errors import Forbidden, Unauthorized
 from web.keys import settings_key
-from web.models import ApiToken, User, utcnow
+from web.models import ApiToken, TokenKind, User, utcnow
 from web.tokens import find_token, find_token_by_id
 
 CSRF_HEADER = "X-CSRF-Token"
@@ -68,7 +68,7 @@ async def authenticate(
         session = await get_session(request)
         token_id = session.get("token_id")
         if isinstance(token_id, str):
-            found = await find_token_by_id(token_id)
+            found = await find_token_by_id(token_id, kind=TokenKind.SESSION)
             if found is None:
                 session.invalidate()
             else:
@@ -87,20 +87,15 @@ async def require_user(request: web.Request) -> Principal:
     return principal
 
 
-async def require_premium(request: web.Request) -> Principal:
-    """The caller if premium, else 403 premium_required."""
-    principal = await require_user(request)
-    if principal.tier is not Tier.PREMIUM:
-        raise PremiumRequired()
-    return principal
-
-
 async def check_csrf(request: web.Request) -> None:
     """The session's CSRF token must come back in a header from one of our origins."""
     session = await get_session(request)
     expected = session.get("csrf")
     given = request.headers.get(CSRF_HEADER, "")
-    if not isinstance(expected, str) or not hmac.compare_digest(expected, given):
+    # Compared as bytes: compare_digest refuses str with non-ASCII characters.
+    if not isinstance(expected, str) or not hmac.compare_digest(
+        expected.encode(), given.encode("utf-8", "surrogatepass")
+    ):
         raise Forbidden("Missing or wrong CSRF token (send the X-CSRF-Token header).")
     if "Origin" in request.headers and not origin_allowed(request):
         raise Forbidden("Cross-origin requests may not use the session cookie.")

@@ -13,7 +13,7 @@ from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, ClassVar
 
 from aiohttp import web
-from asyncpg.exceptions import (  # type: ignore[import-untyped]
+from asyncpg.exceptions import (
     CannotConnectNowError,
     PostgresConnectionError,
 )
@@ -120,12 +120,6 @@ class PayloadTooLarge(AppError):
     default_message = "The request body is too large."
 
 
-class UnsupportedMediaType(AppError):
-    status = 415
-    code = "bad_request"
-    default_message = "Send the body as application/json."
-
-
 class _RetryLater(AppError):
     def __init__(self, message: str | None = None, *, retry_after: int) -> None:
         self.retry_after = max(1, retry_after)
@@ -225,7 +219,8 @@ OPENAI_PREFIX = "/v1/"
 
 
 def openai_body(error: AppError) -> dict[str, Any]:
-    """`error` in the OpenAI API's shape: {"error": {message, type, param, code}}."""
+    """`error` in the OpenAI API's shape: {"error": {message, type, param, code}},
+    plus the contract's `details`."""
     if error.status == 401:
         kind = "authentication_error"
     elif error.status == 403:
@@ -237,13 +232,20 @@ def openai_body(error: AppError) -> dict[str, Any]:
     else:
         kind = "invalid_request_error"
     param = error.details[0].get("field") if error.details else None
-    # OpenAI's shape has no details list: the fields go into the message.
+    # OpenAI's clients show the message only: the fields go into it too. They
+    # ignore keys they do not know, so `details` comes along as everywhere.
     message = " ".join(
         [error.message]
         + [f"{d.get('field', 'body')}: {d.get('message', '')}" for d in error.details]
     )
     return {
-        "error": {"message": message, "type": kind, "param": param, "code": error.code}
+        "error": {
+            "message": message,
+            "type": kind,
+            "param": param,
+            "code": error.code,
+            "details": error.details,
+        }
     }
 
 
@@ -284,8 +286,8 @@ async def error_middleware(
         return await handler(request)
     except AppError as exc:
         return error_response(exc, request)
-    except ValidationError as exc:
-        return error_response(from_validation_error(exc), request)
+    # A pydantic ValidationError is not caught here: the boundaries turn the
+    # client's into 422s (web.openapi); one that gets here is our own bug.
     except web.HTTPException as exc:
         if exc.status < 400:
             raise

@@ -11,10 +11,13 @@ import base64
 import logging
 import secrets
 import uuid
+from collections.abc import Iterable
+from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from aiohttp import web
+from redis.asyncio import Redis
 from redis.exceptions import RedisError
 from tortoise.expressions import Q
 from tortoise.transactions import in_transaction
@@ -30,6 +33,7 @@ from gpu_node.schemas import (
     batch_job_id,
     batch_queue,
     generation_job_id,
+    image_key,
     premium_queue,
     progress_key,
 )
@@ -58,8 +62,6 @@ from web.schemas import generations as schemas
 
 log = logging.getLogger(__name__)
 
-# How long queued work may sit before the reconciler checks its job is alive.
-QUEUED_CHECK_AFTER = timedelta(seconds=30)
 # Retry-After for a premium user at their in-flight limit, in seconds.
 IN_FLIGHT_RETRY_S = 5
 # Retry-After when no healthy node serves the model, in seconds.
@@ -209,6 +211,12 @@ async def submit_generation(
         raise EmailNotVerified()
     offer = await find_offer(app, body.model)
     request = resolve_request(body, offer, tier, app)
+    # Mail goes only to an address its owner has proven (premium included).
+    if request.delivery == "email" and principal.user.email_verified_at is None:
+        raise EmailNotVerified(
+            "Email delivery needs a verified email address: follow the link we "
+            "sent you, or ask for a new one at POST /api/v1/auth/verify/resend."
+        )
     if tier is Tier.PREMIUM and not offer.available:
         raise Unavailable(
             f"No healthy GPU node serves {offer.id!r} right now.",
@@ -253,7 +261,9 @@ async def submit_generation(
             else now + timedelta(seconds=settings.normal_delay),
             queued_at=now if premium else None,
             attempts=1 if premium else 0,
-            deadline=now + QUEUED_CHECK_AFTER if premium else None,
+            deadline=now + timedelta(seconds=settings.queued_check_after)
+            if premium
+            else None,
         )
     if generation.tier is Tier.PREMIUM:
         await _enqueue_premium(app, generation, request)
@@ -299,6 +309,8 @@ async def cancel_generation(app: web.Application, generation: Generation) -> boo
     """Cancel unless finished; True if this call cancelled it."""
     now = utcnow()
     async with in_transaction():
+        # Everything below reads the locked row: `generation` may be stale (a
+        # reconciler retry bumps `attempts`, the job id follows it).
         locked = await Generation.select_for_update().get(id=generation.id)
         if locked.status in TERMINAL_STATUSES:
             return False
@@ -310,15 +322,15 @@ async def cancel_generation(app: web.Application, generation: Generation) -> boo
     redis = app[redis_key]
     try:
         # The node checks this flag before starting and at every step.
-        await request_cancel(redis, generation.id)
-        if was is Status.QUEUED and generation.tier is Tier.PREMIUM:
-            job_id = generation_job_id(generation.id, generation.attempts)
-            await redis.zrem(premium_queue(generation.model), job_id)
-        await append_done(redis, generation.id, DoneEvent(status=Status.CANCELLED))
+        await request_cancel(redis, locked.id)
+        if was is Status.QUEUED and locked.tier is Tier.PREMIUM:
+            job_id = generation_job_id(locked.id, locked.attempts)
+            await redis.zrem(premium_queue(locked.model), job_id)
+        await append_done(redis, locked.id, DoneEvent(status=Status.CANCELLED))
     except RedisError:
         # Cancelled in the database already: a node that runs it anyway has its
         # result refused, and followers read the ending from the database.
-        log.warning("cancel of %s not announced in Redis", generation.id)
+        log.warning("cancel of %s not announced in Redis", locked.id)
     return True
 
 
@@ -355,22 +367,82 @@ async def _live_state(
     return None, None
 
 
+@dataclass(frozen=True)
+class StoredImage:
+    """A stored image without its PNG (listing never loads the bytes)."""
+
+    generation_id: uuid.UUID
+    index: int
+    seed: int
+    width: int
+    height: int
+    sha256: str
+
+
+_IMAGE_FIELDS = ("generation_id", "index", "seed", "width", "height", "sha256")
+
+
+async def stored_images(
+    generation_ids: Iterable[uuid.UUID],
+) -> dict[uuid.UUID, list[StoredImage]]:
+    """The stored images of each generation, by index (no PNG bytes)."""
+    ids = list(generation_ids)
+    found: dict[uuid.UUID, list[StoredImage]] = {}
+    if not ids:
+        return found
+    rows = (
+        await GeneratedImage.filter(generation_id__in=ids)
+        .order_by("generation_id", "index")
+        .values(*_IMAGE_FIELDS)
+    )
+    for row in rows:
+        image = StoredImage(**row)
+        found.setdefault(image.generation_id, []).append(image)
+    return found
+
+
+async def stored_image(generation_id: uuid.UUID, index: int) -> StoredImage | None:
+    """One stored image without its PNG, or None while it is not stored."""
+    rows = await GeneratedImage.filter(generation_id=generation_id, index=index).values(
+        *_IMAGE_FIELDS
+    )
+    return StoredImage(**rows[0]) if rows else None
+
+
+async def image_png(redis: Redis, generation_id: uuid.UUID, index: int) -> bytes | None:
+    """One image's PNG: from the database once stored, else the node's copy in
+    Redis (kept there until `jobs` has stored it); None if neither has it."""
+    rows = await GeneratedImage.filter(
+        generation_id=generation_id, index=index
+    ).values_list("png", flat=True)
+    if rows:
+        return bytes(rows[0])
+    try:
+        data: bytes | None = await redis.get(image_key(generation_id, index))
+    except RedisError:
+        log.warning("image %d of %s: Redis unreachable", index, generation_id)
+        return None
+    return data
+
+
+def error_ref(generation: Generation) -> schemas.ErrorRef | None:
+    """The public error of a generation row, if it has one."""
+    if not generation.error_code:
+        return None
+    return schemas.ErrorRef(
+        code=generation.error_code, message=generation.error_message or ""
+    )
+
+
 async def present(
     app: web.Application,
     generation: Generation,
-    images: list[GeneratedImage] | None = None,
+    images: list[StoredImage] | None = None,
 ) -> schemas.Generation:
     """The public view of a generation, with live queue position and progress."""
     if images is None:
-        images = list(
-            await GeneratedImage.filter(generation_id=generation.id).order_by("index")
-        )
+        images = (await stored_images([generation.id])).get(generation.id, [])
     position, progress = await _live_state(app, generation)
-    error = None
-    if generation.error_code:
-        error = schemas.ErrorRef(
-            code=generation.error_code, message=generation.error_message or ""
-        )
     return schemas.Generation(
         id=str(generation.id),
         status=Status(generation.status),
@@ -392,7 +464,7 @@ async def present(
             )
             for image in images
         ],
-        error=error,
+        error=error_ref(generation),
         delivery=Delivery(generation.delivery).value,
         emailed_at=generation.emailed_at,
         warnings=[
@@ -415,8 +487,9 @@ def decode_cursor(cursor: str) -> tuple[datetime, uuid.UUID]:
         when = datetime.fromisoformat(created)
         if when.tzinfo is None:
             when = when.replace(tzinfo=UTC)
-        return when, uuid.UUID(ident)
-    except (ValueError, UnicodeDecodeError):
+        # In UTC here: a time near datetime.min in another zone overflows.
+        return when.astimezone(UTC), uuid.UUID(ident)
+    except (ValueError, UnicodeDecodeError, OverflowError):
         raise _invalid("before", "Not a cursor this API returned.") from None
 
 
@@ -435,9 +508,9 @@ async def list_own(
     return rows, encode_cursor(rows[-1]) if more and rows else None
 
 
-def image_headers(image: GeneratedImage) -> dict[str, Any]:
-    """Headers of an image download: immutable content, private cache."""
-    filename = f"{image.generation_id}-{image.index}.png"  # type: ignore[attr-defined]
+def image_headers(image: StoredImage) -> dict[str, Any]:
+    """Headers of a stored image's download: immutable content, private cache."""
+    filename = f"{image.generation_id}-{image.index}.png"
     return {
         "Content-Type": "image/png",
         "Cache-Control": "private, max-age=31536000, immutable",

@@ -7,8 +7,10 @@ from typing import Any
 from aiohttp import web
 from arq.connections import ArqRedis
 from prometheus_client import CollectorRegistry
+from redis.asyncio import Redis
 from tortoise.context import TortoiseContext
 
+from web.passwords import Passwords
 from web.registry import NodeRegistry
 from web.settings import WebSettings
 
@@ -16,6 +18,10 @@ settings_key = web.AppKey("settings", WebSettings)
 database_key = web.AppKey("database", TortoiseContext)
 # One Redis client (an arq pool) for queues, events, sessions and throttling.
 redis_key = web.AppKey("redis", ArqRedis)
+# A second, bounded client for the WebSocket relays' blocking stream reads.
+live_redis_key = web.AppKey("live_redis", Redis)
+# Password hashing with the deployment's key, bounded in concurrency.
+passwords_key = web.AppKey("passwords", Passwords)
 registry_key = web.AppKey("registry", NodeRegistry)
 metrics_key = web.AppKey("metrics", CollectorRegistry)
 # The OpenAPI document, generated once from the route tables.

@@ -39,13 +39,13 @@ def signed_image_url(
 
 
 def link_is_valid(
-    secret: str, path: str, expires: str, signature: str, *, now: float | None = None
+    secret: str, path: str, expires: int, signature: str, *, now: float | None = None
 ) -> bool:
     """Whether a signed link for `path` is genuine and not expired."""
-    try:
-        expires_at = int(expires)
-    except ValueError:
+    if expires < (now if now is not None else time.time()):
         return False
-    if expires_at < (now if now is not None else time.time()):
-        return False
-    return hmac.compare_digest(_signature(secret, path, expires_at), signature)
+    # Compared as bytes: compare_digest refuses str with non-ASCII characters.
+    return hmac.compare_digest(
+        _signature(secret, path, expires).encode(),
+        signature.encode("utf-8", "surrogatepass"),
+    )

@@ -6,9 +6,12 @@ the `done` event; when the stream is silent and the database says the
 generation has finished (the stream expired, or Redis lost it), the rest is
 told from the database. The WebSocket relays and the OpenAI route both use it.
 
-Each WebSocket has one reader loop (`LiveSocket.serve`) and one relay task
-per followed generation; every write goes through the socket's lock, and a
-failed write only ends that socket's relays.
+Each WebSocket has one reader loop (`LiveSocket.serve`), which also re-checks
+the socket's credentials every `ws_recheck_s`, and one relay task per
+followed generation (at most `ws_max_relays`); every write goes through the
+socket's lock, and a failed write only ends that socket's relays. Relays
+read Redis through their own bounded pool (`live_redis_key`), so many
+blocking reads cannot take the connections that requests need.
 """
 
 from __future__ import annotations
@@ -20,7 +23,8 @@ import json
 import logging
 import uuid
 import weakref
-from collections.abc import AsyncGenerator
+from collections import Counter
+from collections.abc import AsyncGenerator, Iterator
 from typing import Any
 
 from aiohttp import WSCloseCode, WSMsgType, web
@@ -38,7 +42,6 @@ from gpu_node.schemas import (
     StartedEvent,
     Status,
     Tier,
-    image_key,
 )
 from sdapi.events import read_events
 from web.auth import Principal
@@ -46,19 +49,23 @@ from web.errors import (
     DEPENDENCY_ERRORS,
     AppError,
     PremiumRequired,
+    RateLimited,
     Unauthorized,
     dependency_unavailable,
     validation_details,
 )
 from web.generations import (
     cancel_generation,
+    error_ref,
+    image_png,
     image_url,
     load_own,
     present,
+    stored_images,
     submit_generation,
 )
-from web.keys import redis_key
-from web.models import ApiToken, GeneratedImage, Generation, utcnow
+from web.keys import live_redis_key, redis_key, settings_key
+from web.models import Generation
 from web.schemas.generations import ErrorRef
 from web.schemas.live import (
     CLIENT_MESSAGE,
@@ -75,6 +82,7 @@ from web.schemas.live import (
     ServerFrame,
     StartedFrame,
 )
+from web.tokens import find_token_by_id
 
 log = logging.getLogger(__name__)
 
@@ -83,6 +91,9 @@ log = logging.getLogger(__name__)
 BLOCK_MS = 5000
 # Pause before reading again while Redis is unreachable (seconds).
 REDIS_RETRY_S = 1.0
+# Retry-After of a WebSocket upgrade refused for too many open sockets, and
+# of a subscription refused for too many followed generations (seconds).
+SOCKET_RETRY_S = 10
 
 
 # --- following a generation --------------------------------------------------
@@ -98,9 +109,7 @@ async def _finished_in_database(
     status = Status(row.status)
     events: list[Event] = []
     if status is Status.SUCCEEDED:
-        images = await GeneratedImage.filter(generation_id=generation_id).order_by(
-            "index"
-        )
+        images = (await stored_images([generation_id])).get(generation_id, [])
         events.extend(
             ImageEvent(
                 index=image.index,
@@ -126,7 +135,7 @@ async def follow(
     app: web.Application, generation_id: uuid.UUID, *, block_ms: int = BLOCK_MS
 ) -> AsyncGenerator[Event, None]:
     """Every event of a generation, replayed then live, ending with its `done`."""
-    redis = app[redis_key]
+    redis = app[live_redis_key]
     after = "0"
     seen_images: set[int] = set()
     # The first read does not block: a finished generation whose stream has
@@ -165,22 +174,6 @@ async def wait_until_done(app: web.Application, generation_id: uuid.UUID) -> Don
     raise RuntimeError(f"the events of {generation_id} ended without `done`")
 
 
-async def image_png(
-    app: web.Application, generation_id: uuid.UUID, index: int
-) -> bytes | None:
-    """One image's PNG: from Redis while the node's copy lives, else the database."""
-    try:
-        data: bytes | None = await app[redis_key].get(image_key(generation_id, index))
-    except RedisError:
-        data = None
-    if data is None:
-        rows = await GeneratedImage.filter(
-            generation_id=generation_id, index=index
-        ).values_list("png", flat=True)
-        data = bytes(rows[0]) if rows else None
-    return data
-
-
 def done_frame(ident: str, status: Status, error: ErrorRef | None) -> DoneFrame:
     """The `done` frame; the error goes along only when the generation failed."""
     return DoneFrame(
@@ -204,7 +197,7 @@ async def event_frame(
             id=ident, step=event.step, total=event.total, preview=event.preview
         )
     if isinstance(event, ImageEvent):
-        data = await image_png(app, generation_id, event.index)
+        data = await image_png(app[redis_key], generation_id, event.index)
         if data is None:
             return ErrorFrame(
                 id=ident,
@@ -262,6 +255,10 @@ class CredentialsRevoked(Unauthorized):
     """The socket's token was revoked or expired while it was open."""
 
 
+# Message types after which a socket reads nothing more.
+_CLOSED = frozenset({WSMsgType.CLOSE, WSMsgType.CLOSING, WSMsgType.CLOSED})
+
+
 class LiveSocket:
     """One client's WebSocket: its reader loop, serialized writes and relays."""
 
@@ -286,9 +283,29 @@ class LiveSocket:
         return True
 
     async def serve(self) -> None:
-        """Read messages until the client goes; then stop this socket's relays."""
+        """Read messages until the client goes; then stop this socket's relays.
+
+        Between messages the loop wakes every `ws_recheck_s` to re-check the
+        credentials, so a revoked or expired token ends the socket even while
+        it only streams.
+        """
+        loop = asyncio.get_running_loop()
+        every = self._app[settings_key].ws_recheck_s
+        recheck_at = loop.time() + every
         try:
-            async for message in self._ws:
+            while not self._ws.closed:
+                if loop.time() >= recheck_at:
+                    recheck_at = loop.time() + every
+                    if not await self._still_allowed():
+                        break
+                try:
+                    # Never 0: aiohttp reads 0 as "no timeout".
+                    wait = max(recheck_at - loop.time(), 0.001)
+                    message = await self._ws.receive(timeout=wait)
+                except TimeoutError:
+                    continue
+                if message.type in _CLOSED:
+                    break
                 if message.type is WSMsgType.TEXT:
                     await self._handle(message.data)
                 elif message.type is WSMsgType.BINARY:
@@ -296,6 +313,19 @@ class LiveSocket:
                 # ERROR: aiohttp has already closed the socket (LiveWebSocket.close).
         finally:
             await self.stop()
+
+    async def _still_allowed(self) -> bool:
+        """Re-check the credentials; False once the socket was closed for them."""
+        try:
+            await self._current_principal()
+        except CredentialsRevoked as exc:
+            await self._error(None, exc.code, exc.message)
+            await self.close(WSCloseCode.POLICY_VIOLATION, "credentials revoked")
+            return False
+        except DEPENDENCY_ERRORS:
+            # Checked again at the next interval, and at every message.
+            log.warning("live socket: credentials not re-checked", exc_info=True)
+        return True
 
     async def close(self, code: int, reason: str) -> None:
         """Close the socket from outside the reader loop (server shutdown)."""
@@ -381,13 +411,7 @@ class LiveSocket:
 
     async def _current_principal(self) -> Principal:
         """The socket's caller, re-read: a revoked token or lapsed premium counts."""
-        token = (
-            await ApiToken.filter(
-                id=self._principal.token.id, revoked_at=None, expires_at__gt=utcnow()
-            )
-            .select_related("user")
-            .first()
-        )
+        token = await find_token_by_id(self._principal.token.id)
         if token is None:
             raise CredentialsRevoked(
                 "Your token was revoked or has expired; sign in again."
@@ -395,12 +419,28 @@ class LiveSocket:
         self._principal = Principal(token.user, token, self._principal.via)
         return self._principal
 
+    def _check_room(self, key: str | None = None) -> None:
+        """429 when this socket follows as many generations as it may (one
+        already followed, `key`, needs no more room)."""
+        active = [k for k, relay in self._relays.items() if not relay.done()]
+        if key is not None and key in active:
+            return
+        limit = self._app[settings_key].ws_max_relays
+        if len(active) >= limit:
+            raise RateLimited(
+                f"This socket already follows {len(active)} generations (at most "
+                f"{limit}); wait for one to finish, or open another socket.",
+                retry_after=SOCKET_RETRY_S,
+            )
+
     async def _generate(self, principal: Principal, message: GenerateMessage) -> None:
         if principal.tier is not Tier.PREMIUM:
             raise PremiumRequired(
                 "Live generation needs a premium account; normal accounts use "
                 "POST /api/v1/generations and get their images by email."
             )
+        # Refused before anything is stored: the new generation needs a relay.
+        self._check_room()
         generation = await submit_generation(self._app, principal, message.request)
         view = await present(self._app, generation, images=[])
         await self.send(AcceptedFrame(id=str(generation.id), generation=view))
@@ -408,6 +448,7 @@ class LiveSocket:
 
     async def _subscribe(self, principal: Principal, ident: str) -> None:
         generation = await load_own(principal.user, ident)
+        self._check_room(str(generation.id))
         self._follow(generation.id)
 
     async def _cancel(self, principal: Principal, ident: str) -> None:
@@ -422,13 +463,10 @@ class LiveSocket:
         await generation.refresh_from_db(
             fields=["status", "error_code", "error_message"]
         )
-        error = None
-        if generation.error_code:
-            error = ErrorRef(
-                code=generation.error_code, message=generation.error_message or ""
-            )
         await self.send(
-            done_frame(str(generation.id), Status(generation.status), error)
+            done_frame(
+                str(generation.id), Status(generation.status), error_ref(generation)
+            )
         )
 
     def _follow(self, generation_id: uuid.UUID) -> None:
@@ -471,13 +509,36 @@ class LiveSocket:
 # --- the app's sockets ---------------------------------------------------------
 
 live_sockets_key: web.AppKey[weakref.WeakSet[LiveSocket]] = web.AppKey("live_sockets")
+# Open WebSockets per user on this process.
+live_users_key: web.AppKey[Counter[uuid.UUID]] = web.AppKey("live_users")
 
 
 def install_live(app: web.Application) -> None:
     """Track the app's live sockets and close them when the server stops."""
     sockets: weakref.WeakSet[LiveSocket] = weakref.WeakSet()
     app[live_sockets_key] = sockets
+    app[live_users_key] = Counter()
     app.on_shutdown.append(close_live_sockets)
+
+
+@contextlib.contextmanager
+def socket_slot(app: web.Application, user_id: uuid.UUID) -> Iterator[None]:
+    """Hold one of the user's WebSocket slots on this process, or 429."""
+    counts = app[live_users_key]
+    limit = app[settings_key].ws_max_sockets_per_user
+    if counts[user_id] >= limit:
+        raise RateLimited(
+            f"You have {counts[user_id]} live WebSockets open here (at most "
+            f"{limit}); close one first. One socket can follow many generations.",
+            retry_after=SOCKET_RETRY_S,
+        )
+    counts[user_id] += 1
+    try:
+        yield
+    finally:
+        counts[user_id] -= 1
+        if counts[user_id] <= 0:
+            del counts[user_id]
 
 
 async def close_live_sockets(app: web.Application) -> None:

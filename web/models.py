@@ -71,7 +71,6 @@ class ApiToken(Model):
     created_at = fields.DatetimeField(auto_now_add=True)
     expires_at = fields.DatetimeField()
     revoked_at = fields.DatetimeField(null=True)
-    last_used_at = fields.DatetimeField(null=True)
 
     class Meta:
         table = "api_tokens"

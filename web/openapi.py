@@ -14,7 +14,7 @@ from typing import Any, TypeVar
 
 from aiohttp import web
 from pydantic import BaseModel, TypeAdapter, ValidationError
-from pydantic.json_schema import models_json_schema
+from pydantic.json_schema import JsonSchemaMode, models_json_schema
 
 from web.errors import BadRequest, PayloadTooLarge, from_validation_error
 
@@ -190,19 +190,24 @@ def build_openapi(
         for endpoint in table.endpoints
         if not endpoint.hidden
     ]
-    models: set[type[BaseModel]] = {ErrorBody, *extra_schemas}
+    # Each model as its side of the wire sees it: request bodies in pydantic's
+    # "validation" mode (what is accepted), responses in "serialization" mode
+    # (what is sent). A model used both ways whose two schemas differ gets
+    # both, named "-Input" and "-Output" by pydantic.
+    inputs: set[type[BaseModel]] = set()
+    outputs: set[type[BaseModel]] = {ErrorBody, *extra_schemas}
     for endpoint in endpoints:
         if endpoint.body is not None:
-            models.add(endpoint.body)
-        models.update(r.model for r in endpoint.responses if r.model is not None)
-    ordered = sorted(models, key=lambda model: model.__name__)
+            inputs.add(endpoint.body)
+        outputs.update(r.model for r in endpoint.responses if r.model is not None)
+    wanted: list[tuple[type[BaseModel], JsonSchemaMode]] = [
+        *((model, "validation") for model in sorted(inputs, key=_name)),
+        *((model, "serialization") for model in sorted(outputs, key=_name)),
+    ]
     keys, definitions = models_json_schema(
-        [(model, "serialization") for model in ordered],
-        ref_template="#/components/schemas/{model}",
+        wanted, ref_template="#/components/schemas/{model}"
     )
-    refs = {model: keys[(model, "serialization")]["$ref"] for model in ordered}
-    # Request bodies are validated in "validation" mode; pydantic's schema for
-    # our models is the same in both modes apart from defaults being required.
+    refs = {key: value["$ref"] for key, value in keys.items()}
 
     paths: dict[str, dict[str, Any]] = {}
     for endpoint in endpoints:
@@ -225,15 +230,16 @@ def build_openapi(
             operation["requestBody"] = {
                 "required": True,
                 "content": {
-                    "application/json": {"schema": {"$ref": refs[endpoint.body]}}
+                    "application/json": {
+                        "schema": {"$ref": refs[(endpoint.body, "validation")]}
+                    }
                 },
             }
         for response in endpoint.responses:
             entry: dict[str, Any] = {"description": response.description}
             if response.model is not None:
-                entry["content"] = {
-                    response.content_type: {"schema": {"$ref": refs[response.model]}}
-                }
+                ref = refs[(response.model, "serialization")]
+                entry["content"] = {response.content_type: {"schema": {"$ref": ref}}}
             elif response.status != 204 and response.content_type != "application/json":
                 entry["content"] = {response.content_type: {"schema": _binary_schema()}}
             operation["responses"][str(response.status)] = entry
@@ -243,7 +249,9 @@ def build_openapi(
                 {
                     "description": text,
                     "content": {
-                        "application/json": {"schema": {"$ref": refs[ErrorBody]}}
+                        "application/json": {
+                            "schema": {"$ref": refs[(ErrorBody, "serialization")]}
+                        }
                     },
                 },
             )
@@ -264,6 +272,10 @@ def build_openapi(
             },
         },
     }
+
+
+def _name(model: type[BaseModel]) -> str:
+    return model.__name__
 
 
 def _binary_schema() -> dict[str, Any]:

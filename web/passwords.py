@@ -8,7 +8,8 @@ NUL). Every byte of the password counts, and a stolen database alone is not
 enough to test guesses. Stored hashes carry a version prefix so the scheme can
 change later; `needs_rehash` says when a stored hash should be upgraded.
 
-bcrypt takes ~220 ms at cost 12 here: it always runs in a worker thread.
+bcrypt takes ~220 ms at cost 12 here: it always runs in a worker thread, and
+the web app bounds how many run at once (`Passwords`).
 """
 
 from __future__ import annotations
@@ -94,3 +95,35 @@ def needs_rehash(stored: str, *, rounds: int) -> bool:
     # "$2b$12$...": the cost sits between the second and third "$".
     parts = stored.removeprefix(SCHEME_V1).split("$")
     return len(parts) < 4 or parts[2] != f"{rounds:02d}"
+
+
+class Passwords:
+    """The app's password hashing: its secret key, cost, and a bound on how many
+    bcrypt runs happen at once (the rest wait their turn on the loop, holding
+    no thread)."""
+
+    def __init__(self, *, secret_key: str, rounds: int, concurrency: int) -> None:
+        self._secret_key = secret_key
+        self._rounds = rounds
+        self._slots = asyncio.Semaphore(concurrency)
+
+    async def hash(self, password: str) -> str:
+        """The hash to store for `password`."""
+        async with self._slots:
+            return await hash_password(
+                password, secret_key=self._secret_key, rounds=self._rounds
+            )
+
+    async def verify(self, password: str, stored: str | None) -> bool:
+        """Whether `password` matches `stored`; None (no such account) costs the
+        same as a real check and is False."""
+        async with self._slots:
+            if stored is None:
+                return await verify_unknown(
+                    password, secret_key=self._secret_key, rounds=self._rounds
+                )
+            return await verify_password(password, stored, secret_key=self._secret_key)
+
+    def needs_rehash(self, stored: str) -> bool:
+        """Whether a hash that just verified should be stored again."""
+        return needs_rehash(stored, rounds=self._rounds)

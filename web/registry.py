@@ -8,15 +8,19 @@ import time
 from collections.abc import Iterable
 from typing import Any
 
+import aiohttp
 from pydantic import BaseModel, ValidationError
 from redis.asyncio import Redis
 
 from gpu_node.schemas import NodeInfo
 from sdapi.nodes import live_nodes
+from web.errors import Unavailable
 
 log = logging.getLogger(__name__)
 
 GPU_SERVICE = "sdapi-gpu"
+# Retry-After while Consul cannot be asked and nothing is cached (seconds).
+CONSUL_RETRY_S = 10
 # Last NodeInfo seen per model: defaults for normal-tier requests made while
 # no node of that model is up (they wait in the database for one).
 KNOWN_MODELS_KEY = "sdapi:models:known"
@@ -84,8 +88,18 @@ class ModelOffer(BaseModel):
         )
 
 
+def _consul_errors() -> tuple[type[BaseException], ...]:
+    import consul
+
+    return (consul.ConsulException, aiohttp.ClientError, OSError, TimeoutError)
+
+
 class NodeRegistry:
-    """Healthy GPU nodes, cached for `cache_s` seconds."""
+    """Healthy GPU nodes, cached for `cache_s` seconds.
+
+    While Consul cannot be asked (down, slow, answering errors) the nodes last
+    seen stay in use; before any were seen, asking is a 503.
+    """
 
     def __init__(
         self,
@@ -99,7 +113,8 @@ class NodeRegistry:
         self._consul = consul
         self._configured = tuple(configured_models)
         self._cache_s = cache_s
-        self._cached: list[NodeInfo] = []
+        # None until the first successful fetch.
+        self._cached: list[NodeInfo] | None = None
         self._cached_at = -1e9
         self._lock = asyncio.Lock()
 
@@ -111,9 +126,18 @@ class NodeRegistry:
         """Healthy nodes now (Consul's passing checks, or live Redis entries)."""
         async with self._lock:
             if time.monotonic() - self._cached_at > self._cache_s:
-                self._cached = await self._fetch()
+                fetched = await self._fetch()
+                # Also after a failure: Consul is asked again once the cache
+                # has aged, not by every request while it is down.
                 self._cached_at = time.monotonic()
-                await self._remember(self._cached)
+                if fetched is not None:
+                    self._cached = fetched
+                    await self._remember(fetched)
+            if self._cached is None:
+                raise Unavailable(
+                    "The list of GPU nodes cannot be read right now.",
+                    retry_after=CONSUL_RETRY_S,
+                )
             return list(self._cached)
 
     def invalidate(self) -> None:
@@ -135,19 +159,26 @@ class NodeRegistry:
                 offers[model] = ModelOffer.offline(model, known.get(model))
         return dict(sorted(offers.items()))
 
-    async def offer(self, model: str) -> ModelOffer | None:
-        """The offer of one model, or None if nobody serves or lists it."""
-        return (await self.offers()).get(model)
-
-    async def _fetch(self) -> list[NodeInfo]:
-        if self._consul is not None:
-            return await self._from_consul()
-        return await self._from_redis()
-
-    async def _from_consul(self) -> list[NodeInfo]:
+    async def _fetch(self) -> list[NodeInfo] | None:
+        """The healthy nodes now; None when Consul could not be asked."""
         if self._consul is None:
-            return []
-        _, entries = await self._consul.health.service(GPU_SERVICE, passing=True)
+            return await self._from_redis()
+        try:
+            return await self._from_consul(self._consul)
+        except _consul_errors() as exc:
+            log.warning(
+                "cannot list %s services in Consul (%s: %s); %s",
+                GPU_SERVICE,
+                type(exc).__name__,
+                exc,
+                "nothing to fall back on"
+                if self._cached is None
+                else "keeping the nodes last seen",
+            )
+            return None
+
+    async def _from_consul(self, consul: Any) -> list[NodeInfo]:
+        _, entries = await consul.health.service(GPU_SERVICE, passing=True)
         return _parse(entry.get("Service", {}).get("Meta") or {} for entry in entries)
 
     async def _from_redis(self) -> list[NodeInfo]:
@@ -160,11 +191,18 @@ class NodeRegistry:
 
     async def _known(self, models: list[str]) -> dict[str, NodeInfo]:
         values = await self._redis.hmget(KNOWN_MODELS_KEY, models)  # type: ignore[misc]
-        return {
-            model: NodeInfo.model_validate_json(value)
-            for model, value in zip(models, values, strict=True)
-            if value is not None
-        }
+        known = {}
+        for model, value in zip(models, values, strict=True):
+            if value is None:
+                continue
+            try:
+                known[model] = NodeInfo.model_validate_json(value)
+            except ValidationError:
+                # Written by an older or newer release: generic defaults then.
+                log.warning(
+                    "ignoring a malformed entry for %r in %s", model, KNOWN_MODELS_KEY
+                )
+        return known
 
 
 def _parse(metas: Iterable[dict[str, Any]]) -> list[NodeInfo]:

@@ -9,7 +9,7 @@ from urllib.parse import urlsplit
 from pydantic import BaseModel, Field, field_validator
 from pydantic_settings import NoDecode
 
-from gpu_node.schemas import Tier
+from gpu_node.schemas import IMAGES_MAX, SIZE_MAX, STEPS_MAX, Tier
 from sdapi.settings import CommonSettings
 
 
@@ -53,7 +53,8 @@ class WebSettings(CommonSettings):
     openai_timeout: float = Field(default=300.0, gt=0, description="seconds")
     # How long the `url`s it answers with work without credentials (seconds).
     openai_url_ttl: int = Field(default=3600, ge=60, description="seconds")
-    # Trust X-Forwarded-For / X-Forwarded-Proto (only behind a proxy you run).
+    # Take the client address from X-Forwarded-For (only behind a proxy you
+    # run); it is what sign-in and sign-up throttling count by.
     trust_forwarded: bool = False
     # Origins allowed to use the session cookie (WebSocket, forms) besides
     # public_url's own.
@@ -63,14 +64,37 @@ class WebSettings(CommonSettings):
     signin_max_failures_per_email: int = Field(default=10, ge=1)
     signin_max_failures_per_client: int = Field(default=50, ge=1)
     signin_failure_window: int = Field(default=900, ge=1, description="seconds")
+    # Sign-ups (each costs a bcrypt hash and an email) per client address.
+    signup_max_per_client: int = Field(default=20, ge=1)
+    signup_window: int = Field(default=3600, ge=1, description="seconds")
+    # Password hashes and checks running at once; more wait their turn, so a
+    # burst of sign-ins cannot queue unbounded bcrypt work on the threads.
+    bcrypt_concurrency: int = Field(default=4, ge=1)
+    # Connections of the Redis pool that requests use (a request over it gets
+    # a 503), and of the separate pool that WebSocket relays wait on with
+    # blocking reads (a relay over it waits for a free connection).
+    redis_max_connections: int = Field(default=64, ge=2)
+    live_redis_connections: int = Field(default=64, ge=1)
+    # Generations one WebSocket may follow at once, and WebSockets one user
+    # may hold open on this process.
+    ws_max_relays: int = Field(default=32, ge=1)
+    ws_max_sockets_per_user: int = Field(default=8, ge=1)
+    # How often an open WebSocket re-checks that its token is still valid
+    # (seconds); a revoked or expired one closes it with 1008.
+    ws_recheck_s: float = Field(default=30.0, gt=0, description="seconds")
+    # Verification emails one user may ask to be re-sent: one per this long.
+    verify_resend_interval: int = Field(default=60, ge=1, description="seconds")
+    # How long a call to the Consul agent may take (seconds).
+    consul_timeout: float = Field(default=3.0, gt=0, description="seconds")
 
-    normal_max_size: int = Field(default=512, ge=64)
-    normal_max_steps: int = Field(default=50, ge=1)
-    normal_max_images: int = Field(default=4, ge=1)
+    # Tier limits; never above what a GPU node accepts (gpu_node.schemas).
+    normal_max_size: int = Field(default=512, ge=64, le=SIZE_MAX)
+    normal_max_steps: int = Field(default=50, ge=1, le=STEPS_MAX)
+    normal_max_images: int = Field(default=4, ge=1, le=IMAGES_MAX)
     normal_images_per_day: int = Field(default=50, ge=1)
-    premium_max_size: int = Field(default=1024, ge=64)
-    premium_max_steps: int = Field(default=150, ge=1)
-    premium_max_images: int = Field(default=8, ge=1)
+    premium_max_size: int = Field(default=1024, ge=64, le=SIZE_MAX)
+    premium_max_steps: int = Field(default=150, ge=1, le=STEPS_MAX)
+    premium_max_images: int = Field(default=8, ge=1, le=IMAGES_MAX)
     premium_images_per_day: int = Field(default=2000, ge=1)
     premium_max_in_flight: int = Field(default=4, ge=1)
 

@@ -1,10 +1,14 @@
-"""Sign-in throttling: failures per email and per client address, in Redis.
+"""Throttling of sign-ins and sign-ups: sliding windows of attempts, in Redis.
 
-Each key holds a sorted set of failure times (a sliding window). A caller over
-either limit is refused before the password is checked, so guessing learns
-nothing and costs us no bcrypt; Retry-After is when the oldest counted failure
-leaves the window. Only the newest `limit` failures are kept per key, so a
-flood cannot grow a key without bound.
+Each key holds a sorted set of attempt times (a sliding window). An attempt is
+reserved before any work is done, in one Lua script that checks every limit
+and counts the attempt against all of them atomically: of many concurrent
+tries, only as many as a limit allows get through, the rest are refused
+before a password is looked at (nothing learned, no bcrypt spent).
+Retry-After is when the oldest counted attempt leaves the window. Sign-in
+reservations that turn out to be successes are released again; failures stay
+counted. Only the newest `max_attempts` entries are kept per key, so a flood
+cannot grow a key without bound.
 """
 
 from __future__ import annotations
@@ -13,32 +17,84 @@ import hashlib
 import math
 import secrets
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 from aiohttp import web
 from redis.asyncio import Redis
 
 KEY_PREFIX = "sdapi:signin-failures"
+SIGNUP_KEY_PREFIX = "sdapi:signups"
+
+# KEYS: the limits' keys. ARGV: now, the attempt's member, then for each key
+# its max_attempts and window (seconds). Returns "0" when the attempt was
+# counted, else the seconds until every limit allows one (as a string: Redis
+# would truncate a Lua number to an integer).
+_RESERVE = """
+local now = tonumber(ARGV[1])
+local member = ARGV[2]
+local wait = 0
+for i, key in ipairs(KEYS) do
+  local max = tonumber(ARGV[1 + 2 * i])
+  local window = tonumber(ARGV[2 + 2 * i])
+  redis.call('ZREMRANGEBYSCORE', key, '-inf', now - window)
+  if redis.call('ZCARD', key) >= max then
+    local oldest = redis.call('ZRANGE', key, 0, 0, 'WITHSCORES')
+    local frees = tonumber(oldest[2]) + window - now
+    if frees > wait then wait = frees end
+  end
+end
+if wait > 0 then
+  return tostring(wait)
+end
+for i, key in ipairs(KEYS) do
+  local max = tonumber(ARGV[1 + 2 * i])
+  local window = tonumber(ARGV[2 + 2 * i])
+  redis.call('ZADD', key, now, member)
+  redis.call('ZREMRANGEBYRANK', key, 0, -(max + 1))
+  redis.call('EXPIRE', key, math.ceil(window) + 1)
+end
+return '0'
+"""
 
 
 @dataclass(frozen=True)
 class Limit:
-    """At most `max_failures` failures for one key within `window_s` seconds."""
+    """At most `max_attempts` attempts for one key within `window_s` seconds."""
 
     key: str
-    max_failures: int
+    max_attempts: int
     window_s: int
 
 
+@dataclass(frozen=True)
+class Reservation:
+    """The outcome of `reserve`: an attempt counted, or the wait until one is."""
+
+    # The attempt's entry in every limit's key; None when refused.
+    member: str | None
+    # Seconds until every limit allows another attempt (0 when granted).
+    retry_after: int
+
+    @property
+    def granted(self) -> bool:
+        return self.member is not None
+
+
 def email_limit(email_key: str, *, max_failures: int, window_s: int) -> Limit:
-    """The limit for one account name (hashed: Redis never holds the address)."""
+    """The sign-in limit of one account name (hashed: Redis never holds it)."""
     digest = hashlib.sha256(email_key.encode()).hexdigest()
     return Limit(f"{KEY_PREFIX}:email:{digest}", max_failures, window_s)
 
 
 def client_limit(address: str, *, max_failures: int, window_s: int) -> Limit:
-    """The limit for one client address."""
+    """The sign-in limit of one client address."""
     return Limit(f"{KEY_PREFIX}:client:{address}", max_failures, window_s)
+
+
+def signup_limit(address: str, *, max_signups: int, window_s: int) -> Limit:
+    """The sign-up limit of one client address."""
+    return Limit(f"{SIGNUP_KEY_PREFIX}:client:{address}", max_signups, window_s)
 
 
 def client_address(request: web.Request, *, trust_forwarded: bool) -> str:
@@ -55,44 +111,35 @@ def client_address(request: web.Request, *, trust_forwarded: bool) -> str:
     return request.remote or "unknown"
 
 
-async def retry_after(
-    redis: Redis, limits: list[Limit], *, now: float | None = None
-) -> int:
-    """Seconds until every limit allows another try; 0 when none is exceeded."""
+async def reserve(
+    redis: Redis, limits: Sequence[Limit], *, now: float | None = None
+) -> Reservation:
+    """Count one attempt against every limit, unless one of them is spent."""
     now = time.time() if now is None else now
-    wait = 0.0
+    member = f"{now:.6f}:{secrets.token_hex(8)}"
+    args: list[str | int | float] = [repr(now), member]
+    for limit in limits:
+        args.extend([limit.max_attempts, limit.window_s])
+    script = redis.register_script(_RESERVE)
+    reply = await script(keys=[limit.key for limit in limits], args=args)
+    wait = float(reply.decode() if isinstance(reply, bytes) else reply)
+    if wait > 0:
+        return Reservation(member=None, retry_after=max(1, math.ceil(wait)))
+    return Reservation(member=member, retry_after=0)
+
+
+async def release(
+    redis: Redis, reservation: Reservation, limits: Sequence[Limit]
+) -> None:
+    """Stop counting a reserved attempt against `limits` (it was no failure)."""
+    if reservation.member is None or not limits:
+        return
     async with redis.pipeline(transaction=False) as pipe:
         for limit in limits:
-            pipe.zremrangebyscore(limit.key, "-inf", now - limit.window_s)
-            pipe.zcard(limit.key)
-            pipe.zrange(limit.key, 0, 0, withscores=True)
-        results = await pipe.execute()
-    for index, limit in enumerate(limits):
-        count = int(results[index * 3 + 1])
-        oldest = results[index * 3 + 2]
-        if count >= limit.max_failures and oldest:
-            frees_at = float(oldest[0][1]) + limit.window_s
-            wait = max(wait, frees_at - now)
-    return math.ceil(wait) if wait > 0 else 0
-
-
-async def record_failure(
-    redis: Redis, limits: list[Limit], *, now: float | None = None
-) -> None:
-    """Count one failed sign-in against every limit."""
-    now = time.time() if now is None else now
-    async with redis.pipeline(transaction=True) as pipe:
-        for limit in limits:
-            member = f"{now:.6f}:{secrets.token_hex(4)}"
-            pipe.zadd(limit.key, {member: now})
-            pipe.zremrangebyscore(limit.key, "-inf", now - limit.window_s)
-            # Keep the newest max_failures entries: enough to decide and to
-            # compute Retry-After.
-            pipe.zremrangebyrank(limit.key, 0, -(limit.max_failures + 1))
-            pipe.expire(limit.key, limit.window_s + 1)
+            pipe.zrem(limit.key, reservation.member)
         await pipe.execute()
 
 
 async def clear(redis: Redis, limit: Limit) -> None:
-    """Forget the failures of one key (after a successful sign-in)."""
+    """Forget every attempt of one key (after a successful sign-in)."""
     await redis.delete(limit.key)

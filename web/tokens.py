@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import hashlib
 import secrets
+import uuid
 from datetime import datetime, timedelta
+
+from tortoise.queryset import QuerySet
 
 from web.models import ApiToken, TokenKind, User, utcnow
 
@@ -36,36 +39,60 @@ async def issue_token(
     return secret, token
 
 
+def live_tokens(now: datetime | None = None) -> QuerySet[ApiToken]:
+    """Tokens neither revoked nor expired at `now`: the only ones that work."""
+    return ApiToken.filter(revoked_at=None, expires_at__gt=now or utcnow())
+
+
 async def find_token(secret: str, *, now: datetime | None = None) -> ApiToken | None:
     """The live token (with its user) for `secret`, or None."""
     if not secret.startswith(TOKEN_PREFIX) or len(secret) > 200:
         return None
-    now = now or utcnow()
     return (
-        await ApiToken.filter(
-            token_hash=hash_secret(secret), revoked_at=None, expires_at__gt=now
-        )
+        await live_tokens(now)
+        .filter(token_hash=hash_secret(secret))
         .select_related("user")
         .first()
     )
+
+
+def _token_uuid(token_id: uuid.UUID | str) -> uuid.UUID | None:
+    if isinstance(token_id, uuid.UUID):
+        return token_id
+    try:
+        return uuid.UUID(token_id)
+    except ValueError:
+        return None
 
 
 async def find_token_by_id(
-    token_id: str, *, now: datetime | None = None
+    token_id: uuid.UUID | str,
+    *,
+    kind: TokenKind | None = None,
+    now: datetime | None = None,
 ) -> ApiToken | None:
-    """The live session token with id `token_id` (from a session), or None."""
+    """The live token (with its user) with id `token_id` (of `kind`), or None."""
+    ident = _token_uuid(token_id)
+    if ident is None:
+        return None
+    query = live_tokens(now).filter(id=ident)
+    if kind is not None:
+        query = query.filter(kind=kind)
+    return await query.select_related("user").first()
+
+
+async def revoke_token(
+    token_id: uuid.UUID | str,
+    *,
+    kind: TokenKind | None = None,
+    now: datetime | None = None,
+) -> None:
+    """Stop the token with id `token_id` (of `kind`) working at once."""
+    ident = _token_uuid(token_id)
+    if ident is None:
+        return
     now = now or utcnow()
-    return (
-        await ApiToken.filter(
-            id=token_id, kind=TokenKind.SESSION, revoked_at=None, expires_at__gt=now
-        )
-        .select_related("user")
-        .first()
-    )
-
-
-async def revoke_token(token: ApiToken, *, now: datetime | None = None) -> None:
-    """Stop `token` working at once."""
-    await ApiToken.filter(id=token.id, revoked_at=None).update(
-        revoked_at=now or utcnow()
-    )
+    query = live_tokens(now).filter(id=ident)
+    if kind is not None:
+        query = query.filter(kind=kind)
+    await query.update(revoked_at=now)

@@ -15,9 +15,17 @@ from pathlib import Path
 
 import aiohttp
 import pytest
+import redis
 
-from sdapi.embedded import SERVICES_FILE, running_services
-from sdapi.mailsink import free_port
+from sdapi.dev import LINE_LIMIT, READ_CHUNK, Plan, mask_password, relay_lines
+from sdapi.embedded import (
+    SERVICES_FILE,
+    EmbeddedValkey,
+    _create_database,
+    embedded_postgres,
+    running_services,
+)
+from sdapi.net import free_port
 from tests.e2e.conftest import make_user, sdapi_env
 from web.db import open_database
 
@@ -59,14 +67,14 @@ def read_line(process: subprocess.Popen[bytes], timeout: float) -> str:
     pytest.fail(f"sdapi dev printed nothing in {timeout}s")
 
 
-def stop_dev(process: subprocess.Popen[bytes]) -> int:
-    process.send_signal(signal.SIGINT)
+def stop_dev(process: subprocess.Popen[bytes], sig: int = signal.SIGINT) -> int:
+    process.send_signal(sig)
     try:
         return process.wait(timeout=STOP_TIMEOUT_S)
     except subprocess.TimeoutExpired:
         process.kill()
         process.wait()
-        pytest.fail("sdapi dev did not stop on SIGINT")
+        pytest.fail(f"sdapi dev did not stop on {signal.Signals(sig).name}")
     finally:
         if process.stdout is not None:
             process.stdout.close()
@@ -145,8 +153,11 @@ def test_dev_starts_serves_and_stops_cleanly(
         with selectors.DefaultSelector() as selector:
             selector.register(process.stdout, selectors.EVENT_READ)
             assert not selector.select(timeout=0.2)
+        # Valkey keeps an append-only file: queued work survives a restart.
+        assert "appendonly yes" in (data_dir / "valkey" / "valkey.conf").read_text()
     finally:
-        code = stop_dev(process)
+        # SIGHUP: the terminal dev runs in was closed.
+        code = stop_dev(process, signal.SIGHUP)
     assert code == 0
     assert ready_after < START_TIMEOUT_S
     assert not (data_dir / SERVICES_FILE).exists()
@@ -154,6 +165,9 @@ def test_dev_starts_serves_and_stops_cleanly(
     log = (data_dir.parent / "data.stderr").read_text()
     for name in ("web", "jobs", "gpu-node"):
         assert re.search(rf"^{re.escape(name)}\s*\| ", log, re.MULTILINE), name
+    # The node hands its work over first, jobs stores it, web goes last.
+    stops = re.findall(r"sdapi\.dev: stopping (\S+)$", log, re.MULTILINE)
+    assert stops == ["gpu-node", "jobs", "web"]
 
 
 def test_dev_stops_everything_when_a_child_dies(
@@ -174,3 +188,142 @@ def test_dev_stops_everything_when_a_child_dies(
     assert re.search(r"gpu-node exited with status \d+; stopping the rest", log)
     assert not (data_dir / SERVICES_FILE).exists()
     assert processes_using(data_dir) == []
+
+
+def children_of(pid: int) -> dict[int, str]:
+    """Live (not zombie) child processes of `pid`: their command lines."""
+    found = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            state, ppid = (entry / "stat").read_text().rsplit(")", 1)[1].split()[:2]
+            cmdline = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode()
+        except (OSError, ValueError):
+            continue
+        if int(ppid) == pid and state != "Z":
+            found[int(entry.name)] = cmdline
+    return found
+
+
+def is_running(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state != "Z"
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="needs /proc")
+def test_dev_killed_leaves_no_process_behind(
+    tmp_path_factory: pytest.TempPathFactory, e2e_model_dir: Path
+) -> None:
+    data_dir = tmp_path_factory.mktemp("dev-kill") / "data"
+    process = start_dev(data_dir, e2e_model_dir)
+    try:
+        read_line(process, START_TIMEOUT_S)
+        children = children_of(process.pid)
+        commands = " ".join(children.values())
+        for name in ("sdapi web", "sdapi jobs", "sdapi gpu-node", "valkey-server"):
+            assert name in commands, children
+        process.kill()
+        process.wait()
+        deadline = time.monotonic() + 15
+        while any(is_running(pid) for pid in children):
+            if time.monotonic() > deadline:
+                left = [cmd for pid, cmd in children.items() if is_running(pid)]
+                pytest.fail(f"still running 15 s after dev was killed: {left}")
+            time.sleep(0.1)
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+        if process.stdout is not None:
+            process.stdout.close()
+    # PostgreSQL runs in a session of its own and outlives dev; the next user
+    # of the folder attaches to it, and (the killed dev forgotten) stops it.
+    with embedded_postgres(data_dir):
+        pass
+    assert processes_using(data_dir) == []
+
+
+async def test_output_lines_are_relayed_whole_however_long() -> None:
+    stream = asyncio.StreamReader()
+    long_line = b"x" * (3 * LINE_LIMIT + 10)
+    stream.feed_data(b"first\n" + long_line + b"\nsecond\nno newline at the end")
+    stream.feed_eof()
+    written: list[bytes] = []
+
+    async def write(data: bytes) -> None:
+        written.append(data)
+
+    await relay_lines("web", stream, write)
+    prefix = b"web     | "
+    lines = b"".join(written).split(b"\n")
+    assert lines[-1] == b""
+    assert all(line.startswith(prefix) for line in lines[:-1])
+    texts = [line.removeprefix(prefix) for line in lines[:-1]]
+    assert texts[0] == b"first"
+    assert texts[-2:] == [b"second", b"no newline at the end"]
+    # An over-long line comes through in pieces, none of it lost.
+    pieces = texts[1:-2]
+    assert len(pieces) > 1
+    assert all(len(piece) <= LINE_LIMIT + READ_CHUNK for piece in pieces)
+    assert b"".join(pieces) == long_line
+
+
+def test_the_banner_hides_the_smtp_password() -> None:
+    url = "smtp://mailer:s3cr%40t@mail.example.org:587?starttls=true"
+    masked = mask_password(url)
+    assert "s3cr" not in masked
+    assert masked == "smtp://mailer:***@mail.example.org:587?starttls=true"
+    assert mask_password("smtp://127.0.0.1:2525") == "smtp://127.0.0.1:2525"
+    plan = Plan("http://h:1", "http://h:1/readyz", url, "node", "redis://r", {})
+    assert "s3cr" not in plan.banner()
+
+
+class FakePsql:
+    """What psql prints, in a locale whose words are not English."""
+
+    def __init__(self, databases: set[str]) -> None:
+        self.databases = databases
+        self.commands: list[str] = []
+
+    def psql(self, command: str) -> str:
+        self.commands.append(command)
+        if not command.startswith("SELECT"):
+            return "CREATE DATABASE\n"
+        # SELECT '<value>' FROM pg_database WHERE datname = '<name>';
+        value, name = command.split("'")[1::2]
+        rows = [f" {value}\n"] if name in self.databases else []
+        return " ?column? \n---\n" + "".join(rows) + f"({len(rows)} Zeile)\n"
+
+
+def test_the_embedded_database_is_created_once_in_any_locale() -> None:
+    present = FakePsql({"sdapi"})
+    _create_database(present, "sdapi")
+    assert len(present.commands) == 1
+    absent = FakePsql(set())
+    _create_database(absent, "sdapi")
+    assert absent.commands[-1] == 'CREATE DATABASE "sdapi";'
+
+
+def test_embedded_valkey_can_keep_its_data_across_a_restart(tmp_path: Path) -> None:
+    server = EmbeddedValkey(tmp_path / "durable", appendonly=True)
+    with server:
+        client = redis.Redis.from_url(server.url)
+        client.set("kept", b"1")
+        client.close()
+    with server:
+        client = redis.Redis.from_url(server.url)
+        assert client.get("kept") == b"1"
+        client.close()
+    volatile = EmbeddedValkey(tmp_path / "volatile")
+    with volatile:
+        client = redis.Redis.from_url(volatile.url)
+        client.set("lost", b"1")
+        client.close()
+    with volatile:
+        client = redis.Redis.from_url(volatile.url)
+        assert client.get("lost") is None
+        client.close()

@@ -23,8 +23,7 @@ from gpu_node.work import CallItem, PipelineCall
 
 class Quiet:
     def before_start(self): pass
-    def preview_keys(self, step): return []
-    def on_step(self, step, total, previews): pass
+    def on_step(self, step, total, preview): pass
 
 location = store.locate_model("tiny", Path(sys.argv[1]))
 pipeline.prepare_model(location)

@@ -2,15 +2,19 @@
 
 from __future__ import annotations
 
+import gc
 import itertools
 import threading
 import time
+import weakref
+from typing import Any
 
 import pytest
 
 from gpu_node.executor import GpuExecutor
-from gpu_node.progress import CallObserver
+from gpu_node.progress import CallObserver, ItemProgress
 from gpu_node.schemas import ProgressEvent
+from gpu_node.work import CallStopped
 
 
 def test_premium_overtakes_queued_batches_and_nests_at_steps() -> None:
@@ -69,37 +73,141 @@ def test_errors_reach_the_caller() -> None:
         executor.shutdown(5)
 
 
-def test_progress_is_throttled_but_the_last_step_always_goes() -> None:
-    class Publisher:
-        def __init__(self) -> None:
-            self.events: list[ProgressEvent] = []
+class _Publisher:
+    def __init__(self) -> None:
+        self.events: list[tuple[str, ProgressEvent]] = []
 
-        def emit(self, key: str, event: ProgressEvent) -> None:
-            self.events.append(event)
+    def emit(self, key: str, event: ProgressEvent) -> None:
+        self.events.append((key, event))
 
-    class NoCancels:
-        def cancelled(self, ids: list[str]) -> set[str]:
-            return set()
 
-    publisher = Publisher()
-    observer = CallObserver(
-        ["g"],
+class _NoCancels:
+    def cancelled(self, ids: list[str]) -> set[str]:
+        return set()
+
+
+def _observer(
+    progress: dict[str, ItemProgress], publisher: _Publisher, **options: Any
+) -> CallObserver:
+    values: dict[str, Any] = {"preview_every": 0, "min_interval_s": 0.0}
+    values.update(options)
+    return CallObserver(
+        progress,
         publisher,  # type: ignore[arg-type]
-        NoCancels(),  # type: ignore[arg-type]
-        preview_every=2,
-        min_interval_s=0.05,
+        _NoCancels(),  # type: ignore[arg-type]
+        **values,
     )
-    asked = []
+
+
+def test_progress_is_throttled_but_the_last_step_always_goes() -> None:
+    publisher = _Publisher()
+    observer = _observer(
+        {"g": ItemProgress(10)}, publisher, preview_every=2, min_interval_s=0.05
+    )
+    rendered: list[int] = []
+
+    def preview(key: str) -> bytes:
+        rendered.append(len(rendered))
+        return b"jpeg"
+
     for step in range(1, 11):
-        keys = observer.preview_keys(step)
-        asked.append(bool(keys))
-        observer.on_step(step, 10, dict.fromkeys(keys, b"jpeg"))
+        observer.on_step(step, 10, preview)
         time.sleep(0.02)
-    steps = [event.step for event in publisher.events]
+    steps = [event.step for _, event in publisher.events]
     # 20 ms steps against a 50 ms interval: about every third step, then the last.
     assert steps[0] == 1 and steps[-1] == 10
     assert 3 <= len(steps) <= 6
     # (gaps between throttled sends; the last step may follow any step)
     assert all(b - a >= 2 for a, b in itertools.pairwise(steps[:-1]))
-    # Previews are only computed for steps that are sent.
-    assert sum(asked) == sum(event.preview is not None for event in publisher.events)
+    # Previews are only rendered for steps that are sent.
+    assert len(rendered) == sum(e.preview is not None for _, e in publisher.events)
+
+
+def test_progress_counts_in_the_generations_steps_across_calls() -> None:
+    publisher = _Publisher()
+    # Five steps, images in two calls; PNDM runs one more iteration per call.
+    item = ItemProgress(5, calls=2)
+    for _call in range(2):
+        observer = _observer({"g": item}, publisher)
+        for step in range(1, 7):
+            observer.on_step(step, 6, lambda key: None)
+        item.call_done()
+    reported = [(e.step, e.total) for _, e in publisher.events]
+    assert reported == [(1, 5), (2, 5), (3, 5), (4, 5), (5, 5)]
+
+    # Out of memory in the first of two calls: it is split in two and run
+    # again, and progress never goes back.
+    publisher.events.clear()
+    item = ItemProgress(4, calls=2)
+    observer = _observer({"g": item}, publisher)
+    for step in range(1, 4):
+        observer.on_step(step, 4, lambda key: None)
+    item.resplit(2)
+    for _call in range(3):
+        observer = _observer({"g": item}, publisher)
+        for step in range(1, 5):
+            observer.on_step(step, 4, lambda key: None)
+        item.call_done()
+    steps = [e.step for _, e in publisher.events]
+    assert steps == sorted(set(steps)) and steps[-1] == 4
+    assert {e.total for _, e in publisher.events} == {4}
+
+
+def test_a_lost_claim_stops_the_call_at_the_next_step() -> None:
+    stop = threading.Event()
+    observer = _observer({"g": ItemProgress(3)}, _Publisher(), stop=stop)
+    observer.on_step(1, 3, lambda key: None)
+    stop.set()
+    with pytest.raises(CallStopped):
+        observer.on_step(2, 3, lambda key: None)
+
+
+def test_time_in_nested_premium_calls_is_counted() -> None:
+    executor = GpuExecutor()
+    batch_running = threading.Event()
+    premium_waiting = threading.Event()
+    try:
+
+        def batch() -> float:
+            batch_running.set()
+            premium_waiting.wait(5)
+            return executor.run_pending_premium()
+
+        outer = executor.submit(batch, premium=False)
+        batch_running.wait(5)
+        nested = executor.submit(lambda: time.sleep(0.2), premium=True)
+        premium_waiting.set()
+        nested.result(5)
+        assert outer.result(5) >= 0.2
+    finally:
+        executor.shutdown(5)
+
+
+def test_a_failed_call_keeps_nothing_alive() -> None:
+    # A failed call's frames (on a GPU: its activations and latents) must be
+    # freed when the caller lets go of the error, not at a later collection.
+    executor = GpuExecutor()
+
+    class Held:
+        pass
+
+    refs: list[weakref.ref[Held]] = []
+
+    def fail() -> None:
+        held = Held()
+        refs.append(weakref.ref(held))
+        raise ValueError("out of memory")
+
+    gc.disable()
+    try:
+        future = executor.submit(fail, premium=True)
+        assert isinstance(future.exception(5), ValueError)
+        del future
+        # The thread lets go of the task once it is back waiting for work.
+        deadline = time.monotonic() + 5
+        while refs[0]() is not None and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert refs[0]() is None
+    finally:
+        gc.enable()
+        executor.shutdown(5)

@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pytest
 import redis.asyncio
 from PIL import Image
 
@@ -42,10 +43,7 @@ class _Quiet:
     def before_start(self) -> None:
         pass
 
-    def preview_keys(self, step: int) -> list[str]:
-        return []
-
-    def on_step(self, step: int, total: int, previews: Any) -> None:
+    def on_step(self, step: int, total: int, preview: Any) -> None:
         pass
 
 
@@ -425,3 +423,170 @@ async def test_job_timeout_stops_the_call_and_fails_it(
         if isinstance(e, ProgressEvent)
     ]
     assert max(steps, default=0) < 500
+
+
+async def test_a_second_run_keeps_the_first_runs_pngs(
+    node: Any, client: redis.asyncio.Redis
+) -> None:
+    # A run that lost its lease, or a re-enqueue, may draw other bytes on a
+    # GPU: every result of the generation describes the PNG stored first.
+    request = job(steps=2, num_images=2)
+    buffer = io.BytesIO()
+    Image.new("RGB", (64, 64), "red").save(buffer, format="PNG")
+    first = buffer.getvalue()
+    await client.set(image_key(request.generation_id, 0), first)
+    await enqueue_generation(client, request)
+    result = await result_of(client, request.generation_id)
+
+    assert result.status is Status.SUCCEEDED
+    kept, made = result.images
+    assert (kept.sha256, kept.size_bytes) == (sha256_hex(first), len(first))
+    assert await client.get(image_key(request.generation_id, 0)) == first
+    assert 0 < await client.ttl(image_key(request.generation_id, 0))
+    second = await client.get(image_key(request.generation_id, 1))
+    assert second is not None and sha256_hex(second) == made.sha256
+    events = [e for _, e in await events_of(client, request.generation_id)]
+    assert [e.sha256 for e in events if isinstance(e, ImageEvent)] == [
+        kept.sha256,
+        made.sha256,
+    ]
+
+
+async def test_a_failed_start_notice_keeps_the_work(
+    node: Any, client: redis.asyncio.Redis, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    async def unavailable(item: Any) -> None:
+        raise RuntimeError("the jobs queue is unavailable")
+
+    monkeypatch.setattr(node, "_mark_started", unavailable)
+    request = job(steps=2)
+    await enqueue_generation(client, request)
+    result = await result_of(client, request.generation_id)
+    assert result.status is Status.SUCCEEDED and len(result.images) == 1
+
+
+async def test_pndm_progress_counts_the_requested_steps(
+    node: Any, client: redis.asyncio.Redis
+) -> None:
+    # PNDM runs one denoising iteration more than the steps asked for.
+    request = job(scheduler="pndm", steps=4)
+    await enqueue_generation(client, request)
+    result = await result_of(client, request.generation_id)
+    assert result.status is Status.SUCCEEDED
+    progress = [
+        (e.step, e.total)
+        for _, e in await events_of(client, request.generation_id)
+        if isinstance(e, ProgressEvent)
+    ]
+    assert progress == [(s, 4) for s in range(1, 5)]
+    assert await client.hgetall(progress_key(request.generation_id)) == {
+        b"step": b"4",
+        b"total": b"4",
+    }
+
+
+async def test_images_split_over_calls_report_progress_once_through(
+    node: Any, client: redis.asyncio.Redis
+) -> None:
+    # Six images on a node of batch 4: two calls, one progress bar.
+    request = job(steps=3, num_images=6)
+    await enqueue_generation(client, request)
+    result = await result_of(client, request.generation_id)
+    assert result.status is Status.SUCCEEDED and len(result.images) == 6
+    progress = [
+        (e.step, e.total)
+        for _, e in await events_of(client, request.generation_id)
+        if isinstance(e, ProgressEvent)
+    ]
+    assert progress == [(1, 3), (2, 3), (3, 3)]
+
+
+async def test_a_payload_past_the_bounds_fails_its_generations(
+    node: Any, client: redis.asyncio.Redis
+) -> None:
+    from arq.jobs import Job
+
+    from gpu_node.schemas import (
+        BATCH_FUNCTION,
+        GENERATE_FUNCTION,
+        batch_queue,
+        premium_queue,
+    )
+    from sdapi.queue import deserialize
+
+    alone = job(attempt=2)
+    payload = alone.model_dump(mode="json")
+    payload["params"]["steps"] = 100_000
+    await client.enqueue_job(  # type: ignore[attr-defined]
+        GENERATE_FUNCTION, payload, _job_id="huge", _queue_name=premium_queue("tiny")
+    )
+    good, bad = job(Tier.NORMAL), job(Tier.NORMAL)
+    batch = BatchJob(batch_id=good.generation_id, model="tiny", items=[good, bad])
+    batch_payload = batch.model_dump(mode="json")
+    batch_payload["items"][1]["params"]["num_images"] = 1000
+    await client.enqueue_job(  # type: ignore[attr-defined]
+        BATCH_FUNCTION,
+        batch_payload,
+        _job_id="huge-batch",
+        _queue_name=batch_queue("tiny"),
+    )
+
+    result = await result_of(client, alone.generation_id, attempt=2)
+    assert result.status is Status.FAILED and result.error is not None
+    assert result.error.code == "invalid_request"
+    assert "params.steps" in result.error.message
+    for item in (good, bad):
+        failed = await result_of(client, item.generation_id)
+        assert failed.status is Status.FAILED and failed.error is not None
+        assert failed.error.code == "invalid_request"
+    arq_job = Job(
+        "huge", client, _queue_name=premium_queue("tiny"), _deserializer=deserialize
+    )
+    info = await wait_for(arq_job.result_info, timeout=10)
+    assert info.success is False and "InvalidPayload" in str(info.result)
+
+
+async def test_a_lost_claim_stops_the_job_undelivered(
+    models_dir: Path,
+    clean_redis: str,
+    tiny_engine: Engine,
+    client: redis.asyncio.Redis,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from arq.jobs import Job
+
+    from gpu_node.schemas import premium_queue, result_job_id
+    from sdapi.queue import deserialize
+    from tests.gpu_node.support import queued_payload
+
+    settings = node_settings(models_dir, clean_redis, gpu_job_lease_s=2)
+    request = job(width=128, height=128, steps=300)
+    async with running_node(settings, clean_redis, tiny_engine) as node:
+        await enqueue_generation(client, request)
+
+        async def at_step_3() -> bool:
+            events = await events_of(client, request.generation_id)
+            return any(isinstance(e, ProgressEvent) and e.step >= 3 for _, e in events)
+
+        await wait_for(at_step_3)
+
+        # This node's claim expired and another node's now stands in its place.
+        async def expired(*args: Any, **kwargs: Any) -> int:
+            return 0
+
+        monkeypatch.setattr(node.resources.redis, "pexpire", expired)
+        arq_job = Job(
+            str(request.generation_id),
+            client,
+            _queue_name=premium_queue("tiny"),
+            _deserializer=deserialize,
+        )
+        info = await wait_for(arq_job.result_info, timeout=30)
+    assert info.result == "lease lost"
+    assert await queued_payload(client, result_job_id(request.generation_id)) is None
+    steps = [
+        e.step
+        for _, e in await events_of(client, request.generation_id)
+        if isinstance(e, ProgressEvent)
+    ]
+    assert max(steps) < 300

@@ -5,8 +5,10 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
+import socket
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -248,3 +250,54 @@ async def _started_by(
     events = await events_of(client, generation_id)
     found = any(getattr(e, "node_id", None) == node for _, e in events)
     return time.monotonic() if found else 0.0
+
+
+async def test_a_slow_announcer_outlives_its_interval(
+    models_dir: Path, clean_redis: str, tiny_engine: Engine, client: redis.asyncio.Redis
+) -> None:
+    # Refreshed every 30 s, a 15 s announcement would be gone half the time.
+    settings = node_settings(
+        models_dir,
+        clean_redis,
+        node_id="slow-announcer",
+        gpu_announce_every_s=30,
+        gpu_consul_ttl_s=60,
+    )
+    async with running_node(settings, clean_redis, tiny_engine):
+        assert 60 < await client.ttl(node_key("slow-announcer")) <= 90
+    with pytest.raises(SettingsError, match="SDAPI_GPU_CONSUL_TTL_S"):
+        node_settings(models_dir, clean_redis, gpu_announce_every_s=30)
+
+
+async def test_a_failed_start_releases_what_it_opened(
+    models_dir: Path, clean_redis: str, tiny_engine: Engine, client: redis.asyncio.Redis
+) -> None:
+    from gpu_node.worker import GpuNode
+
+    taken = socket.socket()
+    taken.bind(("127.0.0.1", 0))
+    taken.listen()
+    try:
+        port = taken.getsockname()[1]
+        settings = node_settings(
+            models_dir, clean_redis, node_id="port-taken", gpu_health_port=port
+        )
+        node = GpuNode(settings, clean_redis, engine=tiny_engine)
+        with pytest.raises(OSError):
+            await node.start()
+    finally:
+        taken.close()
+    assert not any(t.name == "gpu-tiny" for t in threading.enumerate())
+    assert not [
+        t
+        for t in asyncio.all_tasks()
+        if t.get_name() in {"event-publisher", "pubsub", "cancel-recheck"}
+    ]
+    assert (
+        node.metrics.registry.get_sample_value(
+            "sdapi_gpu_model_loaded", {"model": "tiny"}
+        )
+        is None
+    )
+    assert not await client.exists(node_key("port-taken"))
+    await node.close()  # nothing left to close

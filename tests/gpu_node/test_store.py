@@ -91,9 +91,6 @@ def test_local_model_folder_is_served_under_its_name(
 
     class Quiet:
         def before_start(self) -> None: ...
-        def preview_keys(self, step: int) -> list[str]:
-            return []
-
         def on_step(self, *args: object) -> None: ...
 
     images = engine.run(call, Quiet())

@@ -8,33 +8,36 @@ import uuid
 from datetime import timedelta
 from typing import Any
 
+import pytest
 from arq.connections import ArqRedis
 from arq.constants import job_key_prefix
 
 from gpu_node.schemas import (
     BATCH_FUNCTION,
     BatchJob,
+    DoneEvent,
     QueuedEvent,
     Status,
     Tier,
     batch_job_id,
     batch_queue,
 )
+from jobs import dispatcher
 from jobs.dispatcher import dispatch_due, generation_job, plan_batches, send_batch
 from jobs.settings import JobsSettings
 from jobs.worker import JobsResources
 from sdapi.events import read_events
+from sdapi.net import free_port
 from sdapi.queue import deserialize
 from tests.jobs.conftest import (
     MODEL,
     announce_node,
-    free_port,
     make_generation,
     make_resources,
     make_user,
 )
 from web.db import open_database
-from web.models import Generation, utcnow
+from web.models import Generation, OutboxEmail, utcnow
 
 
 async def queued_batches(res: JobsResources, model: str = MODEL) -> list[BatchJob]:
@@ -60,10 +63,13 @@ async def queued_batches(res: JobsResources, model: str = MODEL) -> list[BatchJo
 
 
 async def take_from_queue(res: JobsResources, batch: BatchJob) -> None:
-    """What a node does when it finishes a batch job: it leaves the queue."""
+    """A batch finished: its job left the queue and its results were stored."""
     job_id = batch_job_id(batch.batch_id, batch.attempt)
     await res.redis.zrem(batch_queue(batch.model), job_id)
     await res.redis.delete(job_key_prefix + job_id)
+    await Generation.filter(id__in=[item.generation_id for item in batch.items]).update(
+        status=Status.SUCCEEDED, finished_at=utcnow(), deadline=None
+    )
 
 
 async def test_groups_by_parameters_and_cuts_by_images(
@@ -322,19 +328,19 @@ async def test_a_failed_enqueue_leaves_rows_queued_for_the_reconciler(
 
 
 def test_plan_batches_keeps_groups_apart_and_oldest_first() -> None:
-    def row(steps: int, images: int, attempts: int = 0) -> Generation:
+    def row(steps: int, images: int, scheduler: str = "euler") -> Generation:
         return Generation(
             id=uuid.uuid4(),
             width=64,
             height=64,
             steps=steps,
             guidance_scale=5.0,
-            scheduler="euler",
+            scheduler=scheduler,
             num_images=images,
-            attempts=attempts,
+            attempts=0,
         )
 
-    rows = [row(2, 1), row(3, 1), row(2, 2), row(2, 1, attempts=1), row(2, 2)]
+    rows = [row(2, 1), row(3, 1), row(2, 2), row(2, 1, "ddim"), row(2, 2)]
     plan = plan_batches(rows, max_batch=3)
     assert [[r.id for r in b.rows] for b in plan] == [
         [rows[0].id, rows[2].id],
@@ -343,3 +349,91 @@ def test_plan_batches_keeps_groups_apart_and_oldest_first() -> None:
         [rows[4].id],
     ]
     assert [b.images for b in plan] == [3, 1, 1, 2]
+
+
+async def test_two_dispatchers_never_overfill_the_batch_queue(
+    jobs_settings: JobsSettings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Each round locks only two rows, so the other process finds rows of its own.
+    settings = jobs_settings.model_copy(update={"dispatch_scan_limit": 2})
+    async with contextlib.AsyncExitStack() as stack:
+        await stack.enter_async_context(open_database(settings.database_url or ""))
+        build = make_resources(settings, stack)
+        first, second = await build(), await build()
+        await announce_node(first, max_batch=1)
+        user = await make_user()
+        for i in range(8):
+            await make_generation(user, seed=i)
+        # Each process enqueues a while after its commit, as under load: the
+        # other one must count the committed batches, not only Redis's jobs.
+        real_send = dispatcher.send_batch
+
+        async def slow_send(res: JobsResources, batch: BatchJob) -> bool:
+            await asyncio.sleep(0.2)
+            return await real_send(res, batch)
+
+        monkeypatch.setattr(dispatcher, "send_batch", slow_send)
+        sent = await asyncio.gather(dispatch_due(first), dispatch_due(second))
+
+        # One node, two batches per node.
+        assert sum(sent) == 2
+        assert await first.redis.zcard(batch_queue(MODEL)) == 2
+        assert await Generation.filter(status=Status.QUEUED).count() == 2
+
+
+async def test_a_row_that_cannot_become_a_job_fails_and_the_rest_go(
+    jobs_resources: JobsResources,
+) -> None:
+    res = jobs_resources
+    await announce_node(res, max_batch=4)
+    user = await make_user()
+    good = await make_generation(user, seed=1)
+    lacking = await make_generation(user, seed=2)
+    invalid = await make_generation(user, seed=3)
+    request = dict(lacking.request)
+    del request["prompt"]
+    await Generation.filter(id=lacking.id).update(request=request)
+    await Generation.filter(id=invalid.id).update(
+        request={**invalid.request, "width": "wide"}
+    )
+
+    assert await dispatch_due(res) == 1
+
+    [batch] = await queued_batches(res)
+    assert [item.generation_id for item in batch.items] == [good.id]
+    for row in (lacking, invalid):
+        stored = await Generation.get(id=row.id)
+        assert stored.status is Status.FAILED
+        assert stored.error_code == "internal_error"
+        assert stored.error_message and "submit it again" in stored.error_message
+        [done] = [event for _, event in await read_events(res.redis, row.id)]
+        assert isinstance(done, DoneEvent)
+        assert done.error is not None and done.error.code == "internal_error"
+    # Email delivery: the user hears about it.
+    emails = await OutboxEmail.filter(
+        dedupe_key__in=[f"generation:{lacking.id}", f"generation:{invalid.id}"]
+    ).count()
+    assert emails == 2
+    # Nothing is left to trip over next round.
+    assert await dispatch_due(res) == 0
+
+
+async def test_one_models_failure_does_not_stop_the_others(
+    jobs_resources: JobsResources, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    res = jobs_resources
+    await announce_node(res, max_batch=4, node_id="node-a", model="broken")
+    await announce_node(res, max_batch=4, node_id="node-b", model=MODEL)
+    user = await make_user()
+    await make_generation(user, model="broken")
+    fine = await make_generation(user)
+    real_claim = dispatcher._claim
+
+    async def claim(res: JobsResources, model: str, offer: Any) -> Any:
+        if model == "broken":
+            raise RuntimeError("a bug that only this model hits")
+        return await real_claim(res, model, offer)
+
+    monkeypatch.setattr(dispatcher, "_claim", claim)
+    assert await dispatch_due(res) == 1
+    assert (await Generation.get(id=fine.id)).status is Status.QUEUED

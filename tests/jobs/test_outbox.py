@@ -8,6 +8,8 @@ import email
 import email.policy
 import hashlib
 import os
+import socket
+import time
 from collections.abc import Iterator
 from datetime import timedelta
 from email.message import EmailMessage
@@ -21,10 +23,17 @@ from tortoise.transactions import in_transaction
 from gpu_node.schemas import Status
 from jobs import outbox
 from jobs.mailer import message_id
-from jobs.outbox import backoff_delay, claim_due, send_due_emails
+from jobs.outbox import (
+    backoff_delay,
+    claim_due,
+    database_now,
+    send_due_emails,
+    send_round,
+)
 from jobs.settings import JobsSettings
 from jobs.worker import JobsResources
 from sdapi.mailsink import free_port, mail_sink, read_messages
+from sdapi.settings import SettingsError
 from tests.jobs.conftest import make_generation, make_user
 from web.models import GeneratedImage, Generation, OutboxEmail, OutboxStatus, utcnow
 from web.outbox import queue_email
@@ -152,7 +161,7 @@ async def test_generation_email_carries_its_pngs_and_records_emailed_at(
     assert emailed.emailed_at is not None
 
 
-async def test_smtp_down_then_up_is_retried_with_backoff_and_sent_once(
+async def test_smtp_down_for_a_while_fails_nothing_and_sends_each_once(
     jobs_resources: JobsResources, tmp_path: Path
 ) -> None:
     port = free_port()
@@ -160,71 +169,159 @@ async def test_smtp_down_then_up_is_retried_with_backoff_and_sent_once(
         jobs_resources,
         smtp_url=f"smtp://127.0.0.1:{port}",
         outbox_backoff_base=2.0,
-        outbox_backoff_max=600.0,
+        smtp_retry_max=60.0,
+        outbox_max_attempts=2,
         smtp_timeout=5.0,
     )
-    row = await write_email(3)
+    rows = [await write_email(n) for n in range(25)]
 
-    # Attempt 1: nobody listens.
-    before = utcnow()
-    await send_due_emails(res)
-    failed = await OutboxEmail.get(id=row.id)
-    assert failed.status is OutboxStatus.PENDING
-    assert failed.attempts == 1
-    assert failed.last_error
-    assert "connect" in failed.last_error.lower()
-    assert failed.claimed_at is None
-    delay = (failed.next_attempt_at - before).total_seconds()
-    assert 1.7 <= delay <= 2.5, delay  # base * 2^0, minus up to 10 % jitter
+    # Nobody listens: one try of the server, then the round ends.
+    before = time.monotonic()
+    assert await send_round(res) == 0
+    state = res.smtp_backoff
+    assert state.failures == 1
+    assert 1.7 <= state.retry_at - before <= 2.5  # base * 2^0, minus jitter
+    for row in await OutboxEmail.all():
+        assert row.status is OutboxStatus.PENDING
+        assert row.attempts == 0
+        assert row.claimed_at is None
+    # The claimed rows say why they wait; the server was tried once.
+    noted = await OutboxEmail.filter(last_error__not_isnull=True)
+    assert len(noted) == outbox.BATCH_SIZE
+    assert all("connect" in (row.last_error or "").lower() for row in noted)
 
-    # Not due yet: another round leaves it alone.
-    await send_due_emails(res)
-    assert (await OutboxEmail.get(id=row.id)).attempts == 1
+    # While the server is known to be down, rounds do not even try it.
+    assert await send_round(res) == 0
+    assert state.failures == 1
 
-    # Attempt 2 (once due): still down, the delay doubles.
-    await make_due()
-    before = utcnow()
-    await send_due_emails(res)
-    failed = await OutboxEmail.get(id=row.id)
-    assert failed.attempts == 2
-    delay = (failed.next_attempt_at - before).total_seconds()
-    assert 3.5 <= delay <= 4.5, delay
+    # Many more failed tries than outbox_max_attempts: still nothing fails.
+    for failures in range(2, 8):
+        state.retry_at = 0.0
+        await send_round(res)
+        assert state.failures == failures
+    assert 60 * 0.9 <= backoff_delay(7, base=2.0, cap=60.0) <= 60
+    statuses = await OutboxEmail.all().values_list("status", "attempts")
+    assert set(statuses) == {(OutboxStatus.PENDING, 0)}
 
-    # The server comes up on that port: attempt 3 delivers, once.
+    # The server comes up on that port: every email goes, once.
     folder = tmp_path / "mail"
     with mail_sink(folder, port=port):
-        await send_due_emails(res)  # not due yet
-        assert read_messages(folder) == []
-        await make_due()
-        await send_due_emails(res)
-        await make_due()
-        await send_due_emails(res)
-    [raw] = read_messages(folder)
-    assert parse(raw)["Subject"] == "Message 3"
-    sent = await OutboxEmail.get(id=row.id)
-    assert sent.status is OutboxStatus.SENT
-    assert sent.attempts == 3
-    # The last error stays on record: it says why it took three attempts.
-    assert sent.last_error
+        state.retry_at = 0.0
+        assert await send_round(res) == len(rows)
+        assert await send_round(res) == 0
+    subjects = sorted(parse(raw)["Subject"] for raw in read_messages(folder))
+    assert subjects == sorted(f"Message {n}" for n in range(25))
+    assert state.failures == 0
+    for row in await OutboxEmail.all():
+        assert (row.status, row.attempts) == (OutboxStatus.SENT, 1)
 
 
-async def test_gives_up_after_the_last_attempt(jobs_resources: JobsResources) -> None:
+async def test_a_blackholed_server_costs_one_timeout_per_round(
+    jobs_resources: JobsResources,
+) -> None:
+    # Accepts connections (the kernel's backlog) but never says hello.
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as silent:
+        silent.bind(("127.0.0.1", 0))
+        silent.listen(50)
+        port = silent.getsockname()[1]
+        res = with_settings(
+            jobs_resources, smtp_url=f"smtp://127.0.0.1:{port}", smtp_timeout=0.5
+        )
+        for n in range(5):
+            await write_email(n)
+        started = time.monotonic()
+        await send_round(res)
+        took = time.monotonic() - started
+    assert took < 2.0, took
+    for row in await OutboxEmail.all():
+        assert (row.status, row.attempts) == (OutboxStatus.PENDING, 0)
+        assert row.last_error
+
+
+async def test_an_email_the_server_never_took_fails_once_it_is_too_old(
+    jobs_resources: JobsResources,
+) -> None:
     res = with_settings(
         jobs_resources,
         smtp_url=f"smtp://127.0.0.1:{free_port()}",
-        outbox_max_attempts=2,
+        outbox_give_up_after=3600,
     )
+    old = await write_email(1)
+    young = await write_email(2)
+    await OutboxEmail.filter(id=old.id).update(
+        created_at=utcnow() - timedelta(seconds=3601)
+    )
+    await send_round(res)
+    gone = await OutboxEmail.get(id=old.id)
+    assert (gone.status, gone.attempts) == (OutboxStatus.FAILED, 0)
+    assert gone.last_error and "unavailable for too long" in gone.last_error
+    waiting = await OutboxEmail.get(id=young.id)
+    assert (waiting.status, waiting.attempts) == (OutboxStatus.PENDING, 0)
+
+
+async def test_an_email_that_cannot_be_built_gives_up_after_the_last_attempt(
+    jobs_resources: JobsResources,
+    sink: tuple[str, Path],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    url, folder = sink
+    res = with_settings(jobs_resources, smtp_url=url, outbox_max_attempts=2)
+
+    async def broken(row: OutboxEmail, *, mail_from: str) -> Any:
+        raise ValueError("a bug in building the message")
+
+    monkeypatch.setattr(outbox, "compose", broken)
     row = await write_email(4)
     await send_due_emails(res)
+    retried = await OutboxEmail.get(id=row.id)
+    assert (retried.status, retried.attempts) == (OutboxStatus.PENDING, 1)
     await make_due()
     await send_due_emails(res)
     failed = await OutboxEmail.get(id=row.id)
-    assert failed.status is OutboxStatus.FAILED
-    assert failed.attempts == 2
-    assert failed.last_error
+    assert (failed.status, failed.attempts) == (OutboxStatus.FAILED, 2)
+    assert failed.last_error and "a bug in building" in failed.last_error
     await make_due()
     await send_due_emails(res)
     assert (await OutboxEmail.get(id=row.id)).attempts == 2
+    assert read_messages(folder) == []
+
+
+class Stalling:
+    """An SMTP server that takes the message and then never answers."""
+
+    async def handle_DATA(self, server: Any, session: Any, envelope: Any) -> str:
+        await asyncio.sleep(30)
+        return "250 OK"
+
+
+async def test_a_stalled_delivery_is_cut_off_before_anyone_takes_it_over(
+    jobs_resources: JobsResources,
+) -> None:
+    controller = Controller(Stalling(), hostname="127.0.0.1", port=free_port())
+    controller.start()
+    try:
+        res = with_settings(
+            jobs_resources,
+            smtp_url=f"smtp://127.0.0.1:{controller.port}",
+            smtp_timeout=20,
+            outbox_send_timeout=0.5,
+            outbox_stuck_after=60,
+        )
+        row = await write_email(1)
+        started = time.monotonic()
+        await send_round(res)
+        took = time.monotonic() - started
+    finally:
+        controller.stop()
+    assert took < 5, took
+    stalled = await OutboxEmail.get(id=row.id)
+    assert (stalled.status, stalled.attempts) == (OutboxStatus.PENDING, 0)
+    assert stalled.last_error and "0.5s" in stalled.last_error
+
+
+def test_the_send_timeout_must_be_under_half_the_stuck_limit() -> None:
+    with pytest.raises(SettingsError, match="SDAPI_OUTBOX_SEND_TIMEOUT"):
+        JobsSettings.from_env(outbox_send_timeout=150, outbox_stuck_after=300)
 
 
 class Refusing:
@@ -288,8 +385,8 @@ async def test_two_senders_at_once_send_each_email_once(
     claims: dict[str, list[Any]] = {}
     real_claim = outbox.claim_due
 
-    async def recording_claim(settings: JobsSettings, now: Any) -> list[OutboxEmail]:
-        claimed = await real_claim(settings, now)
+    async def recording_claim(settings: JobsSettings) -> list[OutboxEmail]:
+        claimed = await real_claim(settings)
         task = asyncio.current_task()
         assert task is not None
         claims.setdefault(task.get_name(), []).extend(row.id for row in claimed)
@@ -331,13 +428,17 @@ async def test_claims_skip_rows_another_sender_has_locked(
     await locked.wait()
     try:
         # SKIP LOCKED: no waiting for the other transaction, no double claim.
-        claimed = await asyncio.wait_for(
-            claim_due(jobs_resources.settings, utcnow()), 5
-        )
+        before = await database_now()
+        claimed = await asyncio.wait_for(claim_due(jobs_resources.settings), 5)
+        after = await database_now()
     finally:
         release.set()
         await holder
     assert [row.id for row in claimed] == [second.id]
+    # Claim times are the database's clock, the one all senders share.
+    stored = await OutboxEmail.get(id=second.id)
+    assert stored.claimed_at is not None
+    assert before <= stored.claimed_at <= after
     assert (await OutboxEmail.get(id=first.id)).status is OutboxStatus.PENDING
     assert (await OutboxEmail.get(id=second.id)).status is OutboxStatus.SENDING
 
@@ -391,3 +492,47 @@ def test_backoff_doubles_up_to_the_cap_with_a_little_jitter() -> None:
             delay = backoff_delay(attempts, base=2.0, cap=600.0)
             assert full * 0.9 <= delay <= full
     assert backoff_delay(10_000, base=2.0, cap=600.0) <= 600.0
+
+
+async def test_a_busy_recipient_is_retried_past_the_attempt_limit_until_too_old(
+    jobs_resources: JobsResources, refusing_url: str
+) -> None:
+    res = with_settings(
+        jobs_resources,
+        smtp_url=refusing_url,
+        outbox_max_attempts=2,
+        outbox_give_up_after=3600,
+    )
+    busy = await write_email(1, to="busy@example.org")
+    for _ in range(4):
+        await send_due_emails(res)
+        await make_due()
+    waiting = await OutboxEmail.get(id=busy.id)
+    assert (waiting.status, waiting.attempts) == (OutboxStatus.PENDING, 4)
+    await OutboxEmail.filter(id=busy.id).update(
+        created_at=utcnow() - timedelta(seconds=3601)
+    )
+    await send_due_emails(res)
+    failed = await OutboxEmail.get(id=busy.id)
+    assert (failed.status, failed.attempts) == (OutboxStatus.FAILED, 5)
+    assert failed.last_error and "Try again later" in failed.last_error
+
+
+async def test_a_message_whose_sender_keeps_dying_fails(
+    jobs_resources: JobsResources, sink: tuple[str, Path]
+) -> None:
+    url, folder = sink
+    res = with_settings(
+        jobs_resources, smtp_url=url, outbox_max_attempts=3, outbox_stuck_after=60
+    )
+    poison = await write_email(1)
+    await OutboxEmail.filter(id=poison.id).update(
+        status=OutboxStatus.SENDING,
+        attempts=3,
+        claimed_at=utcnow() - timedelta(seconds=61),
+    )
+    await send_due_emails(res)
+    failed = await OutboxEmail.get(id=poison.id)
+    assert (failed.status, failed.attempts) == (OutboxStatus.FAILED, 3)
+    assert failed.last_error and "sender stopped" in failed.last_error
+    assert read_messages(folder) == []

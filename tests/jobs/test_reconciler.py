@@ -7,13 +7,16 @@ import contextlib
 import hashlib
 import time
 from datetime import timedelta
+from typing import Any
 
-from arq.constants import result_key_prefix
+import pytest
+from arq.constants import in_progress_key_prefix, job_key_prefix, result_key_prefix
 from arq.jobs import serialize_result
 
 from gpu_node.schemas import (
     RESULTS_QUEUE,
     STORE_RESULT_FUNCTION,
+    BatchJob,
     DoneEvent,
     GenerationResult,
     ImageInfo,
@@ -27,12 +30,19 @@ from gpu_node.schemas import (
     premium_queue,
     result_job_id,
 )
+from jobs import reconciler
 from jobs.dispatcher import dispatch_due, generation_job
-from jobs.reconciler import GAVE_UP_CODE, Report, reconcile
+from jobs.reconciler import GAVE_UP_CODE, UNAVAILABLE_CODE, Report, reconcile
 from jobs.settings import JobsSettings
 from jobs.worker import JobsResources
 from sdapi.events import read_events
-from sdapi.queue import enqueue, enqueue_generation, job_is_live, serialize
+from sdapi.queue import (
+    deserialize,
+    enqueue,
+    enqueue_generation,
+    job_is_live,
+    serialize,
+)
 from tests.jobs.conftest import (
     announce_node,
     make_generation,
@@ -91,7 +101,7 @@ async def test_live_work_is_left_alone(jobs_resources: JobsResources) -> None:
     assert stored.deadline is not None and stored.deadline > utcnow()
 
 
-async def test_a_lost_batch_goes_back_as_the_same_batch(
+async def test_a_lost_batch_goes_back_as_a_new_batch(
     jobs_resources: JobsResources,
 ) -> None:
     res = jobs_resources
@@ -100,8 +110,8 @@ async def test_a_lost_batch_goes_back_as_the_same_batch(
     rows = [await make_generation(user, seed=i) for i in range(3)]
     await dispatch_due(res)
     first = await Generation.get(id=rows[0].id)
-    batch_id = first.batch_id
-    assert batch_id is not None
+    old_batch = first.batch_id
+    assert old_batch is not None
     # One started, one was cancelled; then Redis lost everything.
     await Generation.filter(id=rows[1].id).update(status=Status.RUNNING)
     await Generation.filter(id=rows[2].id).update(status=Status.CANCELLED)
@@ -111,11 +121,13 @@ async def test_a_lost_batch_goes_back_as_the_same_batch(
     report = await reconcile(res)
 
     assert report.requeued == 2
+    again = [await Generation.get(id=row.id) for row in rows[:2]]
+    batch_id = again[0].batch_id
+    assert batch_id is not None and batch_id != old_batch
     job_id = batch_job_id(batch_id, 2)
     assert await job_is_live(res.redis, job_id)
     assert await res.redis.zrange(batch_queue(first.model), 0, -1) == [job_id.encode()]
-    for row in rows[:2]:
-        stored = await Generation.get(id=row.id)
+    for stored in again:
         assert (stored.status, stored.attempts, stored.batch_id) == (
             Status.QUEUED,
             2,
@@ -124,6 +136,45 @@ async def test_a_lost_batch_goes_back_as_the_same_batch(
         assert stored.started_at is None
     cancelled = await Generation.get(id=rows[2].id)
     assert (cancelled.status, cancelled.attempts) == (Status.CANCELLED, 1)
+
+
+async def test_rows_of_one_batch_requeued_apart_get_jobs_of_their_own(
+    jobs_resources: JobsResources,
+) -> None:
+    res = jobs_resources
+    await announce_node(res, max_batch=4)
+    user = await make_user()
+    early, late = [await make_generation(user, seed=i) for i in range(2)]
+    await dispatch_due(res)
+    await res.redis.flushdb()
+    # `late` finished on the node; its store_result is still waiting.
+    await enqueue(
+        res.redis,
+        STORE_RESULT_FUNCTION,
+        generation_job(late, 1),
+        queue=RESULTS_QUEUE,
+        job_id=result_job_id(late.id, 1),
+    )
+    await overdue(early, late)
+    report = await reconcile(res)
+    assert (report.requeued, report.alive) == (1, 1)
+    # Then that store_result job is lost too: `late` runs again, later.
+    await res.redis.delete(job_key_prefix + result_job_id(late.id, 1))
+    await overdue(late)
+    report = await reconcile(res)
+    assert report.requeued == 1
+
+    first = await Generation.get(id=early.id)
+    second = await Generation.get(id=late.id)
+    assert first.attempts == second.attempts == 2
+    assert first.batch_id != second.batch_id
+    for row in (first, second):
+        assert row.batch_id is not None
+        job_id = batch_job_id(row.batch_id, 2)
+        raw = await res.redis.get(job_key_prefix + job_id)
+        assert raw is not None, f"{row.id} has no job"
+        batch = BatchJob.model_validate(deserialize(raw)["a"][0])
+        assert [item.generation_id for item in batch.items] == [row.id]
 
 
 async def test_out_of_attempts_fails_with_a_reason_and_an_email(
@@ -288,3 +339,152 @@ async def test_two_reconcilers_enqueue_a_lost_job_once(
             assert (await Generation.get(id=row.id)).attempts == 2
         assert await first.redis.zcard(premium_queue("tiny")) == len(premium)
         assert await first.redis.zcard(batch_queue("tiny")) == 2
+
+
+async def test_a_premium_request_nobody_takes_fails_and_leaves_the_queue(
+    jobs_resources: JobsResources,
+) -> None:
+    res = jobs_resources
+    user = await make_user()
+    limit = res.settings.premium_max_queued
+    waiting = await make_generation(user, tier=Tier.PREMIUM)
+    running = await make_generation(user, tier=Tier.PREMIUM, seed=2)
+    fresh = await make_generation(user, tier=Tier.PREMIUM, seed=3)
+    for row in (waiting, running, fresh):
+        await enqueue_generation(res.redis, generation_job(row, 1))
+    old = utcnow() - timedelta(seconds=limit + 1)
+    await Generation.filter(id__in=[waiting.id, running.id]).update(created_at=old)
+    # A node took `running` a moment ago; its row will say so any moment.
+    await res.redis.set(in_progress_key_prefix + generation_job_id(running.id), b"1")
+
+    report = await reconcile(res)
+
+    assert report.expired == 1
+    stored = await Generation.get(id=waiting.id)
+    assert stored.status is Status.FAILED
+    assert stored.error_code == UNAVAILABLE_CODE
+    assert stored.error_message and "15 minutes" in stored.error_message
+    [done] = [e for _, e in await read_events(res.redis, waiting.id)]
+    assert isinstance(done, DoneEvent) and done.error is not None
+    assert done.error.code == UNAVAILABLE_CODE
+    queue = premium_queue(waiting.model)
+    left = {job.decode() for job in await res.redis.zrange(queue, 0, -1)}
+    assert left == {generation_job_id(running.id), generation_job_id(fresh.id)}
+    assert not await job_is_live(res.redis, generation_job_id(waiting.id))
+    for row in (running, fresh):
+        assert (await Generation.get(id=row.id)).status is Status.QUEUED
+
+
+async def test_a_batch_nobody_takes_fails_with_an_email(
+    jobs_resources: JobsResources,
+) -> None:
+    res = jobs_resources
+    await announce_node(res, max_batch=4)
+    user = await make_user()
+    rows = [await make_generation(user, seed=i) for i in range(2)]
+    await dispatch_due(res)
+    batch_id = (await Generation.get(id=rows[0].id)).batch_id
+    assert batch_id is not None
+    # The model's only node went away hours ago; the job waits on its queue.
+    old = utcnow() - timedelta(seconds=res.settings.batch_max_queued + 1)
+    await Generation.filter(id__in=[row.id for row in rows]).update(queued_at=old)
+
+    report = await reconcile(res)
+
+    assert report.expired == 2
+    for row in rows:
+        stored = await Generation.get(id=row.id)
+        assert (stored.status, stored.error_code) == (Status.FAILED, UNAVAILABLE_CODE)
+    assert await res.redis.zcard(batch_queue(rows[0].model)) == 0
+    assert not await job_is_live(res.redis, batch_job_id(batch_id))
+    emails = await OutboxEmail.all()
+    assert sorted(email.dedupe_key for email in emails) == sorted(
+        f"generation:{row.id}" for row in rows
+    )
+    assert all("6 hours" in email.text_body for email in emails)
+
+
+async def test_a_request_scheduled_long_ago_for_an_unserved_model_fails(
+    jobs_resources: JobsResources,
+) -> None:
+    res = jobs_resources
+    user = await make_user()
+    wait = res.settings.scheduled_max_wait
+    stale = await make_generation(
+        user, model="gone", scheduled_for=utcnow() - timedelta(seconds=wait + 1)
+    )
+    recent = await make_generation(
+        user, model="gone", scheduled_for=utcnow() - timedelta(seconds=wait - 60)
+    )
+
+    report = await reconcile(res)
+
+    assert report.expired == 1
+    stored = await Generation.get(id=stale.id)
+    assert (stored.status, stored.error_code) == (Status.FAILED, UNAVAILABLE_CODE)
+    assert stored.error_message and "'gone'" in stored.error_message
+    assert (await Generation.get(id=recent.id)).status is Status.SCHEDULED
+    [email] = await OutboxEmail.all()
+    assert email.dedupe_key == f"generation:{stale.id}"
+    [done] = [e for _, e in await read_events(res.redis, stale.id)]
+    assert isinstance(done, DoneEvent)
+
+
+async def test_a_job_that_keeps_failing_is_given_up_and_the_rest_go_on(
+    jobs_resources: JobsResources,
+) -> None:
+    res = jobs_resources
+    user = await make_user()
+    bad = await make_generation(user, tier=Tier.PREMIUM)
+    good = await make_generation(user, tier=Tier.PREMIUM, seed=2)
+    # The stored request lost a parameter: no job can be built from it.
+    request = dict(bad.request)
+    del request["steps"]
+    await Generation.filter(id=bad.id).update(request=request)
+
+    limit = res.settings.reconcile_max_failures
+    for round_ in range(limit):
+        await overdue(bad, good)
+        report = await reconcile(res)
+        if round_ == 0:
+            assert report.requeued == 1  # the good one, the first time
+        stored = await Generation.get(id=bad.id)
+        expected = Status.FAILED if round_ == limit - 1 else Status.QUEUED
+        assert stored.status is expected, round_
+
+    assert report.failed == 1
+    stored = await Generation.get(id=bad.id)
+    assert stored.error_code == "internal_error"
+    assert stored.attempts == 1
+    [done] = [e for _, e in await read_events(res.redis, bad.id)]
+    assert isinstance(done, DoneEvent)
+    assert (await Generation.get(id=good.id)).attempts == 2
+    assert not await res.redis.keys("sdapi:reconcile:failures:*")
+
+
+async def test_a_round_that_succeeds_resets_the_failure_count(
+    jobs_resources: JobsResources, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    res = jobs_resources
+    user = await make_user()
+    row = await make_generation(user, tier=Tier.PREMIUM, status=Status.RUNNING)
+    await enqueue_generation(res.redis, generation_job(row, 1))
+    real_push = reconciler._push_deadline
+    failing = True
+
+    async def flaky_push(*args: Any) -> int:
+        if failing:
+            raise RuntimeError("a passing glitch")
+        return await real_push(*args)
+
+    monkeypatch.setattr(reconciler, "_push_deadline", flaky_push)
+    for _ in range(res.settings.reconcile_max_failures - 1):
+        await overdue(row)
+        await reconcile(res)
+    failing = False
+    await overdue(row)
+    assert (await reconcile(res)).alive == 1
+    failing = True
+    await overdue(row)
+    await reconcile(res)
+    assert (await Generation.get(id=row.id)).status is Status.RUNNING

@@ -2,15 +2,18 @@
 
 from __future__ import annotations
 
+import asyncio
 import uuid
 from collections.abc import AsyncIterator
 from datetime import timedelta
 from typing import Any
 
+import asyncpg
 import pytest
-from arq.worker import Worker
+from arq.worker import Retry, Worker
 
 from gpu_node.schemas import (
+    IMAGE_TTL_S,
     MARK_STARTED_FUNCTION,
     RESULTS_QUEUE,
     STORE_RESULT_FUNCTION,
@@ -26,8 +29,10 @@ from gpu_node.schemas import (
     result_job_id,
     started_job_id,
 )
+from jobs import results
 from jobs.results import ResultRejected, mark_started, store_result
-from jobs.worker import job_functions
+from jobs.settings import JobsSettings
+from jobs.worker import build_worker, job_functions
 from sdapi.events import read_events
 from sdapi.queue import create_queue_pool, deserialize, enqueue, serialize
 from tests.node_double import NodeDouble, jobs_context, make_user
@@ -292,3 +297,117 @@ async def test_jobs_enqueued_as_nodes_do_run_on_the_results_queue(
     assert (worker.jobs_complete, worker.jobs_failed) == (2, 0)
     row = await Generation.get(id=job.generation_id)
     assert row.status is Status.SUCCEEDED
+
+
+async def terminate_backends(database_url: str, *, pid: int | None = None) -> int:
+    """pg_terminate_backend: what a Postgres restart or failover does to sessions.
+
+    Every other session on the test database, or only `pid`.
+    """
+    admin = await asyncpg.connect(**asyncpg_params(database_url))
+    try:
+        killed: int = await admin.fetchval(
+            "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity "
+            "WHERE datname = current_database() AND pid <> pg_backend_pid() "
+            "AND ($1::int IS NULL OR pid = $1::int)",
+            pid,
+        )
+        return killed
+    finally:
+        await admin.close()
+
+
+def asyncpg_params(database_url: str) -> dict[str, Any]:
+    from tortoise.backends.base.config_generator import expand_db_url
+
+    creds = expand_db_url(database_url)["credentials"]
+    return {
+        key: creds.get(key) for key in ("host", "port", "user", "password", "database")
+    }
+
+
+async def test_a_query_cut_off_by_a_terminated_session_is_retried(
+    node: NodeDouble, clean_db: str
+) -> None:
+    user, _ = await make_user()
+    job = await queued(user)
+    notice = StartedNotice(
+        generation_id=job.generation_id, node_id="double-1", started_at=utcnow()
+    ).model_dump(mode="json")
+    admin = await asyncpg.connect(**asyncpg_params(clean_db))
+    try:
+        # Hold the row, so mark_started's UPDATE is mid-query when its session
+        # is terminated (as a restart or failover of Postgres does).
+        holding = admin.transaction()
+        await holding.start()
+        await admin.execute(
+            f'SELECT 1 FROM "{Generation._meta.db_table}" WHERE id = $1 FOR UPDATE',  # noqa: S608
+            job.generation_id,
+        )
+        started = asyncio.create_task(mark_started(node.ctx, notice))
+        async with asyncio.timeout(10):
+            while not (
+                blocked := await admin.fetchval(
+                    "SELECT pid FROM pg_stat_activity WHERE "
+                    "datname = current_database() AND wait_event_type = 'Lock'"
+                )
+            ):
+                await asyncio.sleep(0.02)
+        await admin.execute("SELECT pg_terminate_backend($1)", blocked)
+        with pytest.raises(Retry):
+            await started
+        await holding.rollback()
+    finally:
+        await admin.close()
+    # Postgres is fine again: the retry goes through.
+    assert await mark_started(node.ctx, notice) == "running"
+
+
+async def test_idle_sessions_terminated_under_the_pool_do_no_harm(
+    node: NodeDouble, clean_db: str
+) -> None:
+    user, _ = await make_user()
+    job = await queued(user)
+    made = await node.images(job)
+    payload = node.result(job, Status.SUCCEEDED, [info for info, _ in made])
+    assert await terminate_backends(clean_db) >= 1
+    assert await store_result(node.ctx, payload) == "succeeded"
+
+
+async def test_a_session_terminated_inside_the_transaction_is_retried(
+    node: NodeDouble, clean_db: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    user, _ = await make_user(premium=False)
+    job = await queued(user, delivery=Delivery.EMAIL, tier=Tier.NORMAL)
+    made = await node.images(job)
+    payload = node.result(job, Status.SUCCEEDED, [info for info, _ in made])
+    real_persist = results._persist
+    terminated = []
+
+    async def persist_after_termination(*args: Any) -> None:
+        if not terminated:
+            [row] = await Generation._meta.db.execute_query_dict(
+                "SELECT pg_backend_pid() AS pid"
+            )
+            terminated.append(await terminate_backends(clean_db, pid=row["pid"]))
+        await real_persist(*args)
+
+    monkeypatch.setattr(results, "_persist", persist_after_termination)
+    with pytest.raises(Retry):
+        await store_result(node.ctx, payload)
+    assert terminated == [1]
+    row = await Generation.get(id=job.generation_id)
+    assert row.status is Status.QUEUED  # rolled back, nothing half-written
+    assert await OutboxEmail.all().count() == 0
+    assert await store_result(node.ctx, payload) == "succeeded"
+    assert await OutboxEmail.all().count() == 1
+
+
+async def test_results_are_kept_as_long_as_their_images_for_the_reconciler() -> None:
+    settings = JobsSettings(database_url=None, redis_url="redis://127.0.0.1:1/0")
+    # Built inside the loop (arq binds to it); nothing connects until it runs.
+    worker = build_worker(settings, handle_signals=False)
+    assert worker.keep_result_s == IMAGE_TTL_S
+    store = worker.functions[STORE_RESULT_FUNCTION]
+    # At the 60 s cap of the backoff, about half an hour of outage.
+    assert store.max_tries is not None and store.max_tries >= 30

@@ -3,20 +3,24 @@
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import aiohttp
 import pytest
+from aiohttp import web
 from aiohttp.test_utils import TestClient
 
 from gpu_node.schemas import Status
+from sdapi.consul import open_consul
 from sdapi.mailsink import free_port
 from tests.consul_double import ConsulDouble
 from tests.node_double import auth, make_user, node_info
 from web.app import WEB_SERVICE, create_app
+from web.errors import Unavailable
 from web.keys import registry_key
-from web.registry import GPU_SERVICE
+from web.registry import GPU_SERVICE, KNOWN_MODELS_KEY, NodeRegistry
 from web.settings import WebSettings
 
 AiohttpClient = Callable[..., Any]
@@ -124,3 +128,97 @@ async def test_models_and_premium_requests_follow_gpu_node_health(
     assert refused.status == 503
     assert int(refused.headers["Retry-After"]) > 0
     assert (await refused.json())["error"]["code"] == "unavailable"
+
+
+# --- regression tests of the review ---------------------------------------
+
+
+async def sick_consul(aiohttp_server: Any, behaviour: str) -> str:
+    """A Consul agent that answers health queries with a 500, or never."""
+
+    async def health(request: web.Request) -> web.Response:
+        if behaviour == "hang":
+            await asyncio.sleep(3600)
+        return web.Response(status=500, text="rpc error: No cluster leader")
+
+    app = web.Application()
+    app.router.add_get("/v1/health/service/{name}", health)
+    server = await aiohttp_server(app)
+    return f"http://127.0.0.1:{server.port}"
+
+
+class Agent:
+    """A Consul client whose agent can be swapped for a sick one."""
+
+    def __init__(self, client: Any) -> None:
+        self.client = client
+
+    @property
+    def health(self) -> Any:
+        return self.client.health
+
+
+@pytest.mark.parametrize("behaviour", ["error", "hang", "refused"])
+async def test_consul_trouble_is_a_503_or_the_last_nodes_never_a_500_or_a_hang(
+    aiohttp_server: Any,
+    redis_client: Any,
+    consul: ConsulDouble,
+    behaviour: str,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    if behaviour == "refused":
+        url = f"http://127.0.0.1:{free_port()}"
+    else:
+        url = await sick_consul(aiohttp_server, behaviour)
+    async with open_consul(url, timeout_s=0.3) as client:
+        registry = NodeRegistry(redis_client, client, cache_s=0)
+        started = time.monotonic()
+        with pytest.raises(Unavailable) as caught:
+            await registry.nodes()
+        assert time.monotonic() - started < 2
+        assert caught.value.retry_after > 0
+    assert "cannot list sdapi-gpu services in Consul" in caplog.text
+
+    # Once nodes were seen, trouble keeps them in use.
+    await register_node(consul)
+    async with (
+        open_consul(consul.url) as healthy,
+        open_consul(url, timeout_s=0.3) as sick,
+    ):
+        agent = Agent(healthy)
+        registry = NodeRegistry(redis_client, agent, cache_s=0)
+        [seen] = await registry.nodes()
+        agent.client = sick  # the agent falls ill
+        started = time.monotonic()
+        assert await registry.nodes() == [seen]
+        assert time.monotonic() - started < 2
+        offers = await registry.offers()
+        assert offers["tiny"].available
+
+
+async def test_models_stay_served_while_consul_is_down(
+    consul_client: TestClient, consul: ConsulDouble
+) -> None:
+    _, secret = await make_user(premium=True)
+    await register_node(consul)
+    registry = consul_client.app[registry_key]
+    registry.invalidate()
+    first = await consul_client.get("/api/v1/models", headers=auth(secret))
+    assert first.status == 200
+    await consul.close()
+    registry.invalidate()
+    again = await consul_client.get("/api/v1/models", headers=auth(secret))
+    assert again.status == 200
+    assert await again.json() == await first.json()
+
+
+async def test_malformed_known_models_entries_are_skipped(
+    client: TestClient, redis_client: Any
+) -> None:
+    await redis_client.hset(KNOWN_MODELS_KEY, "tiny", b"{not json")
+    _, secret = await make_user()
+    response = await client.get("/api/v1/models", headers=auth(secret))
+    assert response.status == 200, await response.text()
+    [tiny] = (await response.json())["items"]
+    assert tiny["id"] == "tiny"
+    assert tiny["available"] is False

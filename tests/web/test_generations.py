@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import base64
 import io
+import logging
 import uuid
 from typing import Any
 
@@ -20,6 +22,7 @@ from gpu_node.schemas import (
 from sdapi.events import read_events
 from tests.node_double import TINY, NodeDouble, auth, jobs_context, make_user
 from web.keys import redis_key
+from web.links import image_path, link_is_valid, signed_image_url
 from web.models import Generation
 from web.registry import NodeRegistry
 from web.settings import WebSettings
@@ -468,3 +471,163 @@ async def test_tier_limits_are_enforced_below_the_models(
         assert [d["field"] for d in body["error"]["details"]] == [field]
         # The same request is within the premium tier's limits.
         await submit(client, premium, {**request, **change})
+
+
+# --- regression tests of the review ---------------------------------------
+
+
+def _png_queries(caplog: pytest.LogCaptureFixture) -> list[str]:
+    """SQL statements logged by Tortoise that read the `png` column."""
+    return [
+        record.getMessage()
+        for record in caplog.records
+        if record.name == "tortoise.db_client" and '"png"' in record.getMessage()
+    ]
+
+
+async def test_listing_showing_and_304_never_load_png_bytes(
+    client: TestClient, node: NodeDouble, caplog: pytest.LogCaptureFixture
+) -> None:
+    _, secret = await make_user()
+    generation = await submit(client, secret, {**SMALL, "num_images": 2})
+    await node.run(await node.claim())
+    path = f"{GENERATIONS}/{generation['id']}"
+    image_path = f"{path}/images/1"
+    first = await client.get(image_path, headers=auth(secret))
+    assert first.status == 200
+
+    caplog.set_level(logging.DEBUG, logger="tortoise.db_client")
+    listed = await client.get(GENERATIONS, headers=auth(secret))
+    assert [len(i["images"]) for i in (await listed.json())["items"]] == [2]
+    shown = await client.get(path, headers=auth(secret))
+    assert len((await shown.json())["images"]) == 2
+    cached = await client.get(
+        image_path, headers={**auth(secret), "If-None-Match": first.headers["ETag"]}
+    )
+    assert cached.status == 304
+    assert _png_queries(caplog) == []
+    # Only a 200 reads the bytes.
+    again = await client.get(image_path, headers=auth(secret))
+    assert await again.read() == await first.read()
+    assert len(_png_queries(caplog)) == 1
+
+
+async def test_huge_image_index_is_404_not_500(
+    client: TestClient, node: NodeDouble
+) -> None:
+    _, secret = await make_user()
+    generation = await submit(client, secret, SMALL)
+    for index in ("99999999999", "10000", "-1", "\u0661"):
+        response = await client.get(
+            f"{GENERATIONS}/{generation['id']}/images/{index}", headers=auth(secret)
+        )
+        assert response.status == 404, index
+        assert (await response.json())["error"]["code"] == "not_found"
+    signed = await client.get(
+        f"{GENERATIONS}/{generation['id']}/images/99999999999",
+        params={"expires": "1", "signature": "0" * 64},
+    )
+    assert signed.status == 404
+
+
+async def test_cursor_near_the_start_of_time_is_422_not_500(
+    client: TestClient, node: NodeDouble
+) -> None:
+    _, secret = await make_user()
+    raw = f"0001-01-01T00:00:00+05:00|{uuid.uuid4()}"
+    cursor = base64.urlsafe_b64encode(raw.encode()).decode().rstrip("=")
+    response = await client.get(
+        GENERATIONS, params={"before": cursor}, headers=auth(secret)
+    )
+    assert response.status == 422
+    [detail] = (await response.json())["error"]["details"]
+    assert detail["field"] == "before"
+
+
+async def test_non_ascii_or_malformed_link_parameters_are_422_not_500(
+    client: TestClient, node: NodeDouble
+) -> None:
+    _, secret = await make_user()
+    generation = await submit(client, secret, SMALL)
+    path = f"{GENERATIONS}/{generation['id']}/images/0"
+    for params in (
+        {"expires": "9999999999", "signature": "é" * 64},
+        {"expires": "9999999999", "signature": "A" * 64},
+        {"expires": "soon", "signature": "0" * 64},
+        {"expires": "\u0661\u0662\u0663", "signature": "0" * 64},
+    ):
+        response = await client.get(path, params=params)
+        assert response.status == 422, params
+        assert (await response.json())["error"]["code"] == "validation_error"
+    forged = await client.get(
+        path, params={"expires": "9999999999", "signature": "0" * 64}
+    )
+    assert forged.status == 401
+
+
+def test_link_is_valid_compares_bytes() -> None:
+    path = image_path(uuid.uuid4(), 0)
+    url = signed_image_url("key", "http://x", path.split("/")[4], 0, now=1000.0)
+    expires = int(url.split("expires=")[1].split("&")[0])
+    signature = url.split("signature=")[1]
+    assert link_is_valid("key", path, expires, signature, now=1000.0)
+    assert not link_is_valid("key", path, expires, "é" * 64, now=1000.0)
+    assert not link_is_valid("key", path, expires, "\udcff", now=1000.0)
+    assert not link_is_valid("key", path, expires, signature, now=expires + 1.0)
+
+
+async def test_null_negative_prompt_means_none(
+    client: TestClient, node: NodeDouble
+) -> None:
+    _, secret = await make_user()
+    body = await submit(client, secret, {**SMALL, "negative_prompt": None})
+    assert body["request"]["negative_prompt"] == ""
+    job = await node.claim()
+    assert job.params.negative_prompt == ""
+
+
+async def test_premium_email_delivery_needs_a_verified_address(
+    client: TestClient, node: NodeDouble
+) -> None:
+    _, secret = await make_user(premium=True, verified=False)
+    body = await submit(client, secret, {**SMALL, "delivery": "email"}, status=403)
+    assert body["error"]["code"] == "email_not_verified"
+    assert await Generation.all().count() == 0
+    # Download needs no mail: still fine.
+    assert (await submit(client, secret, SMALL))["delivery"] == "download"
+
+
+async def test_an_internal_validation_error_is_a_500_not_a_422(
+    client: TestClient, node: NodeDouble, caplog: pytest.LogCaptureFixture
+) -> None:
+    _, secret = await make_user()
+    generation = await submit(client, secret, SMALL)
+    # A row the code cannot read back: our bug, not the client's.
+    await Generation.filter(id=generation["id"]).update(request={"prompt": 1})
+    response = await client.get(
+        f"{GENERATIONS}/{generation['id']}", headers=auth(secret)
+    )
+    assert response.status == 500
+    body = await response.json()
+    assert body["error"]["code"] == "internal_error"
+    assert body["error"]["details"] == []
+    assert any("unhandled error" in r.getMessage() for r in caplog.records)
+
+
+async def test_cancel_uses_the_locked_rows_attempt(
+    client: TestClient, node: NodeDouble
+) -> None:
+    from sdapi.queue import enqueue_generation
+    from web.generations import cancel_generation
+
+    _, secret = await make_user()
+    generation = await submit(client, secret, SMALL)
+    stale = await Generation.get(id=generation["id"])
+    # Meanwhile the reconciler re-enqueued it as attempt 2.
+    job = await node.claim()
+    await Generation.filter(id=stale.id).update(attempts=2)
+    assert await enqueue_generation(node.redis, job.model_copy(update={"attempt": 2}))
+    assert await node.redis.zcard(premium_queue("tiny")) == 1
+    assert await cancel_generation(client.app, stale)  # type: ignore[arg-type]
+    # The attempt-2 job left the queue, not only the long-gone attempt 1.
+    assert await node.redis.zcard(premium_queue("tiny")) == 0

@@ -23,10 +23,15 @@ def assert_openai_error(
     body: dict[str, Any], code: str, param: str | None = None
 ) -> None:
     assert set(body) == {"error"}
-    assert set(body["error"]) == {"message", "type", "param", "code"}
+    # OpenAI's four keys, plus the contract's `details` (OpenAI clients ignore it).
+    assert set(body["error"]) == {"message", "type", "param", "code", "details"}
     assert body["error"]["code"] == code
     assert body["error"]["param"] == param
     assert body["error"]["message"]
+    details = body["error"]["details"]
+    assert isinstance(details, list)
+    if param is not None and code == "validation_error":
+        assert param in [detail["field"] for detail in details]
 
 
 async def test_the_official_client_gets_b64_json_images(
@@ -223,3 +228,36 @@ async def test_too_slow_is_504_and_the_generation_is_cancelled(
     assert_openai_error(await response.json(), "timeout")
     [generation] = await Generation.all()
     assert generation.status is Status.CANCELLED
+
+
+# --- regression tests of the review ---------------------------------------
+
+
+async def test_finishing_just_as_the_wait_times_out_answers_the_images(
+    aiohttp_client: Any, web_settings: WebSettings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import web.routes.openai as route
+
+    settings = web_settings.model_copy(update={"openai_timeout": 0.5})
+    client = await aiohttp_client(create_app(settings))
+    assert settings.redis_url and settings.database_url
+    async with jobs_context(settings.redis_url, settings.database_url) as ctx:
+        node = NodeDouble(ctx)
+        await node.announce()
+
+        async def finishes_but_done_is_missed(app: Any, generation_id: Any) -> None:
+            # The result is stored, but the timeout fires before `done` is seen.
+            await node.run(await node.claim())
+            await asyncio.sleep(3600)
+
+        monkeypatch.setattr(route, "wait_until_done", finishes_but_done_is_missed)
+        _, secret = await make_user()
+        response = await client.post(
+            IMAGES, json={**BODY, "response_format": "b64_json"}, headers=auth(secret)
+        )
+    assert response.status == 200, await response.text()
+    [generation] = await Generation.all()
+    assert generation.status is Status.SUCCEEDED
+    [item] = (await response.json())["data"]
+    stored = await GeneratedImage.get(generation_id=generation.id)
+    assert base64.b64decode(item["b64_json"]) == bytes(stored.png)

@@ -4,6 +4,11 @@ from __future__ import annotations
 
 from aiohttp.test_utils import TestClient
 
+from gpu_node.schemas import Status, Tier
+from tests.node_double import NodeDouble, auth, make_user
+from web.metrics import web_metrics_key
+from web.models import Delivery, Generation
+
 
 async def test_healthz(client: TestClient) -> None:
     response = await client.get("/healthz")
@@ -61,3 +66,84 @@ async def test_docs_page_uses_packaged_assets(client: TestClient) -> None:
     asset = await client.get("/docs/assets/swagger-ui-bundle.js")
     assert asset.status == 200
     assert len(await asset.read()) > 100_000
+
+
+# --- regression tests of the review ---------------------------------------
+
+
+def samples(text: str, name: str) -> dict[str, float]:
+    """The samples of metric `name` as {labels: value}."""
+    found = {}
+    for line in text.splitlines():
+        if line.startswith(name + "{"):
+            labels, _, value = line[len(name) :].rpartition(" ")
+            found[labels] = float(value)
+    return found
+
+
+async def test_metrics_count_client_errors_with_their_status(
+    client: TestClient,
+) -> None:
+    assert (await client.get("/api/v1/me")).status == 401
+    assert (await client.get("/api/v1/nope")).status == 404
+    text = await (await client.get("/metrics")).text()
+    requests = samples(text, "sdapi_http_requests_total")
+    assert requests['{method="GET",route="/api/v1/me",status="401"}'] == 1
+    assert requests['{method="GET",route="unmatched",status="404"}'] == 1
+    assert not any('status="500"' in labels for labels in requests)
+
+
+async def test_metrics_gauges_are_fresh_each_scrape(
+    client: TestClient, node: NodeDouble
+) -> None:
+    gauges = client.app[web_metrics_key]
+    # A model seen at an earlier scrape that no longer exists.
+    gauges.queue_depth.labels("gone", "premium").set(7)
+    gauges.healthy_nodes.labels("gone").set(1)
+    user, secret = await make_user(premium=False)
+    for _ in range(2):
+        response = await client.post(
+            "/api/v1/generations",
+            json={"prompt": "a fox", "width": 64, "height": 64, "delivery": "email"},
+            headers=auth(secret),
+        )
+        assert response.status == 202
+    # Another model's scheduled row, with no node serving it.
+    await Generation.create(
+        user=user,
+        tier=Tier.NORMAL,
+        status=Status.SCHEDULED,
+        delivery=Delivery.EMAIL,
+        model="offline-model",
+        request={},
+        width=64,
+        height=64,
+        steps=4,
+        guidance_scale=5.0,
+        scheduler="euler",
+        num_images=1,
+    )
+    text = await (await client.get("/metrics")).text()
+    assert "gone" not in text
+    assert samples(text, "sdapi_scheduled_generations") == {
+        '{model="offline-model"}': 1.0,
+        '{model="tiny"}': 2.0,
+    }
+    assert samples(text, "sdapi_healthy_gpu_nodes") == {
+        '{model="offline-model"}': 0.0,
+        '{model="tiny"}': 1.0,
+    }
+    depth = samples(text, "sdapi_queue_depth")
+    assert depth['{model="tiny",tier="premium"}'] == 0.0
+    assert depth['{model="offline-model",tier="normal"}'] == 0.0
+
+
+async def test_openapi_request_bodies_mark_only_required_fields_required(
+    client: TestClient,
+) -> None:
+    document = await (await client.get("/openapi.json")).json()
+    operation = document["paths"]["/api/v1/generations"]["post"]
+    ref = operation["requestBody"]["content"]["application/json"]["schema"]["$ref"]
+    schema = document["components"]["schemas"][ref.rsplit("/", 1)[1]]
+    assert schema["required"] == ["prompt"]
+    assert schema["properties"]["width"]["anyOf"][0]["minimum"] == 64

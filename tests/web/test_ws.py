@@ -7,6 +7,7 @@ import base64
 import contextlib
 import gc
 import uuid
+from collections.abc import AsyncIterator
 from typing import Any
 
 import aiohttp
@@ -15,11 +16,12 @@ from aiohttp import WSMsgType
 from aiohttp.test_utils import TestClient
 from redis.exceptions import ConnectionError as RedisConnectionError
 
-from gpu_node.schemas import Status, events_key
-from tests.node_double import NodeDouble, auth, make_user
+from gpu_node.schemas import Status, events_key, image_key
+from tests.node_double import NodeDouble, auth, jobs_context, make_user
 from web.app import create_app
-from web.live import live_sockets_key
-from web.models import ApiToken, Generation, utcnow
+from web.keys import live_redis_key, redis_key
+from web.live import live_sockets_key, live_users_key
+from web.models import ApiToken, GeneratedImage, Generation, utcnow
 from web.passwords import hash_password
 from web.registry import NodeRegistry
 from web.settings import WebSettings
@@ -489,3 +491,166 @@ async def test_unreachable_redis_is_an_unavailable_frame(
             error = await frame(ws)
         assert (error["type"], error["code"]) == ("error", "unavailable")
         assert await generate(ws)  # back to normal on the same socket
+
+
+# --- regression tests of the review ---------------------------------------
+
+
+@contextlib.asynccontextmanager
+async def app_with(
+    aiohttp_client: Any, web_settings: WebSettings, **changes: Any
+) -> AsyncIterator[tuple[TestClient, NodeDouble]]:
+    """A client of an app with changed settings, and a node double for it."""
+    settings = web_settings.model_copy(update=changes)
+    client = await aiohttp_client(create_app(settings))
+    assert settings.redis_url and settings.database_url
+    async with jobs_context(settings.redis_url, settings.database_url) as ctx:
+        node = NodeDouble(ctx)
+        await node.announce()
+        yield client, node
+
+
+async def next_of(
+    ws: aiohttp.ClientWebSocketResponse, kind: str, ident: str | None = None
+) -> dict[str, Any]:
+    """The next frame of type `kind` (and id `ident`), skipping relayed events."""
+    while True:
+        data = await frame(ws)
+        if data["type"] == kind and (ident is None or data["id"] == ident):
+            return data
+
+
+async def test_relays_per_socket_are_capped(
+    aiohttp_client: Any, web_settings: WebSettings
+) -> None:
+    async with app_with(aiohttp_client, web_settings, ws_max_relays=2) as (
+        client,
+        _,
+    ):
+        _, secret = await make_user()
+        async with client.ws_connect(WS, headers=auth(secret)) as ws:
+            for _ in range(2):
+                await ws.send_json({"type": "generate", "request": SMALL})
+                first = (await next_of(ws, "accepted"))["id"]
+            # A third would need a third relay: refused before it is stored.
+            await ws.send_json({"type": "generate", "request": SMALL})
+            error = await next_of(ws, "error")
+            assert error["code"] == "rate_limited"
+            assert await Generation.all().count() == 2
+            extra = await client.post(
+                "/api/v1/generations", json=SMALL, headers=auth(secret)
+            )
+            assert extra.status == 202
+            ident = (await extra.json())["id"]
+            await ws.send_json({"type": "subscribe", "id": ident})
+            error = await next_of(ws, "error", ident)
+            assert error["code"] == "rate_limited"
+            # The socket stays usable: a cancel ends a relay, making room.
+            await ws.send_json({"type": "cancel", "id": first})
+            done = await next_of(ws, "done", first)
+            assert done["status"] == "cancelled"
+            for _ in range(100):
+                await ws.send_json({"type": "subscribe", "id": ident})
+                answer = await frame(ws)
+                if answer["type"] != "error":
+                    break
+                await asyncio.sleep(0.02)
+            assert answer == {"type": "queued", "id": ident, "position": 2}
+
+
+async def test_sockets_per_user_are_capped_with_a_json_429(
+    aiohttp_client: Any, web_settings: WebSettings
+) -> None:
+    async with app_with(aiohttp_client, web_settings, ws_max_sockets_per_user=2) as (
+        client,
+        _,
+    ):
+        user, secret = await make_user()
+        _, other = await make_user()
+        first = await client.ws_connect(WS, headers=auth(secret))
+        second = await client.ws_connect(WS, headers=auth(secret))
+        with pytest.raises(aiohttp.WSServerHandshakeError) as caught:
+            await client.ws_connect(WS, headers=auth(secret))
+        assert caught.value.status == 429
+        assert int((caught.value.headers or {})["Retry-After"]) > 0
+        refused = await client.get(
+            WS,
+            headers={
+                **auth(secret),
+                "Connection": "Upgrade",
+                "Upgrade": "websocket",
+                "Sec-WebSocket-Version": "13",
+                "Sec-WebSocket-Key": base64.b64encode(b"0123456789abcdef").decode(),
+            },
+        )
+        assert refused.status == 429
+        assert (await refused.json())["error"]["code"] == "rate_limited"
+        # Per user: someone else still gets in.
+        async with client.ws_connect(WS, headers=auth(other)) as ws:
+            assert await generate(ws)
+        # A closed socket gives its slot back.
+        await first.close()
+        for _ in range(100):
+            if client.app[live_users_key][user.id] < 2:  # type: ignore[index]
+                break
+            await asyncio.sleep(0.01)
+        third = await client.ws_connect(WS, headers=auth(secret))
+        await third.close()
+        await second.close()
+
+
+async def test_a_silent_socket_is_closed_once_its_token_is_revoked(
+    aiohttp_client: Any, web_settings: WebSettings
+) -> None:
+    async with app_with(aiohttp_client, web_settings, ws_recheck_s=0.2) as (
+        client,
+        _,
+    ):
+        user, secret = await make_user()
+        async with client.ws_connect(WS, headers=auth(secret)) as ws:
+            await asyncio.sleep(0.5)  # a few re-checks pass while it is valid
+            await ApiToken.filter(user_id=user.id).update(revoked_at=utcnow())
+            # The client sends nothing: the re-check alone ends the socket.
+            error = await frame(ws, timeout=5)
+            assert (error["type"], error["id"], error["code"]) == (
+                "error",
+                None,
+                "unauthorized",
+            )
+            closing = await ws.receive(timeout=5)
+            assert closing.type is WSMsgType.CLOSE
+            assert closing.data == aiohttp.WSCloseCode.POLICY_VIOLATION
+        for _ in range(100):
+            if not client.app[live_users_key]:  # type: ignore[index]
+                break
+            await asyncio.sleep(0.01)
+        assert not client.app[live_users_key]  # type: ignore[index]
+
+
+async def test_web_redis_pools_are_bounded(
+    aiohttp_client: Any, web_settings: WebSettings
+) -> None:
+    settings = web_settings.model_copy(
+        update={"redis_max_connections": 7, "live_redis_connections": 5}
+    )
+    client = await aiohttp_client(create_app(settings))
+    assert client.app[redis_key].connection_pool.max_connections == 7
+    assert client.app[live_redis_key].connection_pool.max_connections == 5
+
+
+async def test_image_frames_prefer_the_stored_png(
+    client: TestClient, node: NodeDouble
+) -> None:
+    _, secret = await make_user()
+    async with client.ws_connect(WS, headers=auth(secret)) as ws:
+        ident = await generate(ws)
+        await node.run(await node.claim())
+        await until_done(ws, ident)
+    # The node's copy lingers in Redis; the database has the stored one.
+    await node.redis.set(image_key(ident, 0), b"not the stored png")
+    async with client.ws_connect(WS, headers=auth(secret)) as ws:
+        await ws.send_json({"type": "subscribe", "id": ident})
+        frames = await until_done(ws, ident)
+    [image] = [f for f in frames if f["type"] == "image"]
+    stored = await GeneratedImage.get(generation_id=ident, index=0)
+    assert base64.b64decode(image["data"]) == bytes(stored.png)

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import logging
 import secrets
-import uuid
 from datetime import datetime, timedelta
 
 import aiohttp_jinja2
@@ -24,7 +23,7 @@ from web.errors import (
     Unauthorized,
     ValidationFailed,
 )
-from web.keys import redis_key, settings_key
+from web.keys import passwords_key, redis_key, settings_key
 from web.models import ApiToken, EmailVerification, PremiumCode, TokenKind, utcnow
 from web.models import User as UserRow
 from web.openapi import (
@@ -36,7 +35,6 @@ from web.openapi import (
     read_query,
 )
 from web.outbox import queue_email
-from web.passwords import hash_password, needs_rehash, verify_password, verify_unknown
 from web.premium import add_premium_days, canonical_code, code_hash
 from web.quota import usage
 from web.schemas.accounts import (
@@ -48,18 +46,22 @@ from web.schemas.accounts import (
     SignupRequest,
     SignupResponse,
     User,
+    VerificationSent,
     VerifyQuery,
     VerifyResponse,
 )
 from web.sessions import SESSION_COOKIE, delete_session
 from web.settings import WebSettings
 from web.throttle import (
+    Limit,
+    Reservation,
     clear,
     client_address,
     client_limit,
     email_limit,
-    record_failure,
-    retry_after,
+    release,
+    reserve,
+    signup_limit,
 )
 from web.tokens import hash_secret, issue_token, revoke_token
 
@@ -68,16 +70,12 @@ log = logging.getLogger(__name__)
 routes = ApiRoutes(tags=["accounts"])
 
 VERIFY_PATH = "/api/v1/auth/verify"
+# One key per user while a re-sent verification email holds back the next.
+RESEND_KEY_PREFIX = "sdapi:verify-resend"
 EMAIL_TAKEN = "An account with this email address already exists."
 WRONG_CREDENTIALS = "Wrong email or password."
 UNKNOWN_CODE = "This premium code does not exist; check how it is typed."
 USED_CODE = "This premium code has already been redeemed."
-
-
-def _secret_key(settings: WebSettings) -> str:
-    if settings.secret_key is None:
-        raise RuntimeError("the web settings are not resolved (no secret key)")
-    return settings.secret_key.get_secret_value()
 
 
 def _email_key(email: str) -> str:
@@ -96,23 +94,33 @@ def _email_key(email: str) -> str:
     responses=[
         Response(201, "Created; a verification email is on its way", SignupResponse),
         Response(409, "An account with this email exists", ErrorBody),
+        Response(
+            429, "Too many sign-ups from this address (see Retry-After)", ErrorBody
+        ),
     ],
 )
 async def signup(request: web.Request) -> web.StreamResponse:
     """Creates the account and emails a link that verifies the address."""
     settings = request.app[settings_key]
     body = await read_body(request, SignupRequest)
+    address = client_address(request, trust_forwarded=settings.trust_forwarded)
+    by_client = signup_limit(
+        address,
+        max_signups=settings.signup_max_per_client,
+        window_s=settings.signup_window,
+    )
+    # Every attempt counts, taken emails included: no bcrypt, email or probing
+    # of which addresses have accounts beyond the limit.
+    await _reserve_or_refuse(
+        request, [by_client], "Too many sign-ups from your address"
+    )
     email = str(body.email)
     email_key = _email_key(email)
     # Checked first so a taken email costs no bcrypt; the unique index decides.
     if await UserRow.exists(email_key=email_key):
         raise Conflict(EMAIL_TAKEN)
-    password_hash = await hash_password(
-        body.password, secret_key=_secret_key(settings), rounds=settings.bcrypt_rounds
-    )
-    token = secrets.token_urlsafe(32)
+    password_hash = await request.app[passwords_key].hash(body.password)
     now = utcnow()
-    expires_at = now + timedelta(seconds=settings.verify_ttl)
     try:
         # The user, its verification and the email exist together or not at all.
         async with in_transaction():
@@ -122,29 +130,54 @@ async def signup(request: web.Request) -> web.StreamResponse:
                 name=body.name,
                 password_hash=password_hash,
             )
-            verification = await EmailVerification.create(
-                user=user, token_hash=hash_secret(token), expires_at=expires_at
-            )
-            link = f"{settings.base_url}{VERIFY_PATH}?token={token}"
-            await queue_email(
-                dedupe_key=f"verify:{verification.id}",
-                to_address=email,
-                subject="Verify your email address for sdapi",
-                text_body=_verification_text(body.name, email, link, expires_at),
-                html_body=aiohttp_jinja2.render_string(
-                    "verify_email.html.j2",
-                    request,
-                    {
-                        "name": body.name,
-                        "email": email,
-                        "link": link,
-                        "expires": f"{expires_at:%Y-%m-%d %H:%M}",
-                    },
-                ),
-            )
+            await send_verification(request, user, now)
     except IntegrityError:
         raise Conflict(EMAIL_TAKEN) from None
     return json_response(SignupResponse(user=User.of(user, now)), status=201)
+
+
+async def _reserve_or_refuse(
+    request: web.Request, limits: list[Limit], what: str
+) -> Reservation:
+    """Count one attempt against `limits`, or 429 with Retry-After."""
+    attempt = await reserve(request.app[redis_key], limits)
+    if not attempt.granted:
+        raise RateLimited(
+            f"{what}; try again in {attempt.retry_after} seconds.",
+            retry_after=attempt.retry_after,
+        )
+    return attempt
+
+
+async def send_verification(
+    request: web.Request, user: UserRow, now: datetime
+) -> datetime:
+    """A new verification link for `user`, emailed through the outbox; returns
+    when it expires. Call it inside the transaction that makes it true."""
+    settings = request.app[settings_key]
+    token = secrets.token_urlsafe(32)
+    expires_at = now + timedelta(seconds=settings.verify_ttl)
+    verification = await EmailVerification.create(
+        user=user, token_hash=hash_secret(token), expires_at=expires_at
+    )
+    link = f"{settings.base_url}{VERIFY_PATH}?token={token}"
+    await queue_email(
+        dedupe_key=f"verify:{verification.id}",
+        to_address=user.email,
+        subject="Verify your email address for sdapi",
+        text_body=_verification_text(user.name, user.email, link, expires_at),
+        html_body=aiohttp_jinja2.render_string(
+            "verify_email.html.j2",
+            request,
+            {
+                "name": user.name,
+                "email": user.email,
+                "link": link,
+                "expires": f"{expires_at:%Y-%m-%d %H:%M}",
+            },
+        ),
+    )
+    return expires_at
 
 
 def _verification_text(
@@ -157,6 +190,49 @@ def _verification_text(
         f"opening this link:\n\n{link}\n\n"
         f"The link works until {expires_at:%Y-%m-%d %H:%M} (UTC). "
         "If you did not sign up, ignore this email.\n"
+    )
+
+
+@routes.route(
+    "POST",
+    VERIFY_PATH + "/resend",
+    summary="Send the verification email again",
+    responses=[
+        Response(202, "A new verification email is on its way", VerificationSent),
+        Response(409, "The email address is already verified", ErrorBody),
+        Response(
+            429, "One was sent less than a minute ago (see Retry-After)", ErrorBody
+        ),
+    ],
+)
+async def resend_verification(request: web.Request) -> web.StreamResponse:
+    """Emails a new verification link to the account's address; links sent
+    before keep working until they expire. At most one per minute."""
+    principal = await require_user(request)
+    settings = request.app[settings_key]
+    redis = request.app[redis_key]
+    user = principal.user
+    if user.email_verified_at is not None:
+        raise Conflict("Your email address is already verified.")
+    key = f"{RESEND_KEY_PREFIX}:{user.id}"
+    if not await redis.set(key, b"1", nx=True, ex=settings.verify_resend_interval):
+        wait = max(1, int(await redis.ttl(key)))
+        raise RateLimited(
+            f"A verification email was sent a moment ago; you can ask for another "
+            f"in {wait} seconds.",
+            retry_after=wait,
+        )
+    now = utcnow()
+    try:
+        async with in_transaction():
+            expires_at = await send_verification(request, user, now)
+    except Exception:
+        # Nothing was sent: do not make the user wait for it.
+        await redis.delete(key)
+        raise
+    log.info("verification email re-sent for user %s", user.id)
+    return json_response(
+        VerificationSent(email=user.email, expires_at=expires_at), status=202
     )
 
 
@@ -299,10 +375,11 @@ def _verify_page(
 )
 async def signin(request: web.Request) -> web.StreamResponse:
     """Returns a bearer token. With `session: true` it also starts a playground
-    session (HttpOnly cookie) and returns its CSRF token."""
+    session (HttpOnly cookie), returns its CSRF token, and the token returned
+    is the session's own: signing out with either ends both."""
     settings = request.app[settings_key]
     redis = request.app[redis_key]
-    secret_key = _secret_key(settings)
+    passwords = request.app[passwords_key]
     body = await read_body(request, SigninRequest)
     email_key = _email_key(str(body.email))
     by_email = email_limit(
@@ -316,40 +393,35 @@ async def signin(request: web.Request) -> web.StreamResponse:
         window_s=settings.signin_failure_window,
     )
     limits = [by_email, by_client]
-    # Refused before the password is looked at: nothing learned, no bcrypt spent.
-    wait = await retry_after(redis, limits)
-    if wait:
-        raise RateLimited(
-            f"Too many failed sign-ins; try again in {wait} seconds.",
-            retry_after=wait,
+    # Counted as a failure before the password is looked at, atomically: of
+    # many concurrent guesses only as many as the limits allow are checked;
+    # the rest learn nothing and cost no bcrypt.
+    attempt = await _reserve_or_refuse(request, limits, "Too many failed sign-ins")
+    try:
+        user = await UserRow.get_or_none(email_key=email_key)
+        ok = await passwords.verify(
+            body.password, user.password_hash if user is not None else None
         )
-
-    user = await UserRow.get_or_none(email_key=email_key)
-    if user is None:
-        ok = await verify_unknown(
-            body.password, secret_key=secret_key, rounds=settings.bcrypt_rounds
-        )
-    else:
-        ok = await verify_password(
-            body.password, user.password_hash, secret_key=secret_key
-        )
+    except Exception:
+        # Not a wrong guess (the database failed, say): give the attempt back.
+        await release(redis, attempt, limits)
+        raise
     if user is None or not ok:
-        await record_failure(redis, limits)
-        raise Unauthorized(WRONG_CREDENTIALS)
+        raise Unauthorized(WRONG_CREDENTIALS)  # the attempt stays counted
+    await release(redis, attempt, [by_client])
     await clear(redis, by_email)
 
-    if needs_rehash(user.password_hash, rounds=settings.bcrypt_rounds):
-        upgraded = await hash_password(
-            body.password, secret_key=secret_key, rounds=settings.bcrypt_rounds
-        )
+    if passwords.needs_rehash(user.password_hash):
+        upgraded = await passwords.hash(body.password)
         await UserRow.filter(id=user.id).update(password_hash=upgraded)
 
-    secret, token = await issue_token(
-        user, kind=TokenKind.BEARER, ttl_s=settings.token_ttl
-    )
     csrf_token = None
     if body.session:
-        csrf_token = await _start_session(request, user, settings)
+        secret, token, csrf_token = await _start_session(request, user, settings)
+    else:
+        secret, token = await issue_token(
+            user, kind=TokenKind.BEARER, ttl_s=settings.token_ttl
+        )
     return json_response(
         SigninResponse(
             token=secret,
@@ -362,8 +434,9 @@ async def signin(request: web.Request) -> web.StreamResponse:
 
 async def _start_session(
     request: web.Request, user: UserRow, settings: WebSettings
-) -> str:
-    """A brand-new session for `user`; returns its CSRF token.
+) -> tuple[str, ApiToken, str]:
+    """A brand-new session for `user`: its token's secret, the token, and its
+    CSRF token. The secret also works as a bearer token (one credential).
 
     Never reuse the identity the browser came with (session fixation): the old
     session, if any, is deleted server-side and its token revoked.
@@ -373,25 +446,19 @@ async def _start_session(
     if old.identity is not None:
         await _end_session(redis, str(old.identity), old.get("token_id"))
     session = await new_session(request)
-    _, token = await issue_token(
+    secret, token = await issue_token(
         user, kind=TokenKind.SESSION, ttl_s=settings.session_ttl
     )
     csrf_token = secrets.token_urlsafe(32)
     session["token_id"] = str(token.id)
     session["csrf"] = csrf_token
-    return csrf_token
+    return secret, token, csrf_token
 
 
 async def _end_session(redis: Redis, session_id: str, token_id: object) -> None:
     await delete_session(redis, session_id)
     if isinstance(token_id, str):
-        try:
-            parsed = uuid.UUID(token_id)
-        except ValueError:
-            return
-        await ApiToken.filter(
-            id=parsed, kind=TokenKind.SESSION, revoked_at=None
-        ).update(revoked_at=utcnow())
+        await revoke_token(token_id, kind=TokenKind.SESSION)
 
 
 @routes.route(
@@ -401,9 +468,11 @@ async def _end_session(redis: Redis, session_id: str, token_id: object) -> None:
     responses=[Response(204, "Signed out")],
 )
 async def signout(request: web.Request) -> web.StreamResponse:
-    """Revokes the bearer token used, or ends the cookie session server-side."""
+    """Revokes the bearer token used, or ends the cookie session server-side.
+    A session and the token its sign-in returned are one credential: either
+    way, both stop working."""
     principal = await require_user(request)
-    await revoke_token(principal.token)
+    await revoke_token(principal.token.id)
     response = web.Response(status=204)
     if principal.via == "session":
         session = await get_session(request)

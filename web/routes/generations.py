@@ -5,22 +5,23 @@ from __future__ import annotations
 import uuid
 
 from aiohttp import web
-from redis.exceptions import RedisError
 
-from gpu_node.schemas import image_key
 from web.auth import authenticate, require_user
 from web.errors import NotFound, Unauthorized
 from web.generations import (
     cancel_generation,
     image_headers,
+    image_png,
     list_own,
     load_own,
     present,
+    stored_image,
+    stored_images,
     submit_generation,
 )
 from web.keys import redis_key, settings_key
 from web.links import image_path, link_is_valid
-from web.models import GeneratedImage, Generation
+from web.models import Generation
 from web.openapi import ApiRoutes, Response, json_response, read_body, read_query
 from web.schemas import generations as schemas
 
@@ -58,12 +59,7 @@ async def list_generations(request: web.Request) -> web.StreamResponse:
     principal = await require_user(request)
     query = read_query(request, schemas.ListQuery)
     rows, cursor = await list_own(principal.user, query.limit, query.before)
-    images: dict[uuid.UUID, list[GeneratedImage]] = {}
-    if rows:
-        for image in await GeneratedImage.filter(
-            generation_id__in=[row.id for row in rows]
-        ).order_by("index"):
-            images.setdefault(image.generation_id, []).append(image)  # type: ignore[attr-defined]
+    images = await stored_images(row.id for row in rows)
     items = [await present(request.app, row, images.get(row.id, [])) for row in rows]
     return json_response(schemas.GenerationList(items=items, next=cursor))
 
@@ -81,16 +77,26 @@ async def get_generation(request: web.Request) -> web.StreamResponse:
     return json_response(await present(request.app, generation))
 
 
-async def _download_generation(request: web.Request) -> Generation:
+# The most images a generation can have is far below this; a larger index is
+# a 404 before it reaches the database (whose integer it would overflow).
+MAX_IMAGE_INDEX = 9999
+
+
+def _image_index(request: web.Request) -> int:
+    text = request.match_info["index"]
+    if not (text.isascii() and text.isdigit()) or int(text) > MAX_IMAGE_INDEX:
+        raise NotFound("No such image.")
+    return int(text)
+
+
+async def _download_generation(request: web.Request, index: int) -> Generation:
     """The generation named in the path, for its owner or a signed link."""
     query = read_query(request, schemas.ImageQuery)
     generation_id = request.match_info["id"]
     if query.signature is not None and query.expires is not None:
-        secret = request.app[settings_key].secret_key
-        path = image_path(generation_id, int(request.match_info["index"]))
-        if secret is None or not link_is_valid(
-            secret.get_secret_value(), path, query.expires, query.signature
-        ):
+        secret = request.app[settings_key].secret()
+        path = image_path(generation_id, index)
+        if not link_is_valid(secret, path, query.expires, query.signature):
             raise Unauthorized("The download link is invalid or has expired.")
         try:
             found = await Generation.get_or_none(id=uuid.UUID(generation_id))
@@ -110,30 +116,30 @@ async def _download_generation(request: web.Request) -> Generation:
     "/api/v1/generations/{id}/images/{index}",
     summary="Download one image (PNG with its parameters in text chunks)",
     query=schemas.ImageQuery,
-    responses=[Response(200, "The PNG", content_type="image/png")],
+    responses=[
+        Response(200, "The PNG", content_type="image/png"),
+        Response(304, "Not modified (If-None-Match matched the ETag)"),
+    ],
 )
 async def download_image(request: web.Request) -> web.StreamResponse:
-    """Needs the owner's credentials, or the signed link from the result email."""
-    try:
-        index = int(request.match_info["index"])
-    except ValueError:
-        raise NotFound("No such image.") from None
-    generation = await _download_generation(request)
-    image = await GeneratedImage.get_or_none(generation_id=generation.id, index=index)
-    if image is not None:
-        if request.headers.get("If-None-Match") == f'"{image.sha256}"':
-            return web.Response(status=304, headers=image_headers(image))
-        return web.Response(body=image.png, headers=image_headers(image))
-    # Made but not stored yet: the node keeps it in Redis until `jobs` has it.
-    try:
-        data = await request.app[redis_key].get(image_key(generation.id, index))
-    except RedisError:
-        data = None
+    """Needs the owner's credentials, or the signed link from the result email.
+    A stored image carries an ETag; `If-None-Match` with it answers 304."""
+    index = _image_index(request)
+    generation = await _download_generation(request, index)
+    stored = await stored_image(generation.id, index)
+    if stored is not None and request.headers.get("If-None-Match") == (
+        f'"{stored.sha256}"'
+    ):
+        return web.Response(status=304, headers=image_headers(stored))
+    data = await image_png(request.app[redis_key], generation.id, index)
     if data is None:
         raise NotFound("No such image (yet).")
-    return web.Response(
-        body=data, headers={"Content-Type": "image/png", "Cache-Control": "no-store"}
-    )
+    if stored is None:
+        # The node's copy, before `jobs` stored it: not final, not cached.
+        headers = {"Content-Type": "image/png", "Cache-Control": "no-store"}
+    else:
+        headers = image_headers(stored)
+    return web.Response(body=data, headers=headers)
 
 
 @routes.route(

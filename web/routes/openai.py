@@ -27,7 +27,12 @@ from web.errors import (
     ValidationFailed,
     validation_details,
 )
-from web.generations import cancel_generation, find_offer, submit_generation
+from web.generations import (
+    cancel_generation,
+    find_offer,
+    stored_images,
+    submit_generation,
+)
 from web.keys import settings_key
 from web.links import signed_image_url
 from web.live import wait_until_done
@@ -99,17 +104,21 @@ async def _wait(app: web.Application, generation: Generation) -> None:
     try:
         async with asyncio.timeout(app[settings_key].openai_timeout):
             done = await wait_until_done(app, generation.id)
+        status = Status(done.status)
+        error = done.error.message if done.error else None
     except TimeoutError:
         # Nobody will collect it: free the GPU and the caller's in-flight slot.
-        await cancel_generation(app, generation)
-        raise GatewayTimeout(
-            "The images were not ready in time; the request was cancelled."
-        ) from None
-    if done.status is Status.CANCELLED:
+        if await cancel_generation(app, generation):
+            raise GatewayTimeout(
+                "The images were not ready in time; the request was cancelled."
+            ) from None
+        # It finished between the timeout and the cancel: answer as it ended.
+        await generation.refresh_from_db(fields=["status", "error_message"])
+        status, error = Status(generation.status), generation.error_message
+    if status is Status.CANCELLED:
         raise Gone("The generation was cancelled before it finished.")
-    if done.status is Status.FAILED:
-        reason = done.error.message if done.error else "unknown reason"
-        raise GenerationFailed(f"The generation failed: {reason}")
+    if status is Status.FAILED:
+        raise GenerationFailed(f"The generation failed: {error or 'unknown reason'}")
 
 
 @routes.route(
@@ -146,15 +155,21 @@ async def create_images(request: web.Request) -> web.StreamResponse:
     await _wait(app, generation)
 
     settings = app[settings_key]
-    secret = settings.secret_key.get_secret_value() if settings.secret_key else ""
-    images = await GeneratedImage.filter(generation_id=generation.id).order_by("index")
     if body.response_format == "b64_json":
-        data = [ImageData(b64_json=base64.b64encode(i.png).decode()) for i in images]
+        pngs = (
+            await GeneratedImage.filter(generation_id=generation.id)
+            .order_by("index")
+            .values_list("png", flat=True)
+        )
+        data = [
+            ImageData(b64_json=base64.b64encode(bytes(png)).decode()) for png in pngs
+        ]
     else:
+        images = (await stored_images([generation.id])).get(generation.id, [])
         data = [
             ImageData(
                 url=signed_image_url(
-                    secret,
+                    settings.secret(),
                     settings.base_url,
                     generation.id,
                     image.index,

@@ -4,15 +4,18 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from typing import Any
 
 import aiohttp_jinja2
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from tortoise.exceptions import BaseORMException
+from tortoise.functions import Count
 
-from gpu_node.schemas import batch_queue, premium_queue
+from gpu_node.schemas import Status, Tier, batch_queue, premium_queue
 from sdapi.queue import queue_depth
 from web.auth import require_user
+from web.errors import Unavailable
 from web.keys import (
     database_key,
     metrics_key,
@@ -22,6 +25,7 @@ from web.keys import (
     settings_key,
 )
 from web.metrics import web_metrics_key
+from web.models import Generation
 from web.openapi import ApiRoutes, Response, json_response
 from web.schemas.ops import Health, ModelList, Readiness
 
@@ -94,21 +98,49 @@ async def readyz(request: web.Request) -> web.StreamResponse:
     responses=[Response(200, "Prometheus text format", content_type="text/plain")],
 )
 async def metrics(request: web.Request) -> web.StreamResponse:
-    """Request counts and latencies, queue depths per model and tier, nodes."""
+    """Request counts and latencies, queue depths per model and tier, nodes,
+    and normal-tier generations waiting for their window per model."""
     app = request.app
     gauges = app[web_metrics_key]
-    offers = await app[registry_key].offers()
+    try:
+        offers = await app[registry_key].offers()
+    except Unavailable:
+        # Consul never answered yet: the request metrics still go out.
+        offers = {}
+    scheduled = await _scheduled_per_model()
     redis = app[redis_key]
-    for model, offer in offers.items():
-        gauges.healthy_nodes.labels(model).set(offer.nodes)
-        gauges.queue_depth.labels(model, "premium").set(
-            await queue_depth(redis, premium_queue(model))
+    models = sorted(set(offers) | set(scheduled))
+    depths = {
+        model: (
+            await queue_depth(redis, premium_queue(model)),
+            await queue_depth(redis, batch_queue(model)),
         )
-        gauges.queue_depth.labels(model, "normal").set(
-            await queue_depth(redis, batch_queue(model))
-        )
+        for model in models
+    }
+    # Cleared, then set with no await in between: a model that went away
+    # leaves no stale series, and a concurrent scrape never sees half a set.
+    for gauge in (gauges.healthy_nodes, gauges.queue_depth, gauges.scheduled):
+        gauge.clear()
+    for model in models:
+        offer = offers.get(model)
+        gauges.healthy_nodes.labels(model).set(offer.nodes if offer else 0)
+        premium, normal = depths[model]
+        gauges.queue_depth.labels(model, "premium").set(premium)
+        gauges.queue_depth.labels(model, "normal").set(normal)
+        gauges.scheduled.labels(model).set(scheduled.get(model, 0))
     body = generate_latest(app[metrics_key])
     return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
+
+
+async def _scheduled_per_model() -> dict[str, int]:
+    """Normal-tier generations waiting in the database for their window."""
+    rows: list[dict[str, Any]] = (
+        await Generation.filter(status=Status.SCHEDULED, tier=Tier.NORMAL)
+        .annotate(count=Count("id"))
+        .group_by("model")
+        .values("model", "count")
+    )
+    return {str(row["model"]): int(row["count"]) for row in rows}
 
 
 @routes.route(

@@ -7,8 +7,8 @@ from aiohttp import web
 from web.auth import Principal, authenticate, bearer_secret, origin_allowed
 from web.errors import BadRequest, Forbidden, Unauthorized
 from web.keys import settings_key
-from web.live import LiveSocket, LiveWebSocket, live_sockets_key
-from web.openapi import ApiRoutes, Response
+from web.live import LiveSocket, LiveWebSocket, live_sockets_key, socket_slot
+from web.openapi import ApiRoutes, ErrorBody, Response
 from web.sessions import SESSION_COOKIE
 
 routes = ApiRoutes(tags=["live"])
@@ -29,6 +29,13 @@ Server -> client: `accepted` {generation}, `queued` {position}, `started`,
 A subscription replays the events already emitted before live ones. A bad
 message gets an `error` frame and the connection stays open; a message over
 the size limit closes it with code 1009 after an `error` frame.
+
+Limits: a user may hold a few sockets open at once (the upgrade is refused
+with 429 beyond them), and one socket may follow a bounded number of
+unfinished generations at once (a `generate` or `subscribe` beyond it gets
+an `error` frame with code `rate_limited`). A socket whose token is revoked
+or expires gets an `error` frame with code `unauthorized` and is closed with
+code 1008.
 """
 
 
@@ -55,7 +62,10 @@ async def _caller(request: web.Request) -> Principal:
     "/api/v1/ws",
     summary="Live generation over a WebSocket",
     description=LIVE_DESCRIPTION,
-    responses=[Response(101, "Switching to the WebSocket protocol")],
+    responses=[
+        Response(101, "Switching to the WebSocket protocol"),
+        Response(429, "Too many live WebSockets open for this user", ErrorBody),
+    ],
 )
 async def live(request: web.Request) -> web.StreamResponse:
     """Upgrade to a WebSocket after authentication; serve until the client goes."""
@@ -66,8 +76,10 @@ async def live(request: web.Request) -> web.StreamResponse:
     )
     if not ws.can_prepare(request).ok:
         raise BadRequest("This endpoint speaks WebSocket: send an Upgrade request.")
-    await ws.prepare(request)
-    socket = LiveSocket(request.app, ws, principal)
-    request.app[live_sockets_key].add(socket)
-    await socket.serve()
+    # Counted from before the upgrade: refused ones get a JSON 429 instead.
+    with socket_slot(request.app, principal.user.id):
+        await ws.prepare(request)
+        socket = LiveSocket(request.app, ws, principal)
+        request.app[live_sockets_key].add(socket)
+        await socket.serve()
     return ws

@@ -103,8 +103,20 @@ class VerifyResponse(BaseModel):
     user: User
 
 
+class VerificationSent(BaseModel):
+    """A new verification email is in the outbox."""
+
+    sent: Literal[True] = True
+    email: str = Field(description="Where it goes: the account's address.")
+    expires_at: datetime = Field(description="When its link stops working.")
+
+
 class SigninResponse(BaseModel):
-    token: str = Field(description="Send as `Authorization: Bearer <token>`.")
+    token: str = Field(
+        description="Send as `Authorization: Bearer <token>`. With `session: "
+        "true` it is the session's own token: it expires with the session, and "
+        "signing out with either the token or the cookie ends both."
+    )
     token_type: Literal["bearer"] = "bearer"  # noqa: S105 (a scheme name)
     expires_at: datetime
     user: User

@@ -18,7 +18,9 @@ class GenerationRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     prompt: str = Field(min_length=1, max_length=PROMPT_MAX)
-    negative_prompt: str = Field(default="", max_length=PROMPT_MAX)
+    negative_prompt: str = Field(
+        default="", max_length=PROMPT_MAX, description="null or absent: none"
+    )
     model: str | None = Field(default=None, max_length=200)
     # Unset: 512, or the model's own default size when it cannot make 512.
     width: int | None = Field(
@@ -43,6 +45,12 @@ class GenerationRequest(BaseModel):
         description="How the images reach you; premium defaults to download, "
         "normal accepts only email.",
     )
+
+    @field_validator("negative_prompt", mode="before")
+    @classmethod
+    def _no_negative_prompt(cls, value: object) -> object:
+        # Clients send null for "none" as often as they leave it out.
+        return "" if value is None else value
 
     @field_validator("prompt")
     @classmethod
@@ -130,5 +138,9 @@ class ImageQuery(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    expires: str | None = None
-    signature: str | None = None
+    expires: int | None = Field(
+        default=None, ge=0, le=2**53, description="Unix time the link stops working"
+    )
+    signature: str | None = Field(
+        default=None, pattern=r"^[0-9a-f]{64}$", description="HMAC-SHA256, hex"
+    )

@@ -54,11 +54,18 @@ class ImagesResponse(BaseModel):
     data: list[ImageData]
 
 
+class OpenAIErrorDetail(BaseModel):
+    field: str
+    message: str
+
+
 class OpenAIError(BaseModel):
     message: str
     type: str
     param: str | None
     code: str | None
+    # Not in OpenAI's shape (its clients ignore it): one entry per bad field.
+    details: list[OpenAIErrorDetail] = []
 
 
 class OpenAIErrorBody(BaseModel):
