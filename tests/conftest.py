@@ -21,6 +21,7 @@ import redis
 import redis.asyncio
 
 from sdapi.embedded import EmbeddedValkey, embedded_postgres
+from tests.consul_double import ConsulDouble
 
 
 @pytest.fixture(scope="session")
@@ -117,3 +118,14 @@ def clean_db(database_url: str) -> str:
 
     asyncio.run(truncate_all(database_url))
     return database_url
+
+
+@pytest.fixture
+async def consul() -> AsyncIterator[ConsulDouble]:
+    """A Consul agent double on a free port (tests/consul_double.py)."""
+    double = ConsulDouble()
+    await double.start()
+    try:
+        yield double
+    finally:
+        await double.close()

@@ -15,6 +15,7 @@ import signal
 import subprocess
 import sys
 import time
+import urllib.request
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import TypeVar
@@ -36,6 +37,15 @@ def sdapi_env(**settings: object) -> dict[str, str]:
     )
     env["PYTHONUNBUFFERED"] = "1"
     return env
+
+
+def answers_200(url: str) -> bool:
+    """Whether GET `url` answers 200 right now (a readiness probe)."""
+    try:
+        with urllib.request.urlopen(url, timeout=1) as response:  # noqa: S310
+            return bool(response.status == 200)
+    except OSError:
+        return False
 
 
 @pytest.fixture(scope="session")

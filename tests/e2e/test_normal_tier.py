@@ -13,7 +13,6 @@ import json
 import re
 import signal
 import time
-import urllib.request
 from collections import Counter
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
@@ -39,7 +38,15 @@ from sdapi.events import read_events
 from sdapi.mailsink import free_port, mail_sink, read_messages
 from sdapi.nodes import NODES_INDEX
 from sdapi.queue import create_queue_pool
-from tests.e2e.conftest import Service, Services, make_user, sdapi_env, until, wait_sync
+from tests.e2e.conftest import (
+    Service,
+    Services,
+    answers_200,
+    make_user,
+    sdapi_env,
+    until,
+    wait_sync,
+)
 from web.db import open_database, truncate_all
 from web.models import GeneratedImage, Generation, OutboxEmail, OutboxStatus, User
 
@@ -92,14 +99,6 @@ class Stack:
     @property
     def node(self) -> Service:
         return self.services["gpu-node"]
-
-
-def _ready(url: str) -> bool:
-    try:
-        with urllib.request.urlopen(url, timeout=1) as response:  # noqa: S310
-            return bool(response.status == 200)
-    except OSError:
-        return False
 
 
 def _node_announced(redis_url: str) -> bool:
@@ -192,7 +191,7 @@ def stack(
         try:
             for service in services.all.values():
                 service.start()
-            wait_sync(lambda: _ready(f"{web_url}/readyz"), 60, "web", services)
+            wait_sync(lambda: answers_200(f"{web_url}/readyz"), 60, "web", services)
             for name in ("jobs-1", "jobs-2"):
                 wait_sync(
                     lambda name=name: (

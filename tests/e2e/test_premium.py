@@ -11,7 +11,6 @@ import email.policy
 import io
 import re
 import time
-import urllib.request
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 from email.message import EmailMessage
@@ -26,7 +25,15 @@ from PIL import Image
 
 from gpu_node.schemas import node_key
 from sdapi.mailsink import free_port
-from tests.e2e.conftest import Service, Services, make_user, sdapi_env, until, wait_sync
+from tests.e2e.conftest import (
+    Service,
+    Services,
+    answers_200,
+    make_user,
+    sdapi_env,
+    until,
+    wait_sync,
+)
 from web.db import open_database, truncate_all
 
 pytestmark = pytest.mark.slow
@@ -61,14 +68,6 @@ class Stack:
     @property
     def ws_url(self) -> str:
         return self.base_url.replace("http://", "ws://", 1) + "/api/v1/ws"
-
-
-def _ready(url: str) -> bool:
-    try:
-        with urllib.request.urlopen(url, timeout=1) as response:  # noqa: S310
-            return bool(response.status == 200)
-    except OSError:
-        return False
 
 
 def _announced(url: str) -> bool:
@@ -135,7 +134,7 @@ def stack(
     try:
         for service in services.all.values():
             service.start()
-        wait_sync(lambda: _ready(f"{base_url}/readyz"), 60, "web", services)
+        wait_sync(lambda: answers_200(f"{base_url}/readyz"), 60, "web", services)
         wait_sync(lambda: _announced(own_redis), 120, "the gpu node", services)
         yield Stack(base_url, own_redis, services, mailbox)
     finally:

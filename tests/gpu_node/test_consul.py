@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -15,16 +14,6 @@ from gpu_node.work import Engine
 from tests.consul_double import ConsulDouble, parse_duration
 from tests.gpu_node.conftest import node_settings, running_node
 from tests.gpu_node.support import wait_for
-
-
-@pytest.fixture
-async def consul() -> AsyncIterator[ConsulDouble]:
-    double = ConsulDouble()
-    await double.start()
-    try:
-        yield double
-    finally:
-        await double.close()
 
 
 async def _get(url: str) -> Any:

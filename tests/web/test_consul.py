@@ -27,16 +27,6 @@ AiohttpClient = Callable[..., Any]
 
 
 @pytest.fixture
-async def consul() -> AsyncIterator[ConsulDouble]:
-    double = ConsulDouble()
-    await double.start()
-    try:
-        yield double
-    finally:
-        await double.close()
-
-
-@pytest.fixture
 async def consul_client(
     aiohttp_client: AiohttpClient, web_settings: WebSettings, consul: ConsulDouble
 ) -> AsyncIterator[TestClient]:
