@@ -5,7 +5,15 @@ from __future__ import annotations
 import logging
 from typing import Any, Protocol
 
-from aiohttp import web
+from aiohttp.web import (
+    AppKey,
+    Application,
+    AppRunner,
+    Request,
+    Response,
+    TCPSite,
+    json_response,
+)
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
     CollectorRegistry,
@@ -110,27 +118,27 @@ class HealthSource(Protocol):
     def refresh_metrics(self) -> None: ...
 
 
-source_key = web.AppKey("source", HealthSource)
+source_key = AppKey("source", HealthSource)
 
 
-async def healthz(request: web.Request) -> web.Response:
+async def healthz(request: Request) -> Response:
     """200 while the node can take work, 503 otherwise, with details."""
     ok, details = request.app[source_key].health()
-    return web.json_response(details, status=200 if ok else 503)
+    return json_response(details, status=200 if ok else 503)
 
 
-async def metrics(request: web.Request) -> web.Response:
+async def metrics(request: Request) -> Response:
     """Prometheus metrics."""
     source = request.app[source_key]
     source.refresh_metrics()
-    return web.Response(
+    return Response(
         body=source.metrics.render(), headers={"Content-Type": CONTENT_TYPE_LATEST}
     )
 
 
-def create_health_app(source: HealthSource) -> web.Application:
+def create_health_app(source: HealthSource) -> Application:
     """The node's small HTTP app."""
-    app = web.Application()
+    app = Application()
     app[source_key] = source
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/metrics", metrics)
@@ -139,11 +147,11 @@ def create_health_app(source: HealthSource) -> web.Application:
 
 async def start_health_server(
     source: HealthSource, host: str, port: int
-) -> tuple[web.AppRunner, int]:
+) -> tuple[AppRunner, int]:
     """Serve the health app; returns the runner and the port (0 picks one)."""
-    runner = web.AppRunner(create_health_app(source), access_log=None)
+    runner = AppRunner(create_health_app(source), access_log=None)
     await runner.setup()
-    site = web.TCPSite(runner, host, port)
+    site = TCPSite(runner, host, port)
     await site.start()
     bound = port
     for address in runner.addresses:
