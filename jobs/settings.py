@@ -7,7 +7,7 @@ from urllib.parse import parse_qs, unquote, urlsplit
 
 from pydantic import BaseModel, Field, ValidationInfo, field_validator
 
-from sdapi.settings import CommonSettings, SettingsError
+from sdapi.settings import CommonSettings, SettingsError, http_url
 
 
 class SmtpConfig(BaseModel):
@@ -111,10 +111,7 @@ class JobsSettings(CommonSettings):
     @field_validator("public_url")
     @classmethod
     def _public_url(cls, value: str) -> str:
-        parts = urlsplit(value)
-        if parts.scheme not in {"http", "https"} or not parts.hostname:
-            raise ValueError("must be an http(s)://host[:port] URL")
-        return value.rstrip("/")
+        return http_url(value)
 
     @field_validator("outbox_send_timeout")
     @classmethod

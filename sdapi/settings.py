@@ -19,6 +19,14 @@ class SettingsError(Exception):
     """A setting is missing or malformed; the message is one line naming it."""
 
 
+def http_url(value: str, what: str = "an http(s)://host[:port] URL") -> str:
+    """`value` without a trailing slash if it is an http(s) URL with a host."""
+    parts = urlsplit(value)
+    if parts.scheme not in {"http", "https"} or not parts.hostname:
+        raise ValueError(f"must be {what}")
+    return value.rstrip("/")
+
+
 class CommonSettings(BaseSettings):
     """Settings shared by every process; each package subclasses this once."""
 
@@ -70,10 +78,7 @@ class CommonSettings(BaseSettings):
     def _consul_url(cls, value: str | None) -> str | None:
         if value is None or value == "":
             return None
-        parts = urlsplit(value)
-        if parts.scheme not in {"http", "https"} or not parts.hostname:
-            raise ValueError("must be an http://host:port URL of a Consul agent")
-        return value.rstrip("/")
+        return http_url(value, "an http://host:port URL of a Consul agent")
 
     @field_validator("secret_key")
     @classmethod

@@ -116,6 +116,7 @@ class NodeRegistry:
         # None until the first successful fetch.
         self._cached: list[NodeInfo] | None = None
         self._cached_at = -1e9
+        self._remembered: dict[str, str] = {}
         self._lock = asyncio.Lock()
 
     @property
@@ -185,9 +186,13 @@ class NodeRegistry:
         return await live_nodes(self._redis)
 
     async def _remember(self, infos: list[NodeInfo]) -> None:
-        if infos:
-            mapping = {info.model: info.model_dump_json() for info in infos}
-            await self._redis.hset(KNOWN_MODELS_KEY, mapping=mapping)  # type: ignore[misc]
+        # Written only when an announcement differs from what this replica
+        # last wrote: the refresh runs every second on the request path.
+        mapping = {info.model: info.model_dump_json() for info in infos}
+        changed = {m: v for m, v in mapping.items() if self._remembered.get(m) != v}
+        if changed:
+            await self._redis.hset(KNOWN_MODELS_KEY, mapping=changed)  # type: ignore[misc]
+            self._remembered.update(changed)
 
     async def _known(self, models: list[str]) -> dict[str, NodeInfo]:
         values = await self._redis.hmget(KNOWN_MODELS_KEY, models)  # type: ignore[misc]

@@ -10,7 +10,7 @@ from pydantic import BaseModel, Field, field_validator
 from pydantic_settings import NoDecode
 
 from gpu_node.schemas import IMAGES_MAX, SIZE_MAX, STEPS_MAX, Tier
-from sdapi.settings import CommonSettings
+from sdapi.settings import CommonSettings, http_url
 
 
 class TierLimits(BaseModel):
@@ -103,12 +103,7 @@ class WebSettings(CommonSettings):
     @field_validator("public_url")
     @classmethod
     def _public_url(cls, value: str | None) -> str | None:
-        if not value:
-            return None
-        parts = urlsplit(value)
-        if parts.scheme not in {"http", "https"} or not parts.hostname:
-            raise ValueError("must be an http(s)://host[:port] URL")
-        return value.rstrip("/")
+        return http_url(value) if value else None
 
     def limits(self, tier: Tier) -> TierLimits:
         """The limits of `tier`."""
