@@ -33,14 +33,10 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from gpu_node import pipeline, store  # noqa: E402
-from gpu_node.schemas import (  # noqa: E402
-    BatchJob,
-    GenerationJob,
-    GenerationParams,
-    Tier,
-    result_job_id,
-)
-from gpu_node.work import CallItem, Engine, PipelineCall  # noqa: E402
+from gpu_node.calls import CallItem, Engine, PipelineCall  # noqa: E402
+from sdapi.contract.jobs import BatchJob, GenerationJob, GenerationParams  # noqa: E402
+from sdapi.contract.names import result_job_id  # noqa: E402
+from sdapi.contract.status import Tier  # noqa: E402
 
 SD15_UNET: dict[str, Any] = {
     "sample_size": 64,
@@ -195,10 +191,10 @@ async def measure(
     """Alternate raw calls and service rounds so that both see the same noise."""
     from arq.constants import job_key_prefix
 
+    from gpu_node.node import GpuNode
     from gpu_node.settings import GpuNodeSettings
-    from gpu_node.worker import GpuNode
-    from sdapi.embedded import EmbeddedValkey
-    from sdapi.queue import create_queue_pool, enqueue_batch, enqueue_generation
+    from sdapi.infra.embedded import EmbeddedValkey
+    from sdapi.infra.queue import create_queue_pool, enqueue_batch, enqueue_generation
 
     model = engine.profile.model
     results: dict[int, Timings] = {}

@@ -45,8 +45,8 @@ import aiohttp  # noqa: E402
 
 from bench.pipeline import Quiet, machine  # noqa: E402
 from gpu_node import pipeline, store  # noqa: E402
-from gpu_node.work import CallItem, Engine, PipelineCall  # noqa: E402
-from sdapi.mailsink import free_port  # noqa: E402
+from gpu_node.calls import CallItem, Engine, PipelineCall  # noqa: E402
+from sdapi.infra.mailsink import free_port  # noqa: E402
 
 PASSWORD = "bench-password-123"  # noqa: S105 (a throwaway local account)
 WARMUP = 3
@@ -174,7 +174,7 @@ def raw_seconds(engine: Engine, request: dict[str, Any], scheduler: str) -> floa
 async def measure(
     base_url: str, token: str, engine: Engine, count: int, size: int, steps: int
 ) -> list[Sample]:
-    scheduler = engine.profile.default_scheduler
+    scheduler = engine.profile.limits.default_scheduler
     ws_url = base_url.replace("http://", "ws://", 1) + "/api/v1/ws"
     samples: list[Sample] = []
     headers = {"Authorization": f"Bearer {token}"}

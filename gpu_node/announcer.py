@@ -12,18 +12,17 @@ from aiohttp import ClientError
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
-from gpu_node.schemas import NodeInfo
-from sdapi.consul import consul_client
-from sdapi.nodes import announce_node, announcement_ttl_s, withdraw_node
+from sdapi.contract.names import GPU_SERVICE
+from sdapi.contract.nodes import NodeInfo
+from sdapi.infra.announcements import announce_node, announcement_ttl_s, withdraw_node
+from sdapi.infra.consul import consul_client
 
 log = logging.getLogger(__name__)
-
-SERVICE_NAME = "sdapi-gpu"
 
 
 def service_id(node_id: str) -> str:
     """Consul service id of a node."""
-    return f"{SERVICE_NAME}-{node_id}"
+    return f"{GPU_SERVICE}-{node_id}"
 
 
 def check_id(node_id: str) -> str:
@@ -101,13 +100,13 @@ class Announcer:
     async def _register(self) -> None:
         sid = service_id(self.info.node_id)
         check = {
-            "Name": f"{SERVICE_NAME} worker alive",
+            "Name": f"{GPU_SERVICE} worker alive",
             "TTL": f"{self._ttl_s}s",
             "DeregisterCriticalServiceAfter": f"{self._deregister_after_s}s",
             "Notes": "passed by the node while its worker runs",
         }
         await self._consul.agent.service.register(
-            SERVICE_NAME,
+            GPU_SERVICE,
             service_id=sid,
             address=self._address,
             port=self._port,

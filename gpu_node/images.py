@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Any
 
 from PIL.PngImagePlugin import PngInfo
 
-from gpu_node.work import SAMPLER_LABELS
+from gpu_node.calls import SAMPLER_LABELS
 
 if TYPE_CHECKING:
     from PIL.Image import Image

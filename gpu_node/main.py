@@ -5,11 +5,11 @@ from __future__ import annotations
 import logging
 import sys
 
+from gpu_node.calls import ModelError
 from gpu_node.settings import GpuNodeSettings
-from gpu_node.work import ModelError
-from sdapi import loops
-from sdapi.embedded import require_redis_url
-from sdapi.logs import setup_logging
+from sdapi.infra import loops
+from sdapi.infra.logs import setup_logging
+from sdapi.infra.settings import require_redis_url
 
 log = logging.getLogger("gpu_node")
 
@@ -19,7 +19,7 @@ def run() -> int:
     settings = GpuNodeSettings.from_env()
     redis_url = require_redis_url(settings.redis_url, settings.data_dir)
     setup_logging(settings.log_level)
-    from gpu_node.worker import run_node
+    from gpu_node.node import run_node
 
     try:
         ok = loops.run(run_node(settings, redis_url))

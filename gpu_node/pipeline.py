@@ -34,13 +34,14 @@ from PIL import Image
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
 from gpu_node import store
-from gpu_node.work import (
+from gpu_node.calls import (
     ModelError,
     ModelProfile,
     OutOfMemory,
     PipelineCall,
     StepObserver,
 )
+from sdapi.contract.nodes import ModelLimits
 
 log = logging.getLogger(__name__)
 
@@ -298,10 +299,6 @@ class DiffusersEngine:
     def profile(self) -> ModelProfile:
         return self._profile
 
-    @property
-    def default_max_batch(self) -> int:
-        return 8 if self._device.type == "cuda" else 4
-
     def count_tokens(self, text: str) -> int:
         """Tokens `text` encodes to, start and end tokens included."""
         with self._count_lock:
@@ -320,7 +317,7 @@ class DiffusersEngine:
         }
 
     def _scheduler(self, name: str) -> Any:
-        if name not in self._profile.schedulers:
+        if name not in self._profile.limits.schedulers:
             raise ValueError(f"unknown scheduler {name!r}")
         class_name, overrides = SCHEDULERS[name]
         scheduler_class = getattr(diffusers, class_name)
@@ -559,14 +556,17 @@ def load_engine(
         pipeline=kind,
         device=description,
         memory_bytes=memory,
-        default_steps=default_steps or defaults["steps"],
-        default_guidance=defaults["guidance"],
-        default_scheduler=scheduler,
-        default_width=min(native, limit),
-        default_height=min(native, limit),
-        max_width=limit,
-        max_height=limit,
-        schedulers=schedulers,
+        limits=ModelLimits(
+            max_batch=8 if target.type == "cuda" else 4,
+            default_steps=default_steps or defaults["steps"],
+            default_guidance=defaults["guidance"],
+            default_scheduler=scheduler,
+            default_width=min(native, limit),
+            default_height=min(native, limit),
+            max_width=limit,
+            max_height=limit,
+            schedulers=list(schedulers),
+        ),
         token_window=int(base.tokenizer.model_max_length),
         versions={
             "diffusers": diffusers.__version__,

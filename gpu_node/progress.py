@@ -20,17 +20,11 @@ from dataclasses import dataclass
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
+from gpu_node.calls import CallStopped
 from gpu_node.executor import GpuExecutor
-from gpu_node.schemas import (
-    EVENT_TTL_S,
-    Event,
-    ProgressEvent,
-    cancel_key,
-    events_key,
-    progress_key,
-)
-from gpu_node.work import CallStopped
-from sdapi.events import add_events
+from sdapi.contract.events import Event, ProgressEvent
+from sdapi.contract.names import EVENT_TTL_S, cancel_key, events_key, progress_key
+from sdapi.infra.streams import add_events
 
 log = logging.getLogger(__name__)
 

@@ -9,7 +9,7 @@ from typing import Literal
 
 from pydantic import Field, ValidationInfo, field_validator
 
-from sdapi.settings import CommonSettings
+from sdapi.infra.settings import CommonSettings
 
 
 def _default_node_id() -> str:

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
-from gpu_node.work import ModelError
+from gpu_node.calls import ModelError
 
 log = logging.getLogger(__name__)
 

@@ -35,23 +35,23 @@ from typing import Any
 
 from pydantic import ValidationError
 from redis.exceptions import RedisError
+from tortoise.queryset import QuerySet
 from tortoise.transactions import in_transaction
 
-from gpu_node.schemas import (
+from jobs.resources import JobsResources
+from jobs.results import TRANSIENT_ERRORS, announce_done, fail_generations
+from sdapi.contract.events import QueuedEvent
+from sdapi.contract.jobs import (
+    BATCH_KEY_FIELDS,
     BatchJob,
     ErrorInfo,
     GenerationJob,
     GenerationParams,
-    QueuedEvent,
-    Status,
-    Tier,
-    batch_job_id,
-    batch_queue,
 )
-from jobs.results import TRANSIENT_ERRORS, announce_done, fail_generations
-from jobs.worker import JobsResources
-from sdapi.events import append_event
-from sdapi.queue import enqueue_batch, queue_depth, queue_position
+from sdapi.contract.names import batch_job_id, batch_queue
+from sdapi.contract.status import Status, Tier
+from sdapi.infra.queue import enqueue_batch, queue_depth, queue_position
+from sdapi.infra.streams import append_event
 from web.models import Generation, utcnow
 from web.registry import ModelOffer
 
@@ -59,7 +59,7 @@ log = logging.getLogger(__name__)
 
 # Rows that may share a pipeline call: size, steps, guidance, scheduler.
 # (Every scheduled row is on its first attempt, so a batch is too.)
-GroupKey = tuple[int, int, int, float, str]
+GroupKey = tuple[object, ...]
 
 # A dispatch round ends on these (the database or Redis is down); any other
 # error stops one model's round only.
@@ -91,8 +91,8 @@ class PlannedBatch:
 
 
 def group_key(row: Generation) -> GroupKey:
-    """What rows must share to run in one batch."""
-    return (row.width, row.height, row.steps, row.guidance_scale, row.scheduler)
+    """What rows must share to run in one batch (the columns of the batch key)."""
+    return tuple(getattr(row, name) for name in BATCH_KEY_FIELDS)
 
 
 def plan_batches(rows: list[Generation], max_batch: int) -> list[PlannedBatch]:
@@ -128,13 +128,7 @@ def generation_params(row: Generation) -> GenerationParams:
     if not isinstance(request, dict):
         raise UnbuildableRow(f"the stored request of {row.id} is not an object")
     try:
-        return GenerationParams.model_validate(
-            {
-                name: request[name]
-                for name in GenerationParams.model_fields
-                if name in request
-            }
-        )
+        return GenerationParams.from_request(request)
     except ValidationError as exc:
         first = exc.errors()[0]
         where = ".".join(str(part) for part in first["loc"])
@@ -152,6 +146,30 @@ def generation_job(row: Generation, attempt: int) -> GenerationJob:
         params=generation_params(row),
         attempt=attempt,
     )
+
+
+async def mark_queued(
+    rows: QuerySet[Generation],
+    count: int,
+    *,
+    attempt: int,
+    batch_id: uuid.UUID | None,
+    now: datetime,
+    deadline: datetime,
+) -> None:
+    """Mark `count` locked `rows` queued for `attempt`; they must all match."""
+    updated = await rows.update(
+        status=Status.QUEUED,
+        attempts=attempt,
+        batch_id=batch_id,
+        queued_at=now,
+        started_at=None,
+        deadline=deadline,
+    )
+    if updated != count:
+        # The rows are locked by the caller's transaction; the filter still
+        # guards against a path that did not lock first.
+        raise RuntimeError(f"{count - updated} locked row(s) changed under us")
 
 
 def unbuildable_error() -> ErrorInfo:
@@ -272,19 +290,14 @@ async def _claim(
         for planned in ready[:room]:
             batch_id = uuid.uuid4()
             ids = [row.id for row in planned.rows]
-            # The rows are locked by this transaction; the status condition
-            # still guards against a path that did not lock first.
-            updated = await Generation.filter(
-                id__in=ids, status=Status.SCHEDULED
-            ).update(
-                status=Status.QUEUED,
+            await mark_queued(
+                Generation.filter(id__in=ids, status=Status.SCHEDULED),
+                len(ids),
+                attempt=attempt,
                 batch_id=batch_id,
-                attempts=attempt,
-                queued_at=now,
+                now=now,
                 deadline=deadline,
             )
-            if updated != len(ids):
-                raise RuntimeError(f"locked rows of batch {batch_id} changed under us")
             items = [
                 GenerationJob(
                     generation_id=row.id,

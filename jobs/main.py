@@ -6,13 +6,13 @@ import asyncio
 import contextlib
 import logging
 
-from gpu_node.schemas import RESULTS_QUEUE, wake_channel
 from jobs.settings import JobsSettings
 from jobs.worker import build_worker
-from sdapi import loops
-from sdapi.listener import Listener, poll_when_woken, setter
-from sdapi.logs import setup_logging
-from sdapi.queue import create_queue_pool
+from sdapi.contract.names import RESULTS_QUEUE, wake_channel
+from sdapi.infra import loops
+from sdapi.infra.logs import setup_logging
+from sdapi.infra.pubsub import Listener, setter
+from sdapi.infra.queue import create_queue_pool, poll_when_woken
 
 log = logging.getLogger(__name__)
 
@@ -27,9 +27,9 @@ async def serve(settings: JobsSettings) -> None:
     worker = build_worker(settings, job_completion_wait=SHUTDOWN_GRACE_S)
     # Nodes publish a wake-up with every result: store it now, not at the next
     # poll (the `done` event, and the OpenAI route's answer, wait for it).
-    hints = await create_queue_pool(settings.redis_url or "")
+    wakeups = await create_queue_pool(settings.redis_url or "")
     woken = asyncio.Event()
-    listener = Listener(hints, {wake_channel(RESULTS_QUEUE): setter(woken)})
+    listener = Listener(wakeups, {wake_channel(RESULTS_QUEUE): setter(woken)})
     helpers = [
         asyncio.create_task(listener.run(), name="pubsub"),
         asyncio.create_task(poll_when_woken(worker, woken), name="wake"),
@@ -42,7 +42,7 @@ async def serve(settings: JobsSettings) -> None:
             task.cancel()
         await asyncio.gather(*helpers, return_exceptions=True)
         await worker.close()
-        await hints.aclose()
+        await wakeups.aclose()
 
 
 def run() -> int:

@@ -39,48 +39,45 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from enum import Enum
 
-from arq.jobs import Job
-from arq.worker import Retry
 from tortoise.expressions import Q
 from tortoise.transactions import in_transaction
 
-from gpu_node.schemas import (
+from jobs.dispatcher import (
+    INTERNAL_ERROR_CODE,
+    OUTAGE_ERRORS,
+    generation_job,
+    mark_queued,
+    send_batch,
+)
+from jobs.resources import JobsResources
+from jobs.results import (
+    TRANSIENT_ERRORS,
+    ResultRejected,
+    announce_done,
+    fail_generations,
+    parse_result,
+    store,
+)
+from sdapi.contract.events import QueuedEvent
+from sdapi.contract.jobs import BatchJob, ErrorInfo, GenerationJob
+from sdapi.contract.names import (
     RESULTS_QUEUE,
-    TERMINAL_STATUSES,
-    BatchJob,
-    ErrorInfo,
-    GenerationJob,
-    QueuedEvent,
-    Status,
-    Tier,
     batch_job_id,
     batch_queue,
     generation_job_id,
     premium_queue,
     result_job_id,
 )
-from jobs.dispatcher import (
-    INTERNAL_ERROR_CODE,
-    OUTAGE_ERRORS,
-    generation_job,
-    send_batch,
-)
-from jobs.results import (
-    ResultRejected,
-    announce_done,
-    fail_generations,
-    store_result,
-)
-from jobs.worker import RESOURCES, JobsResources
-from sdapi.events import append_event
-from sdapi.queue import (
-    deserialize,
+from sdapi.contract.status import TERMINAL_STATUSES, Status, Tier
+from sdapi.infra.queue import (
     drop_waiting_job,
     enqueue_generation,
     job_is_live,
     job_is_running,
+    kept_job_args,
     queue_position,
 )
+from sdapi.infra.streams import append_event
 from web.models import Generation, utcnow
 
 log = logging.getLogger(__name__)
@@ -194,15 +191,13 @@ async def _recover(res: JobsResources, row: Generation) -> Recovery:
     job_id = result_job_id(row.id, row.attempts)
     if await job_is_live(res.redis, job_id):
         return Recovery.PENDING
-    info = await Job(
-        job_id, res.redis, _queue_name=RESULTS_QUEUE, _deserializer=deserialize
-    ).result_info()
-    if info is None or not info.args:
+    args = await kept_job_args(res.redis, job_id, RESULTS_QUEUE)
+    if not args:
         return Recovery.LOST
     # The result key keeps the payload the node sent; storing is idempotent.
     try:
-        outcome = await store_result({RESOURCES: res, "job_try": 1}, info.args[0])
-    except Retry:
+        outcome = await store(res, parse_result(args[0]))
+    except TRANSIENT_ERRORS:
         return Recovery.PENDING  # the database is down: try again next round
     except ResultRejected:
         log.warning("the left result of %s cannot be stored", row.id, exc_info=True)
@@ -260,18 +255,16 @@ async def _requeue(
     # later, as a batch of their own with the same attempt number.
     batch_id = None if unit.tier is Tier.PREMIUM else uuid.uuid4()
     jobs = [generation_job(row, attempt) for row in rows]
-    updated = await Generation.filter(
-        id__in=[row.id for row in rows], status__in=IN_WORK, attempts=unit.attempt
-    ).update(
-        status=Status.QUEUED,
-        attempts=attempt,
+    await mark_queued(
+        Generation.filter(
+            id__in=[row.id for row in rows], status__in=IN_WORK, attempts=unit.attempt
+        ),
+        len(rows),
+        attempt=attempt,
         batch_id=batch_id,
-        queued_at=now,
-        started_at=None,
+        now=now,
         deadline=now + timedelta(seconds=res.settings.queued_check_after),
     )
-    if updated != len(rows):
-        raise RuntimeError(f"locked rows of job {unit.job_id} changed under us")
     if batch_id is None:
         return jobs[0]
     return BatchJob(batch_id=batch_id, model=rows[0].model, items=jobs, attempt=attempt)

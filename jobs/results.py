@@ -14,7 +14,6 @@ from datetime import datetime, timedelta
 from typing import Any
 
 import asyncpg
-from arq.worker import Retry
 from pydantic import ValidationError
 from redis.asyncio import Redis
 from redis.exceptions import ConnectionError as RedisConnectionError
@@ -26,24 +25,18 @@ from tortoise.exceptions import (
 )
 from tortoise.transactions import in_transaction
 
-from gpu_node.schemas import (
-    TERMINAL_STATUSES,
-    DoneEvent,
-    ErrorInfo,
-    GenerationResult,
-    StartedNotice,
-    Status,
-    image_key,
-    progress_key,
-)
-from jobs.messages import queue_generation_email
-from jobs.worker import JobsResources, resources
-from sdapi.events import append_done
+from jobs.resources import JobsResources, resources
+from jobs.result_emails import queue_generation_email
+from sdapi.contract.jobs import ErrorInfo, GenerationResult, StartedNotice
+from sdapi.contract.names import image_key, progress_key
+from sdapi.contract.status import TERMINAL_STATUSES, Status
+from sdapi.infra.queue import retry_after
+from sdapi.infra.streams import append_done
 from web.models import GeneratedImage, Generation, utcnow
 
 log = logging.getLogger(__name__)
 
-# Tries of a `store_result` job: with the 60 s cap of `retry_later`, about half
+# Tries of a `store_result` job: with the 60 s cap of `retry_after`, about half
 # an hour of a database or Redis outage. After the last one arq keeps the job's
 # payload as its result (keep_result, jobs.worker) for the reconciler to store.
 STORE_RESULT_MAX_TRIES = 30
@@ -75,12 +68,6 @@ TRANSIENT_ERRORS: tuple[type[BaseException], ...] = (
 )
 
 
-def retry_later(ctx: dict[str, Any]) -> Retry:
-    """Back off exponentially (seconds) while a dependency is down."""
-    job_try = int(ctx.get("job_try", 1))
-    return Retry(defer=min(60, 2**job_try))
-
-
 async def mark_started(ctx: dict[str, Any], payload: dict[str, Any]) -> str:
     """Record that a node began a generation (queued -> running)."""
     try:
@@ -98,7 +85,7 @@ async def mark_started(ctx: dict[str, Any], payload: dict[str, Any]) -> str:
         )
     except TRANSIENT_ERRORS:
         log.warning("recording the start of %s failed; retrying", notice.generation_id)
-        raise retry_later(ctx) from None
+        raise retry_after(ctx) from None
     return "running" if updated else "unchanged"
 
 
@@ -119,14 +106,12 @@ def _warnings(result: GenerationResult) -> list[dict[str, str]]:
     return notes
 
 
-async def _load_pngs(
-    ctx: dict[str, Any], result: GenerationResult
-) -> list[bytes] | None:
+async def _load_pngs(redis: Redis, result: GenerationResult) -> list[bytes] | None:
     """The result's PNGs from Redis, checked against their hashes; None if lost."""
     if not result.images:
         return []
     keys = [image_key(result.generation_id, image.index) for image in result.images]
-    values = await resources(ctx).redis.mget(keys)
+    values = await redis.mget(keys)
     pngs: list[bytes] = []
     for image, data in zip(result.images, values, strict=True):
         if data is None:
@@ -137,22 +122,30 @@ async def _load_pngs(
     return pngs
 
 
-async def store_result(ctx: dict[str, Any], payload: dict[str, Any]) -> str:
-    """Store a finished generation once, email it if asked, then announce `done`."""
+def parse_result(payload: Any) -> GenerationResult:
+    """The result a `store_result` payload carries; ResultRejected if malformed."""
     try:
-        result = GenerationResult.model_validate(payload)
+        return GenerationResult.model_validate(payload)
     except ValidationError as exc:
         raise ResultRejected(f"malformed store_result payload: {exc}") from None
+
+
+async def store_result(ctx: dict[str, Any], payload: dict[str, Any]) -> str:
+    """The `store_result` task: `store`, retried while a dependency is down."""
+    result = parse_result(payload)
     try:
-        return await _store(ctx, result)
+        return await store(resources(ctx), result)
     except TRANSIENT_ERRORS:
         log.warning("storing %s failed; retrying", result.generation_id, exc_info=True)
-        raise retry_later(ctx) from None
+        raise retry_after(ctx) from None
 
 
-async def _store(ctx: dict[str, Any], result: GenerationResult) -> str:
-    res = resources(ctx)
-    pngs = await _load_pngs(ctx, result)
+async def store(res: JobsResources, result: GenerationResult) -> str:
+    """Store a finished generation once, email it if asked, then announce `done`.
+
+    Raises one of TRANSIENT_ERRORS while the database or Redis is down.
+    """
+    pngs = await _load_pngs(res.redis, result)
     if pngs is None:
         # Redis lost the images: leave the row for the reconciler to run again.
         log.warning("images of %s are gone from Redis", result.generation_id)
@@ -181,16 +174,9 @@ async def _store(ctx: dict[str, Any], result: GenerationResult) -> str:
 
 async def announce_done(redis: Redis, generation: Generation) -> None:
     """Append the one `done` event of a finished generation; drop its progress."""
-    status = Status(generation.status)
-    if status not in TERMINAL_STATUSES:
+    done = generation.done_event()
+    if done is None:
         return
-    error = None
-    if status is Status.FAILED:
-        error = ErrorInfo(
-            code=generation.error_code or "failed",
-            message=generation.error_message or "The generation failed.",
-        )
-    done = DoneEvent(status=status, error=error)
     await append_done(redis, generation.id, done)
     await redis.delete(progress_key(generation.id))
 

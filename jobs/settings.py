@@ -7,7 +7,7 @@ from urllib.parse import parse_qs, unquote, urlsplit
 
 from pydantic import BaseModel, Field, ValidationInfo, field_validator
 
-from sdapi.settings import CommonSettings, SettingsError, http_url
+from sdapi.infra.settings import CommonSettings, SettingsError, http_url
 
 
 class SmtpConfig(BaseModel):

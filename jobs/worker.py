@@ -10,55 +10,22 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, field
 from typing import Any
 
-from arq.connections import ArqRedis
-from arq.worker import Worker, func
-
-from gpu_node.schemas import (
+from jobs.resources import RESOURCES, JobsResources
+from jobs.settings import JobsSettings
+from sdapi.contract.names import (
     IMAGE_TTL_S,
     MARK_STARTED_FUNCTION,
     RESULTS_QUEUE,
     STORE_RESULT_FUNCTION,
 )
-from jobs.settings import JobsSettings
-from sdapi.consul import open_consul
-from sdapi.queue import deserialize, redis_settings, serialize
+from sdapi.infra.consul import open_consul
+from sdapi.infra.queue import QueuePool, QueueWorker, Task, new_worker, redis_settings
 from web.db import open_database
 from web.registry import NodeRegistry
 
 log = logging.getLogger(__name__)
-
-RESOURCES = "sdapi"  # the key of `JobsResources` on arq's ctx
-
-
-@dataclass
-class SmtpBackoff:
-    """This process's view of an SMTP server that is down: when to try it again."""
-
-    failures: int = 0  # server-level failures in a row
-    retry_at: float = 0.0  # time.monotonic() before which no round tries it
-
-
-@dataclass
-class JobsResources:
-    """What the jobs worker holds while it runs."""
-
-    settings: JobsSettings
-    redis: ArqRedis
-    registry: NodeRegistry
-    stack: contextlib.AsyncExitStack
-    loops: list[asyncio.Task[None]] = field(default_factory=list)
-    stopping: asyncio.Event = field(default_factory=asyncio.Event)
-    smtp_backoff: SmtpBackoff = field(default_factory=SmtpBackoff)
-
-
-def resources(ctx: dict[str, Any]) -> JobsResources:
-    """The typed resources on an arq ctx."""
-    found: JobsResources = ctx[RESOURCES]
-    return found
-
 
 # A periodic task; what it returns (a count, a report) is ignored.
 Periodic = Callable[[JobsResources], Awaitable[object]]
@@ -80,7 +47,7 @@ async def _every(
 def periodic_tasks(settings: JobsSettings) -> list[tuple[str, float, Periodic]]:
     """The periodic tasks of the worker, with their intervals in seconds."""
     from jobs.dispatcher import dispatch_due
-    from jobs.outbox import send_due_emails
+    from jobs.email_sender import send_due_emails
     from jobs.reconciler import reconcile
 
     return [
@@ -102,7 +69,7 @@ async def on_startup(ctx: dict[str, Any]) -> None:
     except BaseException:
         await stack.aclose()
         raise
-    redis: ArqRedis = ctx["redis"]
+    redis: QueuePool = ctx["redis"]
     res = JobsResources(
         settings=settings,
         redis=redis,
@@ -127,8 +94,8 @@ async def on_shutdown(ctx: dict[str, Any]) -> None:
     await res.stack.aclose()
 
 
-def job_functions() -> list[Any]:
-    """The arq functions of the results queue."""
+def job_functions() -> list[Task]:
+    """The tasks of the results queue."""
     from jobs.results import (
         MARK_STARTED_MAX_TRIES,
         STORE_RESULT_MAX_TRIES,
@@ -137,23 +104,15 @@ def job_functions() -> list[Any]:
     )
 
     return [
-        func(
-            store_result, name=STORE_RESULT_FUNCTION, max_tries=STORE_RESULT_MAX_TRIES
-        ),
-        func(
-            mark_started, name=MARK_STARTED_FUNCTION, max_tries=MARK_STARTED_MAX_TRIES
-        ),
+        Task(STORE_RESULT_FUNCTION, store_result, STORE_RESULT_MAX_TRIES),
+        Task(MARK_STARTED_FUNCTION, mark_started, MARK_STARTED_MAX_TRIES),
     ]
 
 
-def build_worker(settings: JobsSettings, **overrides: Any) -> Worker:
+def build_worker(settings: JobsSettings, **overrides: Any) -> QueueWorker:
     """The jobs worker for resolved `settings`."""
     options: dict[str, Any] = {
-        "functions": job_functions(),
-        "queue_name": RESULTS_QUEUE,
         "redis_settings": redis_settings(settings.redis_url or ""),
-        "job_serializer": serialize,
-        "job_deserializer": deserialize,
         "on_startup": on_startup,
         "on_shutdown": on_shutdown,
         "ctx": {"settings": settings},
@@ -167,4 +126,4 @@ def build_worker(settings: JobsSettings, **overrides: Any) -> Worker:
         "keep_result": IMAGE_TTL_S,
     }
     options.update(overrides)
-    return Worker(**options)
+    return new_worker(job_functions(), queue=RESULTS_QUEUE, **options)

@@ -38,11 +38,11 @@ from pydantic import Field
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
-from gpu_node.schemas import node_key
-from sdapi.cli import PARENT_PID_ENV
-from sdapi.logs import setup_logging
-from sdapi.net import free_port
-from sdapi.settings import CommonSettings, load_secret_key
+from sdapi.contract.names import node_key
+from sdapi.infra.logs import setup_logging
+from sdapi.infra.net import free_port
+from sdapi.infra.parent import PARENT_PID_ENV
+from sdapi.infra.settings import CommonSettings, load_secret_key
 
 log = logging.getLogger("sdapi.dev")
 
@@ -162,7 +162,7 @@ def _services(settings: DevSettings, data_dir: Path) -> Iterator[tuple[str, str,
     with contextlib.ExitStack() as stack:
         database_url, redis_url = settings.database_url, settings.redis_url
         if not database_url or not redis_url:
-            from sdapi.embedded import embedded_services
+            from sdapi.infra.embedded import embedded_services
 
             log.info("starting embedded PostgreSQL and Valkey in %s", data_dir)
             # Valkey stays in our process group, so a terminal's Ctrl-C would
@@ -182,7 +182,7 @@ def _services(settings: DevSettings, data_dir: Path) -> Iterator[tuple[str, str,
             redis_url = redis_url or urls.redis_url
         smtp_url = settings.smtp_url
         if not smtp_url:
-            from sdapi.mailsink import mail_sink
+            from sdapi.infra.mailsink import mail_sink
 
             smtp_url = stack.enter_context(mail_sink(data_dir / "mail"))
         yield database_url, redis_url, smtp_url

@@ -20,7 +20,7 @@ import pytest
 import redis
 import redis.asyncio
 
-from sdapi.embedded import EmbeddedValkey, embedded_postgres
+from sdapi.infra.embedded import EmbeddedValkey, embedded_postgres
 from tests.consul_double import ConsulDouble
 
 

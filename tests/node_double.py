@@ -24,29 +24,23 @@ from PIL import Image
 from PIL.PngImagePlugin import PngInfo
 from pydantic import SecretStr
 
-from gpu_node.schemas import (
-    IMAGE_TTL_S,
-    DoneEvent,
+from jobs.resources import RESOURCES, JobsResources
+from jobs.results import mark_started, store_result
+from jobs.settings import JobsSettings
+from sdapi.contract.events import DoneEvent, ImageEvent, ProgressEvent, StartedEvent
+from sdapi.contract.jobs import (
     ErrorInfo,
     GenerationJob,
     GenerationResult,
-    ImageEvent,
     ImageInfo,
-    NodeInfo,
-    ProgressEvent,
-    StartedEvent,
     StartedNotice,
-    Status,
-    image_key,
-    premium_queue,
-    progress_key,
 )
-from jobs.results import mark_started, store_result
-from jobs.settings import JobsSettings
-from jobs.worker import RESOURCES, JobsResources
-from sdapi.events import append_done, append_event
-from sdapi.nodes import announce_node
-from sdapi.queue import create_queue_pool, deserialize
+from sdapi.contract.names import IMAGE_TTL_S, image_key, premium_queue, progress_key
+from sdapi.contract.nodes import NodeInfo
+from sdapi.contract.status import Status
+from sdapi.infra.announcements import announce_node
+from sdapi.infra.queue import create_queue_pool, deserialize
+from sdapi.infra.streams import append_done, append_event
 from web.models import TokenKind, User, utcnow
 from web.registry import NodeRegistry
 from web.tokens import issue_token

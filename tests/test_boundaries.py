@@ -40,7 +40,7 @@ def test_web_and_jobs_never_load_torch(imports: list[str]) -> None:
 
 
 def test_gpu_node_never_loads_web_jobs_tortoise_or_smtp() -> None:
-    loaded = _loaded_after(["gpu_node.main", "gpu_node.worker"])
+    loaded = _loaded_after(["gpu_node.main", "gpu_node.node"])
     assert not loaded & {
         "web",
         "jobs",
@@ -53,5 +53,5 @@ def test_gpu_node_never_loads_web_jobs_tortoise_or_smtp() -> None:
 
 
 def test_gpu_node_contract_is_pydantic_only() -> None:
-    loaded = _loaded_after(["gpu_node.schemas"])
+    loaded = _loaded_after(["sdapi.contract"])
     assert not loaded & {"torch", "diffusers", "redis", "arq", "aiohttp", "tortoise"}

@@ -8,16 +8,11 @@ import pytest
 import redis.asyncio
 from redis.exceptions import ResponseError
 
-from gpu_node.schemas import (
-    EVENT_TTL_S,
-    DoneEvent,
-    ErrorInfo,
-    StartedEvent,
-    Status,
-    done_key,
-    events_key,
-)
-from sdapi.events import append_done, append_event, read_events
+from sdapi.contract.events import DoneEvent, StartedEvent
+from sdapi.contract.jobs import ErrorInfo
+from sdapi.contract.names import EVENT_TTL_S, done_key, events_key
+from sdapi.contract.status import Status
+from sdapi.infra.streams import append_done, append_event, read_events
 
 
 async def test_done_is_appended_once(redis_client: redis.asyncio.Redis) -> None:

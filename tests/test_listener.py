@@ -8,7 +8,7 @@ import contextlib
 import pytest
 import redis.asyncio
 
-from sdapi.listener import Listener
+from sdapi.infra.pubsub import Listener
 
 
 async def test_a_failing_handler_does_not_stop_the_listener(

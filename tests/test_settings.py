@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from jobs.settings import JobsSettings
-from sdapi.settings import SettingsError, load_secret_key
+from sdapi.infra.settings import SettingsError, load_secret_key
 from web.settings import WebSettings
 
 

@@ -16,11 +16,10 @@ from prometheus_client import CollectorRegistry
 from redis.asyncio import BlockingConnectionPool, Redis
 
 from sdapi import __version__
-from sdapi.consul import open_consul
-from sdapi.queue import create_queue_pool
-from web.db import open_database
-from web.errors import error_middleware
-from web.keys import (
+from sdapi.contract.names import WEB_SERVICE
+from sdapi.infra.consul import open_consul
+from sdapi.infra.queue import create_queue_pool
+from web.appkeys import (
     database_key,
     live_redis_key,
     metrics_key,
@@ -30,6 +29,8 @@ from web.keys import (
     registry_key,
     settings_key,
 )
+from web.db import open_database
+from web.errors import error_middleware
 from web.live import install_live
 from web.metrics import install_metrics, metrics_middleware
 from web.openapi import ApiRoutes, build_openapi
@@ -41,7 +42,6 @@ from web.settings import WebSettings
 
 log = logging.getLogger(__name__)
 
-WEB_SERVICE = "sdapi-web"
 API_DESCRIPTION = (
     "Stable Diffusion as an API. Premium accounts get images at request time "
     "(WebSocket progress, download, email); normal accounts' requests run later "

@@ -9,9 +9,9 @@ from typing import Literal
 from aiohttp import web
 from aiohttp_session import get_session
 
-from gpu_node.schemas import Tier
+from sdapi.contract.status import Tier
+from web.appkeys import settings_key
 from web.errors import Forbidden, Unauthorized
-from web.keys import settings_key
 from web.models import ApiToken, TokenKind, User, utcnow
 from web.tokens import find_token, find_token_by_id
 

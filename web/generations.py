@@ -22,14 +22,9 @@ from redis.exceptions import RedisError
 from tortoise.expressions import Q
 from tortoise.transactions import in_transaction
 
-from gpu_node.schemas import (
-    TERMINAL_STATUSES,
-    DoneEvent,
-    GenerationJob,
-    GenerationParams,
-    QueuedEvent,
-    Status,
-    Tier,
+from sdapi.contract.events import DoneEvent, QueuedEvent
+from sdapi.contract.jobs import GenerationJob, GenerationParams
+from sdapi.contract.names import (
     batch_job_id,
     batch_queue,
     generation_job_id,
@@ -37,13 +32,16 @@ from gpu_node.schemas import (
     premium_queue,
     progress_key,
 )
-from sdapi.events import append_done, append_event
-from sdapi.queue import (
+from sdapi.contract.status import TERMINAL_STATUSES, Status, Tier
+from sdapi.infra.queue import (
+    drop_waiting_job,
     enqueue_generation,
     queue_depth,
     queue_position,
     request_cancel,
 )
+from sdapi.infra.streams import append_done, append_event
+from web.appkeys import redis_key, registry_key, settings_key
 from web.auth import Principal
 from web.errors import (
     EmailNotVerified,
@@ -53,7 +51,6 @@ from web.errors import (
     Unavailable,
     ValidationFailed,
 )
-from web.keys import redis_key, registry_key, settings_key
 from web.links import image_path
 from web.models import Delivery, GeneratedImage, Generation, User, utcnow
 from web.quota import usage
@@ -177,21 +174,6 @@ def resolve_request(
     )
 
 
-def job_params(request: schemas.ResolvedRequest) -> GenerationParams:
-    """The node's view of an accepted request."""
-    return GenerationParams(
-        prompt=request.prompt,
-        negative_prompt=request.negative_prompt,
-        width=request.width,
-        height=request.height,
-        steps=request.steps,
-        guidance_scale=request.guidance_scale,
-        seed=request.seed,
-        num_images=request.num_images,
-        scheduler=request.scheduler,
-    )
-
-
 def _seconds_to_midnight(now: datetime) -> int:
     tomorrow = (now + timedelta(days=1)).replace(
         hour=0, minute=0, second=0, microsecond=0
@@ -278,7 +260,7 @@ async def _enqueue_premium(
         generation_id=generation.id,
         model=generation.model,
         tier=Tier.PREMIUM,
-        params=job_params(request),
+        params=GenerationParams.from_request(request.model_dump()),
         attempt=generation.attempts,
     )
     try:
@@ -325,7 +307,7 @@ async def cancel_generation(app: web.Application, generation: Generation) -> boo
         await request_cancel(redis, locked.id)
         if was is Status.QUEUED and locked.tier is Tier.PREMIUM:
             job_id = generation_job_id(locked.id, locked.attempts)
-            await redis.zrem(premium_queue(locked.model), job_id)
+            await drop_waiting_job(redis, premium_queue(locked.model), job_id)
         await append_done(redis, locked.id, DoneEvent(status=Status.CANCELLED))
     except RedisError:
         # Cancelled in the database already: a node that runs it anyway has its

@@ -1,6 +1,6 @@
 """Live generations: following a generation's events, and the WebSocket relays.
 
-A generation's events live in a Redis stream (`sdapi.events`). `follow`
+A generation's events live in a Redis stream (`sdapi.infra.streams`). `follow`
 replays it from the first entry, then waits on it with a blocking XREAD until
 the `done` event; when the stream is silent and the database says the
 generation has finished (the stream expired, or Redis lost it), the rest is
@@ -31,19 +31,17 @@ from aiohttp import WSCloseCode, WSMsgType, web
 from pydantic import BaseModel, ValidationError
 from redis.exceptions import RedisError
 
-from gpu_node.schemas import (
-    TERMINAL_STATUSES,
+from sdapi.contract.events import (
     DoneEvent,
-    ErrorInfo,
     Event,
     ImageEvent,
     ProgressEvent,
     QueuedEvent,
     StartedEvent,
-    Status,
-    Tier,
 )
-from sdapi.events import read_events
+from sdapi.contract.status import Status, Tier
+from sdapi.infra.streams import read_events
+from web.appkeys import live_redis_key, redis_key, settings_key
 from web.auth import Principal
 from web.errors import (
     DEPENDENCY_ERRORS,
@@ -64,7 +62,6 @@ from web.generations import (
     stored_images,
     submit_generation,
 )
-from web.keys import live_redis_key, redis_key, settings_key
 from web.models import Generation
 from web.schemas.generations import ErrorRef
 from web.schemas.live import (
@@ -104,11 +101,11 @@ async def _finished_in_database(
 ) -> list[Event]:
     """The remaining events of a finished generation, from its row; [] if not."""
     row = await Generation.get_or_none(id=generation_id)
-    if row is None or Status(row.status) not in TERMINAL_STATUSES:
+    done = None if row is None else row.done_event()
+    if done is None:
         return []
-    status = Status(row.status)
     events: list[Event] = []
-    if status is Status.SUCCEEDED:
+    if done.status is Status.SUCCEEDED:
         images = (await stored_images([generation_id])).get(generation_id, [])
         events.extend(
             ImageEvent(
@@ -121,13 +118,7 @@ async def _finished_in_database(
             for image in images
             if image.index not in seen_images
         )
-    error = None
-    if status is Status.FAILED:
-        error = ErrorInfo(
-            code=row.error_code or "failed",
-            message=row.error_message or "The generation failed.",
-        )
-    events.append(DoneEvent(status=status, error=error))
+    events.append(done)
     return events
 
 

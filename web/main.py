@@ -6,8 +6,8 @@ import logging
 
 from aiohttp import web
 
-from sdapi import loops
-from sdapi.logs import setup_logging
+from sdapi.infra import loops
+from sdapi.infra.logs import setup_logging
 from web.app import create_app
 from web.settings import WebSettings
 

@@ -8,8 +8,8 @@ from dataclasses import dataclass
 from aiohttp import web
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
+from web.appkeys import metrics_key
 from web.errors import Handler
-from web.keys import metrics_key
 
 
 @dataclass(frozen=True)

@@ -13,7 +13,9 @@ from tortoise import fields
 from tortoise.indexes import Index
 from tortoise.models import Model
 
-from gpu_node.schemas import Status, Tier
+from sdapi.contract.events import DoneEvent
+from sdapi.contract.jobs import ErrorInfo
+from sdapi.contract.status import Status, Tier
 
 
 def utcnow() -> datetime:
@@ -145,6 +147,19 @@ class Generation(Model):
     emailed_at = fields.DatetimeField(null=True)
 
     images: fields.ReverseRelation[GeneratedImage]
+
+    def done_event(self) -> DoneEvent | None:
+        """The `done` event of a finished generation; None while it runs."""
+        status = Status(self.status)
+        if not status.is_terminal:
+            return None
+        error = None
+        if status is Status.FAILED:
+            error = ErrorInfo(
+                code=self.error_code or "failed",
+                message=self.error_message or "The generation failed.",
+            )
+        return DoneEvent(status=status, error=error)
 
     class Meta:
         table = "generations"

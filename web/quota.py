@@ -12,7 +12,7 @@ from datetime import UTC, datetime
 from tortoise.expressions import Q
 from tortoise.functions import Count, Sum
 
-from gpu_node.schemas import Status, Tier
+from sdapi.contract.status import Status, Tier
 from web.models import Generation, User
 
 # Failed and cancelled requests give their images back to the day's quota.

@@ -9,83 +9,38 @@ from collections.abc import Iterable
 from typing import Any
 
 import aiohttp
-from pydantic import BaseModel, ValidationError
+from pydantic import ValidationError
 from redis.asyncio import Redis
 
-from gpu_node.schemas import NodeInfo
-from sdapi.nodes import live_nodes
+from sdapi.contract.names import GPU_SERVICE, KNOWN_MODELS_KEY
+from sdapi.contract.nodes import GENERIC_LIMITS, ModelLimits, NodeInfo
+from sdapi.infra.announcements import live_nodes
 from web.errors import Unavailable
 
 log = logging.getLogger(__name__)
 
-GPU_SERVICE = "sdapi-gpu"
 # Retry-After while Consul cannot be asked and nothing is cached (seconds).
 CONSUL_RETRY_S = 10
-# Last NodeInfo seen per model: defaults for normal-tier requests made while
-# no node of that model is up (they wait in the database for one).
-KNOWN_MODELS_KEY = "sdapi:models:known"
-# Defaults for a model no node has announced yet (Stable Diffusion's usual).
-GENERIC_DEFAULTS = {
-    "default_steps": 25,
-    "default_guidance": 7.5,
-    "default_scheduler": "euler_a",
-    "default_width": 512,
-    "default_height": 512,
-    "max_width": 1024,
-    "max_height": 1024,
-    "max_batch": 4,
-    "schedulers": ["euler", "euler_a", "dpmpp_2m", "ddim", "unipc", "lms", "pndm"],
-}
 
 
-class ModelOffer(BaseModel):
+class ModelOffer(ModelLimits):
     """A model as the API presents it: what its healthy nodes agree on."""
 
     id: str
     nodes: int
     available: bool
-    max_batch: int
-    default_steps: int
-    default_guidance: float
-    default_scheduler: str
-    default_width: int
-    default_height: int
-    max_width: int
-    max_height: int
-    schedulers: list[str]
 
     @classmethod
     def combine(cls, model: str, infos: list[NodeInfo]) -> ModelOffer:
         """The offer of `model` across its nodes (the tightest limits win)."""
-        first = infos[0]
-        schedulers = set(first.schedulers)
-        for info in infos[1:]:
-            schedulers &= set(info.schedulers)
-        return cls(
-            id=model,
-            nodes=len(infos),
-            available=True,
-            max_batch=min(info.max_batch for info in infos),
-            default_steps=first.default_steps,
-            default_guidance=first.default_guidance,
-            default_scheduler=first.default_scheduler,
-            default_width=first.default_width,
-            default_height=first.default_height,
-            max_width=min(info.max_width for info in infos),
-            max_height=min(info.max_height for info in infos),
-            schedulers=sorted(schedulers),
-        )
+        limits = ModelLimits.tightest(infos)
+        return cls(id=model, nodes=len(infos), available=True, **dict(limits))
 
     @classmethod
     def offline(cls, model: str, last_seen: NodeInfo | None) -> ModelOffer:
         """A configured model no healthy node serves right now."""
-        if last_seen is not None:
-            return cls.combine(model, [last_seen]).model_copy(
-                update={"nodes": 0, "available": False}
-            )
-        return cls.model_validate(
-            {"id": model, "nodes": 0, "available": False, **GENERIC_DEFAULTS}
-        )
+        limits = GENERIC_LIMITS if last_seen is None else last_seen.limits()
+        return cls(id=model, nodes=0, available=False, **dict(limits))
 
 
 def _consul_errors() -> tuple[type[BaseException], ...]:

@@ -2,29 +2,28 @@
 
 from __future__ import annotations
 
+import json
 import secrets
 
 from aiohttp import web
-from aiohttp_session import AbstractStorage
-from aiohttp_session.redis_storage import RedisStorage
+from aiohttp_session import AbstractStorage, Session
 from redis.asyncio import Redis
 
-from web.keys import redis_key
+from web.appkeys import redis_key
 
 SESSION_COOKIE = "sdapi_session"
-SESSION_KEY_PREFIX = SESSION_COOKIE + "_"  # aiohttp-session's own key layout
+SESSION_KEY_PREFIX = SESSION_COOKIE + "_"
 
 
-class AppRedisStorage(RedisStorage):
-    """aiohttp-session's Redis storage on the app's client, opened in cleanup_ctx.
+class AppRedisStorage(AbstractStorage):
+    """Sessions in the app's Redis client, which `cleanup_ctx` opens.
 
-    The middleware is built with the app, before the Redis client exists, so
-    the client is looked up when a request needs it.
+    The middleware is built with the app, before that client exists, so it
+    is looked up per request. The cookie holds only a random session id.
     """
 
     def __init__(self, app: web.Application, *, max_age: int, secure: bool) -> None:
-        AbstractStorage.__init__(
-            self,
+        super().__init__(
             cookie_name=SESSION_COOKIE,
             max_age=max_age,
             secure=secure,
@@ -32,11 +31,37 @@ class AppRedisStorage(RedisStorage):
             samesite="Lax",
         )
         self._app = app
-        self._key_factory = lambda: secrets.token_urlsafe(32)
 
-    @property  # type: ignore[override,unused-ignore]
-    def _redis(self) -> Redis:  # type: ignore[override]
-        return self._app[redis_key]
+    async def load_session(self, request: web.Request) -> Session:
+        session_id = self.load_cookie(request)
+        if session_id is None:
+            return Session(None, data=None, new=True, max_age=self.max_age)
+        raw = await self._app[redis_key].get(SESSION_KEY_PREFIX + str(session_id))
+        if raw is None:
+            return Session(None, data=None, new=True, max_age=self.max_age)
+        try:
+            data = json.loads(raw)
+        except ValueError:
+            data = None
+        return Session(str(session_id), data=data, new=False, max_age=self.max_age)
+
+    async def save_session(
+        self, request: web.Request, response: web.StreamResponse, session: Session
+    ) -> None:
+        session_id = session.identity
+        if session_id is None:
+            session_id = secrets.token_urlsafe(32)
+            self.save_cookie(response, session_id, max_age=session.max_age)
+        else:
+            session_id = str(session_id)
+            # An emptied session (sign-out) clears its cookie.
+            cookie = "" if session.empty else session_id
+            self.save_cookie(response, cookie, max_age=session.max_age)
+        await self._app[redis_key].set(
+            SESSION_KEY_PREFIX + session_id,
+            json.dumps(self._get_session_data(session)),
+            ex=session.max_age,
+        )
 
 
 async def delete_session(redis: Redis, session_id: str) -> None:

@@ -9,8 +9,9 @@ from urllib.parse import urlsplit
 from pydantic import BaseModel, Field, field_validator
 from pydantic_settings import NoDecode
 
-from gpu_node.schemas import IMAGES_MAX, SIZE_MAX, STEPS_MAX, Tier
-from sdapi.settings import CommonSettings, http_url
+from sdapi.contract.jobs import IMAGES_MAX, SIZE_MAX, STEPS_MAX
+from sdapi.contract.status import Tier
+from sdapi.infra.settings import CommonSettings, http_url
 
 
 class TierLimits(BaseModel):
@@ -87,7 +88,7 @@ class WebSettings(CommonSettings):
     # How long a call to the Consul agent may take (seconds).
     consul_timeout: float = Field(default=3.0, gt=0, description="seconds")
 
-    # Tier limits; never above what a GPU node accepts (gpu_node.schemas).
+    # Tier limits; never above what a GPU node accepts (sdapi.contract).
     normal_max_size: int = Field(default=512, ge=64, le=SIZE_MAX)
     normal_max_steps: int = Field(default=50, ge=1, le=STEPS_MAX)
     normal_max_images: int = Field(default=4, ge=1, le=IMAGES_MAX)

@@ -18,14 +18,14 @@ import pytest
 import redis
 
 from sdapi.dev import LINE_LIMIT, READ_CHUNK, Plan, mask_password, relay_lines
-from sdapi.embedded import (
+from sdapi.infra.embedded import (
     SERVICES_FILE,
     EmbeddedValkey,
     _create_database,
     embedded_postgres,
     running_services,
 )
-from sdapi.net import free_port
+from sdapi.infra.net import free_port
 from tests.e2e.conftest import make_user, sdapi_env
 from web.db import open_database
 

@@ -26,18 +26,14 @@ import redis
 from arq.constants import result_key_prefix
 from PIL import Image
 
-from gpu_node.schemas import (
-    TERMINAL_STATUSES,
-    QueuedEvent,
-    Status,
-    batch_job_id,
-    batch_queue,
-)
-from sdapi.embedded import EmbeddedValkey
-from sdapi.events import read_events
-from sdapi.mailsink import free_port, mail_sink, read_messages
-from sdapi.nodes import NODES_INDEX
-from sdapi.queue import create_queue_pool
+from sdapi.contract.events import QueuedEvent
+from sdapi.contract.names import batch_job_id, batch_queue
+from sdapi.contract.status import TERMINAL_STATUSES, Status
+from sdapi.infra.announcements import NODES_INDEX
+from sdapi.infra.embedded import EmbeddedValkey
+from sdapi.infra.mailsink import free_port, mail_sink, read_messages
+from sdapi.infra.queue import create_queue_pool
+from sdapi.infra.streams import read_events
 from tests.e2e.conftest import (
     Service,
     Services,

@@ -23,8 +23,8 @@ import redis
 from aiosmtpd.controller import Controller
 from PIL import Image
 
-from gpu_node.schemas import node_key
-from sdapi.mailsink import free_port
+from sdapi.contract.names import node_key
+from sdapi.infra.mailsink import free_port
 from tests.e2e.conftest import (
     Service,
     Services,

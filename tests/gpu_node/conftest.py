@@ -11,8 +11,8 @@ from typing import Any
 import pytest
 import redis.asyncio
 
+from gpu_node.calls import Engine
 from gpu_node.settings import GpuNodeSettings
-from gpu_node.work import Engine
 
 
 @pytest.fixture(scope="session")
@@ -61,7 +61,7 @@ async def running_node(
     settings: GpuNodeSettings, redis_url: str, engine: Engine
 ) -> AsyncIterator[Any]:
     """A started node serving in the background; drained and closed after."""
-    from gpu_node.worker import GpuNode
+    from gpu_node.node import GpuNode
 
     node = GpuNode(settings, redis_url, engine=engine)
     await node.start()
@@ -88,7 +88,7 @@ async def node(
 @pytest.fixture
 async def client(clean_redis: str) -> AsyncIterator[redis.asyncio.Redis]:
     """An arq pool on the test Redis (producers enqueue through one)."""
-    from sdapi.queue import create_queue_pool
+    from sdapi.infra.queue import create_queue_pool
 
     conn = await create_queue_pool(clean_redis)
     try:

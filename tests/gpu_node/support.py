@@ -12,18 +12,17 @@ import redis.asyncio
 from arq.constants import job_key_prefix
 from arq.jobs import deserialize_job
 
-from gpu_node.schemas import (
-    Event,
+from sdapi.contract.events import Event
+from sdapi.contract.jobs import (
     GenerationJob,
     GenerationParams,
     GenerationResult,
     StartedNotice,
-    Tier,
-    result_job_id,
-    started_job_id,
 )
-from sdapi.events import read_events
-from sdapi.queue import deserialize
+from sdapi.contract.names import result_job_id, started_job_id
+from sdapi.contract.status import Tier
+from sdapi.infra.queue import deserialize
+from sdapi.infra.streams import read_events
 
 
 def params(**changes: Any) -> GenerationParams:

@@ -10,7 +10,7 @@ import aiohttp
 import pytest
 
 from gpu_node.announcer import check_id, service_id
-from gpu_node.work import Engine
+from gpu_node.calls import Engine
 from tests.consul_double import ConsulDouble, parse_duration
 from tests.gpu_node.conftest import node_settings, running_node
 from tests.gpu_node.support import wait_for

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from gpu_node.work import Engine
+from gpu_node.calls import Engine
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -19,7 +19,7 @@ import sys
 from pathlib import Path
 from gpu_node import pipeline, store
 from gpu_node.images import ImageManifest, encode_png, sha256_hex
-from gpu_node.work import CallItem, PipelineCall
+from gpu_node.calls import CallItem, PipelineCall
 
 class Quiet:
     def before_start(self): pass

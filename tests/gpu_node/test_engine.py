@@ -14,7 +14,7 @@ import torch
 from PIL import Image
 
 from gpu_node import pipeline, store
-from gpu_node.work import CallItem, OutOfMemory, PipelineCall
+from gpu_node.calls import CallItem, OutOfMemory, PipelineCall
 
 
 class _Quiet:

@@ -11,10 +11,10 @@ from typing import Any
 
 import pytest
 
+from gpu_node.calls import CallStopped
 from gpu_node.executor import GpuExecutor
 from gpu_node.progress import CallObserver, ItemProgress
-from gpu_node.schemas import ProgressEvent
-from gpu_node.work import CallStopped
+from sdapi.contract.events import ProgressEvent
 
 
 def test_premium_overtakes_queued_batches_and_nests_at_steps() -> None:

@@ -13,19 +13,13 @@ import pytest
 import redis.asyncio
 from PIL import Image
 
+from gpu_node.calls import CallItem, Engine, PipelineCall
 from gpu_node.images import ImageManifest, encode_png, sha256_hex
-from gpu_node.schemas import (
-    BatchJob,
-    ImageEvent,
-    ProgressEvent,
-    StartedEvent,
-    Status,
-    Tier,
-    image_key,
-    progress_key,
-)
-from gpu_node.work import CallItem, Engine, PipelineCall
-from sdapi.queue import enqueue_batch, enqueue_generation, request_cancel
+from sdapi.contract.events import ImageEvent, ProgressEvent, StartedEvent
+from sdapi.contract.jobs import BatchJob
+from sdapi.contract.names import image_key, progress_key
+from sdapi.contract.status import Status, Tier
+from sdapi.infra.queue import enqueue_batch, enqueue_generation, request_cancel
 from tests.gpu_node.conftest import node_settings, running_node
 from tests.gpu_node.support import (
     events_of,
@@ -359,8 +353,8 @@ async def test_duplicate_delivery_is_skipped(
     first = await result_of(client, request.generation_id)
     # arq runs jobs at least once: a second run of the same attempt finds the
     # result already handed over and does no GPU work.
-    from gpu_node.schemas import GENERATE_FUNCTION, premium_queue
-    from sdapi.queue import enqueue
+    from sdapi.contract.names import GENERATE_FUNCTION, premium_queue
+    from sdapi.infra.queue import enqueue
 
     await enqueue(
         client, GENERATE_FUNCTION, request, queue=premium_queue("tiny"), job_id="again"
@@ -376,8 +370,8 @@ async def test_bad_payload_fails_the_job_without_retry(
 ) -> None:
     from arq.jobs import Job
 
-    from gpu_node.schemas import GENERATE_FUNCTION, premium_queue
-    from sdapi.queue import deserialize
+    from sdapi.contract.names import GENERATE_FUNCTION, premium_queue
+    from sdapi.infra.queue import deserialize
 
     await client.enqueue_job(  # type: ignore[attr-defined]
         GENERATE_FUNCTION,
@@ -458,7 +452,7 @@ async def test_a_failed_start_notice_keeps_the_work(
     async def unavailable(item: Any) -> None:
         raise RuntimeError("the jobs queue is unavailable")
 
-    monkeypatch.setattr(node, "_mark_started", unavailable)
+    monkeypatch.setattr(node.tasks, "_mark_started", unavailable)
     request = job(steps=2)
     await enqueue_generation(client, request)
     result = await result_of(client, request.generation_id)
@@ -506,13 +500,13 @@ async def test_a_payload_past_the_bounds_fails_its_generations(
 ) -> None:
     from arq.jobs import Job
 
-    from gpu_node.schemas import (
+    from sdapi.contract.names import (
         BATCH_FUNCTION,
         GENERATE_FUNCTION,
         batch_queue,
         premium_queue,
     )
-    from sdapi.queue import deserialize
+    from sdapi.infra.queue import deserialize
 
     alone = job(attempt=2)
     payload = alone.model_dump(mode="json")
@@ -551,17 +545,17 @@ async def test_a_lost_claim_stops_the_job_undelivered(
     clean_redis: str,
     tiny_engine: Engine,
     client: redis.asyncio.Redis,
-    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
+    from arq.constants import in_progress_key_prefix
     from arq.jobs import Job
 
-    from gpu_node.schemas import premium_queue, result_job_id
-    from sdapi.queue import deserialize
+    from sdapi.contract.names import premium_queue, result_job_id
+    from sdapi.infra.queue import deserialize
     from tests.gpu_node.support import queued_payload
 
     settings = node_settings(models_dir, clean_redis, gpu_job_lease_s=2)
     request = job(width=128, height=128, steps=300)
-    async with running_node(settings, clean_redis, tiny_engine) as node:
+    async with running_node(settings, clean_redis, tiny_engine):
         await enqueue_generation(client, request)
 
         async def at_step_3() -> bool:
@@ -571,10 +565,9 @@ async def test_a_lost_claim_stops_the_job_undelivered(
         await wait_for(at_step_3)
 
         # This node's claim expired and another node's now stands in its place.
-        async def expired(*args: Any, **kwargs: Any) -> int:
-            return 0
-
-        monkeypatch.setattr(node.resources.redis, "pexpire", expired)
+        await client.set(
+            in_progress_key_prefix + str(request.generation_id), b"1", px=60_000
+        )
         arq_job = Job(
             str(request.generation_id),
             client,

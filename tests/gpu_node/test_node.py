@@ -17,12 +17,14 @@ import aiohttp
 import pytest
 import redis.asyncio
 
-from gpu_node.schemas import NodeInfo, Status, node_key
+from gpu_node.calls import Engine
 from gpu_node.settings import GpuNodeSettings
-from gpu_node.work import Engine
-from sdapi.embedded import EmbeddedValkey
-from sdapi.queue import create_queue_pool, enqueue_generation
-from sdapi.settings import SettingsError
+from sdapi.contract.names import node_key
+from sdapi.contract.nodes import NodeInfo
+from sdapi.contract.status import Status
+from sdapi.infra.embedded import EmbeddedValkey
+from sdapi.infra.queue import create_queue_pool, enqueue_generation
+from sdapi.infra.settings import SettingsError
 from tests.gpu_node.conftest import node_settings, running_node
 from tests.gpu_node.support import events_of, job, queued_payload, result_of, wait_for
 
@@ -272,7 +274,7 @@ async def test_a_slow_announcer_outlives_its_interval(
 async def test_a_failed_start_releases_what_it_opened(
     models_dir: Path, clean_redis: str, tiny_engine: Engine, client: redis.asyncio.Redis
 ) -> None:
-    from gpu_node.worker import GpuNode
+    from gpu_node.node import GpuNode
 
     taken = socket.socket()
     taken.bind(("127.0.0.1", 0))

@@ -10,8 +10,8 @@ import redis.asyncio
 from redis.exceptions import ConnectionError as RedisConnectionError
 
 from gpu_node.progress import CancelWatch, EventPublisher
-from gpu_node.schemas import StartedEvent
-from sdapi.events import read_events
+from sdapi.contract.events import StartedEvent
+from sdapi.infra.streams import read_events
 
 
 class _Unwritable:

@@ -8,14 +8,13 @@ from typing import Any
 import pytest
 from pydantic import ValidationError
 
-from gpu_node.schemas import (
-    EVENT_ADAPTER,
+from sdapi.contract.events import EVENT_ADAPTER, ProgressEvent
+from sdapi.contract.jobs import (
     IMAGES_MAX,
     PROMPT_MAX_CHARS,
     STEPS_MAX,
     GenerationJob,
     GenerationResult,
-    ProgressEvent,
 )
 from tests.gpu_node.support import job
 

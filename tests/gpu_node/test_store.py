@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from gpu_node import store
-from gpu_node.work import CallItem, ModelError, PipelineCall
+from gpu_node.calls import CallItem, ModelError, PipelineCall
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -144,9 +144,9 @@ def test_missing_model_offline_fails_with_one_line(
 def test_node_modules_import_without_torch() -> None:
     code = (
         "import sys\n"
-        "import gpu_node.schemas, gpu_node.settings, gpu_node.work, gpu_node.store\n"
+        "import sdapi.contract, gpu_node.settings, gpu_node.calls, gpu_node.store\n"
         "import gpu_node.executor, gpu_node.progress, gpu_node.images\n"
-        "import gpu_node.announcer, gpu_node.health, gpu_node.worker, gpu_node.main\n"
+        "import gpu_node.announcer, gpu_node.health, gpu_node.node, gpu_node.main\n"
         "heavy = ('torch', 'diffusers', 'transformers')\n"
         "loaded = sorted(m for m in heavy if m in sys.modules)\n"
         "print(','.join(loaded))\n"

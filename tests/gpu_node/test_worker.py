@@ -10,7 +10,8 @@ from concurrent.futures import Future
 
 import pytest
 
-from gpu_node.worker import _await_thread, _named_generations
+from gpu_node.delivery import named_generations as _named_generations
+from gpu_node.runner import await_thread as _await_thread
 
 
 def _finish_after(seconds: float, value: str) -> Future[str]:

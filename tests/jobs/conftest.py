@@ -13,11 +13,12 @@ from typing import Any
 import pytest
 from pydantic import SecretStr
 
-from gpu_node.schemas import NodeInfo, Status, Tier
+from jobs.resources import JobsResources
 from jobs.settings import JobsSettings
-from jobs.worker import JobsResources
-from sdapi import nodes
-from sdapi.queue import create_queue_pool
+from sdapi.contract.nodes import NodeInfo
+from sdapi.contract.status import Status, Tier
+from sdapi.infra import announcements as nodes
+from sdapi.infra.queue import create_queue_pool
 from tests.node_double import node_info
 from web.db import open_database
 from web.models import Delivery, Generation, User, utcnow

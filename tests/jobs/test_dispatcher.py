@@ -12,23 +12,17 @@ import pytest
 from arq.connections import ArqRedis
 from arq.constants import job_key_prefix
 
-from gpu_node.schemas import (
-    BATCH_FUNCTION,
-    BatchJob,
-    DoneEvent,
-    QueuedEvent,
-    Status,
-    Tier,
-    batch_job_id,
-    batch_queue,
-)
 from jobs import dispatcher
 from jobs.dispatcher import dispatch_due, generation_job, plan_batches, send_batch
+from jobs.resources import JobsResources
 from jobs.settings import JobsSettings
-from jobs.worker import JobsResources
-from sdapi.events import read_events
-from sdapi.net import free_port
-from sdapi.queue import deserialize
+from sdapi.contract.events import DoneEvent, QueuedEvent
+from sdapi.contract.jobs import BatchJob
+from sdapi.contract.names import BATCH_FUNCTION, batch_job_id, batch_queue
+from sdapi.contract.status import Status, Tier
+from sdapi.infra.net import free_port
+from sdapi.infra.queue import deserialize
+from sdapi.infra.streams import read_events
 from tests.jobs.conftest import (
     MODEL,
     announce_node,

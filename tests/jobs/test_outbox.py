@@ -20,23 +20,23 @@ import pytest
 from aiosmtpd.controller import Controller
 from tortoise.transactions import in_transaction
 
-from gpu_node.schemas import Status
-from jobs import outbox
-from jobs.mailer import message_id
-from jobs.outbox import (
+from jobs import email_sender as outbox
+from jobs.email_sender import (
     backoff_delay,
     claim_due,
     database_now,
     send_due_emails,
     send_round,
 )
+from jobs.resources import JobsResources
 from jobs.settings import JobsSettings
-from jobs.worker import JobsResources
-from sdapi.mailsink import free_port, mail_sink, read_messages
-from sdapi.settings import SettingsError
+from jobs.smtp import message_id
+from sdapi.contract.status import Status
+from sdapi.infra.mailsink import free_port, mail_sink, read_messages
+from sdapi.infra.settings import SettingsError
 from tests.jobs.conftest import make_generation, make_user
+from web.mail_outbox import queue_email
 from web.models import GeneratedImage, Generation, OutboxEmail, OutboxStatus, utcnow
-from web.outbox import queue_email
 
 
 @pytest.fixture

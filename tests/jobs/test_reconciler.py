@@ -13,16 +13,16 @@ import pytest
 from arq.constants import in_progress_key_prefix, job_key_prefix, result_key_prefix
 from arq.jobs import serialize_result
 
-from gpu_node.schemas import (
+from jobs import reconciler
+from jobs.dispatcher import dispatch_due, generation_job
+from jobs.reconciler import GAVE_UP_CODE, UNAVAILABLE_CODE, Report, reconcile
+from jobs.resources import JobsResources
+from jobs.settings import JobsSettings
+from sdapi.contract.events import DoneEvent, QueuedEvent
+from sdapi.contract.jobs import BatchJob, GenerationResult, ImageInfo
+from sdapi.contract.names import (
     RESULTS_QUEUE,
     STORE_RESULT_FUNCTION,
-    BatchJob,
-    DoneEvent,
-    GenerationResult,
-    ImageInfo,
-    QueuedEvent,
-    Status,
-    Tier,
     batch_job_id,
     batch_queue,
     generation_job_id,
@@ -30,19 +30,15 @@ from gpu_node.schemas import (
     premium_queue,
     result_job_id,
 )
-from jobs import reconciler
-from jobs.dispatcher import dispatch_due, generation_job
-from jobs.reconciler import GAVE_UP_CODE, UNAVAILABLE_CODE, Report, reconcile
-from jobs.settings import JobsSettings
-from jobs.worker import JobsResources
-from sdapi.events import read_events
-from sdapi.queue import (
+from sdapi.contract.status import Status, Tier
+from sdapi.infra.queue import (
     deserialize,
     enqueue,
     enqueue_generation,
     job_is_live,
     serialize,
 )
+from sdapi.infra.streams import read_events
 from tests.jobs.conftest import (
     announce_node,
     make_generation,

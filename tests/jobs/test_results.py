@@ -10,31 +10,32 @@ from typing import Any
 
 import asyncpg
 import pytest
-from arq.worker import Retry, Worker
+from arq.worker import Retry
 
-from gpu_node.schemas import (
-    IMAGE_TTL_S,
-    MARK_STARTED_FUNCTION,
-    RESULTS_QUEUE,
-    STORE_RESULT_FUNCTION,
+from jobs import results
+from jobs.results import ResultRejected, mark_started, store_result
+from jobs.settings import JobsSettings
+from jobs.worker import build_worker, job_functions
+from sdapi.contract.jobs import (
     ErrorInfo,
     GenerationJob,
     GenerationParams,
     GenerationResult,
     StartedNotice,
-    Status,
-    Tier,
+)
+from sdapi.contract.names import (
+    IMAGE_TTL_S,
+    MARK_STARTED_FUNCTION,
+    RESULTS_QUEUE,
+    STORE_RESULT_FUNCTION,
     image_key,
     progress_key,
     result_job_id,
     started_job_id,
 )
-from jobs import results
-from jobs.results import ResultRejected, mark_started, store_result
-from jobs.settings import JobsSettings
-from jobs.worker import build_worker, job_functions
-from sdapi.events import read_events
-from sdapi.queue import create_queue_pool, deserialize, enqueue, serialize
+from sdapi.contract.status import Status, Tier
+from sdapi.infra.queue import create_queue_pool, enqueue, new_worker
+from sdapi.infra.streams import read_events
 from tests.node_double import NodeDouble, jobs_context, make_user
 from web.db import open_database
 from web.models import Delivery, GeneratedImage, Generation, OutboxEmail, User, utcnow
@@ -261,7 +262,7 @@ async def test_jobs_enqueued_as_nodes_do_run_on_the_results_queue(
         node.result(job, Status.SUCCEEDED, [info for info, _ in made])
     )
     pool = node.ctx["redis"]
-    # `sdapi.queue.enqueue` is how a node hands work to `jobs`.
+    # `sdapi.infra.queue.enqueue` is how a node hands work to `jobs`.
     await enqueue(
         pool,
         MARK_STARTED_FUNCTION,
@@ -277,12 +278,10 @@ async def test_jobs_enqueued_as_nodes_do_run_on_the_results_queue(
         job_id=result_job_id(job.generation_id),
     )
     worker_pool = await create_queue_pool(clean_redis)
-    worker = Worker(
-        functions=job_functions(),
-        queue_name=RESULTS_QUEUE,
+    worker = new_worker(
+        job_functions(),
+        queue=RESULTS_QUEUE,
         redis_pool=worker_pool,
-        job_serializer=serialize,
-        job_deserializer=deserialize,
         ctx=dict(node.ctx),
         burst=True,
         handle_signals=False,

@@ -24,13 +24,13 @@ import pytest
 from aiohttp.test_utils import TestClient
 from pydantic import SecretStr
 
-from gpu_node.schemas import Status, Tier
-from jobs.outbox import send_due_emails
+from jobs.email_sender import send_due_emails
+from jobs.resources import JobsResources
 from jobs.settings import JobsSettings
-from jobs.worker import JobsResources
-from sdapi.mailsink import mail_sink, read_messages
+from sdapi.contract.status import Status, Tier
+from sdapi.infra.mailsink import mail_sink, read_messages
 from web.app import create_app
-from web.keys import redis_key
+from web.appkeys import redis_key
 from web.models import (
     ApiToken,
     Delivery,

@@ -12,14 +12,14 @@ import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestClient
 
-from gpu_node.schemas import Status
-from sdapi.consul import open_consul
-from sdapi.mailsink import free_port
+from sdapi.contract.status import Status
+from sdapi.infra.consul import open_consul
+from sdapi.infra.mailsink import free_port
 from tests.consul_double import ConsulDouble
 from tests.node_double import auth, make_user, node_info
 from web.app import WEB_SERVICE, create_app
+from web.appkeys import registry_key
 from web.errors import Unavailable
-from web.keys import registry_key
 from web.registry import GPU_SERVICE, KNOWN_MODELS_KEY, NodeRegistry
 from web.settings import WebSettings
 

@@ -14,14 +14,11 @@ from aiohttp.test_utils import TestClient
 from PIL import Image
 from redis.exceptions import ConnectionError as RedisConnectionError
 
-from gpu_node.schemas import (
-    Status,
-    cancel_key,
-    premium_queue,
-)
-from sdapi.events import read_events
+from sdapi.contract.names import cancel_key, premium_queue
+from sdapi.contract.status import Status
+from sdapi.infra.streams import read_events
 from tests.node_double import TINY, NodeDouble, auth, jobs_context, make_user
-from web.keys import redis_key
+from web.appkeys import redis_key
 from web.links import image_path, link_is_valid, signed_image_url
 from web.models import Generation
 from web.registry import NodeRegistry
@@ -617,7 +614,7 @@ async def test_an_internal_validation_error_is_a_500_not_a_422(
 async def test_cancel_uses_the_locked_rows_attempt(
     client: TestClient, node: NodeDouble
 ) -> None:
-    from sdapi.queue import enqueue_generation
+    from sdapi.infra.queue import enqueue_generation
     from web.generations import cancel_generation
 
     _, secret = await make_user()

@@ -11,19 +11,16 @@ import pytest
 from aiohttp.test_utils import TestClient
 from pydantic import SecretStr
 
-from gpu_node.schemas import (
-    DoneEvent,
-    Status,
-    batch_queue,
-    premium_queue,
-)
 from jobs.dispatcher import dispatch_due
+from jobs.resources import JobsResources
 from jobs.settings import JobsSettings
-from jobs.worker import JobsResources
-from sdapi.events import read_events
-from sdapi.nodes import announce_node
+from sdapi.contract.events import DoneEvent
+from sdapi.contract.names import batch_queue, premium_queue
+from sdapi.contract.status import Status
+from sdapi.infra.announcements import announce_node
+from sdapi.infra.streams import read_events
 from tests.node_double import auth, make_user, node_info
-from web.keys import redis_key
+from web.appkeys import redis_key
 from web.models import Generation, User, utcnow
 from web.registry import NodeRegistry
 from web.settings import WebSettings

@@ -9,7 +9,7 @@ from typing import Any
 import pytest
 from aiohttp.test_utils import TestClient
 
-from gpu_node.schemas import Status
+from sdapi.contract.status import Status
 from tests.node_double import NodeDouble, auth, jobs_context, make_user
 from web.app import create_app
 from web.models import GeneratedImage, Generation

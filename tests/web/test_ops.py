@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from aiohttp.test_utils import TestClient
 
-from gpu_node.schemas import Status, Tier
+from sdapi.contract.status import Status, Tier
 from tests.node_double import NodeDouble, auth, make_user
 from web.metrics import web_metrics_key
 from web.models import Delivery, Generation

@@ -16,10 +16,11 @@ from aiohttp import WSMsgType
 from aiohttp.test_utils import TestClient
 from redis.exceptions import ConnectionError as RedisConnectionError
 
-from gpu_node.schemas import Status, events_key, image_key
+from sdapi.contract.names import events_key, image_key
+from sdapi.contract.status import Status
 from tests.node_double import NodeDouble, auth, jobs_context, make_user
 from web.app import create_app
-from web.keys import live_redis_key, redis_key
+from web.appkeys import live_redis_key, redis_key
 from web.live import live_sockets_key, live_users_key
 from web.models import ApiToken, GeneratedImage, Generation, utcnow
 from web.passwords import hash_password

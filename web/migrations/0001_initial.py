@@ -1,7 +1,7 @@
 from tortoise import migrations
 from tortoise.migrations import operations as ops
 import functools
-from gpu_node.schemas import Status, Tier
+from sdapi.contract.status import Status, Tier
 from json import dumps, loads
 from tortoise.fields.base import OnDelete
 from uuid import uuid4

@@ -13,6 +13,7 @@ from redis.asyncio import Redis
 from tortoise.exceptions import IntegrityError
 from tortoise.transactions import in_transaction
 
+from web.appkeys import passwords_key, redis_key, settings_key
 from web.auth import require_user
 from web.errors import (
     AppError,
@@ -23,7 +24,7 @@ from web.errors import (
     Unauthorized,
     ValidationFailed,
 )
-from web.keys import passwords_key, redis_key, settings_key
+from web.mail_outbox import queue_email
 from web.models import ApiToken, EmailVerification, PremiumCode, TokenKind, utcnow
 from web.models import User as UserRow
 from web.openapi import (
@@ -34,7 +35,6 @@ from web.openapi import (
     read_body,
     read_query,
 )
-from web.outbox import queue_email
 from web.premium import add_premium_days, canonical_code, code_hash
 from web.quota import usage
 from web.schemas.accounts import (

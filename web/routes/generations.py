@@ -6,6 +6,7 @@ import uuid
 
 from aiohttp import web
 
+from web.appkeys import redis_key, settings_key
 from web.auth import authenticate, require_user
 from web.errors import NotFound, Unauthorized
 from web.generations import (
@@ -19,7 +20,6 @@ from web.generations import (
     stored_images,
     submit_generation,
 )
-from web.keys import redis_key, settings_key
 from web.links import image_path, link_is_valid
 from web.models import Generation
 from web.openapi import ApiRoutes, Response, json_response, read_body, read_query

@@ -16,7 +16,8 @@ from typing import Any
 from aiohttp import web
 from pydantic import ValidationError
 
-from gpu_node.schemas import Status, Tier
+from sdapi.contract.status import Status, Tier
+from web.appkeys import settings_key
 from web.auth import Principal, authenticate, bearer_secret
 from web.errors import (
     GatewayTimeout,
@@ -33,7 +34,6 @@ from web.generations import (
     stored_images,
     submit_generation,
 )
-from web.keys import settings_key
 from web.links import signed_image_url
 from web.live import wait_until_done
 from web.models import GeneratedImage, Generation

@@ -12,11 +12,10 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from tortoise.exceptions import BaseORMException
 from tortoise.functions import Count
 
-from gpu_node.schemas import Status, Tier, batch_queue, premium_queue
-from sdapi.queue import queue_depth
-from web.auth import require_user
-from web.errors import Unavailable
-from web.keys import (
+from sdapi.contract.names import batch_queue, premium_queue
+from sdapi.contract.status import Status, Tier
+from sdapi.infra.queue import queue_depth
+from web.appkeys import (
     database_key,
     metrics_key,
     openapi_key,
@@ -24,6 +23,8 @@ from web.keys import (
     registry_key,
     settings_key,
 )
+from web.auth import require_user
+from web.errors import Unavailable
 from web.metrics import web_metrics_key
 from web.models import Generation
 from web.openapi import ApiRoutes, Response, json_response

@@ -7,10 +7,11 @@ from typing import Any
 from aiohttp import web
 from tortoise.functions import Count
 
-from gpu_node.schemas import ACTIVE_STATUSES, Status, Tier, batch_queue, premium_queue
-from sdapi.queue import queue_depth
+from sdapi.contract.names import batch_queue, premium_queue
+from sdapi.contract.status import ACTIVE_STATUSES, Status, Tier
+from sdapi.infra.queue import queue_depth
+from web.appkeys import redis_key, registry_key
 from web.auth import require_user
-from web.keys import redis_key, registry_key
 from web.models import Generation, utcnow
 from web.openapi import ApiRoutes, Response, json_response
 from web.schemas.status import ModelStatus, ServiceStatus, StatusCounts, TierQueue

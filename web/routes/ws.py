@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from aiohttp import web
 
+from web.appkeys import settings_key
 from web.auth import Principal, authenticate, bearer_secret, origin_allowed
 from web.errors import BadRequest, Forbidden, Unauthorized
-from web.keys import settings_key
 from web.live import LiveSocket, LiveWebSocket, live_sockets_key, socket_slot
 from web.openapi import ApiRoutes, ErrorBody, Response
 from web.sessions import SESSION_COOKIE

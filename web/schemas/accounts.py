@@ -8,7 +8,7 @@ from uuid import UUID
 
 from pydantic import BaseModel, ConfigDict, EmailStr, Field, field_validator
 
-from gpu_node.schemas import Tier
+from sdapi.contract.status import Tier
 from web.models import User as UserRow
 from web.settings import TierLimits
 

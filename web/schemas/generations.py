@@ -7,7 +7,8 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from gpu_node.schemas import SEED_MAX, Status, Tier
+from sdapi.contract.jobs import SEED_MAX
+from sdapi.contract.status import Status, Tier
 
 PROMPT_MAX = 2000
 

@@ -6,7 +6,7 @@ from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter
 
-from gpu_node.schemas import Status
+from sdapi.contract.status import Status
 from web.schemas.generations import ErrorRef, Generation, GenerationRequest
 
 # --- client -> server -------------------------------------------------------

@@ -18,7 +18,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from sdapi.net import LOOPBACK, free_port
+from sdapi.infra.net import LOOPBACK, free_port
 
 DATABASE_NAME = "sdapi"
 SERVICES_FILE = "services.json"
@@ -281,33 +281,3 @@ def running_services(data_dir: Path) -> ServiceUrls | None:
     except PermissionError:
         pass
     return urls
-
-
-def require_redis_url(configured: str | None, data_dir: Path) -> str:
-    """SDAPI_REDIS_URL, else the Valkey of a `sdapi dev` running in `data_dir`."""
-    from sdapi.settings import SettingsError
-
-    if configured:
-        return configured
-    running = running_services(data_dir)
-    if running is None:
-        raise SettingsError(
-            "SDAPI_REDIS_URL is not set and no `sdapi dev` is running with "
-            f"SDAPI_DATA_DIR={data_dir}"
-        )
-    return running.redis_url
-
-
-def require_database_url(configured: str | None, data_dir: Path) -> str:
-    """SDAPI_DATABASE_URL, else the PostgreSQL of a `sdapi dev` in `data_dir`."""
-    from sdapi.settings import SettingsError
-
-    if configured:
-        return configured
-    running = running_services(data_dir)
-    if running is None:
-        raise SettingsError(
-            "SDAPI_DATABASE_URL is not set and no `sdapi dev` is running with "
-            f"SDAPI_DATA_DIR={data_dir}"
-        )
-    return running.database_url

@@ -15,11 +15,10 @@ import time
 from pydantic import ValidationError
 from redis.asyncio import Redis
 
-from gpu_node.schemas import NODE_TTL_S, NodeInfo, node_key
+from sdapi.contract.names import NODE_TTL_S, NODES_INDEX, node_key
+from sdapi.contract.nodes import NodeInfo
 
 log = logging.getLogger(__name__)
-
-NODES_INDEX = "sdapi:nodes"
 
 
 def announcement_ttl_s(every_s: float) -> int:

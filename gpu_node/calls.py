@@ -11,6 +11,8 @@ from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Protocol
 
+from sdapi.contract.nodes import ModelLimits
+
 if TYPE_CHECKING:
     from PIL.Image import Image
 
@@ -110,14 +112,9 @@ class ModelProfile:
     pipeline: str
     device: str
     memory_bytes: int
-    default_steps: int
-    default_guidance: float
-    default_scheduler: str
-    default_width: int
-    default_height: int
-    max_width: int
-    max_height: int
-    schedulers: tuple[str, ...]
+    # Its defaults and limits; `max_batch` is the device's default images
+    # per call (SDAPI_GPU_MAX_BATCH overrides it).
+    limits: ModelLimits
     token_window: int
     versions: Mapping[str, str] = field(default_factory=dict)
 
@@ -128,10 +125,6 @@ class Engine(Protocol):
     @property
     def profile(self) -> ModelProfile:
         """The model and its defaults."""
-
-    @property
-    def default_max_batch(self) -> int:
-        """Images per call when SDAPI_GPU_MAX_BATCH is unset."""
 
     def run(self, call: PipelineCall, observer: StepObserver) -> dict[str, list[Image]]:
         """Run `call` (on the calling thread) and return each item's images."""

@@ -5,19 +5,19 @@ from __future__ import annotations
 from typing import Any
 
 from aiohttp import web
-from arq.connections import ArqRedis
 from prometheus_client import CollectorRegistry
 from redis.asyncio import Redis
 from tortoise.context import TortoiseContext
 
+from sdapi.infra.queue import QueuePool
 from web.passwords import Passwords
 from web.registry import NodeRegistry
 from web.settings import WebSettings
 
 settings_key = web.AppKey("settings", WebSettings)
 database_key = web.AppKey("database", TortoiseContext)
-# One Redis client (an arq pool) for queues, events, sessions and throttling.
-redis_key = web.AppKey("redis", ArqRedis)
+# One Redis client (a queue pool) for queues, events, sessions and throttling.
+redis_key = web.AppKey("redis", QueuePool)
 # A second, bounded client for the WebSocket relays' blocking stream reads.
 live_redis_key = web.AppKey("live_redis", Redis)
 # Password hashing with the deployment's key, bounded in concurrency.

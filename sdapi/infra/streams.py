@@ -9,16 +9,8 @@ from uuid import UUID
 from redis.asyncio import Redis
 from redis.asyncio.client import Pipeline
 
-from gpu_node.schemas import (
-    EVENT_ADAPTER,
-    EVENT_FIELD,
-    EVENT_STREAM_MAXLEN,
-    EVENT_TTL_S,
-    DoneEvent,
-    Event,
-    done_key,
-    events_key,
-)
+from sdapi.contract.events import EVENT_ADAPTER, EVENT_FIELD, DoneEvent, Event
+from sdapi.contract.names import EVENT_STREAM_MAXLEN, EVENT_TTL_S, done_key, events_key
 
 
 async def append_event(redis: Redis, generation_id: UUID | str, event: Event) -> str:

@@ -12,6 +12,8 @@ from urllib.parse import urlsplit
 from pydantic import Field, SecretStr, ValidationError, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from sdapi.infra.embedded import running_services
+
 ENV_PREFIX = "SDAPI_"
 
 
@@ -102,8 +104,6 @@ class CommonSettings(BaseSettings):
         secret key from the data folder's own, unless SDAPI_DATABASE_URL is set:
         a deployment's processes run on several hosts and must share one key.
         """
-        from sdapi.embedded import require_database_url, require_redis_url
-
         if self.database_url and self.secret_key is None:
             raise SettingsError(
                 "SDAPI_SECRET_KEY must be set when SDAPI_DATABASE_URL is: every "
@@ -184,3 +184,29 @@ def _read_secret_key(path: Path) -> str:
             "SDAPI_SECRET_KEY"
         )
     return key
+
+
+def require_redis_url(configured: str | None, data_dir: Path) -> str:
+    """SDAPI_REDIS_URL, else the Valkey of a `sdapi dev` running in `data_dir`."""
+    if configured:
+        return configured
+    running = running_services(data_dir)
+    if running is None:
+        raise SettingsError(
+            "SDAPI_REDIS_URL is not set and no `sdapi dev` is running with "
+            f"SDAPI_DATA_DIR={data_dir}"
+        )
+    return running.redis_url
+
+
+def require_database_url(configured: str | None, data_dir: Path) -> str:
+    """SDAPI_DATABASE_URL, else the PostgreSQL of a `sdapi dev` in `data_dir`."""
+    if configured:
+        return configured
+    running = running_services(data_dir)
+    if running is None:
+        raise SettingsError(
+            "SDAPI_DATABASE_URL is not set and no `sdapi dev` is running with "
+            f"SDAPI_DATA_DIR={data_dir}"
+        )
+    return running.database_url

@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from html import escape
 
-from gpu_node.schemas import ErrorInfo, GenerationResult, Status
-from jobs.worker import JobsResources
+import jinja2
+
+from jobs.resources import JobsResources
+from sdapi.contract.jobs import ErrorInfo, GenerationResult
+from sdapi.contract.status import Status
 from web.links import LINK_TTL_S, signed_image_url
+from web.mail_outbox import queue_email
 from web.models import Delivery, Generation
-from web.outbox import queue_email
 
 # What a download link's lifetime reads as in an email.
 LINK_VALIDITY = (
@@ -32,6 +34,7 @@ def _short(prompt: str, limit: int = 60) -> str:
 
 
 def generation_email(
+    templates: jinja2.Environment,
     generation: Generation,
     outcome: GenerationResult | ErrorInfo,
     *,
@@ -48,52 +51,37 @@ def generation_email(
     if isinstance(outcome, GenerationResult) and outcome.status is Status.FAILED:
         outcome = outcome.error or ErrorInfo(code="failed", message="unknown reason")
     if isinstance(outcome, ErrorInfo):
-        reason = outcome.message
-        text = (
-            f"Your image request could not be completed.\n\n"
-            f"Prompt: {prompt}\nReason: {reason}\n\n"
-            f"Request id: {generation.id}\n"
+        context = {"prompt": prompt, "reason": outcome.message, "id": generation.id}
+        return Message(
+            f"Your image failed: {_short(prompt)}",
+            templates.get_template("email/generation_failed.txt").render(context),
+            templates.get_template("email/generation_failed.html").render(context),
         )
-        html = (
-            f"<p>Your image request could not be completed.</p>"
-            f"<p><b>Prompt:</b> {escape(prompt)}<br><b>Reason:</b> {escape(reason)}</p>"
-            f"<p style='color:#666'>Request id: {generation.id}</p>"
-        )
-        return Message(f"Your image failed: {_short(prompt)}", text, html)
-
     links = [
-        (
-            image.index,
-            image.seed,
-            signed_image_url(secret, base_url, generation.id, image.index),
-        )
+        {
+            "index": image.index,
+            "seed": image.seed,
+            "url": signed_image_url(secret, base_url, generation.id, image.index),
+        }
         for image in outcome.images
     ]
-    count = len(links)
-    noun = "image is" if count == 1 else f"{count} images are"
-    lines = "\n".join(f"  #{index} (seed {seed}): {url}" for index, seed, url in links)
-    text = (
-        f"Your {noun} ready and attached to this email.\n\n"
-        f"Prompt: {prompt}\n"
-        f"Size: {generation.width}x{generation.height}, {generation.steps} steps, "
-        f"guidance {generation.guidance_scale}, scheduler {generation.scheduler}\n\n"
-        f"Download links (valid for {LINK_VALIDITY}):\n{lines}\n\n"
-        f"Request id: {generation.id}\n"
+    context = {
+        "noun": "image is" if len(links) == 1 else f"{len(links)} images are",
+        "prompt": prompt,
+        "width": generation.width,
+        "height": generation.height,
+        "steps": generation.steps,
+        "guidance": generation.guidance_scale,
+        "scheduler": generation.scheduler,
+        "validity": LINK_VALIDITY,
+        "links": links,
+        "id": generation.id,
+    }
+    return Message(
+        f"Your image is ready: {_short(prompt)}",
+        templates.get_template("email/generation_ready.txt").render(context),
+        templates.get_template("email/generation_ready.html").render(context),
     )
-    items = "".join(
-        f"<li><a href='{escape(url)}'>Image #{index}</a> (seed {seed})</li>"
-        for index, seed, url in links
-    )
-    html = (
-        f"<p>Your {noun} ready and attached to this email.</p>"
-        f"<p><b>Prompt:</b> {escape(prompt)}<br>"
-        f"{generation.width}x{generation.height}, {generation.steps} steps, "
-        f"guidance {generation.guidance_scale}, "
-        f"scheduler {escape(generation.scheduler)}</p>"
-        f"<p>Download links (valid for {LINK_VALIDITY}):</p><ul>{items}</ul>"
-        f"<p style='color:#666'>Request id: {generation.id}</p>"
-    )
-    return Message(f"Your image is ready: {_short(prompt)}", text, html)
 
 
 async def queue_generation_email(
@@ -115,6 +103,7 @@ async def queue_generation_email(
         return False
     await generation.fetch_related("user")
     message = generation_email(
+        res.templates,
         generation,
         outcome,
         secret=res.settings.secret(),

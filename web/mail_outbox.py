@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import jinja2
+
 from web.models import Generation, OutboxEmail
 
 
@@ -29,3 +31,13 @@ async def queue_email(
         generation=generation,
     )
     await OutboxEmail.bulk_create([email], ignore_conflicts=True)
+
+
+def mail_templates() -> jinja2.Environment:
+    """The email templates (`web/templates/email`); HTML ones are escaped."""
+    return jinja2.Environment(
+        loader=jinja2.PackageLoader("web", "templates"),
+        autoescape=jinja2.select_autoescape(["html"], default_for_string=False),
+        undefined=jinja2.StrictUndefined,
+        keep_trailing_newline=True,
+    )

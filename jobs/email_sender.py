@@ -11,7 +11,7 @@ database's clock, so senders on hosts whose clocks differ agree on them, and
 each delivery is cut off after `outbox_send_timeout` (under half the stuck
 limit), so a slow one is never taken over while it still runs.
 
-What a failure costs depends on whom it is about (`jobs.mailer.Trouble`):
+What a failure costs depends on whom it is about (`jobs.smtp.Trouble`):
 - the server (down, slow, refusing us): the round ends, its claimed rows go
   back without an attempt counted, and this process tries the server again
   after a growing wait; an email still unsent `outbox_give_up_after` after it
@@ -34,10 +34,10 @@ from datetime import datetime, timedelta
 from tortoise.expressions import F, Q
 from tortoise.transactions import in_transaction
 
-from jobs.mailer import SendFailed, SmtpConnection, Trouble, compose
+from jobs.resources import JobsResources, SmtpBackoff
 from jobs.results import TRANSIENT_ERRORS
 from jobs.settings import JobsSettings
-from jobs.worker import JobsResources, SmtpBackoff
+from jobs.smtp import SendFailed, SmtpConnection, Trouble, compose
 from web.models import Generation, OutboxEmail, OutboxStatus
 
 log = logging.getLogger(__name__)

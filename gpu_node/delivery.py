@@ -1,0 +1,214 @@
+"""Handing finished work to `jobs`: PNGs in Redis, results on its queue.
+
+Nothing here touches the database: `jobs` stores what the node hands over,
+once, whatever number of times the node hands it over.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from datetime import UTC, datetime
+from typing import TYPE_CHECKING, Any
+from uuid import UUID
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from gpu_node.images import ImageManifest, encode_png, sha256_hex
+from gpu_node.items import PreparedItem
+from gpu_node.resources import NodeResources
+from sdapi.contract.events import ImageEvent
+from sdapi.contract.jobs import ErrorInfo, GenerationResult, ImageInfo
+from sdapi.contract.names import (
+    IMAGE_TTL_S,
+    RESULTS_QUEUE,
+    STORE_RESULT_FUNCTION,
+    image_key,
+    result_job_id,
+)
+from sdapi.contract.status import Status, Tier
+from sdapi.infra.queue import QueuePool, enqueue
+
+if TYPE_CHECKING:
+    from PIL.Image import Image
+
+
+def utcnow() -> datetime:
+    return datetime.now(UTC)
+
+
+async def send_result(res: NodeResources, result: GenerationResult) -> None:
+    """Put one attempt's result on the `jobs` queue (once per attempt)."""
+    await enqueue(
+        res.redis,
+        STORE_RESULT_FUNCTION,
+        result,
+        queue=RESULTS_QUEUE,
+        job_id=result_job_id(result.generation_id, result.attempt),
+    )
+
+
+async def deliver(res: NodeResources, items: list[PreparedItem], tier: Tier) -> None:
+    """Store the images of `items` and hand every item's result to `jobs`."""
+    profile = res.engine.profile
+    succeeded = [item for item in items if item.status is Status.SUCCEEDED]
+    stored = await asyncio.gather(*(_store_images(res, i) for i in succeeded))
+    infos = {item.key: images for item, images in zip(succeeded, stored, strict=True)}
+    results = [
+        GenerationResult(
+            generation_id=item.job.generation_id,
+            attempt=item.job.attempt,
+            status=item.status or Status.FAILED,
+            images=infos.get(item.key, []),
+            error=item.error,
+            node_id=res.node_id,
+            model=profile.model,
+            model_hash=profile.model_hash,
+            started_at=item.started_at,
+            finished_at=utcnow(),
+            prompt_tokens_dropped=item.prompt_dropped,
+            negative_prompt_tokens_dropped=item.negative_dropped,
+        )
+        for item in items
+    ]
+    # Everything this node says about these generations is in their streams
+    # before `jobs` can append `done`.
+    await res.publisher.flush()
+    for result in results:
+        await send_result(res, result)
+        res.metrics.generations.labels(tier.value, result.status.value).inc()
+        res.metrics.images.labels(tier.value).inc(len(result.images))
+
+
+async def refuse(res: NodeResources, payload: Any, error: ValidationError) -> None:
+    """Fail every generation a malformed payload names, saying why.
+
+    The job itself fails for good; without a result, its rows would wait
+    for the reconciler and then fail with no reason given.
+    """
+    named = named_generations(payload)
+    if not named:
+        return
+    problem = error.errors()[0]
+    where = ".".join(str(part) for part in problem["loc"]) or "payload"
+    reason = ErrorInfo(
+        code="invalid_request",
+        message=f"the GPU node refused the job: {where}: {problem['msg']}",
+    )
+    profile = res.engine.profile
+    for generation_id, attempt in named:
+        await send_result(
+            res,
+            GenerationResult(
+                generation_id=generation_id,
+                attempt=attempt,
+                status=Status.FAILED,
+                error=reason,
+                node_id=res.node_id,
+                model=profile.model,
+                model_hash=profile.model_hash,
+                finished_at=utcnow(),
+            ),
+        )
+
+
+async def _store_images(res: NodeResources, item: PreparedItem) -> list[ImageInfo]:
+    profile = res.engine.profile
+    params = item.job.params
+    seeds = params.image_seeds()
+    manifests = [
+        ImageManifest(
+            generation_id=item.key,
+            index=index,
+            model=profile.model,
+            model_hash=profile.model_hash,
+            scheduler=params.scheduler,
+            seed=seed,
+            steps=params.steps,
+            guidance_scale=params.guidance_scale,
+            width=params.width,
+            height=params.height,
+            prompt=item.prompt,
+            negative_prompt=item.negative_prompt,
+            versions=profile.versions,
+        )
+        for index, seed in enumerate(seeds)
+    ]
+    # Encoding and hashing are CPU work: in threads, the images in parallel
+    # (zlib and hashlib let go of the GIL).
+    encoded = await asyncio.gather(
+        *(
+            asyncio.to_thread(_encode, image, manifest)
+            for image, manifest in zip(item.images, manifests, strict=True)
+        )
+    )
+    infos: list[ImageInfo] = []
+    for index, (seed, image, (png, digest)) in enumerate(
+        zip(seeds, item.images, encoded, strict=True)
+    ):
+        kept = await _keep_first_png(res.redis, image_key(item.key, index), png)
+        if kept is not png:
+            digest = await asyncio.to_thread(sha256_hex, kept)
+        res.publisher.emit(
+            item.key,
+            ImageEvent(
+                index=index,
+                seed=seed,
+                width=image.width,
+                height=image.height,
+                sha256=digest,
+            ),
+        )
+        infos.append(
+            ImageInfo(
+                index=index,
+                seed=seed,
+                width=image.width,
+                height=image.height,
+                sha256=digest,
+                size_bytes=len(kept),
+            )
+        )
+    return infos
+
+
+def _encode(image: Image, manifest: ImageManifest) -> tuple[bytes, str]:
+    png = encode_png(image, manifest)
+    return png, sha256_hex(png)
+
+
+async def _keep_first_png(redis: QueuePool, key: str, png: bytes) -> bytes:
+    """Store `png` at `key` unless it holds one already; the bytes that stay.
+
+    A generation may run twice (a lost lease, a re-enqueue by the reconciler)
+    and a GPU need not draw the same bytes twice. The first PNG stays and
+    every result of the generation describes it, so `jobs` never finds an
+    image that does not match its hash.
+    """
+    while True:
+        if await redis.set(key, png, nx=True, ex=IMAGE_TTL_S):
+            return png
+        kept: bytes | None = await redis.getex(key, ex=IMAGE_TTL_S)
+        if kept is not None:
+            return kept
+
+
+def named_generations(payload: Any) -> list[tuple[UUID, int]]:
+    """(id, attempt) of each generation a payload names, however bad the rest."""
+    if not isinstance(payload, dict):
+        return []
+    entries = payload.get("items", [payload])
+    named: list[tuple[UUID, int]] = []
+    for entry in entries if isinstance(entries, list) else []:
+        try:
+            found = _Named.model_validate(entry)
+        except ValidationError:
+            continue
+        named.append((found.generation_id, found.attempt))
+    return named
+
+
+class _Named(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    generation_id: UUID
+    attempt: int = Field(default=1, ge=1)

@@ -1,0 +1,37 @@
+"""One generation of a job, checked and ready for the pipeline, and its outcome."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import TYPE_CHECKING
+
+from sdapi.contract.jobs import ErrorInfo, GenerationJob
+from sdapi.contract.status import Status
+
+if TYPE_CHECKING:
+    from PIL.Image import Image
+
+
+@dataclass
+class PreparedItem:
+    """A generation on its way through the node: prepared, run, delivered."""
+
+    job: GenerationJob
+    prompt: str
+    negative_prompt: str
+    prompt_dropped: int = 0
+    negative_dropped: int = 0
+    started_at: datetime | None = None
+    images: list[Image] = field(default_factory=list)
+    # None while it still runs; then how it ended.
+    status: Status | None = None
+    error: ErrorInfo | None = None
+
+    @property
+    def key(self) -> str:
+        return str(self.job.generation_id)
+
+    def fail(self, code: str, message: str) -> None:
+        self.status = Status.FAILED
+        self.error = ErrorInfo(code=code, message=message)

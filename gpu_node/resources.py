@@ -1,0 +1,33 @@
+"""What a running node holds: opened in `GpuNode.start`, closed in `close`."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from gpu_node.announcer import Announcer
+from gpu_node.calls import Engine
+from gpu_node.executor import GpuExecutor
+from gpu_node.health import NodeMetrics
+from gpu_node.progress import CancelWatch, EventPublisher
+from gpu_node.settings import GpuNodeSettings
+from sdapi.contract.nodes import NodeInfo
+from sdapi.infra.queue import QueuePool
+
+
+@dataclass
+class NodeResources:
+    """The model, the GPU thread, Redis and the announcements of one node."""
+
+    settings: GpuNodeSettings
+    metrics: NodeMetrics
+    redis: QueuePool
+    engine: Engine
+    executor: GpuExecutor
+    publisher: EventPublisher
+    cancels: CancelWatch
+    announcer: Announcer
+    info: NodeInfo
+
+    @property
+    def node_id(self) -> str:
+        return self.info.node_id

@@ -1,0 +1,284 @@
+"""The node's two queue tasks: `generate` (premium) and `generate_batch`.
+
+Each validates its payload, holds its lease while it runs, skips work an
+earlier run already delivered, runs the rest (`gpu_node.runner`) and hands
+the outcome to `jobs` (`gpu_node.delivery`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import threading
+from collections.abc import AsyncIterator
+from datetime import UTC, datetime
+from typing import Any
+from uuid import uuid4
+
+from pydantic import ValidationError
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import RedisError
+from redis.exceptions import TimeoutError as RedisTimeoutError
+
+from gpu_node.delivery import deliver, refuse
+from gpu_node.items import PreparedItem
+from gpu_node.resources import NodeResources
+from gpu_node.runner import Deadline, LeaseLost, run_calls
+from sdapi.contract.events import StartedEvent
+from sdapi.contract.jobs import (
+    BatchJob,
+    GenerationJob,
+    GenerationParams,
+    StartedNotice,
+    job_timeout_s,
+)
+from sdapi.contract.names import (
+    BATCH_FUNCTION,
+    GENERATE_FUNCTION,
+    MARK_STARTED_FUNCTION,
+    RESULTS_QUEUE,
+    result_job_id,
+    started_job_id,
+)
+from sdapi.contract.status import Status, Tier
+from sdapi.infra.queue import (
+    Lease,
+    Retry,
+    enqueue,
+    job_info,
+    job_or_result_exists,
+)
+
+log = logging.getLogger(__name__)
+
+# After Redis stayed away longer than its client's own retries (seconds).
+REDIS_RETRY_S = 5
+
+
+class InvalidPayload(ValueError):
+    """A job payload failed validation: the job fails for good, no retry."""
+
+
+def _normalize(text: str) -> str:
+    return " ".join(text.split())
+
+
+class NodeTasks:
+    """The queue tasks of one running node."""
+
+    def __init__(self, res: NodeResources) -> None:
+        self.res = res
+
+    def time_limit(self, params: GenerationParams, images: int) -> float:
+        """How long a job of this size may take here, in seconds."""
+        settings = self.res.settings
+        return job_timeout_s(
+            params,
+            images,
+            base_s=settings.gpu_timeout_base_s,
+            seconds_per_image_step=settings.gpu_timeout_per_image_step_s,
+        )
+
+    async def generate(self, ctx: dict[str, Any], payload: Any) -> str:
+        """`generate`: one premium generation."""
+        try:
+            job = GenerationJob.model_validate(payload)
+        except ValidationError as exc:
+            await self._refuse(payload, exc)
+            raise InvalidPayload(f"bad {GENERATE_FUNCTION} payload: {exc}") from None
+        timeout = self.time_limit(job.params, job.params.num_images)
+        return await self._run_job(ctx, [job], Tier.PREMIUM, timeout)
+
+    async def generate_batch(self, ctx: dict[str, Any], payload: Any) -> str:
+        """`generate_batch`: compatible normal-tier generations, one call."""
+        try:
+            batch = BatchJob.model_validate(payload)
+        except ValidationError as exc:
+            await self._refuse(payload, exc)
+            raise InvalidPayload(f"bad {BATCH_FUNCTION} payload: {exc}") from None
+        timeout = self.time_limit(batch.items[0].params, batch.image_count)
+        return await self._run_job(ctx, list(batch.items), Tier.NORMAL, timeout)
+
+    async def _refuse(self, payload: Any, error: ValidationError) -> None:
+        try:
+            await refuse(self.res, payload, error)
+        except (RedisConnectionError, RedisTimeoutError) as exc:
+            log.warning("Redis failed refusing a bad payload: %s; retrying", exc)
+            raise Retry(defer=REDIS_RETRY_S) from exc
+
+    async def _run_job(
+        self,
+        ctx: dict[str, Any],
+        jobs: list[GenerationJob],
+        tier: Tier,
+        timeout_s: float,
+    ) -> str:
+        info = job_info(ctx)
+        if info.enqueued_at is not None:
+            wait = (datetime.now(UTC) - info.enqueued_at).total_seconds()
+            self.res.metrics.queue_wait.labels(tier.value).observe(max(wait, 0.0))
+        try:
+            async with self._lease(info.job_id) as lost:
+                statuses = await self._generate(jobs, tier, timeout_s, lost)
+        except (RedisConnectionError, RedisTimeoutError) as exc:
+            # Redis stayed away longer than the client's own retries: run the job
+            # again later (the images come out the same).
+            log.warning("Redis failed during a %s job: %s; retrying", tier.value, exc)
+            raise Retry(defer=REDIS_RETRY_S) from exc
+        except LeaseLost:
+            log.warning(
+                "job %s stopped undelivered: its new holder delivers it", info.job_id
+            )
+            return "lease lost"
+        return ",".join(statuses)
+
+    @contextlib.asynccontextmanager
+    async def _lease(self, job_id: str) -> AsyncIterator[threading.Event]:
+        """Hold the running job's lease; the event is set once it is lost."""
+        res = self.res
+        lease_ms = int(res.settings.gpu_job_lease_s * 1000)
+        # A token per run: a later run of the same job, here or elsewhere, is
+        # another holder.
+        holder = f"{res.node_id}:{uuid4().hex[:12]}"
+        lease = Lease(res.redis, job_id, holder, lease_ms)
+        lost = threading.Event()
+        if not await lease.take():
+            lost.set()
+
+        async def renew() -> None:
+            while not lost.is_set():
+                await asyncio.sleep(lease_ms / 4000)
+                try:
+                    held = await lease.renew()
+                except (RedisError, OSError) as exc:
+                    log.warning("cannot renew the lease on job %s: %s", job_id, exc)
+                    continue
+                if not held:
+                    log.error(
+                        "job %s: another node took it over; stopping at the next step",
+                        job_id,
+                    )
+                    lost.set()
+
+        task = asyncio.create_task(renew(), name=f"lease:{job_id}")
+        try:
+            yield lost
+        finally:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+
+    async def _prepare(self, job: GenerationJob) -> PreparedItem:
+        engine = self.res.engine
+        profile = engine.profile
+        limits = profile.limits
+        params = job.params
+        item = PreparedItem(
+            job, _normalize(params.prompt), _normalize(params.negative_prompt)
+        )
+        if job.model != profile.model:
+            item.fail(
+                "invalid_request", f"this node serves {profile.model}, not {job.model}"
+            )
+        elif params.width > limits.max_width or params.height > limits.max_height:
+            item.fail(
+                "invalid_request",
+                f"size {params.width}x{params.height} is over the model's limit "
+                f"{limits.max_width}x{limits.max_height}",
+            )
+        elif params.scheduler not in limits.schedulers:
+            item.fail(
+                "invalid_request",
+                f"unknown scheduler {params.scheduler!r}; one of "
+                + ", ".join(limits.schedulers),
+            )
+        elif not item.prompt:
+            item.fail("invalid_request", "the prompt is empty")
+        else:
+            window = profile.token_window
+            prompt_tokens, negative_tokens = await asyncio.to_thread(
+                lambda: (
+                    engine.count_tokens(item.prompt),
+                    engine.count_tokens(item.negative_prompt),
+                )
+            )
+            item.prompt_dropped = max(0, prompt_tokens - window)
+            item.negative_dropped = max(0, negative_tokens - window)
+        return item
+
+    async def _generate(
+        self,
+        jobs: list[GenerationJob],
+        tier: Tier,
+        timeout_s: float,
+        lost: threading.Event,
+    ) -> list[str]:
+        res = self.res
+        deadline = Deadline(asyncio.get_running_loop().time() + timeout_s)
+        items: list[PreparedItem] = []
+        for job in jobs:
+            # The `store_result` job of this attempt is queued or done: the
+            # work was finished by an earlier run (arq runs jobs at least once).
+            delivered = result_job_id(job.generation_id, job.attempt)
+            if await job_or_result_exists(res.redis, delivered):
+                log.info(
+                    "generation %s attempt %d already delivered",
+                    job.generation_id,
+                    job.attempt,
+                )
+                continue
+            items.append(await self._prepare(job))
+        keys = [item.key for item in items]
+        cancelled = await res.cancels.watch(keys)
+        try:
+            for item in items:
+                if item.key in cancelled and item.status is None:
+                    item.status = Status.CANCELLED
+            todo = [item for item in items if item.status is None]
+            for item in todo:
+                self._announce_started(item)
+            # Telling `jobs` is not on the way to the GPU: it runs beside the call.
+            notices = [asyncio.create_task(self._mark_started(item)) for item in todo]
+            try:
+                if todo:
+                    await run_calls(res, todo, tier, deadline, lost)
+            finally:
+                outcomes = await asyncio.gather(*notices, return_exceptions=True)
+                for item, outcome in zip(todo, outcomes, strict=True):
+                    if isinstance(outcome, BaseException):
+                        # The result still goes out: `jobs` records the start
+                        # with it, and losing finished GPU work over a notice
+                        # would be the worse failure.
+                        log.warning(
+                            "cannot tell jobs that %s started: %r", item.key, outcome
+                        )
+            await deliver(res, items, tier)
+        finally:
+            res.cancels.unwatch(keys)
+        return [str(item.status) for item in items]
+
+    def _announce_started(self, item: PreparedItem) -> None:
+        """Queue the `started` event before any of the call's progress."""
+        res = self.res
+        item.started_at = datetime.now(UTC)
+        res.publisher.emit(item.key, StartedEvent(node_id=res.node_id))
+        res.publisher.set_progress(item.key, 0, item.job.params.steps)
+
+    async def _mark_started(self, item: PreparedItem) -> None:
+        """Have `jobs` record the start (queued -> running) in the database."""
+        if item.started_at is None:
+            raise RuntimeError("announce the start first")
+        notice = StartedNotice(
+            generation_id=item.job.generation_id,
+            attempt=item.job.attempt,
+            node_id=self.res.node_id,
+            started_at=item.started_at,
+        )
+        await enqueue(
+            self.res.redis,
+            MARK_STARTED_FUNCTION,
+            notice,
+            queue=RESULTS_QUEUE,
+            job_id=started_job_id(item.job.generation_id, item.job.attempt),
+        )

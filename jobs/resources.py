@@ -1,0 +1,45 @@
+"""What the jobs worker holds while it runs, on arq's ctx as one typed object."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from dataclasses import dataclass, field
+from typing import Any
+
+import jinja2
+
+from jobs.settings import JobsSettings
+from sdapi.infra.queue import QueuePool
+from web.mail_outbox import mail_templates
+from web.registry import NodeRegistry
+
+RESOURCES = "sdapi"  # the key of `JobsResources` on arq's ctx
+
+
+@dataclass
+class SmtpBackoff:
+    """This process's view of an SMTP server that is down: when to try it again."""
+
+    failures: int = 0  # server-level failures in a row
+    retry_at: float = 0.0  # time.monotonic() before which no round tries it
+
+
+@dataclass
+class JobsResources:
+    """What the jobs worker holds while it runs."""
+
+    settings: JobsSettings
+    redis: QueuePool
+    registry: NodeRegistry
+    stack: contextlib.AsyncExitStack
+    loops: list[asyncio.Task[None]] = field(default_factory=list)
+    stopping: asyncio.Event = field(default_factory=asyncio.Event)
+    smtp_backoff: SmtpBackoff = field(default_factory=SmtpBackoff)
+    templates: jinja2.Environment = field(default_factory=mail_templates)
+
+
+def resources(ctx: dict[str, Any]) -> JobsResources:
+    """The typed resources on an arq ctx."""
+    found: JobsResources = ctx[RESOURCES]
+    return found

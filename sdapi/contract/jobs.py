@@ -1,0 +1,183 @@
+"""Job payloads (producers -> GPU node) and results (GPU node -> jobs).
+
+Everything that crosses Redis is one of these models, dumped with
+``model_dump(mode="json")`` and validated again on the other side.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from datetime import datetime
+from typing import Any, Literal
+from uuid import UUID
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from sdapi.contract.status import Status, Tier
+
+SEED_MAX = 2**32 - 1
+
+
+# Unknown fields are ignored, not refused: during a rolling deploy a producer
+# that already sends a new field must not make an older consumer fail its jobs
+# (or drop its events) for good. Fields are only ever added with defaults.
+_CONTRACT = ConfigDict(extra="ignore", frozen=True)
+
+# Upper bounds a node enforces whatever a producer sends (web's own limits
+# are lower): a payload in Redis is not trusted to be sane.
+STEPS_MAX = 500
+IMAGES_MAX = 64
+PROMPT_MAX_CHARS = 10_000
+SIZE_MAX = 4096
+
+
+# What generations must share to run in one pipeline call (and one batch).
+BATCH_KEY_FIELDS = ("width", "height", "steps", "guidance_scale", "scheduler")
+
+
+class GenerationParams(BaseModel):
+    """What the pipeline needs for one generation, already validated by `web`."""
+
+    model_config = _CONTRACT
+
+    prompt: str = Field(max_length=PROMPT_MAX_CHARS)
+    negative_prompt: str = Field(default="", max_length=PROMPT_MAX_CHARS)
+    width: int = Field(ge=8, le=SIZE_MAX, multiple_of=8)
+    height: int = Field(ge=8, le=SIZE_MAX, multiple_of=8)
+    steps: int = Field(ge=1, le=STEPS_MAX)
+    guidance_scale: float = Field(ge=0, allow_inf_nan=False)
+    seed: int = Field(ge=0, le=SEED_MAX)
+    num_images: int = Field(ge=1, le=IMAGES_MAX)
+    scheduler: str
+
+    def image_seeds(self) -> list[int]:
+        """Image i uses seed + i (wrapping), as AUTOMATIC1111 does."""
+        return [(self.seed + i) % (SEED_MAX + 1) for i in range(self.num_images)]
+
+    @classmethod
+    def from_request(cls, request: Mapping[str, Any]) -> GenerationParams:
+        """The node's view of a client's resolved request (other fields dropped)."""
+        return cls.model_validate(
+            {name: request[name] for name in cls.model_fields if name in request}
+        )
+
+    def batch_key(self) -> tuple[object, ...]:
+        """Generations with equal keys can share one pipeline call."""
+        return tuple(getattr(self, name) for name in BATCH_KEY_FIELDS)
+
+
+class GenerationJob(BaseModel):
+    """Payload of `generate`: one generation, and one item of a batch."""
+
+    model_config = _CONTRACT
+
+    generation_id: UUID
+    model: str
+    tier: Tier
+    params: GenerationParams
+    attempt: int = Field(default=1, ge=1)
+
+
+class BatchJob(BaseModel):
+    """Payload of `generate_batch`: compatible generations run in one call."""
+
+    model_config = _CONTRACT
+
+    batch_id: UUID
+    model: str
+    items: list[GenerationJob] = Field(min_length=1, max_length=IMAGES_MAX)
+    attempt: int = Field(default=1, ge=1)
+
+    @model_validator(mode="after")
+    def _compatible(self) -> BatchJob:
+        keys = {item.params.batch_key() for item in self.items}
+        if len(keys) != 1:
+            raise ValueError("batch items differ in size, steps, guidance or scheduler")
+        if any(item.model != self.model for item in self.items):
+            raise ValueError("batch items must all use the batch's model")
+        return self
+
+    @property
+    def image_count(self) -> int:
+        return sum(item.params.num_images for item in self.items)
+
+
+JOB_TIMEOUT_MAX_S = 6 * 3600
+
+
+def job_timeout_s(
+    params: GenerationParams,
+    images: int,
+    *,
+    base_s: float = 60.0,
+    seconds_per_image_step: float = 2.0,
+) -> float:
+    """A generous time limit for `images` images of `params`, in seconds.
+
+    `seconds_per_image_step` is the slowest plausible speed at 512x512 (an
+    SD-1.5 step on a CPU is ~4 s; on any GPU well under 0.1 s); size scales it.
+    """
+    pixels = params.width * params.height / (512 * 512)
+    estimate = params.steps * images * seconds_per_image_step * max(pixels, 0.25)
+    return min(JOB_TIMEOUT_MAX_S, base_s + estimate)
+
+
+class ErrorInfo(BaseModel):
+    """Why a generation failed, as the user sees it."""
+
+    model_config = _CONTRACT
+
+    code: str
+    message: str
+
+
+class ImageInfo(BaseModel):
+    """One image a node made; its PNG waits under `image_key`."""
+
+    model_config = _CONTRACT
+
+    index: int = Field(ge=0)
+    seed: int = Field(ge=0, le=SEED_MAX)
+    width: int
+    height: int
+    sha256: str
+    size_bytes: int
+
+
+class StartedNotice(BaseModel):
+    """Payload of `mark_started`."""
+
+    model_config = _CONTRACT
+
+    generation_id: UUID
+    attempt: int = 1
+    node_id: str
+    started_at: datetime
+
+
+class GenerationResult(BaseModel):
+    """Payload of `store_result`: how one attempt of a generation ended."""
+
+    model_config = _CONTRACT
+
+    generation_id: UUID
+    attempt: int = 1
+    status: Literal[Status.SUCCEEDED, Status.FAILED, Status.CANCELLED]
+    images: list[ImageInfo] = []
+    error: ErrorInfo | None = None
+    node_id: str
+    model: str
+    model_hash: str = ""
+    started_at: datetime | None = None
+    finished_at: datetime
+    # Tokens beyond the text encoder's window, reported rather than silently cut.
+    prompt_tokens_dropped: int = 0
+    negative_prompt_tokens_dropped: int = 0
+
+    @model_validator(mode="after")
+    def _consistent(self) -> GenerationResult:
+        if self.status is Status.SUCCEEDED and not self.images:
+            raise ValueError("a succeeded result carries its images")
+        if self.status is Status.FAILED and self.error is None:
+            raise ValueError("a failed result says why")
+        return self

@@ -1,0 +1,106 @@
+"""Queue, function, key and service names, job ids, and how long keys live."""
+
+from __future__ import annotations
+
+from uuid import UUID
+
+# How long per-generation Redis state (events, PNGs, cancel flags) outlives the
+# last write, in seconds: long enough for a late subscriber or a slow `jobs`
+# worker, short enough that Redis does not become an image store.
+EVENT_TTL_S = 6 * 3600
+IMAGE_TTL_S = 24 * 3600
+CANCEL_TTL_S = 24 * 3600
+# A node's announcement in Redis expires unless refreshed (seconds).
+NODE_TTL_S = 15
+# Most entries kept in one generation's event stream (progress is every step).
+EVENT_STREAM_MAXLEN = 2000
+
+# Consul service names.
+GPU_SERVICE = "sdapi-gpu"
+WEB_SERVICE = "sdapi-web"
+
+
+QUEUE_PREFIX = "sdapi:gpu"
+RESULTS_QUEUE = "sdapi:jobs"  # the `jobs` worker's arq queue
+
+GENERATE_FUNCTION = "generate"  # one premium generation
+BATCH_FUNCTION = "generate_batch"  # several normal generations, one pipeline call
+STORE_RESULT_FUNCTION = "store_result"  # jobs: persist a finished generation
+MARK_STARTED_FUNCTION = "mark_started"  # jobs: record that a node began work
+
+
+def premium_queue(model: str) -> str:
+    """The arq queue a node serving `model` drains first."""
+    return f"{QUEUE_PREFIX}:{model}:premium"
+
+
+def batch_queue(model: str) -> str:
+    """The arq queue of normal-tier batches for `model`."""
+    return f"{QUEUE_PREFIX}:{model}:batch"
+
+
+def wake_channel(queue: str) -> str:
+    """Pub/sub channel told of new work on `queue`, so nodes need not wait a poll."""
+    return f"{queue}:wake"
+
+
+# Pub/sub channel carrying the ids of cancelled generations (the flag at
+# `cancel_key` stays the truth; the message only saves a node from polling it).
+CANCEL_CHANNEL = "sdapi:cancels"
+
+
+def events_key(generation_id: UUID | str) -> str:
+    """Redis stream of a generation's events, replayed to late subscribers."""
+    return f"sdapi:events:{generation_id}"
+
+
+def done_key(generation_id: UUID | str) -> str:
+    """Set (NX) by whoever appends the single `done` event of a generation."""
+    return f"sdapi:done:{generation_id}"
+
+
+def cancel_key(generation_id: UUID | str) -> str:
+    """Present while a generation is cancelled; the node checks it every step."""
+    return f"sdapi:cancel:{generation_id}"
+
+
+def image_key(generation_id: UUID | str, index: int) -> str:
+    """PNG bytes of one image, from the node until `jobs` has stored them."""
+    return f"sdapi:image:{generation_id}:{index}"
+
+
+def progress_key(generation_id: UUID | str) -> str:
+    """Hash with the latest `step` and `total` of a running generation."""
+    return f"sdapi:progress:{generation_id}"
+
+
+def node_key(node_id: str) -> str:
+    """A node's `NodeInfo`, refreshed while it lives (used without Consul)."""
+    return f"sdapi:node:{node_id}"
+
+
+def generation_job_id(generation_id: UUID | str, attempt: int = 1) -> str:
+    """arq job id of a premium generation; a re-enqueue gets a new one."""
+    return str(generation_id) if attempt <= 1 else f"{generation_id}:{attempt}"
+
+
+def batch_job_id(batch_id: UUID | str, attempt: int = 1) -> str:
+    """arq job id of a normal-tier batch."""
+    return f"batch:{batch_id}" if attempt <= 1 else f"batch:{batch_id}:{attempt}"
+
+
+def result_job_id(generation_id: UUID | str, attempt: int = 1) -> str:
+    """arq job id of the `store_result` job of one attempt of a generation."""
+    return f"result:{generation_id}:{attempt}"
+
+
+def started_job_id(generation_id: UUID | str, attempt: int = 1) -> str:
+    """arq job id of the `mark_started` job of one attempt of a generation."""
+    return f"started:{generation_id}:{attempt}"
+
+
+# Sorted set of the ids of nodes announced in Redis, scored by expiry time.
+NODES_INDEX = "sdapi:nodes"
+# Last NodeInfo seen per model: defaults for normal-tier requests made while
+# no node of that model is up (they wait in the database for one).
+KNOWN_MODELS_KEY = "sdapi:models:known"

@@ -1,0 +1,87 @@
+"""What a GPU node announces (Consul Meta or Redis) and a model's limits."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any, Self
+
+from pydantic import BaseModel, ConfigDict, Field
+
+
+class ModelLimits(BaseModel):
+    """A model's defaults and limits: what a node serves, what the API offers."""
+
+    model_config = ConfigDict(extra="ignore", frozen=True)
+
+    max_batch: int = Field(ge=1)
+    default_steps: int
+    default_guidance: float
+    default_scheduler: str
+    default_width: int
+    default_height: int
+    max_width: int
+    max_height: int
+    schedulers: list[str]
+
+    def limits(self) -> ModelLimits:
+        """Only the limits (of a subclass such as `NodeInfo`)."""
+        return ModelLimits.model_validate(
+            {name: getattr(self, name) for name in ModelLimits.model_fields}
+        )
+
+    @classmethod
+    def tightest(cls, many: Sequence[ModelLimits]) -> ModelLimits:
+        """What all of `many` accept: the smallest limits, the first's defaults."""
+        first = many[0]
+        schedulers = set(first.schedulers)
+        for limits in many[1:]:
+            schedulers &= set(limits.schedulers)
+        return first.limits().model_copy(
+            update={
+                "max_batch": min(limits.max_batch for limits in many),
+                "max_width": min(limits.max_width for limits in many),
+                "max_height": min(limits.max_height for limits in many),
+                "schedulers": sorted(schedulers),
+            }
+        )
+
+
+# Limits of a model no node has announced yet (Stable Diffusion's usual).
+GENERIC_LIMITS = ModelLimits(
+    max_batch=4,
+    default_steps=25,
+    default_guidance=7.5,
+    default_scheduler="euler_a",
+    default_width=512,
+    default_height=512,
+    max_width=1024,
+    max_height=1024,
+    schedulers=["euler", "euler_a", "dpmpp_2m", "ddim", "unipc", "lms", "pndm"],
+)
+
+
+class NodeInfo(ModelLimits):
+    """What a node serves and how; Consul Meta values are all strings."""
+
+    node_id: str
+    model: str
+    model_hash: str = ""
+    pipeline: str = "sd"
+    device: str
+    memory_bytes: int = 0
+    health_url: str = ""
+
+    def to_meta(self) -> dict[str, str]:
+        """Flatten to Consul service Meta (string values, keys <= 128 chars)."""
+        meta: dict[str, str] = {}
+        for key, value in self.model_dump(mode="json").items():
+            meta[key] = ",".join(value) if isinstance(value, list) else str(value)
+        return meta
+
+    @classmethod
+    def from_meta(cls, meta: dict[str, Any]) -> Self:
+        """Inverse of `to_meta`."""
+        data = dict(meta)
+        schedulers = data.get("schedulers", "")
+        data["schedulers"] = [s for s in str(schedulers).split(",") if s]
+        return cls.model_validate(data)

@@ -1,0 +1,427 @@
+"""The one module that uses arq: pools, enqueue, workers, leases, wake-ups.
+
+arq is in maintenance mode upstream, and sdapi needs things it does not do
+(per-job time limits, claims a node can tell apart, slots repaired after a
+Redis error). Every such workaround lives here, next to the arq internals it
+relies on; tests/test_queue.py pins that behaviour, so an arq upgrade that
+breaks one fails a test by name. No other module imports arq.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any, cast
+from uuid import UUID
+
+import msgpack
+from arq.connections import ArqRedis, RedisSettings, create_pool
+from arq.constants import in_progress_key_prefix, job_key_prefix, result_key_prefix
+from arq.jobs import Job
+from arq.typing import StartupShutdown
+from arq.worker import Retry, Worker, func
+from pydantic import BaseModel
+from redis.asyncio import Redis
+from redis.asyncio.retry import Retry as RedisRetry
+from redis.backoff import ExponentialBackoff
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import RedisError
+from redis.exceptions import TimeoutError as RedisTimeoutError
+
+from sdapi.contract.jobs import BatchJob, GenerationJob
+from sdapi.contract.names import (
+    BATCH_FUNCTION,
+    CANCEL_CHANNEL,
+    CANCEL_TTL_S,
+    GENERATE_FUNCTION,
+    batch_job_id,
+    batch_queue,
+    cancel_key,
+    generation_job_id,
+    premium_queue,
+    wake_channel,
+)
+
+__all__ = ["QueuePool", "QueueWorker", "Retry"]
+
+log = logging.getLogger(__name__)
+
+# A Redis client with `enqueue_job`; what producers and workers hold.
+QueuePool = ArqRedis
+QueueWorker = Worker
+
+
+def _fallback(obj: object) -> object:
+    # arq stores a failed job's exception as its result; keep its text only.
+    if isinstance(obj, BaseException):
+        return f"{type(obj).__name__}: {obj}"
+    if isinstance(obj, UUID):
+        return str(obj)
+    raise TypeError(f"cannot serialize {type(obj).__name__}")
+
+
+def serialize(obj: Any) -> bytes:
+    """arq job serializer: msgpack, so nothing in Redis can run code on a worker."""
+    data: bytes = msgpack.packb(obj, use_bin_type=True, default=_fallback)
+    return data
+
+
+def deserialize(data: bytes) -> Any:
+    """arq job deserializer matching `serialize`."""
+    return msgpack.unpackb(data, raw=False, strict_map_key=False)
+
+
+def redis_settings(url: str) -> RedisSettings:
+    """arq connection settings for a redis:// URL that ride out a Redis restart."""
+    settings = RedisSettings.from_dsn(url)
+    settings.conn_retries = 30
+    settings.conn_retry_delay = 1
+    settings.retry_on_timeout = True
+    # Each command retries with backoff for about 10 s before it fails, so a
+    # restart of Redis looks like a slow command, not an error.
+    settings.retry = RedisRetry(ExponentialBackoff(cap=2.0, base=0.1), retries=8)
+    settings.retry_on_error = [RedisConnectionError, RedisTimeoutError, OSError]
+    return settings
+
+
+async def create_queue_pool(
+    url: str, *, max_connections: int | None = None
+) -> QueuePool:
+    """An arq pool (a redis.asyncio client with `enqueue_job`) using msgpack.
+
+    With `max_connections`, a command that finds them all busy fails at once
+    instead of opening another connection.
+    """
+    settings = redis_settings(url)
+    settings.max_connections = max_connections
+    pool: QueuePool = await create_pool(
+        settings, job_serializer=serialize, job_deserializer=deserialize
+    )
+    return pool
+
+
+async def _wake(pool: QueuePool, queue: str) -> None:
+    # Best effort: a node that misses it still finds the job at its next poll.
+    with contextlib.suppress(RedisError, OSError):
+        await pool.publish(wake_channel(queue), b"")
+
+
+async def enqueue(
+    pool: QueuePool,
+    function: str,
+    payload: BaseModel,
+    *,
+    queue: str,
+    job_id: str,
+    defer_s: float | None = None,
+) -> bool:
+    """Enqueue `function(payload)` and wake `queue`'s workers.
+
+    False when a job with `job_id` already exists. arq 0.28 has no per-job
+    timeout: consumers derive theirs from the payload (the GPU node applies
+    `sdapi.contract.job_timeout_s`).
+    """
+    job = await pool.enqueue_job(
+        function,
+        payload.model_dump(mode="json"),
+        _job_id=job_id,
+        _queue_name=queue,
+        _defer_by=defer_s,
+    )
+    if job is None:
+        return False
+    if defer_s is None:
+        await _wake(pool, queue)
+    return True
+
+
+async def enqueue_generation(pool: QueuePool, job: GenerationJob) -> bool:
+    """Put one premium generation on its model's premium queue."""
+    return await enqueue(
+        pool,
+        GENERATE_FUNCTION,
+        job,
+        queue=premium_queue(job.model),
+        job_id=generation_job_id(job.generation_id, job.attempt),
+    )
+
+
+async def enqueue_batch(pool: QueuePool, batch: BatchJob) -> bool:
+    """Put a normal-tier batch on its model's batch queue."""
+    return await enqueue(
+        pool,
+        BATCH_FUNCTION,
+        batch,
+        queue=batch_queue(batch.model),
+        job_id=batch_job_id(batch.batch_id, batch.attempt),
+    )
+
+
+async def request_cancel(pool: Redis, generation_id: UUID | str) -> None:
+    """Raise a generation's cancel flag and tell the nodes at once."""
+    await pool.set(cancel_key(generation_id), b"1", ex=CANCEL_TTL_S)
+    with contextlib.suppress(RedisError, OSError):
+        await pool.publish(CANCEL_CHANNEL, str(generation_id).encode())
+
+
+async def queue_position(pool: QueuePool, queue: str, job_id: str) -> int | None:
+    """0-based place of a job in its queue, or None once it left the queue."""
+    rank: int | None = await pool.zrank(queue, job_id)
+    return rank
+
+
+async def queue_depth(pool: QueuePool, queue: str) -> int:
+    """Jobs waiting or running on `queue` (arq keeps running jobs in the set)."""
+    depth: int = await pool.zcard(queue)
+    return depth
+
+
+async def job_is_live(pool: QueuePool, job_id: str) -> bool:
+    """Whether the job is still queued or running (a kept result does not count)."""
+    count: int = await pool.exists(
+        job_key_prefix + job_id, in_progress_key_prefix + job_id
+    )
+    return count > 0
+
+
+async def job_is_running(pool: QueuePool, job_id: str) -> bool:
+    """Whether a worker has taken the job and runs it now."""
+    count: int = await pool.exists(in_progress_key_prefix + job_id)
+    return count > 0
+
+
+async def drop_waiting_job(pool: QueuePool, queue: str, job_id: str) -> None:
+    """Take a job nobody runs off its queue (a worker that takes it meanwhile
+    finds it gone and drops it)."""
+    async with pool.pipeline(transaction=True) as pipe:
+        pipe.zrem(queue, job_id)
+        pipe.delete(job_key_prefix + job_id)
+        await pipe.execute()
+
+
+async def kept_job_args(pool: QueuePool, job_id: str, queue: str) -> list[Any] | None:
+    """The arguments of a finished job whose result arq still keeps, or None."""
+    info = await Job(
+        job_id, pool, _queue_name=queue, _deserializer=deserialize
+    ).result_info()
+    if info is None:
+        return None
+    return list(info.args)
+
+
+async def job_or_result_exists(pool: QueuePool, job_id: str) -> bool:
+    """Whether the job is queued, running, or has ended with a kept result."""
+    count: int = await pool.exists(job_key_prefix + job_id, result_key_prefix + job_id)
+    return count > 0
+
+
+# --- running a job ---------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class JobInfo:
+    """What a task may know about the run it is in."""
+
+    job_id: str
+    job_try: int
+    enqueued_at: datetime | None
+
+
+def job_info(ctx: dict[str, Any]) -> JobInfo:
+    """The job a task function runs in, from the context arq passes it."""
+    enqueued = ctx.get("enqueue_time")
+    return JobInfo(
+        job_id=str(ctx.get("job_id", "")),
+        job_try=int(ctx.get("job_try", 1)),
+        enqueued_at=enqueued if isinstance(enqueued, datetime) else None,
+    )
+
+
+def retry_after(ctx: dict[str, Any], *, cap_s: float = 60) -> Retry:
+    """Run the job again later, backing off exponentially (seconds) per try."""
+    return Retry(defer=min(cap_s, 2 ** job_info(ctx).job_try))
+
+
+# The value a claim's in-progress key holds while a node has made it its own.
+# arq itself writes b"1" for every claim, so a claim that expired and was
+# taken by another worker looks the same as one's own; `Lease` replaces it.
+_RENEW_LEASE = """
+local held = redis.call('GET', KEYS[1])
+if held == ARGV[1] then
+  redis.call('PEXPIRE', KEYS[1], ARGV[2])
+  return 1
+end
+if not held then
+  redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
+  return 2
+end
+return 0
+"""
+
+# At the start of a job: arq's fresh claim (b"1") becomes ours.
+_TAKE_LEASE = """
+local held = redis.call('GET', KEYS[1])
+if held and held ~= '1' and held ~= ARGV[1] then
+  return 0
+end
+redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
+return 1
+"""
+
+
+class Lease:
+    """A worker's hold on the job it runs: arq's claim, marked as its own.
+
+    arq claims a job for (function timeout + 10 s), far too long for a GPU
+    job whose node may be SIGKILLed; workers built with `claim_s` claim for
+    that long instead, and the running job keeps renewing its lease. The
+    claim key then holds `holder`, so a renewal can tell its own expired
+    claim (taken back) from one another worker took over (lost).
+    """
+
+    def __init__(self, pool: QueuePool, job_id: str, holder: str, ms: int) -> None:
+        self._pool = pool
+        self._key = in_progress_key_prefix + job_id
+        self._holder = holder.encode()
+        self._ms = ms
+
+    async def renew(self) -> bool:
+        """Extend the lease (or take it back once expired); False if lost."""
+        script = self._pool.register_script(_RENEW_LEASE)
+        held = await script(keys=[self._key], args=[self._holder, self._ms])
+        if held == 2:
+            log.warning("the claim on %s had expired; took it back", self._key)
+        return bool(held)
+
+    async def take(self) -> bool:
+        """Mark the claim arq just made as ours; False if another holds it."""
+        script = self._pool.register_script(_TAKE_LEASE)
+        return bool(await script(keys=[self._key], args=[self._holder, self._ms]))
+
+
+# --- workers ---------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Task:
+    """A coroutine a worker runs by name: `coroutine(ctx, payload)`."""
+
+    name: str
+    coroutine: Callable[..., Awaitable[Any]]
+    max_tries: int
+    timeout_s: float | None = None
+
+
+def new_worker(
+    tasks: list[Task],
+    *,
+    queue: str,
+    claim_s: float | None = None,
+    **options: Any,
+) -> QueueWorker:
+    """An arq worker for `tasks` on `queue`, speaking msgpack.
+
+    `claim_s`: how long a claim lasts unless its job renews it (`Lease`);
+    arq's own is the longest function timeout plus 10 s.
+    """
+    worker = Worker(
+        functions=[
+            func(
+                cast(Any, task.coroutine),
+                name=task.name,
+                max_tries=task.max_tries,
+                timeout=task.timeout_s,
+            )
+            for task in tasks
+        ],
+        queue_name=queue,
+        job_serializer=serialize,
+        job_deserializer=deserialize,
+        **options,
+    )
+    if claim_s is not None:
+        worker.in_progress_timeout_s = claim_s
+    return worker
+
+
+def running_jobs(worker: QueueWorker) -> list[asyncio.Task[Any]]:
+    """The worker's jobs that have not ended yet."""
+    return [task for task in worker.tasks.values() if not task.done()]
+
+
+def stop_taking_jobs(worker: QueueWorker) -> None:
+    """Let running jobs finish; claim no new ones."""
+    worker.allow_pick_jobs = False
+
+
+async def run_worker(worker: QueueWorker) -> None:
+    """Run `worker`'s poll loop, restarting it after Redis errors.
+
+    arq's loop dies on a Redis error; a Redis restart must not end the
+    process. Any other exception is a bug and propagates.
+    """
+    while True:
+        try:
+            await worker.main()
+            return
+        except (RedisError, OSError) as exc:
+            log.warning(
+                "queue %s: Redis unavailable (%s); retrying", worker.queue_name, exc
+            )
+            await _release_lost_slots(worker)
+            await asyncio.sleep(1.0)
+
+
+async def _release_lost_slots(worker: QueueWorker) -> None:
+    # arq 0.28 takes a job slot before claiming a job in Redis and gives it back
+    # only when the job's task ends; a Redis error in between leaks the slot,
+    # and with max_jobs=1 the worker would never take a job again.
+    running = len(running_jobs(worker))
+    if worker.job_counter == running:
+        return
+    worker.job_counter = running
+    worker.sem = asyncio.BoundedSemaphore(worker.max_jobs + 1)
+    for _ in range(running):
+        await worker.sem.acquire()
+
+
+async def poll_when_woken(worker: QueueWorker, woken: asyncio.Event) -> None:
+    """Run an extra poll of `worker`'s queue each time `woken` is set.
+
+    A producer published new work: claim it now rather than at the worker's
+    next poll. arq 0.28's poll iteration claims a job atomically (WATCH/MULTI
+    on its in-progress key), so one beside the worker's own loop cannot start
+    a job twice.
+    """
+    while True:
+        await woken.wait()
+        woken.clear()
+        # Woken as a job ends (`wake_after_job`), arq frees its slot in a
+        # callback that runs right after: give it a turn or two of the loop.
+        for _ in range(3):
+            if worker.job_counter < worker.max_jobs:
+                break
+            await asyncio.sleep(0)
+        if not worker.allow_pick_jobs or worker.job_counter >= worker.max_jobs:
+            continue
+        try:
+            await worker._poll_iteration()
+        except (RedisError, OSError) as exc:
+            log.debug("wake-up poll of %s failed: %s", worker.queue_name, exc)
+
+
+def wake_after_job(woken: asyncio.Event) -> StartupShutdown:
+    """An arq `after_job_end` hook: look for the next job as soon as one ends.
+
+    A worker that takes one job at a time ignores wake-ups while busy; without
+    this, work that arrived meanwhile would wait for the next poll.
+    """
+
+    async def after_job_end(ctx: dict[str, Any]) -> None:
+        woken.set()
+
+    return after_job_end
