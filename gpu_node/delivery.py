@@ -36,10 +36,10 @@ def utcnow() -> datetime:
     return datetime.now(UTC)
 
 
-async def send_result(res: NodeResources, result: GenerationResult) -> None:
+async def send_result(resources: NodeResources, result: GenerationResult) -> None:
     """Put one attempt's result on the `jobs` queue (once per attempt)."""
     await enqueue(
-        res.redis,
+        resources.redis,
         STORE_RESULT_FUNCTION,
         result,
         queue=RESULTS_QUEUE,
@@ -47,11 +47,13 @@ async def send_result(res: NodeResources, result: GenerationResult) -> None:
     )
 
 
-async def deliver(res: NodeResources, items: list[PreparedItem], tier: Tier) -> None:
+async def deliver(
+    resources: NodeResources, items: list[PreparedItem], tier: Tier
+) -> None:
     """Store the images of `items` and hand every item's result to `jobs`."""
-    profile = res.engine.profile
+    profile = resources.engine.profile
     succeeded = [item for item in items if item.status is Status.SUCCEEDED]
-    stored = await asyncio.gather(*(_store_images(res, i) for i in succeeded))
+    stored = await asyncio.gather(*(_store_images(resources, i) for i in succeeded))
     infos = {item.key: images for item, images in zip(succeeded, stored, strict=True)}
     results = [
         GenerationResult(
@@ -60,7 +62,7 @@ async def deliver(res: NodeResources, items: list[PreparedItem], tier: Tier) -> 
             status=item.status or Status.FAILED,
             images=infos.get(item.key, []),
             error=item.error,
-            node_id=res.node_id,
+            node_id=resources.node_id,
             model=profile.model,
             model_hash=profile.model_hash,
             started_at=item.started_at,
@@ -72,14 +74,16 @@ async def deliver(res: NodeResources, items: list[PreparedItem], tier: Tier) -> 
     ]
     # Everything this node says about these generations is in their streams
     # before `jobs` can append `done`.
-    await res.publisher.flush()
+    await resources.publisher.flush()
     for result in results:
-        await send_result(res, result)
-        res.metrics.generations.labels(tier.value, result.status.value).inc()
-        res.metrics.images.labels(tier.value).inc(len(result.images))
+        await send_result(resources, result)
+        resources.metrics.generations.labels(tier.value, result.status.value).inc()
+        resources.metrics.images.labels(tier.value).inc(len(result.images))
 
 
-async def refuse(res: NodeResources, payload: Any, error: ValidationError) -> None:
+async def refuse(
+    resources: NodeResources, payload: Any, error: ValidationError
+) -> None:
     """Fail every generation a malformed payload names, saying why.
 
     The job itself fails for good; without a result, its rows would wait
@@ -94,16 +98,16 @@ async def refuse(res: NodeResources, payload: Any, error: ValidationError) -> No
         code="invalid_request",
         message=f"the GPU node refused the job: {where}: {problem['msg']}",
     )
-    profile = res.engine.profile
+    profile = resources.engine.profile
     for generation_id, attempt in named:
         await send_result(
-            res,
+            resources,
             GenerationResult(
                 generation_id=generation_id,
                 attempt=attempt,
                 status=Status.FAILED,
                 error=reason,
-                node_id=res.node_id,
+                node_id=resources.node_id,
                 model=profile.model,
                 model_hash=profile.model_hash,
                 finished_at=utcnow(),
@@ -111,8 +115,10 @@ async def refuse(res: NodeResources, payload: Any, error: ValidationError) -> No
         )
 
 
-async def _store_images(res: NodeResources, item: PreparedItem) -> list[ImageInfo]:
-    profile = res.engine.profile
+async def _store_images(
+    resources: NodeResources, item: PreparedItem
+) -> list[ImageInfo]:
+    profile = resources.engine.profile
     params = item.job.params
     seeds = params.image_seeds()
     manifests = [
@@ -145,10 +151,10 @@ async def _store_images(res: NodeResources, item: PreparedItem) -> list[ImageInf
     for index, (seed, image, (png, digest)) in enumerate(
         zip(seeds, item.images, encoded, strict=True)
     ):
-        kept = await _keep_first_png(res.redis, image_key(item.key, index), png)
+        kept = await _keep_first_png(resources.redis, image_key(item.key, index), png)
         if kept is not png:
             digest = await asyncio.to_thread(sha256_hex, kept)
-        res.publisher.emit(
+        resources.publisher.emit(
             item.key,
             ImageEvent(
                 index=index,

@@ -197,7 +197,7 @@ class GpuNode:
             health=self._liveness,
         )
         stack.push_async_callback(announcer.close)
-        res = NodeResources(
+        resources = NodeResources(
             settings=settings,
             metrics=self.metrics,
             redis=redis,
@@ -208,7 +208,7 @@ class GpuNode:
             announcer=announcer,
             info=info,
         )
-        tasks = self._tasks = NodeTasks(res)
+        tasks = self._tasks = NodeTasks(resources)
         premium, batch = premium_queue(profile.model), batch_queue(profile.model)
         self._wakeups = {premium: asyncio.Event(), batch: asyncio.Event()}
         self._workers = [
@@ -225,7 +225,7 @@ class GpuNode:
             asyncio.create_task(cancels.run(), name="cancel-recheck"),
         ]
         stack.push_async_callback(_cancel_tasks, background)
-        return res
+        return resources
 
     def _worker(
         self,

@@ -45,7 +45,7 @@ class Deadline:
 
 
 async def run_calls(
-    res: NodeResources,
+    resources: NodeResources,
     todo: list[PreparedItem],
     tier: Tier,
     deadline: Deadline,
@@ -70,7 +70,7 @@ async def run_calls(
             for item in todo
         ),
     )
-    calls = call.split(res.info.max_batch)
+    calls = call.split(resources.info.max_batch)
     progress = {
         item.key: ItemProgress(item.job.params.steps, _calls_with(calls, item.key))
         for item in todo
@@ -89,7 +89,7 @@ async def run_calls(
         current = current.only(live)
         try:
             grouped, cancelled = await _run_call(
-                res, current, tier, deadline, {k: progress[k] for k in live}, lost
+                resources, current, tier, deadline, {k: progress[k] for k in live}, lost
             )
         except OutOfMemory as exc:
             if current.image_count > 1:
@@ -132,7 +132,7 @@ async def run_calls(
 
 
 async def _run_call(
-    res: NodeResources,
+    resources: NodeResources,
     call: PipelineCall,
     tier: Tier,
     deadline: Deadline,
@@ -140,19 +140,19 @@ async def _run_call(
     lost: threading.Event,
 ) -> tuple[dict[str, list[Image]], set[str]]:
     premium = tier is Tier.PREMIUM
-    metrics = res.metrics
+    metrics = resources.metrics
     observer = CallObserver(
         progress,
-        res.publisher,
-        res.cancels,
-        preview_every=res.settings.gpu_preview_every,
-        min_interval_s=res.settings.gpu_progress_interval_s,
+        resources.publisher,
+        resources.cancels,
+        preview_every=resources.settings.gpu_preview_every,
+        min_interval_s=resources.settings.gpu_progress_interval_s,
         # Only batches yield: premium calls never nest inside each other.
-        executor=None if premium else res.executor,
+        executor=None if premium else resources.executor,
         on_step_done=lambda _step: metrics.steps.inc(),
         stop=lost,
     )
-    engine = res.engine
+    engine = resources.engine
 
     def run() -> dict[str, list[Image]]:
         started = time.perf_counter()
@@ -163,7 +163,7 @@ async def _run_call(
         metrics.images_per_second.set(call.image_count / seconds)
         return images
 
-    future = res.executor.submit(run, premium=premium)
+    future = resources.executor.submit(run, premium=premium)
     try:
         # Time spent running premium calls nested in this one is not its own.
         images = await await_thread(

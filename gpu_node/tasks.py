@@ -67,12 +67,12 @@ def _normalize(text: str) -> str:
 class NodeTasks:
     """The queue tasks of one running node."""
 
-    def __init__(self, res: NodeResources) -> None:
-        self.res = res
+    def __init__(self, resources: NodeResources) -> None:
+        self.resources = resources
 
     def time_limit(self, params: GenerationParams, images: int) -> float:
         """How long a job of this size may take here, in seconds."""
-        settings = self.res.settings
+        settings = self.resources.settings
         return job_timeout_s(
             params,
             images,
@@ -102,7 +102,7 @@ class NodeTasks:
 
     async def _refuse(self, payload: Any, error: ValidationError) -> None:
         try:
-            await refuse(self.res, payload, error)
+            await refuse(self.resources, payload, error)
         except (RedisConnectionError, RedisTimeoutError) as exc:
             log.warning("Redis failed refusing a bad payload: %s; retrying", exc)
             raise Retry(defer=REDIS_RETRY_S) from exc
@@ -117,7 +117,7 @@ class NodeTasks:
         info = job_info(ctx)
         if info.enqueued_at is not None:
             wait = (datetime.now(UTC) - info.enqueued_at).total_seconds()
-            self.res.metrics.queue_wait.labels(tier.value).observe(max(wait, 0.0))
+            self.resources.metrics.queue_wait.labels(tier.value).observe(max(wait, 0.0))
         try:
             async with self._lease(info.job_id) as lost:
                 statuses = await self._generate(jobs, tier, timeout_s, lost)
@@ -136,12 +136,12 @@ class NodeTasks:
     @contextlib.asynccontextmanager
     async def _lease(self, job_id: str) -> AsyncIterator[threading.Event]:
         """Hold the running job's lease; the event is set once it is lost."""
-        res = self.res
-        lease_ms = int(res.settings.gpu_job_lease_s * 1000)
+        resources = self.resources
+        lease_ms = int(resources.settings.gpu_job_lease_s * 1000)
         # A token per run: a later run of the same job, here or elsewhere, is
         # another holder.
-        holder = f"{res.node_id}:{uuid4().hex[:12]}"
-        lease = Lease(res.redis, job_id, holder, lease_ms)
+        holder = f"{resources.node_id}:{uuid4().hex[:12]}"
+        lease = Lease(resources.redis, job_id, holder, lease_ms)
         lost = threading.Event()
         if not await lease.take():
             lost.set()
@@ -170,7 +170,7 @@ class NodeTasks:
                 await task
 
     async def _prepare(self, job: GenerationJob) -> PreparedItem:
-        engine = self.res.engine
+        engine = self.resources.engine
         profile = engine.profile
         limits = profile.limits
         params = job.params
@@ -214,14 +214,14 @@ class NodeTasks:
         timeout_s: float,
         lost: threading.Event,
     ) -> list[str]:
-        res = self.res
+        resources = self.resources
         deadline = Deadline(asyncio.get_running_loop().time() + timeout_s)
         items: list[PreparedItem] = []
         for job in jobs:
             # The `store_result` job of this attempt is queued or done: the
             # work was finished by an earlier run (arq runs jobs at least once).
             delivered = result_job_id(job.generation_id, job.attempt)
-            if await job_or_result_exists(res.redis, delivered):
+            if await job_or_result_exists(resources.redis, delivered):
                 log.info(
                     "generation %s attempt %d already delivered",
                     job.generation_id,
@@ -230,7 +230,7 @@ class NodeTasks:
                 continue
             items.append(await self._prepare(job))
         keys = [item.key for item in items]
-        cancelled = await res.cancels.watch(keys)
+        cancelled = await resources.cancels.watch(keys)
         try:
             for item in items:
                 if item.key in cancelled and item.status is None:
@@ -242,7 +242,7 @@ class NodeTasks:
             notices = [asyncio.create_task(self._mark_started(item)) for item in todo]
             try:
                 if todo:
-                    await run_calls(res, todo, tier, deadline, lost)
+                    await run_calls(resources, todo, tier, deadline, lost)
             finally:
                 outcomes = await asyncio.gather(*notices, return_exceptions=True)
                 for item, outcome in zip(todo, outcomes, strict=True):
@@ -253,17 +253,17 @@ class NodeTasks:
                         log.warning(
                             "cannot tell jobs that %s started: %r", item.key, outcome
                         )
-            await deliver(res, items, tier)
+            await deliver(resources, items, tier)
         finally:
-            res.cancels.unwatch(keys)
+            resources.cancels.unwatch(keys)
         return [str(item.status) for item in items]
 
     def _announce_started(self, item: PreparedItem) -> None:
         """Queue the `started` event before any of the call's progress."""
-        res = self.res
+        resources = self.resources
         item.started_at = datetime.now(UTC)
-        res.publisher.emit(item.key, StartedEvent(node_id=res.node_id))
-        res.publisher.set_progress(item.key, 0, item.job.params.steps)
+        resources.publisher.emit(item.key, StartedEvent(node_id=resources.node_id))
+        resources.publisher.set_progress(item.key, 0, item.job.params.steps)
 
     async def _mark_started(self, item: PreparedItem) -> None:
         """Have `jobs` record the start (queued -> running) in the database."""
@@ -272,11 +272,11 @@ class NodeTasks:
         notice = StartedNotice(
             generation_id=item.job.generation_id,
             attempt=item.job.attempt,
-            node_id=self.res.node_id,
+            node_id=self.resources.node_id,
             started_at=item.started_at,
         )
         await enqueue(
-            self.res.redis,
+            self.resources.redis,
             MARK_STARTED_FUNCTION,
             notice,
             queue=RESULTS_QUEUE,

@@ -1,28 +1,7 @@
 """The normal-tier dispatcher: due `scheduled` rows become batch jobs.
 
-Every round, per model that a healthy node serves: lock due rows with
-``SELECT ... FOR UPDATE SKIP LOCKED`` (so two `jobs` processes never take the
-same row), group compatible ones into batches of at most the nodes' max batch
-(counted in images), mark them `queued` in the same transaction, and only
-after the commit put one batch job per group on the model's batch queue. If
-that enqueue fails the rows stay `queued` and the reconciler re-enqueues them
-once their deadline passes.
-
-A batch that is not full waits up to `dispatch_window` seconds after its
-oldest row became due for more compatible rows: requests that arrived close
-together run together instead of in several small pipeline calls.
-
-The batch queue is filled only up to `dispatch_batches_per_node` batches per
-healthy node, so a premium request waits behind at most the batch its node is
-running (the node serves its premium queue first and preempts a batch at step
-boundaries) and the database, not Redis, holds the backlog. The room is read
-and taken under a per-model advisory lock, counting the batches committed in
-the database as well as the jobs in Redis, so two `jobs` processes never fill
-the same room twice.
-
-A row whose stored request cannot be turned into a job ends `failed`
-(internal_error) instead of stopping its model's dispatch every round, and
-one model's trouble does not stop the others.
+Rows are claimed with `SKIP LOCKED`, grouped by the batch key, marked
+`queued` and enqueued after the commit; docs/ARCHITECTURE.md has the design.
 """
 
 from __future__ import annotations
@@ -181,25 +160,25 @@ def unbuildable_error() -> ErrorInfo:
     )
 
 
-async def send_batch(res: JobsResources, batch: BatchJob) -> bool:
+async def send_batch(resources: JobsResources, batch: BatchJob) -> bool:
     """Enqueue a committed batch and tell its generations; False if Redis failed.
 
     A failure leaves the rows `queued` without a job: the reconciler finds them
     once their deadline passes.
     """
     try:
-        if not await enqueue_batch(res.redis, batch):
+        if not await enqueue_batch(resources.redis, batch):
             log.warning(
                 "batch %s attempt %s already queued", batch.batch_id, batch.attempt
             )
         position = await queue_position(
-            res.redis,
+            resources.redis,
             batch_queue(batch.model),
             batch_job_id(batch.batch_id, batch.attempt),
         )
         for item in batch.items:
             await append_event(
-                res.redis, item.generation_id, QueuedEvent(position=position or 0)
+                resources.redis, item.generation_id, QueuedEvent(position=position or 0)
             )
     except (RedisError, OSError):
         log.warning(
@@ -209,7 +188,7 @@ async def send_batch(res: JobsResources, batch: BatchJob) -> bool:
     return True
 
 
-async def _in_flight(res: JobsResources, model: str) -> int:
+async def _in_flight(resources: JobsResources, model: str) -> int:
     """Batches of `model` waiting or running: jobs in Redis, or committed rows.
 
     The database also counts batches committed by another process but not yet
@@ -226,7 +205,7 @@ async def _in_flight(res: JobsResources, model: str) -> int:
         .distinct()
         .values_list("batch_id", flat=True)
     )
-    return max(len(batch_ids), await queue_depth(res.redis, batch_queue(model)))
+    return max(len(batch_ids), await queue_depth(resources.redis, batch_queue(model)))
 
 
 def dispatch_lock_key(model: str) -> str:
@@ -235,14 +214,14 @@ def dispatch_lock_key(model: str) -> str:
 
 
 async def _claim(
-    res: JobsResources, model: str, offer: ModelOffer
+    resources: JobsResources, model: str, offer: ModelOffer
 ) -> tuple[list[BatchJob], list[Generation]]:
     """Mark due rows of `model` queued as batches, as far as there is room.
 
     Returns the batches to enqueue and the rows that failed because no job
     could be built from them, both committed.
     """
-    settings = res.settings
+    settings = resources.settings
     max_batch = offer.max_batch
     async with in_transaction() as connection:
         # Held until commit: another process's dispatcher of this model waits,
@@ -252,7 +231,7 @@ async def _claim(
             [dispatch_lock_key(model)],
         )
         room = settings.dispatch_batches_per_node * offer.nodes - await _in_flight(
-            res, model
+            resources, model
         )
         if room < 1:
             return [], []
@@ -277,7 +256,7 @@ async def _claim(
                 log.error("generation %s cannot be dispatched: %s", row.id, exc)
                 broken.append(row)
         failed = await fail_generations(
-            res, broken, unbuildable_error(), now, statuses=(Status.SCHEDULED,)
+            resources, broken, unbuildable_error(), now, statuses=(Status.SCHEDULED,)
         )
         jobs: list[BatchJob] = []
         deadline = now + timedelta(seconds=settings.queued_check_after)
@@ -314,24 +293,26 @@ async def _claim(
     return jobs, failed
 
 
-async def _dispatch_model(res: JobsResources, model: str, offer: ModelOffer) -> int:
-    jobs, failed = await _claim(res, model, offer)
+async def _dispatch_model(
+    resources: JobsResources, model: str, offer: ModelOffer
+) -> int:
+    jobs, failed = await _claim(resources, model, offer)
     for row in failed:
-        await announce_done(res.redis, row)
+        await announce_done(resources.redis, row)
     for batch in jobs:
-        await send_batch(res, batch)
+        await send_batch(resources, batch)
     return len(jobs)
 
 
-async def dispatch_due(res: JobsResources) -> int:
+async def dispatch_due(resources: JobsResources) -> int:
     """One dispatch round over every served model; the batches it committed."""
     sent = 0
-    offers = await res.registry.offers()
+    offers = await resources.registry.offers()
     for model, offer in offers.items():
         if not offer.available or offer.nodes < 1:
             continue  # no healthy node: its rows stay scheduled
         try:
-            sent += await _dispatch_model(res, model, offer)
+            sent += await _dispatch_model(resources, model, offer)
         except OUTAGE_ERRORS:
             raise  # the database or Redis is down: the whole round waits
         except Exception:

@@ -1,26 +1,7 @@
 """The outbox sender: claims due emails, sends them over SMTP, records the outcome.
 
-Claiming is a short transaction (`SELECT ... FOR UPDATE SKIP LOCKED`, then the
-rows are marked `sending`), so any number of senders can run and each row goes
-to exactly one. Sending happens outside any transaction; the outcome is then
-written conditionally on the claim still being ours. A sender that dies
-mid-send leaves its rows `sending`; after `outbox_stuck_after` another sender
-claims them again (the one case where a message may go out twice, which its
-stable Message-ID lets the receiver recognise). Claim times are the
-database's clock, so senders on hosts whose clocks differ agree on them, and
-each delivery is cut off after `outbox_send_timeout` (under half the stuck
-limit), so a slow one is never taken over while it still runs.
-
-What a failure costs depends on whom it is about (`jobs.smtp.Trouble`):
-- the server (down, slow, refusing us): the round ends, its claimed rows go
-  back without an attempt counted, and this process tries the server again
-  after a growing wait; an email still unsent `outbox_give_up_after` after it
-  was written ends `failed`;
-- this message for now (a 4xx about its recipient): it is retried with
-  backoff until the same age limit;
-- this message for good (a 5xx): it ends `failed` at once;
-- anything else (a bug, bad data): retried with backoff, `failed` after
-  `outbox_max_attempts`.
+Any number of senders can run (claims use `SKIP LOCKED`); what each kind of
+failure costs is in docs/ARCHITECTURE.md ("Outbox sender").
 """
 
 from __future__ import annotations
@@ -287,9 +268,9 @@ async def _deliver(
     log.info("sent email %s to %s", mail.message_id, row.to_address)
 
 
-async def send_round(res: JobsResources) -> int:
+async def send_round(resources: JobsResources) -> int:
     """Claim and send due emails until none are left; returns how many were tried."""
-    settings = res.settings
+    settings = resources.settings
     smtp = settings.smtp
     if smtp is None:
         waiting = await OutboxEmail.filter(status=OutboxStatus.PENDING).count()
@@ -298,7 +279,7 @@ async def send_round(res: JobsResources) -> int:
                 "SDAPI_SMTP_URL is not set: %d email(s) wait to be sent", waiting
             )
         return 0
-    state = res.smtp_backoff
+    state = resources.smtp_backoff
     if time.monotonic() < state.retry_at:
         return 0  # the server was down a moment ago
     tried = 0
@@ -323,6 +304,6 @@ async def send_round(res: JobsResources) -> int:
                 return tried
 
 
-async def send_due_emails(res: JobsResources) -> None:
+async def send_due_emails(resources: JobsResources) -> None:
     """Periodic task of the jobs worker: send whatever the outbox has due."""
-    await send_round(res)
+    await send_round(resources)

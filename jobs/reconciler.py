@@ -1,34 +1,7 @@
 """The reconciler: queued or running work whose job is gone is put back or failed.
 
-Postgres is the source of truth and Redis may lose anything (a worker killed,
-Redis restarted empty), so every round looks at rows `queued` or `running`
-past their deadline and asks Redis about the job each row derives from its
-own columns: premium `generation_job_id(id, attempts)`, normal
-`batch_job_id(batch_id, attempts)`.
-
-- The job is alive (waiting or running): the deadline moves on; nothing else.
-- The job is gone but the row's `store_result` job is alive: the same.
-- The job is gone and `store_result` left a result in Redis without the row
-  becoming final (it failed, or found the images missing): it runs again here
-  with the same payload; stored rows are done.
-- Otherwise the work is lost: it is enqueued again with attempts + 1, or,
-  after `generation_max_attempts` enqueues, the row ends `failed` with a
-  reason the user sees (and the failure email when delivery is email).
-
-Lost normal rows go back on the queue together as a new batch (a fresh batch
-id, next attempt) rather than back to `scheduled`: every unfinished row of a
-batch keeps the batch's attempt, so the job id derived from any row (here,
-and for the queue position `web` shows) is its batch's job id, a row never
-moves backwards from `queued` to `scheduled`, and rows of one old batch
-re-run at different times never collide on a job id. The node splits a batch
-that outgrew a smaller node's max batch into several pipeline calls.
-
-Work nobody runs does not wait forever: a premium request still queued
-`premium_max_queued` after it was made, a batch waiting `batch_max_queued` on
-its queue, and a normal request `scheduled_max_wait` past its scheduled time
-end `failed` (model_unavailable), their jobs taken off the queue. A job whose
-rows make a round fail (a bug, bad data) `reconcile_max_failures` rounds in a
-row ends `failed` (internal_error) instead of being tried forever.
+Postgres is the truth and Redis may lose anything; the rules are in
+docs/ARCHITECTURE.md ("When things go wrong: the reconciler").
 """
 
 from __future__ import annotations
@@ -166,37 +139,37 @@ async def _group(rows: list[Generation]) -> list[Unit]:
     return units
 
 
-async def _units(res: JobsResources, now: datetime) -> list[Unit]:
+async def _units(resources: JobsResources, now: datetime) -> list[Unit]:
     """Overdue queued/running rows, grouped by the job they share."""
     stuck = list(
         await Generation.filter(_overdue(now), status__in=IN_WORK)
         .order_by("deadline")
-        .limit(res.settings.reconcile_batch_limit)
+        .limit(resources.settings.reconcile_batch_limit)
     )
     return await _group(stuck)
 
 
 async def _push_deadline(
-    res: JobsResources, ids: list[uuid.UUID], attempt: int, now: datetime
+    resources: JobsResources, ids: list[uuid.UUID], attempt: int, now: datetime
 ) -> int:
     """Move the deadline of rows whose work is still alive."""
     updated: int = await Generation.filter(
         id__in=ids, status__in=IN_WORK, attempts=attempt
-    ).update(deadline=now + timedelta(seconds=res.settings.queued_check_after))
+    ).update(deadline=now + timedelta(seconds=resources.settings.queued_check_after))
     return updated
 
 
-async def _recover(res: JobsResources, row: Generation) -> Recovery:
+async def _recover(resources: JobsResources, row: Generation) -> Recovery:
     """Finish `row` from its attempt's store_result job if one is alive or left."""
     job_id = result_job_id(row.id, row.attempts)
-    if await job_is_live(res.redis, job_id):
+    if await job_is_live(resources.redis, job_id):
         return Recovery.PENDING
-    args = await kept_job_args(res.redis, job_id, RESULTS_QUEUE)
+    args = await kept_job_args(resources.redis, job_id, RESULTS_QUEUE)
     if not args:
         return Recovery.LOST
     # The result key keeps the payload the node sent; storing is idempotent.
     try:
-        outcome = await store(res, parse_result(args[0]))
+        outcome = await store(resources, parse_result(args[0]))
     except TRANSIENT_ERRORS:
         return Recovery.PENDING  # the database is down: try again next round
     except ResultRejected:
@@ -247,7 +220,7 @@ def internal_error() -> ErrorInfo:
 
 
 async def _requeue(
-    res: JobsResources, unit: Unit, rows: list[Generation], now: datetime
+    resources: JobsResources, unit: Unit, rows: list[Generation], now: datetime
 ) -> GenerationJob | BatchJob:
     """Give locked `rows` their next attempt; the job to enqueue after commit."""
     attempt = unit.attempt + 1
@@ -263,34 +236,38 @@ async def _requeue(
         attempt=attempt,
         batch_id=batch_id,
         now=now,
-        deadline=now + timedelta(seconds=res.settings.queued_check_after),
+        deadline=now + timedelta(seconds=resources.settings.queued_check_after),
     )
     if batch_id is None:
         return jobs[0]
     return BatchJob(batch_id=batch_id, model=rows[0].model, items=jobs, attempt=attempt)
 
 
-async def _send(res: JobsResources, job: GenerationJob | BatchJob) -> None:
+async def _send(resources: JobsResources, job: GenerationJob | BatchJob) -> None:
     """Enqueue a re-run after its commit (a failure waits for the next deadline)."""
     if isinstance(job, BatchJob):
-        await send_batch(res, job)
+        await send_batch(resources, job)
         return
     try:
-        await enqueue_generation(res.redis, job)
+        await enqueue_generation(resources.redis, job)
         position = await queue_position(
-            res.redis,
+            resources.redis,
             premium_queue(job.model),
             generation_job_id(job.generation_id, job.attempt),
         )
         await append_event(
-            res.redis, job.generation_id, QueuedEvent(position=position or 0)
+            resources.redis, job.generation_id, QueuedEvent(position=position or 0)
         )
     except OUTAGE_ERRORS:
         log.warning("re-enqueue of %s failed; retrying later", job.generation_id)
 
 
 async def _retry_or_fail(
-    res: JobsResources, unit: Unit, lost: list[uuid.UUID], now: datetime, report: Report
+    resources: JobsResources,
+    unit: Unit,
+    lost: list[uuid.UUID],
+    now: datetime,
+    report: Report,
 ) -> None:
     """Re-enqueue lost rows of `unit`, or fail them once out of attempts."""
     failed: list[Generation] = []
@@ -307,13 +284,15 @@ async def _retry_or_fail(
             row.deadline is None or row.deadline < now for row in rows
         ):
             return
-        if unit.attempt >= res.settings.generation_max_attempts:
-            failed = await fail_generations(res, rows, _gave_up, now, statuses=IN_WORK)
+        if unit.attempt >= resources.settings.generation_max_attempts:
+            failed = await fail_generations(
+                resources, rows, _gave_up, now, statuses=IN_WORK
+            )
         else:
-            job = await _requeue(res, unit, rows, now)
+            job = await _requeue(resources, unit, rows, now)
     if job is None:
         for row in failed:
-            await announce_done(res.redis, row)
+            await announce_done(resources.redis, row)
         report.failed += len(failed)
         log.warning(
             "gave up %d generation(s) of job %s after %d attempts",
@@ -323,33 +302,33 @@ async def _retry_or_fail(
         )
         return
     log.info("re-enqueued job %s as attempt %d", unit.job_id, unit.attempt + 1)
-    await _send(res, job)
+    await _send(resources, job)
     report.requeued += len(rows)
 
 
 async def _reconcile_unit(
-    res: JobsResources, unit: Unit, now: datetime, report: Report
+    resources: JobsResources, unit: Unit, now: datetime, report: Report
 ) -> None:
     ids = [row.id for row in unit.rows]
     job_id = unit.job_id
-    if job_id is not None and await job_is_live(res.redis, job_id):
-        report.alive += await _push_deadline(res, ids, unit.attempt, now)
+    if job_id is not None and await job_is_live(resources.redis, job_id):
+        report.alive += await _push_deadline(resources, ids, unit.attempt, now)
         return
     lost: list[uuid.UUID] = []
     for row in unit.rows:
-        found = await _recover(res, row)
+        found = await _recover(resources, row)
         if found is Recovery.PENDING:
-            report.alive += await _push_deadline(res, [row.id], unit.attempt, now)
+            report.alive += await _push_deadline(resources, [row.id], unit.attempt, now)
         elif found is Recovery.STORED:
             report.stored += 1
         else:
             lost.append(row.id)
     if lost:
-        await _retry_or_fail(res, unit, lost, now, report)
+        await _retry_or_fail(resources, unit, lost, now, report)
 
 
 async def _fail_unit(
-    res: JobsResources,
+    resources: JobsResources,
     unit: Unit,
     error: ErrorInfo,
     now: datetime,
@@ -367,24 +346,24 @@ async def _fail_unit(
             )
             .order_by("id")
         )
-        failed = await fail_generations(res, rows, error, now, statuses=statuses)
+        failed = await fail_generations(resources, rows, error, now, statuses=statuses)
     for row in failed:
-        await announce_done(res.redis, row)
+        await announce_done(resources.redis, row)
     return failed
 
 
 async def _count_failure(
-    res: JobsResources, unit: Unit, now: datetime, report: Report
+    resources: JobsResources, unit: Unit, now: datetime, report: Report
 ) -> None:
     """Count a failed round for `unit`; after too many in a row, fail its rows."""
     key = FAILURES_KEY_PREFIX + unit.key
-    failures = int(await res.redis.incr(key))
-    await res.redis.expire(key, FAILURES_TTL_S)
-    limit = res.settings.reconcile_max_failures
+    failures = int(await resources.redis.incr(key))
+    await resources.redis.expire(key, FAILURES_TTL_S)
+    limit = resources.settings.reconcile_max_failures
     if failures < limit:
         return
-    failed = await _fail_unit(res, unit, internal_error(), now)
-    await res.redis.delete(key)
+    failed = await _fail_unit(resources, unit, internal_error(), now)
+    await resources.redis.delete(key)
     report.failed += len(failed)
     log.error(
         "gave up %d generation(s) of job %s: reconciling failed %d times in a row",
@@ -394,9 +373,11 @@ async def _count_failure(
     )
 
 
-async def _expire_queued(res: JobsResources, now: datetime, report: Report) -> None:
+async def _expire_queued(
+    resources: JobsResources, now: datetime, report: Report
+) -> None:
     """Fail queued work no node took in time, and take its jobs off the queues."""
-    settings = res.settings
+    settings = resources.settings
     premium_limit = settings.premium_max_queued
     batch_limit = settings.batch_max_queued
     stale = list(
@@ -419,7 +400,7 @@ async def _expire_queued(res: JobsResources, now: datetime, report: Report) -> N
     )
     for unit in await _group(stale):
         try:
-            await _expire_unit(res, unit, now, report)
+            await _expire_unit(resources, unit, now, report)
         except OUTAGE_ERRORS:
             raise
         except Exception:
@@ -427,20 +408,20 @@ async def _expire_queued(res: JobsResources, now: datetime, report: Report) -> N
 
 
 async def _expire_unit(
-    res: JobsResources, unit: Unit, now: datetime, report: Report
+    resources: JobsResources, unit: Unit, now: datetime, report: Report
 ) -> None:
     job_id = unit.job_id
-    if job_id is not None and await job_is_running(res.redis, job_id):
+    if job_id is not None and await job_is_running(resources.redis, job_id):
         return  # a node took it after all; its rows start any moment
-    settings = res.settings
+    settings = resources.settings
     if unit.tier is Tier.PREMIUM:
         limit = settings.premium_max_queued
     else:
         limit = settings.batch_max_queued
     error = unavailable_error(unit.rows[0].model, limit)
-    failed = await _fail_unit(res, unit, error, now, statuses=(Status.QUEUED,))
+    failed = await _fail_unit(resources, unit, error, now, statuses=(Status.QUEUED,))
     if job_id is not None and len(failed) == len(unit.rows):
-        await drop_waiting_job(res.redis, unit.queue, job_id)
+        await drop_waiting_job(resources.redis, unit.queue, job_id)
     report.expired += len(failed)
     if failed:
         log.warning(
@@ -450,9 +431,11 @@ async def _expire_unit(
         )
 
 
-async def _expire_scheduled(res: JobsResources, now: datetime, report: Report) -> None:
+async def _expire_scheduled(
+    resources: JobsResources, now: datetime, report: Report
+) -> None:
     """Fail normal requests that no node has served since long after they were due."""
-    settings = res.settings
+    settings = resources.settings
     limit = settings.scheduled_max_wait
     overdue = Q(
         status=Status.SCHEDULED, scheduled_for__lt=now - timedelta(seconds=limit)
@@ -474,14 +457,14 @@ async def _expire_scheduled(res: JobsResources, now: datetime, report: Report) -
                 if not rows:
                     continue  # dispatched or cancelled meanwhile
                 failed = await fail_generations(
-                    res,
+                    resources,
                     rows,
                     unavailable_error(rows[0].model, limit),
                     now,
                     statuses=(Status.SCHEDULED,),
                 )
             for row in failed:
-                await announce_done(res.redis, row)
+                await announce_done(resources.redis, row)
                 log.warning(
                     "gave up scheduled generation %s: no node served %r",
                     row.id,
@@ -494,15 +477,15 @@ async def _expire_scheduled(res: JobsResources, now: datetime, report: Report) -
             log.exception("giving up scheduled generation %s failed", generation_id)
 
 
-async def reconcile(res: JobsResources) -> Report:
+async def reconcile(resources: JobsResources) -> Report:
     """One round: expire work nobody runs, then look at overdue queued/running rows."""
     now = utcnow()
     report = Report()
-    await _expire_queued(res, now, report)
-    await _expire_scheduled(res, now, report)
-    for unit in await _units(res, now):
+    await _expire_queued(resources, now, report)
+    await _expire_scheduled(resources, now, report)
+    for unit in await _units(resources, now):
         try:
-            await _reconcile_unit(res, unit, now, report)
+            await _reconcile_unit(resources, unit, now, report)
         except OUTAGE_ERRORS:
             raise  # Redis or the database is down: the whole round waits
         except Exception:
@@ -511,13 +494,13 @@ async def reconcile(res: JobsResources) -> Report:
             # reconcile_max_failures rounds in a row.
             log.exception("reconciling job %s failed", unit.key)
             try:
-                await _count_failure(res, unit, now, report)
+                await _count_failure(resources, unit, now, report)
             except OUTAGE_ERRORS:
                 raise
             except Exception:
                 log.exception("giving up job %s failed", unit.key)
         else:
-            await res.redis.delete(FAILURES_KEY_PREFIX + unit.key)
+            await resources.redis.delete(FAILURES_KEY_PREFIX + unit.key)
     if report.stored or report.requeued or report.failed or report.expired:
         log.info("reconciled: %s", report)
     return report

@@ -39,7 +39,7 @@ class JobsResources:
     templates: jinja2.Environment = field(default_factory=mail_templates)
 
 
-def resources(ctx: dict[str, Any]) -> JobsResources:
+def resources_of(ctx: dict[str, Any]) -> JobsResources:
     """The typed resources on an arq ctx."""
     found: JobsResources = ctx[RESOURCES]
     return found

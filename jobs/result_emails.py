@@ -85,7 +85,9 @@ def generation_email(
 
 
 async def queue_generation_email(
-    res: JobsResources, generation: Generation, outcome: GenerationResult | ErrorInfo
+    resources: JobsResources,
+    generation: Generation,
+    outcome: GenerationResult | ErrorInfo,
 ) -> bool:
     """Write the email of a finished generation to the outbox, once.
 
@@ -103,11 +105,11 @@ async def queue_generation_email(
         return False
     await generation.fetch_related("user")
     message = generation_email(
-        res.templates,
+        resources.templates,
         generation,
         outcome,
-        secret=res.settings.secret(),
-        base_url=res.settings.public_url,
+        secret=resources.settings.secret(),
+        base_url=resources.settings.public_url,
     )
     await queue_email(
         dedupe_key=f"generation:{generation.id}",

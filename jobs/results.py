@@ -25,7 +25,7 @@ from tortoise.exceptions import (
 )
 from tortoise.transactions import in_transaction
 
-from jobs.resources import JobsResources, resources
+from jobs.resources import JobsResources, resources_of
 from jobs.result_emails import queue_generation_email
 from sdapi.contract.jobs import ErrorInfo, GenerationResult, StartedNotice
 from sdapi.contract.names import image_key, progress_key
@@ -74,7 +74,7 @@ async def mark_started(ctx: dict[str, Any], payload: dict[str, Any]) -> str:
         notice = StartedNotice.model_validate(payload)
     except ValidationError as exc:
         raise ResultRejected(f"malformed mark_started payload: {exc}") from None
-    check_after = timedelta(seconds=resources(ctx).settings.queued_check_after)
+    check_after = timedelta(seconds=resources_of(ctx).settings.queued_check_after)
     try:
         updated = await Generation.filter(
             id=notice.generation_id, status=Status.QUEUED
@@ -134,18 +134,18 @@ async def store_result(ctx: dict[str, Any], payload: dict[str, Any]) -> str:
     """The `store_result` task: `store`, retried while a dependency is down."""
     result = parse_result(payload)
     try:
-        return await store(resources(ctx), result)
+        return await store(resources_of(ctx), result)
     except TRANSIENT_ERRORS:
         log.warning("storing %s failed; retrying", result.generation_id, exc_info=True)
         raise retry_after(ctx) from None
 
 
-async def store(res: JobsResources, result: GenerationResult) -> str:
+async def store(resources: JobsResources, result: GenerationResult) -> str:
     """Store a finished generation once, email it if asked, then announce `done`.
 
     Raises one of TRANSIENT_ERRORS while the database or Redis is down.
     """
-    pngs = await _load_pngs(res.redis, result)
+    pngs = await _load_pngs(resources.redis, result)
     if pngs is None:
         # Redis lost the images: leave the row for the reconciler to run again.
         log.warning("images of %s are gone from Redis", result.generation_id)
@@ -165,10 +165,10 @@ async def store(res: JobsResources, result: GenerationResult) -> str:
             outcome = "already final"
         else:
             await _persist(generation, result, pngs)
-            await queue_generation_email(res, generation, result)
+            await queue_generation_email(resources, generation, result)
             outcome = str(result.status)
 
-    await announce_done(res.redis, generation)
+    await announce_done(resources.redis, generation)
     return outcome
 
 
@@ -182,7 +182,7 @@ async def announce_done(redis: Redis, generation: Generation) -> None:
 
 
 async def fail_generations(
-    res: JobsResources,
+    resources: JobsResources,
     rows: Iterable[Generation],
     error: ErrorInfo | Callable[[Generation], ErrorInfo],
     now: datetime,
@@ -215,7 +215,7 @@ async def fail_generations(
         row.error_message = info.message
         row.finished_at = now
         row.deadline = None
-        await queue_generation_email(res, row, info)
+        await queue_generation_email(resources, row, info)
         failed.append(row)
     return failed
 

@@ -32,16 +32,16 @@ Periodic = Callable[[JobsResources], Awaitable[object]]
 
 
 async def _every(
-    name: str, interval: float, task: Periodic, res: JobsResources
+    name: str, interval: float, task: Periodic, resources: JobsResources
 ) -> None:
     """Run `task` every `interval` seconds until the worker stops; log failures."""
-    while not res.stopping.is_set():
+    while not resources.stopping.is_set():
         try:
-            await task(res)
+            await task(resources)
         except Exception:
             log.exception("periodic task %s failed; retrying in %.1fs", name, interval)
         with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(res.stopping.wait(), timeout=interval)
+            await asyncio.wait_for(resources.stopping.wait(), timeout=interval)
 
 
 def periodic_tasks(settings: JobsSettings) -> list[tuple[str, float, Periodic]]:
@@ -70,28 +70,30 @@ async def on_startup(ctx: dict[str, Any]) -> None:
         await stack.aclose()
         raise
     redis: QueuePool = ctx["redis"]
-    res = JobsResources(
+    resources = JobsResources(
         settings=settings,
         redis=redis,
         registry=NodeRegistry(redis, consul),
         stack=stack,
     )
-    ctx[RESOURCES] = res
+    ctx[RESOURCES] = resources
     for name, interval, task in periodic_tasks(settings):
-        res.loops.append(
-            asyncio.create_task(_every(name, interval, task, res), name=f"sdapi-{name}")
+        resources.loops.append(
+            asyncio.create_task(
+                _every(name, interval, task, resources), name=f"sdapi-{name}"
+            )
         )
     log.info("jobs worker started (queue %s)", RESULTS_QUEUE)
 
 
 async def on_shutdown(ctx: dict[str, Any]) -> None:
     """Let the periodic tasks finish their round, then close everything."""
-    res = ctx.get(RESOURCES)
-    if res is None:
+    resources = ctx.get(RESOURCES)
+    if resources is None:
         return
-    res.stopping.set()
-    await asyncio.gather(*res.loops, return_exceptions=True)
-    await res.stack.aclose()
+    resources.stopping.set()
+    await asyncio.gather(*resources.loops, return_exceptions=True)
+    await resources.stack.aclose()
 
 
 def job_functions() -> list[Task]:

@@ -21,6 +21,8 @@ from pydantic import ValidationError
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
+from web.registry import NodesUnknown
+
 log = logging.getLogger(__name__)
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
@@ -292,6 +294,14 @@ async def error_middleware(
         if exc.status < 400:
             raise
         return error_response(_from_http_exception(exc), request)
+    except NodesUnknown as exc:
+        return error_response(
+            Unavailable(
+                "The list of GPU nodes cannot be read right now.",
+                retry_after=exc.retry_after_s,
+            ),
+            request,
+        )
     except DEPENDENCY_ERRORS:
         log.warning(
             "%s %s: a dependency is unreachable",

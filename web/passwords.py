@@ -1,15 +1,7 @@
 """Password hashing: NFKC, a keyed HMAC-SHA256 pre-hash, then bcrypt in a thread.
 
-bcrypt reads at most 72 bytes (bcrypt 5 refuses longer input), so every
-password is first NFKC-normalised (the same password typed with composed or
-decomposed characters is one password), then HMAC-SHA256'd with a key derived
-from the deployment's secret key and base64-encoded (44 ASCII bytes, never a
-NUL). Every byte of the password counts, and a stolen database alone is not
-enough to test guesses. Stored hashes carry a version prefix so the scheme can
-change later; `needs_rehash` says when a stored hash should be upgraded.
-
-bcrypt takes ~220 ms at cost 12 here: it always runs in a worker thread, and
-the web app bounds how many run at once (`Passwords`).
+Why the pre-hash (bcrypt's 72 bytes, a stolen database) is explained in
+docs/ARCHITECTURE.md ("Passwords").
 """
 
 from __future__ import annotations

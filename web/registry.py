@@ -15,7 +15,6 @@ from redis.asyncio import Redis
 from sdapi.contract.names import GPU_SERVICE, KNOWN_MODELS_KEY
 from sdapi.contract.nodes import GENERIC_LIMITS, ModelLimits, NodeInfo
 from sdapi.infra.announcements import live_nodes
-from web.errors import Unavailable
 
 log = logging.getLogger(__name__)
 
@@ -41,6 +40,13 @@ class ModelOffer(ModelLimits):
         """A configured model no healthy node serves right now."""
         limits = GENERIC_LIMITS if last_seen is None else last_seen.limits()
         return cls(id=model, nodes=0, available=False, **dict(limits))
+
+
+class NodesUnknown(Exception):
+    """The healthy GPU nodes cannot be listed: Consul is unreachable and no
+    list was read yet. `web` answers 503; `jobs` tries again next round."""
+
+    retry_after_s = CONSUL_RETRY_S
 
 
 def _consul_errors() -> tuple[type[BaseException], ...]:
@@ -90,10 +96,7 @@ class NodeRegistry:
                     self._cached = fetched
                     await self._remember(fetched)
             if self._cached is None:
-                raise Unavailable(
-                    "The list of GPU nodes cannot be read right now.",
-                    retry_after=CONSUL_RETRY_S,
-                )
+                raise NodesUnknown
             return list(self._cached)
 
     def invalidate(self) -> None:

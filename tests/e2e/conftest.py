@@ -21,7 +21,9 @@ from pathlib import Path
 from typing import TypeVar
 
 import pytest
+import redis
 
+from sdapi.contract.names import NODES_INDEX
 from web.models import User
 
 T = TypeVar("T")
@@ -172,6 +174,55 @@ def wait_sync(
         if time.monotonic() > deadline:
             pytest.fail(f"{what}: not within {timeout}s\n{services.logs()}")
         time.sleep(0.1)
+
+
+def node_env(
+    common: dict[str, object], model_dir: Path, node_id: str, **settings: object
+) -> dict[str, str]:
+    """The environment of a CPU GPU node serving the tiny model."""
+    env = sdapi_env(
+        **common,
+        model="tiny",
+        model_dir=model_dir,
+        node_id=node_id,
+        gpu_device="cpu",
+        **settings,
+    )
+    # torch's default of one thread per core spins against web, jobs and the
+    # test itself on a small machine: a 0.07 s call then takes seconds.
+    env["OMP_NUM_THREADS"] = "1"
+    return env
+
+
+def announced_nodes(redis_url: str) -> int:
+    """How many GPU nodes are announced in Redis right now."""
+    client = redis.Redis.from_url(redis_url)
+    try:
+        return int(client.zcard(NODES_INDEX))
+    finally:
+        client.close()
+
+
+def start_services(services: Services, web_url: str, redis_url: str) -> None:
+    """Start every process; return once web is ready, each jobs worker has
+    started and every GPU node is announced."""
+    for service in services.all.values():
+        service.start()
+    wait_sync(lambda: answers_200(f"{web_url}/readyz"), 60, "web", services)
+    for service in services.all.values():
+        if service.command == "jobs":
+            wait_sync(
+                lambda service=service: (  # type: ignore[misc]
+                    "jobs worker started" in service.log_text()
+                ),
+                60,
+                service.name,
+                services,
+            )
+    nodes = sum(s.command == "gpu-node" for s in services.all.values())
+    wait_sync(
+        lambda: announced_nodes(redis_url) >= nodes, 120, "the gpu nodes", services
+    )
 
 
 async def until(

@@ -22,14 +22,12 @@ from typing import Any
 
 import aiohttp
 import pytest
-import redis
 from arq.constants import result_key_prefix
 from PIL import Image
 
 from sdapi.contract.events import QueuedEvent
 from sdapi.contract.names import batch_job_id, batch_queue
 from sdapi.contract.status import TERMINAL_STATUSES, Status
-from sdapi.infra.announcements import NODES_INDEX
 from sdapi.infra.embedded import EmbeddedValkey
 from sdapi.infra.mailsink import free_port, mail_sink, read_messages
 from sdapi.infra.queue import create_queue_pool
@@ -37,11 +35,11 @@ from sdapi.infra.streams import read_events
 from tests.e2e.conftest import (
     Service,
     Services,
-    answers_200,
     make_user,
+    node_env,
     sdapi_env,
+    start_services,
     until,
-    wait_sync,
 )
 from web.db import open_database, truncate_all
 from web.models import GeneratedImage, Generation, OutboxEmail, OutboxStatus, User
@@ -95,14 +93,6 @@ class Stack:
     @property
     def node(self) -> Service:
         return self.services["gpu-node"]
-
-
-def _node_announced(redis_url: str) -> bool:
-    client = redis.Redis.from_url(redis_url)
-    try:
-        return bool(client.zcard(NODES_INDEX))
-    finally:
-        client.close()
 
 
 @pytest.fixture(scope="module")
@@ -165,40 +155,19 @@ def stack(
                     root,
                 )
             )
-        services.add(
-            Service(
-                "gpu-node",
-                "gpu-node",
-                sdapi_env(
-                    **common,
-                    model="tiny",
-                    model_dir=e2e_model_dir,
-                    node_id=NODE_ID,
-                    gpu_device="cpu",
-                    gpu_max_batch=MAX_BATCH,
-                    # A SIGKILLed node's batch is claimed again after 2 s.
-                    gpu_job_lease_s=2,
-                    gpu_announce_every_s=1,
-                    gpu_preview_every=0,
-                ),
-                root,
-            )
+        node = node_env(
+            common,
+            e2e_model_dir,
+            NODE_ID,
+            gpu_max_batch=MAX_BATCH,
+            # A SIGKILLed node's batch is claimed again after 2 s.
+            gpu_job_lease_s=2,
+            gpu_announce_every_s=1,
+            gpu_preview_every=0,
         )
+        services.add(Service("gpu-node", "gpu-node", node, root))
         try:
-            for service in services.all.values():
-                service.start()
-            wait_sync(lambda: answers_200(f"{web_url}/readyz"), 60, "web", services)
-            for name in ("jobs-1", "jobs-2"):
-                wait_sync(
-                    lambda name=name: (
-                        "jobs worker started"  # type: ignore[misc]
-                        in services[name].log_text()
-                    ),
-                    60,
-                    name,
-                    services,
-                )
-            wait_sync(lambda: _node_announced(valkey.url), 120, "gpu node", services)
+            start_services(services, web_url, valkey.url)
             yield Stack(web_url, valkey.url, valkey, services, mail)
         finally:
             services.stop()
@@ -248,6 +217,18 @@ class E2E:
             return messages if len(messages) >= count else None
 
         return await until(check, timeout, f"{count} emails", self.stack.services)
+
+    async def all_sent(self, ids: list[str], timeout: float = 60) -> None:
+        """Wait until the outbox has sent every email of `ids` and holds none
+        it could still send: from then on no copy of them can arrive."""
+
+        async def check() -> bool:
+            rows = await OutboxEmail.filter(generation_id__in=ids)
+            return len(rows) == len(ids) and all(
+                row.status is OutboxStatus.SENT for row in rows
+            )
+
+        await until(check, timeout, "every email sent", self.stack.services)
 
     async def idle(self) -> None:
         """Wait until the GPU queues are empty (nothing left for the next test)."""
@@ -365,7 +346,7 @@ async def test_twelve_requests_run_as_four_batches_and_are_emailed(
         assert len(queued) == 1  # dispatched once, by one of the two workers
 
     messages = await e2e.mails(12)
-    await asyncio.sleep(1)
+    await e2e.all_sent(ids)
     mails = by_generation(stack.mail.messages())
     assert sorted(mails) == sorted(ids)
     for user, data in submitted:
@@ -467,12 +448,13 @@ async def test_emails_wait_for_the_smtp_server_and_go_out_once(
             )
 
         await until(tried, 30, "failed send attempts", stack.services)
+        # The outage itself is what is tested: SMTP stays down 20 s in all.
         await asyncio.sleep(max(0.0, 20 - (time.monotonic() - ready_at)))
     finally:
         stack.mail.start()
 
     await e2e.mails(3, timeout=30)
-    await asyncio.sleep(3)  # a duplicate would arrive by now
+    await e2e.all_sent(ids)
     mails = by_generation(stack.mail.messages())
     assert sorted(mails) == sorted(ids)
     assert all(len(copies) == 1 for copies in mails.values())
@@ -506,7 +488,7 @@ async def test_a_batch_survives_its_gpu_node_being_killed(
     assert killed_mid_batch
     assert len({row.batch_id for row in rows}) == 1
     await e2e.mails(4)
-    await asyncio.sleep(1)
+    await e2e.all_sent(ids)
     mails = by_generation(stack.mail.messages())
     assert sorted(mails) == sorted(ids)
     assert all(len(copies) == 1 for copies in mails.values())
@@ -540,7 +522,7 @@ async def test_a_cancelled_item_leaves_the_rest_of_its_batch(
     ]
     assert not await GeneratedImage.filter(generation_id=ids[1]).exists()
     await e2e.mails(2)
-    await asyncio.sleep(1)
+    await e2e.all_sent([ids[0], ids[2]])
     assert sorted(by_generation(stack.mail.messages())) == sorted([ids[0], ids[2]])
 
 
@@ -568,7 +550,7 @@ async def test_a_flushed_redis_loses_no_generation(e2e: E2E, stack: Stack) -> No
     assert await Generation.all().count() == 10
     assert await GeneratedImage.filter(generation_id__in=ids).count() == 10
     await e2e.mails(10)
-    await asyncio.sleep(1)
+    await e2e.all_sent(ids)
     mails = by_generation(stack.mail.messages())
     assert sorted(mails) == sorted(ids)
     assert all(len(copies) == 1 for copies in mails.values())

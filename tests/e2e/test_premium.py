@@ -23,16 +23,15 @@ import redis
 from aiosmtpd.controller import Controller
 from PIL import Image
 
-from sdapi.contract.names import node_key
 from sdapi.infra.mailsink import free_port
 from tests.e2e.conftest import (
     Service,
     Services,
-    answers_200,
     make_user,
+    node_env,
     sdapi_env,
+    start_services,
     until,
-    wait_sync,
 )
 from web.db import open_database, truncate_all
 
@@ -68,14 +67,6 @@ class Stack:
     @property
     def ws_url(self) -> str:
         return self.base_url.replace("http://", "ws://", 1) + "/api/v1/ws"
-
-
-def _announced(url: str) -> bool:
-    client = redis.Redis.from_url(url)
-    try:
-        return bool(client.exists(node_key(NODE_ID)))
-    finally:
-        client.close()
 
 
 @pytest.fixture(scope="module")
@@ -117,25 +108,17 @@ def stack(
             root,
         )
     )
-    node_env = sdapi_env(
-        **common,
-        model="tiny",
-        model_dir=e2e_model_dir,
-        node_id=NODE_ID,
-        gpu_device="cpu",
+    node = node_env(
+        common,
+        e2e_model_dir,
+        NODE_ID,
         gpu_preview_every=2,
         # Every step, so the test can check each one arrives in order.
         gpu_progress_interval_s=0,
     )
-    # torch's default of one thread per core spins against web, jobs and the
-    # test itself on a small machine: a 0.07 s call then takes seconds.
-    node_env["OMP_NUM_THREADS"] = "1"
-    services.add(Service("gpu-node", "gpu-node", node_env, root))
+    services.add(Service("gpu-node", "gpu-node", node, root))
     try:
-        for service in services.all.values():
-            service.start()
-        wait_sync(lambda: answers_200(f"{base_url}/readyz"), 60, "web", services)
-        wait_sync(lambda: _announced(own_redis), 120, "the gpu node", services)
+        start_services(services, base_url, own_redis)
         yield Stack(base_url, own_redis, services, mailbox)
     finally:
         services.stop()

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import io
 import json
 from pathlib import Path
@@ -353,13 +352,19 @@ async def test_duplicate_delivery_is_skipped(
     first = await result_of(client, request.generation_id)
     # arq runs jobs at least once: a second run of the same attempt finds the
     # result already handed over and does no GPU work.
+    from arq.jobs import Job
+
     from sdapi.contract.names import GENERATE_FUNCTION, premium_queue
-    from sdapi.infra.queue import enqueue
+    from sdapi.infra.queue import deserialize, enqueue
 
     await enqueue(
         client, GENERATE_FUNCTION, request, queue=premium_queue("tiny"), job_id="again"
     )
-    await asyncio.sleep(0.5)
+    again = Job(
+        "again", client, _queue_name=premium_queue("tiny"), _deserializer=deserialize
+    )
+    info = await wait_for(again.result_info, timeout=10)
+    assert info.success and info.result == ""  # nothing left to generate
     events = [e for _, e in await events_of(client, request.generation_id)]
     assert sum(isinstance(e, StartedEvent) for e in events) == 1
     assert (await result_of(client, request.generation_id)) == first

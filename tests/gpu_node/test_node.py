@@ -97,7 +97,10 @@ def test_bad_setting_names_the_variable(monkeypatch: pytest.MonkeyPatch) -> None
 
 
 async def test_node_survives_a_redis_restart(
-    tmp_path: Path, models_dir: Path, tiny_engine: Engine
+    tmp_path: Path,
+    models_dir: Path,
+    tiny_engine: Engine,
+    caplog: pytest.LogCaptureFixture,
 ) -> None:
     server = EmbeddedValkey(tmp_path / "valkey")
     server.start()
@@ -115,7 +118,14 @@ async def test_node_survives_a_redis_restart(
                 await pool.aclose()
 
             server.stop()
-            await asyncio.sleep(1.5)
+
+            async def outage_noticed() -> bool:
+                return any(
+                    "Redis unavailable" in record.getMessage()
+                    for record in caplog.records
+                )
+
+            await wait_for(outage_noticed, timeout=30)
             server.start()
 
             pool = await create_queue_pool(server.url)
@@ -167,13 +177,14 @@ async def test_sigterm_drains_the_running_job(
 
         await wait_for(started, timeout=30)
         process.send_signal(signal.SIGTERM)
-        await asyncio.sleep(0.3)
+
+        async def draining() -> bool:
+            return "draining:" in log_path.read_text()
+
+        await wait_for(draining, timeout=30)
         late = job(steps=2)
         await enqueue_generation(client, late)
-
-        deadline = time.monotonic() + 60
-        while process.poll() is None and time.monotonic() < deadline:
-            await asyncio.sleep(0.1)
+        await asyncio.to_thread(process.wait, 60)
         assert process.returncode == 0, log_path.read_text()
     finally:
         if process.poll() is None:

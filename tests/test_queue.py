@@ -1,0 +1,219 @@
+"""The queue adapter (`sdapi.infra.queue`) and the arq behaviour it relies on.
+
+Each workaround in the adapter leans on something arq 0.28 does; these tests
+pin it, so an arq upgrade that changes it fails here, by name, rather than as
+a lost job somewhere else.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator
+from typing import Any
+
+import pytest
+from arq.constants import in_progress_key_prefix
+
+from sdapi.infra.queue import (
+    Lease,
+    QueuePool,
+    QueueWorker,
+    Retry,
+    Task,
+    create_queue_pool,
+    deserialize,
+    enqueue,
+    job_info,
+    job_is_live,
+    job_is_running,
+    job_or_result_exists,
+    kept_job_args,
+    new_worker,
+    poll_when_woken,
+    retry_after,
+    run_worker,
+    running_jobs,
+    serialize,
+)
+from tests.gpu_node.support import wait_for
+
+QUEUE = "sdapi:test:adapter"
+
+
+class Payload:
+    """Not a pydantic model: `enqueue` takes anything with `model_dump`."""
+
+    def __init__(self, value: int) -> None:
+        self.value = value
+
+    def model_dump(self, mode: str = "json") -> dict[str, Any]:
+        return {"value": self.value}
+
+
+@pytest.fixture
+async def pool(clean_redis: str) -> AsyncIterator[QueuePool]:
+    client = await create_queue_pool(clean_redis)
+    try:
+        yield client
+    finally:
+        await client.aclose()
+
+
+@contextlib.asynccontextmanager
+async def serving(worker: QueueWorker) -> AsyncIterator[None]:
+    task = asyncio.create_task(run_worker(worker))
+    try:
+        yield
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+        await asyncio.gather(*running_jobs(worker), return_exceptions=True)
+
+
+def test_jobs_travel_as_msgpack_not_pickle() -> None:
+    data = serialize({"a": [1, "two"]})
+    assert not data.startswith(b"\x80")  # pickle's protocol marker
+    assert deserialize(data) == {"a": [1, "two"]}
+    with pytest.raises(TypeError):
+        serialize({"a": object()})
+
+
+async def test_a_claim_lasts_claim_s_and_holds_arqs_mark(pool: QueuePool) -> None:
+    """`new_worker(claim_s=...)` shortens arq's claim; arq marks it b"1"
+    (what `Lease.take` expects to find)."""
+    release = asyncio.Event()
+
+    async def hold(ctx: dict[str, Any], payload: Any) -> str:
+        await release.wait()
+        return "held"
+
+    worker = new_worker(
+        [Task("hold", hold, max_tries=1, timeout_s=3600)],
+        queue=QUEUE,
+        claim_s=3,
+        redis_pool=pool,
+        handle_signals=False,
+        poll_delay=0.05,
+        max_jobs=1,
+    )
+    await enqueue(pool, "hold", Payload(1), queue=QUEUE, job_id="claimed")
+    async with serving(worker):
+        key = in_progress_key_prefix + "claimed"
+        await wait_for(lambda: pool.exists(key), timeout=10)
+        assert await pool.get(key) == b"1"
+        assert 0 < await pool.pttl(key) <= 3000
+        assert await job_is_running(pool, "claimed")
+        release.set()
+        await wait_for(lambda: job_or_result_exists(pool, "claimed"), timeout=10)
+
+
+async def test_a_lease_tells_its_own_expired_claim_from_a_takeover(
+    pool: QueuePool,
+) -> None:
+    key = in_progress_key_prefix + "leased"
+    await pool.set(key, b"1", px=5000)  # arq's fresh claim
+    mine = Lease(pool, "leased", "node-a:1", 5000)
+    assert await mine.take()
+    assert await pool.get(key) == b"node-a:1"
+    assert await mine.renew()
+
+    await pool.delete(key)  # our claim expired; nobody took the job
+    assert await mine.renew()
+    assert await pool.get(key) == b"node-a:1"
+
+    await pool.set(key, b"1", px=5000)  # another worker's claim now
+    assert not await mine.renew()
+    other = Lease(pool, "leased", "node-b:7", 5000)
+    assert await other.take()
+    assert not await mine.take()
+    assert await pool.get(key) == b"node-b:7"
+
+
+async def test_a_woken_worker_takes_work_before_its_next_poll(
+    pool: QueuePool,
+) -> None:
+    done = asyncio.Event()
+
+    async def note(ctx: dict[str, Any], payload: Any) -> str:
+        done.set()
+        return "noted"
+
+    worker = new_worker(
+        [Task("note", note, max_tries=1)],
+        queue=QUEUE,
+        redis_pool=pool,
+        handle_signals=False,
+        # Far longer than the test waits: only the wake-up can start the job.
+        poll_delay=3600,
+        max_jobs=1,
+    )
+    woken = asyncio.Event()
+    async with serving(worker):
+        # The worker's first poll (it ends by recording its health) found
+        # nothing; the next one is an hour away.
+        await wait_for(lambda: pool.exists(worker.health_check_key), timeout=10)
+        waker = asyncio.create_task(poll_when_woken(worker, woken))
+        try:
+            await enqueue(pool, "note", Payload(2), queue=QUEUE, job_id="woken")
+            woken.set()
+            await asyncio.wait_for(done.wait(), timeout=10)
+        finally:
+            waker.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await waker
+
+
+async def test_only_retry_runs_a_job_again_and_a_kept_result_holds_its_args(
+    pool: QueuePool,
+) -> None:
+    tries: list[int] = []
+
+    async def flaky(ctx: dict[str, Any], payload: Any) -> str:
+        info = job_info(ctx)
+        tries.append(info.job_try)
+        assert info.job_id == "flaky" and info.enqueued_at is not None
+        if info.job_try == 1:
+            raise retry_after(ctx, cap_s=0)
+        return f"value {payload['value']}"
+
+    worker = new_worker(
+        [Task("flaky", flaky, max_tries=3)],
+        queue=QUEUE,
+        redis_pool=pool,
+        handle_signals=False,
+        poll_delay=0.05,
+        burst=True,
+    )
+    await enqueue(pool, "flaky", Payload(7), queue=QUEUE, job_id="flaky")
+    assert await job_is_live(pool, "flaky")
+    await worker.async_run()
+    assert tries == [1, 2]
+    assert not await job_is_live(pool, "flaky")
+    assert await kept_job_args(pool, "flaky", QUEUE) == [{"value": 7}]
+    # The id is taken while the result is kept: a second enqueue is refused.
+    assert not await enqueue(pool, "flaky", Payload(8), queue=QUEUE, job_id="flaky")
+
+
+def test_retry_backs_off_exponentially_up_to_its_cap() -> None:
+    assert retry_after({"job_try": 1}).defer_score == 2000
+    assert retry_after({"job_try": 10}).defer_score == 60_000
+    assert isinstance(retry_after({}), Retry)
+
+
+def test_the_worker_internals_the_adapter_repairs_still_exist() -> None:
+    """`run_worker` rebuilds a leaked job slot, `poll_when_woken` polls once
+    more: both use arq's worker internals, by these names."""
+
+    async def noop(ctx: dict[str, Any], payload: Any) -> None:
+        return None
+
+    async def build() -> QueueWorker:
+        return new_worker([Task("noop", noop, max_tries=1)], queue=QUEUE, burst=True)
+
+    worker = asyncio.run(build())
+    for name in ("job_counter", "sem", "tasks", "allow_pick_jobs", "max_jobs"):
+        assert hasattr(worker, name), name
+    assert callable(worker._poll_iteration)
+    assert isinstance(worker.sem, asyncio.BoundedSemaphore)
