@@ -24,10 +24,10 @@ from web.appkeys import (
     settings_key,
 )
 from web.auth import require_user
-from web.errors import Unavailable
 from web.metrics import web_metrics_key
 from web.models import Generation
 from web.openapi import ApiRoutes, Response, json_response
+from web.registry import NodesUnknown
 from web.schemas.ops import Health, ModelList, Readiness
 
 log = logging.getLogger(__name__)
@@ -105,7 +105,7 @@ async def metrics(request: web.Request) -> web.StreamResponse:
     gauges = app[web_metrics_key]
     try:
         offers = await app[registry_key].offers()
-    except Unavailable:
+    except NodesUnknown:
         # Consul never answered yet: the request metrics still go out.
         offers = {}
     scheduled = await _scheduled_per_model()
