@@ -23,7 +23,7 @@ from sdapi.contract.names import (
 from sdapi.infra.consul import open_consul
 from sdapi.infra.queue import QueuePool, QueueWorker, Task, new_worker, redis_settings
 from web.db import open_database
-from web.registry import NodeRegistry
+from web.registry import CONSUL_WAIT_S, NodeRegistry
 
 log = logging.getLogger(__name__)
 
@@ -61,20 +61,23 @@ async def on_startup(ctx: dict[str, Any]) -> None:
     """Open the database and registry; start the periodic tasks."""
     settings: JobsSettings = ctx["settings"]
     stack = contextlib.AsyncExitStack()
+    redis: QueuePool = ctx["redis"]
     try:
         await stack.enter_async_context(open_database(settings.database_url or ""))
-        consul = None
+        consul = watch = None
         if settings.consul_url:
             consul = await stack.enter_async_context(open_consul(settings.consul_url))
+            # A blocking query holds its call open for up to `wait` (+1/16).
+            watch = await stack.enter_async_context(
+                open_consul(settings.consul_url, timeout_s=CONSUL_WAIT_S * 1.25 + 5)
+            )
+        registry = NodeRegistry(redis, consul)
+        await stack.enter_async_context(registry.watching(watch))
     except BaseException:
         await stack.aclose()
         raise
-    redis: QueuePool = ctx["redis"]
     resources = JobsResources(
-        settings=settings,
-        redis=redis,
-        registry=NodeRegistry(redis, consul),
-        stack=stack,
+        settings=settings, redis=redis, registry=registry, stack=stack
     )
     ctx[RESOURCES] = resources
     for name, interval, task in periodic_tasks(settings):

@@ -35,7 +35,7 @@ from web.live import install_live
 from web.metrics import install_metrics, metrics_middleware
 from web.openapi import ApiRoutes, build_openapi
 from web.passwords import Passwords
-from web.registry import NodeRegistry
+from web.registry import CONSUL_WAIT_S, NodeRegistry
 from web.routes import route_tables
 from web.sessions import AppRedisStorage
 from web.settings import WebSettings
@@ -134,18 +134,29 @@ async def redis_ctx(app: web.Application) -> AsyncIterator[None]:
 
 
 async def registry_ctx(app: web.Application) -> AsyncIterator[None]:
-    """Where healthy GPU nodes are found; registers this replica in Consul."""
+    """Where healthy GPU nodes are found (watched in the background); registers
+    this replica in Consul."""
     settings = app[settings_key]
     async with contextlib.AsyncExitStack() as stack:
-        consul = None
+        consul = watch = None
         if settings.consul_url:
             consul = await stack.enter_async_context(
                 open_consul(settings.consul_url, timeout_s=settings.consul_timeout)
             )
-            await stack.enter_async_context(_registered(consul, settings))
-        app[registry_key] = NodeRegistry(
-            app[redis_key], consul, configured_models=settings.models
+            # A blocking query holds its call open for up to `wait` (+1/16).
+            watch = await stack.enter_async_context(
+                open_consul(settings.consul_url, timeout_s=CONSUL_WAIT_S * 1.25 + 5)
+            )
+        registry = NodeRegistry(
+            app[redis_key],
+            consul,
+            configured_models=settings.models,
+            known_for_s=settings.known_model_ttl,
         )
+        await stack.enter_async_context(registry.watching(watch))
+        app[registry_key] = registry
+        if consul is not None:
+            await stack.enter_async_context(_registered(consul, settings))
         yield
 
 
@@ -156,7 +167,7 @@ async def _registered(consul: object, settings: WebSettings) -> AsyncIterator[No
     host = settings.advertised_host
     service_id = f"{WEB_SERVICE}-{host}-{settings.port}"
     check = consul_module.Check.http(
-        f"http://{host}:{settings.port}/healthz",
+        f"http://{host}:{settings.port}/readyz",
         interval="10s",
         timeout="2s",
         deregister="1m",

@@ -199,11 +199,6 @@ async def submit_generation(
             "Email delivery needs a verified email address: follow the link we "
             "sent you, or ask for a new one at POST /api/v1/auth/verify/resend."
         )
-    if tier is Tier.PREMIUM and not offer.available:
-        raise Unavailable(
-            f"No healthy GPU node serves {offer.id!r} right now.",
-            retry_after=NO_NODE_RETRY_S,
-        )
     limits = settings.limits(tier)
 
     async with in_transaction():
@@ -248,12 +243,16 @@ async def submit_generation(
             else None,
         )
     if generation.tier is Tier.PREMIUM:
-        await _enqueue_premium(app, generation, request)
+        await _enqueue_premium(app, generation, request, waiting=not offer.available)
     return generation
 
 
 async def _enqueue_premium(
-    app: web.Application, generation: Generation, request: schemas.ResolvedRequest
+    app: web.Application,
+    generation: Generation,
+    request: schemas.ResolvedRequest,
+    *,
+    waiting: bool,
 ) -> None:
     redis = app[redis_key]
     job = GenerationJob(
@@ -268,7 +267,8 @@ async def _enqueue_premium(
         # append `started` ahead of it; the jobs already queued (running ones
         # included, as arq keeps them) are the ones ahead of this one.
         ahead = await queue_depth(redis, premium_queue(generation.model))
-        await append_event(redis, generation.id, QueuedEvent(position=ahead))
+        queued = QueuedEvent(position=ahead, waiting_for_node=waiting)
+        await append_event(redis, generation.id, queued)
         await enqueue_generation(redis, job)
     except RedisError:
         # Committed already: the reconciler enqueues it after its deadline.
@@ -435,6 +435,8 @@ async def present(
         started_at=generation.started_at,
         finished_at=generation.finished_at,
         queue_position=position,
+        waiting_for_node=Status(generation.status) is Status.QUEUED
+        and app[registry_key].serves(generation.model) is False,
         progress=progress,
         images=[
             schemas.ImageRef(

@@ -180,7 +180,11 @@ async def event_frame(
     """The WebSocket frame of one event (an image frame carries its PNG)."""
     ident = str(generation_id)
     if isinstance(event, QueuedEvent):
-        return QueuedFrame(id=ident, position=event.position)
+        return QueuedFrame(
+            id=ident,
+            position=event.position,
+            waiting_for_node=event.waiting_for_node,
+        )
     if isinstance(event, StartedEvent):
         return StartedFrame(id=ident)
     if isinstance(event, ProgressEvent):

@@ -3,16 +3,18 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
-from collections.abc import Iterable
+from collections.abc import AsyncIterator, Iterable
 from typing import Any
 
 import aiohttp
 from pydantic import ValidationError
 from redis.asyncio import Redis
+from redis.exceptions import RedisError
 
-from sdapi.contract.names import GPU_SERVICE, KNOWN_MODELS_KEY
+from sdapi.contract.names import GPU_SERVICE, KNOWN_MODELS_KEY, KNOWN_MODELS_SEEN_KEY
 from sdapi.contract.nodes import GENERIC_LIMITS, ModelLimits, NodeInfo
 from sdapi.infra.announcements import live_nodes
 
@@ -20,6 +22,18 @@ log = logging.getLogger(__name__)
 
 # Retry-After while Consul cannot be asked and nothing is cached (seconds).
 CONSUL_RETRY_S = 10
+# How long a model stays known (accepted, queued) after a node last served
+# it, so that work for a model scaled to zero waits for a node (seconds).
+KNOWN_FOR_S = 24 * 3600
+# How often a process refreshes a served model's time seen (seconds).
+SEEN_REFRESH_S = 60
+# A blocking query's `wait`, and the least time between two of them (seconds).
+CONSUL_WAIT_S = 30
+WATCH_MIN_SPACING_S = 0.05
+# Longest pause between attempts while Consul or Redis fails (seconds).
+WATCH_RETRY_MAX_S = 10
+# How long a read waits for the first (or an asked-for) view (seconds).
+FIRST_VIEW_WAIT_S = 5
 
 
 class ModelOffer(ModelLimits):
@@ -56,10 +70,14 @@ def _consul_errors() -> tuple[type[BaseException], ...]:
 
 
 class NodeRegistry:
-    """Healthy GPU nodes, cached for `cache_s` seconds.
+    """Healthy GPU nodes and the models they serve, as this process sees them.
 
-    While Consul cannot be asked (down, slow, answering errors) the nodes last
-    seen stay in use; before any were seen, asking is a 503.
+    With Consul and `watching()` running (web and jobs), a background task
+    keeps the view current with blocking queries on Consul's health endpoint:
+    reads are in memory, never a Consul call on the request path. Without
+    Consul a read takes the Redis announcements (one ZRANGE and one MGET),
+    cached for `cache_s`. While Consul cannot be asked the nodes last seen
+    stay in use; before any were seen, reading raises NodesUnknown.
     """
 
     def __init__(
@@ -69,16 +87,24 @@ class NodeRegistry:
         *,
         configured_models: Iterable[str] = (),
         cache_s: float = 1.0,
+        known_for_s: float = KNOWN_FOR_S,
     ) -> None:
         self._redis = redis
         self._consul = consul
         self._configured = tuple(configured_models)
         self._cache_s = cache_s
+        self._known_for_s = known_for_s
         # None until the first successful fetch.
         self._cached: list[NodeInfo] | None = None
         self._cached_at = -1e9
+        self._known: dict[str, NodeInfo | None] = {}
         self._remembered: dict[str, str] = {}
+        self._seen_at: dict[str, float] = {}
         self._lock = asyncio.Lock()
+        self._watching = False
+        self._fresh = asyncio.Event()
+        self._kick = asyncio.Event()
+        self.consul_ok: bool | None = None if consul is None else False
 
     @property
     def uses_consul(self) -> bool:
@@ -86,6 +112,15 @@ class NodeRegistry:
 
     async def nodes(self) -> list[NodeInfo]:
         """Healthy nodes now (Consul's passing checks, or live Redis entries)."""
+        if self._watching:
+            if not self._fresh.is_set():
+                # The first view, or one asked for by `invalidate`: worth a
+                # short wait, never longer than a call to Consul may take.
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._fresh.wait(), FIRST_VIEW_WAIT_S)
+            if self._cached is None:
+                raise NodesUnknown
+            return list(self._cached)
         async with self._lock:
             if time.monotonic() - self._cached_at > self._cache_s:
                 fetched = await self._fetch()
@@ -95,36 +130,152 @@ class NodeRegistry:
                 if fetched is not None:
                     self._cached = fetched
                     await self._remember(fetched)
+                    await self._refresh_known()
             if self._cached is None:
                 raise NodesUnknown
             return list(self._cached)
 
+    def serves(self, model: str) -> bool | None:
+        """Whether a healthy node serves `model` in the current view (no I/O);
+        None before any view was read."""
+        if self._cached is None:
+            return None
+        return any(info.model == model for info in self._cached)
+
     def invalidate(self) -> None:
-        """Forget the cache (tests, or after a node went away)."""
+        """Make the next read wait for a fresh view (tests, a node went away)."""
         self._cached_at = -1e9
+        self._fresh.clear()
+        self._kick.set()
 
     async def offers(self) -> dict[str, ModelOffer]:
-        """Every model served by a healthy node, plus configured ones (offline)."""
+        """Every model served by a healthy node, plus the known ones no node
+        serves now (configured, or served within `known_for_s`): offline."""
         by_model: dict[str, list[NodeInfo]] = {}
         for info in await self.nodes():
             by_model.setdefault(info.model, []).append(info)
         offers = {
             model: ModelOffer.combine(model, infos) for model, infos in by_model.items()
         }
-        missing = [model for model in self._configured if model not in offers]
-        if missing:
-            known = await self._known(missing)
-            for model in missing:
-                offers[model] = ModelOffer.offline(model, known.get(model))
+        for model in (*self._configured, *self._known):
+            if model not in offers:
+                offers[model] = ModelOffer.offline(model, self._known.get(model))
         return dict(sorted(offers.items()))
+
+    @contextlib.asynccontextmanager
+    async def watching(
+        self, watch_consul: Any | None = None, *, wait_s: float = CONSUL_WAIT_S
+    ) -> AsyncIterator[None]:
+        """With Consul, keep the view current in the background until the
+        block ends; without, nothing to do (reads take Redis, cached).
+
+        `watch_consul` is a Consul client whose calls may last `wait_s` plus
+        a margin: a blocking query holds its call open.
+        """
+        if self._consul is None:
+            yield
+            return
+        if watch_consul is None:
+            raise ValueError("watching Consul needs a client for blocking queries")
+        task = asyncio.create_task(
+            self._watch(watch_consul, wait_s), name="gpu-node-watch"
+        )
+        self._watching = True
+        try:
+            yield
+        finally:
+            self._watching = False
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+
+    async def _watch(self, consul: Any, wait_s: float) -> None:
+        index: str | None = None
+        failures = 0
+        while True:
+            self._kick.clear()
+            started = time.monotonic()
+            try:
+                index, nodes = await self._blocking_query(consul, index, wait_s)
+            except asyncio.CancelledError:
+                raise
+            except _consul_errors() as exc:
+                failures += 1
+                index = None
+                if failures == 1:
+                    self.consul_ok = False
+                    log.warning(
+                        "cannot watch %s in Consul (%s: %s); %s",
+                        GPU_SERVICE,
+                        type(exc).__name__,
+                        exc,
+                        "nothing to fall back on"
+                        if self._cached is None
+                        else "keeping the nodes last seen",
+                    )
+                # Readers waiting for a view get the last one (or a 503).
+                self._fresh.set()
+                await self._pause(min(WATCH_RETRY_MAX_S, 0.5 * 2**failures))
+                continue
+            if failures:
+                log.info("Consul answers again; watching %s", GPU_SERVICE)
+            failures = 0
+            self.consul_ok = True
+            self._cached = nodes
+            self._fresh.set()
+            try:
+                await self._remember(nodes)
+                await self._refresh_known()
+            except (RedisError, OSError) as exc:
+                log.warning("cannot note the known models in Redis: %s", exc)
+            if time.monotonic() - started < WATCH_MIN_SPACING_S:
+                # An agent that answers at once (an index that went backwards,
+                # a restarted agent): never spin.
+                await self._pause(WATCH_MIN_SPACING_S)
+
+    async def _pause(self, seconds: float) -> None:
+        """Sleep `seconds`, or less when `invalidate` asks for a fresh view."""
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._kick.wait(), seconds)
+
+    async def _blocking_query(
+        self, consul: Any, index: str | None, wait_s: float
+    ) -> tuple[str | None, list[NodeInfo]]:
+        query = asyncio.ensure_future(
+            consul.health.service(
+                GPU_SERVICE, passing=True, index=index, wait=f"{int(wait_s)}s"
+            )
+        )
+        kicked = asyncio.ensure_future(self._kick.wait())
+        try:
+            await asyncio.wait({query, kicked}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            kicked.cancel()
+        if not query.done():
+            # `invalidate`: ask again at once, without the index.
+            query.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await query
+            self._kick.clear()
+            return await self._blocking_query(consul, None, wait_s)
+        new_index, entries = query.result()
+        # Consul's rule for blocking queries: an index that goes backwards
+        # (the agent restarted, a snapshot was restored) starts over from 0.
+        if index is not None and new_index is not None:
+            with contextlib.suppress(ValueError):
+                if int(new_index) < int(index):
+                    new_index = None
+        nodes = _parse(entry.get("Service", {}).get("Meta") or {} for entry in entries)
+        return new_index, nodes
 
     async def _fetch(self) -> list[NodeInfo] | None:
         """The healthy nodes now; None when Consul could not be asked."""
         if self._consul is None:
             return await self._from_redis()
         try:
-            return await self._from_consul(self._consul)
+            _, entries = await self._consul.health.service(GPU_SERVICE, passing=True)
         except _consul_errors() as exc:
+            self.consul_ok = False
             log.warning(
                 "cannot list %s services in Consul (%s: %s); %s",
                 GPU_SERVICE,
@@ -135,27 +286,48 @@ class NodeRegistry:
                 else "keeping the nodes last seen",
             )
             return None
-
-    async def _from_consul(self, consul: Any) -> list[NodeInfo]:
-        _, entries = await consul.health.service(GPU_SERVICE, passing=True)
+        self.consul_ok = True
         return _parse(entry.get("Service", {}).get("Meta") or {} for entry in entries)
 
     async def _from_redis(self) -> list[NodeInfo]:
         return await live_nodes(self._redis)
 
     async def _remember(self, infos: list[NodeInfo]) -> None:
-        # Written only when an announcement differs from what this replica
-        # last wrote: the refresh runs every second on the request path.
+        """Note which models nodes serve, so they stay known while no node does."""
+        # Written only when an announcement differs from what this process
+        # last wrote, and its time seen at most every SEEN_REFRESH_S.
         mapping = {info.model: info.model_dump_json() for info in infos}
         changed = {m: v for m, v in mapping.items() if self._remembered.get(m) != v}
-        if changed:
-            await self._redis.hset(KNOWN_MODELS_KEY, mapping=changed)  # type: ignore[misc]
-            self._remembered.update(changed)
+        now = time.time()
+        seen = {
+            model: now
+            for model in mapping
+            if now - self._seen_at.get(model, 0.0) > SEEN_REFRESH_S
+        }
+        if not changed and not seen:
+            return
+        async with self._redis.pipeline(transaction=False) as pipe:
+            if changed:
+                pipe.hset(KNOWN_MODELS_KEY, mapping=changed)
+            if seen:
+                pipe.zadd(KNOWN_MODELS_SEEN_KEY, seen)
+            await pipe.execute()
+        self._remembered.update(changed)
+        self._seen_at.update(seen)
 
-    async def _known(self, models: list[str]) -> dict[str, NodeInfo]:
-        values = await self._redis.hmget(KNOWN_MODELS_KEY, models)  # type: ignore[misc]
-        known = {}
+    async def _refresh_known(self) -> None:
+        """The known models and their last announcements, from Redis."""
+        recent = await self._redis.zrangebyscore(
+            KNOWN_MODELS_SEEN_KEY, time.time() - self._known_for_s, "+inf"
+        )
+        models = sorted(
+            {m.decode() if isinstance(m, bytes) else str(m) for m in recent}
+            | set(self._configured)
+        )
+        values = await self._redis.hmget(KNOWN_MODELS_KEY, models) if models else []  # type: ignore[misc]
+        known: dict[str, NodeInfo | None] = {}
         for model, value in zip(models, values, strict=True):
+            known[model] = None
             if value is None:
                 continue
             try:
@@ -165,7 +337,7 @@ class NodeRegistry:
                 log.warning(
                     "ignoring a malformed entry for %r in %s", model, KNOWN_MODELS_KEY
                 )
-        return known
+        self._known = known
 
 
 def _parse(metas: Iterable[dict[str, Any]]) -> list[NodeInfo]:

@@ -60,8 +60,11 @@ class WebSettings(CommonSettings):
     # Origins allowed to use the session cookie (WebSocket, forms) besides
     # public_url's own.
     allowed_origins: Annotated[list[str], NoDecode] = Field(default_factory=list)
-    # Models accepted for the normal tier even while no node serves them.
+    # Models accepted, and queued, even while no node serves them (scaled to
+    # zero, restarting); the first is the default model.
     models: Annotated[list[str], NoDecode] = Field(default_factory=lambda: ["tiny"])
+    # A model a node served within this long is accepted the same way.
+    known_model_ttl: int = Field(default=24 * 3600, ge=0, description="seconds")
     signin_max_failures_per_email: int = Field(default=10, ge=1)
     signin_max_failures_per_client: int = Field(default=50, ge=1)
     signin_failure_window: int = Field(default=900, ge=1, description="seconds")

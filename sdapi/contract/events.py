@@ -19,6 +19,8 @@ class _Event(BaseModel):
 class QueuedEvent(_Event):
     type: Literal["queued"] = "queued"
     position: int = Field(ge=0)
+    # No healthy node serves the model yet: it runs when one comes up.
+    waiting_for_node: bool = False
 
 
 class StartedEvent(_Event):

@@ -104,3 +104,5 @@ NODES_INDEX = "sdapi:nodes"
 # Last NodeInfo seen per model: defaults for normal-tier requests made while
 # no node of that model is up (they wait in the database for one).
 KNOWN_MODELS_KEY = "sdapi:models:known"
+# Sorted set: model -> when (Unix time) a node was last seen serving it.
+KNOWN_MODELS_SEEN_KEY = "sdapi:models:seen"

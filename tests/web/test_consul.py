@@ -67,7 +67,7 @@ async def test_web_registers_with_an_http_check_and_deregisters(
     [service] = [s for s in consul.services.values() if s.name == WEB_SERVICE]
     assert service.port == consul_client.server.port
     [check] = [consul.checks[c] for c in service.checks]
-    assert check.http.endswith("/healthz")
+    assert check.http.endswith("/readyz")
     # The agent runs the check every interval; the first ran before the app
     # listened, the next one finds it healthy.
     consul.advance(10)
@@ -110,14 +110,17 @@ async def test_models_and_premium_requests_follow_gpu_node_health(
     models = await (await consul_client.get("/api/v1/models", headers=headers)).json()
     [tiny] = [m for m in models["items"] if m["id"] == "tiny"]
     assert tiny["available"] is False and tiny["nodes"] == 0
-    refused = await consul_client.post(
+    # Scaled to zero or restarting: the request waits in the queue for a
+    # node (the queue depth the autoscaler reads counts it).
+    waiting = await consul_client.post(
         "/api/v1/generations",
         json={"prompt": "a red fox", "width": 64, "height": 64},
         headers=headers,
     )
-    assert refused.status == 503
-    assert int(refused.headers["Retry-After"]) > 0
-    assert (await refused.json())["error"]["code"] == "unavailable"
+    assert waiting.status == 202
+    body = await waiting.json()
+    assert body["status"] == Status.QUEUED and body["waiting_for_node"] is True
+    assert body["queue_position"] == 1  # behind the first request
 
 
 # --- regression tests of the review ---------------------------------------

@@ -280,12 +280,40 @@ async def test_cancel_finished_work_is_204_and_changes_nothing(
     assert row.status is Status.SUCCEEDED
 
 
-async def test_no_healthy_node_is_503_with_retry_after(client: TestClient) -> None:
+async def test_a_known_model_without_a_node_waits_in_the_queue_for_one(
+    client: TestClient, web_settings: WebSettings
+) -> None:
     _, secret = await make_user()
     response = await client.post(GENERATIONS, json=SMALL, headers=auth(secret))
-    assert response.status == 503
-    assert int(response.headers["Retry-After"]) > 0
-    assert (await response.json())["error"]["code"] == "unavailable"
+    assert response.status == 202
+    body = await response.json()
+    assert body["status"] == "queued" and body["waiting_for_node"] is True
+    assert body["queue_position"] == 0
+    # The queue depth the autoscaler reads counts it: demand from zero nodes.
+    metrics = await (await client.get("/metrics")).text()
+    assert 'sdapi_queue_depth{model="tiny",tier="premium"} 1.0' in metrics
+
+    # A node comes up (scaled from zero) and takes the waiting job.
+    assert web_settings.redis_url and web_settings.database_url
+    async with jobs_context(web_settings.redis_url, web_settings.database_url) as ctx:
+        node = NodeDouble(ctx)
+        await node.announce()
+        job = await node.claim()
+        assert str(job.generation_id) == body["id"]
+        assert await node.run(job) == "succeeded"
+        shown = await client.get(f"{GENERATIONS}/{body['id']}", headers=auth(secret))
+        done = await shown.json()
+    assert done["status"] == "succeeded" and done["waiting_for_node"] is False
+
+
+async def test_an_unknown_model_is_a_422_at_once(client: TestClient) -> None:
+    _, secret = await make_user()
+    response = await client.post(
+        GENERATIONS, json={**SMALL, "model": "no-such-model"}, headers=auth(secret)
+    )
+    assert response.status == 422
+    [detail] = (await response.json())["error"]["details"]
+    assert detail["field"] == "model"
     assert await Generation.all().count() == 0
 
 

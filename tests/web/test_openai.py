@@ -178,14 +178,23 @@ async def test_unknown_v1_paths_use_openai_shape_and_api_paths_keep_ours(
     assert set((await ours.json())["error"]) == {"code", "message", "details"}
 
 
-async def test_no_node_is_503_with_retry_after(client: TestClient) -> None:
+async def test_without_a_node_the_request_waits_for_one_to_come_up(
+    client: TestClient, web_settings: WebSettings
+) -> None:
     _, secret = await make_user()
-    response = await client.post(IMAGES, json=BODY, headers=auth(secret))
-    assert response.status == 503
-    assert int(response.headers["Retry-After"]) > 0
-    body = await response.json()
-    assert_openai_error(body, "unavailable")
-    assert body["error"]["type"] == "server_error"
+    body = {**BODY, "response_format": "b64_json"}
+    answer = asyncio.ensure_future(client.post(IMAGES, json=body, headers=auth(secret)))
+    assert web_settings.redis_url and web_settings.database_url
+    async with jobs_context(web_settings.redis_url, web_settings.database_url) as ctx:
+        node = NodeDouble(ctx)
+        # Scaled from zero: the node appears after the request was queued.
+        job = await node.claim()
+        await node.announce()
+        await node.run(job)
+        response = await answer
+    assert response.status == 200, await response.text()
+    [image] = (await response.json())["data"]
+    assert base64.b64decode(image["b64_json"]).startswith(b"\x89PNG")
 
 
 async def test_a_failed_generation_is_502(client: TestClient, node: NodeDouble) -> None:

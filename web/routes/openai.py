@@ -134,7 +134,7 @@ async def _wait(app: web.Application, generation: Generation) -> None:
         Response(410, "Cancelled before it finished", OpenAIErrorBody),
         Response(429, "Too many requests in flight or quota spent", OpenAIErrorBody),
         Response(502, "The generation failed", OpenAIErrorBody),
-        Response(503, "No GPU node serves the model", OpenAIErrorBody),
+        Response(503, "The GPU nodes cannot be listed right now", OpenAIErrorBody),
         Response(504, "Not finished in time (then cancelled)", OpenAIErrorBody),
     ],
 )

@@ -114,6 +114,12 @@ class Generation(BaseModel):
     started_at: datetime | None
     finished_at: datetime | None
     queue_position: int | None
+    waiting_for_node: bool = Field(
+        default=False,
+        description="Queued while no healthy GPU node serves its model (scaled "
+        "to zero, restarting): it runs when one comes up, or fails as "
+        "`model_unavailable` after the queue's time limit.",
+    )
     progress: Progress | None
     images: list[ImageRef]
     error: ErrorRef | None

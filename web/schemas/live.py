@@ -61,6 +61,13 @@ class QueuedFrame(BaseModel):
     type: Literal["queued"] = "queued"
     id: str
     position: int
+    waiting_for_node: bool = Field(
+        default=False,
+        # Sent only when true: the frame stays as it was for older clients.
+        exclude_if=lambda waiting: not waiting,
+        description="Sent (true) while no healthy GPU node serves the model; the "
+        "request waits in the queue and runs when one comes up.",
+    )
 
 
 class StartedFrame(BaseModel):
