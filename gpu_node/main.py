@@ -17,7 +17,9 @@ log = logging.getLogger("gpu_node")
 def run() -> int:
     """Run a GPU node serving SDAPI_MODEL; 0 after a graceful stop, 2 bad model."""
     settings = GpuNodeSettings.from_env()
-    redis_url = require_redis_url(settings.redis_url, settings.data_dir)
+    redis_url = settings.via_consul(
+        require_redis_url(settings.redis_url, settings.data_dir), "SDAPI_REDIS_URL"
+    )
     setup_logging(settings.log_level)
     from gpu_node.node import run_node
 

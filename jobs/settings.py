@@ -135,4 +135,8 @@ class JobsSettings(CommonSettings):
                 "SDAPI_SMTP_URL must be set when SDAPI_DATABASE_URL is: without it "
                 "emails wait in the outbox forever"
             )
-        return super().resolved()
+        resolved = super().resolved()
+        if resolved.smtp_url:
+            smtp_url = resolved.via_consul(resolved.smtp_url, "SDAPI_SMTP_URL")
+            resolved = resolved.model_copy(update={"smtp_url": smtp_url})
+        return resolved

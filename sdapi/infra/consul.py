@@ -1,12 +1,14 @@
-"""Opening py-consul's asyncio client from a URL."""
+"""Opening py-consul's asyncio client from a URL; service URLs resolved at start."""
 
 from __future__ import annotations
 
 import contextlib
+import json
+import urllib.request
 import warnings
 from collections.abc import AsyncIterator
 from typing import Any
-from urllib.parse import urlsplit
+from urllib.parse import quote, urlsplit, urlunsplit
 
 # How long one call to the agent may take, connecting included (seconds): the
 # agent is local, so a slow one is a sick one, and callers must not hang on it.
@@ -45,3 +47,53 @@ async def open_consul(
         yield client
     finally:
         await client.close()
+
+
+# A host of this form names a Consul service, as Consul's DNS interface does:
+# `redis://sdapi-redis.service.consul/0` is whichever healthy instance the
+# agent lists, at that instance's port.
+SERVICE_DOMAIN = ".service.consul"
+
+
+class ServiceNotFound(LookupError):
+    """No healthy instance of a Consul service, or the agent did not answer."""
+
+
+def service_name(host: str | None) -> str | None:
+    """The Consul service a `<name>.service.consul` host names, else None."""
+    if not host or not host.endswith(SERVICE_DOMAIN):
+        return None
+    # `[tag.]name.service.consul`: the name is the label before the domain.
+    return host[: -len(SERVICE_DOMAIN)].rsplit(".", 1)[-1] or None
+
+
+def resolve_service_url(
+    url: str, consul_url: str, *, timeout_s: float = DEFAULT_TIMEOUT_S
+) -> str:
+    """`url` with a `<name>.service.consul` host replaced by the address and
+    port of a healthy instance the Consul agent lists (blocking: start-up only).
+
+    Other URLs come back unchanged.
+    """
+    parts = urlsplit(url)
+    name = service_name(parts.hostname)
+    if name is None:
+        return url
+    query = f"{consul_url.rstrip('/')}/v1/health/service/{quote(name)}?passing=1"
+    try:
+        with urllib.request.urlopen(query, timeout=timeout_s) as response:  # noqa: S310
+            entries = json.load(response)
+    except (OSError, ValueError) as exc:
+        raise ServiceNotFound(
+            f"cannot ask the Consul agent at {consul_url} for {name!r}: {exc}"
+        ) from None
+    for entry in entries if isinstance(entries, list) else []:
+        service = entry.get("Service") or {}
+        address = service.get("Address") or (entry.get("Node") or {}).get("Address")
+        port = service.get("Port")
+        if address and port:
+            host = f"[{address}]" if ":" in address else address
+            userinfo = parts.netloc.rpartition("@")[0]
+            netloc = f"{userinfo}@{host}:{port}" if userinfo else f"{host}:{port}"
+            return urlunsplit(parts._replace(netloc=netloc))
+    raise ServiceNotFound(f"Consul lists no healthy instance of {name!r}")

@@ -12,6 +12,7 @@ from urllib.parse import urlsplit
 from pydantic import Field, SecretStr, ValidationError, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from sdapi.infra.consul import ServiceNotFound, resolve_service_url, service_name
 from sdapi.infra.embedded import running_services
 
 ENV_PREFIX = "SDAPI_"
@@ -109,14 +110,26 @@ class CommonSettings(BaseSettings):
                 "SDAPI_SECRET_KEY must be set when SDAPI_DATABASE_URL is: every "
                 "web and jobs process of a deployment needs the same key"
             )
+        database_url = require_database_url(self.database_url, self.data_dir)
+        redis_url = require_redis_url(self.redis_url, self.data_dir)
         return self.model_copy(
             update={
-                "database_url": require_database_url(self.database_url, self.data_dir),
-                "redis_url": require_redis_url(self.redis_url, self.data_dir),
+                "database_url": self.via_consul(database_url, "SDAPI_DATABASE_URL"),
+                "redis_url": self.via_consul(redis_url, "SDAPI_REDIS_URL"),
                 "secret_key": self.secret_key
                 or SecretStr(load_secret_key(self.data_dir)),
             }
         )
+
+    def via_consul(self, url: str, variable: str) -> str:
+        """`url`, a `<name>.service.consul` host in it looked up in Consul
+        (with SDAPI_CONSUL_URL set; blocking, for start-up)."""
+        if not self.consul_url or service_name(urlsplit(url).hostname) is None:
+            return url
+        try:
+            return resolve_service_url(url, self.consul_url)
+        except ServiceNotFound as exc:
+            raise SettingsError(f"{variable}: {exc}") from None
 
     def secret(self) -> str:
         """The secret key's value; raises SettingsError when it is not set."""

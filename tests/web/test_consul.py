@@ -11,11 +11,13 @@ import aiohttp
 import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestClient
+from pydantic import SecretStr
 
 from sdapi.contract.names import GPU_SERVICE, KNOWN_MODELS_KEY, WEB_SERVICE
 from sdapi.contract.status import Status
 from sdapi.infra.consul import open_consul
 from sdapi.infra.mailsink import free_port
+from sdapi.infra.settings import SettingsError
 from tests.consul_double import ConsulDouble
 from tests.node_double import auth, make_user, node_info
 from web.app import create_app
@@ -215,3 +217,32 @@ async def test_malformed_known_models_entries_are_skipped(
     [tiny] = (await response.json())["items"]
     assert tiny["id"] == "tiny"
     assert tiny["available"] is False
+
+
+async def test_service_addresses_come_from_consul_names(
+    consul: ConsulDouble, tmp_path: Any
+) -> None:
+    async with aiohttp.ClientSession(base_url=consul.url) as http:
+        for name, port in (("sdapi-redis", 6390), ("sdapi-postgres", 5440)):
+            async with http.put(
+                "/v1/agent/service/register",
+                json={"Name": name, "Address": "10.0.0.7", "Port": port},
+            ) as response:
+                assert response.status == 200
+    settings = WebSettings(
+        consul_url=consul.url,
+        redis_url="redis://sdapi-redis.service.consul/3",
+        database_url="postgres://sdapi:s3cret@sdapi-postgres.service.consul/sdapi",
+        secret_key=SecretStr("k"),
+        data_dir=tmp_path,
+    )
+    # Resolution blocks (start-up only): off the loop that serves the double.
+    resolved = await asyncio.to_thread(settings.resolved)
+    assert resolved.redis_url == "redis://10.0.0.7:6390/3"
+    assert resolved.database_url == "postgres://sdapi:s3cret@10.0.0.7:5440/sdapi"
+
+    unknown = settings.model_copy(
+        update={"redis_url": "redis://sdapi-valkey.service.consul/0"}
+    )
+    with pytest.raises(SettingsError, match=r"SDAPI_REDIS_URL: .*'sdapi-valkey'"):
+        await asyncio.to_thread(unknown.resolved)
