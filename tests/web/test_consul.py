@@ -200,11 +200,17 @@ async def test_models_stay_served_while_consul_is_down(
     registry.invalidate()
     first = await consul_client.get("/api/v1/models", headers=auth(secret))
     assert first.status == 200
+    ready = await consul_client.get("/readyz")
+    assert (await ready.json())["consul"] is True
     await consul.close()
     registry.invalidate()
     again = await consul_client.get("/api/v1/models", headers=auth(secret))
     assert again.status == 200
     assert await again.json() == await first.json()
+    # Still ready (the last view serves), and it says Consul does not answer.
+    ready = await consul_client.get("/readyz")
+    assert ready.status == 200
+    assert (await ready.json())["consul"] is False
 
 
 async def test_malformed_known_models_entries_are_skipped(

@@ -86,7 +86,10 @@ async def readyz(request: web.Request) -> web.StreamResponse:
     database, redis = await asyncio.gather(_database_ok(request), _redis_ok(request))
     ready = database and redis
     body = Readiness(
-        status="ready" if ready else "unready", database=database, redis=redis
+        status="ready" if ready else "unready",
+        database=database,
+        redis=redis,
+        consul=request.app[registry_key].consul_ok,
     )
     return json_response(body, status=200 if ready else 503)
 

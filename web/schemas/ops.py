@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel
+from pydantic import BaseModel, Field
 
 from web.registry import ModelOffer
 
@@ -17,6 +17,14 @@ class Readiness(BaseModel):
     status: Literal["ready", "unready"]
     database: bool
     redis: bool
+    consul: bool | None = Field(
+        default=None,
+        # Left out without Consul: the body stays as it was.
+        exclude_if=lambda answers: answers is None,
+        description="Whether the Consul agent answers the GPU node watch (null "
+        "without Consul). While it does not, the nodes last seen stay in use "
+        "and the replica stays ready.",
+    )
 
 
 class ModelList(BaseModel):
