@@ -19,6 +19,7 @@ from sdapi.infra.consul import open_consul
 from sdapi.infra.mailsink import free_port
 from sdapi.infra.settings import SettingsError
 from tests.consul_double import ConsulDouble
+from tests.gpu_node.support import wait_for
 from tests.node_double import auth, make_user, node_info
 from web.app import create_app
 from web.appkeys import registry_key
@@ -252,3 +253,42 @@ async def test_service_addresses_come_from_consul_names(
     )
     with pytest.raises(SettingsError, match=r"SDAPI_REDIS_URL: .*'sdapi-valkey'"):
         await asyncio.to_thread(unknown.resolved)
+
+
+class CountingHealth:
+    """A Consul client's `health` endpoint that counts the calls made to it."""
+
+    def __init__(self, client: Any) -> None:
+        self.client = client
+        self.calls = 0
+
+    @property
+    def health(self) -> Any:
+        return self
+
+    async def service(self, *args: Any, **kwargs: Any) -> Any:
+        self.calls += 1
+        return await self.client.health.service(*args, **kwargs)
+
+
+async def test_the_watch_keeps_consul_off_the_request_path(
+    redis_client: Any, consul: ConsulDouble
+) -> None:
+    async with open_consul(consul.url) as client:
+        agent = CountingHealth(client)
+        registry = NodeRegistry(redis_client, client)
+        async with registry.watching(agent, wait_s=1):
+            assert await registry.nodes() == []
+            await register_node(consul)
+
+            async def seen() -> bool:
+                return bool(registry.serves("tiny"))
+
+            await wait_for(seen, timeout=10)
+            calls = agent.calls
+            for _ in range(50):
+                assert len(await registry.nodes()) == 1
+                assert (await registry.offers())["tiny"].available
+            # Reads are in memory: fifty of them cost the agent nothing.
+            assert agent.calls - calls < 5
+            assert registry.consul_ok is True
