@@ -42,7 +42,6 @@ from jobs.resources import JobsResources
 from jobs.results import TRANSIENT_ERRORS, announce_done, fail_generations
 from sdapi.contract.events import QueuedEvent
 from sdapi.contract.jobs import (
-    BATCH_KEY_FIELDS,
     BatchJob,
     ErrorInfo,
     GenerationJob,
@@ -91,8 +90,12 @@ class PlannedBatch:
 
 
 def group_key(row: Generation) -> GroupKey:
-    """What rows must share to run in one batch (the columns of the batch key)."""
-    return tuple(getattr(row, name) for name in BATCH_KEY_FIELDS)
+    """What rows must share to run in one batch (`GenerationParams.batch_key`).
+
+    Mode and strength live only in the stored request, so the key comes from
+    the node's view of the row, not from its columns.
+    """
+    return generation_params(row).batch_key()
 
 
 def plan_batches(rows: list[Generation], max_batch: int) -> list[PlannedBatch]:
