@@ -51,6 +51,7 @@ from sdapi.contract.names import batch_job_id, batch_queue
 from sdapi.contract.status import Status, Tier
 from sdapi.infra.queue import enqueue_batch, queue_depth, queue_position
 from sdapi.infra.streams import append_event
+from web.input_store import put_inputs
 from web.models import Generation, utcnow
 from web.registry import ModelOffer
 
@@ -191,6 +192,8 @@ async def send_batch(res: JobsResources, batch: BatchJob) -> bool:
     once their deadline passes.
     """
     try:
+        # The node fetches inputs by hash: they are in Redis before the job.
+        await put_inputs(res.redis, [item.generation_id for item in batch.items])
         if not await enqueue_batch(res.redis, batch):
             log.warning(
                 "batch %s attempt %s already queued", batch.batch_id, batch.attempt

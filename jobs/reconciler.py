@@ -78,6 +78,7 @@ from sdapi.infra.queue import (
     queue_position,
 )
 from sdapi.infra.streams import append_event
+from web.input_store import put_inputs
 from web.models import Generation, utcnow
 
 log = logging.getLogger(__name__)
@@ -276,6 +277,8 @@ async def _send(res: JobsResources, job: GenerationJob | BatchJob) -> None:
         await send_batch(res, job)
         return
     try:
+        # Redis may have lost the inputs with the job: PostgreSQL has them.
+        await put_inputs(res.redis, [job.generation_id])
         await enqueue_generation(res.redis, job)
         position = await queue_position(
             res.redis,
