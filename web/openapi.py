@@ -61,6 +61,8 @@ class Endpoint:
     description: str = ""
     # Served but left out of the OpenAPI document (the docs page itself).
     hidden: bool = False
+    # Media types the body may come in (the same fields in each).
+    body_types: tuple[str, ...] = ("application/json",)
 
 
 class ApiRoutes:
@@ -83,6 +85,7 @@ class ApiRoutes:
         description: str = "",
         tags: Sequence[str] = (),
         hidden: bool = False,
+        body_types: Sequence[str] = ("application/json",),
     ) -> Callable[[HandlerFn], HandlerFn]:
         """Declare an endpoint; the decorated handler is returned unchanged."""
 
@@ -100,6 +103,7 @@ class ApiRoutes:
                     auth=auth,
                     description=description or (handler.__doc__ or "").strip(),
                     hidden=hidden,
+                    body_types=tuple(body_types),
                 )
             )
             return handler
@@ -227,13 +231,10 @@ def build_openapi(
         if parameters:
             operation["parameters"] = parameters
         if endpoint.body is not None:
+            schema = {"$ref": refs[(endpoint.body, "validation")]}
             operation["requestBody"] = {
                 "required": True,
-                "content": {
-                    "application/json": {
-                        "schema": {"$ref": refs[(endpoint.body, "validation")]}
-                    }
-                },
+                "content": {kind: {"schema": schema} for kind in endpoint.body_types},
             }
         for response in endpoint.responses:
             entry: dict[str, Any] = {"description": response.description}

@@ -39,6 +39,7 @@ routes = ApiRoutes(tags=["generations"])
     "/api/v1/generations",
     summary="Ask for images",
     body=schemas.GenerationRequest,
+    body_types=("application/json", "multipart/form-data"),
     responses=[Response(202, "Accepted", schemas.Generation)],
 )
 async def create_generation(request: web.Request) -> web.StreamResponse:
