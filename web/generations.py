@@ -23,7 +23,7 @@ from tortoise.expressions import Q
 from tortoise.transactions import in_transaction
 
 from sdapi.contract.events import DoneEvent, QueuedEvent
-from sdapi.contract.jobs import DEFAULT_STRENGTH, GenerationJob, GenerationParams
+from sdapi.contract.jobs import GenerationJob, GenerationParams, default_strength
 from sdapi.contract.names import (
     batch_job_id,
     batch_queue,
@@ -191,7 +191,11 @@ def resolve_request(
         init_image_sha256=init.sha256 if init is not None else None,
         mask_sha256=mask.sha256 if (mask := inputs.get(InputRole.MASK)) else None,
         strength=(
-            (body.strength if body.strength is not None else DEFAULT_STRENGTH)
+            (
+                body.strength
+                if body.strength is not None
+                else default_strength(InputRole.MASK in inputs)
+            )
             if init is not None
             else None
         ),

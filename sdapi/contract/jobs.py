@@ -45,8 +45,15 @@ BATCH_KEY_FIELDS = (
     "strength",
 )
 SHA256_PATTERN = r"^[0-9a-f]{64}$"
-# img2img's strength when a request gives an init image without one (diffusers').
+# Strength when a request gives none: diffusers' own defaults for img2img and
+# for inpainting (which repaints the masked area from noise).
 DEFAULT_STRENGTH = 0.8
+INPAINT_DEFAULT_STRENGTH = 1.0
+
+
+def default_strength(inpainting: bool) -> float:
+    """The strength of a request that names none."""
+    return INPAINT_DEFAULT_STRENGTH if inpainting else DEFAULT_STRENGTH
 
 
 class Mode(StrEnum):
@@ -97,7 +104,9 @@ class GenerationParams(BaseModel):
         """The strength the pipeline runs with (1 without an init image)."""
         if self.init_image_sha256 is None:
             return 1.0
-        return DEFAULT_STRENGTH if self.strength is None else self.strength
+        if self.strength is None:
+            return default_strength(self.mask_sha256 is not None)
+        return self.strength
 
     @property
     def denoising_steps(self) -> int:

@@ -78,7 +78,8 @@ class GenerationRequest(BaseModel):
         le=1,
         allow_inf_nan=False,
         description="With init_image: how much to change it, 0 (returned as it "
-        "is) to 1 (ignored); default 0.8. About strength * steps steps run.",
+        "is) to 1 (ignored); default 0.8, or 1 with a mask. int(strength * "
+        "steps) steps run.",
     )
     mask: str | ImageReference | None = Field(
         default=None,
