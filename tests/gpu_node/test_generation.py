@@ -17,7 +17,7 @@ from gpu_node.calls import CallItem, Engine, PipelineCall
 from gpu_node.images import ImageManifest, encode_png, sha256_hex
 from sdapi.contract.events import ImageEvent, ProgressEvent, StartedEvent
 from sdapi.contract.jobs import BatchJob
-from sdapi.contract.names import image_key, progress_key
+from sdapi.contract.names import image_key, input_key, progress_key
 from sdapi.contract.status import Status, Tier
 from sdapi.infra.queue import enqueue_batch, enqueue_generation, request_cancel
 from tests.gpu_node.conftest import node_settings, running_node
@@ -583,3 +583,38 @@ async def test_a_lost_claim_stops_the_job_undelivered(
         if isinstance(e, ProgressEvent)
     ]
     assert max(steps) < 300
+
+
+async def test_inputs_come_from_redis_by_hash_and_bad_ones_fail_clearly(
+    node: Any, client: redis.asyncio.Redis
+) -> None:
+    buffer = io.BytesIO()
+    Image.new("RGB", (64, 64), (10, 200, 30)).save(buffer, format="PNG")
+    data = buffer.getvalue()
+    digest = sha256_hex(data)
+    await client.set(input_key(digest), data)
+    good = job(init_image_sha256=digest, strength=0.5)
+    missing = job(init_image_sha256="e" * 64, strength=0.5)
+    # Bytes under another image's name: refused, not run.
+    await client.set(input_key("f" * 64), data)
+    forged = job(init_image_sha256="f" * 64, strength=0.5)
+    for request in (good, missing, forged):
+        await enqueue_generation(client, request)
+    result = await result_of(client, good.generation_id)
+    assert result.status is Status.SUCCEEDED
+    # 4 steps at strength 0.5: 2 steps, and the progress total says so.
+    progress = [
+        (event.step, event.total)
+        for _, event in await events_of(client, good.generation_id)
+        if isinstance(event, ProgressEvent)
+    ]
+    assert progress == [(1, 2), (2, 2)]
+    png = await client.get(image_key(good.generation_id, 0))
+    with Image.open(io.BytesIO(png)) as made:
+        manifest = json.loads(made.text["sdapi"])  # type: ignore[attr-defined]
+        assert "Denoising strength: 0.5" in made.text["parameters"]  # type: ignore[attr-defined]
+    assert manifest["init_image_sha256"] == digest and manifest["strength"] == 0.5
+    failed = await result_of(client, missing.generation_id)
+    assert failed.error is not None and failed.error.code == "input_unavailable"
+    refused = await result_of(client, forged.generation_id)
+    assert refused.error is not None and "SHA-256" in refused.error.message
