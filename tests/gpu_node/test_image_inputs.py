@@ -199,3 +199,51 @@ def test_an_input_is_checked_against_its_hash_and_sized_for_the_call() -> None:
     mask = load_input(soft_png, hashlib.sha256(soft_png).hexdigest(), "L", (8, 8))
     # Binarized as diffusers does: under half is kept.
     assert set(np.asarray(mask).ravel().tolist()) == {0}
+
+
+@pytest.fixture(scope="module")
+def inpainting_engine(
+    models_dir: Path, tmp_path_factory: pytest.TempPathFactory
+) -> pipeline.DiffusersEngine:
+    """A dedicated inpainting checkpoint: the tiny model with a 9-channel UNet."""
+    import torch
+    from diffusers import (
+        StableDiffusionInpaintPipeline,
+        StableDiffusionPipeline,
+        UNet2DConditionModel,
+    )
+
+    tiny: Any = StableDiffusionPipeline.from_pretrained(
+        str(models_dir / "tiny"), use_safetensors=True, local_files_only=True
+    )
+    config = dict(tiny.unet.config)
+    config["in_channels"] = 9
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        unet = UNet2DConditionModel.from_config(config)
+    components = {**tiny.components, "unet": unet}
+    folder = tmp_path_factory.mktemp("inpainting") / "tiny-inpainting"
+    inpainting: Any = StableDiffusionInpaintPipeline(**components)
+    inpainting.save_pretrained(str(folder), safe_serialization=True)
+    location = store.locate_model(str(folder), folder.parent / "unused")
+    return pipeline.load_engine(location, device="cpu")
+
+
+def test_a_dedicated_inpainting_checkpoint_serves_every_mode(
+    inpainting_engine: pipeline.DiffusersEngine,
+) -> None:
+    assert inpainting_engine._base.unet.config.in_channels == 9
+    text = CallItem("t", "a boat", "", (1,))
+    made = inpainting_engine.run(_call(text, mode=Mode.TXT2IMG, steps=4), _Steps())
+    assert made["t"][0].size == (SIZE, SIZE)
+    steps = _Steps()
+    inpainting_engine.run(
+        _call(_img2img("i", (2,), _gradient()), mode=Mode.IMG2IMG, strength=0.5),
+        steps,
+    )
+    assert steps.seen[-1] == (5, 5)
+    mask = _square_mask()
+    item = CallItem("m", "a boat", "", (3,), init_image=_gradient(), mask=mask)
+    [painted] = inpainting_engine.run(_call(item, mode=Mode.INPAINT), _Steps())["m"]
+    outside = np.asarray(mask) == 0
+    assert np.array_equal(_pixels(painted)[outside], _pixels(_gradient())[outside])
