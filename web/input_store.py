@@ -48,7 +48,7 @@ async def store_inputs(
                 height=image.height,
             )
         await GenerationInput.create(
-            id=uuid.uuid4(), generation=generation, role=role, image=stored
+            id=uuid.uuid4(), generation=generation, role=role.value, image=stored
         )
 
 

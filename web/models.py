@@ -222,7 +222,8 @@ class GenerationInput(Model):
     generation: fields.ForeignKeyRelation[Generation] = fields.ForeignKeyField(
         "models.Generation", related_name="inputs", on_delete=fields.CASCADE
     )
-    role = fields.CharEnumField(InputRole, max_length=16)
+    # An `InputRole` value (a plain column: the migration imports no enum).
+    role = fields.CharField(max_length=16)
     image: fields.ForeignKeyRelation[InputImage] = fields.ForeignKeyField(
         "models.InputImage", related_name="uses", on_delete=fields.CASCADE
     )

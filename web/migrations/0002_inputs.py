@@ -22,7 +22,7 @@ class Migration(migrations.Migration):
                 ("height", fields.IntField()),
                 ("created_at", fields.DatetimeField(auto_now=False, auto_now_add=True)),
             ],
-            options={"table": "input_images", "app": "models", "unique_together": (("user", "sha256"),), "pk_attr": "id"},
+            options={"table": "input_images", "app": "models", "unique_together": (("user", "sha256"),), "pk_attr": "id", "table_description": "An uploaded input (cleaned PNG), stored once per user and content."},
             bases=["Model"],
         ),
         ops.CreateModel(
@@ -33,7 +33,7 @@ class Migration(migrations.Migration):
                 ("role", fields.CharField(max_length=16)),
                 ("image", fields.ForeignKeyField("models.InputImage", source_field="image_id", db_constraint=True, to_field="id", related_name="uses", on_delete=OnDelete.CASCADE)),
             ],
-            options={"table": "generation_inputs", "app": "models", "unique_together": (("generation", "role"),), "pk_attr": "id"},
+            options={"table": "generation_inputs", "app": "models", "unique_together": (("generation", "role"),), "pk_attr": "id", "table_description": "Which stored input a generation uses, and as what."},
             bases=["Model"],
         ),
         ops.CreateModel(
@@ -46,7 +46,7 @@ class Migration(migrations.Migration):
                 ("generation", fields.ForeignKeyField("models.Generation", source_field="generation_id", db_constraint=True, to_field="id", related_name="idempotency_keys", on_delete=OnDelete.CASCADE)),
                 ("created_at", fields.DatetimeField(auto_now=False, auto_now_add=True)),
             ],
-            options={"table": "idempotency_keys", "app": "models", "unique_together": (("user", "key_hash"),), "pk_attr": "id"},
+            options={"table": "idempotency_keys", "app": "models", "unique_together": (("user", "key_hash"),), "pk_attr": "id", "table_description": "A submit made with an `Idempotency-Key`: retries get its generation."},
             bases=["Model"],
         ),
     ]
