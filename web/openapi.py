@@ -63,6 +63,8 @@ class Endpoint:
     hidden: bool = False
     # Media types the body may come in (the same fields in each).
     body_types: tuple[str, ...] = ("application/json",)
+    # Takes an `Idempotency-Key` header (retries answer with the first result).
+    idempotent: bool = False
 
 
 class ApiRoutes:
@@ -86,6 +88,7 @@ class ApiRoutes:
         tags: Sequence[str] = (),
         hidden: bool = False,
         body_types: Sequence[str] = ("application/json",),
+        idempotent: bool = False,
     ) -> Callable[[HandlerFn], HandlerFn]:
         """Declare an endpoint; the decorated handler is returned unchanged."""
 
@@ -104,6 +107,7 @@ class ApiRoutes:
                     description=description or (handler.__doc__ or "").strip(),
                     hidden=hidden,
                     body_types=tuple(body_types),
+                    idempotent=idempotent,
                 )
             )
             return handler
@@ -228,6 +232,8 @@ def build_openapi(
         parameters = _path_parameters(endpoint.path)
         if endpoint.query is not None:
             parameters += _query_parameters(endpoint.query)
+        if endpoint.idempotent:
+            parameters.append(_IDEMPOTENCY_PARAMETER)
         if parameters:
             operation["parameters"] = parameters
         if endpoint.body is not None:
@@ -281,6 +287,17 @@ def _name(model: type[BaseModel]) -> str:
 
 def _binary_schema() -> dict[str, Any]:
     return {"type": "string", "contentMediaType": "image/png"}
+
+
+_IDEMPOTENCY_PARAMETER: dict[str, Any] = {
+    "name": "Idempotency-Key",
+    "in": "header",
+    "required": False,
+    "schema": {"type": "string", "minLength": 1, "maxLength": 255},
+    "description": "A retry with the same key and body within 24 h answers with "
+    "the first request's result (charged once); the same key with another body "
+    "is a 409.",
+}
 
 
 def _path_parameters(path: str) -> list[dict[str, Any]]:

@@ -263,3 +263,21 @@ async def test_a_retried_submit_with_the_same_key_makes_one_generation(
     assert (await post(client, secret, body, headers=fresh))["id"] != first["id"]
     bad = await post(client, secret, body, 422, headers={"Idempotency-Key": ""})
     assert refused(bad, "Idempotency-Key")
+
+
+async def test_the_openapi_document_describes_image_inputs(client: TestClient) -> None:
+    document = await (await client.get("/openapi.json")).json()
+    submit = document["paths"]["/api/v1/generations"]["post"]
+    assert set(submit["requestBody"]["content"]) == {
+        "application/json",
+        "multipart/form-data",
+    }
+    assert "Idempotency-Key" in [p["name"] for p in submit["parameters"]]
+    request = document["components"]["schemas"]["GenerationRequest"]["properties"]
+    assert {"init_image", "mask", "strength"} <= set(request)
+    assert "ImageReference" in document["components"]["schemas"]
+    edits = document["paths"]["/v1/images/edits"]["post"]
+    assert set(edits["requestBody"]["content"]) == {"multipart/form-data"}
+    edit = document["components"]["schemas"]["ImageEditRequest"]
+    assert edit["properties"]["image"]["format"] == "binary"
+    assert set(edit["required"]) == {"image", "prompt"}

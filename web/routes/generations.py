@@ -40,6 +40,7 @@ routes = ApiRoutes(tags=["generations"])
     summary="Ask for images",
     body=schemas.GenerationRequest,
     body_types=("application/json", "multipart/form-data"),
+    idempotent=True,
     responses=[Response(202, "Accepted", schemas.Generation)],
 )
 async def create_generation(request: web.Request) -> web.StreamResponse:

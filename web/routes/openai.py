@@ -137,6 +137,7 @@ async def _wait(app: web.Application, generation: Generation) -> None:
     "/v1/images/generations",
     summary="Create images (OpenAI Images API compatible)",
     body=ImageGenerationRequest,
+    idempotent=True,
     responses=[
         Response(200, "The images", ImagesResponse),
         Response(400, "Invalid parameters", OpenAIErrorBody),
@@ -241,6 +242,7 @@ async def _edit_inputs(
     summary="Edit an image (OpenAI Images API compatible)",
     body=ImageEditRequest,
     body_types=("multipart/form-data",),
+    idempotent=True,
     responses=[
         Response(200, "The images", ImagesResponse),
         Response(400, "Invalid parameters or image", OpenAIErrorBody),
