@@ -281,3 +281,27 @@ async def test_the_openapi_document_describes_image_inputs(client: TestClient) -
     edit = document["components"]["schemas"]["ImageEditRequest"]
     assert edit["properties"]["image"]["format"] == "binary"
     assert set(edit["required"]) == {"image", "prompt"}
+
+
+async def test_a_form_may_name_an_earlier_result_but_not_twice_the_same_input(
+    client: TestClient, node: NodeDouble
+) -> None:
+    _, secret = await make_user()
+    first = await post(client, secret, {**BASE, "width": 64, "height": 64})
+    await node.run(await node.claim())
+    form = aiohttp.FormData(default_to_multipart=True)
+    form.add_field("prompt", "the same fox, at night")
+    form.add_field("strength", "0.4")
+    form.add_field("init_image", json.dumps({"generation_id": first["id"], "index": 0}))
+    response = await client.post(GENERATIONS, data=form, headers=auth(secret))
+    body = await response.json()
+    assert response.status == 202, body
+    assert body["request"]["strength"] == 0.4
+    assert (await node.claim()).params.init_image_sha256
+    both = aiohttp.FormData()
+    both.add_field("prompt", "a fox")
+    both.add_field("init_image", b64(encode(picture())))
+    both.add_field("init_image", io.BytesIO(encode(picture())), filename="a.png")
+    response = await client.post(GENERATIONS, data=both, headers=auth(secret))
+    assert response.status == 422
+    assert refused(await response.json(), "init_image")
