@@ -229,8 +229,6 @@ async def prepare_inputs(
     app: web.Application,
     principal: Principal,
     sources: Mapping[InputRole, Source],
-    *,
-    mask_use: Use = Use.MASK,
 ) -> dict[InputRole, CleanImage]:
     """Check and clean a request's inputs with the caller's tier limits."""
     limits = app[settings_key].limits(principal.user.tier_at(utcnow()))
@@ -240,7 +238,7 @@ async def prepare_inputs(
             principal.user,
             source,
             field=role.value,
-            use=mask_use if role is InputRole.MASK else Use.IMAGE,
+            use=Use.MASK if role is InputRole.MASK else Use.IMAGE,
             limits=limits,
         )
     init = inputs.get(InputRole.INIT_IMAGE)

@@ -7,6 +7,7 @@ import hashlib
 import io
 import json
 import uuid
+import zlib
 from typing import Any
 
 import aiohttp
@@ -191,6 +192,11 @@ async def test_every_kind_of_bad_upload_is_refused_clearly(
     bomb = encode(Image.new("L", (5000, 5000)))
     assert len(bomb) < 100_000
     assert "pixels" in await refusal({"init_image": b64(bomb)}, "init_image")
+    # A header claiming 30000x30000 pixels: Pillow's own limit refuses it.
+    giant = bytearray(encode(Image.new("L", (8, 8))))
+    giant[16:24] = (30000).to_bytes(4, "big") * 2
+    giant[29:33] = zlib.crc32(bytes(giant[12:29])).to_bytes(4, "big")
+    assert "too large" in await refusal({"init_image": b64(bytes(giant))}, "init_image")
     frames = [picture(), Image.new("RGB", (64, 64), (255, 0, 0))]
     animated = encode(frames[0], "WEBP", save_all=True, append_images=frames[1:])
     assert "Animated" in await refusal({"init_image": b64(animated)}, "init_image")
