@@ -231,7 +231,11 @@ async def prepare_inputs(
     sources: Mapping[InputRole, Source],
 ) -> dict[InputRole, CleanImage]:
     """Check and clean a request's inputs with the caller's tier limits."""
-    limits = app[settings_key].limits(principal.user.tier_at(utcnow()))
+    tier = principal.user.tier_at(utcnow())
+    # As in submit_generation: an unverified account learns nothing else.
+    if tier is Tier.NORMAL and principal.user.email_verified_at is None:
+        raise EmailNotVerified()
+    limits = app[settings_key].limits(tier)
     inputs: dict[InputRole, CleanImage] = {}
     for role, source in sources.items():
         inputs[role] = await resolve_input(

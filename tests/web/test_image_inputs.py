@@ -209,6 +209,10 @@ async def test_every_kind_of_bad_upload_is_refused_clearly(
     assert "init_image" in await refusal({"mask": good}, "mask")
     assert "init_image" in await refusal({"strength": 0.5}, "strength")
     await refusal({"init_image": good, "strength": 1.5}, "strength")
+    # An unverified account is told to verify, whatever its upload.
+    _, unverified = await make_user(premium=False, verified=False)
+    data = await post(client, unverified, {**BASE, "init_image": "%%%"}, 403)
+    assert data["error"]["code"] == "email_not_verified"
     assert await Generation.all().count() == 0
 
 
