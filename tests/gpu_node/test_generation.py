@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import io
 import json
+import uuid
 from pathlib import Path
 from typing import Any
 
@@ -618,3 +619,40 @@ async def test_inputs_come_from_redis_by_hash_and_bad_ones_fail_clearly(
     assert failed.error is not None and failed.error.code == "input_unavailable"
     refused = await result_of(client, forged.generation_id)
     assert refused.error is not None and "SHA-256" in refused.error.message
+
+
+async def test_an_inpainting_batch_yields_to_premium_and_cancels_within_a_step(
+    node: Any, client: redis.asyncio.Redis
+) -> None:
+    buffer = io.BytesIO()
+    Image.new("RGB", (128, 128), (90, 90, 200)).save(buffer, format="PNG")
+    image = buffer.getvalue()
+    buffer = io.BytesIO()
+    Image.new("L", (128, 128), 255).save(buffer, format="PNG")
+    mask = buffer.getvalue()
+    for data in (image, mask):
+        await client.set(input_key(sha256_hex(data)), data)
+    inputs = {"init_image_sha256": sha256_hex(image), "mask_sha256": sha256_hex(mask)}
+    items = [
+        job(Tier.NORMAL, width=128, height=128, steps=200, seed=seed, **inputs)
+        for seed in (1, 2)
+    ]
+    await enqueue_batch(
+        client, BatchJob(batch_id=uuid.uuid4(), model="tiny", items=items)
+    )
+
+    async def at_step_3() -> int:
+        events = await events_of(client, items[0].generation_id)
+        steps = [e.step for _, e in events if isinstance(e, ProgressEvent)]
+        return max(steps, default=0) if max(steps, default=0) >= 3 else 0
+
+    await wait_for(at_step_3)
+    # Premium work runs at the batch's next step boundary, then the batch goes on.
+    premium = job(steps=2, init_image_sha256=sha256_hex(image), strength=1.0)
+    await enqueue_generation(client, premium)
+    assert (await result_of(client, premium.generation_id)).status is Status.SUCCEEDED
+    await request_cancel(client, items[0].generation_id)
+    await request_cancel(client, items[1].generation_id)
+    for item in items:
+        result = await result_of(client, item.generation_id)
+        assert result.status is Status.CANCELLED and not result.images
