@@ -261,6 +261,8 @@ async def test_a_retried_submit_with_the_same_key_makes_one_generation(
     await node.claim()
     me = await (await client.get("/api/v1/me", headers=auth(secret))).json()
     assert me["quota"]["images_today"] == 3
+    assert me["quota"]["max_upload_bytes"] == 16 * 1024 * 1024
+    assert me["quota"]["max_upload_pixels"] == 4096 * 4096
     other_body = {**body, "prompt": "a blue fox"}
     conflict = await post(client, secret, other_body, 409, headers=key)
     assert conflict["error"]["code"] == "conflict"
