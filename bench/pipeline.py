@@ -1,5 +1,8 @@
 """Benchmark: raw pipeline images/s against the same requests through the node.
 
+Each mode at the same size and steps: text-to-image, img2img at strength 0.5
+(so about half the steps run) and inpainting (strength 1, a centred mask).
+
 CPU (default): the built-in tiny model, 128x128, 20 steps; batches 1, 4, 8.
 GPU (--gpu): an SD-1.5-architecture pipeline with random weights built from
 its configs (no download), fp16, 512x512, 25 steps, guidance 7.5; batches
@@ -17,6 +20,8 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import hashlib
+import io
 import os
 import platform
 import statistics
@@ -34,8 +39,13 @@ sys.path.insert(0, str(REPO))
 
 from gpu_node import pipeline, store  # noqa: E402
 from gpu_node.calls import CallItem, Engine, PipelineCall  # noqa: E402
-from sdapi.contract.jobs import BatchJob, GenerationJob, GenerationParams  # noqa: E402
-from sdapi.contract.names import result_job_id  # noqa: E402
+from sdapi.contract.jobs import (  # noqa: E402
+    BatchJob,
+    GenerationJob,
+    GenerationParams,
+    Mode,
+)
+from sdapi.contract.names import input_key, result_job_id  # noqa: E402
 from sdapi.contract.status import Tier  # noqa: E402
 
 SD15_UNET: dict[str, Any] = {
@@ -151,19 +161,91 @@ def build_sd15_random(folder: Path) -> None:
     vocab.rmdir()
 
 
-def make_call(setup: Setup, batch: int, round_: int) -> PipelineCall:
+@dataclass(frozen=True)
+class Variant:
+    """One mode of generation the benchmark runs."""
+
+    label: str
+    mode: Mode
+    strength: float
+
+
+VARIANTS = (
+    Variant("txt2img", Mode.TXT2IMG, 1.0),
+    Variant("img2img 0.5", Mode.IMG2IMG, 0.5),
+    Variant("inpaint", Mode.INPAINT, 1.0),
+)
+
+
+@dataclass(frozen=True)
+class Inputs:
+    """The init image and mask every img2img / inpainting request uses."""
+
+    image: Any
+    mask: Any
+    image_png: bytes
+    mask_png: bytes
+
+    @property
+    def image_sha256(self) -> str:
+        return hashlib.sha256(self.image_png).hexdigest()
+
+    @property
+    def mask_sha256(self) -> str:
+        return hashlib.sha256(self.mask_png).hexdigest()
+
+
+def make_inputs(size: int) -> Inputs:
+    """A gradient to start from and a mask over its centre half."""
+    import numpy as np
+    from PIL import Image
+
+    ramp = np.linspace(0, 255, size, dtype=np.uint8)
+    rgb = np.stack(np.broadcast_arrays(ramp[None, :], ramp[:, None], 128), axis=-1)
+    image = Image.fromarray(rgb.astype(np.uint8), mode="RGB")
+    mask_pixels = np.zeros((size, size), dtype=np.uint8)
+    mask_pixels[size // 4 : 3 * size // 4, size // 4 : 3 * size // 4] = 255
+    mask = Image.fromarray(mask_pixels, mode="L")
+    pngs = []
+    for picture in (image, mask):
+        buffer = io.BytesIO()
+        picture.save(buffer, format="PNG")
+        pngs.append(buffer.getvalue())
+    return Inputs(image, mask, pngs[0], pngs[1])
+
+
+def make_call(
+    setup: Setup, batch: int, round_: int, variant: Variant, inputs: Inputs
+) -> PipelineCall:
+    with_image = variant.mode is not Mode.TXT2IMG
+    with_mask = variant.mode is Mode.INPAINT
     items = tuple(
         CallItem(
-            f"r{round_}i{i}", f"a photo of thing {i}", "blurry", (1000 * round_ + i,)
+            f"r{round_}i{i}",
+            f"a photo of thing {i}",
+            "blurry",
+            (1000 * round_ + i,),
+            init_image=inputs.image if with_image else None,
+            mask=inputs.mask if with_mask else None,
         )
         for i in range(batch)
     )
     return PipelineCall(
-        setup.size, setup.size, setup.steps, setup.guidance, "euler_a", items
+        setup.size,
+        setup.size,
+        setup.steps,
+        setup.guidance,
+        "euler_a",
+        items,
+        variant.mode,
+        variant.strength,
     )
 
 
-def _params(setup: Setup, seed: int) -> GenerationParams:
+def _params(
+    setup: Setup, seed: int, variant: Variant, inputs: Inputs
+) -> GenerationParams:
+    with_image = variant.mode is not Mode.TXT2IMG
     return GenerationParams(
         prompt=f"a photo of thing {seed}",
         negative_prompt="blurry",
@@ -174,6 +256,9 @@ def _params(setup: Setup, seed: int) -> GenerationParams:
         seed=seed,
         num_images=1,
         scheduler="euler_a",
+        init_image_sha256=inputs.image_sha256 if with_image else None,
+        mask_sha256=inputs.mask_sha256 if variant.mode is Mode.INPAINT else None,
+        strength=variant.strength if with_image else None,
     )
 
 
@@ -187,7 +272,7 @@ class Timings:
 
 async def measure(
     engine: Engine, setup: Setup, models_dir: Path, rounds: int, service: bool
-) -> dict[int, Timings]:
+) -> dict[tuple[Variant, int], Timings]:
     """Alternate raw calls and service rounds so that both see the same noise."""
     from arq.constants import job_key_prefix
 
@@ -197,7 +282,8 @@ async def measure(
     from sdapi.infra.queue import create_queue_pool, enqueue_batch, enqueue_generation
 
     model = engine.profile.model
-    results: dict[int, Timings] = {}
+    inputs = make_inputs(setup.size)
+    results: dict[tuple[Variant, int], Timings] = {}
     with tempfile.TemporaryDirectory() as tmp, EmbeddedValkey(Path(tmp)) as server:
         settings = GpuNodeSettings.from_env(
             model=model,
@@ -213,14 +299,17 @@ async def measure(
         serving = asyncio.create_task(node.serve())
         pool = await create_queue_pool(server.url)
         try:
+            # Where web and jobs put them: inputs travel by hash.
+            await pool.set(input_key(inputs.image_sha256), inputs.image_png)
+            await pool.set(input_key(inputs.mask_sha256), inputs.mask_png)
 
-            async def one_round(batch: int, round_: int) -> None:
+            async def one_round(variant: Variant, batch: int, round_: int) -> None:
                 jobs = [
                     GenerationJob(
                         generation_id=uuid.uuid4(),
                         model=model,
                         tier=Tier.PREMIUM if batch == 1 else Tier.NORMAL,
-                        params=_params(setup, 1000 * round_ + i),
+                        params=_params(setup, 1000 * round_ + i, variant, inputs),
                     )
                     for i in range(batch)
                 ]
@@ -236,25 +325,26 @@ async def measure(
                 while await pool.exists(*keys) < len(keys):  # noqa: ASYNC110
                     await asyncio.sleep(0.01)
 
-            async def raw_call(batch: int, round_: int) -> None:
+            async def raw_call(variant: Variant, batch: int, round_: int) -> None:
                 # The node is idle meanwhile: its GPU thread waits for work.
-                await asyncio.to_thread(
-                    engine.run, make_call(setup, batch, round_), Quiet()
-                )
+                call = make_call(setup, batch, round_, variant, inputs)
+                await asyncio.to_thread(engine.run, call, Quiet())
 
-            for batch in setup.batches:
-                timings = results[batch] = Timings([], [])
-                await raw_call(batch, 999)  # warm-up: kernels, allocator, caches
-                if service:
-                    await one_round(batch, 999)
-                for round_ in range(rounds):
-                    started = time.perf_counter()
-                    await raw_call(batch, round_)
-                    timings.raw.append(time.perf_counter() - started)
+            for variant in VARIANTS:
+                for batch in setup.batches:
+                    timings = results[variant, batch] = Timings([], [])
+                    # Warm-up: kernels, allocator, caches.
+                    await raw_call(variant, batch, 999)
                     if service:
+                        await one_round(variant, batch, 999)
+                    for round_ in range(rounds):
                         started = time.perf_counter()
-                        await one_round(batch, round_)
-                        timings.service.append(time.perf_counter() - started)
+                        await raw_call(variant, batch, round_)
+                        timings.raw.append(time.perf_counter() - started)
+                        if service:
+                            started = time.perf_counter()
+                            await one_round(variant, batch, round_)
+                            timings.service.append(time.perf_counter() - started)
         finally:
             await pool.aclose()
             node.request_stop()
@@ -342,25 +432,37 @@ def main() -> int:
         " median is given too)\n"
     )
     print(
-        "| batch | raw images/s | service images/s | service/raw "
-        "| medians raw/service |"
+        "| mode | steps run | batch | raw images/s | service images/s "
+        "| service/raw | medians raw/service |"
     )
-    print("| ---: | ---: | ---: | ---: | ---: |")
-    best: dict[int, float] = {}
-    for batch in setup.batches:
-        t = timings[batch]
-        best[batch] = batch / min(t.raw)
-        raw_median = batch / statistics.median(t.raw)
-        if t.service:
-            svc = batch / min(t.service)
-            svc_median = batch / statistics.median(t.service)
-            print(
-                f"| {batch} | {best[batch]:.2f} | {svc:.2f} | {svc / best[batch]:.2f} "
-                f"| {raw_median:.2f} / {svc_median:.2f} |"
-            )
-        else:
-            print(f"| {batch} | {best[batch]:.2f} | - | - | {raw_median:.2f} / - |")
-    print(f"\nbatching gain (batch 8 / batch 1, raw): {best[8] / best[1]:.2f}x")
+    print("| --- | ---: | ---: | ---: | ---: | ---: | ---: |")
+    gains: dict[str, float] = {}
+    for variant in VARIANTS:
+        best: dict[int, float] = {}
+        ran = (
+            setup.steps
+            if variant.mode is Mode.TXT2IMG
+            else int(setup.steps * variant.strength)
+        )
+        for batch in setup.batches:
+            t = timings[variant, batch]
+            best[batch] = batch / min(t.raw)
+            raw_median = batch / statistics.median(t.raw)
+            row = f"| {variant.label} | {ran} | {batch} | {best[batch]:.2f} "
+            if t.service:
+                svc = batch / min(t.service)
+                svc_median = batch / statistics.median(t.service)
+                row += (
+                    f"| {svc:.2f} | {svc / best[batch]:.2f} "
+                    f"| {raw_median:.2f} / {svc_median:.2f} |"
+                )
+            else:
+                row += f"| - | - | {raw_median:.2f} / - |"
+            print(row)
+        gains[variant.label] = best[setup.batches[-1]] / best[1]
+    largest = setup.batches[-1]
+    for label, gain in gains.items():
+        print(f"\n{label}: batching gain (raw, batch {largest} / batch 1) {gain:.2f}x")
     if args.gpu:
         print(f"peak GPU memory (raw and service runs): {peak / 2**30:.2f} GiB")
     return 0

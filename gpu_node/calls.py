@@ -11,6 +11,7 @@ from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Protocol
 
+from sdapi.contract.jobs import Mode
 from sdapi.contract.nodes import ModelLimits
 
 if TYPE_CHECKING:
@@ -45,12 +46,16 @@ class ModelError(Exception):
 
 @dataclass(frozen=True)
 class CallItem:
-    """One generation's share of a pipeline call: its prompts and image seeds."""
+    """One generation's share of a pipeline call: its prompts, seeds and inputs."""
 
     key: str
     prompt: str
     negative_prompt: str
     seeds: tuple[int, ...]
+    # img2img / inpainting inputs, already at the call's size (mask: mode "L",
+    # white = repaint).
+    init_image: Image | None = None
+    mask: Image | None = None
 
 
 @dataclass(frozen=True)
@@ -63,6 +68,9 @@ class PipelineCall:
     guidance_scale: float
     scheduler: str
     items: tuple[CallItem, ...]
+    mode: Mode = Mode.TXT2IMG
+    # Share of `steps` run from the init image (1 for txt2img).
+    strength: float = 1.0
 
     @property
     def image_count(self) -> int:

@@ -136,6 +136,11 @@ async def _store_images(
             prompt=item.prompt,
             negative_prompt=item.negative_prompt,
             versions=profile.versions,
+            init_image_sha256=params.init_image_sha256,
+            mask_sha256=params.mask_sha256,
+            strength=params.effective_strength
+            if params.init_image_sha256 is not None
+            else None,
         )
         for index, seed in enumerate(seeds)
     ]

@@ -9,6 +9,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+from PIL import Image as PILImage
 from PIL.PngImagePlugin import PngInfo
 
 from gpu_node.calls import SAMPLER_LABELS
@@ -37,6 +38,10 @@ class ImageManifest:
     prompt: str
     negative_prompt: str
     versions: Mapping[str, str] = field(default_factory=dict)
+    # img2img / inpainting: what the image was made from.
+    init_image_sha256: str | None = None
+    mask_sha256: str | None = None
+    strength: float | None = None
 
     def parameters_text(self) -> str:
         """The AUTOMATIC1111 `parameters` text."""
@@ -52,6 +57,11 @@ class ImageManifest:
             f"Model hash: {self.model_hash[:10]}",
             f"Model: {self.model}",
         ]
+        if self.init_image_sha256 is not None:
+            settings.append(f"Denoising strength: {self.strength:g}")
+            settings.append(f"Init image hash: {self.init_image_sha256[:10]}")
+        if self.mask_sha256 is not None:
+            settings.append(f"Mask hash: {self.mask_sha256[:10]}")
         if "diffusers" in self.versions:
             settings.append(f"Version: diffusers {self.versions['diffusers']}")
         lines.append(", ".join(settings))
@@ -74,6 +84,11 @@ class ImageManifest:
             "negative_prompt": self.negative_prompt,
             "versions": dict(self.versions),
         }
+        if self.init_image_sha256 is not None:
+            data["init_image_sha256"] = self.init_image_sha256
+            data["strength"] = self.strength
+        if self.mask_sha256 is not None:
+            data["mask_sha256"] = self.mask_sha256
         return json.dumps(data, ensure_ascii=False, sort_keys=True)
 
 
@@ -91,3 +106,35 @@ def encode_png(image: Image, manifest: ImageManifest) -> bytes:
 def sha256_hex(data: bytes) -> str:
     """Hex SHA-256 of some bytes."""
     return hashlib.sha256(data).hexdigest()
+
+
+class InputError(ValueError):
+    """An input image from Redis is not what its hash names, or not an image."""
+
+
+# Inputs come from `web`, which already refused anything larger; this bounds
+# what a node decodes from a Redis payload it does not trust (pixels).
+INPUT_PIXELS_MAX = 4096 * 4096
+
+
+def load_input(data: bytes, digest: str, mode: str, size: tuple[int, int]) -> Image:
+    """Decode an input image checked against its SHA-256, in `mode`, at `size`.
+
+    A mask (mode "L") is binarized as diffusers does (>= 50% repaints), so the
+    pixels kept outside it are exactly those the pipeline kept. CPU work: call
+    it in a thread.
+    """
+    if sha256_hex(data) != digest:
+        raise InputError("an input image does not match its SHA-256")
+    try:
+        with PILImage.open(io.BytesIO(data), formats=["PNG"]) as opened:
+            if opened.width * opened.height > INPUT_PIXELS_MAX:
+                raise InputError("an input image is too large")
+            image = opened.convert(mode)
+    except (OSError, PILImage.DecompressionBombError) as exc:
+        raise InputError(f"an input image cannot be decoded: {exc}") from None
+    if image.size != size:
+        image = image.resize(size, PILImage.Resampling.LANCZOS)
+    if mode == "L":
+        image = image.point(lambda value: 255 if value >= 128 else 0)
+    return image

@@ -24,6 +24,9 @@ class PreparedItem:
     negative_dropped: int = 0
     started_at: datetime | None = None
     images: list[Image] = field(default_factory=list)
+    # Inputs fetched by hash and sized for the call (img2img / inpainting).
+    init_image: Image | None = None
+    mask: Image | None = None
     # None while it still runs; then how it ended.
     status: Status | None = None
     error: ErrorInfo | None = None

@@ -25,7 +25,11 @@ import transformers
 from diffusers import (
     AutoencoderKL,
     PNDMScheduler,
+    StableDiffusionImg2ImgPipeline,
+    StableDiffusionInpaintPipeline,
     StableDiffusionPipeline,
+    StableDiffusionXLImg2ImgPipeline,
+    StableDiffusionXLInpaintPipeline,
     StableDiffusionXLPipeline,
     UNet2DConditionModel,
 )
@@ -41,6 +45,7 @@ from gpu_node.calls import (
     PipelineCall,
     StepObserver,
 )
+from sdapi.contract.jobs import Mode
 from sdapi.contract.nodes import ModelLimits
 
 log = logging.getLogger(__name__)
@@ -75,7 +80,21 @@ SCHEDULERS: Mapping[str, tuple[str, Mapping[str, Any]]] = {
 PIPELINES: Mapping[str, tuple[Any, str]] = {
     "StableDiffusionPipeline": (StableDiffusionPipeline, "sd"),
     "StableDiffusionXLPipeline": (StableDiffusionXLPipeline, "sdxl"),
+    # Dedicated inpainting checkpoints (a 9-channel UNet) load as these.
+    "StableDiffusionInpaintPipeline": (StableDiffusionInpaintPipeline, "sd"),
+    "StableDiffusionXLInpaintPipeline": (StableDiffusionXLInpaintPipeline, "sdxl"),
 }
+# The pipeline class of each mode, built per call around the loaded modules.
+MODE_PIPELINES: Mapping[tuple[str, Mode], Any] = {
+    ("sd", Mode.TXT2IMG): StableDiffusionPipeline,
+    ("sd", Mode.IMG2IMG): StableDiffusionImg2ImgPipeline,
+    ("sd", Mode.INPAINT): StableDiffusionInpaintPipeline,
+    ("sdxl", Mode.TXT2IMG): StableDiffusionXLPipeline,
+    ("sdxl", Mode.IMG2IMG): StableDiffusionXLImg2ImgPipeline,
+    ("sdxl", Mode.INPAINT): StableDiffusionXLInpaintPipeline,
+}
+# Channels of a dedicated inpainting UNet: latents, mask, masked-image latents.
+INPAINT_UNET_CHANNELS = 9
 # Linear latent -> RGB approximations (rows: latent channels), as used by
 # AUTOMATIC1111 and ComfyUI for live previews; under 1 ms per image.
 PREVIEW_FACTORS: Mapping[str, tuple[list[list[float]], list[float]]] = {
@@ -294,6 +313,8 @@ class DiffusersEngine:
         # tokenizer raises "Already borrowed" when two threads share it.
         self._count_tokenizer = count_tokenizer
         self._count_lock = threading.Lock()
+        # A dedicated inpainting checkpoint runs every mode as inpainting.
+        self._inpaint_only = int(base.unet.config.in_channels) == INPAINT_UNET_CHANNELS
 
     @property
     def profile(self) -> ModelProfile:
@@ -335,12 +356,12 @@ class DiffusersEngine:
                 scheduler = scheduler_class.from_config(config, **overrides, **fixes)
         return scheduler
 
-    def _wrapper(self, scheduler: Any) -> Any:
+    def _wrapper(self, cls: Any, scheduler: Any) -> Any:
         # A pipeline object per call keeps per-call state (scheduler, guidance,
         # interrupt flag) apart, so a premium call nested at a step boundary of a
-        # batch leaves the batch's state untouched; the modules are shared.
+        # batch leaves the batch's state untouched; the modules are shared, so
+        # img2img and inpainting hold no second copy of the weights.
         # (`from_pipe` would also cast the shared modules to float32.)
-        cls = type(self._base)
         expected, optional = cls._get_signature_keys(cls)
         kwargs: dict[str, Any] = {
             name: module
@@ -399,12 +420,54 @@ class DiffusersEngine:
             ),
         }
 
+    def _plan(self, call: PipelineCall) -> tuple[Mode, float]:
+        """The pipeline mode and strength that make what `call` asks for."""
+        mode, strength = call.mode, call.strength
+        if mode is Mode.IMG2IMG and strength >= 1:
+            # Strength 1 ignores the input: exactly text-to-image at its seed.
+            mode = Mode.TXT2IMG
+        if self._inpaint_only and mode is not Mode.INPAINT:
+            # A 9-channel UNet needs a mask: all white repaints everything.
+            return Mode.INPAINT, strength if mode is Mode.IMG2IMG else 1.0
+        return mode, strength
+
+    def _image_inputs(
+        self, call: PipelineCall, mode: Mode, strength: float
+    ) -> dict[str, Any]:
+        if mode is Mode.TXT2IMG:
+            return {"width": call.width, "height": call.height}
+        size = (call.width, call.height)
+        rows = [item for item in call.items for _ in item.seeds]
+        images = [
+            item.init_image or Image.new("RGB", size, (127, 127, 127)) for item in rows
+        ]
+        inputs: dict[str, Any] = {"image": images, "strength": strength}
+        if mode is Mode.INPAINT:
+            inputs["mask_image"] = [
+                item.mask or Image.new("L", size, 255) for item in rows
+            ]
+            inputs.update(width=call.width, height=call.height)
+        return inputs
+
     def run(
         self, call: PipelineCall, observer: StepObserver
     ) -> dict[str, list[Image.Image]]:
         """Run `call` on this thread; images grouped by item key."""
         observer.before_start()
-        pipe = self._wrapper(self._scheduler(call.scheduler))
+        if call.mode is not Mode.TXT2IMG and int(call.steps * call.strength) < 1:
+            # No denoising step at this strength (diffusers refuses the call):
+            # the input comes back unchanged.
+            return {
+                item.key: [
+                    (item.init_image or Image.new("RGB", (call.width, call.height)))
+                    for _ in item.seeds
+                ]
+                for item in call.items
+            }
+        mode, strength = self._plan(call)
+        pipe = self._wrapper(
+            MODE_PIPELINES[(self._kind, mode)], self._scheduler(call.scheduler)
+        )
         # CPU generators: a seed means the same starting noise on any device.
         generators = [
             torch.Generator(device="cpu").manual_seed(seed)
@@ -434,8 +497,7 @@ class DiffusersEngine:
             with torch.inference_mode():
                 output = pipe(
                     **self._prompt_inputs(pipe, call),
-                    width=call.width,
-                    height=call.height,
+                    **self._image_inputs(call, mode, strength),
                     num_inference_steps=call.steps,
                     guidance_scale=call.guidance_scale,
                     generator=generators,
@@ -461,8 +523,15 @@ class DiffusersEngine:
         images: list[Image.Image] = list(output.images)
         grouped: dict[str, list[Image.Image]] = {}
         for item in call.items:
-            grouped.setdefault(item.key, []).extend(images[: len(item.seeds)])
+            made = images[: len(item.seeds)]
             images = images[len(item.seeds) :]
+            if call.mode is Mode.INPAINT and item.init_image and item.mask:
+                # Outside the mask the input's own pixels, not their VAE round
+                # trip (which blurs them, and with random weights ruins them).
+                made = [
+                    Image.composite(image, item.init_image, item.mask) for image in made
+                ]
+            grouped.setdefault(item.key, []).extend(made)
         return grouped
 
 

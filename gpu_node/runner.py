@@ -66,13 +66,19 @@ async def run_calls(
                 item.prompt,
                 item.negative_prompt,
                 tuple(item.job.params.image_seeds()),
+                init_image=item.init_image,
+                mask=item.mask,
             )
             for item in todo
         ),
+        mode=params.mode,
+        strength=params.effective_strength,
     )
     calls = call.split(resources.info.max_batch)
     progress = {
-        item.key: ItemProgress(item.job.params.steps, _calls_with(calls, item.key))
+        item.key: ItemProgress(
+            item.job.params.denoising_steps, _calls_with(calls, item.key)
+        )
         for item in todo
     }
     while calls:

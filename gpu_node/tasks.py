@@ -13,7 +13,7 @@ import logging
 import threading
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from uuid import uuid4
 
 from pydantic import ValidationError
@@ -22,6 +22,7 @@ from redis.exceptions import RedisError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from gpu_node.delivery import deliver, refuse
+from gpu_node.images import InputError, load_input
 from gpu_node.items import PreparedItem
 from gpu_node.resources import NodeResources
 from gpu_node.runner import Deadline, LeaseLost, run_calls
@@ -38,6 +39,7 @@ from sdapi.contract.names import (
     GENERATE_FUNCTION,
     MARK_STARTED_FUNCTION,
     RESULTS_QUEUE,
+    input_key,
     result_job_id,
     started_job_id,
 )
@@ -49,6 +51,9 @@ from sdapi.infra.queue import (
     job_info,
     job_or_result_exists,
 )
+
+if TYPE_CHECKING:
+    from PIL.Image import Image
 
 log = logging.getLogger(__name__)
 
@@ -195,6 +200,8 @@ class NodeTasks:
             )
         elif not item.prompt:
             item.fail("invalid_request", "the prompt is empty")
+        elif not await self._fetch_inputs(item):
+            pass
         else:
             window = profile.token_window
             prompt_tokens, negative_tokens = await asyncio.to_thread(
@@ -206,6 +213,36 @@ class NodeTasks:
             item.prompt_dropped = max(0, prompt_tokens - window)
             item.negative_dropped = max(0, negative_tokens - window)
         return item
+
+    async def _fetch_inputs(self, item: PreparedItem) -> bool:
+        """Load the item's input images from Redis by hash; False if it failed."""
+        params = item.job.params
+        found: list[Image] = []
+        for digest, mode in (
+            (params.init_image_sha256, "RGB"),
+            (params.mask_sha256, "L"),
+        ):
+            if digest is None:
+                continue
+            data: bytes | None = await self.resources.redis.get(input_key(digest))
+            if data is None:
+                item.fail(
+                    "input_unavailable",
+                    "an input image is no longer available; please submit again",
+                )
+                return False
+            try:
+                image = await asyncio.to_thread(
+                    load_input, data, digest, mode, (params.width, params.height)
+                )
+            except InputError as exc:
+                item.fail("invalid_request", str(exc))
+                return False
+            found.append(image)
+        if found:
+            item.init_image = found[0]
+            item.mask = found[1] if len(found) > 1 else None
+        return True
 
     async def _generate(
         self,
@@ -263,7 +300,8 @@ class NodeTasks:
         resources = self.resources
         item.started_at = datetime.now(UTC)
         resources.publisher.emit(item.key, StartedEvent(node_id=resources.node_id))
-        resources.publisher.set_progress(item.key, 0, item.job.params.steps)
+        # img2img runs only strength * steps of them: the total users see.
+        resources.publisher.set_progress(item.key, 0, item.job.params.denoising_steps)
 
     async def _mark_started(self, item: PreparedItem) -> None:
         """Have `jobs` record the start (queued -> running) in the database."""

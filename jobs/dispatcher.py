@@ -21,7 +21,6 @@ from jobs.resources import JobsResources
 from jobs.results import TRANSIENT_ERRORS, announce_done, fail_generations
 from sdapi.contract.events import QueuedEvent
 from sdapi.contract.jobs import (
-    BATCH_KEY_FIELDS,
     BatchJob,
     ErrorInfo,
     GenerationJob,
@@ -31,6 +30,7 @@ from sdapi.contract.names import batch_job_id, batch_queue
 from sdapi.contract.status import Status, Tier
 from sdapi.infra.queue import enqueue_batch, queue_depth, queue_position
 from sdapi.infra.streams import append_event
+from web.input_store import put_inputs
 from web.models import Generation, utcnow
 from web.registry import ModelOffer
 
@@ -70,8 +70,12 @@ class PlannedBatch:
 
 
 def group_key(row: Generation) -> GroupKey:
-    """What rows must share to run in one batch (the columns of the batch key)."""
-    return tuple(getattr(row, name) for name in BATCH_KEY_FIELDS)
+    """What rows must share to run in one batch (`GenerationParams.batch_key`).
+
+    Mode and strength live only in the stored request, so the key comes from
+    the node's view of the row, not from its columns.
+    """
+    return generation_params(row).batch_key()
 
 
 def plan_batches(rows: list[Generation], max_batch: int) -> list[PlannedBatch]:
@@ -167,6 +171,8 @@ async def send_batch(resources: JobsResources, batch: BatchJob) -> bool:
     once their deadline passes.
     """
     try:
+        # The node fetches inputs by hash: they are in Redis before the job.
+        await put_inputs(resources.redis, [item.generation_id for item in batch.items])
         if not await enqueue_batch(resources.redis, batch):
             log.warning(
                 "batch %s attempt %s already queued", batch.batch_id, batch.attempt

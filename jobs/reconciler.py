@@ -51,6 +51,7 @@ from sdapi.infra.queue import (
     queue_position,
 )
 from sdapi.infra.streams import append_event
+from web.input_store import put_inputs
 from web.models import Generation, utcnow
 
 log = logging.getLogger(__name__)
@@ -249,6 +250,8 @@ async def _send(resources: JobsResources, job: GenerationJob | BatchJob) -> None
         await send_batch(resources, job)
         return
     try:
+        # Redis may have lost the inputs with the job: PostgreSQL has them.
+        await put_inputs(resources.redis, [job.generation_id])
         await enqueue_generation(resources.redis, job)
         position = await queue_position(
             resources.redis,

@@ -52,6 +52,8 @@ class JobsSettings(CommonSettings):
     dispatch_interval: float = Field(default=1.0, gt=0)
     reconcile_interval: float = Field(default=10.0, gt=0)
     outbox_interval: float = Field(default=1.0, gt=0)
+    # Expired idempotency keys and unused input images go this often.
+    cleanup_interval: float = Field(default=600.0, gt=0)
     # Batches kept on a model's batch queue (waiting or running) per healthy
     # node; beyond that due rows wait in the database, which stays the buffer.
     dispatch_batches_per_node: int = Field(default=2, ge=1)

@@ -46,6 +46,7 @@ async def _every(
 
 def periodic_tasks(settings: JobsSettings) -> list[tuple[str, float, Periodic]]:
     """The periodic tasks of the worker, with their intervals in seconds."""
+    from jobs.cleanup import clean_up
     from jobs.dispatcher import dispatch_due
     from jobs.email_sender import send_due_emails
     from jobs.reconciler import reconcile
@@ -54,6 +55,7 @@ def periodic_tasks(settings: JobsSettings) -> list[tuple[str, float, Periodic]]:
         ("outbox", settings.outbox_interval, send_due_emails),
         ("dispatch", settings.dispatch_interval, dispatch_due),
         ("reconcile", settings.reconcile_interval, reconcile),
+        ("cleanup", settings.cleanup_interval, clean_up),
     ]
 
 

@@ -11,7 +11,7 @@ import base64
 import logging
 import secrets
 import uuid
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -23,7 +23,7 @@ from tortoise.expressions import Q
 from tortoise.transactions import in_transaction
 
 from sdapi.contract.events import DoneEvent, QueuedEvent
-from sdapi.contract.jobs import GenerationJob, GenerationParams
+from sdapi.contract.jobs import GenerationJob, GenerationParams, default_strength
 from sdapi.contract.names import (
     batch_job_id,
     batch_queue,
@@ -51,11 +51,15 @@ from web.errors import (
     Unavailable,
     ValidationFailed,
 )
+from web.idempotency import IdempotencyClaim, find_replay, record
+from web.input_store import put_inputs, store_inputs
+from web.inputs import ResultRef, Source, check_mask_size, resolve_input
 from web.links import image_path
-from web.models import Delivery, GeneratedImage, Generation, User, utcnow
+from web.models import Delivery, GeneratedImage, Generation, InputRole, User, utcnow
 from web.quota import usage
 from web.registry import ModelOffer
 from web.schemas import generations as schemas
+from web.uploads import CleanImage, Use, fit_size
 
 log = logging.getLogger(__name__)
 
@@ -103,13 +107,26 @@ def _default_size(model_max: int, model_default: int) -> int:
 
 
 def resolve_request(
-    body: schemas.GenerationRequest, offer: ModelOffer, tier: Tier, app: web.Application
+    body: schemas.GenerationRequest,
+    offer: ModelOffer,
+    tier: Tier,
+    app: web.Application,
+    inputs: Mapping[InputRole, CleanImage] | None = None,
 ) -> schemas.ResolvedRequest:
     """Apply the model's defaults and the tier's limits (422 per bad field)."""
     limits = app[settings_key].limits(tier)
     problems: list[dict[str, str]] = []
-    width = body.width or _default_size(offer.max_width, offer.default_width)
-    height = body.height or _default_size(offer.max_height, offer.default_height)
+    inputs = inputs or {}
+    init = inputs.get(InputRole.INIT_IMAGE)
+    if init is not None:
+        # An input's own size, scaled into what this tier and model allow.
+        cap = min(limits.max_size, offer.max_width, offer.max_height)
+        fitted = fit_size(init.width, init.height, cap)
+        width = body.width or fitted[0]
+        height = body.height or fitted[1]
+    else:
+        width = body.width or _default_size(offer.max_width, offer.default_width)
+        height = body.height or _default_size(offer.max_height, offer.default_height)
     for field, value, model_max in (
         ("width", width, offer.max_width),
         ("height", height, offer.max_height),
@@ -171,7 +188,68 @@ def resolve_request(
         num_images=body.num_images,
         scheduler=scheduler,
         delivery=delivery,
+        init_image_sha256=init.sha256 if init is not None else None,
+        mask_sha256=mask.sha256 if (mask := inputs.get(InputRole.MASK)) else None,
+        strength=(
+            (
+                body.strength
+                if body.strength is not None
+                else default_strength(InputRole.MASK in inputs)
+            )
+            if init is not None
+            else None
+        ),
     )
+
+
+def request_sources(
+    body: schemas.GenerationRequest, files: Mapping[str, bytes] | None = None
+) -> dict[InputRole, Source]:
+    """The inputs a request names, from its JSON fields or its file parts."""
+    sources: dict[InputRole, Source] = {}
+    for role in InputRole:
+        value = getattr(body, role.value)
+        if files and role.value in files:
+            if value is not None:
+                raise _invalid(role.value, "Send it as a file or a field, not both.")
+            sources[role] = files[role.value]
+        elif isinstance(value, schemas.ImageReference):
+            sources[role] = ResultRef(value.generation_id, value.index)
+        elif value is not None:
+            sources[role] = value
+    if InputRole.INIT_IMAGE not in sources:
+        if InputRole.MASK in sources:
+            raise _invalid("mask", "A mask needs an init_image to repaint.")
+        if body.strength is not None:
+            raise _invalid("strength", "strength needs an init_image.")
+    return sources
+
+
+async def prepare_inputs(
+    app: web.Application,
+    principal: Principal,
+    sources: Mapping[InputRole, Source],
+) -> dict[InputRole, CleanImage]:
+    """Check and clean a request's inputs with the caller's tier limits."""
+    tier = principal.user.tier_at(utcnow())
+    # As in submit_generation: an unverified account learns nothing else.
+    if tier is Tier.NORMAL and principal.user.email_verified_at is None:
+        raise EmailNotVerified()
+    limits = app[settings_key].limits(tier)
+    inputs: dict[InputRole, CleanImage] = {}
+    for role, source in sources.items():
+        inputs[role] = await resolve_input(
+            principal.user,
+            source,
+            field=role.value,
+            use=Use.MASK if role is InputRole.MASK else Use.IMAGE,
+            limits=limits,
+        )
+    init = inputs.get(InputRole.INIT_IMAGE)
+    mask = inputs.get(InputRole.MASK)
+    if init is not None and mask is not None:
+        check_mask_size(init, mask)
+    return inputs
 
 
 def _seconds_to_midnight(now: datetime) -> int:
@@ -182,17 +260,33 @@ def _seconds_to_midnight(now: datetime) -> int:
 
 
 async def submit_generation(
-    app: web.Application, principal: Principal, body: schemas.GenerationRequest
+    app: web.Application,
+    principal: Principal,
+    body: schemas.GenerationRequest,
+    inputs: Mapping[InputRole, CleanImage] | None = None,
+    *,
+    idempotency: IdempotencyClaim | None = None,
 ) -> Generation:
-    """Validate, store and (premium) enqueue a generation; return the stored row."""
+    """Validate, store and (premium) enqueue a generation; return the stored row.
+
+    With an idempotency claim seen before, the generation it made comes back
+    and nothing else happens (no quota, no enqueue).
+    """
     settings = app[settings_key]
     now = utcnow()
     tier = principal.user.tier_at(now)
     # Before validation: an unverified account can send nothing, valid or not.
     if tier is Tier.NORMAL and principal.user.email_verified_at is None:
         raise EmailNotVerified()
+    if idempotency is not None:
+        # Before the checks below: a retry gets its first answer even when
+        # the quota is spent or the model's nodes are gone since.
+        replay = await find_replay(principal.user.id, idempotency, now)
+        if replay is not None:
+            return replay
+    inputs = dict(inputs or {})
     offer = await find_offer(app, body.model)
-    request = resolve_request(body, offer, tier, app)
+    request = resolve_request(body, offer, tier, app, inputs)
     # Mail goes only to an address its owner has proven (premium included).
     if request.delivery == "email" and principal.user.email_verified_at is None:
         raise EmailNotVerified(
@@ -205,6 +299,11 @@ async def submit_generation(
         # The user's row lock serialises their concurrent requests, so two of
         # them cannot both take the last slot of the quota.
         user = await User.select_for_update().get(id=principal.user.id)
+        if idempotency is not None:
+            # Again under the lock: a concurrent retry may have won the race.
+            replay = await find_replay(user.id, idempotency, now)
+            if replay is not None:
+                return replay
         used = await usage(user, now)
         if used.images_today + request.num_images > limits.images_per_day:
             raise QuotaExceeded(
@@ -242,6 +341,9 @@ async def submit_generation(
             if premium
             else None,
         )
+        await store_inputs(user, generation, inputs)
+        if idempotency is not None:
+            await record(user, idempotency, generation, now)
     if generation.tier is Tier.PREMIUM:
         await _enqueue_premium(app, generation, request, waiting=not offer.available)
     return generation
@@ -263,6 +365,8 @@ async def _enqueue_premium(
         attempt=generation.attempts,
     )
     try:
+        # The node fetches the inputs by hash: they are in Redis before the job.
+        await put_inputs(redis, [generation.id])
         # `queued` goes into the stream before the job exists, so no node can
         # append `started` ahead of it; the jobs already queued (running ones
         # included, as arq keeps them) are the ones ahead of this one.

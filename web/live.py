@@ -58,7 +58,9 @@ from web.generations import (
     image_png,
     image_url,
     load_own,
+    prepare_inputs,
     present,
+    request_sources,
     stored_images,
     submit_generation,
 )
@@ -436,7 +438,13 @@ class LiveSocket:
             )
         # Refused before anything is stored: the new generation needs a relay.
         self._check_room()
-        generation = await submit_generation(self._app, principal, message.request)
+        # Inputs fit a message as references to earlier results, or as small
+        # base64 images (messages are capped at max_ws_message_bytes).
+        sources = request_sources(message.request)
+        inputs = await prepare_inputs(self._app, principal, sources)
+        generation = await submit_generation(
+            self._app, principal, message.request, inputs
+        )
         view = await present(self._app, generation, images=[])
         await self.send(AcceptedFrame(id=str(generation.id), generation=view))
         self._follow(generation.id)

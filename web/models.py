@@ -188,6 +188,71 @@ class GeneratedImage(Model):
         unique_together = (("generation", "index"),)
 
 
+class InputRole(StrEnum):
+    INIT_IMAGE = "init_image"
+    MASK = "mask"
+
+
+class InputImage(Model):
+    """An uploaded input (cleaned PNG), stored once per user and content.
+
+    Never served back over the API: it only travels to GPU nodes (by hash,
+    through Redis), so one user's upload cannot reach another user.
+    """
+
+    id = fields.UUIDField(primary_key=True)
+    user: fields.ForeignKeyRelation[User] = fields.ForeignKeyField(
+        "models.User", related_name="input_images", on_delete=fields.CASCADE
+    )
+    sha256 = fields.CharField(max_length=64)
+    data = fields.BinaryField()
+    width = fields.IntField()
+    height = fields.IntField()
+    created_at = fields.DatetimeField(auto_now_add=True)
+
+    class Meta:
+        table = "input_images"
+        unique_together = (("user", "sha256"),)
+
+
+class GenerationInput(Model):
+    """Which stored input a generation uses, and as what."""
+
+    id = fields.UUIDField(primary_key=True)
+    generation: fields.ForeignKeyRelation[Generation] = fields.ForeignKeyField(
+        "models.Generation", related_name="inputs", on_delete=fields.CASCADE
+    )
+    # An `InputRole` value (a plain column: the migration imports no enum).
+    role = fields.CharField(max_length=16)
+    image: fields.ForeignKeyRelation[InputImage] = fields.ForeignKeyField(
+        "models.InputImage", related_name="uses", on_delete=fields.CASCADE
+    )
+
+    class Meta:
+        table = "generation_inputs"
+        unique_together = (("generation", "role"),)
+
+
+class IdempotencyKey(Model):
+    """A submit made with an `Idempotency-Key`: retries get its generation."""
+
+    id = fields.UUIDField(primary_key=True)
+    user: fields.ForeignKeyRelation[User] = fields.ForeignKeyField(
+        "models.User", related_name="idempotency_keys", on_delete=fields.CASCADE
+    )
+    # SHA-256 of the client's key (scoped by route) and of the request body.
+    key_hash = fields.CharField(max_length=64)
+    body_hash = fields.CharField(max_length=64)
+    generation: fields.ForeignKeyRelation[Generation] = fields.ForeignKeyField(
+        "models.Generation", related_name="idempotency_keys", on_delete=fields.CASCADE
+    )
+    created_at = fields.DatetimeField(auto_now_add=True)
+
+    class Meta:
+        table = "idempotency_keys"
+        unique_together = (("user", "key_hash"),)
+
+
 class OutboxEmail(Model):
     """An email to send; `dedupe_key` makes writing it idempotent."""
 

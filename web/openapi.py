@@ -61,6 +61,10 @@ class Endpoint:
     description: str = ""
     # Served but left out of the OpenAPI document (the docs page itself).
     hidden: bool = False
+    # Media types the body may come in (the same fields in each).
+    body_types: tuple[str, ...] = ("application/json",)
+    # Takes an `Idempotency-Key` header (retries answer with the first result).
+    idempotent: bool = False
 
 
 class ApiRoutes:
@@ -83,6 +87,8 @@ class ApiRoutes:
         description: str = "",
         tags: Sequence[str] = (),
         hidden: bool = False,
+        body_types: Sequence[str] = ("application/json",),
+        idempotent: bool = False,
     ) -> Callable[[HandlerFn], HandlerFn]:
         """Declare an endpoint; the decorated handler is returned unchanged."""
 
@@ -100,6 +106,8 @@ class ApiRoutes:
                     auth=auth,
                     description=description or (handler.__doc__ or "").strip(),
                     hidden=hidden,
+                    body_types=tuple(body_types),
+                    idempotent=idempotent,
                 )
             )
             return handler
@@ -224,16 +232,15 @@ def build_openapi(
         parameters = _path_parameters(endpoint.path)
         if endpoint.query is not None:
             parameters += _query_parameters(endpoint.query)
+        if endpoint.idempotent:
+            parameters.append(_IDEMPOTENCY_PARAMETER)
         if parameters:
             operation["parameters"] = parameters
         if endpoint.body is not None:
+            schema = {"$ref": refs[(endpoint.body, "validation")]}
             operation["requestBody"] = {
                 "required": True,
-                "content": {
-                    "application/json": {
-                        "schema": {"$ref": refs[(endpoint.body, "validation")]}
-                    }
-                },
+                "content": {kind: {"schema": schema} for kind in endpoint.body_types},
             }
         for response in endpoint.responses:
             entry: dict[str, Any] = {"description": response.description}
@@ -280,6 +287,17 @@ def _name(model: type[BaseModel]) -> str:
 
 def _binary_schema() -> dict[str, Any]:
     return {"type": "string", "contentMediaType": "image/png"}
+
+
+_IDEMPOTENCY_PARAMETER: dict[str, Any] = {
+    "name": "Idempotency-Key",
+    "in": "header",
+    "required": False,
+    "schema": {"type": "string", "minLength": 1, "maxLength": 255},
+    "description": "A retry with the same key and body within 24 h answers with "
+    "the first request's result (charged once); the same key with another body "
+    "is a 409.",
+}
 
 
 def _path_parameters(path: str) -> list[dict[str, Any]]:

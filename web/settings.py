@@ -23,6 +23,10 @@ class TierLimits(BaseModel):
     images_per_day: int
     # Requests queued or running at once; None: bounded by the daily quota only.
     max_in_flight: int | None
+    # One uploaded input image: its file size and its pixels (checked before
+    # it is decoded).
+    max_upload_bytes: int
+    max_upload_pixels: int
 
 
 def _split_csv(value: object) -> object:
@@ -101,6 +105,10 @@ class WebSettings(CommonSettings):
     premium_max_images: int = Field(default=8, ge=1, le=IMAGES_MAX)
     premium_images_per_day: int = Field(default=2000, ge=1)
     premium_max_in_flight: int = Field(default=4, ge=1)
+    normal_max_upload_bytes: int = Field(default=4 * 1024 * 1024, ge=1024)
+    normal_max_upload_pixels: int = Field(default=2048 * 2048, ge=64 * 64)
+    premium_max_upload_bytes: int = Field(default=16 * 1024 * 1024, ge=1024)
+    premium_max_upload_pixels: int = Field(default=4096 * 4096, ge=64 * 64)
 
     _split = field_validator("allowed_origins", "models", mode="before")(_split_csv)
 
@@ -108,6 +116,12 @@ class WebSettings(CommonSettings):
     @classmethod
     def _public_url(cls, value: str | None) -> str | None:
         return http_url(value) if value else None
+
+    @property
+    def upload_body_bytes(self) -> int:
+        """Largest body of a request carrying images: two of the largest
+        uploads, base64-encoded (4 bytes per 3), and the other fields."""
+        return self.premium_max_upload_bytes * 2 * 4 // 3 + self.max_body_bytes
 
     def limits(self, tier: Tier) -> TierLimits:
         """The limits of `tier`."""
@@ -118,6 +132,8 @@ class WebSettings(CommonSettings):
                 max_images=self.premium_max_images,
                 images_per_day=self.premium_images_per_day,
                 max_in_flight=self.premium_max_in_flight,
+                max_upload_bytes=self.premium_max_upload_bytes,
+                max_upload_pixels=self.premium_max_upload_pixels,
             )
         return TierLimits(
             max_size=self.normal_max_size,
@@ -125,6 +141,8 @@ class WebSettings(CommonSettings):
             max_images=self.normal_max_images,
             images_per_day=self.normal_images_per_day,
             max_in_flight=None,
+            max_upload_bytes=self.normal_max_upload_bytes,
+            max_upload_pixels=self.normal_max_upload_pixels,
         )
 
     @property

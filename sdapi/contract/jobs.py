@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from datetime import datetime
+from enum import StrEnum
 from typing import Any, Literal
 from uuid import UUID
 
@@ -31,8 +32,36 @@ PROMPT_MAX_CHARS = 10_000
 SIZE_MAX = 4096
 
 
-# What generations must share to run in one pipeline call (and one batch).
-BATCH_KEY_FIELDS = ("width", "height", "steps", "guidance_scale", "scheduler")
+# What generations must share to run in one pipeline call (and one batch):
+# `mode` and `strength` too, as img2img and inpainting are other pipelines and
+# strength sets how many steps a call runs.
+BATCH_KEY_FIELDS = (
+    "width",
+    "height",
+    "steps",
+    "guidance_scale",
+    "scheduler",
+    "mode",
+    "strength",
+)
+SHA256_PATTERN = r"^[0-9a-f]{64}$"
+# Strength when a request gives none: diffusers' own defaults for img2img and
+# for inpainting (which repaints the masked area from noise).
+DEFAULT_STRENGTH = 0.8
+INPAINT_DEFAULT_STRENGTH = 1.0
+
+
+def default_strength(inpainting: bool) -> float:
+    """The strength of a request that names none."""
+    return INPAINT_DEFAULT_STRENGTH if inpainting else DEFAULT_STRENGTH
+
+
+class Mode(StrEnum):
+    """What a generation starts from: noise, an image, or an image and a mask."""
+
+    TXT2IMG = "txt2img"
+    IMG2IMG = "img2img"
+    INPAINT = "inpaint"
 
 
 class GenerationParams(BaseModel):
@@ -49,6 +78,51 @@ class GenerationParams(BaseModel):
     seed: int = Field(ge=0, le=SEED_MAX)
     num_images: int = Field(ge=1, le=IMAGES_MAX)
     scheduler: str
+    # Inputs travel by reference: the node fetches them from Redis by hash.
+    init_image_sha256: str | None = Field(default=None, pattern=SHA256_PATTERN)
+    mask_sha256: str | None = Field(default=None, pattern=SHA256_PATTERN)
+    # Only with an init image: the share of `steps` that denoises it (0..1).
+    strength: float | None = Field(default=None, ge=0, le=1, allow_inf_nan=False)
+
+    @model_validator(mode="after")
+    def _inputs_consistent(self) -> GenerationParams:
+        if self.mask_sha256 is not None and self.init_image_sha256 is None:
+            raise ValueError("a mask needs an init image")
+        if self.init_image_sha256 is None and self.strength is not None:
+            raise ValueError("strength needs an init image")
+        return self
+
+    @property
+    def mode(self) -> Mode:
+        """txt2img, img2img or inpaint, from the inputs given."""
+        if self.init_image_sha256 is None:
+            return Mode.TXT2IMG
+        return Mode.INPAINT if self.mask_sha256 is not None else Mode.IMG2IMG
+
+    @property
+    def effective_strength(self) -> float:
+        """The strength the pipeline runs with (1 without an init image)."""
+        if self.init_image_sha256 is None:
+            return 1.0
+        if self.strength is None:
+            return default_strength(self.mask_sha256 is not None)
+        return self.strength
+
+    @property
+    def denoising_steps(self) -> int:
+        """Steps a call actually runs: diffusers runs int(steps * strength) of
+        them from an init image (0: the input comes back unchanged)."""
+        if self.mode is Mode.TXT2IMG:
+            return self.steps
+        return min(int(self.steps * self.effective_strength), self.steps)
+
+    def input_hashes(self) -> list[str]:
+        """SHA-256 of every input image the node must fetch."""
+        return [
+            digest
+            for digest in (self.init_image_sha256, self.mask_sha256)
+            if digest is not None
+        ]
 
     def image_seeds(self) -> list[int]:
         """Image i uses seed + i (wrapping), as AUTOMATIC1111 does."""
@@ -63,7 +137,10 @@ class GenerationParams(BaseModel):
 
     def batch_key(self) -> tuple[object, ...]:
         """Generations with equal keys can share one pipeline call."""
-        return tuple(getattr(self, name) for name in BATCH_KEY_FIELDS)
+        return tuple(
+            self.effective_strength if name == "strength" else getattr(self, name)
+            for name in BATCH_KEY_FIELDS
+        )
 
 
 class GenerationJob(BaseModel):
@@ -92,7 +169,10 @@ class BatchJob(BaseModel):
     def _compatible(self) -> BatchJob:
         keys = {item.params.batch_key() for item in self.items}
         if len(keys) != 1:
-            raise ValueError("batch items differ in size, steps, guidance or scheduler")
+            raise ValueError(
+                "batch items differ in mode, size, steps, strength, guidance "
+                "or scheduler"
+            )
         if any(item.model != self.model for item in self.items):
             raise ValueError("batch items must all use the batch's model")
         return self

@@ -10,6 +10,9 @@ from uuid import UUID
 EVENT_TTL_S = 6 * 3600
 IMAGE_TTL_S = 24 * 3600
 CANCEL_TTL_S = 24 * 3600
+# An input image waits in Redis for the node this long after each (re-)enqueue,
+# in seconds; PostgreSQL keeps the original and puts it back on a re-enqueue.
+INPUT_TTL_S = 24 * 3600
 # A node's announcement in Redis expires unless refreshed (seconds).
 NODE_TTL_S = 15
 # Most entries kept in one generation's event stream (progress is every step).
@@ -67,6 +70,11 @@ def cancel_key(generation_id: UUID | str) -> str:
 def image_key(generation_id: UUID | str, index: int) -> str:
     """PNG bytes of one image, from the node until `jobs` has stored them."""
     return f"sdapi:image:{generation_id}:{index}"
+
+
+def input_key(sha256: str) -> str:
+    """Bytes of an input image (init image or mask), named by their SHA-256."""
+    return f"sdapi:input:{sha256}"
 
 
 def progress_key(generation_id: UUID | str) -> str:

@@ -5,6 +5,7 @@ aiosmtpd server that keeps the emails."""
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
 import email
 import email.policy
@@ -21,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
+import numpy as np
 import pytest
 from arq.constants import result_key_prefix
 from PIL import Image
@@ -554,3 +556,97 @@ async def test_a_flushed_redis_loses_no_generation(e2e: E2E, stack: Stack) -> No
     mails = by_generation(stack.mail.messages())
     assert sorted(mails) == sorted(ids)
     assert all(len(copies) == 1 for copies in mails.values())
+
+
+def _noise_png(seed: int) -> str:
+    rng = np.random.default_rng(seed)
+    pixels = rng.integers(0, 256, (64, 64, 3), dtype=np.uint8)
+    buffer = io.BytesIO()
+    Image.fromarray(pixels, mode="RGB").save(buffer, format="PNG")
+    return base64.b64encode(buffer.getvalue()).decode()
+
+
+def _mask_png() -> str:
+    mask = np.zeros((64, 64), dtype=np.uint8)
+    mask[16:48, 16:48] = 255
+    buffer = io.BytesIO()
+    Image.fromarray(mask, mode="L").save(buffer, format="PNG")
+    return base64.b64encode(buffer.getvalue()).decode()
+
+
+def _rgb(data: bytes | str) -> np.ndarray[Any, Any]:
+    raw = base64.b64decode(data) if isinstance(data, str) else data
+    with Image.open(io.BytesIO(raw)) as image:
+        return np.asarray(image.convert("RGB"), dtype=np.int16)
+
+
+async def test_img2img_and_inpainting_are_batched_apart_and_emailed(
+    e2e: E2E, stack: Stack
+) -> None:
+    _, auth = await make_user()
+    pictures = [_noise_png(seed) for seed in range(3)]
+    img2img = [
+        await e2e.submit(
+            auth, init_image=image, strength=0.5, steps=4, seed=10 + i, prompt="oil"
+        )
+        for i, image in enumerate(pictures[:2])
+    ]
+    inpaint = await e2e.submit(
+        auth, init_image=pictures[2], mask=_mask_png(), steps=4, seed=20
+    )
+    text = await e2e.submit(auth, steps=4, seed=30)
+    everything = [*img2img, inpaint, text]
+    assert {data["status"] for data in everything} == {"scheduled"}
+    ids = [data["id"] for data in everything]
+    rows = await e2e.finished(ids)
+    assert [row.status for row in rows] == [Status.SUCCEEDED] * 4
+    # Same mode and strength share a batch; other modes run apart.
+    assert rows[0].batch_id == rows[1].batch_id
+    assert len({rows[0].batch_id, rows[2].batch_id, rows[3].batch_id}) == 3
+    await e2e.mails(4)
+    await asyncio.sleep(1)
+    mails = by_generation(stack.mail.messages())
+    assert sorted(mails) == sorted(ids)
+    [[inpainted]] = [attached_pngs(m) for m in mails[inpaint["id"]]]
+    outside = np.ones((64, 64), dtype=bool)
+    outside[16:48, 16:48] = False
+    assert np.array_equal(_rgb(inpainted)[outside], _rgb(pictures[2])[outside])
+    manifest = png_manifest(inpainted)
+    assert manifest["mask_sha256"] == inpaint["request"]["mask_sha256"]
+    assert manifest["init_image_sha256"] == inpaint["request"]["init_image_sha256"]
+    # A batched img2img image equals the same request run alone.
+    _, premium = await make_user(premium=True)
+    request = img2img[1]["request"]
+    alone = await e2e.submit(
+        premium,
+        prompt=request["prompt"],
+        seed=request["seed"],
+        steps=request["steps"],
+        strength=0.5,
+        init_image=pictures[1],
+    )
+    [row] = await e2e.finished([alone["id"]])
+    assert row.status is Status.SUCCEEDED
+    batched = await GeneratedImage.get(generation_id=img2img[1]["id"], index=0)
+    assert_same_image(bytes(batched.png), await e2e.png(premium, alone["id"]))
+
+
+async def test_inputs_lost_with_redis_are_put_back_from_postgres(
+    e2e: E2E, stack: Stack
+) -> None:
+    _, auth = await make_user()
+    stack.node.signal(signal.SIGSTOP)
+    try:
+        data = await e2e.submit(auth, init_image=_noise_png(5), strength=0.5, steps=2)
+
+        async def queued() -> bool:
+            row = await Generation.get(id=data["id"])
+            return row.status is Status.QUEUED
+
+        await until(queued, 30, "a queued generation", stack.services)
+        await e2e.redis.flushall()
+    finally:
+        stack.node.signal(signal.SIGCONT)
+    [row] = await e2e.finished([data["id"]], timeout=60)
+    assert row.status is Status.SUCCEEDED, row.error_message
+    assert row.attempts == 2

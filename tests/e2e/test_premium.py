@@ -9,6 +9,7 @@ import base64
 import email
 import email.policy
 import io
+import json
 import re
 import time
 from collections.abc import AsyncIterator, Iterator
@@ -18,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
+import numpy as np
 import pytest
 import redis
 from aiosmtpd.controller import Controller
@@ -357,3 +359,125 @@ async def test_the_official_openai_client_works_unchanged(client: Client) -> Non
         assert caught.value.param == "size"
     finally:
         await api.close()
+
+
+def _noise_png(seed: int, size: int = 64) -> bytes:
+    rng = np.random.default_rng(seed)
+    pixels = rng.integers(0, 256, (size, size, 3), dtype=np.uint8)
+    buffer = io.BytesIO()
+    Image.fromarray(pixels, mode="RGB").save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def _mask_png(size: int = 64) -> bytes:
+    mask = np.zeros((size, size), dtype=np.uint8)
+    mask[16:48, 16:48] = 255
+    buffer = io.BytesIO()
+    Image.fromarray(mask, mode="L").save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def _rgb(data: bytes) -> np.ndarray[Any, Any]:
+    with Image.open(io.BytesIO(data)) as image:
+        return np.asarray(image.convert("RGB"), dtype=np.int16)
+
+
+async def test_img2img_over_the_websocket_reports_strength_times_steps(
+    client: Client,
+) -> None:
+    source = _noise_png(1)
+    request = {
+        "prompt": "a lighthouse, oil painting",
+        "init_image": base64.b64encode(source).decode(),
+        "strength": 0.5,
+        "steps": 8,
+        "seed": 5,
+    }
+    accepted, frames = await client.generate(request)
+    kinds = [frame["type"] for frame in frames]
+    # 8 steps at strength 0.5 run 4: the progress total says so.
+    assert kinds == ["queued", "started", *["progress"] * 4, "image", "done"]
+    assert [(f["step"], f["total"]) for f in frames[2:6]] == [
+        (s, 4) for s in range(1, 5)
+    ]
+    assert frames[-1]["status"] == "succeeded"
+    made = await client.download(accepted["id"])
+    digest = accepted["generation"]["request"]["init_image_sha256"]
+    manifest = json.loads(text_chunk(png_chunks(made), "sdapi").split(b"\0", 1)[1])
+    assert manifest["init_image_sha256"] == digest
+    assert manifest["strength"] == 0.5
+    # Same seed and inputs, same pixels; the earlier result as the input works.
+    again, _ = await client.generate(request)
+    assert (
+        png_chunks(await client.download(again["id"]))["IDAT"]
+        == (png_chunks(made)["IDAT"])
+    )
+    reference = {"generation_id": accepted["id"], "index": 0}
+    chained, frames = await client.generate({**request, "init_image": reference})
+    assert frames[-1]["status"] == "succeeded"
+    assert chained["generation"]["request"]["init_image_sha256"] != digest
+
+
+async def test_strength_zero_returns_the_input(client: Client) -> None:
+    source = _noise_png(2)
+    accepted, frames = await client.generate(
+        {
+            "prompt": "unchanged",
+            "init_image": base64.b64encode(source).decode(),
+            "strength": 0,
+        }
+    )
+    # No denoising step at all: no progress, the input comes back.
+    assert [f["type"] for f in frames] == ["queued", "started", "image", "done"]
+    assert np.array_equal(_rgb(await client.download(accepted["id"])), _rgb(source))
+
+
+async def test_inpainting_keeps_the_pixels_outside_the_mask(client: Client) -> None:
+    source = _noise_png(3)
+    accepted, frames = await client.generate(
+        {
+            "prompt": "a red door",
+            "init_image": base64.b64encode(source).decode(),
+            "mask": base64.b64encode(_mask_png()).decode(),
+            "steps": 6,
+            "num_images": 2,
+        }
+    )
+    assert frames[-1]["status"] == "succeeded"
+    assert [f["total"] for f in frames if f["type"] == "progress"] == [6] * 6
+    outside = np.ones((64, 64), dtype=bool)
+    outside[16:48, 16:48] = False
+    original = _rgb(source)
+    for index in (0, 1):
+        made = _rgb(await client.download(accepted["id"], index))
+        # Measured: 0 (the input's own pixels are put back outside the mask).
+        assert np.abs(made[outside] - original[outside]).max() == 0
+        assert np.abs(made[~outside] - original[~outside]).max() > 0
+
+
+async def test_images_edit_with_the_official_client(client: Client) -> None:
+    openai = pytest.importorskip("openai")
+    secret = client.auth["Authorization"].removeprefix("Bearer ")
+    api = openai.AsyncOpenAI(
+        api_key=secret, base_url=f"{client.stack.base_url}/v1", max_retries=0
+    )
+    rgba = np.full((64, 64, 4), 255, dtype=np.uint8)
+    rgba[16:48, 16:48, 3] = 0
+    buffer = io.BytesIO()
+    Image.fromarray(rgba, mode="RGBA").save(buffer, format="PNG")
+    source = _noise_png(4)
+    try:
+        result = await api.images.edit(
+            image=("photo.png", source, "image/png"),
+            mask=("mask.png", buffer.getvalue(), "image/png"),
+            prompt="a window",
+            model="tiny",
+            response_format="b64_json",
+        )
+    finally:
+        await api.close()
+    [item] = result.data
+    made = _rgb(base64.b64decode(item.b64_json or ""))
+    original = _rgb(source)
+    assert np.array_equal(made[:16], original[:16])
+    assert not np.array_equal(made[16:48, 16:48], original[16:48, 16:48])

@@ -246,3 +246,31 @@ def test_sdxl_without_a_negative_prompt_gets_the_zero_embedding_in_any_batch(
     assert np.array_equal(_pixels(alone["castle"][0]), zeroed)
     # In a batch, kernels may round a pixel one step away (see test_generation).
     assert np.abs(_pixels(mixed["castle"][0]) - zeroed).max() <= 2
+
+
+def test_sdxl_runs_img2img_and_inpainting_from_its_loaded_modules(
+    sdxl_engine: pipeline.DiffusersEngine,
+) -> None:
+    from sdapi.contract.jobs import Mode
+
+    base = sdxl_engine._base
+    modules = {id(module) for module in base.components.values()}
+    ramp = np.linspace(0, 255, 64, dtype=np.uint8)
+    source = Image.fromarray(
+        np.stack(np.broadcast_arrays(ramp[None, :], ramp[:, None], 90), axis=-1).astype(
+            np.uint8
+        )
+    )
+    mask_pixels = np.zeros((64, 64), dtype=np.uint8)
+    mask_pixels[16:48, 16:48] = 255
+    mask = Image.fromarray(mask_pixels)
+    item = CallItem("g", "a castle", "", (5,), init_image=source, mask=mask)
+    for mode, strength in ((Mode.IMG2IMG, 0.5), (Mode.INPAINT, 1.0)):
+        call = PipelineCall(64, 64, 4, 5.0, "euler", (item,), mode, strength)
+        [made] = sdxl_engine.run(call, _Quiet())["g"]
+        assert made.size == (64, 64)
+        if mode is Mode.INPAINT:
+            outside = mask_pixels == 0
+            assert np.array_equal(_pixels(made)[outside], _pixels(source)[outside])
+    # No module was copied: the same objects serve every mode.
+    assert {id(module) for module in base.components.values()} == modules

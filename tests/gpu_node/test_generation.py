@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import json
+import uuid
 from pathlib import Path
 from typing import Any
 
@@ -16,7 +17,7 @@ from gpu_node.calls import CallItem, Engine, PipelineCall
 from gpu_node.images import ImageManifest, encode_png, sha256_hex
 from sdapi.contract.events import ImageEvent, ProgressEvent, StartedEvent
 from sdapi.contract.jobs import BatchJob
-from sdapi.contract.names import image_key, progress_key
+from sdapi.contract.names import image_key, input_key, progress_key
 from sdapi.contract.status import Status, Tier
 from sdapi.infra.queue import enqueue_batch, enqueue_generation, request_cancel
 from tests.gpu_node.conftest import node_settings, running_node
@@ -588,3 +589,75 @@ async def test_a_lost_claim_stops_the_job_undelivered(
         if isinstance(e, ProgressEvent)
     ]
     assert max(steps) < 300
+
+
+async def test_inputs_come_from_redis_by_hash_and_bad_ones_fail_clearly(
+    node: Any, client: redis.asyncio.Redis
+) -> None:
+    buffer = io.BytesIO()
+    Image.new("RGB", (64, 64), (10, 200, 30)).save(buffer, format="PNG")
+    data = buffer.getvalue()
+    digest = sha256_hex(data)
+    await client.set(input_key(digest), data)
+    good = job(init_image_sha256=digest, strength=0.5)
+    missing = job(init_image_sha256="e" * 64, strength=0.5)
+    # Bytes under another image's name: refused, not run.
+    await client.set(input_key("f" * 64), data)
+    forged = job(init_image_sha256="f" * 64, strength=0.5)
+    for request in (good, missing, forged):
+        await enqueue_generation(client, request)
+    result = await result_of(client, good.generation_id)
+    assert result.status is Status.SUCCEEDED
+    # 4 steps at strength 0.5: 2 steps, and the progress total says so.
+    progress = [
+        (event.step, event.total)
+        for _, event in await events_of(client, good.generation_id)
+        if isinstance(event, ProgressEvent)
+    ]
+    assert progress == [(1, 2), (2, 2)]
+    png = await client.get(image_key(good.generation_id, 0))
+    with Image.open(io.BytesIO(png)) as made:
+        manifest = json.loads(made.text["sdapi"])  # type: ignore[attr-defined]
+        assert "Denoising strength: 0.5" in made.text["parameters"]  # type: ignore[attr-defined]
+    assert manifest["init_image_sha256"] == digest and manifest["strength"] == 0.5
+    failed = await result_of(client, missing.generation_id)
+    assert failed.error is not None and failed.error.code == "input_unavailable"
+    refused = await result_of(client, forged.generation_id)
+    assert refused.error is not None and "SHA-256" in refused.error.message
+
+
+async def test_an_inpainting_batch_yields_to_premium_and_cancels_within_a_step(
+    node: Any, client: redis.asyncio.Redis
+) -> None:
+    buffer = io.BytesIO()
+    Image.new("RGB", (128, 128), (90, 90, 200)).save(buffer, format="PNG")
+    image = buffer.getvalue()
+    buffer = io.BytesIO()
+    Image.new("L", (128, 128), 255).save(buffer, format="PNG")
+    mask = buffer.getvalue()
+    for data in (image, mask):
+        await client.set(input_key(sha256_hex(data)), data)
+    inputs = {"init_image_sha256": sha256_hex(image), "mask_sha256": sha256_hex(mask)}
+    items = [
+        job(Tier.NORMAL, width=128, height=128, steps=200, seed=seed, **inputs)
+        for seed in (1, 2)
+    ]
+    await enqueue_batch(
+        client, BatchJob(batch_id=uuid.uuid4(), model="tiny", items=items)
+    )
+
+    async def at_step_3() -> int:
+        events = await events_of(client, items[0].generation_id)
+        steps = [e.step for _, e in events if isinstance(e, ProgressEvent)]
+        return max(steps, default=0) if max(steps, default=0) >= 3 else 0
+
+    await wait_for(at_step_3)
+    # Premium work runs at the batch's next step boundary, then the batch goes on.
+    premium = job(steps=2, init_image_sha256=sha256_hex(image), strength=1.0)
+    await enqueue_generation(client, premium)
+    assert (await result_of(client, premium.generation_id)).status is Status.SUCCEEDED
+    await request_cancel(client, items[0].generation_id)
+    await request_cancel(client, items[1].generation_id)
+    for item in items:
+        result = await result_of(client, item.generation_id)
+        assert result.status is Status.CANCELLED and not result.images

@@ -322,9 +322,23 @@ async def test_a_failed_enqueue_leaves_rows_queued_for_the_reconciler(
 
 
 def test_plan_batches_keeps_groups_apart_and_oldest_first() -> None:
-    def row(steps: int, images: int, scheduler: str = "euler") -> Generation:
+    def row(
+        steps: int, images: int, scheduler: str = "euler", **inputs: object
+    ) -> Generation:
+        request = {
+            "prompt": "a boat",
+            "width": 64,
+            "height": 64,
+            "steps": steps,
+            "guidance_scale": 5.0,
+            "seed": 1,
+            "num_images": images,
+            "scheduler": scheduler,
+            **inputs,
+        }
         return Generation(
             id=uuid.uuid4(),
+            request=request,
             width=64,
             height=64,
             steps=steps,
@@ -334,15 +348,30 @@ def test_plan_batches_keeps_groups_apart_and_oldest_first() -> None:
             attempts=0,
         )
 
-    rows = [row(2, 1), row(3, 1), row(2, 2), row(2, 1, "ddim"), row(2, 2)]
+    image = {"init_image_sha256": "a" * 64}
+    rows = [
+        row(2, 1),
+        row(3, 1),
+        row(2, 2),
+        row(2, 1, "ddim"),
+        row(2, 2),
+        # Other modes and strengths are other pipelines or step counts.
+        row(2, 1, **image, strength=0.5),
+        row(2, 1, **image, mask_sha256="b" * 64, strength=0.5),
+        row(2, 1, **image, strength=0.7),
+        row(2, 1, init_image_sha256="c" * 64, strength=0.5),
+    ]
     plan = plan_batches(rows, max_batch=3)
     assert [[r.id for r in b.rows] for b in plan] == [
         [rows[0].id, rows[2].id],
         [rows[1].id],
         [rows[3].id],
         [rows[4].id],
+        [rows[5].id, rows[8].id],
+        [rows[6].id],
+        [rows[7].id],
     ]
-    assert [b.images for b in plan] == [3, 1, 1, 2]
+    assert [b.images for b in plan] == [3, 1, 1, 2, 2, 1, 1]
 
 
 async def test_two_dispatchers_never_overfill_the_batch_queue(

@@ -409,6 +409,8 @@ async def test_signin_returns_a_bearer_token_for_me(client: TestClient) -> None:
         "images_per_day": 50,
         "in_flight": 0,
         "max_in_flight": None,
+        "max_upload_bytes": 4 * 1024 * 1024,
+        "max_upload_pixels": 2048 * 2048,
     }
 
 
@@ -802,6 +804,8 @@ async def test_me_shows_the_quota_of_the_current_tier(client: TestClient) -> Non
         "images_per_day": 50,
         "in_flight": 1,
         "max_in_flight": None,
+        "max_upload_bytes": 4 * 1024 * 1024,
+        "max_upload_pixels": 2048 * 2048,
     }
     await User.filter(id=user_id).update(premium_until=utcnow() + timedelta(days=1))
     me = await (await client.get(ME, headers=bearer(token))).json()

@@ -2,24 +2,30 @@
 
 from __future__ import annotations
 
+import json
 import uuid
 
 from aiohttp import web
+from pydantic import ValidationError
 
 from web.appkeys import redis_key, settings_key
 from web.auth import authenticate, require_user
-from web.errors import NotFound, Unauthorized
+from web.errors import NotFound, Unauthorized, from_validation_error
+from web.forms import is_form, read_form
 from web.generations import (
     cancel_generation,
     image_headers,
     image_png,
     list_own,
     load_own,
+    prepare_inputs,
     present,
+    request_sources,
     stored_image,
     stored_images,
     submit_generation,
 )
+from web.idempotency import claim_from, file_digest
 from web.links import image_path, link_is_valid
 from web.models import Generation
 from web.openapi import ApiRoutes, Response, json_response, read_body, read_query
@@ -33,14 +39,31 @@ routes = ApiRoutes(tags=["generations"])
     "/api/v1/generations",
     summary="Ask for images",
     body=schemas.GenerationRequest,
+    body_types=("application/json", "multipart/form-data"),
+    idempotent=True,
     responses=[Response(202, "Accepted", schemas.Generation)],
 )
 async def create_generation(request: web.Request) -> web.StreamResponse:
     """Premium: queued at once and run as soon as a GPU is free. Normal: stored
-    as `scheduled`, run later in a batch, and emailed."""
+    as `scheduled`, run later in a batch, and emailed. The body may also be
+    multipart form data, with `init_image` and `mask` as file parts. With an
+    `Idempotency-Key` header, a retry of the same request within 24 h answers
+    with the first generation; another request with that key is a 409."""
     principal = await require_user(request)
-    body = await read_body(request, schemas.GenerationRequest)
-    generation = await submit_generation(request.app, principal, body)
+    body, files = await _read_submission(request)
+    claim = claim_from(
+        request.headers,
+        "generations",
+        {
+            "body": body.model_dump(mode="json"),
+            "files": {name: file_digest(data) for name, data in files.items()},
+        },
+    )
+    sources = request_sources(body, files)
+    inputs = await prepare_inputs(request.app, principal, sources)
+    generation = await submit_generation(
+        request.app, principal, body, inputs, idempotency=claim
+    )
     view = await present(request.app, generation, images=[])
     response = json_response(view, status=202)
     response.headers["Location"] = f"/api/v1/generations/{generation.id}"
@@ -75,6 +98,43 @@ async def get_generation(request: web.Request) -> web.StreamResponse:
     principal = await require_user(request)
     generation = await load_own(principal.user, request.match_info["id"])
     return json_response(await present(request.app, generation))
+
+
+_FILE_FIELDS = frozenset({"init_image", "mask"})
+
+
+def _form_value(name: str, text: str) -> object:
+    # A result reference comes as JSON text; everything else pydantic converts.
+    if name in _FILE_FIELDS and text.lstrip().startswith("{"):
+        try:
+            return json.loads(text)
+        except ValueError:
+            return text
+    return text
+
+
+async def _read_submission(
+    request: web.Request,
+) -> tuple[schemas.GenerationRequest, dict[str, bytes]]:
+    """The request and its uploaded files, from JSON or multipart form data."""
+    settings = request.app[settings_key]
+    # Images make bodies larger than the API's default limit, here only.
+    roomy = request.clone(client_max_size=settings.upload_body_bytes)
+    if not is_form(roomy):
+        return await read_body(roomy, schemas.GenerationRequest), {}
+    form = await read_form(
+        roomy,
+        file_fields=_FILE_FIELDS,
+        max_file_bytes=settings.premium_max_upload_bytes,
+    )
+    fields = {
+        name: _form_value(name, text) for name, text in form.fields.items() if text
+    }
+    try:
+        body = schemas.GenerationRequest.model_validate(fields)
+    except ValidationError as exc:
+        raise from_validation_error(exc) from None
+    return body, form.files
 
 
 # The most images a generation can have is far below this; a larger index is

@@ -1,4 +1,5 @@
-"""`POST /v1/images/generations`: the OpenAI Images API, answered synchronously.
+"""`POST /v1/images/generations` and `/v1/images/edits`: the OpenAI Images API,
+answered synchronously.
 
 The request becomes an ordinary premium generation; the handler follows its
 event stream until `done` (bounded by SDAPI_OPENAI_TIMEOUT, after which the
@@ -28,24 +29,29 @@ from web.errors import (
     ValidationFailed,
     validation_details,
 )
+from web.forms import read_form
 from web.generations import (
     cancel_generation,
     find_offer,
     stored_images,
     submit_generation,
 )
+from web.idempotency import claim_from, file_digest
+from web.inputs import check_mask_size, resolve_input
 from web.links import signed_image_url
 from web.live import wait_until_done
-from web.models import GeneratedImage, Generation
+from web.models import GeneratedImage, Generation, InputRole
 from web.openapi import ApiRoutes, Response, json_response, read_body
 from web.schemas.generations import GenerationRequest
 from web.schemas.openai import (
     AUTO_SIZE,
     ImageData,
+    ImageEditRequest,
     ImageGenerationRequest,
     ImagesResponse,
     OpenAIErrorBody,
 )
+from web.uploads import CleanImage, Use, flatten, has_transparency
 
 routes = ApiRoutes(tags=["openai"])
 
@@ -78,18 +84,23 @@ async def _premium_bearer(request: web.Request) -> Principal:
 
 
 async def _generation_request(
-    app: web.Application, body: ImageGenerationRequest
+    app: web.Application,
+    body: ImageGenerationRequest | ImageEditRequest,
+    **extra: Any,
 ) -> GenerationRequest:
     fields: dict[str, Any] = {
         "prompt": body.prompt,
         "model": body.model,
         "num_images": body.n or 1,
         "delivery": "download",
+        **extra,
     }
     if body.size is None or body.size == AUTO_SIZE:
-        # As OpenAI's "auto": the size the model is made for.
-        offer = await find_offer(app, body.model)
-        fields.update(width=offer.default_width, height=offer.default_height)
+        if isinstance(body, ImageGenerationRequest):
+            # As OpenAI's "auto": the size the model is made for.
+            offer = await find_offer(app, body.model)
+            fields.update(width=offer.default_width, height=offer.default_height)
+        # An edit without a size keeps its image's (scaled to fit).
     else:
         width, _, height = body.size.partition("x")
         fields.update(width=int(width), height=int(height))
@@ -126,6 +137,7 @@ async def _wait(app: web.Application, generation: Generation) -> None:
     "/v1/images/generations",
     summary="Create images (OpenAI Images API compatible)",
     body=ImageGenerationRequest,
+    idempotent=True,
     responses=[
         Response(200, "The images", ImagesResponse),
         Response(400, "Invalid parameters", OpenAIErrorBody),
@@ -147,15 +159,26 @@ async def create_images(request: web.Request) -> web.StreamResponse:
     principal = await _premium_bearer(request)
     body = await read_body(request, ImageGenerationRequest)
     app = request.app
+    claim = claim_from(
+        request.headers, "openai.generations", body.model_dump(mode="json")
+    )
     try:
         generation_request = await _generation_request(app, body)
-        generation = await submit_generation(app, principal, generation_request)
+        generation = await submit_generation(
+            app, principal, generation_request, idempotency=claim
+        )
     except ValidationFailed as exc:
         raise _openai_error(exc) from None
     await _wait(app, generation)
+    return await _images_response(app, generation, body.response_format)
 
+
+async def _images_response(
+    app: web.Application, generation: Generation, response_format: str | None
+) -> web.Response:
+    """A finished generation's images in OpenAI's response shape."""
     settings = app[settings_key]
-    if body.response_format == "b64_json":
+    if response_format == "b64_json":
         pngs = (
             await GeneratedImage.filter(generation_id=generation.id)
             .order_by("index")
@@ -181,3 +204,101 @@ async def create_images(request: web.Request) -> web.StreamResponse:
     return json_response(
         ImagesResponse(created=int(generation.created_at.timestamp()), data=data)
     )
+
+
+_EDIT_FILES = frozenset({"image", "image[]", "mask"})
+
+
+async def _edit_inputs(
+    app: web.Application, principal: Principal, body: ImageEditRequest
+) -> dict[InputRole, CleanImage]:
+    """The image to edit and the mask (white = repaint) from OpenAI's inputs."""
+    limits = app[settings_key].limits(Tier.PREMIUM)
+    user = principal.user
+    image = await resolve_input(
+        user, body.image, field="image", use=Use.IMAGE, limits=limits, keep_alpha=True
+    )
+    mask: CleanImage | None = None
+    if body.mask is not None:
+        mask = await resolve_input(
+            user, body.mask, field="mask", use=Use.ALPHA_MASK, limits=limits
+        )
+    elif await asyncio.to_thread(has_transparency, image):
+        # No mask: as OpenAI does, the image's own transparency is the mask.
+        mask = await resolve_input(
+            user, image.data, field="image", use=Use.ALPHA_MASK, limits=limits
+        )
+    init = await asyncio.to_thread(flatten, image)
+    inputs = {InputRole.INIT_IMAGE: init}
+    if mask is not None:
+        check_mask_size(init, mask)
+        inputs[InputRole.MASK] = mask
+    return inputs
+
+
+@routes.route(
+    "POST",
+    "/v1/images/edits",
+    summary="Edit an image (OpenAI Images API compatible)",
+    body=ImageEditRequest,
+    body_types=("multipart/form-data",),
+    idempotent=True,
+    responses=[
+        Response(200, "The images", ImagesResponse),
+        Response(400, "Invalid parameters or image", OpenAIErrorBody),
+        Response(401, "Missing or invalid bearer token", OpenAIErrorBody),
+        Response(403, "Not a premium account", OpenAIErrorBody),
+        Response(410, "Cancelled before it finished", OpenAIErrorBody),
+        Response(413, "An image is too large", OpenAIErrorBody),
+        Response(429, "Too many requests in flight or quota spent", OpenAIErrorBody),
+        Response(502, "The generation failed", OpenAIErrorBody),
+        Response(503, "No GPU node serves the model", OpenAIErrorBody),
+        Response(504, "Not finished in time (then cancelled)", OpenAIErrorBody),
+    ],
+)
+async def edit_images(request: web.Request) -> web.StreamResponse:
+    """Inpainting as OpenAI's `images.edit` does it: multipart form data with
+    `image`, an optional `mask` whose fully transparent pixels mark the area
+    to repaint (without one, the image's own transparency does), `prompt`,
+    `n`, `size` and `response_format`. Premium only; waits for the images."""
+    principal = await _premium_bearer(request)
+    app = request.app
+    form = await read_form(
+        request,
+        file_fields=_EDIT_FILES,
+        max_file_bytes=app[settings_key].premium_max_upload_bytes,
+    )
+    files = dict(form.files)
+    if "image[]" in files:
+        # The SDK names the part `image[]` when given a list (of one, here).
+        if "image" in files:
+            raise _openai_error(
+                ValidationFailed(
+                    details=[{"field": "image", "message": "Send one image."}]
+                )
+            )
+        files["image"] = files.pop("image[]")
+    try:
+        body = ImageEditRequest.model_validate({**form.fields, **files})
+    except ValidationError as exc:
+        raise _openai_error(ValidationFailed(details=validation_details(exc))) from None
+    claim = claim_from(
+        request.headers,
+        "openai.edits",
+        {
+            "fields": body.model_dump(mode="json", exclude={"image", "mask"}),
+            "files": {name: file_digest(data) for name, data in sorted(files.items())},
+        },
+    )
+    try:
+        inputs = await _edit_inputs(app, principal, body)
+        # Inpainting repaints the masked area from noise, as OpenAI does.
+        strength = 1.0 if InputRole.MASK in inputs else None
+        generation_request = await _generation_request(app, body, strength=strength)
+        generation = await submit_generation(
+            app, principal, generation_request, inputs, idempotency=claim
+        )
+    except ValidationFailed as exc:
+        raise _openai_error(exc) from None
+    await _wait(app, generation)
+    return await _images_response(app, generation, body.response_format)

@@ -135,6 +135,8 @@ class Quota(BaseModel):
     max_in_flight: int | None = Field(
         description="null: not limited (normal requests are bounded per day only)."
     )
+    max_upload_bytes: int = Field(description="Largest input image file.")
+    max_upload_pixels: int = Field(description="Most pixels of an input image.")
 
     @classmethod
     def of(cls, limits: TierLimits, *, images_today: int, in_flight: int) -> Quota:
@@ -144,6 +146,8 @@ class Quota(BaseModel):
             images_per_day=limits.images_per_day,
             in_flight=in_flight,
             max_in_flight=limits.max_in_flight,
+            max_upload_bytes=limits.max_upload_bytes,
+            max_upload_pixels=limits.max_upload_pixels,
         )
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from datetime import datetime
 from typing import Literal
+from uuid import UUID
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
@@ -11,6 +12,24 @@ from sdapi.contract.jobs import SEED_MAX
 from sdapi.contract.status import Status, Tier
 
 PROMPT_MAX = 2000
+IMAGE_INDEX_MAX = 9999
+SHA256_HEX = r"^[0-9a-f]{64}$"
+
+
+class ImageReference(BaseModel):
+    """One of your own earlier results, used as an input ("use this result")."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    generation_id: UUID
+    index: int = Field(ge=0, le=IMAGE_INDEX_MAX)
+
+
+_IMAGE_INPUT = (
+    "Base64 PNG, JPEG or WebP (a data: URL works too), or "
+    "{generation_id, index} of one of your own results; in multipart form "
+    "data, a file part of this name."
+)
 
 
 class GenerationRequest(BaseModel):
@@ -46,6 +65,27 @@ class GenerationRequest(BaseModel):
         description="How the images reach you; premium defaults to download, "
         "normal accepts only email.",
     )
+    init_image: str | ImageReference | None = Field(
+        default=None,
+        description="img2img: the image to start from. "
+        + _IMAGE_INPUT
+        + " Width and height default to its size (scaled to your tier's limit, "
+        "multiples of 8).",
+    )
+    strength: float | None = Field(
+        default=None,
+        ge=0,
+        le=1,
+        allow_inf_nan=False,
+        description="With init_image: how much to change it, 0 (returned as it "
+        "is) to 1 (ignored); default 0.8, or 1 with a mask. int(strength * "
+        "steps) steps run.",
+    )
+    mask: str | ImageReference | None = Field(
+        default=None,
+        description="Inpainting, with init_image: white pixels are repainted, "
+        "black ones kept; the init image's size. " + _IMAGE_INPUT,
+    )
 
     @field_validator("negative_prompt", mode="before")
     @classmethod
@@ -75,6 +115,11 @@ class ResolvedRequest(BaseModel):
     num_images: int
     scheduler: str
     delivery: Literal["download", "email"]
+    # The inputs as stored (cleaned PNGs), by SHA-256; the images themselves
+    # are never served back.
+    init_image_sha256: str | None = Field(default=None, pattern=SHA256_HEX)
+    mask_sha256: str | None = Field(default=None, pattern=SHA256_HEX)
+    strength: float | None = None
 
 
 class ImageRef(BaseModel):

@@ -40,6 +40,42 @@ class ImageGenerationRequest(BaseModel):
     )
 
 
+class ImageEditRequest(BaseModel):
+    """OpenAI's `images.edit` parameters (multipart form data) that apply here."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    image: bytes = Field(
+        description="The PNG, JPEG or WebP to edit. Without a mask, its fully "
+        "transparent pixels (if any) mark the area to repaint; an opaque image "
+        "is redrawn as a whole (img2img at strength 0.8)."
+    )
+    mask: bytes | None = Field(
+        default=None,
+        description="A PNG of the image's size whose fully transparent pixels "
+        "mark the area to repaint",
+    )
+    prompt: str = Field(min_length=1, max_length=PROMPT_MAX)
+    n: int | None = Field(default=None, ge=1, le=10, description="Images (default 1)")
+    size: str | None = Field(
+        default=None,
+        pattern=r"^(auto|[0-9]{1,5}x[0-9]{1,5})$",
+        description='"WIDTHxHEIGHT" in pixels, or "auto" (default: the image\'s '
+        "size, scaled to fit)",
+    )
+    response_format: Literal["url", "b64_json"] | None = Field(
+        default=None,
+        description="`url` (default): links that work without credentials for "
+        "an hour; `b64_json`: the PNGs inline",
+    )
+    model: str | None = Field(default=None, max_length=200)
+    user: str | None = Field(
+        default=None,
+        max_length=256,
+        description="Your end user's id; accepted for compatibility, not stored",
+    )
+
+
 class ImageData(BaseModel):
     """One image: a link or the PNG, as asked by `response_format`."""
 
