@@ -368,7 +368,8 @@ class LiveSocket:
             )
             return
         try:
-            message = CLIENT_MESSAGE.validate_python(data)
+            # Strict, as the REST bodies: a JSON type is taken as it is.
+            message = CLIENT_MESSAGE.validate_json(text, strict=True)
         except ValidationError as exc:
             # Name fields as the client wrote them, without the union's tag.
             tag = f"{data['type']}."

@@ -120,8 +120,8 @@ class ApiRoutes:
             app.router.add_route(endpoint.method, endpoint.path, endpoint.handler)
 
 
-async def read_json(request: web.Request) -> Any:
-    """The request body as JSON, or a contract error (400 / 413)."""
+async def _read_raw(request: web.Request) -> tuple[bytes, Any]:
+    """The JSON body's bytes and its parsed value, or a contract error."""
     content_type = request.headers.get("Content-Type", "")
     if request.content_type != "application/json":
         shown = content_type or "none"
@@ -133,7 +133,7 @@ async def read_json(request: web.Request) -> Any:
     if not raw:
         raise BadRequest("The request body is empty; send a JSON object.")
     try:
-        return json.loads(raw)
+        return raw, json.loads(raw)
     except (UnicodeDecodeError, ValueError) as exc:
         raise BadRequest(f"The body is not valid JSON: {exc}.") from None
     except RecursionError:
@@ -141,13 +141,30 @@ async def read_json(request: web.Request) -> Any:
         raise BadRequest("The body nests too deeply.") from None
 
 
+async def read_json(request: web.Request) -> Any:
+    """The request body as JSON, or a contract error (400 / 413)."""
+    _, data = await _read_raw(request)
+    return data
+
+
 async def read_body(request: web.Request, model: type[ModelT]) -> ModelT:
-    """The request body validated as `model` (422 with one detail per field)."""
-    data = await read_json(request)
+    """The request body validated as `model` (422 with one detail per field).
+
+    Strictly, as JSON: `"64"`, `64.0` and `true` are not integers, so what the
+    published schema says is what is accepted.
+    """
+    raw, data = await _read_raw(request)
     if not isinstance(data, dict):
         raise BadRequest("The body must be a JSON object.")
     try:
-        return model.model_validate(data)
+        try:
+            return model.model_validate_json(raw, strict=True)
+        except ValidationError as exc:
+            if any(error["type"] != "json_invalid" for error in exc.errors()):
+                raise
+            # JSON that Python reads but pydantic's parser refuses (a lone
+            # surrogate escape, NaN): the fields say what is wrong with it.
+            return model.model_validate(data)
     except ValidationError as exc:
         raise from_validation_error(exc) from None
 

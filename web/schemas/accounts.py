@@ -6,10 +6,11 @@ from datetime import datetime
 from typing import Annotated, Literal
 from uuid import UUID
 
-from pydantic import BaseModel, ConfigDict, EmailStr, Field, field_validator
+from pydantic import BaseModel, EmailStr, Field, field_validator
 
 from sdapi.contract.status import Tier
 from web.models import User as UserRow
+from web.schemas.base import RequestModel
 from web.settings import TierLimits
 
 PASSWORD_MIN = 10
@@ -25,12 +26,7 @@ Password = Annotated[
 ]
 
 
-class _Request(BaseModel):
-    # Unknown fields are a 422, not silently ignored (the contract says so).
-    model_config = ConfigDict(extra="forbid")
-
-
-class SignupRequest(_Request):
+class SignupRequest(RequestModel):
     email: EmailStr
     password: Password
     name: str | None = Field(default=None, max_length=100)
@@ -43,7 +39,7 @@ class SignupRequest(_Request):
         return value.strip() or None
 
 
-class SigninRequest(_Request):
+class SigninRequest(RequestModel):
     email: EmailStr
     # Only the length bound: a wrong password gets the same 401 as any other.
     password: str = Field(min_length=1, max_length=PASSWORD_MAX)
@@ -55,7 +51,7 @@ class SigninRequest(_Request):
     )
 
 
-class RedeemRequest(_Request):
+class RedeemRequest(RequestModel):
     code: str = Field(
         min_length=1,
         max_length=100,
@@ -64,7 +60,7 @@ class RedeemRequest(_Request):
     )
 
 
-class VerifyQuery(BaseModel):
+class VerifyQuery(RequestModel):
     token: str = Field(
         min_length=1, max_length=200, description="The token from the email's link."
     )

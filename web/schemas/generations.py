@@ -6,20 +6,19 @@ from datetime import datetime
 from typing import Literal
 from uuid import UUID
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, Field, field_validator
 
 from sdapi.contract.jobs import SEED_MAX
 from sdapi.contract.status import Status, Tier
+from web.schemas.base import RequestModel
 
 PROMPT_MAX = 2000
 IMAGE_INDEX_MAX = 9999
 SHA256_HEX = r"^[0-9a-f]{64}$"
 
 
-class ImageReference(BaseModel):
+class ImageReference(RequestModel):
     """One of your own earlier results, used as an input ("use this result")."""
-
-    model_config = ConfigDict(extra="forbid")
 
     generation_id: UUID
     index: int = Field(ge=0, le=IMAGE_INDEX_MAX)
@@ -32,10 +31,8 @@ _IMAGE_INPUT = (
 )
 
 
-class GenerationRequest(BaseModel):
+class GenerationRequest(RequestModel):
     """What a client asks for; omitted fields take the model's defaults."""
-
-    model_config = ConfigDict(extra="forbid")
 
     prompt: str = Field(min_length=1, max_length=PROMPT_MAX)
     negative_prompt: str = Field(
@@ -178,17 +175,13 @@ class GenerationList(BaseModel):
     next: str | None = Field(description="Pass as `before` for the next page")
 
 
-class ListQuery(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
+class ListQuery(RequestModel):
     limit: int = Field(default=20, ge=1, le=100)
     before: str | None = Field(default=None, description="A `next` cursor")
 
 
-class ImageQuery(BaseModel):
+class ImageQuery(RequestModel):
     """A signed link from an email authenticates the download by itself."""
-
-    model_config = ConfigDict(extra="forbid")
 
     expires: int | None = Field(
         default=None, ge=0, le=2**53, description="Unix time the link stops working"

@@ -4,38 +4,31 @@ from __future__ import annotations
 
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, TypeAdapter
+from pydantic import BaseModel, Field, TypeAdapter
 
 from sdapi.contract.status import Status
+from web.schemas.base import RequestModel
 from web.schemas.generations import ErrorRef, Generation, GenerationRequest
 
 # --- client -> server -------------------------------------------------------
 
-_MESSAGE = ConfigDict(extra="forbid")
 
-
-class GenerateMessage(BaseModel):
+class GenerateMessage(RequestModel):
     """Ask for images (premium only); answered by `accepted`, then its events."""
-
-    model_config = _MESSAGE
 
     type: Literal["generate"]
     request: GenerationRequest
 
 
-class SubscribeMessage(BaseModel):
+class SubscribeMessage(RequestModel):
     """Follow one of your generations; what it already emitted is replayed first."""
-
-    model_config = _MESSAGE
 
     type: Literal["subscribe"]
     id: str = Field(max_length=100)
 
 
-class CancelMessage(BaseModel):
+class CancelMessage(RequestModel):
     """Cancel one of your generations unless it has finished."""
-
-    model_config = _MESSAGE
 
     type: Literal["cancel"]
     id: str = Field(max_length=100)

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, Field
 
+from web.schemas.base import RequestModel
 from web.schemas.generations import PROMPT_MAX
 
 AUTO_SIZE = "auto"
@@ -15,10 +16,8 @@ def _absent_if_none(value: object) -> bool:
     return value is None
 
 
-class ImageGenerationRequest(BaseModel):
+class ImageGenerationRequest(RequestModel):
     """OpenAI's `images.generate` parameters that apply to Stable Diffusion."""
-
-    model_config = ConfigDict(extra="forbid")
 
     prompt: str = Field(min_length=1, max_length=PROMPT_MAX)
     n: int | None = Field(default=None, ge=1, le=10, description="Images (default 1)")
@@ -40,10 +39,8 @@ class ImageGenerationRequest(BaseModel):
     )
 
 
-class ImageEditRequest(BaseModel):
+class ImageEditRequest(RequestModel):
     """OpenAI's `images.edit` parameters (multipart form data) that apply here."""
-
-    model_config = ConfigDict(extra="forbid")
 
     image: bytes = Field(
         description="The PNG, JPEG or WebP to edit. Without a mask, its fully "
