@@ -31,6 +31,7 @@ from web.appkeys import (
 )
 from web.db import open_database
 from web.errors import error_middleware
+from web.headers import add_security_headers
 from web.live import install_live
 from web.metrics import install_metrics, metrics_middleware
 from web.openapi import ApiRoutes, build_openapi
@@ -70,6 +71,7 @@ def create_app(settings: WebSettings) -> web.Application:
     )
     install_metrics(app)
     install_live(app)
+    app.on_response_prepare.append(add_security_headers)
     app.middlewares.extend(
         [
             # Outermost: it counts the status the client got, errors included.

@@ -6,7 +6,7 @@ import socket
 from typing import Annotated
 from urllib.parse import urlsplit
 
-from pydantic import BaseModel, Field, field_validator
+from pydantic import BaseModel, Field, SecretStr, field_validator
 from pydantic_settings import NoDecode
 
 from sdapi.contract.jobs import IMAGES_MAX, SIZE_MAX, STEPS_MAX
@@ -67,6 +67,9 @@ class WebSettings(CommonSettings):
     # Models accepted, and queued, even while no node serves them (scaled to
     # zero, restarting); the first is the default model.
     models: Annotated[list[str], NoDecode] = Field(default_factory=lambda: ["tiny"])
+    # Who may read /metrics: with a token, a scraper that sends it as a
+    # bearer token; without one, clients on this host only.
+    metrics_token: SecretStr | None = None
     # A model a node served within this long is accepted the same way.
     known_model_ttl: int = Field(default=24 * 3600, ge=0, description="seconds")
     signin_max_failures_per_email: int = Field(default=10, ge=1)

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import hmac
+import ipaddress
 import logging
 from typing import Any
 
@@ -23,10 +25,11 @@ from web.appkeys import (
     registry_key,
     settings_key,
 )
-from web.auth import require_user
+from web.auth import bearer_secret, require_user
+from web.errors import Forbidden, Unauthorized
 from web.metrics import web_metrics_key
 from web.models import Generation
-from web.openapi import ApiRoutes, Response, json_response
+from web.openapi import ApiRoutes, ErrorBody, Response, json_response
 from web.registry import NodesUnknown
 from web.schemas.ops import Health, ModelList, Readiness
 
@@ -99,11 +102,17 @@ async def readyz(request: web.Request) -> web.StreamResponse:
     "/metrics",
     summary="Prometheus metrics",
     auth=False,
-    responses=[Response(200, "Prometheus text format", content_type="text/plain")],
+    responses=[
+        Response(200, "Prometheus text format", content_type="text/plain"),
+        Response(401, "SDAPI_METRICS_TOKEN is set and was not sent", ErrorBody),
+        Response(403, "Without SDAPI_METRICS_TOKEN: not from this host", ErrorBody),
+    ],
 )
 async def metrics(request: web.Request) -> web.StreamResponse:
     """Request counts and latencies, queue depths per model and tier, nodes,
-    and normal-tier generations waiting for their window per model."""
+    and normal-tier generations waiting for their window per model. With
+    SDAPI_METRICS_TOKEN set, only for that bearer token; else for this host."""
+    _check_scraper(request)
     app = request.app
     gauges = app[web_metrics_key]
     try:
@@ -134,6 +143,24 @@ async def metrics(request: web.Request) -> web.StreamResponse:
         gauges.scheduled.labels(model).set(scheduled.get(model, 0))
     body = generate_latest(app[metrics_key])
     return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
+
+
+def _check_scraper(request: web.Request) -> None:
+    token = request.app[settings_key].metrics_token
+    if token is not None:
+        sent = bearer_secret(request) or ""
+        if not hmac.compare_digest(sent.encode(), token.get_secret_value().encode()):
+            raise Unauthorized("Send the metrics token as a bearer token.")
+        return
+    try:
+        local = ipaddress.ip_address(request.remote or "").is_loopback
+    except ValueError:
+        local = False
+    if not local:
+        raise Forbidden(
+            "Metrics are served to this host only; set SDAPI_METRICS_TOKEN to "
+            "let a scraper elsewhere read them."
+        )
 
 
 async def _scheduled_per_model() -> dict[str, int]:
@@ -188,3 +215,17 @@ async def docs(request: web.Request) -> web.StreamResponse:
     return aiohttp_jinja2.render_template(
         "docs.html.j2", request, {"title": "sdapi API", "base_url": settings.base_url}
     )
+
+
+@routes.route(
+    "GET",
+    "/docs/init.js",
+    summary="The docs page's start-up script",
+    auth=False,
+    responses=[Response(200, "JavaScript", content_type="text/javascript")],
+    hidden=True,
+)
+async def docs_script(request: web.Request) -> web.StreamResponse:
+    """Starts Swagger UI on /openapi.json."""
+    script = aiohttp_jinja2.render_string("docs-init.js", request, {})
+    return web.Response(text=script, content_type="text/javascript")
