@@ -32,7 +32,7 @@ from web.appkeys import (
 from web.db import open_database
 from web.errors import error_middleware
 from web.headers import add_security_headers
-from web.live import install_live
+from web.live import install_live, revocations_ctx
 from web.metrics import install_metrics, metrics_middleware
 from web.openapi import ApiRoutes, build_openapi
 from web.passwords import Passwords
@@ -89,7 +89,7 @@ def create_app(settings: WebSettings) -> web.Application:
         loader=jinja2.PackageLoader("web", "templates"),
         autoescape=jinja2.select_autoescape(["html", "j2"]),
     )
-    app.cleanup_ctx.extend([database_ctx, redis_ctx, registry_ctx])
+    app.cleanup_ctx.extend([database_ctx, redis_ctx, registry_ctx, revocations_ctx])
     tables: list[ApiRoutes] = route_tables()
     for table in tables:
         table.add_to(app)

@@ -13,7 +13,7 @@ from sdapi.contract.status import Tier
 from web.appkeys import settings_key
 from web.errors import Forbidden, Unauthorized
 from web.models import ApiToken, TokenKind, User, utcnow
-from web.tokens import find_token, find_token_by_id
+from web.tokens import find_token, find_token_by_id, note_use
 
 CSRF_HEADER = "X-CSRF-Token"
 SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
@@ -63,6 +63,7 @@ async def authenticate(
         found = await find_token(secret)
         if found is None:
             raise Unauthorized("The token is invalid, expired or revoked.")
+        await note_use(found)
         principal = Principal(found.user, found, "bearer")
     else:
         session = await get_session(request)

@@ -24,7 +24,7 @@ import logging
 import uuid
 import weakref
 from collections import Counter
-from collections.abc import AsyncGenerator, Iterator
+from collections.abc import AsyncGenerator, AsyncIterator, Iterator
 from typing import Any
 
 from aiohttp import WSCloseCode, WSMsgType, web
@@ -39,7 +39,9 @@ from sdapi.contract.events import (
     QueuedEvent,
     StartedEvent,
 )
+from sdapi.contract.names import REVOKED_TOKENS_CHANNEL
 from sdapi.contract.status import Status, Tier
+from sdapi.infra.pubsub import Listener
 from sdapi.infra.streams import read_events
 from web.appkeys import live_redis_key, redis_key, settings_key
 from web.auth import Principal
@@ -324,6 +326,16 @@ class LiveSocket:
             log.warning("live socket: credentials not re-checked", exc_info=True)
         return True
 
+    def uses_token(self, token_id: str) -> bool:
+        return str(self._principal.token.id) == token_id
+
+    async def revoke(self) -> None:
+        """Its token was revoked: say so and close, from outside the reader loop."""
+        await self._error(
+            None, "unauthorized", "Your token was revoked; sign in again."
+        )
+        await self.close(WSCloseCode.POLICY_VIOLATION, "credentials revoked")
+
     async def close(self, code: int, reason: str) -> None:
         """Close the socket from outside the reader loop (server shutdown)."""
         with contextlib.suppress(ConnectionError, RuntimeError):
@@ -543,6 +555,28 @@ def socket_slot(app: web.Application, user_id: uuid.UUID) -> Iterator[None]:
         counts[user_id] -= 1
         if counts[user_id] <= 0:
             del counts[user_id]
+
+
+async def revocations_ctx(app: web.Application) -> AsyncIterator[None]:
+    """Close this replica's sockets of tokens revoked anywhere, at once."""
+    closing: set[asyncio.Task[None]] = set()
+    sockets = app[live_sockets_key]
+
+    def revoked(data: bytes) -> None:
+        token_id = data.decode()
+        for socket in list(sockets):
+            if socket.uses_token(token_id):
+                task = asyncio.create_task(socket.revoke())
+                closing.add(task)
+                task.add_done_callback(closing.discard)
+
+    listener = Listener(app[redis_key], {REVOKED_TOKENS_CHANNEL: revoked})
+    task = asyncio.create_task(listener.run(), name="revocations")
+    try:
+        yield
+    finally:
+        task.cancel()
+        await asyncio.gather(task, *closing, return_exceptions=True)
 
 
 async def close_live_sockets(app: web.Application) -> None:

@@ -70,9 +70,13 @@ class ApiToken(Model):
     )
     kind = fields.CharEnumField(TokenKind, max_length=16, default=TokenKind.BEARER)
     token_hash = fields.CharField(max_length=64, unique=True)
+    # What the user called a personal API token ("" for sign-in tokens).
+    name = fields.CharField(max_length=100, default="")
     created_at = fields.DatetimeField(auto_now_add=True)
     expires_at = fields.DatetimeField()
     revoked_at = fields.DatetimeField(null=True)
+    # Updated at most once a minute per token (see web.tokens.note_use).
+    last_used_at = fields.DatetimeField(null=True)
 
     class Meta:
         table = "api_tokens"

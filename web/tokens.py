@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import secrets
 import uuid
 from datetime import datetime, timedelta
 
+from redis.asyncio import Redis
+from redis.exceptions import RedisError
 from tortoise.queryset import QuerySet
 
+from sdapi.contract.names import REVOKED_TOKENS_CHANNEL
 from web.models import ApiToken, TokenKind, User, utcnow
 
 TOKEN_PREFIX = "sdapi_"  # noqa: S105 (a public marker, not a secret)
@@ -25,18 +29,45 @@ def new_secret() -> str:
 
 
 async def issue_token(
-    user: User, *, kind: TokenKind, ttl_s: int, now: datetime | None = None
+    user: User,
+    *,
+    kind: TokenKind,
+    ttl_s: int | None = None,
+    expires_at: datetime | None = None,
+    name: str = "",
+    now: datetime | None = None,
 ) -> tuple[str, ApiToken]:
-    """Create a token for `user`; the secret is returned once and never stored."""
+    """Create a token for `user` expiring after `ttl_s` (or at `expires_at`);
+    the secret is returned once and never stored."""
     secret = new_secret()
     now = now or utcnow()
+    if expires_at is None:
+        if ttl_s is None:
+            raise ValueError("a token needs ttl_s or expires_at")
+        expires_at = now + timedelta(seconds=ttl_s)
     token = await ApiToken.create(
         user=user,
         kind=kind,
+        name=name,
         token_hash=hash_secret(secret),
-        expires_at=now + timedelta(seconds=ttl_s),
+        expires_at=expires_at,
     )
     return secret, token
+
+
+# How stale `last_used_at` may get before a use writes it again (seconds):
+# a busy token costs one write a minute, not one per request.
+LAST_USED_RESOLUTION_S = 60
+
+
+async def note_use(token: ApiToken, now: datetime | None = None) -> None:
+    """Record that `token` was just used (to the minute)."""
+    now = now or utcnow()
+    last = token.last_used_at
+    if last is not None and (now - last).total_seconds() < LAST_USED_RESOLUTION_S:
+        return
+    await ApiToken.filter(id=token.id).update(last_used_at=now)
+    token.last_used_at = now
 
 
 def live_tokens(now: datetime | None = None) -> QuerySet[ApiToken]:
@@ -96,3 +127,10 @@ async def revoke_token(
     if kind is not None:
         query = query.filter(kind=kind)
     await query.update(revoked_at=now)
+
+
+async def announce_revoked(redis: Redis, token_id: uuid.UUID | str) -> None:
+    """Tell every web replica to close the WebSockets of a revoked token."""
+    # Best effort: a replica that misses it closes them at its next re-check.
+    with contextlib.suppress(RedisError, OSError):
+        await redis.publish(REVOKED_TOKENS_CHANNEL, str(token_id).encode())

@@ -50,6 +50,9 @@ def wake_channel(queue: str) -> str:
 # Pub/sub channel carrying the ids of cancelled generations (the flag at
 # `cancel_key` stays the truth; the message only saves a node from polling it).
 CANCEL_CHANNEL = "sdapi:cancels"
+# Pub/sub channel carrying the ids of revoked tokens: every web replica closes
+# the WebSockets opened with one at once (the database stays the truth).
+REVOKED_TOKENS_CHANNEL = "sdapi:tokens:revoked"
 
 
 def events_key(generation_id: UUID | str) -> str:

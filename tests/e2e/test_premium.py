@@ -342,7 +342,8 @@ async def test_openai_route_answers_in_openai_shapes(client: Client) -> None:
 
 
 async def test_the_official_openai_client_works_unchanged(client: Client) -> None:
-    openai = pytest.importorskip("openai")
+    import openai
+
     secret = client.auth["Authorization"].removeprefix("Bearer ")
     api = openai.AsyncOpenAI(
         api_key=secret, base_url=f"{client.stack.base_url}/v1", max_retries=0
@@ -456,7 +457,8 @@ async def test_inpainting_keeps_the_pixels_outside_the_mask(client: Client) -> N
 
 
 async def test_images_edit_with_the_official_client(client: Client) -> None:
-    openai = pytest.importorskip("openai")
+    import openai
+
     secret = client.auth["Authorization"].removeprefix("Bearer ")
     api = openai.AsyncOpenAI(
         api_key=secret, base_url=f"{client.stack.base_url}/v1", max_retries=0

@@ -18,7 +18,7 @@ from web.db import tortoise_config
 async def main():
     config = tortoise_config("postgres://unused/unused")
     # The models' state needs no server: an in-memory SQLite is enough.
-    config["connections"]["default"] = "sqlite://:memory:"
+    config["connections"]["default"] = "sqlite://:memory:"  # allowed: no data
     await Tortoise.init(config=config)
     try:
         detector = MigrationAutodetector(Tortoise.apps, config["apps"])

@@ -37,7 +37,8 @@ def assert_openai_error(
 async def test_the_official_client_gets_b64_json_images(
     client: TestClient, node: NodeDouble
 ) -> None:
-    openai = pytest.importorskip("openai")
+    import openai
+
     _, secret = await make_user()
     api = openai.AsyncOpenAI(
         api_key=secret, base_url=str(client.make_url("/v1")), max_retries=0
@@ -105,7 +106,8 @@ async def test_size_auto_uses_the_models_default(
 async def test_normal_tokens_get_403_premium_required(
     client: TestClient, node: NodeDouble
 ) -> None:
-    openai = pytest.importorskip("openai")
+    import openai
+
     _, secret = await make_user(premium=False)
     api = openai.AsyncOpenAI(
         api_key=secret, base_url=str(client.make_url("/v1")), max_retries=0

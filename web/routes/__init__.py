@@ -7,10 +7,11 @@ from web.openapi import ApiRoutes
 
 def route_tables() -> list[ApiRoutes]:
     """Every route table of the app, in documentation order."""
-    from web.routes import accounts, generations, openai, ops, status, ws
+    from web.routes import accounts, generations, openai, ops, status, tokens, ws
 
     return [
         accounts.routes,
+        tokens.routes,
         generations.routes,
         ws.routes,
         openai.routes,

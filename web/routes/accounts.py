@@ -63,7 +63,7 @@ from web.throttle import (
     reserve,
     signup_limit,
 )
-from web.tokens import hash_secret, issue_token, revoke_token
+from web.tokens import announce_revoked, hash_secret, issue_token, revoke_token
 
 log = logging.getLogger(__name__)
 
@@ -473,6 +473,7 @@ async def signout(request: web.Request) -> web.StreamResponse:
     way, both stop working."""
     principal = await require_user(request)
     await revoke_token(principal.token.id)
+    await announce_revoked(request.app[redis_key], principal.token.id)
     response = web.Response(status=204)
     if principal.via == "session":
         session = await get_session(request)
