@@ -420,6 +420,14 @@ async def cancel_generation(app: web.Application, generation: Generation) -> boo
     return True
 
 
+async def delete_finished(generation: Generation) -> bool:
+    """Delete a finished generation with its images; False if it has not finished."""
+    deleted: int = await Generation.filter(
+        id=generation.id, status__in=list(TERMINAL_STATUSES)
+    ).delete()
+    return deleted > 0
+
+
 def image_url(app: web.Application, generation_id: uuid.UUID | str, index: int) -> str:
     """Absolute URL of one image (needs the owner's credentials)."""
     return app[settings_key].base_url + image_path(generation_id, index)

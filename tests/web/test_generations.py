@@ -656,3 +656,27 @@ async def test_cancel_uses_the_locked_rows_attempt(
     assert await cancel_generation(client.app, stale)  # type: ignore[arg-type]
     # The attempt-2 job left the queue, not only the long-gone attempt 1.
     assert await node.redis.zcard(premium_queue("tiny")) == 0
+
+
+async def test_purge_deletes_a_finished_generation_and_refuses_unfinished_work(
+    client: TestClient, node: NodeDouble
+) -> None:
+    _, secret = await make_user()
+    done = await submit(client, secret, SMALL)
+    await node.run(await node.claim())
+    waiting = await submit(client, secret, SMALL)
+    refused = await client.delete(
+        f"{GENERATIONS}/{waiting['id']}", params={"purge": "true"}, headers=auth(secret)
+    )
+    assert refused.status == 409
+    assert (await refused.json())["error"]["code"] == "conflict"
+    purged = await client.delete(
+        f"{GENERATIONS}/{done['id']}", params={"purge": "true"}, headers=auth(secret)
+    )
+    assert purged.status == 204
+    gone = await client.get(f"{GENERATIONS}/{done['id']}", headers=auth(secret))
+    assert gone.status == 404
+    image = await client.get(
+        f"{GENERATIONS}/{done['id']}/images/0", headers=auth(secret)
+    )
+    assert image.status == 404

@@ -10,10 +10,11 @@ from pydantic import ValidationError
 
 from web.appkeys import redis_key, settings_key
 from web.auth import authenticate, require_user
-from web.errors import NotFound, Unauthorized, from_validation_error
+from web.errors import Conflict, NotFound, Unauthorized, from_validation_error
 from web.forms import is_form, read_form
 from web.generations import (
     cancel_generation,
+    delete_finished,
     image_headers,
     image_png,
     list_own,
@@ -28,7 +29,14 @@ from web.generations import (
 from web.idempotency import claim_from, file_digest
 from web.links import image_path, link_is_valid
 from web.models import Generation
-from web.openapi import ApiRoutes, Response, json_response, read_body, read_query
+from web.openapi import (
+    ApiRoutes,
+    ErrorBody,
+    Response,
+    json_response,
+    read_body,
+    read_query,
+)
 from web.schemas import generations as schemas
 
 routes = ApiRoutes(tags=["generations"])
@@ -205,12 +213,23 @@ async def download_image(request: web.Request) -> web.StreamResponse:
 @routes.route(
     "DELETE",
     "/api/v1/generations/{id}",
-    summary="Cancel a generation that has not finished",
-    responses=[Response(204, "Cancelled, or already finished")],
+    summary="Cancel a generation, or delete a finished one (`purge=true`)",
+    query=schemas.DeleteQuery,
+    responses=[
+        Response(204, "Cancelled (or already finished); with purge, deleted"),
+        Response(404, "No such generation of yours", ErrorBody),
+        Response(409, "purge=true on a generation that has not finished", ErrorBody),
+    ],
 )
 async def delete_generation(request: web.Request) -> web.StreamResponse:
-    """Scheduled work leaves its window; queued or running work stops within a step."""
+    """Scheduled work leaves its window; queued or running work stops within a
+    step; finished work is left as it is. With `purge=true` a finished
+    generation is deleted with its images (cancel unfinished work first)."""
     principal = await require_user(request)
+    query = read_query(request, schemas.DeleteQuery)
     generation = await load_own(principal.user, request.match_info["id"])
-    await cancel_generation(request.app, generation)
+    if not query.purge:
+        await cancel_generation(request.app, generation)
+    elif not await delete_finished(generation):
+        raise Conflict("It has not finished: cancel it first, then delete it.")
     return web.Response(status=204)

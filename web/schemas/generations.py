@@ -180,6 +180,13 @@ class ListQuery(RequestModel):
     before: str | None = Field(default=None, description="A `next` cursor")
 
 
+class DeleteQuery(RequestModel):
+    purge: bool = Field(
+        default=False,
+        description="Delete a finished generation and its images for good.",
+    )
+
+
 class ImageQuery(RequestModel):
     """A signed link from an email authenticates the download by itself."""
 
