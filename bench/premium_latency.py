@@ -92,7 +92,7 @@ def start_dev(
         )
     assert dev.stdout is not None
     line = dev.stdout.readline().decode()
-    found = re.search(r"open (http://\S+)/docs", line)
+    found = re.search(r"open (http://\S+)/ ", line)
     if not found:
         dev.kill()
         raise SystemExit(f"sdapi dev did not start; see {root / 'dev.log'}")

@@ -90,8 +90,8 @@ class Plan:
         """The one line that says where to go."""
         mail = mask_password(self.mail)
         return (
-            f"sdapi dev is ready: open {self.base_url}/docs "
-            f"(API base {self.base_url}/api/v1); mail goes to {mail}"
+            f"sdapi dev is ready: open {self.base_url}/ (the playground; API docs "
+            f"at {self.base_url}/docs); mail goes to {mail}"
         )
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import importlib.resources
 import logging
 from collections.abc import AsyncIterator
 
@@ -101,6 +102,8 @@ def create_app(settings: WebSettings) -> web.Application:
         server_url=settings.base_url,
     )
     app.router.add_static("/docs/assets", swagger_ui_bundle.swagger_ui_path)
+    # The playground's scripts and stylesheet (package data of `web`).
+    app.router.add_static("/static", str(importlib.resources.files("web") / "static"))
     return app
 
 

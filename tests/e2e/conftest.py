@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import email
+import email.policy
 import os
 import signal
 import subprocess
@@ -17,8 +19,9 @@ import sys
 import time
 import urllib.request
 from collections.abc import Awaitable, Callable
+from email.message import EmailMessage
 from pathlib import Path
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import pytest
 import redis
@@ -54,6 +57,20 @@ def answers_200(url: str) -> bool:
 def e2e_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """Shared by every GPU node of the session: the tiny model is built once."""
     return tmp_path_factory.mktemp("models")
+
+
+class Mailbox:
+    """aiosmtpd handler keeping every message."""
+
+    def __init__(self) -> None:
+        self.messages: list[EmailMessage] = []
+
+    async def handle_DATA(self, server: Any, session: Any, envelope: Any) -> str:
+        raw = envelope.original_content or envelope.content
+        self.messages.append(
+            email.message_from_bytes(raw, policy=email.policy.default)  # type: ignore[arg-type]
+        )
+        return "250 OK"
 
 
 class Service:

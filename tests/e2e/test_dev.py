@@ -127,7 +127,9 @@ def test_dev_starts_serves_and_stops_cleanly(
     process = start_dev(data_dir, e2e_model_dir)
     try:
         line = read_line(process, START_TIMEOUT_S)
-        found = re.search(r"open (http://\S+)/docs \(API base (\S+)/api/v1\)", line)
+        found = re.search(
+            r"open (http://\S+)/ \(the playground; API docs at (\S+)/docs\)", line
+        )
         assert found, line
         base_url = found.group(1)
         assert found.group(2) == base_url
@@ -141,6 +143,10 @@ def test_dev_starts_serves_and_stops_cleanly(
                     assert (await response.json())["status"] == "ready"
                 async with http.get(f"{base_url}/docs") as response:
                     assert response.status == 200
+                # The printed URL is the playground (sign-in while signed out).
+                async with http.get(f"{base_url}/") as response:
+                    assert response.status == 200
+                    assert "Sign in" in await response.text()
 
         asyncio.run(check())
         services = running_services(data_dir)

@@ -6,8 +6,6 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import email
-import email.policy
 import io
 import json
 import re
@@ -27,6 +25,7 @@ from PIL import Image
 
 from sdapi.infra.mailsink import free_port
 from tests.e2e.conftest import (
+    Mailbox,
     Service,
     Services,
     make_user,
@@ -43,20 +42,6 @@ NODE_ID = "e2e-premium-node"
 # A Valkey database of the suite's server, apart from the unit tests' 0.
 REDIS_DB = 14
 SMALL = {"prompt": "a lighthouse at dusk", "width": 64, "height": 64, "steps": 6}
-
-
-class Mailbox:
-    """aiosmtpd handler keeping every message."""
-
-    def __init__(self) -> None:
-        self.messages: list[EmailMessage] = []
-
-    async def handle_DATA(self, server: Any, session: Any, envelope: Any) -> str:
-        raw = envelope.original_content or envelope.content
-        self.messages.append(
-            email.message_from_bytes(raw, policy=email.policy.default)  # type: ignore[arg-type]
-        )
-        return "250 OK"
 
 
 @dataclass

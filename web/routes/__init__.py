@@ -7,7 +7,16 @@ from web.openapi import ApiRoutes
 
 def route_tables() -> list[ApiRoutes]:
     """Every route table of the app, in documentation order."""
-    from web.routes import accounts, generations, openai, ops, status, tokens, ws
+    from web.routes import (
+        accounts,
+        generations,
+        openai,
+        ops,
+        pages,
+        status,
+        tokens,
+        ws,
+    )
 
     return [
         accounts.routes,
@@ -17,4 +26,5 @@ def route_tables() -> list[ApiRoutes]:
         openai.routes,
         ops.routes,
         status.routes,
+        pages.routes,
     ]
