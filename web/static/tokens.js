@@ -39,6 +39,11 @@ document.addEventListener("DOMContentLoaded", () => {
       return;
     }
     rows.replaceChildren(...result.data.items.map(row));
+    if (!result.data.items.length) {
+      const empty = sdapi.el("tr");
+      empty.append(sdapi.el("td", { colspan: "5", class: "muted" }, "No tokens yet."));
+      rows.append(empty);
+    }
   }
 
   form.addEventListener("submit", async (event) => {
@@ -63,9 +68,13 @@ document.addEventListener("DOMContentLoaded", () => {
       + "  -d '{\"prompt\": \"a lighthouse at dusk\"}'";
     document.getElementById("openai-snippet").textContent =
       "from openai import OpenAI\n\n"
-      + "client = OpenAI(base_url=\"" + base + "/v1\", api_key=\"" + secret + "\")\n"
-      + "result = client.images.generate(prompt=\"a lighthouse at dusk\", "
-      + "response_format=\"b64_json\")\n"
+      + "client = OpenAI(\n"
+      + "    base_url=\"" + base + "/v1\",\n"
+      + "    api_key=\"" + secret + "\",\n"
+      + ")\n"
+      + "result = client.images.generate(\n"
+      + "    prompt=\"a lighthouse at dusk\", response_format=\"b64_json\"\n"
+      + ")\n"
       + "print(len(result.data), \"image(s)\")";
     document.getElementById("new-token").hidden = false;
     form.reset();

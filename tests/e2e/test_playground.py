@@ -1,0 +1,402 @@
+"""The playground in a real Chromium, against real web, jobs and GPU node processes.
+
+Chromium is Debian's (scripts/setup installs it), driven by playwright's
+Python package; a machine where it cannot start fails these tests.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import re
+import shutil
+import time
+import uuid
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+import pytest
+import redis
+from aiosmtpd.controller import Controller
+from playwright.sync_api import Browser, Page, Playwright, expect, sync_playwright
+
+from sdapi.infra.mailsink import free_port
+from tests.e2e.conftest import (
+    Mailbox,
+    Service,
+    Services,
+    node_env,
+    sdapi_env,
+    start_services,
+)
+from web.db import open_database, truncate_all
+from web.models import User, utcnow
+
+pytestmark = pytest.mark.slow
+
+CHROMIUM = "/usr/bin/chromium"
+CHROMIUM_ARGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-component-update",
+    "--disable-sync",
+]
+REDIS_DB = 12
+PASSWORD = "correct horse battery"
+SHOTS = Path("/tmp/playground-shots")  # noqa: S108 (kept for a person to look at)
+
+
+@dataclass
+class Stack:
+    base_url: str
+    mailbox: Mailbox
+    database_url: str
+    services: Services
+
+
+@pytest.fixture(scope="module")
+def stack(
+    database_url: str,
+    redis_url: str,
+    e2e_model_dir: Path,
+    tmp_path_factory: pytest.TempPathFactory,
+) -> Iterator[Stack]:
+    root = tmp_path_factory.mktemp("playground-e2e")
+    own_redis = redis_url.rsplit("/", 1)[0] + f"/{REDIS_DB}"
+    flush = redis.Redis.from_url(own_redis)
+    flush.flushdb()
+    flush.close()
+    asyncio.run(truncate_all(database_url))
+    mailbox = Mailbox()
+    smtp = Controller(mailbox, hostname="127.0.0.1", port=free_port())
+    smtp.start()
+    port = free_port()
+    base_url = f"http://127.0.0.1:{port}"
+    common: dict[str, object] = {
+        "database_url": database_url,
+        "redis_url": own_redis,
+        "data_dir": root / "data",
+        "secret_key": "e2e-secret-key",
+        "public_url": base_url,
+    }
+    services = Services()
+    services.add(
+        Service("web", "web", sdapi_env(**common, port=port, bcrypt_rounds=4), root)
+    )
+    services.add(
+        Service(
+            "jobs",
+            "jobs",
+            sdapi_env(
+                **common, smtp_url=f"smtp://127.0.0.1:{smtp.port}", outbox_interval=0.2
+            ),
+            root,
+        )
+    )
+    node = node_env(
+        common,
+        e2e_model_dir,
+        "playground-node",
+        gpu_preview_every=1,
+        gpu_progress_interval_s=0,
+    )
+    services.add(Service("gpu-node", "gpu-node", node, root))
+    try:
+        start_services(services, base_url, own_redis)
+        yield Stack(base_url, mailbox, database_url, services)
+    finally:
+        services.stop()
+        smtp.stop()
+
+
+@pytest.fixture(scope="module")
+def playwright() -> Iterator[Playwright]:
+    with sync_playwright() as driver:
+        yield driver
+
+
+@pytest.fixture(scope="module")
+def browser(playwright: Playwright) -> Iterator[Browser]:
+    # No skip: a machine that cannot start Chromium fails here.
+    browser = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+    try:
+        yield browser
+    finally:
+        browser.close()
+
+
+@dataclass
+class Visit:
+    """One test's page, with every request the page made."""
+
+    page: Page
+    requests: list[str]
+
+
+@pytest.fixture
+def visit(
+    stack: Stack, browser: Browser, tmp_path: Path, request: pytest.FixtureRequest
+) -> Iterator[Visit]:
+    context = browser.new_context(
+        base_url=stack.base_url, viewport={"width": 1280, "height": 900}
+    )
+    page = context.new_page()
+    seen = Visit(page, [])
+    page.on("request", lambda req: seen.requests.append(req.url))
+    try:
+        yield seen
+    finally:
+        shot = tmp_path / f"{request.node.name}.png"
+        page.screenshot(path=str(shot), full_page=True)
+        SHOTS.mkdir(exist_ok=True)
+        shutil.copy(shot, SHOTS / shot.name)
+        context.close()
+        # No request leaves this machine: no CDN, font or script elsewhere.
+        hosts = {
+            urlsplit(url).hostname
+            for url in seen.requests
+            if not url.startswith("data:")
+        }
+        assert hosts <= {"127.0.0.1"}, hosts
+
+
+def _db(stack: Stack, work: Any) -> Any:
+    """Run `work()` with the database open, on a thread of its own: playwright's
+    sync API keeps an event loop running on this one."""
+
+    async def run() -> Any:
+        async with open_database(stack.database_url):
+            return await work()
+
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        return pool.submit(asyncio.run, run()).result()
+
+
+def account(stack: Stack, page: Page, *, premium: bool) -> str:
+    """A verified account (premium or not), signed in through the page."""
+    email = f"pg-{uuid.uuid4().hex[:8]}@example.org"
+    response = page.request.post(
+        "/api/v1/auth/signup", data={"email": email, "password": PASSWORD}
+    )
+    assert response.status == 201, response.text()
+
+    async def verify() -> None:
+        changes: dict[str, Any] = {"email_verified_at": utcnow()}
+        if premium:
+            changes["premium_until"] = utcnow() + timedelta(days=30)
+        await User.filter(email_key=email).update(**changes)
+
+    _db(stack, verify)
+    sign_in(page, email)
+    return email
+
+
+def sign_in(page: Page, email: str) -> None:
+    page.goto("/signin")
+    page.get_by_label("Email").fill(email)
+    page.get_by_label("Password").fill(PASSWORD)
+    page.get_by_role("button", name="Sign in").click()
+    expect(page.get_by_role("heading", name="Generate")).to_be_visible()
+
+
+def fill(page: Page, **fields: Any) -> None:
+    for name, value in fields.items():
+        page.locator(f"#generate-form [name={name}]").fill(str(value))
+
+
+def test_sign_up_verify_by_email_and_sign_in(visit: Visit, stack: Stack) -> None:
+    page = visit.page
+    email = f"new-{uuid.uuid4().hex[:8]}@example.org"
+    page.goto("/")
+    expect(page).to_have_url(re.compile(r"/signin\?next=/$"))
+    page.get_by_role("link", name="Sign up").first.click()
+    page.get_by_label("Email").fill(email)
+    page.get_by_label("Name (optional)").fill("Ada")
+    page.get_by_label("Password").fill(PASSWORD)
+    page.get_by_role("button", name="Sign up").click()
+    expect(page.get_by_role("heading", name="Check your email")).to_be_visible()
+    expect(page.locator("#address")).to_have_text(email)
+
+    def verification_link() -> str | None:
+        for message in stack.mailbox.messages:
+            if message["To"] == email:
+                body = message.get_body(preferencelist=("plain",))
+                found = re.search(r"http://\S+verify\?token=[\w-]+", body.get_content())
+                if found:
+                    return found.group(0)
+        return None
+
+    link = _wait(verification_link, "the verification email")
+    page.goto(link)
+    expect(page.get_by_role("heading", name="Email address verified")).to_be_visible()
+    sign_in(page, email)
+    expect(page.locator(".who .email")).to_have_text(email)
+    expect(page.locator(".badge")).to_have_text("normal")
+
+
+def test_premium_run_shows_progress_a_preview_then_the_image(
+    visit: Visit, stack: Stack
+) -> None:
+    page = visit.page
+    account(stack, page, premium=True)
+    fill(page, prompt="a quiet harbour", width=64, height=64, steps=150)
+    page.get_by_role("button", name="Generate").click()
+    run = page.locator(".run").first
+    # The bar advances and a preview appears while it runs...
+    expect(run.locator(".steps")).to_have_text(re.compile(r"Step \d+ of 150"))
+    expect(run.locator(".preview")).to_be_visible()
+    # ...then the image, with the settings used.
+    expect(run.locator(".status")).to_have_text("succeeded", timeout=60_000)
+    image = run.locator(".images img")
+    expect(image).to_have_count(1)
+    expect(run.locator(".run-meta")).to_contain_text("took")
+    pushed = base64.b64decode(image.get_attribute("src").split(",", 1)[1])
+    href = run.get_by_role("link", name="Download").get_attribute("href")
+    downloaded = page.request.get(href)
+    assert downloaded.ok and downloaded.body() == pushed
+
+    # "Use these settings again" fills the form with the seed that was used.
+    run.get_by_role("button", name="Use these settings again").click()
+    expect(page.locator("#random-seed")).not_to_be_checked()
+    assert page.locator("#seed").input_value().isdigit()
+    expect(page.locator("#prompt")).to_have_value("a quiet harbour")
+
+    # A second, long run is cancelled while it runs.
+    fill(page, prompt="a long night", width=128, height=128, steps=150)
+    page.get_by_role("button", name="Generate").click()
+    second = page.locator(".run").first
+    expect(second.locator(".steps")).to_have_text(re.compile(r"Step \d+ of 150"))
+    second.get_by_role("button", name="Cancel").click()
+    expect(second.locator(".status")).to_have_text("cancelled", timeout=30_000)
+
+
+def test_two_runs_at_once_finish_in_their_own_cards(visit: Visit, stack: Stack) -> None:
+    page = visit.page
+    account(stack, page, premium=True)
+    fill(page, prompt="first of two", width=64, height=64, steps=40)
+    page.get_by_role("button", name="Generate").click()
+    fill(page, prompt="second of two", width=64, height=64, steps=40)
+    page.get_by_role("button", name="Generate").click()
+    runs = page.locator(".run")
+    expect(runs).to_have_count(2)
+    for prompt in ("first of two", "second of two"):
+        card = runs.filter(has_text=prompt)
+        expect(card.locator(".status")).to_have_text("succeeded", timeout=60_000)
+        expect(card.locator(".images img")).to_have_count(1)
+
+
+def test_a_validation_error_shows_beside_its_field(visit: Visit, stack: Stack) -> None:
+    page = visit.page
+    account(stack, page, premium=True)
+    fill(page, prompt="a fox", width=100, height=64, steps=4)
+    page.get_by_role("button", name="Generate").click()
+    expect(page.locator('[data-error-for="width"]')).to_contain_text("multiple of 8")
+    expect(page.locator("#width")).to_have_attribute("aria-invalid", "true")
+    expect(page.locator(".run")).to_have_count(0)
+
+
+def test_a_normal_account_sees_when_it_runs_and_finds_it_in_history(
+    visit: Visit, stack: Stack
+) -> None:
+    page = visit.page
+    account(stack, page, premium=False)
+    fill(page, prompt="a slow sunrise", width=64, height=64, steps=4)
+    page.get_by_role("button", name="Generate").click()
+    run = page.locator(".run").first
+    expect(run.locator(".status")).to_have_text("scheduled")
+    expect(run.locator(".run-note")).to_contain_text("emailed to you")
+    page.get_by_role("link", name="History").click()
+    entry = page.locator(".entry").first
+    expect(entry.locator(".run-prompt")).to_have_text("a slow sunrise")
+    expect(entry.locator(".status")).to_have_text("scheduled")
+    entry.get_by_role("button", name="Cancel").click()
+    expect(page.locator(".entry").first.locator(".status")).to_have_text("cancelled")
+
+
+def test_a_token_works_with_the_openai_sdk_until_revoked(
+    visit: Visit, stack: Stack
+) -> None:
+    import openai
+
+    page = visit.page
+    account(stack, page, premium=True)
+    page.get_by_role("link", name="API tokens").click()
+    page.get_by_label("Name").fill("notebook")
+    page.get_by_role("button", name="Create token").click()
+    expect(page.locator("#new-secret")).to_have_text(re.compile(r"^sdapi_\S+$"))
+    secret = page.locator("#new-secret").inner_text()
+    expect(page.locator("#openai-snippet")).to_contain_text(secret)
+    expect(page.locator("#token-rows tr", has_text="notebook")).to_have_count(1)
+
+    client = openai.OpenAI(
+        api_key=secret, base_url=f"{stack.base_url}/v1", max_retries=0, timeout=60
+    )
+    images = client.images.generate(
+        prompt="a fox", model="tiny", size="64x64", response_format="b64_json"
+    )
+    assert base64.b64decode(images.data[0].b64_json or "").startswith(b"\x89PNG")
+
+    page.on("dialog", lambda dialog: dialog.accept())
+    page.get_by_role("button", name="Revoke notebook").click()
+    expect(page.locator("#token-rows tr", has_text="notebook")).to_have_count(0)
+    with pytest.raises(openai.AuthenticationError):
+        client.images.generate(prompt="a fox", model="tiny", size="64x64")
+    client.close()
+
+
+def test_a_script_in_a_prompt_is_only_text(visit: Visit, stack: Stack) -> None:
+    page = visit.page
+    hostile = '<script>window.pwned=1</script><img src=x onerror="window.pwned=2">'
+    account(stack, page, premium=True)
+    fill(page, prompt=hostile, width=64, height=64, steps=4)
+    page.get_by_role("button", name="Generate").click()
+    run = page.locator(".run").first
+    expect(run.locator(".run-prompt")).to_have_text(hostile)
+    expect(run.locator(".status")).to_have_text("succeeded", timeout=60_000)
+    page.get_by_role("link", name="History").click()
+    entry = page.locator(".entry").first
+    expect(entry.locator(".run-prompt")).to_have_text(hostile)
+    assert entry.locator(".thumbs img").get_attribute("title") == hostile
+    assert page.evaluate("window.pwned") is None
+
+
+def test_the_playground_fits_a_phone_and_works_by_keyboard(
+    visit: Visit, stack: Stack
+) -> None:
+    page = visit.page
+    account(stack, page, premium=True)
+    page.set_viewport_size({"width": 390, "height": 844})
+    page.reload()
+    expect(page.get_by_role("heading", name="Generate")).to_be_visible()
+    # Nothing wider than the screen: no sideways scrolling.
+    assert page.evaluate("document.documentElement.scrollWidth <= window.innerWidth")
+    # Keyboard only: type a prompt, then press Enter on the button.
+    page.locator("#prompt").focus()
+    page.keyboard.type("keyboard only")
+    fill(page, width=64, height=64, steps=4)
+    page.locator("#generate").focus()
+    page.keyboard.press("Enter")
+    run = page.locator(".run").first
+    expect(run.locator(".status")).to_have_text("succeeded", timeout=60_000)
+    expect(run.locator(".images img")).to_have_attribute(
+        "alt", re.compile("keyboard only")
+    )
+
+
+def _wait(check: Any, what: str, timeout: float = 30) -> Any:
+    """Poll `check` until it returns something (it reads local state only)."""
+    deadline = time.monotonic() + timeout
+    while not (found := check()):
+        if time.monotonic() > deadline:
+            pytest.fail(f"{what}: not within {timeout}s")
+        time.sleep(0.1)
+    return found
