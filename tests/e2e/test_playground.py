@@ -369,6 +369,24 @@ def test_a_script_in_a_prompt_is_only_text(visit: Visit, stack: Stack) -> None:
     assert page.evaluate("window.pwned") is None
 
 
+def test_a_lost_websocket_reconnects_and_the_run_finishes(
+    visit: Visit, stack: Stack
+) -> None:
+    page = visit.page
+    account(stack, page, premium=True)
+    fill(page, prompt="through a restart", width=128, height=128, steps=150)
+    page.get_by_role("button", name="Generate").click()
+    run = page.locator(".run").first
+    expect(run.locator(".steps")).to_have_text(re.compile(r"Step \d+ of 150"))
+    web = stack.services["web"]
+    web.kill()  # the socket drops with it
+    expect(run.locator(".run-note")).to_have_text("Connection lost; reconnecting…")
+    web.start()
+    # The page reconnects, subscribes again, and the replay brings the rest.
+    expect(run.locator(".status")).to_have_text("succeeded", timeout=90_000)
+    expect(run.locator(".images img")).to_have_count(1)
+
+
 def test_the_playground_fits_a_phone_and_works_by_keyboard(
     visit: Visit, stack: Stack
 ) -> None:
