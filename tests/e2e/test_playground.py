@@ -282,12 +282,12 @@ def test_premium_run_shows_progress_a_preview_then_the_image(
 def test_two_runs_at_once_finish_in_their_own_cards(visit: Visit, stack: Stack) -> None:
     page = visit.page
     account(stack, page, premium=True)
-    fill(page, prompt="first of two", width=64, height=64, steps=40)
-    page.get_by_role("button", name="Generate").click()
-    fill(page, prompt="second of two", width=64, height=64, steps=40)
-    page.get_by_role("button", name="Generate").click()
     runs = page.locator(".run")
-    expect(runs).to_have_count(2)
+    for count, prompt in enumerate(("first of two", "second of two"), start=1):
+        fill(page, prompt=prompt, width=64, height=64, steps=150)
+        page.get_by_role("button", name="Generate").click()
+        expect(page.locator('[data-error-for="form"]')).to_be_empty()
+        expect(runs).to_have_count(count, timeout=15_000)
     for prompt in ("first of two", "second of two"):
         card = runs.filter(has_text=prompt)
         expect(card.locator(".status")).to_have_text("succeeded", timeout=60_000)
