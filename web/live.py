@@ -48,6 +48,7 @@ from web.auth import Principal
 from web.errors import (
     DEPENDENCY_ERRORS,
     AppError,
+    Conflict,
     PremiumRequired,
     RateLimited,
     Unauthorized,
@@ -254,6 +255,40 @@ class CredentialsRevoked(Unauthorized):
     """The socket's token was revoked or expired while it was open."""
 
 
+# Most generations a socket remembers having followed (ids, a few KB).
+MAX_FOLLOWED = 4096
+
+
+class MessageAllowance:
+    """A token bucket: `rate` messages a second, bursts of `burst`."""
+
+    def __init__(self, rate: float, burst: int) -> None:
+        self._rate = rate
+        self._burst = float(burst)
+        self._tokens = float(burst)
+        self._at: float | None = None
+        self._said_at = -1e9
+
+    def take(self, now: float) -> bool:
+        """Whether one more message may be handled now."""
+        if self._at is not None:
+            self._tokens = min(
+                self._burst, self._tokens + (now - self._at) * self._rate
+            )
+        self._at = now
+        if self._tokens < 1:
+            return False
+        self._tokens -= 1
+        return True
+
+    def should_say_so(self, now: float) -> bool:
+        """One `rate_limited` frame a second at most: refusals must not flood."""
+        if now - self._said_at < 1:
+            return False
+        self._said_at = now
+        return True
+
+
 # Message types after which a socket reads nothing more.
 _CLOSED = frozenset({WSMsgType.CLOSE, WSMsgType.CLOSING, WSMsgType.CLOSED})
 
@@ -268,6 +303,13 @@ class LiveSocket:
         self._ws = ws
         self._principal = principal
         self._relays: dict[str, asyncio.Task[None]] = {}
+        # Every generation this socket was told about: a second subscribe
+        # would send it all again (an image is megabytes), so it is refused.
+        self._followed: set[str] = set()
+        settings = app[settings_key]
+        self._allowance = MessageAllowance(
+            settings.ws_messages_per_s, settings.ws_message_burst
+        )
 
     async def send(self, frame: BaseModel) -> bool:
         """Write one frame; False once the client is gone (the error is swallowed)."""
@@ -306,7 +348,15 @@ class LiveSocket:
                 if message.type in _CLOSED:
                     break
                 if message.type is WSMsgType.TEXT:
-                    await self._handle(message.data)
+                    if self._allowance.take(loop.time()):
+                        await self._handle(message.data)
+                    elif self._allowance.should_say_so(loop.time()):
+                        await self._error(
+                            None,
+                            "rate_limited",
+                            "Too many messages on this socket; some were dropped. "
+                            "Slow down.",
+                        )
                 elif message.type is WSMsgType.BINARY:
                     await self._error(None, "bad_request", "Send JSON text frames.")
                 # ERROR: aiohttp has already closed the socket (LiveWebSocket.close).
@@ -464,7 +514,13 @@ class LiveSocket:
 
     async def _subscribe(self, principal: Principal, ident: str) -> None:
         generation = await load_own(principal.user, ident)
-        self._check_room(str(generation.id))
+        key = str(generation.id)
+        if key in self._followed:
+            raise Conflict(
+                "This socket already follows that generation (its events were "
+                "or are being sent); open a new socket to have them replayed."
+            )
+        self._check_room(key)
         self._follow(generation.id)
 
     async def _cancel(self, principal: Principal, ident: str) -> None:
@@ -487,6 +543,8 @@ class LiveSocket:
 
     def _follow(self, generation_id: uuid.UUID) -> None:
         key = str(generation_id)
+        if len(self._followed) < MAX_FOLLOWED:
+            self._followed.add(key)
         running = self._relays.get(key)
         if running is not None and not running.done():
             return  # already relayed on this socket

@@ -93,6 +93,9 @@ class WebSettings(CommonSettings):
     # How often an open WebSocket re-checks that its token is still valid
     # (seconds); a revoked or expired one closes it with 1008.
     ws_recheck_s: float = Field(default=30.0, gt=0, description="seconds")
+    # Client messages one socket may send: a steady rate, and a burst.
+    ws_messages_per_s: float = Field(default=10.0, gt=0)
+    ws_message_burst: int = Field(default=40, ge=1)
     # Verification emails one user may ask to be re-sent: one per this long.
     verify_resend_interval: int = Field(default=60, ge=1, description="seconds")
     # How long a call to the Consul agent may take (seconds).

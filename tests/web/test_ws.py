@@ -655,3 +655,44 @@ async def test_image_frames_prefer_the_stored_png(
     [image] = [f for f in frames if f["type"] == "image"]
     stored = await GeneratedImage.get(generation_id=ident, index=0)
     assert base64.b64decode(image["data"]) == bytes(stored.png)
+
+
+async def test_subscribing_again_to_a_finished_generation_sends_nothing_twice(
+    client: TestClient, node: NodeDouble
+) -> None:
+    _, secret = await make_user()
+    async with client.ws_connect(WS, headers=auth(secret)) as ws:
+        ident = await generate(ws)
+        await node.run(await node.claim())
+        first = await until_done(ws, ident)
+        assert any(f["type"] == "image" for f in first)
+        # Thirty repeats would each have sent the images again.
+        for _ in range(30):
+            await ws.send_json({"type": "subscribe", "id": ident})
+        refusals = [await frame(ws) for _ in range(30)]
+        assert {(f["type"], f["code"]) for f in refusals} == {("error", "conflict")}
+
+
+async def test_a_flooding_socket_is_slowed_and_another_is_not(
+    aiohttp_client: Any, web_settings: WebSettings, node: NodeDouble
+) -> None:
+    settings = web_settings.model_copy(
+        update={"ws_messages_per_s": 1.0, "ws_message_burst": 5}
+    )
+    client = await aiohttp_client(create_app(settings))
+    _, secret = await make_user()
+    async with (
+        client.ws_connect(WS, headers=auth(secret)) as noisy,
+        client.ws_connect(WS, headers=auth(secret)) as quiet,
+    ):
+        for _ in range(20):
+            await noisy.send_json({"type": "subscribe", "id": str(uuid.uuid4())})
+        answers = []
+        while len(answers) < 6:
+            answers.append(await frame(noisy))
+        codes = [a.get("code") for a in answers]
+        assert codes[:5] == ["not_found"] * 5  # the burst is handled
+        assert codes[5] == "rate_limited"  # then it is told to slow down, once
+        # The other socket of the same user is unaffected.
+        await quiet.send_json({"type": "subscribe", "id": str(uuid.uuid4())})
+        assert (await frame(quiet))["code"] == "not_found"
