@@ -98,6 +98,8 @@ class WebSettings(CommonSettings):
     ws_message_burst: int = Field(default=40, ge=1)
     # Verification emails one user may ask to be re-sent: one per this long.
     verify_resend_interval: int = Field(default=60, ge=1, description="seconds")
+    # Verification emails an account may ask for again, a day.
+    verify_resend_per_day: int = Field(default=5, ge=1)
     # How long a call to the Consul agent may take (seconds).
     consul_timeout: float = Field(default=3.0, gt=0, description="seconds")
 

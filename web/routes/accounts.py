@@ -14,7 +14,7 @@ from tortoise.exceptions import IntegrityError
 from tortoise.transactions import in_transaction
 
 from web.appkeys import passwords_key, redis_key, settings_key
-from web.auth import require_user
+from web.auth import authenticate, check_csrf, require_user
 from web.errors import (
     AppError,
     Conflict,
@@ -41,6 +41,7 @@ from web.schemas.accounts import (
     Me,
     Quota,
     RedeemRequest,
+    ResendRequest,
     SigninRequest,
     SigninResponse,
     SignupRequest,
@@ -165,12 +166,13 @@ async def send_verification(
         dedupe_key=f"verify:{verification.id}",
         to_address=user.email,
         subject="Verify your email address for sdapi",
-        text_body=_verification_text(user.name, user.email, link, expires_at),
+        # No user-chosen text (the name) in mail to an address not yet proven:
+        # anyone can sign up with anyone's address.
+        text_body=_verification_text(user.email, link, expires_at),
         html_body=aiohttp_jinja2.render_string(
             "verify_email.html.j2",
             request,
             {
-                "name": user.name,
                 "email": user.email,
                 "link": link,
                 "expires": f"{expires_at:%Y-%m-%d %H:%M}",
@@ -180,12 +182,9 @@ async def send_verification(
     return expires_at
 
 
-def _verification_text(
-    name: str | None, email: str, link: str, expires_at: datetime
-) -> str:
-    greeting = f"Hello {name}," if name else "Hello,"
+def _verification_text(email: str, link: str, expires_at: datetime) -> str:
     return (
-        f"{greeting}\n\n"
+        "Hello,\n\n"
         f"Please confirm that {email} is your email address for sdapi by "
         f"opening this link:\n\n{link}\n\n"
         f"The link works until {expires_at:%Y-%m-%d %H:%M} (UTC). "
@@ -197,6 +196,7 @@ def _verification_text(
     "POST",
     VERIFY_PATH + "/resend",
     summary="Send the verification email again",
+    body=ResendRequest,
     responses=[
         Response(202, "A new verification email is on its way", VerificationSent),
         Response(409, "The email address is already verified", ErrorBody),
@@ -206,34 +206,88 @@ def _verification_text(
     ],
 )
 async def resend_verification(request: web.Request) -> web.StreamResponse:
-    """Emails a new verification link to the account's address; links sent
-    before keep working until they expire. At most one per minute."""
-    principal = await require_user(request)
-    settings = request.app[settings_key]
-    redis = request.app[redis_key]
+    """Signed in: emails a new link to the account's address (409 once
+    verified, 429 within a minute of the last). With `{"email"}` and no
+    credentials: 202 whether or not the address has an unverified account, so
+    nobody learns which addresses have one. Links sent before keep working;
+    an address gets at most `verify_resend_per_day` of them a day."""
+    principal = await authenticate(request)
+    body = (
+        await read_body(request, ResendRequest)
+        if request.can_read_body
+        else ResendRequest()
+    )
+    if principal is None:
+        if body.email is None:
+            raise Unauthorized()
+        await _resend_quietly(request, body.email)
+        return json_response(VerificationSent(), status=202)
+    if principal.via == "session":
+        await check_csrf(request)
     user = principal.user
     if user.email_verified_at is not None:
         raise Conflict("Your email address is already verified.")
-    key = f"{RESEND_KEY_PREFIX}:{user.id}"
-    if not await redis.set(key, b"1", nx=True, ex=settings.verify_resend_interval):
-        wait = max(1, int(await redis.ttl(key)))
+    wait = await _resend_refused(request, user)
+    if wait is not None:
         raise RateLimited(
-            f"A verification email was sent a moment ago; you can ask for another "
-            f"in {wait} seconds.",
+            f"A verification email was sent a moment ago, or today's are used up; "
+            f"you can ask for another in {wait} seconds.",
             retry_after=wait,
         )
+    expires_at = await _resend(request, user)
+    return json_response(
+        VerificationSent(email=user.email, expires_at=expires_at), status=202
+    )
+
+
+async def _resend_refused(request: web.Request, user: UserRow) -> int | None:
+    """Seconds to wait before `user` may get another link; None: send now."""
+    settings = request.app[settings_key]
+    redis = request.app[redis_key]
+    key = f"{RESEND_KEY_PREFIX}:{user.id}"
+    daily = f"{RESEND_KEY_PREFIX}:day:{user.id}"
+    if not await redis.set(key, b"1", nx=True, ex=settings.verify_resend_interval):
+        return max(1, int(await redis.ttl(key)))
+    async with redis.pipeline(transaction=True) as pipe:
+        pipe.incr(daily)
+        pipe.expire(daily, 86400, nx=True)
+        sent_today, _ = await pipe.execute()
+    if int(sent_today) > settings.verify_resend_per_day:
+        return max(1, int(await redis.ttl(daily)))
+    return None
+
+
+async def _resend(request: web.Request, user: UserRow) -> datetime:
     now = utcnow()
     try:
         async with in_transaction():
             expires_at = await send_verification(request, user, now)
     except Exception:
         # Nothing was sent: do not make the user wait for it.
-        await redis.delete(key)
+        await request.app[redis_key].delete(f"{RESEND_KEY_PREFIX}:{user.id}")
         raise
     log.info("verification email re-sent for user %s", user.id)
-    return json_response(
-        VerificationSent(email=user.email, expires_at=expires_at), status=202
+    return expires_at
+
+
+async def _resend_quietly(request: web.Request, email: str) -> None:
+    """Send a new link if `email` has an unverified account and may get one."""
+    settings = request.app[settings_key]
+    address = client_address(request, trust_forwarded=settings.trust_forwarded)
+    # Counted with sign-ups: each may send an email to any address.
+    by_client = signup_limit(
+        address,
+        max_signups=settings.signup_max_per_client,
+        window_s=settings.signup_window,
     )
+    await _reserve_or_refuse(
+        request, [by_client], "Too many requests from your address"
+    )
+    user = await UserRow.get_or_none(email_key=_email_key(email))
+    if user is None or user.email_verified_at is not None:
+        return
+    if await _resend_refused(request, user) is None:
+        await _resend(request, user)
 
 
 def prefers_json(request: web.Request) -> bool:

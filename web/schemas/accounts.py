@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import unicodedata
 from datetime import datetime
 from typing import Annotated, Literal
 from uuid import UUID
@@ -26,6 +27,18 @@ Password = Annotated[
 ]
 
 
+def plain_name(text: str) -> str:
+    """`text` without control, format (bidi overrides, zero-width) or line and
+    paragraph separator characters, its spaces collapsed: a name shows as
+    what it is wherever it appears."""
+    kept = "".join(
+        " " if unicodedata.category(char) in {"Zl", "Zp", "Cc"} else char
+        for char in text
+        if unicodedata.category(char) not in {"Cf", "Co", "Cs", "Cn"}
+    )
+    return " ".join(kept.split())
+
+
 class SignupRequest(RequestModel):
     email: EmailStr
     password: Password
@@ -36,7 +49,7 @@ class SignupRequest(RequestModel):
     def _name(cls, value: str | None) -> str | None:
         if value is None:
             return None
-        return value.strip() or None
+        return plain_name(value) or None
 
 
 class SigninRequest(RequestModel):
@@ -99,12 +112,24 @@ class VerifyResponse(BaseModel):
     user: User
 
 
+class ResendRequest(RequestModel):
+    email: EmailStr | None = Field(
+        default=None,
+        description="Without credentials: the address to send a new link to "
+        "(the answer is the same whether or not it has an account).",
+    )
+
+
 class VerificationSent(BaseModel):
-    """A new verification email is in the outbox."""
+    """A new verification email is in the outbox (or, asked by address, may be)."""
 
     sent: Literal[True] = True
-    email: str = Field(description="Where it goes: the account's address.")
-    expires_at: datetime = Field(description="When its link stops working.")
+    email: str | None = Field(
+        default=None, description="Where it goes (signed in only)."
+    )
+    expires_at: datetime | None = Field(
+        default=None, description="When its link stops working (signed in only)."
+    )
 
 
 class SigninResponse(BaseModel):
