@@ -1,0 +1,3 @@
+# The ingress in staging (nomad/traefik.nomad.hcl).
+datacenters        = ["staging"]
+ingress_node_class = "ingress"
