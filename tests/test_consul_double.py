@@ -84,7 +84,8 @@ async def test_a_blocking_query_without_a_change_waits_out_its_wait(
     again, entries = await client.health.service("sdapi-gpu", index=index, wait="1s")
     elapsed = time.monotonic() - started
     # `wait` plus at most wait/16 of jitter.
-    assert 1.0 <= elapsed < 1.0 + 1 / 16 + 0.5
+    # (The upper bound is loose: a loaded machine answers late, never early.)
+    assert 1.0 <= elapsed < 1.0 + 1 / 16 + 2.0
     assert again == index
     assert entries == []
 

@@ -78,6 +78,13 @@ def make_venv(folder: Path, wheel: Path) -> Path:
     pip = [str(python), "-m", "pip", "--disable-pip-version-check", "--quiet"]
     subprocess.run([*pip, "install", TORCH_SPEC], check=True)
     subprocess.run([*pip, "install", f"{wheel}[gpu]"], check=True)
+    # The tokenizer once came from open_clip, which only scripts/setup
+    # installed: the clean install must do without it.
+    has_open_clip = "import importlib.util as u; print(u.find_spec('open_clip'))"
+    found = subprocess.run(
+        [str(python), "-c", has_open_clip], check=True, capture_output=True, text=True
+    )
+    assert found.stdout.strip() == "None"
     return folder / "bin"
 
 

@@ -318,8 +318,9 @@ async def test_the_watch_follows_nodes_by_blocking_queries_and_outlives_a_restar
                     assert response.status == 200
             await wait_for(lambda: _true(not registry.serves("tiny")), timeout=5)
             assert time.monotonic() - started < wait_s / 2
-            # One query per change (and the one that was waiting), no polling.
-            assert agent.calls <= 6
+            # About one query per change (register, pass, deregister) and the
+            # ones that were waiting: a 50 ms poll would have made dozens.
+            assert agent.calls <= 10
 
             # The agent goes away: the last view stays, the watch says so...
             await register_node(consul)
