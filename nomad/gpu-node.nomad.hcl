@@ -205,21 +205,18 @@ job "sdapi-gpu" {
       kill_signal  = "SIGTERM"
       kill_timeout = "${var.drain_grace_s + 30}s"
 
-      env {
-        SDAPI_MODEL                = var.model
-        SDAPI_MODEL_NAME           = var.model_name
-        SDAPI_MODEL_DIR            = "/models"
-        SDAPI_GPU_DEVICE           = "cuda"
-        SDAPI_GPU_HEALTH_HOST      = "0.0.0.0"
-        SDAPI_GPU_DRAIN_GRACE_S    = var.drain_grace_s
-        SDAPI_LOG_LEVEL            = "INFO"
-      }
-
       template {
         destination = "local/sdapi.env"
         env         = true
         change_mode = "restart"
         data        = <<-EOT
+          SDAPI_MODEL=${var.model}
+          SDAPI_MODEL_NAME=${var.model_name}
+          SDAPI_MODEL_DIR=/models
+          SDAPI_GPU_DEVICE=cuda
+          SDAPI_GPU_HEALTH_HOST=0.0.0.0
+          SDAPI_GPU_DRAIN_GRACE_S=${var.drain_grace_s}
+          SDAPI_LOG_LEVEL=INFO
           SDAPI_NODE_ID={{ env "NOMAD_ALLOC_ID" }}
           SDAPI_GPU_HEALTH_PORT={{ env "NOMAD_PORT_health" }}
           SDAPI_GPU_ADVERTISE_HOST={{ env "NOMAD_IP_health" }}

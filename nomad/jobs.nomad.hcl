@@ -95,17 +95,14 @@ job "sdapi-jobs" {
       kill_signal  = "SIGTERM"
       kill_timeout = "30s"
 
-      env {
-        SDAPI_PUBLIC_URL = var.public_url
-        SDAPI_MAIL_FROM  = var.mail_from
-        SDAPI_LOG_LEVEL  = "INFO"
-      }
-
       template {
         destination = "secrets/sdapi.env"
         env         = true
         change_mode = "restart"
         data        = <<-EOT
+          SDAPI_PUBLIC_URL=${var.public_url}
+          SDAPI_MAIL_FROM="${var.mail_from}"
+          SDAPI_LOG_LEVEL=INFO
           SDAPI_CONSUL_URL=http://127.0.0.1:8500
           SDAPI_REDIS_URL=redis://sdapi-redis.service.consul/0
           {{ with nomadVar "nomad/jobs/sdapi-jobs" -}}

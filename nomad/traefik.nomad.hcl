@@ -1,4 +1,4 @@
-# The ingress: Traefik on every ingress machine, reading the Consul catalog
+# The ingress: Traefik on the ingress machines (one per machine), reading the Consul catalog
 # for services tagged traefik.enable=true (web's `sdapi-http`) and balancing
 # HTTP and WebSocket traffic over their healthy instances only (Consul's
 # passing checks, and Traefik's own health check on /readyz). WebSockets need
@@ -25,6 +25,12 @@ variable "ingress_node_class" {
   description = "Node class of the machines that take public traffic."
 }
 
+variable "ingress_count" {
+  type        = number
+  default     = 2
+  description = "Traefik instances, each on its own ingress machine."
+}
+
 variable "http_port" {
   type        = number
   default     = 80
@@ -33,12 +39,17 @@ variable "http_port" {
 
 job "sdapi-traefik" {
   datacenters = var.datacenters
-  # One on every ingress machine.
-  type = "system"
+  type        = "service"
 
   constraint {
     attribute = "${node.class}"
     value     = var.ingress_node_class
+  }
+
+  # Each instance holds the machine's public port.
+  constraint {
+    operator = "distinct_hosts"
+    value    = "true"
   }
 
   update {
@@ -51,6 +62,8 @@ job "sdapi-traefik" {
   }
 
   group "traefik" {
+    count = var.ingress_count
+
     network {
       mode = "host"
       port "web" {
@@ -64,6 +77,13 @@ job "sdapi-traefik" {
       interval = "5m"
       delay    = "5s"
       mode     = "delay"
+    }
+
+    reschedule {
+      delay          = "30s"
+      delay_function = "exponential"
+      max_delay      = "5m"
+      unlimited      = true
     }
 
     service {

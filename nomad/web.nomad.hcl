@@ -195,23 +195,21 @@ job "sdapi-web" {
       kill_signal  = "SIGTERM"
       kill_timeout = "30s"
 
-      env {
-        SDAPI_HOST             = "0.0.0.0"
-        SDAPI_PUBLIC_URL       = var.public_url
-        SDAPI_MODELS           = join(",", var.models)
-        SDAPI_ALLOWED_ORIGINS  = join(",", var.allowed_origins)
-        SDAPI_TRUST_FORWARDED  = "true"
-        SDAPI_LOG_LEVEL        = "INFO"
-      }
-
-      # Addresses: the node-local Consul agent, and services by Consul name
-      # (sdapi resolves `<name>.service.consul` hosts through the agent).
+      # All configuration in one template: the job's variables, Nomad's port,
+      # the node-local Consul agent, services by Consul name (sdapi resolves
+      # `<name>.service.consul` hosts through the agent) and the secrets.
       template {
         destination = "secrets/sdapi.env"
         env         = true
         change_mode = "restart"
         data        = <<-EOT
           SDAPI_PORT={{ env "NOMAD_PORT_http" }}
+          SDAPI_HOST=0.0.0.0
+          SDAPI_PUBLIC_URL=${var.public_url}
+          SDAPI_MODELS=${join(",", var.models)}
+          SDAPI_ALLOWED_ORIGINS=${join(",", var.allowed_origins)}
+          SDAPI_TRUST_FORWARDED=true
+          SDAPI_LOG_LEVEL=INFO
           SDAPI_ADVERTISE_HOST={{ env "NOMAD_IP_http" }}
           SDAPI_CONSUL_URL=http://127.0.0.1:8500
           SDAPI_REDIS_URL=redis://sdapi-redis.service.consul/0

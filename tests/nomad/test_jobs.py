@@ -14,7 +14,6 @@ from jobs.settings import JobsSettings
 from sdapi.infra.settings import CommonSettings
 from tests.nomad.jobspec import (
     NOMAD_DIR,
-    env_lines,
     items,
     job_of,
     labelled,
@@ -30,6 +29,15 @@ from tests.nomad.jobspec import (
     template_data,
     variables,
 )
+from tests.nomad.rules import (
+    SECRET_NAME,
+    check_errors,
+    device_errors,
+    literal_secrets,
+    policy_errors,
+    scaling_errors,
+    update_errors,
+)
 from web.settings import WebSettings
 
 JOBS = ("web", "jobs", "gpu-node", "redis", "postgres", "traefik")
@@ -44,7 +52,6 @@ SETTINGS: dict[str, type[BaseSettings]] = {
     "gpu-node": GpuNodeSettings,
     "migrate": CommonSettings,
 }
-SECRET_NAME = re.compile(r"PASSWORD|SECRET|TOKEN|_KEY$|CREDENTIAL", re.IGNORECASE)
 
 
 def job_path(name: str) -> Path:
@@ -144,68 +151,63 @@ def test_every_variable_used_is_declared_and_described(
         assert "type" in block, f"variable {name} has no type"
 
 
-def test_devices_are_requested_with_the_docker_driver_only(
-    document: dict[str, Any],
-) -> None:
+def test_the_job_passes_the_rules(document: dict[str, Any]) -> None:
     _, job = job_of(document)
-    for _, name, task in tasks(job):
-        wants_device = any(
-            list(labelled(resources, "device"))
-            for resources in items(task, "resources")
-        )
-        if wants_device:
-            assert task["driver"] == "docker", name
+    assert device_errors(job) == []
+    assert update_errors(job) == []
+    assert policy_errors(job) == []
+    assert check_errors(job) == []
 
 
-def test_updates_leave_time_to_get_healthy_and_revert(document: dict[str, Any]) -> None:
-    _, job = job_of(document)
-    blocks = items(job, "update") + [
-        update
-        for _, group in labelled(job, "group")
-        for update in items(group, "update")
+def rules_of(job_name: str, old: str, new: str) -> list[str]:
+    """The rules' findings for a job file with `old` replaced by `new`."""
+    text = job_path(job_name).read_text()
+    assert old in text
+    _, job = job_of(parse(text.replace(old, new, 1)))
+    return (
+        device_errors(job) + update_errors(job) + policy_errors(job) + check_errors(job)
+    )
+
+
+def test_a_device_outside_the_docker_driver_is_caught() -> None:
+    assert rules_of("gpu-node", 'driver = "docker"', 'driver = "exec"') == [
+        "task gpu-node: a device with driver exec"
     ]
-    assert blocks
-    for update in blocks:
-        assert update["auto_revert"] is True
-        assert seconds(update["progress_deadline"]) > seconds(
-            update["healthy_deadline"]
-        )
-        assert seconds(update["healthy_deadline"]) > seconds(update["min_healthy_time"])
-        if update.get("canary", 0) > 0:
-            assert update["health_check"] == "checks"
 
 
-def test_every_group_restarts_and_reschedules(document: dict[str, Any]) -> None:
-    _, job = job_of(document)
-    for name, group in labelled(job, "group"):
-        assert items(group, "restart"), name
-        if job.get("type") != "system":
-            # A system job is placed on every eligible machine, never rescheduled.
-            assert items(group, "reschedule"), name
+def test_a_progress_deadline_within_the_healthy_deadline_is_caught() -> None:
+    found = rules_of("web", 'progress_deadline = "10m"', 'progress_deadline = "2m"')
+    assert found == ["progress_deadline must exceed healthy_deadline"]
 
 
-def test_every_service_has_checks_with_interval_and_timeout(
-    document: dict[str, Any],
-) -> None:
-    _, job = job_of(document)
-    for service in services(job):
-        checks = items(service, "check")
-        assert checks, service["name"]
-        for check in checks:
-            assert seconds(check["interval"]) > 0
-            assert 0 < seconds(check["timeout"]) < seconds(check["interval"])
+def test_an_update_without_auto_revert_is_caught() -> None:
+    found = rules_of("jobs", "auto_revert       = true", "auto_revert = false")
+    assert found == ["update without auto_revert"]
+
+
+def test_a_check_without_a_timeout_is_caught() -> None:
+    found = rules_of("redis", 'timeout  = "2s"', "")
+    assert found == ["service sdapi-redis check tcp: interval and timeout are required"]
+
+
+def test_a_group_without_a_reschedule_policy_is_caught() -> None:
+    found = rules_of("postgres", "reschedule {", "ephemeral_disk {")
+    assert found == ["group postgres: no reschedule block"]
 
 
 @pytest.mark.parametrize("run", all_runs(), ids=run_id)
 def test_counts_lie_within_the_scaling_bounds(run: tuple[str, list[Path]]) -> None:
     job_name, files = run
-    values = var_values(job_name, *files)
     _, job = job_of(load(job_path(job_name)))
-    for _, group in labelled(job, "group"):
-        count = resolve(group.get("count", 1), values)
-        for scaling in items(group, "scaling"):
-            low, high = resolve(scaling["min"], values), resolve(scaling["max"], values)
-            assert 0 <= low <= count <= high
+    assert scaling_errors(job, var_values(job_name, *files)) == []
+
+
+def test_a_count_beyond_the_scaling_maximum_is_caught() -> None:
+    _, job = job_of(load(job_path("gpu-node")))
+    values = var_values("gpu-node", NOMAD_DIR / "vars/models/tiny.vars.hcl")
+    assert scaling_errors(job, {**values, "gpu_count": 9, "gpu_max": 4}) == [
+        "group node: not min 0 <= count 9 <= max 4"
+    ]
 
 
 @pytest.mark.parametrize("run", all_runs(), ids=run_id)
@@ -354,32 +356,19 @@ def test_every_sdapi_variable_a_job_sets_is_a_setting_of_its_process(
     assert set_here - known == set()
 
 
+def test_sdapi_is_configured_through_templates_only() -> None:
+    for job_name, _, task in sdapi_tasks():
+        for env in items(task, "env"):
+            assert not [name for name in env if name.startswith("SDAPI_")], job_name
+        assert any(template.get("env") for template in items(task, "template"))
+
+
 def test_env_names_follow_the_settings_prefix() -> None:
     # Guards the introspection above against a renamed prefix.
     assert "SDAPI_GPU_DRAIN_GRACE_S" in env_names(GpuNodeSettings)
     assert "SDAPI_SMTP_URL" in env_names(JobsSettings)
     assert "SDAPI_SMTP_URL" not in env_names(WebSettings)
     assert "SDAPI_DATABASE_URL" in env_names(CommonSettings)
-
-
-def literal_secrets(task: dict[str, Any]) -> list[str]:
-    """Secret-looking settings whose value is not rendered from a Nomad Variable."""
-    found = []
-    for env in items(task, "env"):
-        found += [name for name in env if SECRET_NAME.search(name)]
-    for template in items(task, "template"):
-        text = template_data(template)
-        lines = env_lines(text)
-        for name, value in lines.items():
-            if SECRET_NAME.search(name) and not re.fullmatch(r"\{\{.*\}\}", value):
-                found.append(name)
-            # user:password@ in a URL: the password must be a template value.
-            for password in re.findall(r"://[^:/@\s]+:([^@\s]+)@", value):
-                if not password.startswith("{{"):
-                    found.append(name)
-        if re.search(r"\{\{\s*\.(db_password|secret_key|smtp_url)", text):
-            assert "nomadVar" in text, "secrets come from Nomad Variables"
-    return found
 
 
 def test_no_job_holds_a_literal_secret(document: dict[str, Any]) -> None:
@@ -403,6 +392,12 @@ def test_a_literal_password_is_caught() -> None:
         "POSTGRES_PASSWORD",
         "SDAPI_DATABASE_URL",
         "SDAPI_SECRET_KEY",
+    ]
+    from_elsewhere = {
+        "template": [{"env": True, "data": "SDAPI_SECRET_KEY={{ .secret_key }}"}]
+    }
+    assert literal_secrets(from_elsewhere) == [
+        "a template reads values from somewhere else than nomadVar"
     ]
 
 
