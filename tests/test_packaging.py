@@ -6,6 +6,7 @@ import asyncio
 import os
 import re
 import selectors
+import shutil
 import signal
 import subprocess
 import sys
@@ -28,12 +29,24 @@ STOP_TIMEOUT_S = 45
 
 
 def build_wheel(folder: Path) -> Path:
-    """`pip wheel .` of this checkout into `folder`; the wheel's path."""
+    """`pip wheel .` of a clean copy of this checkout into `folder`; its path."""
+    # A copy: setuptools keeps build/ in the source tree, and files left there
+    # by an older build would end up in the wheel.
+    source = folder / "source"
+    for name in ("pyproject.toml", "README.md"):
+        source.mkdir(exist_ok=True)
+        shutil.copy2(ROOT / name, source / name)
+    for package in PACKAGES:
+        shutil.copytree(
+            ROOT / package,
+            source / package,
+            ignore=shutil.ignore_patterns("__pycache__", "*.pyc"),
+        )
     # No build isolation: the build backend is already in this venv, and an
     # isolated build would fetch setuptools from the index on every run.
     subprocess.run(
         [
-            sys.executable, "-m", "pip", "wheel", str(ROOT), "--no-deps",
+            sys.executable, "-m", "pip", "wheel", str(source), "--no-deps",
             "--no-build-isolation", "--quiet", "-w", str(folder),
         ],
         check=True,
@@ -63,6 +76,8 @@ def test_the_wheel_holds_every_file_of_the_packages(wheel: Path) -> None:
         names = {name for name in archive.namelist() if ".dist-info/" not in name}
     missing = source_files() - names
     assert missing == set(), f"left out of the wheel: {sorted(missing)}"
+    # Nothing else either: no tests, no leftovers of an older build.
+    assert names - source_files() == set()
     assert "web/templates/email/generation_ready.txt" in names
     assert "gpu_node/data/bpe_simple_vocab_16e6.txt.gz" in names
     assert "gpu_node/data/CLIP-LICENSE.txt" in names
