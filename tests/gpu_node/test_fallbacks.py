@@ -1,4 +1,5 @@
-"""The tiny model's tokenizer comes from the package alone (no other install)."""
+"""What a node does with only the package installed, and where something is
+missing: the tiny model's tokenizer, schedulers without scipy, no CUDA."""
 
 from __future__ import annotations
 
@@ -8,9 +9,11 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import torch
 from transformers import CLIPTokenizer
 
 from gpu_node import pipeline
+from gpu_node.calls import ModelError
 
 
 def test_the_vocabulary_ships_inside_the_package_with_its_licence() -> None:
@@ -55,3 +58,15 @@ def test_lms_is_offered_only_where_scipy_is_installed(
     offered = pipeline.available_schedulers()
     assert "lms" not in offered
     assert "euler" in offered
+
+
+def test_auto_falls_back_to_the_cpu_without_cuda(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert pipeline._pick_device("auto") == torch.device("cpu")
+    assert pipeline._pick_device("cpu") == torch.device("cpu")
+    # Asked for CUDA by name, a node without it stops with a clear error
+    # rather than running a GPU's work on its CPU.
+    with pytest.raises(ModelError, match="no CUDA device"):
+        pipeline._pick_device("cuda")
