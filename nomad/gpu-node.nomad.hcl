@@ -120,9 +120,13 @@ job "sdapi-gpu" {
         # division by at least one makes it the whole queue, so the
         # target-value strategy starts ceil(queue / target) nodes. web
         # exports the same global value from every replica: max() dedupes.
+        # Normal-tier rows waiting in PostgreSQL count as one, at most: they
+        # are only dispatched to a model that has a node, so they keep (or
+        # bring back) one node without inflating the count. `or vector(0)`:
+        # a series not exported yet reads as 0, not as no value.
         check "queue_depth" {
           source = "prometheus"
-          query  = "sum(max by (tier) (sdapi_queue_depth{model=\"${var.model_name}\"})) / clamp_min(max(sdapi_healthy_gpu_nodes{model=\"${var.model_name}\"}), 1)"
+          query  = "((sum(max by (tier) (sdapi_queue_depth{model=\"${var.model_name}\"})) or vector(0)) + clamp_max(max(sdapi_scheduled_generations{model=\"${var.model_name}\"}) or vector(0), 1)) / clamp_min(max(sdapi_healthy_gpu_nodes{model=\"${var.model_name}\"}) or vector(0), 1)"
 
           strategy "target-value" {
             target = var.queue_per_node

@@ -260,9 +260,12 @@ def test_the_gpu_node_scales_on_the_queue_depth_web_exports() -> None:
     ((strategy, options),) = list(labelled(check, "strategy"))
     assert strategy == "target-value"
     assert options["target"] == "${var.queue_per_node}"
+    assert 'sdapi_scheduled_generations{model="${var.model_name}"}' in check["query"]
+    assert 'sdapi_healthy_gpu_nodes{model="${var.model_name}"}' in check["query"]
     web_metrics = (Path(__file__).parents[2] / "web/metrics.py").read_text()
     assert '"sdapi_queue_depth"' in web_metrics and '["model", "tier"]' in web_metrics
-    assert '"sdapi_healthy_gpu_nodes"' in web_metrics
+    for name in ("sdapi_healthy_gpu_nodes", "sdapi_scheduled_generations"):
+        assert f'"{name}"' in web_metrics
     # The model is a variable, the device a GPU with enough memory.
     ((_, _, task),) = list(tasks(job))
     ((resources,),) = [items(task, "resources")]
