@@ -18,6 +18,8 @@ import logging
 import os
 import threading
 from collections.abc import Callable, Mapping
+from importlib import resources
+from importlib.resources.abc import Traversable
 from pathlib import Path
 from typing import Any
 
@@ -153,28 +155,17 @@ def _bytes_to_unicode() -> dict[int, str]:
     return {byte: chr(char) for byte, char in zip(printable, chars, strict=True)}
 
 
-def clip_vocabulary_file() -> Path | None:
-    """The CLIP BPE merges file an installed package ships, found without importing."""
-    spec = importlib.util.find_spec("open_clip")
-    for folder in (spec.submodule_search_locations or []) if spec else []:
-        candidate = Path(folder) / CLIP_VOCAB_FILE
-        if candidate.is_file():
-            return candidate
-    return None
+def clip_vocabulary_file() -> Traversable:
+    """The CLIP BPE merges file this package ships (OpenAI CLIP, MIT licence)."""
+    return resources.files("gpu_node") / "data" / CLIP_VOCAB_FILE
 
 
 def write_clip_vocabulary(folder: Path) -> int:
     """Write vocab.json and merges.txt of CLIP's tokenizer; return the vocab size."""
     base = list(_bytes_to_unicode().values())
-    source = clip_vocabulary_file()
-    if source is not None:
-        lines = gzip.decompress(source.read_bytes()).decode("utf-8").split("\n")
-        merges = lines[1 : CLIP_MERGES + 1]
-    else:
-        # No package ships the vocabulary: a byte-level one still tokenizes
-        # any text, just into more tokens.
-        log.warning("CLIP vocabulary not found; the tiny model uses byte tokens")
-        merges = []
+    # The first line of the file is a version header, not a merge.
+    lines = gzip.decompress(clip_vocabulary_file().read_bytes()).decode("utf-8")
+    merges = lines.split("\n")[1 : CLIP_MERGES + 1]
     vocab = [*base, *(token + "</w>" for token in base)]
     vocab += ["".join(merge.split()) for merge in merges]
     vocab += ["<|startoftext|>", "<|endoftext|>"]

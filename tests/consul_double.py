@@ -17,9 +17,17 @@ talk to this aiohttp app instead. It keeps the real agent's behaviour for:
   `serfHealth` check; a TTL not refreshed in time turns `critical` with
   output "TTL expired"; a service whose check stays critical longer than
   `DeregisterCriticalServiceAfter` is removed),
-- `GET /v1/catalog/service/<name>`.
+- `GET /v1/catalog/service/<name>`,
+- blocking queries on the last two: with `?index=N` a request waits until
+  the index moves past N or `wait` (default 5m, at most 10m, plus up to
+  wait/16 of jitter) elapses. `X-Consul-Index` is one global index that
+  moves on every change: a registration, a status update, a TTL turning
+  critical or a reap by the clock (checked every 50 ms of real time).
 
-Time comes from a clock the tests can move forward with `advance()`.
+Time comes from a clock the tests can inject or move forward with
+`advance()`. `stop()` then `start()` restarts the agent on the same port
+with its state kept (a real agent reloads its services), dropping the
+connections of blocked queries as a dying agent does.
 """
 
 from __future__ import annotations
@@ -27,6 +35,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import random
 import re
 import socket
 import time
@@ -52,6 +61,11 @@ _UNITS = {
     "h": 3600.0,
 }
 _META_KEY = re.compile(r"^[A-Za-z0-9_-]+$")
+# Consul's blocking query limits (agent/structs: DefaultQueryTime, MaxQueryTime).
+DEFAULT_WAIT_S = 300.0
+MAX_WAIT_S = 600.0
+# How often the double looks at its clock for TTLs and reaps (real seconds).
+TICK_S = 0.05
 
 
 def parse_duration(text: str | int | float) -> float:
@@ -187,6 +201,10 @@ class ConsulDouble:
         self.requests: list[tuple[str, str]] = []
         self._runner: web.AppRunner | None = None
         self._prober: asyncio.Task[None] | None = None
+        # Set (and replaced) on every index move: wakes blocked queries.
+        self._changed = asyncio.Event()
+        # Blocked queries in flight: a stop drops them, as a dying agent does.
+        self._blocked: set[asyncio.Task[Any]] = set()
         self.port = 0
 
     # --- test controls -------------------------------------------------------
@@ -204,39 +222,61 @@ class ConsulDouble:
     def url(self) -> str:
         return f"http://127.0.0.1:{self.port}"
 
+    @property
+    def running(self) -> bool:
+        return self._runner is not None
+
+    @property
+    def blocked_queries(self) -> int:
+        """Blocking queries being held right now."""
+        return len(self._blocked)
+
     async def start(self) -> str:
-        """Serve on a free port; returns the base URL."""
-        with socket.socket() as probe:
-            probe.bind(("127.0.0.1", 0))
-            self.port = probe.getsockname()[1]
+        """Serve on a free port, or again on the last one; returns the base URL."""
+        if not self.port:
+            with socket.socket() as probe:
+                probe.bind(("127.0.0.1", 0))
+                self.port = probe.getsockname()[1]
         self._runner = web.AppRunner(self.app(), access_log=None)
         await self._runner.setup()
-        await web.TCPSite(self._runner, "127.0.0.1", self.port).start()
+        # reuse_address: a restart binds the same port while old connections
+        # of the previous run linger in TIME_WAIT.
+        await web.TCPSite(
+            self._runner, "127.0.0.1", self.port, reuse_address=True
+        ).start()
         self._prober = asyncio.create_task(self._probe_forever())
         return self.url
 
-    async def close(self) -> None:
-        """Stop serving."""
+    async def stop(self) -> None:
+        """Stop serving, keeping the state and the port for `start()`."""
         if self._prober is not None:
             self._prober.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._prober
             self._prober = None
+        # Blocked queries lose their connection instead of being answered.
+        for task in list(self._blocked):
+            task.cancel()
         if self._runner is not None:
             await self._runner.cleanup()
             self._runner = None
+
+    async def close(self) -> None:
+        """Stop serving."""
+        await self.stop()
 
     async def _probe_forever(self) -> None:
         # The agent runs each HTTP check every Interval; so does the double,
         # by its own clock, looking every 50 ms of real time.
         async with aiohttp.ClientSession() as session:
             while True:
+                self._tick()
                 now = self.now()
                 for check in list(self.checks.values()):
                     if check.http and now >= check.next_run:
                         check.next_run = now + check.interval_s
                         await self._probe(session, check)
-                await asyncio.sleep(0.05)
+                await asyncio.sleep(TICK_S)
 
     async def _probe(self, session: aiohttp.ClientSession, check: _Check) -> None:
         try:
@@ -264,7 +304,39 @@ class ConsulDouble:
 
     def _bump(self) -> int:
         self.index += 1
+        changed, self._changed = self._changed, asyncio.Event()
+        changed.set()
         return self.index
+
+    async def _block(self, request: web.Request) -> web.Response | None:
+        """Hold a blocking query until the index passes `?index=` or `wait` ends;
+        an error response for a malformed one."""
+        raw_index = request.query.get("index")
+        if not raw_index:
+            return None
+        try:
+            wanted = int(raw_index)
+        except ValueError:
+            return self._error(400, f"Invalid index: {raw_index!r}")
+        try:
+            wait_s = parse_duration(request.query.get("wait") or "5m")
+        except ValueError as exc:
+            return self._error(400, f"Invalid wait time: {exc}")
+        wait_s = min(wait_s or DEFAULT_WAIT_S, MAX_WAIT_S)
+        # Consul adds up to wait/16 of jitter so that watchers spread out.
+        wait_s += random.uniform(0, wait_s / 16)
+        task = asyncio.current_task()
+        assert task is not None
+        self._blocked.add(task)
+        try:
+            async with asyncio.timeout(wait_s):
+                while self.index <= wanted:
+                    await self._changed.wait()
+        except TimeoutError:
+            pass
+        finally:
+            self._blocked.discard(task)
+        return None
 
     def _tick(self) -> None:
         now = self.now()
@@ -562,6 +634,8 @@ class ConsulDouble:
         ]
 
     async def _health_service(self, request: web.Request) -> web.Response:
+        if (refused := await self._block(request)) is not None:
+            return refused
         passing_only = "passing" in request.query and request.query["passing"] not in {
             "false",
             "0",
@@ -585,6 +659,8 @@ class ConsulDouble:
         return self._json(entries)
 
     async def _catalog_service(self, request: web.Request) -> web.Response:
+        if (refused := await self._block(request)) is not None:
+            return refused
         node = self._node_json()
         entries = [
             {

@@ -292,3 +292,52 @@ async def test_the_watch_keeps_consul_off_the_request_path(
             # Reads are in memory: fifty of them cost the agent nothing.
             assert agent.calls - calls < 5
             assert registry.consul_ok is True
+
+
+async def test_the_watch_follows_nodes_by_blocking_queries_and_outlives_a_restart(
+    redis_client: Any, consul: ConsulDouble
+) -> None:
+    service_id = f"{GPU_SERVICE}-gpu-a"
+    # A long wait: a change seen in well under it came from a blocking query
+    # that woke up, not from a poll or an invalidate().
+    wait_s = 30
+    async with open_consul(consul.url, timeout_s=wait_s * 1.25 + 5) as client:
+        agent = CountingHealth(client)
+        registry = NodeRegistry(redis_client, client)
+        async with registry.watching(agent, wait_s=wait_s):
+            assert await registry.nodes() == []
+            await wait_for(lambda: _true(consul.blocked_queries > 0), timeout=5)
+
+            started = time.monotonic()
+            await register_node(consul)
+            await wait_for(lambda: _true(registry.serves("tiny") is True), timeout=5)
+            async with aiohttp.ClientSession(base_url=consul.url) as http:
+                async with http.put(
+                    f"/v1/agent/service/deregister/{service_id}"
+                ) as response:
+                    assert response.status == 200
+            await wait_for(lambda: _true(not registry.serves("tiny")), timeout=5)
+            assert time.monotonic() - started < wait_s / 2
+            # About one query per change (register, pass, deregister) and the
+            # ones that were waiting: a 50 ms poll would have made dozens.
+            assert agent.calls <= 10
+
+            # The agent goes away: the last view stays, the watch says so...
+            await register_node(consul)
+            await wait_for(lambda: _true(registry.serves("tiny") is True), timeout=5)
+            await consul.stop()
+            await wait_for(lambda: _true(registry.consul_ok is False), timeout=10)
+            assert len(await registry.nodes()) == 1
+            # ... and picks up again by itself once the agent is back.
+            await consul.start()
+            await wait_for(lambda: _true(registry.consul_ok is True), timeout=15)
+            async with aiohttp.ClientSession(base_url=consul.url) as http:
+                async with http.put(
+                    f"/v1/agent/service/deregister/{service_id}"
+                ) as response:
+                    assert response.status == 200
+            await wait_for(lambda: _true(not registry.serves("tiny")), timeout=5)
+
+
+async def _true(value: bool) -> bool:
+    return value

@@ -1,0 +1,3 @@
+# Redis in production (nomad/redis.nomad.hcl).
+datacenters  = ["dc1"]
+redis_memory = 4096
