@@ -216,6 +216,7 @@ job "sdapi-web" {
           {{ with nomadVar "nomad/jobs/sdapi-web" -}}
           SDAPI_DATABASE_URL=postgres://sdapi:{{ .db_password }}@sdapi-postgres.service.consul/sdapi
           SDAPI_SECRET_KEY={{ .secret_key }}
+          SDAPI_METRICS_TOKEN={{ .metrics_token }}
           {{- end }}
         EOT
       }
