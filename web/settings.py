@@ -72,9 +72,15 @@ class WebSettings(CommonSettings):
     metrics_token: SecretStr | None = None
     # A model a node served within this long is accepted the same way.
     known_model_ttl: int = Field(default=24 * 3600, ge=0, description="seconds")
+    # Failed sign-ins allowed per client and account name, per client, and
+    # (slowly, from anywhere) per account name.
     signin_max_failures_per_email: int = Field(default=10, ge=1)
     signin_max_failures_per_client: int = Field(default=50, ge=1)
     signin_failure_window: int = Field(default=900, ge=1, description="seconds")
+    signin_max_failures_per_email_global: int = Field(default=100, ge=1)
+    signin_global_failure_window: int = Field(
+        default=24 * 3600, ge=1, description="seconds"
+    )
     # Sign-ups (each costs a bcrypt hash and an email) per client address.
     signup_max_per_client: int = Field(default=20, ge=1)
     signup_window: int = Field(default=3600, ge=1, description="seconds")

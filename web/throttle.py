@@ -82,9 +82,19 @@ class Reservation:
 
 
 def email_limit(email_key: str, *, max_failures: int, window_s: int) -> Limit:
-    """The sign-in limit of one account name (hashed: Redis never holds it)."""
+    """The slow, global sign-in limit of one account name, whoever guesses
+    (hashed: Redis never holds the name)."""
     digest = hashlib.sha256(email_key.encode()).hexdigest()
     return Limit(f"{KEY_PREFIX}:email:{digest}", max_failures, window_s)
+
+
+def client_email_limit(
+    address: str, email_key: str, *, max_failures: int, window_s: int
+) -> Limit:
+    """The sign-in limit of one client guessing one account name: what an
+    attacker elsewhere does to it never locks the owner's own client out."""
+    digest = hashlib.sha256(f"{address}\n{email_key}".encode()).hexdigest()
+    return Limit(f"{KEY_PREFIX}:pair:{digest}", max_failures, window_s)
 
 
 def client_limit(address: str, *, max_failures: int, window_s: int) -> Limit:

@@ -6,7 +6,7 @@ from typing import Any
 
 from aiohttp.test_utils import TestClient
 
-from tests.web.test_accounts import PASSWORD, RESEND, SIGNUP, signup
+from tests.web.test_accounts import PASSWORD, RESEND, SIGNIN, SIGNUP, signup
 from web.app import create_app
 from web.appkeys import redis_key
 from web.models import OutboxEmail, User
@@ -75,3 +75,42 @@ async def test_resends_to_one_address_are_capped_per_day(
 async def _forget_gap(client: TestClient, email: str) -> None:
     user = await User.get(email_key=email)
     await client.app[redis_key].delete(f"{RESEND_KEY_PREFIX}:{user.id}")
+
+
+async def test_an_attacker_elsewhere_cannot_lock_the_owner_out(
+    aiohttp_client: Any, web_settings: Any
+) -> None:
+    settings = web_settings.model_copy(update={"trust_forwarded": True})
+    client = await aiohttp_client(create_app(settings))
+    await signup(client, "owner@example.org")
+    attacker = {"X-Forwarded-For": "203.0.113.66"}
+    wrong = {"email": "owner@example.org", "password": "not the password"}
+    answers = [
+        (await client.post(SIGNIN, json=wrong, headers=attacker)).status
+        for _ in range(15)
+    ]
+    assert answers == [401] * 10 + [429] * 5  # the attacker is stopped...
+    owner = {"X-Forwarded-For": "198.51.100.7"}
+    right = {"email": "owner@example.org", "password": PASSWORD}
+    signed_in = await client.post(SIGNIN, json=right, headers=owner)
+    assert signed_in.status == 200  # ...and the owner is not
+
+
+async def test_many_clients_guessing_one_account_meet_a_slower_limit(
+    aiohttp_client: Any, web_settings: Any
+) -> None:
+    settings = web_settings.model_copy(
+        update={"trust_forwarded": True, "signin_max_failures_per_email_global": 12}
+    )
+    client = await aiohttp_client(create_app(settings))
+    await signup(client, "target@example.org")
+    wrong = {"email": "target@example.org", "password": "not the password"}
+    answers = [
+        (
+            await client.post(
+                SIGNIN, json=wrong, headers={"X-Forwarded-For": f"203.0.113.{n}"}
+            )
+        ).status
+        for n in range(14)
+    ]
+    assert answers == [401] * 12 + [429] * 2

@@ -58,6 +58,7 @@ from web.throttle import (
     Reservation,
     clear,
     client_address,
+    client_email_limit,
     client_limit,
     email_limit,
     release,
@@ -436,17 +437,27 @@ async def signin(request: web.Request) -> web.StreamResponse:
     passwords = request.app[passwords_key]
     body = await read_body(request, SigninRequest)
     email_key = _email_key(str(body.email))
-    by_email = email_limit(
+    address = client_address(request, trust_forwarded=settings.trust_forwarded)
+    # OWASP's layers: one client guessing one account is stopped soon, one
+    # client guessing many a little later, and many clients guessing one
+    # account only slowly, so nobody elsewhere can lock its owner out for long.
+    by_pair = client_email_limit(
+        address,
         email_key,
         max_failures=settings.signin_max_failures_per_email,
         window_s=settings.signin_failure_window,
     )
     by_client = client_limit(
-        client_address(request, trust_forwarded=settings.trust_forwarded),
+        address,
         max_failures=settings.signin_max_failures_per_client,
         window_s=settings.signin_failure_window,
     )
-    limits = [by_email, by_client]
+    by_email = email_limit(
+        email_key,
+        max_failures=settings.signin_max_failures_per_email_global,
+        window_s=settings.signin_global_failure_window,
+    )
+    limits = [by_pair, by_client, by_email]
     # Counted as a failure before the password is looked at, atomically: of
     # many concurrent guesses only as many as the limits allow are checked;
     # the rest learn nothing and cost no bcrypt.
@@ -462,8 +473,8 @@ async def signin(request: web.Request) -> web.StreamResponse:
         raise
     if user is None or not ok:
         raise Unauthorized(WRONG_CREDENTIALS)  # the attempt stays counted
-    await release(redis, attempt, [by_client])
-    await clear(redis, by_email)
+    await release(redis, attempt, [by_client, by_email])
+    await clear(redis, by_pair)
 
     if passwords.needs_rehash(user.password_hash):
         upgraded = await passwords.hash(body.password)
