@@ -96,6 +96,22 @@ class EmailVerification(Model):
         table = "email_verifications"
 
 
+class PasswordReset(Model):
+    """A single-use link that sets a new password; only its SHA-256 is kept."""
+
+    id = fields.UUIDField(primary_key=True)
+    user: fields.ForeignKeyRelation[User] = fields.ForeignKeyField(
+        "models.User", related_name="password_resets", on_delete=fields.CASCADE
+    )
+    token_hash = fields.CharField(max_length=64, unique=True)
+    created_at = fields.DatetimeField(auto_now_add=True)
+    expires_at = fields.DatetimeField()
+    used_at = fields.DatetimeField(null=True)
+
+    class Meta:
+        table = "password_resets"
+
+
 class PremiumCode(Model):
     """A single-use code worth `days` of premium; only its SHA-256 is stored."""
 

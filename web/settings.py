@@ -48,6 +48,13 @@ class WebSettings(CommonSettings):
     token_ttl: int = Field(default=30 * 24 * 3600, ge=60, description="seconds")
     session_ttl: int = Field(default=7 * 24 * 3600, ge=60, description="seconds")
     verify_ttl: int = Field(default=3 * 24 * 3600, ge=60, description="seconds")
+    # An account never verified this long after sign-up no longer holds its
+    # address: a new sign-up with it replaces the account.
+    unverified_takeover_after: int = Field(
+        default=24 * 3600, ge=0, description="seconds"
+    )
+    # How long a password reset link works.
+    password_reset_ttl: int = Field(default=3600, ge=60, description="seconds")
     max_body_bytes: int = Field(default=1024 * 1024, ge=1024)
     max_ws_message_bytes: int = Field(default=64 * 1024, ge=1024)
     # WebSocket ping interval; a client that misses a pong for half of it is

@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
+import re
+from datetime import timedelta
 from typing import Any
 
 from aiohttp.test_utils import TestClient
 
-from tests.web.test_accounts import PASSWORD, RESEND, SIGNIN, SIGNUP, signup
+from tests.web.test_accounts import PASSWORD, RESEND, SIGNIN, SIGNUP, signin, signup
 from web.app import create_app
 from web.appkeys import redis_key
-from web.models import OutboxEmail, User
+from web.models import OutboxEmail, PasswordReset, User, utcnow
 from web.routes.accounts import RESEND_KEY_PREFIX
 from web.schemas.accounts import plain_name
 
@@ -114,3 +116,99 @@ async def test_many_clients_guessing_one_account_meet_a_slower_limit(
         for n in range(14)
     ]
     assert answers == [401] * 12 + [429] * 2
+
+
+FORGOT = "/api/v1/auth/password/forgot"
+RESET = "/api/v1/auth/password/reset"
+NEW_PASSWORD = "a brand new passphrase"
+
+
+async def _reset_token(email: str) -> str:
+    mail = (
+        await OutboxEmail.filter(to_address=email, subject__icontains="new password")
+        .order_by("-created_at")
+        .first()
+    )
+    assert mail is not None
+    found = re.search(r"reset-password\?token=([\w-]+)", mail.text_body)
+    assert found, mail.text_body
+    return found.group(1)
+
+
+async def test_a_password_reset_works_once_and_revokes_every_token_and_session(
+    client: TestClient,
+) -> None:
+    await signup(client, "forgetful@example.org")
+    old = await signin(client, "forgetful@example.org")
+    session = await signin(client, "forgetful@example.org", session=True)
+    assert session["csrf_token"]
+    unknown = await client.post(FORGOT, json={"email": "nobody@example.org"})
+    known = await client.post(FORGOT, json={"email": "forgetful@example.org"})
+    assert unknown.status == known.status == 202
+    assert await unknown.json() == await known.json()
+    token = await _reset_token("forgetful@example.org")
+
+    done = await client.post(RESET, json={"token": token, "password": NEW_PASSWORD})
+    assert done.status == 204
+    # Every token and the cookie session stop working at once.
+    me = await client.get(
+        "/api/v1/me", headers={"Authorization": f"Bearer {old['token']}"}
+    )
+    assert me.status == 401
+    assert (await client.get("/api/v1/me")).status == 401
+    # The old password is gone, the new one works, the link is spent.
+    wrong = {"email": "forgetful@example.org", "password": PASSWORD}
+    assert (await client.post(SIGNIN, json=wrong)).status == 401
+    await signin(client, "forgetful@example.org", NEW_PASSWORD)
+    again = await client.post(RESET, json={"token": token, "password": NEW_PASSWORD})
+    assert again.status == 410
+    # It proved the address: the account counts as verified now.
+    user = await User.get(email_key="forgetful@example.org")
+    assert user.email_verified_at is not None
+
+
+async def test_an_expired_reset_link_is_410(client: TestClient) -> None:
+    await signup(client, "late@example.org")
+    await client.post(FORGOT, json={"email": "late@example.org"})
+    token = await _reset_token("late@example.org")
+    await PasswordReset.all().update(expires_at=utcnow() - timedelta(seconds=1))
+    answer = await client.post(RESET, json={"token": token, "password": NEW_PASSWORD})
+    assert answer.status == 410
+    assert (await answer.json())["error"]["code"] == "gone"
+
+
+async def test_a_squatter_cannot_keep_the_owner_out(
+    aiohttp_client: Any, web_settings: Any
+) -> None:
+    settings = web_settings.model_copy(update={"unverified_takeover_after": 60})
+    client = await aiohttp_client(create_app(settings))
+    await signup(client, "owner@example.org", name="Squatter")
+    squatter = await signin(client, "owner@example.org")
+    headers = {"Authorization": f"Bearer {squatter['token']}"}
+    # Nothing that costs before the address is proven.
+    redeem = await client.post(
+        "/api/v1/premium/redeem", json={"code": "SDAPI-AAAAA-BBBBB"}, headers=headers
+    )
+    assert redeem.status == 403
+    assert (await redeem.json())["error"]["code"] == "email_not_verified"
+    generate = await client.post(
+        "/api/v1/generations", json={"prompt": "x"}, headers=headers
+    )
+    assert generate.status == 403
+    # Soon after, the address is still taken...
+    taken = await client.post(
+        SIGNUP, json={"email": "owner@example.org", "password": NEW_PASSWORD}
+    )
+    assert taken.status == 409
+    # ...but once the squat is older than the limit, the owner's sign-up
+    # takes the address, and the squatter's account is gone.
+    await User.filter(email_key="owner@example.org").update(
+        created_at=utcnow() - timedelta(seconds=120)
+    )
+    mine = await client.post(
+        SIGNUP, json={"email": "owner@example.org", "password": NEW_PASSWORD}
+    )
+    assert mine.status == 201
+    assert (await client.get("/api/v1/me", headers=headers)).status == 401
+    [user] = await User.filter(email_key="owner@example.org")
+    assert user.name is None

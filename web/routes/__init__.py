@@ -13,6 +13,7 @@ def route_tables() -> list[ApiRoutes]:
         openai,
         ops,
         pages,
+        password_reset,
         status,
         tokens,
         ws,
@@ -20,6 +21,7 @@ def route_tables() -> list[ApiRoutes]:
 
     return [
         accounts.routes,
+        password_reset.routes,
         tokens.routes,
         generations.routes,
         ws.routes,

@@ -18,6 +18,7 @@ from web.auth import authenticate, check_csrf, require_user
 from web.errors import (
     AppError,
     Conflict,
+    EmailNotVerified,
     Gone,
     NotFound,
     RateLimited,
@@ -74,7 +75,10 @@ routes = ApiRoutes(tags=["accounts"])
 VERIFY_PATH = "/api/v1/auth/verify"
 # One key per user while a re-sent verification email holds back the next.
 RESEND_KEY_PREFIX = "sdapi:verify-resend"
-EMAIL_TAKEN = "An account with this email address already exists."
+EMAIL_TAKEN = (
+    "An account with this email address already exists. If it is yours, sign "
+    "in, or set a new password with POST /api/v1/auth/password/forgot."
+)
 WRONG_CREDENTIALS = "Wrong email or password."
 UNKNOWN_CODE = "This premium code does not exist; check how it is typed."
 USED_CODE = "This premium code has already been redeemed."
@@ -82,6 +86,14 @@ USED_CODE = "This premium code has already been redeemed."
 
 def _email_key(email: str) -> str:
     return email.lower()
+
+
+def _abandoned(user: UserRow, after_s: int) -> bool:
+    """An unverified account old enough for a new sign-up to take its address."""
+    return (
+        user.email_verified_at is None
+        and (utcnow() - user.created_at).total_seconds() > after_s
+    )
 
 
 # --- sign-up and verification ---------------------------------------------
@@ -119,8 +131,13 @@ async def signup(request: web.Request) -> web.StreamResponse:
     email = str(body.email)
     email_key = _email_key(email)
     # Checked first so a taken email costs no bcrypt; the unique index decides.
-    if await UserRow.exists(email_key=email_key):
-        raise Conflict(EMAIL_TAKEN)
+    holder = await UserRow.get_or_none(email_key=email_key)
+    if holder is not None:
+        if not _abandoned(holder, settings.unverified_takeover_after):
+            raise Conflict(EMAIL_TAKEN)
+        # Signed up with this address and never proved it: anyone may have
+        # done that with anyone's address, so it does not keep the owner out.
+        await UserRow.filter(id=holder.id, email_verified_at=None).delete()
     password_hash = await request.app[passwords_key].hash(body.password)
     now = utcnow()
     try:
@@ -585,8 +602,14 @@ async def me(request: web.Request) -> web.StreamResponse:
     tags=["premium"],
 )
 async def redeem_code(request: web.Request) -> web.StreamResponse:
-    """Adds the code's days to any premium time left. Each code works once."""
+    """Adds the code's days to any premium time left. Each code works once.
+    Needs a verified email address: an account anyone could have made with
+    someone else's address gets nothing that costs."""
     principal = await require_user(request)
+    if principal.user.email_verified_at is None:
+        raise EmailNotVerified(
+            "Verify your email address before redeeming a premium code."
+        )
     body = await read_body(request, RedeemRequest)
     canonical = canonical_code(body.code)
     if canonical is None:

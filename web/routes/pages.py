@@ -37,12 +37,14 @@ async def _signed_in(request: web.Request) -> Principal | None:
 
 
 async def _page(
-    request: web.Request, template: str, title: str, *, signed_in: bool = True
+    request: web.Request, template: str, title: str, *, signed_in: bool | None = True
 ) -> web.StreamResponse:
+    """Render a page; `signed_in` True: for users, False: for visitors (a user
+    goes to the playground), None: for either."""
     principal = await _signed_in(request)
-    if signed_in and principal is None:
+    if signed_in is True and principal is None:
         raise web.HTTPSeeOther(f"{SIGNIN_PATH}?next={request.path}")
-    if not signed_in and principal is not None:
+    if signed_in is False and principal is not None:
         raise web.HTTPSeeOther("/")
     context: dict[str, Any] = {"title": title, "page": template, "user": None}
     if principal is not None:
@@ -112,3 +114,17 @@ async def signup(request: web.Request) -> web.StreamResponse:
 async def check_email(request: web.Request) -> web.StreamResponse:
     """After sign-up: follow the link we sent; resend it."""
     return await _page(request, "check_email", "Check your email", signed_in=False)
+
+
+@_page_route("/forgot-password", "Forgot your password")
+async def forgot_password(request: web.Request) -> web.StreamResponse:
+    """Asks for a password reset link."""
+    return await _page(request, "forgot_password", "Forgot your password")
+
+
+@_page_route("/reset-password", "Choose a new password")
+async def reset_password(request: web.Request) -> web.StreamResponse:
+    """The page an emailed reset link opens (signed in or not)."""
+    return await _page(
+        request, "reset_password", "Choose a new password", signed_in=None
+    )

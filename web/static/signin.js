@@ -2,6 +2,9 @@
 
 document.addEventListener("DOMContentLoaded", () => {
   const form = document.getElementById("signin-form");
+  if (new URLSearchParams(window.location.search).has("reset")) {
+    document.getElementById("reset-done").hidden = false;
+  }
   form.addEventListener("submit", async (event) => {
     event.preventDefault();
     const button = form.querySelector("button[type=submit]");
