@@ -109,7 +109,10 @@ def create_app(settings: WebSettings) -> web.Application:
 
 async def database_ctx(app: web.Application) -> AsyncIterator[None]:
     """Tortoise, initialised once for the process."""
-    async with open_database(app[settings_key].database_url or "") as ctx:
+    settings = app[settings_key]
+    async with open_database(
+        settings.database_url or "", deadline_s=settings.db_timeout
+    ) as ctx:
         app[database_key] = ctx
         yield
 
@@ -121,7 +124,9 @@ async def redis_ctx(app: web.Application) -> AsyncIterator[None]:
     url = settings.redis_url or ""
     async with contextlib.AsyncExitStack() as stack:
         pool = await create_queue_pool(
-            url, max_connections=settings.redis_max_connections
+            url,
+            max_connections=settings.redis_max_connections,
+            deadline_s=settings.redis_timeout,
         )
         stack.push_async_callback(pool.aclose)
         live = Redis(

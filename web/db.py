@@ -7,6 +7,7 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 from tortoise import Tortoise
+from tortoise.backends.base.config_generator import expand_db_url
 from tortoise.context import TortoiseContext, set_global_context
 from tortoise.exceptions import ConfigurationError
 
@@ -15,12 +16,24 @@ MIGRATIONS_MODULE = "web.migrations"
 APP_LABEL = "models"
 
 
-def tortoise_config(database_url: str, *, pool_size: int = 10) -> dict[str, Any]:
-    """Tortoise config for our one app and its migrations package."""
+def tortoise_config(
+    database_url: str, *, pool_size: int = 10, deadline_s: float | None = None
+) -> dict[str, Any]:
+    """Tortoise config for our one app and its migrations package.
+
+    With `deadline_s`, connecting and every statement give up after that long
+    (TimeoutError): a stalled PostgreSQL is a quick 503 on a request path.
+    """
     url = database_url.replace("postgresql://", "postgres://", 1)
     sep = "&" if "?" in url else "?"
+    dsn = f"{url}{sep}minsize=1&maxsize={pool_size}"
+    connection: str | dict[str, Any] = dsn
+    if deadline_s is not None:
+        expanded = expand_db_url(dsn)
+        expanded["credentials"].update(command_timeout=deadline_s, timeout=deadline_s)
+        connection = expanded
     return {
-        "connections": {"default": f"{url}{sep}minsize=1&maxsize={pool_size}"},
+        "connections": {"default": connection},
         "apps": {
             APP_LABEL: {
                 "models": [MODELS_MODULE],
@@ -35,7 +48,7 @@ def tortoise_config(database_url: str, *, pool_size: int = 10) -> dict[str, Any]
 
 @contextlib.asynccontextmanager
 async def open_database(
-    database_url: str, *, pool_size: int = 10
+    database_url: str, *, pool_size: int = 10, deadline_s: float | None = None
 ) -> AsyncIterator[TortoiseContext]:
     """Initialise Tortoise once for this process; close it on exit.
 
@@ -47,7 +60,10 @@ async def open_database(
     # request handlers, periodic loops) ...
     ctx.__enter__()
     try:
-        await ctx.init(config=tortoise_config(database_url, pool_size=pool_size))
+        config = tortoise_config(
+            database_url, pool_size=pool_size, deadline_s=deadline_s
+        )
+        await ctx.init(config=config)
         # ... and the process-wide fallback for tasks that did not inherit it.
         # Only one context can be the fallback: a second one in the same
         # process (tests running an app and a worker side by side) relies on

@@ -171,6 +171,9 @@ class GatewayTimeout(AppError):
 # Tortoise's DBConnectionError.
 DEPENDENCY_ERRORS: tuple[type[Exception], ...] = (
     ConnectionError,
+    # A statement or command past its deadline (SDAPI_DB_TIMEOUT,
+    # SDAPI_REDIS_TIMEOUT): the dependency is stalled, not the request wrong.
+    TimeoutError,
     RedisConnectionError,
     RedisTimeoutError,
     PostgresConnectionError,

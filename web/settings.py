@@ -115,6 +115,10 @@ class WebSettings(CommonSettings):
     verify_resend_per_day: int = Field(default=5, ge=1)
     # How long a call to the Consul agent may take (seconds).
     consul_timeout: float = Field(default=3.0, gt=0, description="seconds")
+    # Deadlines of one PostgreSQL statement and one Redis command on the
+    # request path: past them the request is a 503 with Retry-After.
+    db_timeout: float = Field(default=3.0, gt=0, description="seconds")
+    redis_timeout: float = Field(default=2.0, gt=0, description="seconds")
 
     # Tier limits; never above what a GPU node accepts (sdapi.contract).
     normal_max_size: int = Field(default=512, ge=64, le=SIZE_MAX)

@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from datetime import datetime
@@ -27,7 +28,7 @@ from arq.worker import Retry, Worker, func
 from pydantic import BaseModel
 from redis.asyncio import Redis
 from redis.asyncio.retry import Retry as RedisRetry
-from redis.backoff import ExponentialBackoff
+from redis.backoff import ExponentialBackoff, NoBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError
 from redis.exceptions import TimeoutError as RedisTimeoutError
@@ -89,18 +90,30 @@ def redis_settings(url: str) -> RedisSettings:
 
 
 async def create_queue_pool(
-    url: str, *, max_connections: int | None = None
+    url: str, *, max_connections: int | None = None, deadline_s: float | None = None
 ) -> QueuePool:
     """An arq pool (a redis.asyncio client with `enqueue_job`) using msgpack.
 
     With `max_connections`, a command that finds them all busy fails at once
-    instead of opening another connection.
+    instead of opening another connection. With `deadline_s` (a request path),
+    a command fails with TimeoutError after that long instead of riding out
+    a Redis restart: a stalled Redis is a quick 503, never a hung request.
     """
     settings = redis_settings(url)
     settings.max_connections = max_connections
+    if deadline_s is not None:
+        # One immediate retry after a dropped connection (a restart), no more.
+        settings.retry = RedisRetry(NoBackoff(), retries=1)
+        settings.retry_on_timeout = False
+        settings.conn_timeout = max(1, math.ceil(deadline_s))
     pool: QueuePool = await create_pool(
         settings, job_serializer=serialize, job_deserializer=deserialize
     )
+    if deadline_s is not None:
+        # arq passes no read timeout; connections made from now on get one
+        # (the one arq opened to ping is dropped).
+        pool.connection_pool.connection_kwargs["socket_timeout"] = deadline_s
+        await pool.connection_pool.disconnect()
     return pool
 
 

@@ -615,6 +615,8 @@ async def test_session_signin_sets_a_cookie_with_csrf_protection(
     client: TestClient,
 ) -> None:
     await signup(client, "cookie@example.org")
+    # Verified: an unverified account may not redeem codes at all.
+    await User.filter(email_key="cookie@example.org").update(email_verified_at=utcnow())
     # A session id planted before sign-in (fixation) must not be adopted.
     client.session.cookie_jar.update_cookies({SESSION_COOKIE: "planted-by-attacker"})
     response = await client.post(
@@ -817,10 +819,16 @@ async def test_me_shows_the_quota_of_the_current_tier(client: TestClient) -> Non
 # --- premium codes ------------------------------------------------------------
 
 
+async def mark_verified(*addresses: str) -> None:
+    """As following the emailed link would: redeeming needs a verified address."""
+    await User.filter(email_key__in=list(addresses)).update(email_verified_at=utcnow())
+
+
 async def test_redeem_adds_the_codes_days_to_premium_time_left(
     client: TestClient,
 ) -> None:
     await signup(client, "buyer@example.org")
+    await mark_verified("buyer@example.org")
     token = (await signin(client, "buyer@example.org"))["token"]
     three, two = await make_code(3), await make_code(2)
 
@@ -848,6 +856,7 @@ async def test_redeem_rejects_used_unknown_and_malformed_codes(
 ) -> None:
     await signup(client, "first@example.org")
     await signup(client, "second@example.org")
+    await mark_verified("first@example.org", "second@example.org")
     first = (await signin(client, "first@example.org"))["token"]
     second = (await signin(client, "second@example.org"))["token"]
     code = await make_code(1)
@@ -881,6 +890,7 @@ async def test_two_concurrent_redeems_of_one_code_succeed_once(
     tokens = []
     for name in ("racer1", "racer2"):
         await signup(client, f"{name}@example.org")
+        await mark_verified(f"{name}@example.org")
         tokens.append((await signin(client, f"{name}@example.org"))["token"])
     for _ in range(3):
         code = await make_code(5)
