@@ -21,11 +21,13 @@ from sdapi.contract.names import WEB_SERVICE
 from sdapi.infra.consul import open_consul
 from sdapi.infra.queue import create_queue_pool
 from web.appkeys import (
+    Probes,
     database_key,
     live_redis_key,
     metrics_key,
     openapi_key,
     passwords_key,
+    readiness_key,
     redis_key,
     registry_key,
     settings_key,
@@ -65,6 +67,7 @@ def create_app(settings: WebSettings) -> web.Application:
     app = web.Application(client_max_size=settings.max_body_bytes)
     app[settings_key] = settings
     app[metrics_key] = CollectorRegistry()
+    app[readiness_key] = Probes()
     app[passwords_key] = Passwords(
         secret_key=settings.secret(),
         rounds=settings.bcrypt_rounds,

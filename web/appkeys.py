@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+from dataclasses import dataclass, field
 from typing import Any
 
 from aiohttp import web
@@ -15,6 +17,18 @@ from web.registry import NodeRegistry
 from web.settings import WebSettings
 
 settings_key = web.AppKey("settings", WebSettings)
+
+
+@dataclass
+class Probes:
+    """/readyz's dependency probes: the last outcome each, and any still
+    running (a stalled dependency's probe ends in the background)."""
+
+    last: dict[str, bool] = field(default_factory=dict)
+    pending: dict[str, asyncio.Future[object]] = field(default_factory=dict)
+
+
+readiness_key = web.AppKey("readiness", Probes)
 database_key = web.AppKey("database", TortoiseContext)
 # One Redis client (a queue pool) for queues, events, sessions and throttling.
 redis_key = web.AppKey("redis", QueuePool)

@@ -6,12 +6,12 @@ import asyncio
 import hmac
 import ipaddress
 import logging
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import aiohttp_jinja2
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
-from tortoise.exceptions import BaseORMException
 from tortoise.functions import Count
 
 from sdapi.contract.names import batch_queue, premium_queue
@@ -21,6 +21,7 @@ from web.appkeys import (
     database_key,
     metrics_key,
     openapi_key,
+    readiness_key,
     redis_key,
     registry_key,
     settings_key,
@@ -52,26 +53,33 @@ async def healthz(request: web.Request) -> web.StreamResponse:
     return json_response(Health())
 
 
-async def _database_ok(request: web.Request) -> bool:
-    try:
-        async with asyncio.timeout(READY_TIMEOUT_S):
-            await request.app[database_key].db().execute_query("SELECT 1")
-    except (TimeoutError, OSError, BaseORMException):
-        log.warning("readiness: database unreachable", exc_info=True)
-        return False
-    return True
-
-
-async def _redis_ok(request: web.Request) -> bool:
-    from redis.exceptions import RedisError
-
-    try:
-        async with asyncio.timeout(READY_TIMEOUT_S):
-            await request.app[redis_key].ping()
-    except (TimeoutError, OSError, RedisError):
-        log.warning("readiness: Redis unreachable", exc_info=True)
-        return False
-    return True
+async def _probe(
+    request: web.Request, name: str, check: Callable[[], Awaitable[object]]
+) -> bool:
+    """Whether `check` succeeds within READY_TIMEOUT_S, however stalled the
+    dependency: a probe that overruns is left to end in the background, and
+    no second one of the same dependency starts while it does."""
+    probes = request.app[readiness_key]
+    pending = probes.pending.get(name)
+    if pending is not None and not pending.done():
+        ok = False
+    else:
+        task = asyncio.ensure_future(check())
+        probes.pending[name] = task
+        done, _ = await asyncio.wait({task}, timeout=READY_TIMEOUT_S)
+        if not done:
+            task.cancel()
+            ok = False
+        else:
+            ok = task.exception() is None
+    if probes.last.get(name, True) != ok:
+        # One line per change of state, never a traceback per probe.
+        if ok:
+            log.info("readiness: %s answers again", name)
+        else:
+            log.warning("readiness: %s does not answer", name)
+    probes.last[name] = ok
+    return ok
 
 
 @routes.route(
@@ -86,7 +94,15 @@ async def _redis_ok(request: web.Request) -> bool:
 )
 async def readyz(request: web.Request) -> web.StreamResponse:
     """Ready when both PostgreSQL and Redis answer within two seconds."""
-    database, redis = await asyncio.gather(_database_ok(request), _redis_ok(request))
+    app = request.app
+    database, redis = await asyncio.gather(
+        _probe(
+            request,
+            "database",
+            lambda: app[database_key].db().execute_query("SELECT 1"),
+        ),
+        _probe(request, "redis", app[redis_key].ping),
+    )
     ready = database and redis
     body = Readiness(
         status="ready" if ready else "unready",

@@ -1,0 +1,154 @@
+"""A stalled Redis or PostgreSQL (SIGSTOP) is a quick 503, and nothing hangs.
+
+Each test freezes a server of its own, so the rest of the suite never waits.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import signal
+import time
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from aiohttp.test_utils import TestClient
+
+from sdapi.infra.embedded import EmbeddedValkey, embedded_postgres
+from tests.node_double import NodeDouble, auth, jobs_context, make_user
+from web.app import create_app
+from web.db import apply_migrations, open_database
+from web.models import Generation
+from web.settings import WebSettings
+
+DEADLINE_S = 1.0
+# What a request may take past its dependency's deadline (seconds): the
+# answer is quick, not instant, on a busy machine.
+SLACK_S = 2.5
+SMALL = {"prompt": "a red fox", "width": 64, "height": 64, "steps": 4}
+
+
+@contextlib.contextmanager
+def frozen(pids: list[int]) -> Iterator[None]:
+    """SIGSTOP the processes for the block: alive, holding every connection,
+    answering nothing (a stalled server, not a dead one)."""
+    for pid in pids:
+        os.kill(pid, signal.SIGSTOP)
+    try:
+        yield
+    finally:
+        for pid in pids:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGCONT)
+
+
+def postgres_pids(pgdata: Path) -> list[int]:
+    """The postmaster of `pgdata` and its backends."""
+    postmaster = int((pgdata / "postmaster.pid").read_text().split()[0])
+    pids = [postmaster]
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        with contextlib.suppress(OSError):
+            fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+            if int(fields[1]) == postmaster:
+                pids.append(int(entry.name))
+    return pids
+
+
+async def timed(call: Any) -> tuple[Any, float]:
+    started = time.monotonic()
+    response = await call
+    return response, time.monotonic() - started
+
+
+@pytest.fixture
+def own_valkey(tmp_path: Path) -> Iterator[EmbeddedValkey]:
+    with EmbeddedValkey(tmp_path / "valkey") as server:
+        yield server
+
+
+async def test_a_frozen_redis_is_a_quick_503_and_nothing_is_written(
+    aiohttp_client: Any, web_settings: WebSettings, own_valkey: EmbeddedValkey
+) -> None:
+    settings = web_settings.model_copy(
+        update={"redis_url": own_valkey.url, "redis_timeout": DEADLINE_S}
+    )
+    client: TestClient = await aiohttp_client(create_app(settings))
+    assert settings.database_url
+    async with jobs_context(own_valkey.url, settings.database_url) as ctx:
+        await NodeDouble(ctx).announce()
+        _, secret = await make_user()
+        assert own_valkey.pid is not None
+        with frozen([own_valkey.pid]):
+            submit, took = await timed(
+                client.post("/api/v1/generations", json=SMALL, headers=auth(secret))
+            )
+            assert submit.status == 503 and took < DEADLINE_S + SLACK_S
+            assert int(submit.headers["Retry-After"]) > 0
+            assert (await submit.json())["error"]["code"] == "unavailable"
+            signin, took = await timed(
+                client.post(
+                    "/api/v1/auth/signin",
+                    json={"email": "a@example.org", "password": "whatever it is"},
+                )
+            )
+            assert signin.status == 503 and took < DEADLINE_S + SLACK_S
+            ready, took = await timed(client.get("/readyz"))
+            assert ready.status == 503 and took < 2.0 + SLACK_S
+            assert (await ready.json())["redis"] is False
+        assert await Generation.all().count() == 0  # nothing half-written
+        # Redis answers again: so does everything else.
+        ready = await client.get("/readyz")
+        assert ready.status == 200
+        again = await client.post(
+            "/api/v1/generations", json=SMALL, headers=auth(secret)
+        )
+        assert again.status == 202
+
+
+@pytest.fixture
+async def own_postgres(tmp_path: Path) -> AsyncIterator[tuple[str, Path]]:
+    with embedded_postgres(tmp_path / "pg", database="stalls") as url:
+        await apply_migrations(url)
+        yield url, tmp_path / "pg" / "postgres"
+
+
+async def test_a_frozen_postgres_is_a_quick_503_and_readyz_answers_in_time(
+    aiohttp_client: Any,
+    web_settings: WebSettings,
+    own_postgres: tuple[str, Path],
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    url, pgdata = own_postgres
+    settings = web_settings.model_copy(
+        update={"database_url": url, "db_timeout": DEADLINE_S}
+    )
+    client: TestClient = await aiohttp_client(create_app(settings))
+    async with open_database(url):
+        _, secret = await make_user()
+    assert (await client.get("/api/v1/me", headers=auth(secret))).status == 200
+    with frozen(postgres_pids(pgdata)):
+        me, took = await timed(client.get("/api/v1/me", headers=auth(secret)))
+        assert me.status == 503 and took < DEADLINE_S + SLACK_S
+        assert int(me.headers["Retry-After"]) > 0
+        for _ in range(3):
+            ready, took = await timed(client.get("/readyz"))
+            assert ready.status == 503 and took < 2.0 + SLACK_S
+            assert (await ready.json())["database"] is False
+    # One line for the change of state, not a traceback per probe.
+    lines = [r for r in caplog.records if "readiness: database" in r.getMessage()]
+    assert len(lines) == 1 and lines[0].exc_info is None
+
+    async def recovered() -> bool:
+        return (await client.get("/readyz")).status == 200
+
+    for _ in range(100):
+        if await recovered():
+            break
+        await asyncio.sleep(0.1)
+    me = await client.get("/api/v1/me", headers=auth(secret))
+    assert me.status == 200
