@@ -206,7 +206,7 @@ def test_a_clean_install_of_the_wheel_serves_a_premium_image(
         )
     try:
         line = first_line(process, START_TIMEOUT_S)
-        found = re.search(r"open (http://\S+)/docs", line)
+        found = re.search(r"open (http://\S+)/ \(the playground", line)
         assert found, line
         png = asyncio.run(
             premium_image(found.group(1), data_dir / "mail", bin_dir / "sdapi")
