@@ -35,7 +35,7 @@ from web.appkeys import (
 from web.db import open_database
 from web.errors import error_middleware
 from web.headers import add_security_headers
-from web.live import install_live, revocations_ctx
+from web.live_socket import install_live, revocations_ctx
 from web.metrics import install_metrics, metrics_middleware
 from web.openapi import ApiRoutes, build_openapi
 from web.passwords import Passwords

@@ -67,6 +67,11 @@ class ValidationFailed(AppError):
     default_message = "The request has invalid fields."
 
 
+def field_error(field: str, message: str) -> ValidationFailed:
+    """A 422 about one field."""
+    return ValidationFailed(details=[{"field": field, "message": message}])
+
+
 class Unauthorized(AppError):
     status = 401
     code = "unauthorized"

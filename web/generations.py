@@ -1,4 +1,4 @@
-"""Accepting, presenting and cancelling generations (REST, WebSocket and OpenAI).
+"""Accepting and cancelling generations (REST, WebSocket and OpenAI).
 
 Postgres is the source of truth: a generation is committed before anything
 goes to Redis, so a 202 is never lost; if the enqueue after the commit fails,
@@ -7,37 +7,27 @@ the reconciler in `jobs` enqueues it once its deadline passes.
 
 from __future__ import annotations
 
-import base64
 import logging
 import secrets
 import uuid
-from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta
-from typing import Any
+from collections.abc import Mapping
+from datetime import datetime, timedelta
 
 from aiohttp import web
-from redis.asyncio import Redis
 from redis.exceptions import RedisError
-from tortoise.expressions import Q
 from tortoise.transactions import in_transaction
 
 from sdapi.contract.events import DoneEvent, QueuedEvent
 from sdapi.contract.jobs import GenerationJob, GenerationParams, default_strength
 from sdapi.contract.names import (
-    batch_job_id,
-    batch_queue,
     generation_job_id,
-    image_key,
     premium_queue,
-    progress_key,
 )
 from sdapi.contract.status import TERMINAL_STATUSES, Status, Tier
 from sdapi.infra.queue import (
     drop_waiting_job,
     enqueue_generation,
     queue_depth,
-    queue_position,
     request_cancel,
 )
 from sdapi.infra.streams import append_done, append_event
@@ -50,12 +40,12 @@ from web.errors import (
     RateLimited,
     Unavailable,
     ValidationFailed,
+    field_error,
 )
 from web.idempotency import IdempotencyClaim, find_replay, record
 from web.input_store import put_inputs, store_inputs
 from web.inputs import ResultRef, Source, check_mask_size, resolve_input
-from web.links import image_path
-from web.models import Delivery, GeneratedImage, Generation, InputRole, User, utcnow
+from web.models import Delivery, Generation, InputRole, User, utcnow
 from web.quota import usage
 from web.registry import ModelOffer
 from web.schemas import generations as schemas
@@ -71,10 +61,6 @@ NO_NODE_RETRY_S = 30
 DEFAULT_SIZE = 512
 
 
-def _invalid(field: str, message: str) -> ValidationFailed:
-    return ValidationFailed(details=[{"field": field, "message": message}])
-
-
 async def find_offer(app: web.Application, model: str | None) -> ModelOffer:
     """The offer of `model`, or of the default model when None (422 if unknown).
 
@@ -87,7 +73,7 @@ async def find_offer(app: web.Application, model: str | None) -> ModelOffer:
         offer = offers.get(model)
         if offer is None:
             known = ", ".join(sorted(offers)) or "none right now"
-            raise _invalid("model", f"Unknown model {model!r} (available: {known}).")
+            raise field_error("model", f"Unknown model {model!r} (available: {known}).")
         return offer
     configured = app[settings_key].models
     default = offers.get(configured[0]) if configured else None
@@ -211,7 +197,7 @@ def request_sources(
         value = getattr(body, role.value)
         if files and role.value in files:
             if value is not None:
-                raise _invalid(role.value, "Send it as a file or a field, not both.")
+                raise field_error(role.value, "Send it as a file or a field, not both.")
             sources[role] = files[role.value]
         elif isinstance(value, schemas.ImageReference):
             sources[role] = ResultRef(value.generation_id, value.index)
@@ -219,9 +205,9 @@ def request_sources(
             sources[role] = value
     if InputRole.INIT_IMAGE not in sources:
         if InputRole.MASK in sources:
-            raise _invalid("mask", "A mask needs an init_image to repaint.")
+            raise field_error("mask", "A mask needs an init_image to repaint.")
         if body.strength is not None:
-            raise _invalid("strength", "strength needs an init_image.")
+            raise field_error("strength", "strength needs an init_image.")
     return sources
 
 
@@ -426,190 +412,3 @@ async def delete_finished(generation: Generation) -> bool:
         id=generation.id, status__in=list(TERMINAL_STATUSES)
     ).delete()
     return deleted > 0
-
-
-def image_url(app: web.Application, generation_id: uuid.UUID | str, index: int) -> str:
-    """Absolute URL of one image (needs the owner's credentials)."""
-    return app[settings_key].base_url + image_path(generation_id, index)
-
-
-async def _live_state(
-    app: web.Application, generation: Generation
-) -> tuple[int | None, schemas.Progress | None]:
-    redis = app[redis_key]
-    status = Status(generation.status)
-    try:
-        if status is Status.QUEUED:
-            if generation.tier is Tier.PREMIUM:
-                job = generation_job_id(generation.id, generation.attempts)
-                return await queue_position(
-                    redis, premium_queue(generation.model), job
-                ), None
-            if generation.batch_id is not None:
-                job = batch_job_id(generation.batch_id, generation.attempts)
-                return await queue_position(
-                    redis, batch_queue(generation.model), job
-                ), None
-        if status is Status.RUNNING:
-            raw: dict[bytes, bytes] = await redis.hgetall(progress_key(generation.id))  # type: ignore[misc]
-            if raw.get(b"step") is not None and raw.get(b"total") is not None:
-                return None, schemas.Progress(
-                    step=int(raw[b"step"]), total=int(raw[b"total"])
-                )
-    except RedisError:
-        log.warning("live state of %s unavailable", generation.id)
-    return None, None
-
-
-@dataclass(frozen=True)
-class StoredImage:
-    """A stored image without its PNG (listing never loads the bytes)."""
-
-    generation_id: uuid.UUID
-    index: int
-    seed: int
-    width: int
-    height: int
-    sha256: str
-
-
-_IMAGE_FIELDS = ("generation_id", "index", "seed", "width", "height", "sha256")
-
-
-async def stored_images(
-    generation_ids: Iterable[uuid.UUID],
-) -> dict[uuid.UUID, list[StoredImage]]:
-    """The stored images of each generation, by index (no PNG bytes)."""
-    ids = list(generation_ids)
-    found: dict[uuid.UUID, list[StoredImage]] = {}
-    if not ids:
-        return found
-    rows = (
-        await GeneratedImage.filter(generation_id__in=ids)
-        .order_by("generation_id", "index")
-        .values(*_IMAGE_FIELDS)
-    )
-    for row in rows:
-        image = StoredImage(**row)
-        found.setdefault(image.generation_id, []).append(image)
-    return found
-
-
-async def stored_image(generation_id: uuid.UUID, index: int) -> StoredImage | None:
-    """One stored image without its PNG, or None while it is not stored."""
-    rows = await GeneratedImage.filter(generation_id=generation_id, index=index).values(
-        *_IMAGE_FIELDS
-    )
-    return StoredImage(**rows[0]) if rows else None
-
-
-async def image_png(redis: Redis, generation_id: uuid.UUID, index: int) -> bytes | None:
-    """One image's PNG: from the database once stored, else the node's copy in
-    Redis (kept there until `jobs` has stored it); None if neither has it."""
-    rows = await GeneratedImage.filter(
-        generation_id=generation_id, index=index
-    ).values_list("png", flat=True)
-    if rows:
-        return bytes(rows[0])
-    try:
-        data: bytes | None = await redis.get(image_key(generation_id, index))
-    except RedisError:
-        log.warning("image %d of %s: Redis unreachable", index, generation_id)
-        return None
-    return data
-
-
-def error_ref(generation: Generation) -> schemas.ErrorRef | None:
-    """The public error of a generation row, if it has one."""
-    if not generation.error_code:
-        return None
-    return schemas.ErrorRef(
-        code=generation.error_code, message=generation.error_message or ""
-    )
-
-
-async def present(
-    app: web.Application,
-    generation: Generation,
-    images: list[StoredImage] | None = None,
-) -> schemas.Generation:
-    """The public view of a generation, with live queue position and progress."""
-    if images is None:
-        images = (await stored_images([generation.id])).get(generation.id, [])
-    position, progress = await _live_state(app, generation)
-    return schemas.Generation(
-        id=str(generation.id),
-        status=Status(generation.status),
-        tier=Tier(generation.tier),
-        request=schemas.ResolvedRequest.model_validate(generation.request),
-        created_at=generation.created_at,
-        scheduled_for=generation.scheduled_for,
-        started_at=generation.started_at,
-        finished_at=generation.finished_at,
-        queue_position=position,
-        waiting_for_node=Status(generation.status) is Status.QUEUED
-        and app[registry_key].serves(generation.model) is False,
-        progress=progress,
-        images=[
-            schemas.ImageRef(
-                index=image.index,
-                seed=image.seed,
-                url=image_url(app, generation.id, image.index),
-                width=image.width,
-                height=image.height,
-            )
-            for image in images
-        ],
-        error=error_ref(generation),
-        delivery=Delivery(generation.delivery).value,
-        emailed_at=generation.emailed_at,
-        warnings=[
-            schemas.Notice.model_validate(note) for note in generation.warnings or []
-        ],
-    )
-
-
-def encode_cursor(generation: Generation) -> str:
-    """An opaque cursor after `generation` in newest-first order."""
-    raw = f"{generation.created_at.isoformat()}|{generation.id}"
-    return base64.urlsafe_b64encode(raw.encode()).decode().rstrip("=")
-
-
-def decode_cursor(cursor: str) -> tuple[datetime, uuid.UUID]:
-    """Inverse of `encode_cursor`; 422 for anything else."""
-    try:
-        padded = cursor + "=" * (-len(cursor) % 4)
-        created, _, ident = base64.urlsafe_b64decode(padded).decode().partition("|")
-        when = datetime.fromisoformat(created)
-        if when.tzinfo is None:
-            when = when.replace(tzinfo=UTC)
-        # In UTC here: a time near datetime.min in another zone overflows.
-        return when.astimezone(UTC), uuid.UUID(ident)
-    except (ValueError, UnicodeDecodeError, OverflowError):
-        raise _invalid("before", "Not a cursor this API returned.") from None
-
-
-async def list_own(
-    user: User, limit: int, before: str | None
-) -> tuple[list[Generation], str | None]:
-    """A page of the user's generations, newest first, and the next cursor."""
-    query = Generation.filter(user_id=user.id)
-    if before is not None:
-        when, ident = decode_cursor(before)
-        # Keyset pagination on (created_at, id): stable under concurrent inserts.
-        query = query.filter(Q(created_at__lt=when) | Q(created_at=when, id__lt=ident))
-    rows = list(await query.order_by("-created_at", "-id").limit(limit + 1))
-    more = len(rows) > limit
-    rows = rows[:limit]
-    return rows, encode_cursor(rows[-1]) if more and rows else None
-
-
-def image_headers(image: StoredImage) -> dict[str, Any]:
-    """Headers of a stored image's download: immutable content, private cache."""
-    filename = f"{image.generation_id}-{image.index}.png"
-    return {
-        "Content-Type": "image/png",
-        "Cache-Control": "private, max-age=31536000, immutable",
-        "ETag": f'"{image.sha256}"',
-        "Content-Disposition": f'inline; filename="{filename}"',
-    }

@@ -23,6 +23,11 @@ def utcnow() -> datetime:
     return datetime.now(UTC)
 
 
+def email_key_of(email: str) -> str:
+    """How an address is looked up: addresses differ by more than case."""
+    return email.lower()
+
+
 class Delivery(StrEnum):
     DOWNLOAD = "download"
     EMAIL = "email"

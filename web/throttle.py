@@ -23,6 +23,8 @@ from dataclasses import dataclass
 from aiohttp import web
 from redis.asyncio import Redis
 
+from web.errors import RateLimited
+
 KEY_PREFIX = "sdapi:signin-failures"
 SIGNUP_KEY_PREFIX = "sdapi:signups"
 
@@ -153,3 +155,16 @@ async def release(
 async def clear(redis: Redis, limit: Limit) -> None:
     """Forget every attempt of one key (after a successful sign-in)."""
     await redis.delete(limit.key)
+
+
+async def reserve_or_refuse(
+    redis: Redis, limits: list[Limit], what: str
+) -> Reservation:
+    """Count one attempt against `limits`, or 429 with Retry-After."""
+    attempt = await reserve(redis, limits)
+    if not attempt.granted:
+        raise RateLimited(
+            f"{what}; try again in {attempt.retry_after} seconds.",
+            retry_after=attempt.retry_after,
+        )
+    return attempt

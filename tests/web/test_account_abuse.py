@@ -12,7 +12,7 @@ from tests.web.test_accounts import PASSWORD, RESEND, SIGNIN, SIGNUP, signin, si
 from web.app import create_app
 from web.appkeys import redis_key
 from web.models import OutboxEmail, PasswordReset, User, utcnow
-from web.routes.accounts import RESEND_KEY_PREFIX
+from web.routes.verification import RESEND_KEY_PREFIX
 from web.schemas.accounts import plain_name
 
 

@@ -21,7 +21,7 @@ from sdapi.contract.status import Status
 from tests.node_double import NodeDouble, auth, jobs_context, make_user
 from web.app import create_app
 from web.appkeys import live_redis_key, redis_key
-from web.live import live_sockets_key, live_users_key
+from web.live_socket import live_sockets_key, live_users_key
 from web.models import ApiToken, GeneratedImage, Generation, utcnow
 from web.passwords import hash_password
 from web.registry import NodeRegistry

@@ -16,11 +16,13 @@ def route_tables() -> list[ApiRoutes]:
         password_reset,
         status,
         tokens,
+        verification,
         ws,
     )
 
     return [
         accounts.routes,
+        verification.routes,
         password_reset.routes,
         tokens.routes,
         generations.routes,

@@ -12,18 +12,20 @@ from web.appkeys import redis_key, settings_key
 from web.auth import authenticate, require_user
 from web.errors import Conflict, NotFound, Unauthorized, from_validation_error
 from web.forms import is_form, read_form
-from web.generations import (
-    cancel_generation,
-    delete_finished,
+from web.generation_views import (
     image_headers,
     image_png,
     list_own,
-    load_own,
-    prepare_inputs,
     present,
-    request_sources,
     stored_image,
     stored_images,
+)
+from web.generations import (
+    cancel_generation,
+    delete_finished,
+    load_own,
+    prepare_inputs,
+    request_sources,
     submit_generation,
 )
 from web.idempotency import claim_from, file_digest

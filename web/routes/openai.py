@@ -30,10 +30,12 @@ from web.errors import (
     validation_details,
 )
 from web.forms import read_form
+from web.generation_views import (
+    stored_images,
+)
 from web.generations import (
     cancel_generation,
     find_offer,
-    stored_images,
     submit_generation,
 )
 from web.idempotency import claim_from, file_digest

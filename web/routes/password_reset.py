@@ -17,7 +17,7 @@ from tortoise.transactions import in_transaction
 from web.appkeys import passwords_key, redis_key, settings_key
 from web.errors import Gone
 from web.mail_outbox import queue_email
-from web.models import ApiToken, PasswordReset, User, utcnow
+from web.models import ApiToken, PasswordReset, User, email_key_of, utcnow
 from web.openapi import ApiRoutes, ErrorBody, Response, json_response, read_body
 from web.schemas.password_reset import ForgotRequest, ResetRequest, ResetRequested
 from web.throttle import client_address, reserve, signup_limit
@@ -60,7 +60,7 @@ async def forgot_password(request: web.Request) -> web.StreamResponse:
         window_s=settings.signup_window,
     )
     attempt = await reserve(redis, [limit])
-    user = await User.get_or_none(email_key=str(body.email).lower())
+    user = await User.get_or_none(email_key=email_key_of(str(body.email)))
     if attempt.granted and user is not None and await _under_daily_cap(request, user):
         await _send_reset(request, user)
     return json_response(ResetRequested(), status=202)

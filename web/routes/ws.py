@@ -7,7 +7,12 @@ from aiohttp import web
 from web.appkeys import settings_key
 from web.auth import Principal, authenticate, bearer_secret, origin_allowed
 from web.errors import BadRequest, Forbidden, Unauthorized
-from web.live import LiveSocket, LiveWebSocket, live_sockets_key, socket_slot
+from web.live_socket import (
+    LiveSocket,
+    LiveWebSocket,
+    live_sockets_key,
+    socket_slot,
+)
 from web.openapi import ApiRoutes, ErrorBody, Response
 from web.sessions import SESSION_COOKIE
 

@@ -1,0 +1,223 @@
+"""What clients see of generations: the public view, stored images, pages."""
+
+from __future__ import annotations
+
+import base64
+import logging
+import uuid
+from collections.abc import Iterable
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
+
+from aiohttp import web
+from redis.asyncio import Redis
+from redis.exceptions import RedisError
+from tortoise.expressions import Q
+
+from sdapi.contract.names import (
+    batch_job_id,
+    batch_queue,
+    generation_job_id,
+    image_key,
+    premium_queue,
+    progress_key,
+)
+from sdapi.contract.status import Status, Tier
+from sdapi.infra.queue import (
+    queue_position,
+)
+from web.appkeys import redis_key, registry_key, settings_key
+from web.errors import field_error
+from web.links import image_path
+from web.models import Delivery, GeneratedImage, Generation, User
+from web.schemas import generations as schemas
+
+log = logging.getLogger(__name__)
+
+
+def image_url(app: web.Application, generation_id: uuid.UUID | str, index: int) -> str:
+    """Absolute URL of one image (needs the owner's credentials)."""
+    return app[settings_key].base_url + image_path(generation_id, index)
+
+
+async def _live_state(
+    app: web.Application, generation: Generation
+) -> tuple[int | None, schemas.Progress | None]:
+    redis = app[redis_key]
+    status = Status(generation.status)
+    try:
+        if status is Status.QUEUED:
+            if generation.tier is Tier.PREMIUM:
+                job = generation_job_id(generation.id, generation.attempts)
+                return await queue_position(
+                    redis, premium_queue(generation.model), job
+                ), None
+            if generation.batch_id is not None:
+                job = batch_job_id(generation.batch_id, generation.attempts)
+                return await queue_position(
+                    redis, batch_queue(generation.model), job
+                ), None
+        if status is Status.RUNNING:
+            raw: dict[bytes, bytes] = await redis.hgetall(progress_key(generation.id))  # type: ignore[misc]
+            if raw.get(b"step") is not None and raw.get(b"total") is not None:
+                return None, schemas.Progress(
+                    step=int(raw[b"step"]), total=int(raw[b"total"])
+                )
+    except RedisError:
+        log.warning("live state of %s unavailable", generation.id)
+    return None, None
+
+
+@dataclass(frozen=True)
+class StoredImage:
+    """A stored image without its PNG (listing never loads the bytes)."""
+
+    generation_id: uuid.UUID
+    index: int
+    seed: int
+    width: int
+    height: int
+    sha256: str
+
+
+_IMAGE_FIELDS = ("generation_id", "index", "seed", "width", "height", "sha256")
+
+
+async def stored_images(
+    generation_ids: Iterable[uuid.UUID],
+) -> dict[uuid.UUID, list[StoredImage]]:
+    """The stored images of each generation, by index (no PNG bytes)."""
+    ids = list(generation_ids)
+    found: dict[uuid.UUID, list[StoredImage]] = {}
+    if not ids:
+        return found
+    rows = (
+        await GeneratedImage.filter(generation_id__in=ids)
+        .order_by("generation_id", "index")
+        .values(*_IMAGE_FIELDS)
+    )
+    for row in rows:
+        image = StoredImage(**row)
+        found.setdefault(image.generation_id, []).append(image)
+    return found
+
+
+async def stored_image(generation_id: uuid.UUID, index: int) -> StoredImage | None:
+    """One stored image without its PNG, or None while it is not stored."""
+    rows = await GeneratedImage.filter(generation_id=generation_id, index=index).values(
+        *_IMAGE_FIELDS
+    )
+    return StoredImage(**rows[0]) if rows else None
+
+
+async def image_png(redis: Redis, generation_id: uuid.UUID, index: int) -> bytes | None:
+    """One image's PNG: from the database once stored, else the node's copy in
+    Redis (kept there until `jobs` has stored it); None if neither has it."""
+    rows = await GeneratedImage.filter(
+        generation_id=generation_id, index=index
+    ).values_list("png", flat=True)
+    if rows:
+        return bytes(rows[0])
+    try:
+        data: bytes | None = await redis.get(image_key(generation_id, index))
+    except RedisError:
+        log.warning("image %d of %s: Redis unreachable", index, generation_id)
+        return None
+    return data
+
+
+def error_ref(generation: Generation) -> schemas.ErrorRef | None:
+    """The public error of a generation row, if it has one."""
+    if not generation.error_code:
+        return None
+    return schemas.ErrorRef(
+        code=generation.error_code, message=generation.error_message or ""
+    )
+
+
+async def present(
+    app: web.Application,
+    generation: Generation,
+    images: list[StoredImage] | None = None,
+) -> schemas.Generation:
+    """The public view of a generation, with live queue position and progress."""
+    if images is None:
+        images = (await stored_images([generation.id])).get(generation.id, [])
+    position, progress = await _live_state(app, generation)
+    return schemas.Generation(
+        id=str(generation.id),
+        status=Status(generation.status),
+        tier=Tier(generation.tier),
+        request=schemas.ResolvedRequest.model_validate(generation.request),
+        created_at=generation.created_at,
+        scheduled_for=generation.scheduled_for,
+        started_at=generation.started_at,
+        finished_at=generation.finished_at,
+        queue_position=position,
+        waiting_for_node=Status(generation.status) is Status.QUEUED
+        and app[registry_key].serves(generation.model) is False,
+        progress=progress,
+        images=[
+            schemas.ImageRef(
+                index=image.index,
+                seed=image.seed,
+                url=image_url(app, generation.id, image.index),
+                width=image.width,
+                height=image.height,
+            )
+            for image in images
+        ],
+        error=error_ref(generation),
+        delivery=Delivery(generation.delivery).value,
+        emailed_at=generation.emailed_at,
+        warnings=[
+            schemas.Notice.model_validate(note) for note in generation.warnings or []
+        ],
+    )
+
+
+def encode_cursor(generation: Generation) -> str:
+    """An opaque cursor after `generation` in newest-first order."""
+    raw = f"{generation.created_at.isoformat()}|{generation.id}"
+    return base64.urlsafe_b64encode(raw.encode()).decode().rstrip("=")
+
+
+def decode_cursor(cursor: str) -> tuple[datetime, uuid.UUID]:
+    """Inverse of `encode_cursor`; 422 for anything else."""
+    try:
+        padded = cursor + "=" * (-len(cursor) % 4)
+        created, _, ident = base64.urlsafe_b64decode(padded).decode().partition("|")
+        when = datetime.fromisoformat(created)
+        if when.tzinfo is None:
+            when = when.replace(tzinfo=UTC)
+        # In UTC here: a time near datetime.min in another zone overflows.
+        return when.astimezone(UTC), uuid.UUID(ident)
+    except (ValueError, UnicodeDecodeError, OverflowError):
+        raise field_error("before", "Not a cursor this API returned.") from None
+
+
+async def list_own(
+    user: User, limit: int, before: str | None
+) -> tuple[list[Generation], str | None]:
+    """A page of the user's generations, newest first, and the next cursor."""
+    query = Generation.filter(user_id=user.id)
+    if before is not None:
+        when, ident = decode_cursor(before)
+        # Keyset pagination on (created_at, id): stable under concurrent inserts.
+        query = query.filter(Q(created_at__lt=when) | Q(created_at=when, id__lt=ident))
+    rows = list(await query.order_by("-created_at", "-id").limit(limit + 1))
+    more = len(rows) > limit
+    rows = rows[:limit]
+    return rows, encode_cursor(rows[-1]) if more and rows else None
+
+
+def image_headers(image: StoredImage) -> dict[str, Any]:
+    """Headers of a stored image's download: immutable content, private cache."""
+    filename = f"{image.generation_id}-{image.index}.png"
+    return {
+        "Content-Type": "image/png",
+        "Cache-Control": "private, max-age=31536000, immutable",
+        "ETag": f'"{image.sha256}"',
+        "Content-Disposition": f'inline; filename="{filename}"',
+    }
