@@ -279,7 +279,8 @@ def build_openapi(
                     },
                 },
             )
-        if not endpoint.auth:
+        declared = {response.status for response in endpoint.responses}
+        if not endpoint.auth and 401 not in declared:
             operation["responses"].pop("401", None)
         paths.setdefault(endpoint.path, {})[endpoint.method.lower()] = operation
 
