@@ -12,9 +12,10 @@ import base64
 import contextlib
 import logging
 import uuid
-from collections.abc import AsyncGenerator
+from collections.abc import AsyncGenerator, AsyncIterator
 
 from aiohttp import web
+from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
 from sdapi.contract.events import (
@@ -86,37 +87,106 @@ async def _finished_in_database(
     return events
 
 
+class Feed:
+    """A generation's events as this process has read them, shared by every
+    follower here: one blocking read at a time per generation, however many
+    sockets follow it."""
+
+    def __init__(self, redis: Redis, generation_id: uuid.UUID, block_ms: int) -> None:
+        self.entries: list[Event] = []
+        # Completed reads, empty ones included: a follower that sees one and
+        # no new entry asks the database whether the generation has ended.
+        self.reads = 0
+        self.followers = 0
+        self._changed = asyncio.Condition()
+        self._task = asyncio.create_task(
+            self._read(redis, generation_id, block_ms), name=f"feed-{generation_id}"
+        )
+
+    async def _read(
+        self, redis: Redis, generation_id: uuid.UUID, block_ms: int
+    ) -> None:
+        after = "0"
+        # The first read does not block: a finished generation whose stream
+        # has expired is then told from the database at once.
+        wait: int | None = None
+        while True:
+            try:
+                entries = await read_events(redis, generation_id, after, block_ms=wait)
+            except RedisError:
+                log.warning("reading the events of %s failed; retrying", generation_id)
+                await asyncio.sleep(REDIS_RETRY_S)
+                entries = []
+            wait = block_ms
+            async with self._changed:
+                for entry_id, event in entries:
+                    after = entry_id
+                    self.entries.append(event)
+                self.reads += 1
+                self._changed.notify_all()
+            if any(isinstance(event, DoneEvent) for _, event in entries):
+                return
+
+    async def wait(self, seen: int, reads: int) -> None:
+        """Until there are more than `seen` entries, or another read ended."""
+        async with self._changed:
+            await self._changed.wait_for(
+                lambda: len(self.entries) > seen or self.reads > reads
+            )
+
+    async def close(self) -> None:
+        self._task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await self._task
+
+
+# This process's open feeds, by generation.
+feeds_key: web.AppKey[dict[uuid.UUID, Feed]] = web.AppKey("feeds")
+
+
+@contextlib.asynccontextmanager
+async def shared_feed(
+    app: web.Application, generation_id: uuid.UUID
+) -> AsyncIterator[Feed]:
+    """This process's feed of a generation, opened by its first follower and
+    closed after its last."""
+    feeds = app[feeds_key]
+    feed = feeds.get(generation_id)
+    if feed is None:
+        feed = feeds[generation_id] = Feed(app[live_redis_key], generation_id, BLOCK_MS)
+    feed.followers += 1
+    try:
+        yield feed
+    finally:
+        feed.followers -= 1
+        if feed.followers == 0:
+            del feeds[generation_id]
+            await feed.close()
+
+
 async def follow(
-    app: web.Application, generation_id: uuid.UUID, *, block_ms: int = BLOCK_MS
+    app: web.Application, generation_id: uuid.UUID
 ) -> AsyncGenerator[Event, None]:
     """Every event of a generation, replayed then live, ending with its `done`."""
-    redis = app[live_redis_key]
-    after = "0"
     seen_images: set[int] = set()
-    # The first read does not block: a finished generation whose stream has
-    # expired is then told from the database at once.
-    wait: int | None = None
-    while True:
-        try:
-            entries = await read_events(redis, generation_id, after, block_ms=wait)
-        except RedisError:
-            log.warning("reading the events of %s failed; retrying", generation_id)
-            await asyncio.sleep(REDIS_RETRY_S)
-            entries = []
-        wait = block_ms
-        if not entries:
-            for event in await _finished_in_database(generation_id, seen_images):
+    async with shared_feed(app, generation_id) as feed:
+        seen, reads = 0, 0
+        while True:
+            await feed.wait(seen, reads)
+            reads = feed.reads
+            if len(feed.entries) == seen:
+                for event in await _finished_in_database(generation_id, seen_images):
+                    yield event
+                    if isinstance(event, DoneEvent):
+                        return
+                continue
+            for event in feed.entries[seen:]:
+                seen += 1
+                if isinstance(event, ImageEvent):
+                    seen_images.add(event.index)
                 yield event
                 if isinstance(event, DoneEvent):
                     return
-            continue
-        for entry_id, event in entries:
-            after = entry_id
-            if isinstance(event, ImageEvent):
-                seen_images.add(event.index)
-            yield event
-            if isinstance(event, DoneEvent):
-                return
 
 
 async def wait_until_done(app: web.Application, generation_id: uuid.UUID) -> DoneEvent:

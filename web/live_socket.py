@@ -51,6 +51,7 @@ from web.live import (
     SOCKET_RETRY_S,
     done_frame,
     event_frame,
+    feeds_key,
     follow,
 )
 from web.schemas.live import (
@@ -437,6 +438,7 @@ def install_live(app: web.Application) -> None:
     sockets: weakref.WeakSet[LiveSocket] = weakref.WeakSet()
     app[live_sockets_key] = sockets
     app[live_users_key] = Counter()
+    app[feeds_key] = {}
     app.on_shutdown.append(close_live_sockets)
 
 
