@@ -369,6 +369,38 @@ def test_a_script_in_a_prompt_is_only_text(visit: Visit, stack: Stack) -> None:
     assert page.evaluate("window.pwned") is None
 
 
+def test_img2img_from_a_result_and_from_a_file(
+    visit: Visit, stack: Stack, tmp_path: Path
+) -> None:
+    from PIL import Image
+
+    page = visit.page
+    account(stack, page, premium=True)
+    fill(page, prompt="first pass", width=64, height=64, steps=4)
+    page.get_by_role("button", name="Generate").click()
+    first = page.locator(".run").first
+    expect(first.locator(".status")).to_have_text("succeeded", timeout=60_000)
+    first.get_by_role("button", name="Use as starting image").click()
+    expect(page.locator("#init-note")).to_have_text(re.compile("image 1 of"))
+    fill(page, prompt="second pass", strength=0.5)
+    page.get_by_role("button", name="Generate").click()
+    expect(page.locator(".run")).to_have_count(2)
+    second = page.locator(".run").first
+    expect(second.locator(".status")).to_have_text("succeeded", timeout=60_000)
+    expect(second.locator(".images img")).to_have_count(1)
+
+    start = tmp_path / "start.png"
+    Image.new("RGB", (64, 64), (200, 40, 40)).save(start)
+    page.get_by_role("button", name="No starting image").click()
+    page.locator("#init_image").set_input_files(str(start))
+    expect(page.locator("#init-note")).to_have_text("Starting from start.png.")
+    fill(page, prompt="from a file")
+    page.get_by_role("button", name="Generate").click()
+    expect(page.locator(".run")).to_have_count(3)
+    third = page.locator(".run").first
+    expect(third.locator(".status")).to_have_text("succeeded", timeout=60_000)
+
+
 def test_a_lost_websocket_reconnects_and_the_run_finishes(
     visit: Visit, stack: Stack
 ) -> None:

@@ -11,6 +11,11 @@ document.addEventListener("DOMContentLoaded", () => {
   const premium = document.body.dataset.tier === "premium";
   const runs = new Map();
   let models = {};
+  // img2img / inpainting inputs: a data: URL of a chosen file, or a
+  // reference to one of the user's own results.
+  const inputs = { init_image: null, mask: null };
+  const initNote = document.getElementById("init-note");
+  const clearInputs = document.getElementById("clear-inputs");
   let socket = null;
   let retryMs = 1000;
 
@@ -63,6 +68,44 @@ document.addEventListener("DOMContentLoaded", () => {
 
   form.model.addEventListener("change", () => applyModel(false));
 
+  function readFile(input, key) {
+    input.addEventListener("change", () => {
+      const file = input.files && input.files[0];
+      if (!file) {
+        inputs[key] = null;
+        return;
+      }
+      const reader = new FileReader();
+      reader.addEventListener("load", () => {
+        inputs[key] = reader.result;
+        if (key === "init_image") {
+          initNote.textContent = "Starting from " + file.name + ".";
+        }
+        clearInputs.hidden = false;
+      });
+      reader.readAsDataURL(file);
+    });
+  }
+  readFile(form.init_image, "init_image");
+  readFile(form.mask, "mask");
+
+  function useAsStart(run, index) {
+    inputs.init_image = { generation_id: run.id, index };
+    form.init_image.value = "";
+    initNote.textContent = "Starting from image " + (index + 1) + " of “" + run.request.prompt + "”.";
+    clearInputs.hidden = false;
+    form.prompt.focus();
+  }
+
+  clearInputs.addEventListener("click", () => {
+    inputs.init_image = null;
+    inputs.mask = null;
+    form.init_image.value = "";
+    form.mask.value = "";
+    initNote.textContent = "";
+    clearInputs.hidden = true;
+  });
+
   document.getElementById("tier-note").textContent = premium
     ? "Premium: images arrive here in seconds."
     : "Normal account: requests run in the next batch window and are emailed.";
@@ -82,6 +125,11 @@ document.addEventListener("DOMContentLoaded", () => {
     }
     if (!randomSeed.checked && form.seed.value !== "") {
       body.seed = Number.parseInt(form.seed.value, 10);
+    }
+    if (inputs.init_image) body.init_image = inputs.init_image;
+    if (inputs.mask) body.mask = inputs.mask;
+    if ((inputs.init_image || inputs.mask) && form.strength.value !== "") {
+      body.strength = Number.parseFloat(form.strength.value);
     }
     return body;
   }
@@ -203,7 +251,9 @@ document.addEventListener("DOMContentLoaded", () => {
     image.src = frame.data ? "data:image/png;base64," + frame.data : frame.url;
     const caption = figure.querySelector("figcaption");
     const link = sdapi.el("a", { href: frame.url, download: "sdapi-" + run.id + "-" + frame.index + ".png" }, "Download");
-    caption.replaceChildren(link, document.createTextNode(" · seed " + frame.seed));
+    const start = sdapi.el("button", { type: "button", class: "link" }, "Use as starting image");
+    start.addEventListener("click", () => useAsStart(run, frame.index));
+    caption.replaceChildren(link, document.createTextNode(" · seed " + frame.seed + " · "), start);
     part(run, ".preview").hidden = true;
   }
 
