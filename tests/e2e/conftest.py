@@ -193,6 +193,15 @@ def wait_sync(
         time.sleep(0.1)
 
 
+def own_redis_db(redis_url: str, db: int) -> str:
+    """A database of the suite's Valkey for one test module, emptied."""
+    url = redis_url.rsplit("/", 1)[0] + f"/{db}"
+    client = redis.Redis.from_url(url)
+    client.flushdb()
+    client.close()
+    return url
+
+
 def node_env(
     common: dict[str, object], model_dir: Path, node_id: str, **settings: object
 ) -> dict[str, str]:

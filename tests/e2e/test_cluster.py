@@ -16,7 +16,6 @@ from typing import Any
 
 import aiohttp
 import pytest
-import redis
 
 from sdapi.contract.events import DoneEvent, StartedEvent
 from sdapi.contract.names import GPU_SERVICE
@@ -30,6 +29,7 @@ from tests.e2e.conftest import (
     Services,
     make_user,
     node_env,
+    own_redis_db,
     sdapi_env,
     start_services,
     until,
@@ -97,10 +97,7 @@ def cluster(
     tmp_path_factory: pytest.TempPathFactory,
 ) -> Iterator[Cluster]:
     root = tmp_path_factory.mktemp("cluster-e2e")
-    own_redis = redis_url.rsplit("/", 1)[0] + f"/{REDIS_DB}"
-    flush = redis.Redis.from_url(own_redis)
-    flush.flushdb()
-    flush.close()
+    own_redis = own_redis_db(redis_url, REDIS_DB)
     asyncio.run(truncate_all(database_url))
     consul = ConsulInThread()
     with consul as double:

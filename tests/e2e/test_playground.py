@@ -21,7 +21,6 @@ from typing import Any
 from urllib.parse import urlsplit
 
 import pytest
-import redis
 from aiosmtpd.controller import Controller
 from playwright.sync_api import Browser, Page, Playwright, expect, sync_playwright
 
@@ -31,6 +30,7 @@ from tests.e2e.conftest import (
     Service,
     Services,
     node_env,
+    own_redis_db,
     sdapi_env,
     start_services,
 )
@@ -71,10 +71,7 @@ def stack(
     tmp_path_factory: pytest.TempPathFactory,
 ) -> Iterator[Stack]:
     root = tmp_path_factory.mktemp("playground-e2e")
-    own_redis = redis_url.rsplit("/", 1)[0] + f"/{REDIS_DB}"
-    flush = redis.Redis.from_url(own_redis)
-    flush.flushdb()
-    flush.close()
+    own_redis = own_redis_db(redis_url, REDIS_DB)
     asyncio.run(truncate_all(database_url))
     mailbox = Mailbox()
     smtp = Controller(mailbox, hostname="127.0.0.1", port=free_port())

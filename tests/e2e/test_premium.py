@@ -19,7 +19,6 @@ from typing import Any
 import aiohttp
 import numpy as np
 import pytest
-import redis
 from aiosmtpd.controller import Controller
 from PIL import Image
 
@@ -30,6 +29,7 @@ from tests.e2e.conftest import (
     Services,
     make_user,
     node_env,
+    own_redis_db,
     sdapi_env,
     start_services,
     until,
@@ -64,10 +64,7 @@ def stack(
     tmp_path_factory: pytest.TempPathFactory,
 ) -> Iterator[Stack]:
     root = tmp_path_factory.mktemp("premium-e2e")
-    own_redis = redis_url.rsplit("/", 1)[0] + f"/{REDIS_DB}"
-    flush = redis.Redis.from_url(own_redis)
-    flush.flushdb()
-    flush.close()
+    own_redis = own_redis_db(redis_url, REDIS_DB)
     asyncio.run(truncate_all(database_url))
     mailbox = Mailbox()
     smtp = Controller(mailbox, hostname="127.0.0.1", port=free_port())

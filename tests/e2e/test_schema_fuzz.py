@@ -14,7 +14,6 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import redis
 import schemathesis
 from hypothesis import HealthCheck, given, settings
 from schemathesis.checks import not_a_server_error
@@ -24,7 +23,14 @@ from schemathesis.specs.openapi.checks import (
 )
 
 from sdapi.infra.mailsink import free_port
-from tests.e2e.conftest import Service, Services, make_user, sdapi_env, start_services
+from tests.e2e.conftest import (
+    Service,
+    Services,
+    make_user,
+    own_redis_db,
+    sdapi_env,
+    start_services,
+)
 from web.db import open_database, truncate_all
 
 pytestmark = pytest.mark.slow
@@ -40,10 +46,7 @@ def web_url(
     database_url: str, redis_url: str, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[str]:
     root = tmp_path_factory.mktemp("fuzz")
-    own_redis = redis_url.rsplit("/", 1)[0] + f"/{REDIS_DB}"
-    flush = redis.Redis.from_url(own_redis)
-    flush.flushdb()
-    flush.close()
+    own_redis = own_redis_db(redis_url, REDIS_DB)
     asyncio.run(truncate_all(database_url))
     port = free_port()
     url = f"http://127.0.0.1:{port}"
