@@ -117,6 +117,12 @@ class Feed:
                 log.warning("reading the events of %s failed; retrying", generation_id)
                 await asyncio.sleep(REDIS_RETRY_S)
                 entries = []
+            except Exception:
+                # A bad entry must not leave every follower waiting forever:
+                # they fall back to the database at the next empty read.
+                log.exception("reading the events of %s failed", generation_id)
+                await asyncio.sleep(REDIS_RETRY_S)
+                entries = []
             wait = block_ms
             async with self._changed:
                 for entry_id, event in entries:
