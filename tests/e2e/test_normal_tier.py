@@ -604,7 +604,7 @@ async def test_img2img_and_inpainting_are_batched_apart_and_emailed(
     assert rows[0].batch_id == rows[1].batch_id
     assert len({rows[0].batch_id, rows[2].batch_id, rows[3].batch_id}) == 3
     await e2e.mails(4)
-    await asyncio.sleep(1)
+    await e2e.all_sent(ids)
     mails = by_generation(stack.mail.messages())
     assert sorted(mails) == sorted(ids)
     [[inpainted]] = [attached_pngs(m) for m in mails[inpaint["id"]]]
