@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from sdapi.infra.net import LOOPBACK, free_port
+from sdapi.infra.reaper import process_alive
 
 DATABASE_NAME = "sdapi"
 SERVICES_FILE = "services.json"
@@ -63,19 +64,9 @@ def _forget_dead_handles(pgdata: Path) -> None:
         return
     if not isinstance(pids, list):
         return
-    alive = [pid for pid in pids if isinstance(pid, int) and _is_alive(pid)]
+    alive = [pid for pid in pids if isinstance(pid, int) and process_alive(pid)]
     if alive != pids:
         path.write_text(json.dumps(alive))
-
-
-def _is_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 @contextlib.contextmanager

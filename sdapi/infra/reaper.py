@@ -24,7 +24,7 @@ POLL_S = 0.5
 STOP_TIMEOUT_S = 30
 
 
-def _alive(pid: int) -> bool:
+def process_alive(pid: int) -> bool:
     """Whether `pid` runs; a zombie (dead, not yet waited for) does not."""
     try:
         os.kill(pid, 0)
@@ -44,12 +44,12 @@ def _held_by_others(pgdata: Path) -> bool:
         pids = json.loads((pgdata / ".handle_pids.json").read_text())
     except (FileNotFoundError, ValueError):
         return False
-    return any(isinstance(pid, int) and _alive(pid) for pid in pids)
+    return any(isinstance(pid, int) and process_alive(pid) for pid in pids)
 
 
 def reap(parent: int, pgdata: Path) -> None:
     """Wait for `parent` to die, then stop the server of `pgdata` if it runs."""
-    while os.getppid() == parent and _alive(parent):
+    while os.getppid() == parent and process_alive(parent):
         time.sleep(POLL_S)
     if _held_by_others(pgdata):
         return
@@ -62,9 +62,9 @@ def reap(parent: int, pgdata: Path) -> None:
     with contextlib.suppress(ProcessLookupError):
         os.kill(postmaster, signal.SIGINT)
     deadline = time.monotonic() + STOP_TIMEOUT_S
-    while _alive(postmaster) and time.monotonic() < deadline:
+    while process_alive(postmaster) and time.monotonic() < deadline:
         time.sleep(POLL_S / 5)
-    if _alive(postmaster):
+    if process_alive(postmaster):
         with contextlib.suppress(ProcessLookupError):
             os.kill(postmaster, signal.SIGQUIT)  # immediate shutdown
 
