@@ -37,15 +37,15 @@ from typing import Any
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from gpu_node import pipeline, store  # noqa: E402
+from gpu_node import pipeline, weights  # noqa: E402
 from gpu_node.calls import CallItem, Engine, PipelineCall  # noqa: E402
-from sdapi.contract.jobs import (  # noqa: E402
+from sdapi.contract.names import input_key, result_job_id  # noqa: E402
+from sdapi.contract.payloads import (  # noqa: E402
     BatchJob,
     GenerationJob,
     GenerationParams,
     Mode,
 )
-from sdapi.contract.names import input_key, result_job_id  # noqa: E402
 from sdapi.contract.status import Tier  # noqa: E402
 
 SD15_UNET: dict[str, Any] = {
@@ -278,7 +278,7 @@ async def measure(
 
     from gpu_node.node import GpuNode
     from gpu_node.settings import GpuNodeSettings
-    from sdapi.infra.embedded import EmbeddedValkey
+    from sdapi.devtools.embedded import EmbeddedValkey
     from sdapi.infra.queue import create_queue_pool, enqueue_batch, enqueue_generation
 
     model = engine.profile.model
@@ -397,17 +397,17 @@ def main() -> int:
     with tempfile.TemporaryDirectory() as tmp:
         models = args.model_dir or Path(tmp)
         if args.gpu:
-            location = store.ModelLocation(
+            location = weights.ModelLocation(
                 "sd15-random", models / "sd15-random", "local"
             )
             started = time.perf_counter()
-            store.install_folder(location.path, build_sd15_random)
+            weights.install_folder(location.path, build_sd15_random)
             print(
                 f"built random SD-1.5 weights in {time.perf_counter() - started:.1f} s"
             )
             torch.cuda.empty_cache()
         else:
-            location = store.locate_model("tiny", models)
+            location = weights.locate_model("tiny", models)
             pipeline.prepare_model(location)
         started = time.perf_counter()
         engine = pipeline.load_engine(location, device="cuda" if args.gpu else "cpu")

@@ -44,9 +44,9 @@ sys.path.insert(0, str(REPO))
 import aiohttp  # noqa: E402
 
 from bench.pipeline import Quiet, machine  # noqa: E402
-from gpu_node import pipeline, store  # noqa: E402
+from gpu_node import pipeline, weights  # noqa: E402
 from gpu_node.calls import CallItem, Engine, PipelineCall  # noqa: E402
-from sdapi.infra.mailsink import free_port  # noqa: E402
+from sdapi.devtools.net import free_port  # noqa: E402
 
 PASSWORD = "bench-password-123"  # noqa: S105 (a throwaway local account)
 WARMUP = 3
@@ -254,7 +254,7 @@ def main() -> int:
         dev, base_url = start_dev(root, models, args.node_poll)
         try:
             token = asyncio.run(premium_token(base_url, root))
-            location = store.locate_model("tiny", models)
+            location = weights.locate_model("tiny", models)
             engine = pipeline.load_engine(location, device="cpu")
             samples = asyncio.run(
                 measure(base_url, token, engine, args.requests, args.size, args.steps)

@@ -30,9 +30,9 @@ sys.path.insert(0, str(REPO))
 import aiohttp  # noqa: E402
 
 from bench.pipeline import machine  # noqa: E402
-from sdapi.infra.embedded import EmbeddedValkey, embedded_postgres  # noqa: E402
-from sdapi.infra.mailsink import free_port, mail_sink, read_messages  # noqa: E402
-from web.db import apply_migrations, open_database  # noqa: E402
+from sdapi.db.connection import apply_migrations, open_database  # noqa: E402
+from sdapi.devtools.embedded import EmbeddedValkey, embedded_postgres  # noqa: E402
+from sdapi.devtools.mailsink import free_port, mail_sink, read_messages  # noqa: E402
 
 SMALL = {"prompt": "a soak test", "width": 64, "height": 64, "steps": 4}
 
@@ -188,7 +188,7 @@ async def main(seconds: float) -> None:
                         sampler(),
                     )
                     # Everything submitted finishes.
-                    from web.models import Generation
+                    from sdapi.db.models import Generation
 
                     async with open_database(database_url, pool_size=1):
                         wait_until = time.monotonic() + 180

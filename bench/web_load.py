@@ -36,10 +36,10 @@ import redis.asyncio  # noqa: E402
 
 from bench.pipeline import machine  # noqa: E402
 from sdapi.contract.events import ProgressEvent  # noqa: E402
-from sdapi.infra.embedded import EmbeddedValkey, embedded_postgres  # noqa: E402
-from sdapi.infra.mailsink import free_port  # noqa: E402
+from sdapi.db.connection import apply_migrations, open_database  # noqa: E402
+from sdapi.devtools.embedded import EmbeddedValkey, embedded_postgres  # noqa: E402
+from sdapi.devtools.net import free_port  # noqa: E402
 from sdapi.infra.streams import append_event  # noqa: E402
-from web.db import apply_migrations, open_database  # noqa: E402
 
 CONCURRENCY = 32
 USERS = 40
@@ -124,8 +124,8 @@ async def fanout(
     base_url: str, redis_url: str, database_url: str, sockets: int, events: int
 ) -> dict[str, Any]:
     """Time each progress event from its append to every subscriber."""
+    from sdapi.db.models import Generation
     from tests.node_double import auth, make_user
-    from web.models import Generation
 
     async with open_database(database_url, pool_size=2):
         user, secret = await make_user(premium=True)

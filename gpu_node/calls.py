@@ -11,8 +11,8 @@ from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Protocol
 
-from sdapi.contract.jobs import Mode
 from sdapi.contract.nodes import ModelLimits
+from sdapi.contract.payloads import Mode
 
 if TYPE_CHECKING:
     from PIL.Image import Image

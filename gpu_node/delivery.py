@@ -17,7 +17,6 @@ from gpu_node.images import ImageManifest, encode_png, sha256_hex
 from gpu_node.items import PreparedItem
 from gpu_node.resources import NodeResources
 from sdapi.contract.events import ImageEvent
-from sdapi.contract.jobs import ErrorInfo, GenerationResult, ImageInfo
 from sdapi.contract.names import (
     IMAGE_TTL_S,
     RESULTS_QUEUE,
@@ -25,6 +24,7 @@ from sdapi.contract.names import (
     image_key,
     result_job_id,
 )
+from sdapi.contract.payloads import ErrorInfo, GenerationResult, ImageInfo
 from sdapi.contract.status import Status, Tier
 from sdapi.infra.queue import QueuePool, enqueue
 

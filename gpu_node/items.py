@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import TYPE_CHECKING
 
-from sdapi.contract.jobs import ErrorInfo, GenerationJob
+from sdapi.contract.payloads import ErrorInfo, GenerationJob
 from sdapi.contract.status import Status
 
 if TYPE_CHECKING:

@@ -23,7 +23,6 @@ from gpu_node.progress import CancelWatch, EventPublisher
 from gpu_node.resources import NodeResources
 from gpu_node.settings import GpuNodeSettings
 from gpu_node.tasks import NodeTasks
-from sdapi.contract.jobs import JOB_TIMEOUT_MAX_S
 from sdapi.contract.names import (
     BATCH_FUNCTION,
     CANCEL_CHANNEL,
@@ -33,6 +32,7 @@ from sdapi.contract.names import (
     wake_channel,
 )
 from sdapi.contract.nodes import NodeInfo
+from sdapi.contract.payloads import JOB_TIMEOUT_MAX_S
 from sdapi.infra.pubsub import Listener, setter
 from sdapi.infra.queue import (
     QueuePool,
@@ -65,14 +65,14 @@ def _build_tiny_model(folder: Path) -> None:
 
 def load_model_engine(settings: GpuNodeSettings) -> Engine:
     """Prepare and load SDAPI_MODEL (blocking: downloads, builds, loads)."""
-    from gpu_node import store
+    from gpu_node import weights
 
-    location = store.locate_model(
+    location = weights.locate_model(
         settings.model, settings.models_path, settings.model_name
     )
     # Fails fast, before torch loads, when the model cannot be had or is
     # pickled (torch is imported only to build the tiny model).
-    store.prepare_model(location, _build_tiny_model)
+    weights.prepare_model(location, _build_tiny_model)
     # diffusers' pipelines import CLIPImageProcessor; without torchvision (a
     # node needs none) transformers warns at every start that it uses the PIL
     # version instead, which is the one we want. Its other warnings stay.

@@ -41,7 +41,7 @@ from diffusers.models.attention_processor import AttnProcessor2_0
 from PIL import Image
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
-from gpu_node import store
+from gpu_node import weights
 from gpu_node.calls import (
     ModelError,
     ModelProfile,
@@ -49,8 +49,8 @@ from gpu_node.calls import (
     PipelineCall,
     StepObserver,
 )
-from sdapi.contract.jobs import Mode
 from sdapi.contract.nodes import ModelLimits
+from sdapi.contract.payloads import Mode
 
 log = logging.getLogger(__name__)
 
@@ -253,9 +253,9 @@ def build_tiny_model(folder: Path) -> None:
     scratch.rmdir()
 
 
-def prepare_model(location: store.ModelLocation) -> None:
-    """`store.prepare_model` with this module's tiny-model builder."""
-    store.prepare_model(location, build_tiny_model)
+def prepare_model(location: weights.ModelLocation) -> None:
+    """`weights.prepare_model` with this module's tiny-model builder."""
+    weights.prepare_model(location, build_tiny_model)
 
 
 # --- loading -------------------------------------------------------------------
@@ -373,9 +373,9 @@ class DiffusersEngine:
         factors = PREVIEW_FACTORS.get(self._kind)
         if factors is None or latent.shape[0] != len(factors[0]):
             return None
-        weights = torch.tensor(factors[0], dtype=torch.float32)
+        mix = torch.tensor(factors[0], dtype=torch.float32)
         bias = torch.tensor(factors[1], dtype=torch.float32)
-        rgb = torch.einsum("chw,cr->hwr", latent.detach().float().cpu(), weights) + bias
+        rgb = torch.einsum("chw,cr->hwr", latent.detach().float().cpu(), mix) + bias
         pixels = ((rgb.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).numpy()
         buffer = io.BytesIO()
         Image.fromarray(pixels, mode="RGB").save(buffer, format="JPEG", quality=70)
@@ -528,7 +528,7 @@ class DiffusersEngine:
         return grouped
 
 
-def _defaults(kind: str, location: store.ModelLocation) -> dict[str, Any]:
+def _defaults(kind: str, location: weights.ModelLocation) -> dict[str, Any]:
     if location.source == "tiny":
         return {"steps": 20, "guidance": 7.5}
     if kind == "sdxl":
@@ -537,7 +537,7 @@ def _defaults(kind: str, location: store.ModelLocation) -> dict[str, Any]:
 
 
 def load_engine(
-    location: store.ModelLocation,
+    location: weights.ModelLocation,
     *,
     device: str = "auto",
     max_size: int | None = None,
@@ -545,7 +545,7 @@ def load_engine(
     default_scheduler: str | None = None,
     on_phase: Callable[[str], None] | None = None,
 ) -> DiffusersEngine:
-    """Load a folder readied by `store.prepare_model` (blocking: call in a thread)."""
+    """Load a folder readied by `weights.prepare_model` (blocking: call in a thread)."""
     _quiet_libraries()
     folder = location.path
     cls, kind = _pipeline_class(folder)
@@ -562,10 +562,10 @@ def load_engine(
         dtype = torch.float32
     if on_phase:
         on_phase("hashing weights")
-    model_hash = store.weights_hash(folder)
+    model_hash = weights.weights_hash(folder)
     if on_phase:
         on_phase("loading pipeline")
-    # No safety checker (see store.SKIPPED_COMPONENTS): it is not downloaded,
+    # No safety checker (see weights.SKIPPED_COMPONENTS): it is not downloaded,
     # and one in a local folder is not loaded.
     extra: dict[str, Any] = (
         {"safety_checker": None, "requires_safety_checker": False}

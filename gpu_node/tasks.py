@@ -27,13 +27,6 @@ from gpu_node.items import PreparedItem
 from gpu_node.resources import NodeResources
 from gpu_node.runner import Deadline, LeaseLost, run_calls
 from sdapi.contract.events import StartedEvent
-from sdapi.contract.jobs import (
-    BatchJob,
-    GenerationJob,
-    GenerationParams,
-    StartedNotice,
-    job_timeout_s,
-)
 from sdapi.contract.names import (
     BATCH_FUNCTION,
     GENERATE_FUNCTION,
@@ -42,6 +35,13 @@ from sdapi.contract.names import (
     input_key,
     result_job_id,
     started_job_id,
+)
+from sdapi.contract.payloads import (
+    BatchJob,
+    GenerationJob,
+    GenerationParams,
+    StartedNotice,
+    job_timeout_s,
 )
 from sdapi.contract.status import Status, Tier
 from sdapi.infra.queue import (

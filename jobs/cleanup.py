@@ -13,8 +13,13 @@ from dataclasses import dataclass
 from tortoise.transactions import in_transaction
 
 from jobs.resources import JobsResources
-from web.idempotency import KEY_TTL
-from web.models import IdempotencyKey, InputImage, User, utcnow
+from sdapi.db.models import (
+    IDEMPOTENCY_KEY_TTL,
+    IdempotencyKey,
+    InputImage,
+    User,
+    utcnow,
+)
 
 log = logging.getLogger(__name__)
 
@@ -44,7 +49,9 @@ async def delete_unused_inputs(user_id: object) -> int:
 
 async def clean_up(resources: JobsResources) -> CleanupReport:
     """One clean-up round."""
-    keys = await IdempotencyKey.filter(created_at__lt=utcnow() - KEY_TTL).delete()
+    keys = await IdempotencyKey.filter(
+        created_at__lt=utcnow() - IDEMPOTENCY_KEY_TTL
+    ).delete()
     owners = (
         await InputImage.filter(uses__id__isnull=True)
         .distinct()

@@ -20,19 +20,19 @@ from tortoise.transactions import in_transaction
 from jobs.resources import JobsResources
 from jobs.results import TRANSIENT_ERRORS, announce_done, fail_generations
 from sdapi.contract.events import QueuedEvent
-from sdapi.contract.jobs import (
+from sdapi.contract.names import batch_job_id, batch_queue
+from sdapi.contract.payloads import (
     BatchJob,
     ErrorInfo,
     GenerationJob,
     GenerationParams,
 )
-from sdapi.contract.names import batch_job_id, batch_queue
 from sdapi.contract.status import Status, Tier
+from sdapi.db.input_images import put_inputs
+from sdapi.db.models import Generation, utcnow
 from sdapi.infra.queue import enqueue_batch, queue_depth, queue_position
+from sdapi.infra.registry import ModelOffer
 from sdapi.infra.streams import append_event
-from web.input_store import put_inputs
-from web.models import Generation, utcnow
-from web.registry import ModelOffer
 
 log = logging.getLogger(__name__)
 

@@ -19,7 +19,7 @@ from jobs.resources import JobsResources, SmtpBackoff
 from jobs.results import TRANSIENT_ERRORS
 from jobs.settings import JobsSettings
 from jobs.smtp import SendFailed, SmtpConnection, Trouble, compose
-from web.models import Generation, OutboxEmail, OutboxStatus
+from sdapi.db.models import Generation, OutboxEmail, OutboxStatus
 
 log = logging.getLogger(__name__)
 

@@ -29,10 +29,9 @@ from jobs.results import (
     announce_done,
     fail_generations,
     parse_result,
-    store,
+    save_result,
 )
 from sdapi.contract.events import QueuedEvent
-from sdapi.contract.jobs import BatchJob, ErrorInfo, GenerationJob
 from sdapi.contract.names import (
     RESULTS_QUEUE,
     batch_job_id,
@@ -41,7 +40,10 @@ from sdapi.contract.names import (
     premium_queue,
     result_job_id,
 )
+from sdapi.contract.payloads import BatchJob, ErrorInfo, GenerationJob
 from sdapi.contract.status import TERMINAL_STATUSES, Status, Tier
+from sdapi.db.input_images import put_inputs
+from sdapi.db.models import Generation, utcnow
 from sdapi.infra.queue import (
     drop_waiting_job,
     enqueue_generation,
@@ -51,8 +53,6 @@ from sdapi.infra.queue import (
     queue_position,
 )
 from sdapi.infra.streams import append_event
-from web.input_store import put_inputs
-from web.models import Generation, utcnow
 
 log = logging.getLogger(__name__)
 
@@ -170,7 +170,7 @@ async def _recover(resources: JobsResources, row: Generation) -> Recovery:
         return Recovery.LOST
     # The result key keeps the payload the node sent; storing is idempotent.
     try:
-        outcome = await store(resources, parse_result(args[0]))
+        outcome = await save_result(resources, parse_result(args[0]))
     except TRANSIENT_ERRORS:
         return Recovery.PENDING  # the database is down: try again next round
     except ResultRejected:

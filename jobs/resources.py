@@ -10,9 +10,9 @@ from typing import Any
 import jinja2
 
 from jobs.settings import JobsSettings
+from sdapi.db.outbox import mail_templates
 from sdapi.infra.queue import QueuePool
-from web.mail_outbox import mail_templates
-from web.registry import NodeRegistry
+from sdapi.infra.registry import NodeRegistry
 
 RESOURCES = "sdapi"  # the key of `JobsResources` on arq's ctx
 

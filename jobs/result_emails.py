@@ -7,11 +7,11 @@ from dataclasses import dataclass
 import jinja2
 
 from jobs.resources import JobsResources
-from sdapi.contract.jobs import ErrorInfo, GenerationResult
+from sdapi.contract.payloads import ErrorInfo, GenerationResult
 from sdapi.contract.status import Status
-from web.links import LINK_TTL_S, signed_image_url
-from web.mail_outbox import queue_email
-from web.models import Delivery, Generation
+from sdapi.db.models import Delivery, Generation
+from sdapi.db.outbox import queue_email, render_email
+from sdapi.infra.links import LINK_TTL_S, signed_image_url
 
 # What a download link's lifetime reads as in an email.
 LINK_VALIDITY = (
@@ -54,8 +54,7 @@ def generation_email(
         context = {"prompt": prompt, "reason": outcome.message, "id": generation.id}
         return Message(
             f"Your image failed: {_short(prompt)}",
-            templates.get_template("email/generation_failed.txt").render(context),
-            templates.get_template("email/generation_failed.html").render(context),
+            *render_email(templates, "generation_failed", context),
         )
     links = [
         {
@@ -79,8 +78,7 @@ def generation_email(
     }
     return Message(
         f"Your image is ready: {_short(prompt)}",
-        templates.get_template("email/generation_ready.txt").render(context),
-        templates.get_template("email/generation_ready.html").render(context),
+        *render_email(templates, "generation_ready", context),
     )
 
 

@@ -27,12 +27,12 @@ from tortoise.transactions import in_transaction
 
 from jobs.resources import JobsResources, resources_of
 from jobs.result_emails import queue_generation_email
-from sdapi.contract.jobs import ErrorInfo, GenerationResult, StartedNotice
 from sdapi.contract.names import image_key, progress_key
+from sdapi.contract.payloads import ErrorInfo, GenerationResult, StartedNotice
 from sdapi.contract.status import TERMINAL_STATUSES, Status
+from sdapi.db.models import GeneratedImage, Generation, utcnow
 from sdapi.infra.queue import retry_after
 from sdapi.infra.streams import append_done
-from web.models import GeneratedImage, Generation, utcnow
 
 log = logging.getLogger(__name__)
 
@@ -134,13 +134,13 @@ async def store_result(ctx: dict[str, Any], payload: dict[str, Any]) -> str:
     """The `store_result` task: `store`, retried while a dependency is down."""
     result = parse_result(payload)
     try:
-        return await store(resources_of(ctx), result)
+        return await save_result(resources_of(ctx), result)
     except TRANSIENT_ERRORS:
         log.warning("storing %s failed; retrying", result.generation_id, exc_info=True)
         raise retry_after(ctx) from None
 
 
-async def store(resources: JobsResources, result: GenerationResult) -> str:
+async def save_result(resources: JobsResources, result: GenerationResult) -> str:
     """Store a finished generation once, email it if asked, then announce `done`.
 
     Raises one of TRANSIENT_ERRORS while the database or Redis is down.

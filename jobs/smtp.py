@@ -20,7 +20,7 @@ from uuid import UUID
 import aiosmtplib
 
 from jobs.settings import SmtpConfig
-from web.models import GeneratedImage, OutboxEmail
+from sdapi.db.models import GeneratedImage, OutboxEmail
 
 
 @dataclass(frozen=True)

@@ -20,10 +20,10 @@ from sdapi.contract.names import (
     RESULTS_QUEUE,
     STORE_RESULT_FUNCTION,
 )
+from sdapi.db.connection import open_database
 from sdapi.infra.consul import open_consul
 from sdapi.infra.queue import QueuePool, QueueWorker, Task, new_worker, redis_settings
-from web.db import open_database
-from web.registry import CONSUL_WAIT_S, NodeRegistry
+from sdapi.infra.registry import CONSUL_WAIT_S, NodeRegistry
 
 log = logging.getLogger(__name__)
 

@@ -10,7 +10,7 @@ import argparse
 import sys
 from collections.abc import Callable, Sequence
 
-from sdapi.infra.parent import tie_to_parent
+from sdapi.devtools.parent import tie_to_parent
 from sdapi.infra.settings import SettingsError
 
 
@@ -39,19 +39,19 @@ def _gpu_node(args: argparse.Namespace) -> int:
 
 
 def _migrate(args: argparse.Namespace) -> int:
-    from web.operator import migrate
+    from sdapi.operator import migrate
 
     return migrate()
 
 
 def _premium_code_create(args: argparse.Namespace) -> int:
-    from web.operator import create_premium_codes
+    from sdapi.operator import create_premium_codes
 
     return create_premium_codes(days=args.days, count=args.count)
 
 
 def _user_set_premium(args: argparse.Namespace) -> int:
-    from web.operator import set_premium
+    from sdapi.operator import set_premium
 
     return set_premium(email=args.email, days=args.days)
 

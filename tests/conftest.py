@@ -20,7 +20,7 @@ import pytest
 import redis
 import redis.asyncio
 
-from sdapi.infra.embedded import EmbeddedValkey, embedded_postgres
+from sdapi.devtools.embedded import EmbeddedValkey, embedded_postgres
 from tests.consul_double import ConsulDouble
 
 
@@ -96,7 +96,7 @@ async def _admin(url: str, sql: str) -> None:
 @pytest.fixture(scope="session")
 def database_url(postgres_server_url: str) -> Iterator[str]:
     """A fresh database with every migration applied, for the whole run."""
-    from web.db import apply_migrations
+    from sdapi.db.connection import apply_migrations
 
     name = f"sdapi_test_{uuid.uuid4().hex[:8]}"
     asyncio.run(_admin(postgres_server_url, f'CREATE DATABASE "{name}"'))
@@ -114,7 +114,7 @@ def database_url(postgres_server_url: str) -> Iterator[str]:
 @pytest.fixture
 def clean_db(database_url: str) -> str:
     """The test database with every table emptied."""
-    from web.db import truncate_all
+    from sdapi.db.connection import truncate_all
 
     asyncio.run(truncate_all(database_url))
     return database_url

@@ -28,21 +28,21 @@ from jobs.resources import RESOURCES, JobsResources
 from jobs.results import mark_started, store_result
 from jobs.settings import JobsSettings
 from sdapi.contract.events import DoneEvent, ImageEvent, ProgressEvent, StartedEvent
-from sdapi.contract.jobs import (
+from sdapi.contract.names import IMAGE_TTL_S, image_key, premium_queue, progress_key
+from sdapi.contract.nodes import NodeInfo
+from sdapi.contract.payloads import (
     ErrorInfo,
     GenerationJob,
     GenerationResult,
     ImageInfo,
     StartedNotice,
 )
-from sdapi.contract.names import IMAGE_TTL_S, image_key, premium_queue, progress_key
-from sdapi.contract.nodes import NodeInfo
 from sdapi.contract.status import Status
+from sdapi.db.models import TokenKind, User, utcnow
 from sdapi.infra.announcements import announce_node
 from sdapi.infra.queue import create_queue_pool, deserialize
+from sdapi.infra.registry import NodeRegistry
 from sdapi.infra.streams import append_done, append_event
-from web.models import TokenKind, User, utcnow
-from web.registry import NodeRegistry
 from web.tokens import issue_token
 
 

@@ -9,8 +9,8 @@ import redis.asyncio
 from redis.exceptions import ResponseError
 
 from sdapi.contract.events import DoneEvent, StartedEvent
-from sdapi.contract.jobs import ErrorInfo
 from sdapi.contract.names import EVENT_TTL_S, done_key, events_key
+from sdapi.contract.payloads import ErrorInfo
 from sdapi.contract.status import Status
 from sdapi.infra.streams import append_done, append_event, read_events
 

@@ -15,10 +15,10 @@ from typing import TypeVar
 
 import pytest
 
+from sdapi.db.connection import open_database
+from sdapi.db.models import PremiumCode, User, utcnow
+from sdapi.db.premium import canonical_code, code_hash
 from tests.conftest import _admin, _with_database
-from web.db import open_database
-from web.models import PremiumCode, User, utcnow
-from web.premium import canonical_code, code_hash
 
 pytestmark = pytest.mark.slow
 

@@ -17,7 +17,7 @@ from pathlib import Path
 import aiohttp
 import pytest
 
-from sdapi.infra.net import free_port
+from sdapi.devtools.net import free_port
 
 ROOT = Path(__file__).resolve().parent.parent
 PACKAGES = ("sdapi", "web", "jobs", "gpu_node")
@@ -78,7 +78,7 @@ def test_the_wheel_holds_every_file_of_the_packages(wheel: Path) -> None:
     assert missing == set(), f"left out of the wheel: {sorted(missing)}"
     # Nothing else either: no tests, no leftovers of an older build.
     assert names - source_files() == set()
-    assert "web/templates/email/generation_ready.txt" in names
+    assert "sdapi/db/templates/email/generation_ready.txt" in names
     assert "gpu_node/data/bpe_simple_vocab_16e6.txt.gz" in names
     assert "gpu_node/data/CLIP-LICENSE.txt" in names
 
@@ -92,7 +92,7 @@ def make_venv(folder: Path, wheel: Path) -> Path:
     python = folder / "bin" / "python"
     pip = [str(python), "-m", "pip", "--disable-pip-version-check", "--quiet"]
     subprocess.run([*pip, "install", TORCH_SPEC], check=True)
-    subprocess.run([*pip, "install", f"{wheel}[gpu]"], check=True)
+    subprocess.run([*pip, "install", f"{wheel}[gpu,local]"], check=True)
     # The tokenizer once came from open_clip, which only scripts/setup
     # installed: the clean install must do without it.
     has_open_clip = "import importlib.util as u; print(u.find_spec('open_clip'))"

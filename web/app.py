@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import importlib.metadata
 import importlib.resources
 import logging
 from collections.abc import AsyncIterator
@@ -16,14 +17,17 @@ from aiohttp_session import session_middleware
 from prometheus_client import CollectorRegistry
 from redis.asyncio import BlockingConnectionPool, Redis
 
-from sdapi import __version__
 from sdapi.contract.names import WEB_SERVICE
+from sdapi.db.connection import open_database
+from sdapi.db.outbox import mail_templates
 from sdapi.infra.consul import open_consul
 from sdapi.infra.queue import create_queue_pool
+from sdapi.infra.registry import CONSUL_WAIT_S, NodeRegistry
 from web.appkeys import (
     Probes,
     database_key,
     live_redis_key,
+    mail_templates_key,
     metrics_key,
     openapi_key,
     passwords_key,
@@ -32,14 +36,12 @@ from web.appkeys import (
     registry_key,
     settings_key,
 )
-from web.db import open_database
 from web.errors import error_middleware
 from web.headers import add_security_headers
 from web.live_socket import install_live, revocations_ctx
 from web.metrics import install_metrics, metrics_middleware
 from web.openapi import ApiRoutes, build_openapi
 from web.passwords import Passwords
-from web.registry import CONSUL_WAIT_S, NodeRegistry
 from web.routes import route_tables
 from web.sessions import AppRedisStorage
 from web.settings import WebSettings
@@ -93,6 +95,7 @@ def create_app(settings: WebSettings) -> web.Application:
         loader=jinja2.PackageLoader("web", "templates"),
         autoescape=jinja2.select_autoescape(["html", "j2"]),
     )
+    app[mail_templates_key] = mail_templates()
     app.cleanup_ctx.extend([database_ctx, redis_ctx, registry_ctx, revocations_ctx])
     tables: list[ApiRoutes] = route_tables()
     for table in tables:
@@ -100,7 +103,7 @@ def create_app(settings: WebSettings) -> web.Application:
     app[openapi_key] = build_openapi(
         tables,
         title="sdapi",
-        version=__version__,
+        version=importlib.metadata.version("sdapi"),
         description=API_DESCRIPTION,
         server_url=settings.base_url,
     )

@@ -6,14 +6,15 @@ import asyncio
 from dataclasses import dataclass, field
 from typing import Any
 
+import jinja2
 from aiohttp import web
 from prometheus_client import CollectorRegistry
 from redis.asyncio import Redis
 from tortoise.context import TortoiseContext
 
 from sdapi.infra.queue import QueuePool
+from sdapi.infra.registry import NodeRegistry
 from web.passwords import Passwords
-from web.registry import NodeRegistry
 from web.settings import WebSettings
 
 settings_key = web.AppKey("settings", WebSettings)
@@ -40,3 +41,5 @@ registry_key = web.AppKey("registry", NodeRegistry)
 metrics_key = web.AppKey("metrics", CollectorRegistry)
 # The OpenAPI document, generated once from the route tables.
 openapi_key = web.AppKey("openapi", dict[str, Any])
+# Every email web writes to the outbox (verification, password reset).
+mail_templates_key = web.AppKey("mail_templates", jinja2.Environment)

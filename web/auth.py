@@ -10,9 +10,9 @@ from aiohttp import web
 from aiohttp_session import get_session
 
 from sdapi.contract.status import Tier
+from sdapi.db.models import ApiToken, TokenKind, User, utcnow
 from web.appkeys import settings_key
 from web.errors import Forbidden, Unauthorized
-from web.models import ApiToken, TokenKind, User, utcnow
 from web.tokens import find_token, find_token_by_id, note_use
 
 CSRF_HEADER = "X-CSRF-Token"

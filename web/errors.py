@@ -21,7 +21,7 @@ from pydantic import ValidationError
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from web.registry import NodesUnknown
+from sdapi.infra.registry import NodesUnknown
 
 log = logging.getLogger(__name__)
 

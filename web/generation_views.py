@@ -24,13 +24,13 @@ from sdapi.contract.names import (
     progress_key,
 )
 from sdapi.contract.status import Status, Tier
+from sdapi.db.models import Delivery, GeneratedImage, Generation, User
+from sdapi.infra.links import image_path
 from sdapi.infra.queue import (
     queue_position,
 )
 from web.appkeys import redis_key, registry_key, settings_key
 from web.errors import field_error
-from web.links import image_path
-from web.models import Delivery, GeneratedImage, Generation, User
 from web.schemas import generations as schemas
 
 log = logging.getLogger(__name__)
@@ -140,12 +140,12 @@ async def present(
     app: web.Application,
     generation: Generation,
     images: list[StoredImage] | None = None,
-) -> schemas.Generation:
+) -> schemas.GenerationView:
     """The public view of a generation, with live queue position and progress."""
     if images is None:
         images = (await stored_images([generation.id])).get(generation.id, [])
     position, progress = await _live_state(app, generation)
-    return schemas.Generation(
+    return schemas.GenerationView(
         id=str(generation.id),
         status=Status(generation.status),
         tier=Tier(generation.tier),

@@ -18,18 +18,21 @@ from redis.exceptions import RedisError
 from tortoise.transactions import in_transaction
 
 from sdapi.contract.events import DoneEvent, QueuedEvent
-from sdapi.contract.jobs import GenerationJob, GenerationParams, default_strength
 from sdapi.contract.names import (
     generation_job_id,
     premium_queue,
 )
+from sdapi.contract.payloads import GenerationJob, GenerationParams, default_strength
 from sdapi.contract.status import TERMINAL_STATUSES, Status, Tier
+from sdapi.db.input_images import put_inputs, store_inputs
+from sdapi.db.models import Delivery, Generation, InputRole, User, utcnow
 from sdapi.infra.queue import (
     drop_waiting_job,
     enqueue_generation,
     queue_depth,
     request_cancel,
 )
+from sdapi.infra.registry import ModelOffer
 from sdapi.infra.streams import append_done, append_event
 from web.appkeys import redis_key, registry_key, settings_key
 from web.auth import Principal
@@ -43,11 +46,8 @@ from web.errors import (
     field_error,
 )
 from web.idempotency import IdempotencyClaim, find_replay, record
-from web.input_store import put_inputs, store_inputs
 from web.inputs import ResultRef, Source, check_mask_size, resolve_input
-from web.models import Delivery, Generation, InputRole, User, utcnow
 from web.quota import usage
-from web.registry import ModelOffer
 from web.schemas import generations as schemas
 from web.uploads import CleanImage, Use, fit_size
 

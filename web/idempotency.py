@@ -11,15 +11,18 @@ import hashlib
 import json
 import uuid
 from dataclasses import dataclass
-from datetime import datetime, timedelta
+from datetime import datetime
 from typing import Any
 
+from sdapi.db.models import (
+    IDEMPOTENCY_KEY_TTL,
+    Generation,
+    IdempotencyKey,
+    User,
+)
 from web.errors import Conflict, ValidationFailed
-from web.models import Generation, IdempotencyKey, User
 
 HEADER = "Idempotency-Key"
-# How long a key answers with its first generation (API.md: 24 h).
-KEY_TTL = timedelta(hours=24)
 KEY_MAX_CHARS = 255
 
 
@@ -71,7 +74,9 @@ async def find_replay(
 ) -> Generation | None:
     """The generation this key made within 24 h (409 if for another body)."""
     rows = await IdempotencyKey.filter(
-        user_id=user_id, key_hash=claim.key_hash, created_at__gte=now - KEY_TTL
+        user_id=user_id,
+        key_hash=claim.key_hash,
+        created_at__gte=now - IDEMPOTENCY_KEY_TTL,
     ).values_list("body_hash", "generation_id")
     if not rows:
         return None
@@ -90,7 +95,9 @@ async def record(
     """Remember the key for `generation` (inside the submit's transaction)."""
     # An expired use of the same key makes room: the key is free again.
     await IdempotencyKey.filter(
-        user_id=user.id, key_hash=claim.key_hash, created_at__lt=now - KEY_TTL
+        user_id=user.id,
+        key_hash=claim.key_hash,
+        created_at__lt=now - IDEMPOTENCY_KEY_TTL,
     ).delete()
     await IdempotencyKey.create(
         id=uuid.uuid4(),

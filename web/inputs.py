@@ -8,8 +8,8 @@ import binascii
 import uuid
 from dataclasses import dataclass
 
+from sdapi.db.models import GeneratedImage, User
 from web.errors import ValidationFailed
-from web.models import GeneratedImage, User
 from web.settings import TierLimits
 from web.uploads import CleanImage, Use, clean_image
 

@@ -27,6 +27,7 @@ from sdapi.contract.events import (
     StartedEvent,
 )
 from sdapi.contract.status import Status
+from sdapi.db.models import Generation
 from sdapi.infra.streams import read_events
 from web.appkeys import live_redis_key, redis_key
 from web.generation_views import (
@@ -34,7 +35,6 @@ from web.generation_views import (
     image_url,
     stored_images,
 )
-from web.models import Generation
 from web.schemas.generations import ErrorRef
 from web.schemas.live import (
     DoneFrame,

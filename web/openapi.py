@@ -199,6 +199,44 @@ _ERROR_DESCRIPTIONS = {
 }
 
 
+_REF_PREFIX = "#/components/schemas/"
+
+
+def _titled_names(defs: dict[str, Any]) -> dict[str, str]:
+    """Schema names to replace by their model's explicit title.
+
+    A pydantic schema class is named for what it is in the code (`UserView`,
+    beside the ORM model `User`), but clients know it by its public name, the
+    `title` it declares: generated clients keep the names they always had.
+    """
+    renames: dict[str, str] = {}
+    for key, schema in defs.items():
+        base, dash, side = key.partition("-")
+        title = schema.get("title")
+        if isinstance(title, str) and title != base:
+            renames[key] = f"{title}{dash}{side}"
+    clashes = set(renames.values()) & (set(defs) - set(renames))
+    if clashes:
+        raise ValueError(f"schema titles clash with schema names: {sorted(clashes)}")
+    return renames
+
+
+def _renamed(value: Any, renames: dict[str, str]) -> Any:
+    """`value` with its `$ref`s to schemas renamed per `renames`."""
+    if not renames:
+        return value
+    if isinstance(value, str):
+        name = value.removeprefix(_REF_PREFIX)
+        if value.startswith(_REF_PREFIX) and name in renames:
+            return _REF_PREFIX + renames[name]
+        return value
+    if isinstance(value, list):
+        return [_renamed(item, renames) for item in value]
+    if isinstance(value, dict):
+        return {key: _renamed(item, renames) for key, item in value.items()}
+    return value
+
+
 def build_openapi(
     routes: Iterable[ApiRoutes],
     *,
@@ -232,7 +270,12 @@ def build_openapi(
     keys, definitions = models_json_schema(
         wanted, ref_template="#/components/schemas/{model}"
     )
-    refs = {key: value["$ref"] for key, value in keys.items()}
+    renames = _titled_names(definitions.get("$defs", {}))
+    schemas = {
+        renames.get(name, name): _renamed(schema, renames)
+        for name, schema in definitions.get("$defs", {}).items()
+    }
+    refs = {key: _renamed(value["$ref"], renames) for key, value in keys.items()}
 
     paths: dict[str, dict[str, Any]] = {}
     for endpoint in endpoints:
@@ -290,7 +333,7 @@ def build_openapi(
         "servers": [{"url": server_url}],
         "paths": paths,
         "components": {
-            "schemas": definitions.get("$defs", {}),
+            "schemas": schemas,
             "securitySchemes": {
                 "bearer": {"type": "http", "scheme": "bearer"},
                 "session": {"type": "apiKey", "in": "cookie", "name": "sdapi_session"},

@@ -13,7 +13,7 @@ from tortoise.expressions import Q
 from tortoise.functions import Count, Sum
 
 from sdapi.contract.status import Status, Tier
-from web.models import Generation, User
+from sdapi.db.models import Generation, User
 
 # Failed and cancelled requests give their images back to the day's quota.
 NOT_COUNTED_TODAY = (Status.FAILED, Status.CANCELLED)

@@ -9,7 +9,7 @@ from urllib.parse import urlsplit
 from pydantic import BaseModel, Field, SecretStr, field_validator
 from pydantic_settings import NoDecode
 
-from sdapi.contract.jobs import IMAGES_MAX, SIZE_MAX, STEPS_MAX
+from sdapi.contract.payloads import IMAGES_MAX, SIZE_MAX, STEPS_MAX
 from sdapi.contract.status import Tier
 from sdapi.infra.settings import CommonSettings, http_url
 

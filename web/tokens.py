@@ -13,7 +13,7 @@ from redis.exceptions import RedisError
 from tortoise.queryset import QuerySet
 
 from sdapi.contract.names import REVOKED_TOKENS_CHANNEL
-from web.models import ApiToken, TokenKind, User, utcnow
+from sdapi.db.models import ApiToken, TokenKind, User, utcnow
 
 TOKEN_PREFIX = "sdapi_"  # noqa: S105 (a public marker, not a secret)
 

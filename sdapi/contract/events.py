@@ -6,12 +6,12 @@ from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter
 
-from sdapi.contract.jobs import ErrorInfo
+from sdapi.contract.payloads import ErrorInfo
 from sdapi.contract.status import Status
 
 
 class _Event(BaseModel):
-    # Unknown fields ignored, as in the payloads (`sdapi.contract.jobs`): a
+    # Unknown fields ignored, as in the payloads (`sdapi.contract.payloads`): a
     # relay must not choke on an event from a newer node.
     model_config = ConfigDict(extra="ignore", frozen=True)
 

@@ -1,4 +1,5 @@
-"""Plumbing every process shares: settings, embedded servers, Redis, Consul.
+"""Plumbing every process shares in production: settings, Redis, Consul, the queue.
 
-Imports no process package (`web`, `jobs`, `gpu_node`) and no CLI code.
+Imports no process package (`web`, `jobs`, `gpu_node`), no database code and no
+development tool.
 """

@@ -33,7 +33,6 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from sdapi.contract.jobs import BatchJob, GenerationJob
 from sdapi.contract.names import (
     BATCH_FUNCTION,
     CANCEL_CHANNEL,
@@ -46,6 +45,7 @@ from sdapi.contract.names import (
     premium_queue,
     wake_channel,
 )
+from sdapi.contract.payloads import BatchJob, GenerationJob
 
 __all__ = ["QueuePool", "QueueWorker", "Retry"]
 

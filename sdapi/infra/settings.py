@@ -13,7 +13,7 @@ from pydantic import Field, SecretStr, ValidationError, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from sdapi.infra.consul import ServiceNotFound, resolve_service_url, service_name
-from sdapi.infra.embedded import running_services
+from sdapi.infra.local_services import running_services
 
 ENV_PREFIX = "SDAPI_"
 

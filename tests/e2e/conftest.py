@@ -27,7 +27,7 @@ import pytest
 import redis
 
 from sdapi.contract.names import NODES_INDEX
-from web.models import User
+from sdapi.db.models import User
 
 T = TypeVar("T")
 

@@ -20,7 +20,9 @@ import pytest
 from sdapi.contract.events import DoneEvent, StartedEvent
 from sdapi.contract.names import GPU_SERVICE
 from sdapi.contract.status import TERMINAL_STATUSES, Status
-from sdapi.infra.mailsink import free_port
+from sdapi.db.connection import open_database, truncate_all
+from sdapi.db.models import GeneratedImage, Generation
+from sdapi.devtools.net import free_port
 from sdapi.infra.queue import create_queue_pool
 from sdapi.infra.streams import read_events
 from tests.consul_double import ConsulDouble
@@ -34,8 +36,6 @@ from tests.e2e.conftest import (
     start_services,
     until,
 )
-from web.db import open_database, truncate_all
-from web.models import GeneratedImage, Generation
 
 pytestmark = pytest.mark.slow
 

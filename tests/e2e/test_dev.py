@@ -17,16 +17,12 @@ import aiohttp
 import pytest
 import redis
 
+from sdapi.db.connection import open_database
 from sdapi.dev import LINE_LIMIT, READ_CHUNK, Plan, mask_password, relay_lines
-from sdapi.infra.embedded import (
-    SERVICES_FILE,
-    EmbeddedValkey,
-    _create_database,
-    running_services,
-)
-from sdapi.infra.net import free_port
+from sdapi.devtools.embedded import EmbeddedValkey, _create_database
+from sdapi.devtools.net import free_port
+from sdapi.infra.local_services import SERVICES_FILE, running_services
 from tests.e2e.conftest import answers_200, make_user, sdapi_env
-from web.db import open_database
 
 pytestmark = pytest.mark.slow
 

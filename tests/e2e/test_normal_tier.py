@@ -30,8 +30,10 @@ from PIL import Image
 from sdapi.contract.events import QueuedEvent
 from sdapi.contract.names import batch_job_id, batch_queue
 from sdapi.contract.status import TERMINAL_STATUSES, Status
-from sdapi.infra.embedded import EmbeddedValkey
-from sdapi.infra.mailsink import free_port, mail_sink, read_messages
+from sdapi.db.connection import open_database, truncate_all
+from sdapi.db.models import GeneratedImage, Generation, OutboxEmail, OutboxStatus, User
+from sdapi.devtools.embedded import EmbeddedValkey
+from sdapi.devtools.mailsink import free_port, mail_sink, read_messages
 from sdapi.infra.queue import create_queue_pool
 from sdapi.infra.streams import read_events
 from tests.e2e.conftest import (
@@ -43,8 +45,6 @@ from tests.e2e.conftest import (
     start_services,
     until,
 )
-from web.db import open_database, truncate_all
-from web.models import GeneratedImage, Generation, OutboxEmail, OutboxStatus, User
 
 pytestmark = pytest.mark.slow
 

@@ -24,7 +24,9 @@ import pytest
 from aiosmtpd.controller import Controller
 from playwright.sync_api import Browser, Page, Playwright, expect, sync_playwright
 
-from sdapi.infra.mailsink import free_port
+from sdapi.db.connection import open_database, truncate_all
+from sdapi.db.models import User, utcnow
+from sdapi.devtools.net import free_port
 from tests.e2e.conftest import (
     Mailbox,
     Service,
@@ -34,8 +36,6 @@ from tests.e2e.conftest import (
     sdapi_env,
     start_services,
 )
-from web.db import open_database, truncate_all
-from web.models import User, utcnow
 
 pytestmark = pytest.mark.slow
 

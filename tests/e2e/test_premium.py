@@ -22,7 +22,8 @@ import pytest
 from aiosmtpd.controller import Controller
 from PIL import Image
 
-from sdapi.infra.mailsink import free_port
+from sdapi.db.connection import open_database, truncate_all
+from sdapi.devtools.net import free_port
 from tests.e2e.conftest import (
     Mailbox,
     Service,
@@ -34,7 +35,6 @@ from tests.e2e.conftest import (
     start_services,
     until,
 )
-from web.db import open_database, truncate_all
 
 pytestmark = pytest.mark.slow
 

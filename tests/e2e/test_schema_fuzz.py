@@ -22,7 +22,8 @@ from schemathesis.specs.openapi.checks import (
     status_code_conformance,
 )
 
-from sdapi.infra.mailsink import free_port
+from sdapi.db.connection import open_database, truncate_all
+from sdapi.devtools.net import free_port
 from tests.e2e.conftest import (
     Service,
     Services,
@@ -31,7 +32,6 @@ from tests.e2e.conftest import (
     sdapi_env,
     start_services,
 )
-from web.db import open_database, truncate_all
 
 pytestmark = pytest.mark.slow
 

@@ -18,19 +18,19 @@ from gpu_node.settings import GpuNodeSettings
 @pytest.fixture(scope="session")
 def models_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A model folder holding the tiny model, built once per test run."""
-    from gpu_node import pipeline, store
+    from gpu_node import pipeline, weights
 
     folder = tmp_path_factory.mktemp("models")
-    pipeline.prepare_model(store.locate_model("tiny", folder))
+    pipeline.prepare_model(weights.locate_model("tiny", folder))
     return folder
 
 
 @pytest.fixture(scope="session")
 def tiny_engine(models_dir: Path) -> Engine:
     """The tiny model loaded once, shared by the in-process nodes."""
-    from gpu_node import pipeline, store
+    from gpu_node import pipeline, weights
 
-    return pipeline.load_engine(store.locate_model("tiny", models_dir), device="cpu")
+    return pipeline.load_engine(weights.locate_model("tiny", models_dir), device="cpu")
 
 
 def node_settings(models_dir: Path, redis_url: str, **changes: Any) -> GpuNodeSettings:

@@ -13,13 +13,13 @@ from arq.constants import job_key_prefix
 from arq.jobs import deserialize_job
 
 from sdapi.contract.events import Event
-from sdapi.contract.jobs import (
+from sdapi.contract.names import result_job_id, started_job_id
+from sdapi.contract.payloads import (
     GenerationJob,
     GenerationParams,
     GenerationResult,
     StartedNotice,
 )
-from sdapi.contract.names import result_job_id, started_job_id
 from sdapi.contract.status import Tier
 from sdapi.infra.queue import deserialize
 from sdapi.infra.streams import read_events

@@ -13,7 +13,7 @@ import pytest
 import torch
 from PIL import Image
 
-from gpu_node import pipeline, store
+from gpu_node import pipeline, weights
 from gpu_node.calls import CallItem, OutOfMemory, PipelineCall
 
 
@@ -34,7 +34,7 @@ def _pixels(image: Image.Image) -> np.ndarray[Any, Any]:
 @pytest.fixture(scope="module")
 def engine(models_dir: Path) -> pipeline.DiffusersEngine:
     """A tiny engine of this module's own (its modules get patched)."""
-    return pipeline.load_engine(store.locate_model("tiny", models_dir), device="cpu")
+    return pipeline.load_engine(weights.locate_model("tiny", models_dir), device="cpu")
 
 
 def _call(*items: CallItem, steps: int = 2, guidance: float = 7.5) -> PipelineCall:
@@ -87,10 +87,10 @@ def test_the_vae_decodes_one_image_at_a_time_and_keeps_its_dtype(
 def test_the_safety_checker_is_never_fetched_or_required(
     tmp_path: Path, models_dir: Path
 ) -> None:
-    assert not store.hub_file_wanted("safety_checker/model.safetensors")
-    assert not store.hub_file_wanted("safety_checker/config.json")
-    assert store.hub_file_wanted("unet/diffusion_pytorch_model.safetensors")
-    assert store.hub_file_wanted("feature_extractor/preprocessor_config.json")
+    assert not weights.hub_file_wanted("safety_checker/model.safetensors")
+    assert not weights.hub_file_wanted("safety_checker/config.json")
+    assert weights.hub_file_wanted("unet/diffusion_pytorch_model.safetensors")
+    assert weights.hub_file_wanted("feature_extractor/preprocessor_config.json")
     # A local SD 1.5 folder whose safety checker is a pickle still loads.
     folder = tmp_path / "with-checker"
     shutil.copytree(models_dir / "tiny", folder)
@@ -105,7 +105,7 @@ def test_the_safety_checker_is_never_fetched_or_required(
         )
     )
     assert "StableDiffusionSafetyChecker" in (folder / "model_index.json").read_text()
-    location = store.locate_model(str(folder), tmp_path / "unused")
+    location = weights.locate_model(str(folder), tmp_path / "unused")
     pipeline.prepare_model(location)
     engine = pipeline.load_engine(location, device="cpu")
     assert engine._base.safety_checker is None
@@ -201,7 +201,7 @@ def sdxl_engine(tmp_path_factory: pytest.TempPathFactory) -> pipeline.DiffusersE
     """An SDXL-shaped pipeline with tiny random weights."""
     folder = tmp_path_factory.mktemp("sdxl") / "tiny-sdxl"
     _build_tiny_sdxl(folder)
-    location = store.locate_model(str(folder), folder.parent / "unused")
+    location = weights.locate_model(str(folder), folder.parent / "unused")
     return pipeline.load_engine(location, device="cpu")
 
 
@@ -251,7 +251,7 @@ def test_sdxl_without_a_negative_prompt_gets_the_zero_embedding_in_any_batch(
 def test_sdxl_runs_img2img_and_inpainting_from_its_loaded_modules(
     sdxl_engine: pipeline.DiffusersEngine,
 ) -> None:
-    from sdapi.contract.jobs import Mode
+    from sdapi.contract.payloads import Mode
 
     base = sdxl_engine._base
     modules = {id(module) for module in base.components.values()}

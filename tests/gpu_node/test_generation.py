@@ -16,8 +16,8 @@ from PIL import Image
 from gpu_node.calls import CallItem, Engine, PipelineCall
 from gpu_node.images import ImageManifest, encode_png, sha256_hex
 from sdapi.contract.events import ImageEvent, ProgressEvent, StartedEvent
-from sdapi.contract.jobs import BatchJob
 from sdapi.contract.names import image_key, input_key, progress_key
+from sdapi.contract.payloads import BatchJob
 from sdapi.contract.status import Status, Tier
 from sdapi.infra.queue import enqueue_batch, enqueue_generation, request_cancel
 from tests.gpu_node.conftest import node_settings, running_node

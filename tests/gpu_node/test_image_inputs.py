@@ -12,10 +12,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from gpu_node import pipeline, store
+from gpu_node import pipeline, weights
 from gpu_node.calls import CallItem, PipelineCall
 from gpu_node.images import InputError, load_input
-from sdapi.contract.jobs import GenerationParams, Mode
+from sdapi.contract.payloads import GenerationParams, Mode
 
 SIZE = 64
 
@@ -53,7 +53,7 @@ def _square_mask() -> Image.Image:
 
 @pytest.fixture(scope="module")
 def engine(models_dir: Path) -> pipeline.DiffusersEngine:
-    return pipeline.load_engine(store.locate_model("tiny", models_dir), device="cpu")
+    return pipeline.load_engine(weights.locate_model("tiny", models_dir), device="cpu")
 
 
 def _call(
@@ -225,7 +225,7 @@ def inpainting_engine(
     folder = tmp_path_factory.mktemp("inpainting") / "tiny-inpainting"
     inpainting: Any = StableDiffusionInpaintPipeline(**components)
     inpainting.save_pretrained(str(folder), safe_serialization=True)
-    location = store.locate_model(str(folder), folder.parent / "unused")
+    location = weights.locate_model(str(folder), folder.parent / "unused")
     return pipeline.load_engine(location, device="cpu")
 
 

@@ -22,7 +22,7 @@ from gpu_node.settings import GpuNodeSettings
 from sdapi.contract.names import node_key
 from sdapi.contract.nodes import NodeInfo
 from sdapi.contract.status import Status
-from sdapi.infra.embedded import EmbeddedValkey
+from sdapi.devtools.embedded import EmbeddedValkey
 from sdapi.infra.queue import create_queue_pool, enqueue_generation
 from sdapi.infra.settings import SettingsError
 from tests.gpu_node.conftest import node_settings, running_node

@@ -9,7 +9,7 @@ import pytest
 from pydantic import ValidationError
 
 from sdapi.contract.events import EVENT_ADAPTER, ProgressEvent
-from sdapi.contract.jobs import (
+from sdapi.contract.payloads import (
     IMAGES_MAX,
     PROMPT_MAX_CHARS,
     STEPS_MAX,

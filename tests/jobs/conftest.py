@@ -17,12 +17,12 @@ from jobs.resources import JobsResources
 from jobs.settings import JobsSettings
 from sdapi.contract.nodes import NodeInfo
 from sdapi.contract.status import Status, Tier
+from sdapi.db.connection import open_database
+from sdapi.db.models import Delivery, Generation, User, utcnow
 from sdapi.infra import announcements as nodes
 from sdapi.infra.queue import create_queue_pool
+from sdapi.infra.registry import NodeRegistry
 from tests.node_double import node_info
-from web.db import open_database
-from web.models import Delivery, Generation, User, utcnow
-from web.registry import NodeRegistry
 
 MODEL = "tiny"
 

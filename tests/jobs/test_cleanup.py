@@ -7,8 +7,7 @@ from datetime import timedelta
 
 from jobs.cleanup import clean_up
 from jobs.resources import JobsResources
-from tests.jobs.conftest import make_generation, make_user
-from web.models import (
+from sdapi.db.models import (
     Generation,
     GenerationInput,
     IdempotencyKey,
@@ -16,6 +15,7 @@ from web.models import (
     InputRole,
     utcnow,
 )
+from tests.jobs.conftest import make_generation, make_user
 
 
 async def test_inputs_go_with_their_last_generation_and_old_keys_expire(

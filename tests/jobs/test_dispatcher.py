@@ -17,10 +17,12 @@ from jobs.dispatcher import dispatch_due, generation_job, plan_batches, send_bat
 from jobs.resources import JobsResources
 from jobs.settings import JobsSettings
 from sdapi.contract.events import DoneEvent, QueuedEvent
-from sdapi.contract.jobs import BatchJob
 from sdapi.contract.names import BATCH_FUNCTION, batch_job_id, batch_queue
+from sdapi.contract.payloads import BatchJob
 from sdapi.contract.status import Status, Tier
-from sdapi.infra.net import free_port
+from sdapi.db.connection import open_database
+from sdapi.db.models import Generation, OutboxEmail, utcnow
+from sdapi.devtools.net import free_port
 from sdapi.infra.queue import deserialize
 from sdapi.infra.streams import read_events
 from tests.jobs.conftest import (
@@ -30,8 +32,6 @@ from tests.jobs.conftest import (
     make_resources,
     make_user,
 )
-from web.db import open_database
-from web.models import Generation, OutboxEmail, utcnow
 
 
 async def queued_batches(res: JobsResources, model: str = MODEL) -> list[BatchJob]:

@@ -32,11 +32,17 @@ from jobs.resources import JobsResources
 from jobs.settings import JobsSettings
 from jobs.smtp import message_id
 from sdapi.contract.status import Status
-from sdapi.infra.mailsink import free_port, mail_sink, read_messages
+from sdapi.db.models import (
+    GeneratedImage,
+    Generation,
+    OutboxEmail,
+    OutboxStatus,
+    utcnow,
+)
+from sdapi.db.outbox import queue_email
+from sdapi.devtools.mailsink import free_port, mail_sink, read_messages
 from sdapi.infra.settings import SettingsError
 from tests.jobs.conftest import make_generation, make_user
-from web.mail_outbox import queue_email
-from web.models import GeneratedImage, Generation, OutboxEmail, OutboxStatus, utcnow
 
 
 @pytest.fixture

@@ -19,7 +19,6 @@ from jobs.reconciler import GAVE_UP_CODE, UNAVAILABLE_CODE, Report, reconcile
 from jobs.resources import JobsResources
 from jobs.settings import JobsSettings
 from sdapi.contract.events import DoneEvent, QueuedEvent
-from sdapi.contract.jobs import BatchJob, GenerationResult, ImageInfo
 from sdapi.contract.names import (
     RESULTS_QUEUE,
     STORE_RESULT_FUNCTION,
@@ -30,7 +29,10 @@ from sdapi.contract.names import (
     premium_queue,
     result_job_id,
 )
+from sdapi.contract.payloads import BatchJob, GenerationResult, ImageInfo
 from sdapi.contract.status import Status, Tier
+from sdapi.db.connection import open_database
+from sdapi.db.models import GeneratedImage, Generation, OutboxEmail, utcnow
 from sdapi.infra.queue import (
     deserialize,
     enqueue,
@@ -45,8 +47,6 @@ from tests.jobs.conftest import (
     make_resources,
     make_user,
 )
-from web.db import open_database
-from web.models import GeneratedImage, Generation, OutboxEmail, utcnow
 
 
 async def overdue(*rows: Generation) -> None:

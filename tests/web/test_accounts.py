@@ -28,10 +28,7 @@ from jobs.email_sender import send_due_emails
 from jobs.resources import JobsResources
 from jobs.settings import JobsSettings
 from sdapi.contract.status import Status, Tier
-from sdapi.infra.mailsink import mail_sink, read_messages
-from web.app import create_app
-from web.appkeys import redis_key
-from web.models import (
+from sdapi.db.models import (
     ApiToken,
     Delivery,
     EmailVerification,
@@ -41,9 +38,12 @@ from web.models import (
     User,
     utcnow,
 )
-from web.premium import canonical_code, code_hash, new_code
+from sdapi.db.premium import canonical_code, code_hash, new_code
+from sdapi.devtools.mailsink import mail_sink, read_messages
+from sdapi.infra.registry import NodeRegistry
+from web.app import create_app
+from web.appkeys import redis_key
 from web.quota import usage
-from web.registry import NodeRegistry
 from web.sessions import SESSION_COOKIE, SESSION_KEY_PREFIX
 from web.settings import WebSettings
 from web.tokens import hash_secret

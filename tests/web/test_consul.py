@@ -15,15 +15,15 @@ from pydantic import SecretStr
 
 from sdapi.contract.names import GPU_SERVICE, KNOWN_MODELS_KEY, WEB_SERVICE
 from sdapi.contract.status import Status
+from sdapi.devtools.net import free_port
 from sdapi.infra.consul import open_consul
-from sdapi.infra.mailsink import free_port
+from sdapi.infra.registry import NodeRegistry, NodesUnknown
 from sdapi.infra.settings import SettingsError
 from tests.consul_double import ConsulDouble
 from tests.gpu_node.support import wait_for
 from tests.node_double import auth, make_user, node_info
 from web.app import create_app
 from web.appkeys import registry_key
-from web.registry import NodeRegistry, NodesUnknown
 from web.settings import WebSettings
 
 AiohttpClient = Callable[..., Any]

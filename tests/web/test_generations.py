@@ -16,12 +16,12 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 
 from sdapi.contract.names import cancel_key, premium_queue
 from sdapi.contract.status import Status
+from sdapi.db.models import Generation
+from sdapi.infra.links import image_path, link_is_valid, signed_image_url
+from sdapi.infra.registry import NodeRegistry
 from sdapi.infra.streams import read_events
 from tests.node_double import TINY, NodeDouble, auth, jobs_context, make_user
 from web.appkeys import redis_key
-from web.links import image_path, link_is_valid, signed_image_url
-from web.models import Generation
-from web.registry import NodeRegistry
 from web.settings import WebSettings
 
 GENERATIONS = "/api/v1/generations"

@@ -16,8 +16,8 @@ from aiohttp.test_utils import TestClient
 from PIL import Image
 
 from sdapi.contract.names import input_key
+from sdapi.db.models import Generation, GenerationInput, IdempotencyKey, InputImage
 from tests.node_double import NodeDouble, auth, make_user
-from web.models import Generation, GenerationInput, IdempotencyKey, InputImage
 
 GENERATIONS = "/api/v1/generations"
 BASE = {"prompt": "a red fox", "steps": 4}

@@ -13,7 +13,7 @@ _DETECT = """
 import asyncio
 from tortoise import Tortoise
 from tortoise.migrations.autodetector import MigrationAutodetector
-from web.db import tortoise_config
+from sdapi.db.connection import tortoise_config
 
 async def main():
     config = tortoise_config("postgres://unused/unused")

@@ -10,9 +10,9 @@ import pytest
 from aiohttp.test_utils import TestClient
 
 from sdapi.contract.status import Status
+from sdapi.db.models import GeneratedImage, Generation
 from tests.node_double import NodeDouble, auth, jobs_context, make_user
 from web.app import create_app
-from web.models import GeneratedImage, Generation
 from web.settings import WebSettings
 
 IMAGES = "/v1/images/generations"

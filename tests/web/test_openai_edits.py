@@ -13,8 +13,8 @@ from aiohttp.test_utils import TestClient
 from PIL import Image
 
 from sdapi.contract.names import input_key
+from sdapi.db.models import GeneratedImage, Generation
 from tests.node_double import NodeDouble, auth, make_user
-from web.models import GeneratedImage, Generation
 
 EDITS = "/v1/images/edits"
 

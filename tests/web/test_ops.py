@@ -5,9 +5,9 @@ from __future__ import annotations
 from aiohttp.test_utils import TestClient
 
 from sdapi.contract.status import Status, Tier
+from sdapi.db.models import Delivery, Generation
 from tests.node_double import NodeDouble, auth, make_user
 from web.metrics import web_metrics_key
-from web.models import Delivery, Generation
 
 
 async def test_healthz(client: TestClient) -> None:

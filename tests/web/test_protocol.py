@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 from aiohttp import web
 
-from sdapi.infra.net import free_port
+from sdapi.devtools.net import free_port
 from web.app import create_app
 from web.protocol import ApiRunner
 from web.settings import WebSettings

@@ -11,8 +11,8 @@ from aiohttp import FormData
 from aiohttp.test_utils import TestClient
 from pydantic import BaseModel
 
+from sdapi.db.models import Generation, User
 from tests.node_double import NodeDouble, auth, make_user
-from web.models import Generation, User
 from web.routes import route_tables
 from web.schemas.base import RequestModel, storable
 from web.schemas.live import ClientMessage

@@ -17,11 +17,11 @@ from typing import Any
 import pytest
 from aiohttp.test_utils import TestClient
 
-from sdapi.infra.embedded import EmbeddedValkey, embedded_postgres
+from sdapi.db.connection import apply_migrations, open_database
+from sdapi.db.models import Generation
+from sdapi.devtools.embedded import EmbeddedValkey, embedded_postgres
 from tests.node_double import NodeDouble, auth, jobs_context, make_user
 from web.app import create_app
-from web.db import apply_migrations, open_database
-from web.models import Generation
 from web.settings import WebSettings
 
 DEADLINE_S = 1.0

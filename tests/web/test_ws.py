@@ -18,13 +18,13 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 
 from sdapi.contract.names import events_key, image_key
 from sdapi.contract.status import Status
+from sdapi.db.models import ApiToken, GeneratedImage, Generation, utcnow
+from sdapi.infra.registry import NodeRegistry
 from tests.node_double import NodeDouble, auth, jobs_context, make_user
 from web.app import create_app
 from web.appkeys import live_redis_key, redis_key
 from web.live_socket import live_sockets_key, live_users_key
-from web.models import ApiToken, GeneratedImage, Generation, utcnow
 from web.passwords import hash_password
-from web.registry import NodeRegistry
 from web.settings import WebSettings
 
 WS = "/api/v1/ws"

@@ -11,6 +11,9 @@ from redis.asyncio import Redis
 from tortoise.exceptions import IntegrityError
 from tortoise.transactions import in_transaction
 
+from sdapi.db.models import ApiToken, PremiumCode, TokenKind, email_key_of, utcnow
+from sdapi.db.models import User as UserRow
+from sdapi.db.premium import add_premium_days, canonical_code, code_hash
 from web.appkeys import passwords_key, redis_key, settings_key
 from web.auth import require_user
 from web.errors import (
@@ -19,8 +22,6 @@ from web.errors import (
     NotFound,
     Unauthorized,
 )
-from web.models import ApiToken, PremiumCode, TokenKind, email_key_of, utcnow
-from web.models import User as UserRow
 from web.openapi import (
     ApiRoutes,
     ErrorBody,
@@ -28,7 +29,6 @@ from web.openapi import (
     json_response,
     read_body,
 )
-from web.premium import add_premium_days, canonical_code, code_hash
 from web.quota import usage
 from web.routes.verification import send_verification
 from web.schemas.accounts import (
@@ -39,7 +39,7 @@ from web.schemas.accounts import (
     SigninResponse,
     SignupRequest,
     SignupResponse,
-    User,
+    UserView,
 )
 from web.sessions import SESSION_COOKIE, delete_session
 from web.settings import WebSettings
@@ -132,7 +132,7 @@ async def signup(request: web.Request) -> web.StreamResponse:
             await send_verification(request, user, now)
     except IntegrityError:
         raise Conflict(EMAIL_TAKEN) from None
-    return json_response(SignupResponse(user=User.of(user, now)), status=201)
+    return json_response(SignupResponse(user=UserView.of(user, now)), status=201)
 
 
 # --- sign-in and sign-out --------------------------------------------------
@@ -215,7 +215,7 @@ async def signin(request: web.Request) -> web.StreamResponse:
         SigninResponse(
             token=secret,
             expires_at=token.expires_at,
-            user=User.of(user, utcnow()),
+            user=UserView.of(user, utcnow()),
             csrf_token=csrf_token,
         )
     )
@@ -293,7 +293,7 @@ async def me(request: web.Request) -> web.StreamResponse:
         images_today=used.images_today,
         in_flight=used.in_flight,
     )
-    return json_response(Me(**User.of(user, now).model_dump(), quota=quota))
+    return json_response(Me(**UserView.of(user, now).model_dump(), quota=quota))
 
 
 @routes.route(
@@ -302,7 +302,7 @@ async def me(request: web.Request) -> web.StreamResponse:
     summary="Redeem a premium code",
     body=RedeemRequest,
     responses=[
-        Response(200, "Premium time added", User),
+        Response(200, "Premium time added", UserView),
         Response(404, "Unknown code", ErrorBody),
         Response(409, "The code was already redeemed", ErrorBody),
     ],
@@ -337,4 +337,4 @@ async def redeem_code(request: web.Request) -> web.StreamResponse:
         code.redeemed_at = now
         await code.save(update_fields=["redeemed_by_id", "redeemed_at"])
     log.info("user %s redeemed a %d-day premium code", user.id, code.days)
-    return json_response(User.of(user, now))
+    return json_response(UserView.of(user, now))

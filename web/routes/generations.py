@@ -8,6 +8,8 @@ import uuid
 from aiohttp import web
 from pydantic import ValidationError
 
+from sdapi.db.models import Generation
+from sdapi.infra.links import image_path, link_is_valid
 from web.appkeys import redis_key, settings_key
 from web.auth import authenticate, require_user
 from web.errors import Conflict, NotFound, Unauthorized, from_validation_error
@@ -29,8 +31,6 @@ from web.generations import (
     submit_generation,
 )
 from web.idempotency import claim_from, file_digest
-from web.links import image_path, link_is_valid
-from web.models import Generation
 from web.openapi import (
     ApiRoutes,
     ErrorBody,
@@ -51,7 +51,7 @@ routes = ApiRoutes(tags=["generations"])
     body=schemas.GenerationRequest,
     body_types=("application/json", "multipart/form-data"),
     idempotent=True,
-    responses=[Response(202, "Accepted", schemas.Generation)],
+    responses=[Response(202, "Accepted", schemas.GenerationView)],
 )
 async def create_generation(request: web.Request) -> web.StreamResponse:
     """Premium: queued at once and run as soon as a GPU is free. Normal: stored
@@ -101,7 +101,7 @@ async def list_generations(request: web.Request) -> web.StreamResponse:
     "GET",
     "/api/v1/generations/{id}",
     summary="One generation: status, queue position, progress, images",
-    responses=[Response(200, "The generation", schemas.Generation)],
+    responses=[Response(200, "The generation", schemas.GenerationView)],
 )
 async def get_generation(request: web.Request) -> web.StreamResponse:
     """Other users' generations are 404, as if they did not exist."""

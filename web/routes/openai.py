@@ -18,6 +18,8 @@ from aiohttp import web
 from pydantic import ValidationError
 
 from sdapi.contract.status import Status, Tier
+from sdapi.db.models import GeneratedImage, Generation, InputRole
+from sdapi.infra.links import signed_image_url
 from web.appkeys import settings_key
 from web.auth import Principal, authenticate, bearer_secret
 from web.errors import (
@@ -40,9 +42,7 @@ from web.generations import (
 )
 from web.idempotency import claim_from, file_digest
 from web.inputs import check_mask_size, resolve_input
-from web.links import signed_image_url
 from web.live import wait_until_done
-from web.models import GeneratedImage, Generation, InputRole
 from web.openapi import ApiRoutes, Response, json_response, read_body
 from web.schemas.generations import GenerationRequest
 from web.schemas.openai import (

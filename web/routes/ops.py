@@ -16,7 +16,9 @@ from tortoise.functions import Count
 
 from sdapi.contract.names import batch_queue, premium_queue
 from sdapi.contract.status import Status, Tier
+from sdapi.db.models import Generation
 from sdapi.infra.queue import queue_depth
+from sdapi.infra.registry import NodesUnknown
 from web.appkeys import (
     database_key,
     metrics_key,
@@ -29,9 +31,7 @@ from web.appkeys import (
 from web.auth import bearer_secret, require_user
 from web.errors import Forbidden, Unauthorized
 from web.metrics import web_metrics_key
-from web.models import Generation
 from web.openapi import ApiRoutes, ErrorBody, Response, json_response
-from web.registry import NodesUnknown
 from web.schemas.ops import Health, ModelList, Readiness
 
 log = logging.getLogger(__name__)

@@ -14,9 +14,9 @@ import aiohttp_jinja2
 from aiohttp import web
 from aiohttp_session import get_session
 
+from sdapi.db.models import utcnow
 from web.auth import Principal, authenticate
 from web.errors import Unauthorized
-from web.models import utcnow
 from web.openapi import ApiRoutes, Response
 
 routes = ApiRoutes(tags=["pages"])
@@ -36,7 +36,7 @@ async def _signed_in(request: web.Request) -> Principal | None:
     return principal
 
 
-async def _page(
+async def _render_page(
     request: web.Request, template: str, title: str, *, signed_in: bool | None = True
 ) -> web.StreamResponse:
     """Render a page; `signed_in` True: for users, False: for visitors (a user
@@ -75,56 +75,58 @@ def _page_route(path: str, summary: str) -> Callable[[HandlerFn], HandlerFn]:
 
 
 @_page_route("/", "The playground")
-async def playground(request: web.Request) -> web.StreamResponse:
+async def playground_page(request: web.Request) -> web.StreamResponse:
     """Generate images; signed-out visitors are sent to sign in."""
-    return await _page(request, "playground", "Playground")
+    return await _render_page(request, "playground", "Playground")
 
 
 @_page_route("/history", "Your generations")
-async def history(request: web.Request) -> web.StreamResponse:
+async def history_page(request: web.Request) -> web.StreamResponse:
     """Past and pending generations, newest first."""
-    return await _page(request, "history", "History")
+    return await _render_page(request, "history", "History")
 
 
 @_page_route("/tokens", "API tokens")
-async def tokens(request: web.Request) -> web.StreamResponse:
+async def tokens_page(request: web.Request) -> web.StreamResponse:
     """Personal tokens for scripts and the OpenAI SDK."""
-    return await _page(request, "tokens", "API tokens")
+    return await _render_page(request, "tokens", "API tokens")
 
 
 @_page_route("/account", "Your account")
-async def account(request: web.Request) -> web.StreamResponse:
+async def account_page(request: web.Request) -> web.StreamResponse:
     """Tier, premium time left, today's quota, premium codes."""
-    return await _page(request, "account", "Account")
+    return await _render_page(request, "account", "Account")
 
 
 @_page_route(SIGNIN_PATH, "Sign in")
-async def signin(request: web.Request) -> web.StreamResponse:
+async def signin_page(request: web.Request) -> web.StreamResponse:
     """Email and password; starts a cookie session."""
-    return await _page(request, "signin", "Sign in", signed_in=False)
+    return await _render_page(request, "signin", "Sign in", signed_in=False)
 
 
 @_page_route("/signup", "Sign up")
-async def signup(request: web.Request) -> web.StreamResponse:
+async def signup_page(request: web.Request) -> web.StreamResponse:
     """A new account; a verification link is emailed."""
-    return await _page(request, "signup", "Sign up", signed_in=False)
+    return await _render_page(request, "signup", "Sign up", signed_in=False)
 
 
 @_page_route("/check-email", "Check your email")
-async def check_email(request: web.Request) -> web.StreamResponse:
+async def check_email_page(request: web.Request) -> web.StreamResponse:
     """After sign-up: follow the link we sent; resend it."""
-    return await _page(request, "check_email", "Check your email", signed_in=False)
+    return await _render_page(
+        request, "check_email", "Check your email", signed_in=False
+    )
 
 
 @_page_route("/forgot-password", "Forgot your password")
-async def forgot_password(request: web.Request) -> web.StreamResponse:
+async def forgot_password_page(request: web.Request) -> web.StreamResponse:
     """Asks for a password reset link."""
-    return await _page(request, "forgot_password", "Forgot your password")
+    return await _render_page(request, "forgot_password", "Forgot your password")
 
 
 @_page_route("/reset-password", "Choose a new password")
-async def reset_password(request: web.Request) -> web.StreamResponse:
+async def reset_password_page(request: web.Request) -> web.StreamResponse:
     """The page an emailed reset link opens (signed in or not)."""
-    return await _page(
+    return await _render_page(
         request, "reset_password", "Choose a new password", signed_in=None
     )

@@ -10,14 +10,13 @@ import logging
 import secrets
 from datetime import timedelta
 
-import aiohttp_jinja2
 from aiohttp import web
 from tortoise.transactions import in_transaction
 
-from web.appkeys import passwords_key, redis_key, settings_key
+from sdapi.db.models import ApiToken, PasswordReset, User, email_key_of, utcnow
+from sdapi.db.outbox import queue_email, render_email
+from web.appkeys import mail_templates_key, passwords_key, redis_key, settings_key
 from web.errors import Gone
-from web.mail_outbox import queue_email
-from web.models import ApiToken, PasswordReset, User, email_key_of, utcnow
 from web.openapi import ApiRoutes, ErrorBody, Response, json_response, read_body
 from web.schemas.password_reset import ForgotRequest, ResetRequest, ResetRequested
 from web.throttle import client_address, reserve, signup_limit
@@ -87,6 +86,9 @@ async def _send_reset(request: web.Request, user: User) -> None:
         "link": link,
         "expires": f"{expires_at:%Y-%m-%d %H:%M}",
     }
+    text_body, html_body = render_email(
+        request.app[mail_templates_key], "password_reset", context
+    )
     async with in_transaction():
         reset = await PasswordReset.create(
             user=user, token_hash=hash_secret(token), expires_at=expires_at
@@ -95,12 +97,8 @@ async def _send_reset(request: web.Request, user: User) -> None:
             dedupe_key=f"password-reset:{reset.id}",
             to_address=user.email,
             subject="Set a new password for sdapi",
-            text_body=aiohttp_jinja2.render_string(
-                "email/password_reset.txt", request, context
-            ),
-            html_body=aiohttp_jinja2.render_string(
-                "email/password_reset.html", request, context
-            ),
+            text_body=text_body,
+            html_body=html_body,
         )
     log.info("password reset link sent for user %s", user.id)
 

@@ -9,10 +9,10 @@ from tortoise.functions import Count
 
 from sdapi.contract.names import batch_queue, premium_queue
 from sdapi.contract.status import ACTIVE_STATUSES, Status, Tier
+from sdapi.db.models import Generation, utcnow
 from sdapi.infra.queue import queue_depth
 from web.appkeys import redis_key, registry_key
 from web.auth import require_user
-from web.models import Generation, utcnow
 from web.openapi import ApiRoutes, Response, json_response
 from web.schemas.status import ModelStatus, ServiceStatus, StatusCounts, TierQueue
 

@@ -7,10 +7,10 @@ from datetime import timedelta
 
 from aiohttp import web
 
+from sdapi.db.models import ApiToken, TokenKind, utcnow
 from web.appkeys import redis_key
 from web.auth import require_user
 from web.errors import NotFound, ValidationFailed
-from web.models import ApiToken, TokenKind, utcnow
 from web.openapi import ApiRoutes, ErrorBody, Response, json_response, read_body
 from web.schemas.tokens import NewToken, Token, TokenCreate, TokenList
 from web.tokens import announce_revoked, issue_token, live_tokens, revoke_token

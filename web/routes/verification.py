@@ -10,7 +10,10 @@ import aiohttp_jinja2
 from aiohttp import web
 from tortoise.transactions import in_transaction
 
-from web.appkeys import redis_key, settings_key
+from sdapi.db.models import EmailVerification, email_key_of, utcnow
+from sdapi.db.models import User as UserRow
+from sdapi.db.outbox import queue_email, render_email
+from web.appkeys import mail_templates_key, redis_key, settings_key
 from web.auth import authenticate, check_csrf
 from web.errors import (
     AppError,
@@ -21,9 +24,6 @@ from web.errors import (
     Unauthorized,
     ValidationFailed,
 )
-from web.mail_outbox import queue_email
-from web.models import EmailVerification, email_key_of, utcnow
-from web.models import User as UserRow
 from web.openapi import (
     ApiRoutes,
     ErrorBody,
@@ -34,7 +34,7 @@ from web.openapi import (
 )
 from web.schemas.accounts import (
     ResendRequest,
-    User,
+    UserView,
     VerificationSent,
     VerifyQuery,
     VerifyResponse,
@@ -68,34 +68,21 @@ async def send_verification(
         user=user, token_hash=hash_secret(token), expires_at=expires_at
     )
     link = f"{settings.base_url}{VERIFY_PATH}?token={token}"
+    # No user-chosen text (the name) in mail to an address not yet proven:
+    # anyone can sign up with anyone's address.
+    text_body, html_body = render_email(
+        request.app[mail_templates_key],
+        "verify_email",
+        {"email": user.email, "link": link, "expires": f"{expires_at:%Y-%m-%d %H:%M}"},
+    )
     await queue_email(
         dedupe_key=f"verify:{verification.id}",
         to_address=user.email,
         subject="Verify your email address for sdapi",
-        # No user-chosen text (the name) in mail to an address not yet proven:
-        # anyone can sign up with anyone's address.
-        text_body=_verification_text(user.email, link, expires_at),
-        html_body=aiohttp_jinja2.render_string(
-            "verify_email.html.j2",
-            request,
-            {
-                "email": user.email,
-                "link": link,
-                "expires": f"{expires_at:%Y-%m-%d %H:%M}",
-            },
-        ),
+        text_body=text_body,
+        html_body=html_body,
     )
     return expires_at
-
-
-def _verification_text(email: str, link: str, expires_at: datetime) -> str:
-    return (
-        "Hello,\n\n"
-        f"Please confirm that {email} is your email address for sdapi by "
-        f"opening this link:\n\n{link}\n\n"
-        f"The link works until {expires_at:%Y-%m-%d %H:%M} (UTC). "
-        "If you did not sign up, ignore this email.\n"
-    )
 
 
 @routes.route(
@@ -275,7 +262,7 @@ async def verify_email(request: web.Request) -> web.StreamResponse:
             message += "from the email."
         return _verify_page(request, settings, ok=False, message=message, exc=exc)
     if wants_json:
-        return json_response(VerifyResponse(user=User.of(user, now)))
+        return json_response(VerifyResponse(user=UserView.of(user, now)))
     return _verify_page(
         request,
         settings,

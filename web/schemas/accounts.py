@@ -7,10 +7,10 @@ from datetime import datetime
 from typing import Annotated, Literal
 from uuid import UUID
 
-from pydantic import BaseModel, EmailStr, Field, field_validator
+from pydantic import BaseModel, ConfigDict, EmailStr, Field, field_validator
 
 from sdapi.contract.status import Tier
-from web.models import User as UserRow
+from sdapi.db.models import User as UserRow
 from web.schemas.base import RequestModel
 from web.settings import TierLimits
 
@@ -79,8 +79,10 @@ class VerifyQuery(RequestModel):
     )
 
 
-class User(BaseModel):
+class UserView(BaseModel):
     """An account as its owner sees it."""
+
+    model_config = ConfigDict(title="User")
 
     id: UUID
     email: str
@@ -91,7 +93,7 @@ class User(BaseModel):
     created_at: datetime
 
     @classmethod
-    def of(cls, user: UserRow, now: datetime) -> User:
+    def of(cls, user: UserRow, now: datetime) -> UserView:
         """The public view of a user row at `now`."""
         return cls(
             id=user.id,
@@ -105,11 +107,11 @@ class User(BaseModel):
 
 
 class SignupResponse(BaseModel):
-    user: User
+    user: UserView
 
 
 class VerifyResponse(BaseModel):
-    user: User
+    user: UserView
 
 
 class ResendRequest(RequestModel):
@@ -140,7 +142,7 @@ class SigninResponse(BaseModel):
     )
     token_type: Literal["bearer"] = "bearer"  # noqa: S105 (a scheme name)
     expires_at: datetime
-    user: User
+    user: UserView
     csrf_token: str | None = Field(
         default=None,
         description="Only with `session: true`: the session's CSRF token.",
@@ -172,7 +174,7 @@ class Quota(BaseModel):
         )
 
 
-class Me(User):
+class Me(UserView):
     """The caller's account with their quota."""
 
     quota: Quota

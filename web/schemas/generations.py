@@ -6,9 +6,9 @@ from datetime import datetime
 from typing import Literal
 from uuid import UUID
 
-from pydantic import BaseModel, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from sdapi.contract.jobs import SEED_MAX
+from sdapi.contract.payloads import SEED_MAX
 from sdapi.contract.status import Status, Tier
 from web.schemas.base import RequestModel
 
@@ -144,8 +144,10 @@ class Notice(BaseModel):
     message: str
 
 
-class Generation(BaseModel):
+class GenerationView(BaseModel):
     """A generation as clients see it."""
+
+    model_config = ConfigDict(title="Generation")
 
     id: str
     status: Status
@@ -171,7 +173,7 @@ class Generation(BaseModel):
 
 
 class GenerationList(BaseModel):
-    items: list[Generation]
+    items: list[GenerationView]
     next: str | None = Field(description="Pass as `before` for the next page")
 
 

@@ -8,7 +8,7 @@ from pydantic import BaseModel, Field, TypeAdapter
 
 from sdapi.contract.status import Status
 from web.schemas.base import RequestModel
-from web.schemas.generations import ErrorRef, Generation, GenerationRequest
+from web.schemas.generations import ErrorRef, GenerationRequest, GenerationView
 
 # --- client -> server -------------------------------------------------------
 
@@ -47,7 +47,7 @@ MESSAGE_TYPES = ("generate", "subscribe", "cancel")
 class AcceptedFrame(BaseModel):
     type: Literal["accepted"] = "accepted"
     id: str
-    generation: Generation
+    generation: GenerationView
 
 
 class QueuedFrame(BaseModel):

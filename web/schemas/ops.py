@@ -6,7 +6,7 @@ from typing import Literal
 
 from pydantic import BaseModel, Field
 
-from web.registry import ModelOffer
+from sdapi.infra.registry import ModelOffer
 
 
 class Health(BaseModel):

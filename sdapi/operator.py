@@ -19,11 +19,17 @@ from typing import Any
 from tortoise.exceptions import BaseORMException
 from tortoise.transactions import in_transaction
 
+from sdapi.db.connection import apply_migrations, open_database
+from sdapi.db.models import PremiumCode, User, utcnow
+from sdapi.db.premium import (
+    MAX_DAYS,
+    add_premium_days,
+    canonical_code,
+    code_hash,
+    new_code,
+)
 from sdapi.infra.logs import setup_logging
 from sdapi.infra.settings import CommonSettings
-from web.db import apply_migrations, open_database
-from web.models import PremiumCode, User, utcnow
-from web.premium import MAX_DAYS, add_premium_days, canonical_code, code_hash, new_code
 
 log = logging.getLogger(__name__)
 
@@ -50,7 +56,7 @@ def _database(settings: CommonSettings) -> Iterator[tuple[str, bool]]:
     if settings.database_url:
         yield settings.database_url, False
         return
-    from sdapi.infra.embedded import embedded_postgres
+    from sdapi.devtools.embedded import embedded_postgres
 
     log.info(
         "SDAPI_DATABASE_URL is not set: using the database in %s", settings.data_dir

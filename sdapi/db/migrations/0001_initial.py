@@ -5,7 +5,7 @@ from sdapi.contract.status import Status, Tier
 from json import dumps, loads
 from tortoise.fields.base import OnDelete
 from uuid import uuid4
-from web.models import Delivery, OutboxStatus, TokenKind, utcnow
+from sdapi.db.models import Delivery, OutboxStatus, TokenKind, utcnow
 from tortoise import fields
 from tortoise.indexes import Index
 

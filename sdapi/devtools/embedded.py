@@ -14,24 +14,15 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-from sdapi.infra.net import LOOPBACK, free_port
-from sdapi.infra.reaper import process_alive
+from sdapi.devtools.net import LOOPBACK, free_port
+from sdapi.devtools.reaper import process_alive
+from sdapi.infra.local_services import SERVICES_FILE, ServiceUrls
 
 DATABASE_NAME = "sdapi"
-SERVICES_FILE = "services.json"
-
-
-@dataclass(frozen=True)
-class ServiceUrls:
-    """Where the embedded servers of one data folder listen."""
-
-    database_url: str
-    redis_url: str
-    owner_pid: int
 
 
 def _postgres_url(uri: str, database: str) -> str:
@@ -252,7 +243,7 @@ def embedded_services(
         database_url = stack.enter_context(embedded_postgres(data_dir))
         stack.enter_context(valkey)
         if die_with_parent:
-            from sdapi.infra.reaper import start_reaper
+            from sdapi.devtools.reaper import start_reaper
 
             reaper = start_reaper(data_dir / "postgres")
             # Stopped first on a clean exit: the server is stopped as usual.
@@ -270,19 +261,3 @@ def embedded_services(
 def _stop_reaper(reaper: subprocess.Popen[bytes]) -> None:
     reaper.terminate()
     reaper.wait()
-
-
-def running_services(data_dir: Path) -> ServiceUrls | None:
-    """The services a live `sdapi dev` advertises in `data_dir`, if any."""
-    path = data_dir.resolve() / SERVICES_FILE
-    try:
-        urls = ServiceUrls(**json.loads(path.read_text()))
-    except (FileNotFoundError, ValueError, TypeError):
-        return None
-    try:
-        os.kill(urls.owner_pid, 0)
-    except ProcessLookupError:
-        return None
-    except PermissionError:
-        pass
-    return urls

@@ -19,7 +19,7 @@ from typing import Any
 from aiosmtpd.controller import Controller
 
 # aiosmtpd cannot listen on port 0; `free_port` stays importable from here.
-from sdapi.infra.net import LOOPBACK, free_port
+from sdapi.devtools.net import LOOPBACK, free_port
 
 log = logging.getLogger(__name__)
 

@@ -1,4 +1,4 @@
-"""The model store: local folders, pickle refusal, offline hub models, tiny."""
+"""Model weights on a node: folders, pickle refusal, offline hub models, tiny."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from gpu_node import store
+from gpu_node import weights
 from gpu_node.calls import CallItem, ModelError, PipelineCall
 
 REPO = Path(__file__).resolve().parents[2]
@@ -21,16 +21,16 @@ def test_tiny_model_has_safetensors_and_the_real_clip_vocabulary(
     models_dir: Path,
 ) -> None:
     folder = models_dir / "tiny"
-    assert store.is_complete(folder)
-    weights = sorted(
+    assert weights.is_complete(folder)
+    files = sorted(
         p.relative_to(folder).as_posix() for p in folder.glob("**/*.safetensors")
     )
-    assert weights == [
+    assert files == [
         "text_encoder/model.safetensors",
         "unet/diffusion_pytorch_model.safetensors",
         "vae/diffusion_pytorch_model.safetensors",
     ]
-    assert not [p for p in folder.glob("**/*") if p.suffix in store.PICKLE_SUFFIXES]
+    assert not [p for p in folder.glob("**/*") if p.suffix in weights.PICKLE_SUFFIXES]
     vocab = json.loads((folder / "tokenizer" / "vocab.json").read_text())
     assert len(vocab) == 49408
     assert vocab["<|startoftext|>"] == 49406 and vocab["<|endoftext|>"] == 49407
@@ -62,13 +62,13 @@ def test_pickle_only_folder_is_refused(tmp_path: Path, models_dir: Path) -> None
         path.with_suffix(".bin").write_bytes(b"not loaded")
         path.unlink()
     with pytest.raises(ModelError, match="pickle weights only"):
-        store.check_weights(folder)
+        weights.check_weights(folder)
 
     single = tmp_path / "single-file"
     single.mkdir()
     (single / "v1-5-pruned.ckpt").write_bytes(b"not loaded")
     with pytest.raises(ModelError, match=r"pickle weights only \(v1-5-pruned.ckpt\)"):
-        store.check_weights(single)
+        weights.check_weights(single)
 
 
 def test_local_model_folder_is_served_under_its_name(
@@ -78,7 +78,7 @@ def test_local_model_folder_is_served_under_its_name(
 
     folder = tmp_path / "my-model"
     shutil.copytree(models_dir / "tiny", folder)
-    location = store.locate_model(str(folder), tmp_path / "unused")
+    location = weights.locate_model(str(folder), tmp_path / "unused")
     assert (location.model_id, location.source, location.path) == (
         "my-model",
         "local",
@@ -99,17 +99,17 @@ def test_local_model_folder_is_served_under_its_name(
 
 def test_locate_model_names() -> None:
     models = Path("/nowhere/models")
-    assert store.locate_model("tiny", models).path == models / "tiny"
-    hub = store.locate_model("stabilityai/sdxl-turbo", models)
+    assert weights.locate_model("tiny", models).path == models / "tiny"
+    hub = weights.locate_model("stabilityai/sdxl-turbo", models)
     assert (hub.source, hub.model_id, hub.path) == (
         "hub",
         "stabilityai/sdxl-turbo",
         models / "stabilityai--sdxl-turbo",
     )
     with pytest.raises(ModelError, match="does not exist"):
-        store.locate_model("/nowhere/at/all", models)
+        weights.locate_model("/nowhere/at/all", models)
     with pytest.raises(ModelError, match="neither"):
-        store.locate_model("not a model", models)
+        weights.locate_model("not a model", models)
 
 
 @pytest.mark.slow
@@ -144,7 +144,7 @@ def test_missing_model_offline_fails_with_one_line(
 def test_node_modules_import_without_torch() -> None:
     code = (
         "import sys\n"
-        "import sdapi.contract, gpu_node.settings, gpu_node.calls, gpu_node.store\n"
+        "import sdapi.contract, gpu_node.settings, gpu_node.calls, gpu_node.weights\n"
         "import gpu_node.executor, gpu_node.progress, gpu_node.images\n"
         "import gpu_node.announcer, gpu_node.health, gpu_node.node, gpu_node.main\n"
         "heavy = ('torch', 'diffusers', 'transformers')\n"

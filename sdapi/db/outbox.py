@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 import jinja2
 
-from web.models import Generation, OutboxEmail
+from sdapi.db.models import Generation, OutboxEmail
 
 
 async def queue_email(
@@ -33,10 +35,19 @@ async def queue_email(
     await OutboxEmail.bulk_create([email], ignore_conflicts=True)
 
 
+def render_email(
+    templates: jinja2.Environment, name: str, context: Mapping[str, object]
+) -> tuple[str, str]:
+    """The text and HTML bodies of the email `name` (`email/<name>.txt|.html`)."""
+    text = templates.get_template(f"email/{name}.txt").render(context)
+    html = templates.get_template(f"email/{name}.html").render(context)
+    return text, html
+
+
 def mail_templates() -> jinja2.Environment:
-    """The email templates (`web/templates/email`); HTML ones are escaped."""
+    """The email templates (`sdapi/db/templates/email`); HTML ones are escaped."""
     return jinja2.Environment(
-        loader=jinja2.PackageLoader("web", "templates"),
+        loader=jinja2.PackageLoader("sdapi.db", "templates"),
         autoescape=jinja2.select_autoescape(["html"], default_for_string=False),
         undefined=jinja2.StrictUndefined,
         keep_trailing_newline=True,

@@ -4,7 +4,7 @@ PostgreSQL runs in a session of its own (pg_ctl), so the kernel's
 parent-death signal that stops Valkey cannot reach it. This small process
 watches its parent (`sdapi dev`) and, once that is gone, stops the server
 unless another live process still holds it (an operator command attached).
-Run as `python -m sdapi.infra.reaper PARENT_PID PGDATA`.
+Run as `python -m sdapi.devtools.reaper PARENT_PID PGDATA`.
 """
 
 from __future__ import annotations
@@ -72,7 +72,7 @@ def reap(parent: int, pgdata: Path) -> None:
 def start_reaper(pgdata: Path) -> subprocess.Popen[bytes]:
     """Watch this process; stop the server of `pgdata` once it is gone."""
     return subprocess.Popen(  # noqa: S603
-        [sys.executable, "-m", "sdapi.infra.reaper", str(os.getpid()), str(pgdata)],
+        [sys.executable, "-m", "sdapi.devtools.reaper", str(os.getpid()), str(pgdata)],
         stdin=subprocess.DEVNULL,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,

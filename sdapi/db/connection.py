@@ -11,8 +11,8 @@ from tortoise.backends.base.config_generator import expand_db_url
 from tortoise.context import TortoiseContext, set_global_context
 from tortoise.exceptions import ConfigurationError
 
-MODELS_MODULE = "web.models"
-MIGRATIONS_MODULE = "web.migrations"
+MODELS_MODULE = "sdapi.db.models"
+MIGRATIONS_MODULE = "sdapi.db.migrations"
 APP_LABEL = "models"
 
 

@@ -15,7 +15,7 @@ import secrets
 from datetime import datetime, timedelta
 from uuid import UUID
 
-from web.models import User
+from sdapi.db.models import User
 
 CODE_PREFIX = "SDAPI"
 CODE_GROUPS = 4

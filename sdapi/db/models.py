@@ -5,7 +5,7 @@ Importing this module starts nothing and needs no aiohttp app.
 
 from __future__ import annotations
 
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from enum import StrEnum
 from typing import Any
 
@@ -14,7 +14,7 @@ from tortoise.indexes import Index
 from tortoise.models import Model
 
 from sdapi.contract.events import DoneEvent
-from sdapi.contract.jobs import ErrorInfo
+from sdapi.contract.payloads import ErrorInfo
 from sdapi.contract.status import Status, Tier
 
 
@@ -256,6 +256,11 @@ class GenerationInput(Model):
     class Meta:
         table = "generation_inputs"
         unique_together = (("generation", "role"),)
+
+
+# How long an `Idempotency-Key` answers with its first generation (24 h, as the
+# API promises); `jobs`' clean-up deletes older keys.
+IDEMPOTENCY_KEY_TTL = timedelta(hours=24)
 
 
 class IdempotencyKey(Model):

@@ -1,4 +1,4 @@
-"""The model store: local folders, Hugging Face downloads, the built-in tiny model.
+"""Model weights on a node: local folders, Hugging Face downloads, the tiny model.
 
 Torch-free: it finds, fetches and checks model folders; `gpu_node.pipeline`
 builds the tiny model and loads folders. Only safetensors weights are used.

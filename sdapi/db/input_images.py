@@ -15,7 +15,7 @@ from typing import Protocol
 from redis.asyncio import Redis
 
 from sdapi.contract.names import INPUT_TTL_S, input_key
-from web.models import Generation, GenerationInput, InputImage, InputRole, User
+from sdapi.db.models import Generation, GenerationInput, InputImage, InputRole, User
 
 
 class Cleaned(Protocol):

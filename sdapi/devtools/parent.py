@@ -6,7 +6,7 @@ import os
 import threading
 import time
 
-from sdapi.infra.embedded import die_with_parent
+from sdapi.devtools.embedded import die_with_parent
 
 # Set by `sdapi dev` to its own pid in its children's environment: they stop
 # when dev dies, however it dies (no orphans holding ports after a closed
