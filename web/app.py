@@ -25,6 +25,7 @@ from sdapi.infra.queue import create_queue_pool
 from sdapi.infra.registry import CONSUL_WAIT_S, NodeRegistry
 from web.appkeys import (
     Probes,
+    clock_key,
     database_key,
     live_redis_key,
     mail_templates_key,
@@ -45,6 +46,7 @@ from web.passwords import Passwords
 from web.routes import route_tables
 from web.sessions import AppRedisStorage
 from web.settings import WebSettings
+from web.throttle import Clock
 
 log = logging.getLogger(__name__)
 
@@ -75,6 +77,7 @@ def create_app(settings: WebSettings) -> web.Application:
         rounds=settings.bcrypt_rounds,
         concurrency=settings.bcrypt_concurrency,
     )
+    app[clock_key] = Clock()
     install_metrics(app)
     install_live(app)
     app.on_response_prepare.append(add_security_headers)

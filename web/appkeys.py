@@ -16,6 +16,7 @@ from sdapi.infra.queue import QueuePool
 from sdapi.infra.registry import NodeRegistry
 from web.passwords import Passwords
 from web.settings import WebSettings
+from web.throttle import Clock
 
 settings_key = web.AppKey("settings", WebSettings)
 
@@ -38,6 +39,8 @@ live_redis_key = web.AppKey("live_redis", Redis)
 # Password hashing with the deployment's key, bounded in concurrency.
 passwords_key = web.AppKey("passwords", Passwords)
 registry_key = web.AppKey("registry", NodeRegistry)
+# The time that throttling counts by (tests move it instead of waiting).
+clock_key = web.AppKey("clock", Clock)
 metrics_key = web.AppKey("metrics", CollectorRegistry)
 # The OpenAPI document, generated once from the route tables.
 openapi_key = web.AppKey("openapi", dict[str, Any])

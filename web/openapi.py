@@ -215,7 +215,9 @@ def _titled_names(defs: dict[str, Any]) -> dict[str, str]:
         title = schema.get("title")
         if isinstance(title, str) and title != base:
             renames[key] = f"{title}{dash}{side}"
-    clashes = set(renames.values()) & (set(defs) - set(renames))
+    targets = list(renames.values())
+    clashes = set(targets) & (set(defs) - set(renames))
+    clashes |= {name for name in targets if targets.count(name) > 1}
     if clashes:
         raise ValueError(f"schema titles clash with schema names: {sorted(clashes)}")
     return renames

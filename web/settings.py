@@ -80,14 +80,25 @@ class WebSettings(CommonSettings):
     # A model a node served within this long is accepted the same way.
     known_model_ttl: int = Field(default=24 * 3600, ge=0, description="seconds")
     # Failed sign-ins allowed per client and account name, per client, and
-    # (slowly, from anywhere) per account name.
+    # per device cookie, within the failure window (docs/SIGN_IN.md).
     signin_max_failures_per_email: int = Field(default=10, ge=1)
     signin_max_failures_per_client: int = Field(default=50, ge=1)
     signin_failure_window: int = Field(default=900, ge=1, description="seconds")
-    signin_max_failures_per_email_global: int = Field(default=100, ge=1)
-    signin_global_failure_window: int = Field(
-        default=24 * 3600, ge=1, description="seconds"
-    )
+    # Failed sign-ins of one account from anywhere (device cookies aside)
+    # within the global window before each further attempt is delayed: by
+    # the backoff delay after the newest, doubling per failure, at most the
+    # cap. Slowed down, never locked: others cannot shut the owner out.
+    signin_max_failures_per_email_global: int = Field(default=20, ge=1)
+    signin_global_failure_window: int = Field(default=3600, ge=1, description="seconds")
+    signin_backoff_delay: float = Field(default=1.0, gt=0, description="seconds")
+    signin_backoff_cap: float = Field(default=60.0, gt=0, description="seconds")
+    # How long a browser's device cookie keeps it known to its account.
+    signin_device_ttl: int = Field(default=90 * 24 * 3600, ge=60, description="seconds")
+    # Password reset attempts per client address and per token (each valid
+    # one costs a bcrypt hash), within the reset window.
+    password_reset_max_per_client: int = Field(default=10, ge=1)
+    password_reset_max_per_token: int = Field(default=3, ge=1)
+    password_reset_window: int = Field(default=900, ge=1, description="seconds")
     # Sign-ups (each costs a bcrypt hash and an email) per client address.
     signup_max_per_client: int = Field(default=20, ge=1)
     signup_window: int = Field(default=3600, ge=1, description="seconds")

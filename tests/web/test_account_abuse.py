@@ -2,18 +2,55 @@
 
 from __future__ import annotations
 
+import asyncio
 import re
+import time
+import uuid
 from datetime import timedelta
 from typing import Any
 
 from aiohttp.test_utils import TestClient
 
 from sdapi.db.models import OutboxEmail, PasswordReset, User, utcnow
-from tests.web.test_accounts import PASSWORD, RESEND, SIGNIN, SIGNUP, signin, signup
+from tests.web.test_accounts import (
+    PASSWORD,
+    RESEND,
+    SIGNIN,
+    SIGNUP,
+    error_of,
+    signin,
+    signup,
+)
 from web.app import create_app
-from web.appkeys import redis_key
+from web.appkeys import clock_key, redis_key
+from web.devices import DEVICE_COOKIE, Device, device_cookie_value, read_device
 from web.routes.verification import RESEND_KEY_PREFIX
 from web.schemas.accounts import plain_name
+from web.throttle import Clock, client_key
+
+
+class ManualClock(Clock):
+    """Throttling's time, moved by the test instead of waited for."""
+
+    def __init__(self) -> None:
+        self.at = time.time()
+
+    def now(self) -> float:
+        return self.at
+
+
+async def _client_with_clock(
+    aiohttp_client: Any, settings: Any
+) -> tuple[TestClient, ManualClock]:
+    app = create_app(settings)
+    clock = ManualClock()
+    app[clock_key] = clock
+    return await aiohttp_client(app), clock
+
+
+def _from(address: str) -> dict[str, str]:
+    """Headers of a request from `address` (behind our trusted proxy)."""
+    return {"X-Forwarded-For": address}
 
 
 async def test_a_name_never_reaches_mail_to_an_unverified_address(
@@ -98,24 +135,32 @@ async def test_an_attacker_elsewhere_cannot_lock_the_owner_out(
     assert signed_in.status == 200  # ...and the owner is not
 
 
-async def test_many_clients_guessing_one_account_meet_a_slower_limit(
+async def test_many_clients_guessing_one_account_are_slowed_down_not_locked(
     aiohttp_client: Any, web_settings: Any
 ) -> None:
     settings = web_settings.model_copy(
         update={"trust_forwarded": True, "signin_max_failures_per_email_global": 12}
     )
-    client = await aiohttp_client(create_app(settings))
+    client, clock = await _client_with_clock(aiohttp_client, settings)
     await signup(client, "target@example.org")
     wrong = {"email": "target@example.org", "password": "not the password"}
     answers = [
-        (
-            await client.post(
-                SIGNIN, json=wrong, headers={"X-Forwarded-For": f"203.0.113.{n}"}
-            )
-        ).status
+        await client.post(SIGNIN, json=wrong, headers=_from(f"203.0.113.{n}"))
         for n in range(14)
     ]
-    assert answers == [401] * 12 + [429] * 2
+    assert [answer.status for answer in answers] == [401] * 12 + [429] * 2
+    assert [answer.headers["Retry-After"] for answer in answers[12:]] == ["1", "1"]
+    # Each guess past the free ones waits twice as long as the one before...
+    waits = []
+    for n in range(10):
+        clock.at += int(answers[-1].headers["Retry-After"])
+        guess = await client.post(SIGNIN, json=wrong, headers=_from(f"192.0.2.{n}"))
+        assert guess.status == 401
+        answers.append(await client.post(SIGNIN, json=wrong, headers=_from("::1")))
+        await error_of(answers[-1], 429, "rate_limited")
+        waits.append(int(answers[-1].headers["Retry-After"]))
+    # ...up to the cap: slowed down, never locked.
+    assert waits == [2, 4, 8, 16, 32, 60, 60, 60, 60, 60]
 
 
 FORGOT = "/api/v1/auth/password/forgot"
@@ -212,3 +257,202 @@ async def test_a_squatter_cannot_keep_the_owner_out(
     assert (await client.get("/api/v1/me", headers=headers)).status == 401
     [user] = await User.filter(email_key="owner@example.org")
     assert user.name is None
+
+
+# --- finding 1: nobody elsewhere can lock an account ------------------------
+
+
+async def _signin_as(
+    client: TestClient,
+    password: str,
+    address: str,
+    device: str | None = None,
+) -> Any:
+    """A sign-in of owner@example.org from `address`, with `device` as its
+    only cookie; the cookies it sets are not kept (the attacker's requests
+    come from the same test client)."""
+    headers = _from(address)
+    if device is not None:
+        headers["Cookie"] = f"{DEVICE_COOKIE}={device}"
+    body = {"email": "owner@example.org", "password": password}
+    response = await client.post(SIGNIN, json=body, headers=headers)
+    client.session.cookie_jar.clear()
+    return response
+
+
+async def test_anyone_can_no_longer_lock_an_account_for_a_day(
+    aiohttp_client: Any, web_settings: Any
+) -> None:
+    settings = web_settings.model_copy(update={"trust_forwarded": True})
+    client, clock = await _client_with_clock(aiohttp_client, settings)
+    await signup(client, "owner@example.org")
+    # The owner's browser signed in before: it holds a device cookie.
+    first = await _signin_as(client, PASSWORD, "198.51.100.7")
+    assert first.status == 200
+    device = first.cookies[DEVICE_COOKIE].value
+
+    # The attack: 10 wrong passwords from each of 10 addresses, over 25 s.
+    statuses = []
+    for n in range(10):
+        for _ in range(10):
+            guess = await _signin_as(client, "not the password", f"203.0.113.{n}")
+            statuses.append(guess.status)
+            if guess.status == 429:
+                assert int(guess.headers["Retry-After"]) <= 60
+            clock.at += 0.25
+    assert set(statuses) == {401, 429}
+    # Slowed down: the free 20, then a few as the delays allow.
+    assert statuses.count(401) < 30
+    held_back = await _signin_as(client, "not the password", "203.0.113.99")
+    await error_of(held_back, 429, "rate_limited")
+
+    # The owner's browser is not held back at all...
+    known = await _signin_as(client, PASSWORD, "198.51.100.7", device=device)
+    assert known.status == 200
+    # ...and from anywhere else the owner waits a short delay, no more.
+    delayed = await _signin_as(client, PASSWORD, "192.0.2.1")
+    await error_of(delayed, 429, "rate_limited")
+    wait = int(delayed.headers["Retry-After"])
+    assert wait <= 60
+    clock.at += wait
+    assert (await _signin_as(client, PASSWORD, "192.0.2.1")).status == 200
+
+    # More guessing, then the owner resets the password...
+    for n in range(10, 15):
+        await _signin_as(client, "not the password", f"203.0.113.{n}")
+    forgot = await client.post(FORGOT, json={"email": "owner@example.org"})
+    assert forgot.status == 202
+    token = await _reset_token("owner@example.org")
+    done = await client.post(RESET, json={"token": token, "password": NEW_PASSWORD})
+    assert done.status == 204
+    clock.at += 0.001
+    # ...which lifts every limit: the new password works at once, even from
+    # an address that guessed until it was refused.
+    assert (await _signin_as(client, NEW_PASSWORD, "203.0.113.0")).status == 200
+    assert (await _signin_as(client, NEW_PASSWORD, "192.0.2.2")).status == 200
+
+
+async def test_a_device_cookie_that_keeps_failing_is_limited(
+    aiohttp_client: Any, web_settings: Any
+) -> None:
+    settings = web_settings.model_copy(update={"trust_forwarded": True})
+    client, _ = await _client_with_clock(aiohttp_client, settings)
+    await signup(client, "owner@example.org")
+    first = await _signin_as(client, PASSWORD, "198.51.100.7")
+    device = first.cookies[DEVICE_COOKIE].value
+    statuses = []
+    for n in range(12):
+        # From ever new addresses: the device is counted, not the address.
+        answer = await _signin_as(client, "wrong!", f"203.0.113.{n}", device=device)
+        statuses.append(answer.status)
+    assert statuses == [401] * 10 + [429] * 2
+    refused = await _signin_as(client, PASSWORD, "203.0.113.50", device=device)
+    await error_of(refused, 429, "rate_limited")
+    # Without the cookie, the account itself is not held back.
+    assert (await _signin_as(client, PASSWORD, "192.0.2.1")).status == 200
+
+
+def test_a_device_cookie_is_good_for_its_account_only_until_it_expires() -> None:
+    device = Device(user_id=uuid.uuid4(), device_id="d3v1c3")
+    now = time.time()
+    value = device_cookie_value("secret", "a@example.org", device, int(now) + 60)
+    good = {"secret_key": "secret", "email_key": "a@example.org"}
+    assert read_device(value, **good, now=now) == device
+    assert read_device(value, **good, now=now + 61) is None
+    other = {"secret_key": "secret", "email_key": "b@example.org"}
+    assert read_device(value, **other, now=now) is None
+    assert read_device(value, secret_key="another", email_key="a", now=now) is None
+    forged = value.replace(device.device_id, "stolen")
+    assert read_device(forged, **good, now=now) is None
+    assert read_device("junk", **good, now=now) is None
+
+
+def test_an_ipv6_client_is_its_64() -> None:
+    assert client_key("2001:db8:1:2:aaaa::1") == "2001:db8:1:2::/64"
+    assert client_key("2001:db8:1:2:ffff::9") == "2001:db8:1:2::/64"
+    assert client_key("::ffff:192.0.2.1") == "192.0.2.1"
+    assert client_key("192.0.2.1") == "192.0.2.1"
+    assert client_key("unknown") == "unknown"
+
+
+async def test_one_ipv6_host_is_not_endless_clients(
+    aiohttp_client: Any, web_settings: Any
+) -> None:
+    settings = web_settings.model_copy(
+        update={"trust_forwarded": True, "signin_max_failures_per_client": 3}
+    )
+    client = await aiohttp_client(create_app(settings))
+    statuses = []
+    for n in range(1, 6):
+        answer = await client.post(
+            SIGNIN,
+            json={"email": f"spray{n}@example.org", "password": "guess-guess"},
+            headers=_from(f"2001:db8:1:2::{n:x}"),
+        )
+        statuses.append(answer.status)
+    assert statuses == [401] * 3 + [429] * 2
+    elsewhere = await client.post(
+        SIGNIN,
+        json={"email": "spray9@example.org", "password": "guess-guess"},
+        headers=_from("2001:db8:1:3::1"),
+    )
+    assert elsewhere.status == 401
+
+
+# --- finding 3: a reset checks its token before bcrypt ----------------------
+
+
+async def test_password_reset_checks_the_token_before_bcrypt_and_is_throttled(
+    aiohttp_client: Any, web_settings: Any, monkeypatch: Any
+) -> None:
+    import bcrypt
+
+    settings = web_settings.model_copy(update={"trust_forwarded": True})
+    client = await aiohttp_client(create_app(settings))
+    await signup(client, "owner@example.org")
+    real_hashpw = bcrypt.hashpw
+    hashes = 0
+
+    def hashpw(password: bytes, salt: bytes) -> bytes:
+        nonlocal hashes
+        hashes += 1
+        return real_hashpw(password, salt)
+
+    monkeypatch.setattr(bcrypt, "hashpw", hashpw)
+
+    # 8 clients posting junk tokens: refused without a single hash...
+    def junk(n: int) -> dict[str, str]:
+        return {"token": f"junk-token-{n:04d}-xxxxxxxxxx", "password": NEW_PASSWORD}
+
+    answers = await asyncio.gather(
+        *(
+            client.post(RESET, json=junk(100 * c + n), headers=_from(f"203.0.113.{c}"))
+            for c in range(8)
+            for n in range(12)
+        )
+    )
+    statuses = sorted(answer.status for answer in answers)
+    # ...and each client only 10 times in the window.
+    assert statuses == [410] * 80 + [429] * 16
+    assert hashes == 0
+    limited = next(answer for answer in answers if answer.status == 429)
+    await error_of(limited, 429, "rate_limited")
+    assert 0 < int(limited.headers["Retry-After"]) <= 900
+    # One token, from anywhere, only a few times.
+    same = [
+        (await client.post(RESET, json=junk(999), headers=_from(f"192.0.2.{n}"))).status
+        for n in range(5)
+    ]
+    assert same == [410] * 3 + [429] * 2
+
+    # A real link still works, with one hash; used, it costs none.
+    await client.post(FORGOT, json={"email": "owner@example.org"})
+    token = await _reset_token("owner@example.org")
+    real = {"token": token, "password": NEW_PASSWORD}
+    assert (
+        await client.post(RESET, json=real, headers=_from("198.51.100.1"))
+    ).status == 204
+    assert hashes == 1
+    again = await client.post(RESET, json=real, headers=_from("198.51.100.2"))
+    await error_of(again, 410, "gone")
+    assert hashes == 1

@@ -43,6 +43,7 @@ from sdapi.devtools.mailsink import mail_sink, read_messages
 from sdapi.infra.registry import NodeRegistry
 from web.app import create_app
 from web.appkeys import redis_key
+from web.devices import DEVICE_COOKIE
 from web.quota import usage
 from web.sessions import SESSION_COOKIE, SESSION_KEY_PREFIX
 from web.settings import WebSettings
@@ -629,8 +630,7 @@ async def test_session_signin_sets_a_cookie_with_csrf_protection(
     assert isinstance(csrf, str)
     assert len(csrf) >= 32
 
-    set_cookie = response.headers["Set-Cookie"]
-    assert set_cookie.startswith(f"{SESSION_COOKIE}=")
+    set_cookie = set_cookie_of(response, SESSION_COOKIE)
     assert "HttpOnly" in set_cookie
     assert "SameSite=Lax" in set_cookie
     assert "Secure" not in set_cookie  # http:// base URL
@@ -727,10 +727,21 @@ async def test_session_cookie_is_secure_behind_https(
         json={"email": "tls@example.org", "password": PASSWORD, "session": True},
     )
     assert response.status == 200
-    set_cookie = response.headers["Set-Cookie"]
+    set_cookie = set_cookie_of(response, SESSION_COOKIE)
     assert "Secure" in set_cookie
     assert "HttpOnly" in set_cookie
     assert "SameSite=Lax" in set_cookie
+    assert "Secure" in set_cookie_of(response, DEVICE_COOKIE)
+
+
+def set_cookie_of(response: Any, name: str) -> str:
+    """The one Set-Cookie header of a response that sets `name`."""
+    [header] = [
+        value
+        for value in response.headers.getall("Set-Cookie", [])
+        if value.startswith(f"{name}=")
+    ]
+    return str(header)
 
 
 # --- /me quota --------------------------------------------------------------

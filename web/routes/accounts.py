@@ -14,8 +14,16 @@ from tortoise.transactions import in_transaction
 from sdapi.db.models import ApiToken, PremiumCode, TokenKind, email_key_of, utcnow
 from sdapi.db.models import User as UserRow
 from sdapi.db.premium import add_premium_days, canonical_code, code_hash
-from web.appkeys import passwords_key, redis_key, settings_key
+from web.appkeys import clock_key, passwords_key, redis_key, settings_key
 from web.auth import require_user
+from web.devices import (
+    DEVICE_COOKIE,
+    Device,
+    device_cookie_value,
+    new_device,
+    read_device,
+    set_device_cookie,
+)
 from web.errors import (
     Conflict,
     EmailNotVerified,
@@ -44,10 +52,13 @@ from web.schemas.accounts import (
 from web.sessions import SESSION_COOKIE, delete_session
 from web.settings import WebSettings
 from web.throttle import (
+    Backoff,
+    Limit,
     clear,
     client_address,
     client_email_limit,
     client_limit,
+    device_limit,
     email_limit,
     release,
     reserve_or_refuse,
@@ -153,16 +164,108 @@ async def signup(request: web.Request) -> web.StreamResponse:
 async def signin(request: web.Request) -> web.StreamResponse:
     """Returns a bearer token. With `session: true` it also starts a playground
     session (HttpOnly cookie), returns its CSRF token, and the token returned
-    is the session's own: signing out with either ends both."""
+    is the session's own: signing out with either ends both. Every sign-in
+    also sets a device cookie: the browser's later sign-ins to the account
+    are counted on their own (docs/SIGN_IN.md)."""
     settings = request.app[settings_key]
     redis = request.app[redis_key]
     passwords = request.app[passwords_key]
+    now = request.app[clock_key].now()
     body = await read_body(request, SigninRequest)
     email_key = email_key_of(str(body.email))
+    device = read_device(
+        request.cookies.get(DEVICE_COOKIE),
+        secret_key=settings.secret(),
+        email_key=email_key,
+        now=now,
+    )
+    user: UserRow | None = None
+    if device is not None:
+        # A signed cookie of an account since replaced (a squat taken over)
+        # is no longer that account's device.
+        user = await UserRow.get_or_none(email_key=email_key)
+        if user is None or user.id != device.user_id:
+            device = None
+    limits, to_release, to_clear = _signin_limits(request, settings, email_key, device)
+    # Counted as a failure before the password is looked at, atomically: of
+    # many concurrent guesses only as many as the limits allow are checked;
+    # the rest learn nothing and cost no bcrypt.
+    attempt = await reserve_or_refuse(
+        redis, limits, "Too many failed sign-ins", now=now, email_key=email_key
+    )
+    try:
+        if device is None:
+            user = await UserRow.get_or_none(email_key=email_key)
+        ok = await passwords.verify(
+            body.password, user.password_hash if user is not None else None
+        )
+    except Exception:
+        # Not a wrong guess (the database failed, say): give the attempt back.
+        await release(redis, attempt, limits)
+        raise
+    if user is None or not ok:
+        raise Unauthorized(WRONG_CREDENTIALS)  # the attempt stays counted
+    await release(redis, attempt, to_release)
+    for limit in to_clear:
+        await clear(redis, limit)
+
+    if passwords.needs_rehash(user.password_hash):
+        upgraded = await passwords.hash(body.password)
+        await UserRow.filter(id=user.id).update(password_hash=upgraded)
+
+    csrf_token = None
+    if body.session:
+        secret, token, csrf_token = await _start_session(request, user, settings)
+    else:
+        secret, token = await issue_token(
+            user, kind=TokenKind.BEARER, ttl_s=settings.token_ttl
+        )
+    response = json_response(
+        SigninResponse(
+            token=secret,
+            expires_at=token.expires_at,
+            user=UserView.of(user, utcnow()),
+            csrf_token=csrf_token,
+        )
+    )
+    # The same device keeps its id (and its count); its expiry moves on.
+    known = device or new_device(user.id)
+    set_device_cookie(
+        response,
+        device_cookie_value(
+            settings.secret(),
+            email_key,
+            known,
+            int(now) + settings.signin_device_ttl,
+        ),
+        max_age=settings.signin_device_ttl,
+        secure=settings.secure_cookies,
+    )
+    return response
+
+
+def _signin_limits(
+    request: web.Request,
+    settings: WebSettings,
+    email_key: str,
+    device: Device | None,
+) -> tuple[list[Limit], list[Limit], list[Limit]]:
+    """The limits a sign-in counts against; those a success releases its
+    attempt from, and those it clears."""
+    if device is not None:
+        # A browser that signed in before is counted on its own: nothing a
+        # guesser elsewhere does holds it back, and it cannot guess for long.
+        by_device = device_limit(
+            device.device_id,
+            max_failures=settings.signin_max_failures_per_email,
+            window_s=settings.signin_failure_window,
+        )
+        return [by_device], [], [by_device]
     address = client_address(request, trust_forwarded=settings.trust_forwarded)
     # OWASP's layers: one client guessing one account is stopped soon, one
     # client guessing many a little later, and many clients guessing one
-    # account only slowly, so nobody elsewhere can lock its owner out for long.
+    # account are only slowed down (short, growing delays), so nobody
+    # elsewhere can lock its owner out.
     by_pair = client_email_limit(
         address,
         email_key,
@@ -176,49 +279,13 @@ async def signin(request: web.Request) -> web.StreamResponse:
     )
     by_email = email_limit(
         email_key,
-        max_failures=settings.signin_max_failures_per_email_global,
+        free_failures=settings.signin_max_failures_per_email_global,
         window_s=settings.signin_global_failure_window,
+        backoff=Backoff(
+            delay_s=settings.signin_backoff_delay, cap_s=settings.signin_backoff_cap
+        ),
     )
-    limits = [by_pair, by_client, by_email]
-    # Counted as a failure before the password is looked at, atomically: of
-    # many concurrent guesses only as many as the limits allow are checked;
-    # the rest learn nothing and cost no bcrypt.
-    attempt = await reserve_or_refuse(
-        request.app[redis_key], limits, "Too many failed sign-ins"
-    )
-    try:
-        user = await UserRow.get_or_none(email_key=email_key)
-        ok = await passwords.verify(
-            body.password, user.password_hash if user is not None else None
-        )
-    except Exception:
-        # Not a wrong guess (the database failed, say): give the attempt back.
-        await release(redis, attempt, limits)
-        raise
-    if user is None or not ok:
-        raise Unauthorized(WRONG_CREDENTIALS)  # the attempt stays counted
-    await release(redis, attempt, [by_client, by_email])
-    await clear(redis, by_pair)
-
-    if passwords.needs_rehash(user.password_hash):
-        upgraded = await passwords.hash(body.password)
-        await UserRow.filter(id=user.id).update(password_hash=upgraded)
-
-    csrf_token = None
-    if body.session:
-        secret, token, csrf_token = await _start_session(request, user, settings)
-    else:
-        secret, token = await issue_token(
-            user, kind=TokenKind.BEARER, ttl_s=settings.token_ttl
-        )
-    return json_response(
-        SigninResponse(
-            token=secret,
-            expires_at=token.expires_at,
-            user=UserView.of(user, utcnow()),
-            csrf_token=csrf_token,
-        )
-    )
+    return [by_pair, by_client, by_email], [by_client, by_email], [by_pair]
 
 
 async def _start_session(

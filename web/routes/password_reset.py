@@ -15,11 +15,25 @@ from tortoise.transactions import in_transaction
 
 from sdapi.db.models import ApiToken, PasswordReset, User, email_key_of, utcnow
 from sdapi.db.outbox import queue_email, render_email
-from web.appkeys import mail_templates_key, passwords_key, redis_key, settings_key
+from web.appkeys import (
+    clock_key,
+    mail_templates_key,
+    passwords_key,
+    redis_key,
+    settings_key,
+)
 from web.errors import Gone
 from web.openapi import ApiRoutes, ErrorBody, Response, json_response, read_body
 from web.schemas.password_reset import ForgotRequest, ResetRequest, ResetRequested
-from web.throttle import client_address, reserve, signup_limit
+from web.throttle import (
+    client_address,
+    lift,
+    reserve,
+    reserve_or_refuse,
+    reset_client_limit,
+    reset_token_limit,
+    signup_limit,
+)
 from web.tokens import announce_revoked, hash_secret, live_tokens
 
 log = logging.getLogger(__name__)
@@ -113,11 +127,44 @@ async def _send_reset(request: web.Request, user: User) -> None:
         Response(204, "Set; every session and token of the account is revoked"),
         Response(410, "The link is invalid, used or expired", ErrorBody),
         Response(422, "The new password is not acceptable", ErrorBody),
+        Response(
+            429, "Too many attempts from this client or with this link", ErrorBody
+        ),
     ],
 )
 async def reset_password(request: web.Request) -> web.StreamResponse:
-    """The link works once; the account's email counts as verified after it."""
+    """The link works once; the account's email counts as verified after it,
+    and every sign-in limit of the account is lifted."""
+    settings = request.app[settings_key]
+    redis = request.app[redis_key]
+    clock = request.app[clock_key]
     body = await read_body(request, ResetRequest)
+    address = client_address(request, trust_forwarded=settings.trust_forwarded)
+    # Every attempt counts, before any work: junk tokens cost a lookup each,
+    # and many posts of one real token cannot all reach bcrypt.
+    await reserve_or_refuse(
+        redis,
+        [
+            reset_client_limit(
+                address,
+                max_attempts=settings.password_reset_max_per_client,
+                window_s=settings.password_reset_window,
+            ),
+            reset_token_limit(
+                body.token,
+                max_attempts=settings.password_reset_max_per_token,
+                window_s=settings.password_reset_window,
+            ),
+        ],
+        "Too many password reset attempts",
+        now=clock.now(),
+    )
+    # The token is checked before bcrypt: an invalid, used or expired one
+    # costs one indexed lookup, not a hash. The claim below decides races.
+    if not await PasswordReset.exists(
+        token_hash=hash_secret(body.token), used_at=None, expires_at__gt=utcnow()
+    ):
+        raise Gone(INVALID_LINK)
     password_hash = await request.app[passwords_key].hash(body.password)
     now = utcnow()
     async with in_transaction():
@@ -145,7 +192,11 @@ async def reset_password(request: web.Request) -> web.StreamResponse:
         await ApiToken.filter(id__in=revoked).update(revoked_at=now)
         # Other links of the account stop working too.
         await PasswordReset.filter(user_id=user.id, used_at=None).update(used_at=now)
+    # The owner proved control of the address: whatever was guessed before,
+    # the new password works at once, from anywhere.
+    windows = (settings.signin_global_failure_window, settings.signin_failure_window)
+    await lift(redis, user.email_key, now=clock.now(), keep_s=max(windows) + 1)
     for token_id in revoked:
-        await announce_revoked(request.app[redis_key], token_id)
+        await announce_revoked(redis, token_id)
     log.info("password reset for user %s; %d tokens revoked", user.id, len(revoked))
     return web.Response(status=204)

@@ -177,4 +177,7 @@ class Quota(BaseModel):
 class Me(UserView):
     """The caller's account with their quota."""
 
+    # Its own name, not the title "User" it would inherit.
+    model_config = ConfigDict(title="Me")
+
     quota: Quota
