@@ -11,7 +11,9 @@ from prometheus_client import CollectorRegistry
 from redis.asyncio import Redis
 from tortoise.context import TortoiseContext
 
+from sdapi.infra.deadline import Deadline
 from sdapi.infra.queue import QueuePool
+from web.decoders import DecodePool
 from web.passwords import Passwords
 from web.registry import NodeRegistry
 from web.settings import WebSettings
@@ -40,3 +42,7 @@ registry_key = web.AppKey("registry", NodeRegistry)
 metrics_key = web.AppKey("metrics", CollectorRegistry)
 # The OpenAPI document, generated once from the route tables.
 openapi_key = web.AppKey("openapi", dict[str, Any])
+# Threads that decode uploaded images, with a share per user.
+decoders_key = web.AppKey("decoders", DecodePool)
+# The request's budget for all its Redis work (SDAPI_REDIS_TIMEOUT in all).
+redis_deadline_key = web.RequestKey("redis_deadline", Deadline)
