@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+from functools import partial
 from typing import Any
 
 from aiohttp import web
@@ -247,7 +248,7 @@ async def _edit_inputs(
             limits=limits,
             decoders=decoders,
         )
-    elif await asyncio.to_thread(has_transparency, image):
+    elif await decoders.run(user.id, partial(has_transparency, image)):
         # No mask: as OpenAI does, the image's own transparency is the mask.
         mask = await resolve_input(
             user,
@@ -257,7 +258,8 @@ async def _edit_inputs(
             limits=limits,
             decoders=decoders,
         )
-    init = await asyncio.to_thread(flatten, image)
+    # Decoding and encoding again: CPU work of the same kind, in the same share.
+    init = await decoders.run(user.id, partial(flatten, image))
     inputs = {InputRole.INIT_IMAGE: init}
     if mask is not None:
         check_mask_size(init, mask)
