@@ -6,7 +6,7 @@ import contextlib
 import importlib.metadata
 import importlib.resources
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 
 import aiohttp
 import aiohttp_jinja2
@@ -21,22 +21,26 @@ from sdapi.contract.names import WEB_SERVICE
 from sdapi.db.connection import open_database
 from sdapi.db.outbox import mail_templates
 from sdapi.infra.consul import open_consul
+from sdapi.infra.deadline import Deadline
 from sdapi.infra.queue import create_queue_pool
 from sdapi.infra.registry import CONSUL_WAIT_S, NodeRegistry
 from web.appkeys import (
     Probes,
     clock_key,
     database_key,
+    decoders_key,
     live_redis_key,
     mail_templates_key,
     metrics_key,
     openapi_key,
     passwords_key,
     readiness_key,
+    redis_deadline_key,
     redis_key,
     registry_key,
     settings_key,
 )
+from web.decoders import DecodePool
 from web.errors import error_middleware
 from web.headers import add_security_headers
 from web.live_socket import install_live, revocations_ctx
@@ -86,6 +90,7 @@ def create_app(settings: WebSettings) -> web.Application:
             # Outermost: it counts the status the client got, errors included.
             metrics_middleware,
             error_middleware,
+            redis_deadline_middleware,
             session_middleware(
                 AppRedisStorage(
                     app, max_age=settings.session_ttl, secure=settings.secure_cookies
@@ -99,7 +104,9 @@ def create_app(settings: WebSettings) -> web.Application:
         autoescape=jinja2.select_autoescape(["html", "j2"]),
     )
     app[mail_templates_key] = mail_templates()
-    app.cleanup_ctx.extend([database_ctx, redis_ctx, registry_ctx, revocations_ctx])
+    app.cleanup_ctx.extend(
+        [database_ctx, redis_ctx, registry_ctx, revocations_ctx, decoders_ctx]
+    )
     tables: list[ApiRoutes] = route_tables()
     for table in tables:
         table.add_to(app)
@@ -114,6 +121,32 @@ def create_app(settings: WebSettings) -> web.Application:
     # The playground's scripts and stylesheet (package data of `web`).
     app.router.add_static("/static", str(importlib.resources.files("web") / "static"))
     return app
+
+
+@web.middleware
+async def redis_deadline_middleware(
+    request: web.Request,
+    handler: Callable[[web.Request], Awaitable[web.StreamResponse]],
+) -> web.StreamResponse:
+    """One budget for all of a request's Redis work, from its start: a stalled
+    Redis costs a request SDAPI_REDIS_TIMEOUT, not that per command it makes."""
+    request[redis_deadline_key] = Deadline(request.app[settings_key].redis_timeout)
+    return await handler(request)
+
+
+async def decoders_ctx(app: web.Application) -> AsyncIterator[None]:
+    """The threads that decode uploads, sized by the settings."""
+    settings = app[settings_key]
+    pool = DecodePool(
+        workers=settings.decode_workers,
+        per_user=settings.decode_per_user,
+        wait_s=settings.decode_wait,
+    )
+    app[decoders_key] = pool
+    try:
+        yield
+    finally:
+        await pool.close()
 
 
 async def database_ctx(app: web.Application) -> AsyncIterator[None]:

@@ -12,8 +12,10 @@ from prometheus_client import CollectorRegistry
 from redis.asyncio import Redis
 from tortoise.context import TortoiseContext
 
+from sdapi.infra.deadline import Deadline
 from sdapi.infra.queue import QueuePool
 from sdapi.infra.registry import NodeRegistry
+from web.decoders import DecodePool
 from web.passwords import Passwords
 from web.settings import WebSettings
 from web.throttle import Clock
@@ -46,3 +48,7 @@ metrics_key = web.AppKey("metrics", CollectorRegistry)
 openapi_key = web.AppKey("openapi", dict[str, Any])
 # Every email web writes to the outbox (verification, password reset).
 mail_templates_key = web.AppKey("mail_templates", jinja2.Environment)
+# Threads that decode uploaded images, with a share per user.
+decoders_key = web.AppKey("decoders", DecodePool)
+# The request's budget for all its Redis work (SDAPI_REDIS_TIMEOUT in all).
+redis_deadline_key = web.RequestKey("redis_deadline", Deadline)

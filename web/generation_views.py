@@ -25,6 +25,7 @@ from sdapi.contract.names import (
 )
 from sdapi.contract.status import Status, Tier
 from sdapi.db.models import Delivery, GeneratedImage, Generation, User
+from sdapi.infra.deadline import Deadline
 from sdapi.infra.links import image_path
 from sdapi.infra.queue import (
     queue_position,
@@ -42,7 +43,7 @@ def image_url(app: web.Application, generation_id: uuid.UUID | str, index: int) 
 
 
 async def _live_state(
-    app: web.Application, generation: Generation
+    app: web.Application, generation: Generation, deadline: Deadline
 ) -> tuple[int | None, schemas.Progress | None]:
     redis = app[redis_key]
     status = Status(generation.status)
@@ -50,21 +51,25 @@ async def _live_state(
         if status is Status.QUEUED:
             if generation.tier is Tier.PREMIUM:
                 job = generation_job_id(generation.id, generation.attempts)
-                return await queue_position(
-                    redis, premium_queue(generation.model), job
+                return await deadline.run(
+                    queue_position(redis, premium_queue(generation.model), job)
                 ), None
             if generation.batch_id is not None:
                 job = batch_job_id(generation.batch_id, generation.attempts)
-                return await queue_position(
-                    redis, batch_queue(generation.model), job
+                return await deadline.run(
+                    queue_position(redis, batch_queue(generation.model), job)
                 ), None
         if status is Status.RUNNING:
-            raw: dict[bytes, bytes] = await redis.hgetall(progress_key(generation.id))  # type: ignore[misc]
+            raw: dict[bytes, bytes] = await deadline.run(
+                redis.hgetall(progress_key(generation.id))  # type: ignore[arg-type]
+            )
             if raw.get(b"step") is not None and raw.get(b"total") is not None:
                 return None, schemas.Progress(
                     step=int(raw[b"step"]), total=int(raw[b"total"])
                 )
-    except RedisError:
+    except (RedisError, TimeoutError):
+        # The view is PostgreSQL's; Redis only adds the live details, left
+        # unknown (null) when it does not answer within the request's budget.
         log.warning("live state of %s unavailable", generation.id)
     return None, None
 
@@ -140,11 +145,14 @@ async def present(
     app: web.Application,
     generation: Generation,
     images: list[StoredImage] | None = None,
+    *,
+    deadline: Deadline,
 ) -> schemas.GenerationView:
-    """The public view of a generation, with live queue position and progress."""
+    """The public view of a generation, with live queue position and progress
+    as far as Redis answers within `deadline`."""
     if images is None:
         images = (await stored_images([generation.id])).get(generation.id, [])
-    position, progress = await _live_state(app, generation)
+    position, progress = await _live_state(app, generation, deadline)
     return schemas.GenerationView(
         id=str(generation.id),
         status=Status(generation.status),

@@ -26,6 +26,7 @@ from sdapi.contract.payloads import GenerationJob, GenerationParams, default_str
 from sdapi.contract.status import TERMINAL_STATUSES, Status, Tier
 from sdapi.db.input_images import put_inputs, store_inputs
 from sdapi.db.models import Delivery, Generation, InputRole, User, utcnow
+from sdapi.infra.deadline import Deadline
 from sdapi.infra.queue import (
     drop_waiting_job,
     enqueue_generation,
@@ -34,7 +35,7 @@ from sdapi.infra.queue import (
 )
 from sdapi.infra.registry import ModelOffer
 from sdapi.infra.streams import append_done, append_event
-from web.appkeys import redis_key, registry_key, settings_key
+from web.appkeys import decoders_key, redis_key, registry_key, settings_key
 from web.auth import Principal
 from web.errors import (
     EmailNotVerified,
@@ -47,8 +48,9 @@ from web.errors import (
 )
 from web.idempotency import IdempotencyClaim, find_replay, record
 from web.inputs import ResultRef, Source, check_mask_size, resolve_input
-from web.quota import usage
+from web.quota import Usage, usage
 from web.schemas import generations as schemas
+from web.settings import TierLimits
 from web.uploads import CleanImage, Use, fit_size
 
 log = logging.getLogger(__name__)
@@ -61,14 +63,17 @@ NO_NODE_RETRY_S = 30
 DEFAULT_SIZE = 512
 
 
-async def find_offer(app: web.Application, model: str | None) -> ModelOffer:
+async def find_offer(
+    app: web.Application, model: str | None, *, deadline: Deadline
+) -> ModelOffer:
     """The offer of `model`, or of the default model when None (422 if unknown).
 
     Without a model the configured default wins while a node serves it, then
     any served model; an offline default is still returned so normal-tier
-    requests can wait in the database for a node.
+    requests can wait in the database for a node. Without Consul, the nodes
+    are read from Redis: that counts against the request's `deadline`.
     """
-    offers = await app[registry_key].offers()
+    offers = await deadline.run(app[registry_key].offers())
     if model is not None:
         offer = offers.get(model)
         if offer is None:
@@ -215,14 +220,21 @@ async def prepare_inputs(
     app: web.Application,
     principal: Principal,
     sources: Mapping[InputRole, Source],
+    *,
+    num_images: int,
+    idempotency: IdempotencyClaim | None = None,
 ) -> dict[InputRole, CleanImage]:
-    """Check and clean a request's inputs with the caller's tier limits."""
+    """Check and clean a request's inputs with the caller's tier limits, once
+    the quota and in-flight limits would let the request through."""
     tier = principal.user.tier_at(utcnow())
     # As in submit_generation: an unverified account learns nothing else.
     if tier is Tier.NORMAL and principal.user.email_verified_at is None:
         raise EmailNotVerified()
     limits = app[settings_key].limits(tier)
     inputs: dict[InputRole, CleanImage] = {}
+    if not sources:
+        return inputs
+    await check_allowance(principal, limits, num_images, idempotency)
     for role, source in sources.items():
         inputs[role] = await resolve_input(
             principal.user,
@@ -230,12 +242,49 @@ async def prepare_inputs(
             field=role.value,
             use=Use.MASK if role is InputRole.MASK else Use.IMAGE,
             limits=limits,
+            decoders=app[decoders_key],
         )
     init = inputs.get(InputRole.INIT_IMAGE)
     mask = inputs.get(InputRole.MASK)
     if init is not None and mask is not None:
         check_mask_size(init, mask)
     return inputs
+
+
+async def check_allowance(
+    principal: Principal,
+    limits: TierLimits,
+    num_images: int,
+    idempotency: IdempotencyClaim | None,
+) -> None:
+    """The 429 that `submit_generation` would answer for the quota or the
+    in-flight limit, asked before a request's images are decoded: decoding
+    costs seconds of CPU, a refusal a query. Without the user's lock: the
+    check under it at submission stays the one that counts."""
+    now = utcnow()
+    if idempotency is not None:
+        # A retry of an accepted request gets its first answer, spent quota
+        # or not (as in submit_generation).
+        if await find_replay(principal.user.id, idempotency, now) is not None:
+            return
+    _check_limits(limits, await usage(principal.user, now), num_images, now)
+
+
+def _check_limits(
+    limits: TierLimits, used: Usage, num_images: int, now: datetime
+) -> None:
+    if used.images_today + num_images > limits.images_per_day:
+        raise QuotaExceeded(
+            f"This would exceed your {limits.images_per_day} images per day "
+            f"({used.images_today} used).",
+            retry_after=_seconds_to_midnight(now),
+        )
+    if limits.max_in_flight is not None and used.in_flight >= limits.max_in_flight:
+        raise RateLimited(
+            f"You already have {used.in_flight} requests queued or running "
+            f"(at most {limits.max_in_flight}).",
+            retry_after=IN_FLIGHT_RETRY_S,
+        )
 
 
 def _seconds_to_midnight(now: datetime) -> int:
@@ -251,12 +300,14 @@ async def submit_generation(
     body: schemas.GenerationRequest,
     inputs: Mapping[InputRole, CleanImage] | None = None,
     *,
+    deadline: Deadline,
     idempotency: IdempotencyClaim | None = None,
 ) -> Generation:
     """Validate, store and (premium) enqueue a generation; return the stored row.
 
     With an idempotency claim seen before, the generation it made comes back
-    and nothing else happens (no quota, no enqueue).
+    and nothing else happens (no quota, no enqueue). Its Redis work stays
+    within `deadline`: an enqueue cut short is left to the reconciler.
     """
     settings = app[settings_key]
     now = utcnow()
@@ -271,7 +322,7 @@ async def submit_generation(
         if replay is not None:
             return replay
     inputs = dict(inputs or {})
-    offer = await find_offer(app, body.model)
+    offer = await find_offer(app, body.model, deadline=deadline)
     request = resolve_request(body, offer, tier, app, inputs)
     # Mail goes only to an address its owner has proven (premium included).
     if request.delivery == "email" and principal.user.email_verified_at is None:
@@ -290,19 +341,7 @@ async def submit_generation(
             replay = await find_replay(user.id, idempotency, now)
             if replay is not None:
                 return replay
-        used = await usage(user, now)
-        if used.images_today + request.num_images > limits.images_per_day:
-            raise QuotaExceeded(
-                f"This would exceed your {limits.images_per_day} images per day "
-                f"({used.images_today} used).",
-                retry_after=_seconds_to_midnight(now),
-            )
-        if limits.max_in_flight is not None and used.in_flight >= limits.max_in_flight:
-            raise RateLimited(
-                f"You already have {used.in_flight} requests queued or running "
-                f"(at most {limits.max_in_flight}).",
-                retry_after=IN_FLIGHT_RETRY_S,
-            )
+        _check_limits(limits, await usage(user, now), request.num_images, now)
         premium = tier is Tier.PREMIUM
         generation = await Generation.create(
             id=uuid.uuid4(),
@@ -331,7 +370,9 @@ async def submit_generation(
         if idempotency is not None:
             await record(user, idempotency, generation, now)
     if generation.tier is Tier.PREMIUM:
-        await _enqueue_premium(app, generation, request, waiting=not offer.available)
+        await _enqueue_premium(
+            app, generation, request, waiting=not offer.available, deadline=deadline
+        )
     return generation
 
 
@@ -341,6 +382,7 @@ async def _enqueue_premium(
     request: schemas.ResolvedRequest,
     *,
     waiting: bool,
+    deadline: Deadline,
 ) -> None:
     redis = app[redis_key]
     job = GenerationJob(
@@ -350,7 +392,8 @@ async def _enqueue_premium(
         params=GenerationParams.from_request(request.model_dump()),
         attempt=generation.attempts,
     )
-    try:
+
+    async def enqueue() -> None:
         # The node fetches the inputs by hash: they are in Redis before the job.
         await put_inputs(redis, [generation.id])
         # `queued` goes into the stream before the job exists, so no node can
@@ -360,8 +403,13 @@ async def _enqueue_premium(
         queued = QueuedEvent(position=ahead, waiting_for_node=waiting)
         await append_event(redis, generation.id, queued)
         await enqueue_generation(redis, job)
-    except RedisError:
-        # Committed already: the reconciler enqueues it after its deadline.
+
+    try:
+        await deadline.run(enqueue())
+    except (RedisError, TimeoutError):
+        # Committed already: the reconciler enqueues it after its deadline
+        # (a job cut short halfway is one it finds not live, as after a
+        # Redis error between two of these commands).
         log.warning("enqueue of %s failed; the reconciler will retry", generation.id)
 
 

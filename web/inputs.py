@@ -7,11 +7,13 @@ import base64
 import binascii
 import uuid
 from dataclasses import dataclass
+from functools import partial
 
 from sdapi.db.models import GeneratedImage, User
+from web.decoders import DecodePool
 from web.errors import ValidationFailed
 from web.settings import TierLimits
-from web.uploads import CleanImage, Use, clean_image
+from web.uploads import CleanImage, Use, clean_image, inspect_image
 
 
 @dataclass(frozen=True)
@@ -61,23 +63,36 @@ async def resolve_input(
     field: str,
     use: Use,
     limits: TierLimits,
+    decoders: DecodePool,
     keep_alpha: bool = False,
 ) -> CleanImage:
-    """One input, checked and cleaned (in a thread), whatever form it came in."""
+    """One input, checked and cleaned, whatever form it came in: its header in
+    a thread, then (if it passed) its pixels in one of the user's decode slots."""
     if isinstance(source, ResultRef):
         data = await _own_result(user, source, field)
     elif isinstance(source, str):
         data = decode_base64(source, field)
     else:
         data = source
-    return await asyncio.to_thread(
-        clean_image,
+    # Refused here, a huge declared size never takes a decode slot.
+    await asyncio.to_thread(
+        inspect_image,
         data,
         field=field,
-        use=use,
         max_bytes=limits.max_upload_bytes,
         max_pixels=limits.max_upload_pixels,
-        keep_alpha=keep_alpha,
+    )
+    return await decoders.run(
+        user.id,
+        partial(
+            clean_image,
+            data,
+            field=field,
+            use=use,
+            max_bytes=limits.max_upload_bytes,
+            max_pixels=limits.max_upload_pixels,
+            keep_alpha=keep_alpha,
+        ),
     )
 
 

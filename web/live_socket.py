@@ -23,6 +23,7 @@ from pydantic import BaseModel, ValidationError
 
 from sdapi.contract.names import REVOKED_TOKENS_CHANNEL
 from sdapi.contract.status import Status, Tier
+from sdapi.infra.deadline import Deadline
 from sdapi.infra.pubsub import Listener
 from web.appkeys import redis_key, settings_key
 from web.auth import Principal
@@ -350,11 +351,15 @@ class LiveSocket:
         # Inputs fit a message as references to earlier results, or as small
         # base64 images (messages are capped at max_ws_message_bytes).
         sources = request_sources(message.request)
-        inputs = await prepare_inputs(self._app, principal, sources)
-        generation = await submit_generation(
-            self._app, principal, message.request, inputs
+        inputs = await prepare_inputs(
+            self._app, principal, sources, num_images=message.request.num_images
         )
-        view = await present(self._app, generation, images=[])
+        # One Redis budget per message, as a REST request has.
+        deadline = Deadline(self._app[settings_key].redis_timeout)
+        generation = await submit_generation(
+            self._app, principal, message.request, inputs, deadline=deadline
+        )
+        view = await present(self._app, generation, images=[], deadline=deadline)
         await self.send(AcceptedFrame(id=str(generation.id), generation=view))
         self._follow(generation.id)
 

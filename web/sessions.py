@@ -9,7 +9,7 @@ from aiohttp import web
 from aiohttp_session import AbstractStorage, Session
 from redis.asyncio import Redis
 
-from web.appkeys import redis_key
+from web.appkeys import redis_deadline_key, redis_key
 
 SESSION_COOKIE = "sdapi_session"
 SESSION_KEY_PREFIX = SESSION_COOKIE + "_"
@@ -36,7 +36,10 @@ class AppRedisStorage(AbstractStorage):
         session_id = self.load_cookie(request)
         if session_id is None:
             return Session(None, data=None, new=True, max_age=self.max_age)
-        raw = await self._app[redis_key].get(SESSION_KEY_PREFIX + str(session_id))
+        # Within the request's Redis budget, as everything else it asks Redis.
+        raw = await request[redis_deadline_key].run(
+            self._app[redis_key].get(SESSION_KEY_PREFIX + str(session_id))
+        )
         if raw is None:
             return Session(None, data=None, new=True, max_age=self.max_age)
         try:
@@ -57,10 +60,12 @@ class AppRedisStorage(AbstractStorage):
             # An emptied session (sign-out) clears its cookie.
             cookie = "" if session.empty else session_id
             self.save_cookie(response, cookie, max_age=session.max_age)
-        await self._app[redis_key].set(
-            SESSION_KEY_PREFIX + session_id,
-            json.dumps(self._get_session_data(session)),
-            ex=session.max_age,
+        await request[redis_deadline_key].run(
+            self._app[redis_key].set(
+                SESSION_KEY_PREFIX + session_id,
+                json.dumps(self._get_session_data(session)),
+                ex=session.max_age,
+            )
         )
 
 

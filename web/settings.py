@@ -126,10 +126,17 @@ class WebSettings(CommonSettings):
     verify_resend_per_day: int = Field(default=5, ge=1)
     # How long a call to the Consul agent may take (seconds).
     consul_timeout: float = Field(default=3.0, gt=0, description="seconds")
-    # Deadlines of one PostgreSQL statement and one Redis command on the
-    # request path: past them the request is a 503 with Retry-After.
+    # Deadlines of one PostgreSQL statement, and of all the Redis work of one
+    # request: past them the request is a 503 with Retry-After (or, where
+    # Redis only adds live details, answers without them).
     db_timeout: float = Field(default=3.0, gt=0, description="seconds")
     redis_timeout: float = Field(default=2.0, gt=0, description="seconds")
+    # Threads that decode uploaded images, how many of them one user may hold
+    # (running or waiting), and how long a request waits for one (seconds)
+    # before a 429 (its user's share is full) or a 503 (all are busy).
+    decode_workers: int = Field(default=2, ge=1)
+    decode_per_user: int = Field(default=1, ge=1)
+    decode_wait: float = Field(default=5.0, gt=0, description="seconds")
 
     # Tier limits; never above what a GPU node accepts (sdapi.contract).
     normal_max_size: int = Field(default=512, ge=64, le=SIZE_MAX)

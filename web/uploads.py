@@ -1,8 +1,9 @@
 """Checking and cleaning uploaded images (PNG, JPEG, WebP) before anything keeps them.
 
 Formats are recognised by content; sizes are checked from the header before
-the pixels are decoded; what is kept is a fresh PNG without any metadata.
-Decoding is CPU work: call `clean_image` in a thread.
+the pixels are decoded (`inspect_image` does only that); what is kept is a
+fresh PNG without any metadata. Decoding is CPU work: call `clean_image` in a
+thread, one of `web.decoders`'.
 """
 
 from __future__ import annotations
@@ -80,16 +81,10 @@ def has_transparency(image: CleanImage) -> bool:
         return bool(low == 0)
 
 
-def clean_image(
-    data: bytes,
-    *,
-    field: str,
-    use: Use,
-    max_bytes: int,
-    max_pixels: int,
-    keep_alpha: bool = False,
-) -> CleanImage:
-    """Check an upload and return it as a metadata-free PNG (413 / 422 otherwise)."""
+def inspect_image(data: bytes, *, field: str, max_bytes: int, max_pixels: int) -> str:
+    """Check an upload from its header alone (413 / 422): cheap, whatever the
+    size it declares, so an image too large for the tier never gets decoded.
+    Returns Pillow's name of its format."""
     if len(data) > max_bytes:
         raise PayloadTooLarge(
             f"{field} is {len(data)} bytes; your tier accepts at most {max_bytes}.",
@@ -102,29 +97,53 @@ def clean_image(
         # Pillow itself refuses headers past twice its MAX_IMAGE_PIXELS (and
         # warns past it); the tier's own limit, far lower, is checked here.
         with Image.open(io.BytesIO(data), formats=[kind]) as opened:
-            # Only the header is read so far: the size is checked before a
-            # single pixel is decoded.
-            width, height = opened.size
-            if width < 1 or height < 1 or width * height > max_pixels:
-                raise _refuse(
-                    field,
-                    f"The image is {width}x{height} pixels; your tier accepts "
-                    f"at most {max_pixels} pixels.",
-                )
-            if getattr(opened, "n_frames", 1) > 1:
-                raise _refuse(
-                    field, "Animated images are not accepted; send one frame."
-                )
-            if opened.mode in _DEEP_MODES:
-                raise _refuse(
-                    field,
-                    f"{opened.mode} images (16-bit or float) are not accepted; "
-                    "send 8 bits per channel.",
-                )
+            # Opening reads the header only: no pixel is decoded here.
+            _check_header(opened, field, max_pixels)
+    # The warning is an exception where warnings are errors (as in the tests).
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning):
+        raise _refuse(field, "The image is too large to decode.") from None
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
+        raise _refuse(field, f"The image cannot be decoded ({exc}).") from None
+    return kind
+
+
+def _check_header(opened: Image.Image, field: str, max_pixels: int) -> None:
+    width, height = opened.size
+    if width < 1 or height < 1 or width * height > max_pixels:
+        raise _refuse(
+            field,
+            f"The image is {width}x{height} pixels; your tier accepts "
+            f"at most {max_pixels} pixels.",
+        )
+    if getattr(opened, "n_frames", 1) > 1:
+        raise _refuse(field, "Animated images are not accepted; send one frame.")
+    if opened.mode in _DEEP_MODES:
+        raise _refuse(
+            field,
+            f"{opened.mode} images (16-bit or float) are not accepted; "
+            "send 8 bits per channel.",
+        )
+
+
+def clean_image(
+    data: bytes,
+    *,
+    field: str,
+    use: Use,
+    max_bytes: int,
+    max_pixels: int,
+    keep_alpha: bool = False,
+) -> CleanImage:
+    """Check an upload and return it as a metadata-free PNG (413 / 422 otherwise)."""
+    kind = inspect_image(data, field=field, max_bytes=max_bytes, max_pixels=max_pixels)
+    try:
+        with Image.open(io.BytesIO(data), formats=[kind]) as opened:
+            # Checked again on this copy of the header, before a single pixel
+            # is decoded.
+            _check_header(opened, field, max_pixels)
             opened.load()
             # Photos say which way is up in EXIF, which is dropped below.
             upright = ImageOps.exif_transpose(opened)
-    # The warning is an exception where warnings are errors (as in the tests).
     except (Image.DecompressionBombError, Image.DecompressionBombWarning):
         raise _refuse(field, "The image is too large to decode.") from None
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:

@@ -8,6 +8,7 @@ import io
 import json
 import uuid
 import zlib
+from collections.abc import Callable
 from typing import Any
 
 import aiohttp
@@ -18,6 +19,9 @@ from PIL import Image
 from sdapi.contract.names import input_key
 from sdapi.db.models import Generation, GenerationInput, IdempotencyKey, InputImage
 from tests.node_double import NodeDouble, auth, make_user
+from web.app import create_app
+from web.appkeys import decoders_key
+from web.settings import WebSettings
 
 GENERATIONS = "/api/v1/generations"
 BASE = {"prompt": "a red fox", "steps": 4}
@@ -65,6 +69,14 @@ async def post(
     data: dict[str, Any] = await response.json()
     assert response.status == status, data
     return data
+
+
+def declaring(width: int, height: int) -> bytes:
+    """A tiny PNG whose header claims `width` x `height` pixels."""
+    png = bytearray(encode(Image.new("L", (8, 8))))
+    png[16:24] = width.to_bytes(4, "big") + height.to_bytes(4, "big")
+    png[29:33] = zlib.crc32(bytes(png[12:29])).to_bytes(4, "big")
+    return bytes(png)
 
 
 def refused(data: dict[str, Any], field: str, code: str = "validation_error") -> str:
@@ -193,10 +205,8 @@ async def test_every_kind_of_bad_upload_is_refused_clearly(
     assert len(bomb) < 100_000
     assert "pixels" in await refusal({"init_image": b64(bomb)}, "init_image")
     # A header claiming 30000x30000 pixels: Pillow's own limit refuses it.
-    giant = bytearray(encode(Image.new("L", (8, 8))))
-    giant[16:24] = (30000).to_bytes(4, "big") * 2
-    giant[29:33] = zlib.crc32(bytes(giant[12:29])).to_bytes(4, "big")
-    assert "too large" in await refusal({"init_image": b64(bytes(giant))}, "init_image")
+    giant = declaring(30000, 30000)
+    assert "too large" in await refusal({"init_image": b64(giant)}, "init_image")
     frames = [picture(), Image.new("RGB", (64, 64), (255, 0, 0))]
     animated = encode(frames[0], "WEBP", save_all=True, append_images=frames[1:])
     assert "Animated" in await refusal({"init_image": b64(animated)}, "init_image")
@@ -317,3 +327,67 @@ async def test_a_form_may_name_an_earlier_result_but_not_twice_the_same_input(
     response = await client.post(GENERATIONS, data=both, headers=auth(secret))
     assert response.status == 422
     assert refused(await response.json(), "init_image")
+
+
+# --- finding 6: decoding after the quota check, bounded, shared fairly -------
+
+
+async def test_decoding_waits_for_the_quota_check(
+    aiohttp_client: Callable[..., Any], web_settings: WebSettings, node: NodeDouble
+) -> None:
+    settings = web_settings.model_copy(
+        update={"premium_images_per_day": 2, "premium_max_in_flight": 1}
+    )
+    client: TestClient = await aiohttp_client(create_app(settings))
+    decoders = client.app[decoders_key]
+    upload = {**BASE, "init_image": b64(encode(picture()))}
+    _, spent = await make_user()
+    await post(client, spent, {**BASE, "num_images": 2})
+    data = await post(client, spent, upload, 429)
+    assert data["error"]["code"] == "quota_exceeded"
+    _, busy = await make_user()
+    await post(client, busy, BASE)
+    data = await post(client, busy, upload, 429)
+    assert data["error"]["code"] == "rate_limited"
+    # Neither refused upload was decoded; an accepted one is.
+    assert decoders.started == 0
+    _, fresh = await make_user()
+    await post(client, fresh, upload)
+    assert decoders.started == 1
+
+
+async def test_an_image_declaring_too_many_pixels_is_refused_without_decoding(
+    client: TestClient, node: NodeDouble
+) -> None:
+    _, secret = await make_user()
+    # 25 megapixels declared in 8x8 pixels' bytes; premium accepts 16.
+    data = await post(
+        client, secret, {**BASE, "init_image": b64(declaring(5000, 5000))}, 422
+    )
+    assert "pixels" in refused(data, "init_image")
+    assert client.app[decoders_key].started == 0
+
+
+async def test_one_user_holds_at_most_their_share_of_the_decoders(
+    aiohttp_client: Callable[..., Any], web_settings: WebSettings, node: NodeDouble
+) -> None:
+    settings = web_settings.model_copy(
+        update={"decode_workers": 2, "decode_per_user": 1, "decode_wait": 0.3}
+    )
+    client: TestClient = await aiohttp_client(create_app(settings))
+    decoders = client.app[decoders_key]
+    greedy, greedy_secret = await make_user()
+    _, other_secret = await make_user()
+    upload = {**BASE, "init_image": b64(encode(picture()))}
+    # As while one of their uploads is being decoded.
+    async with decoders.slot(greedy.id):
+        response = await client.post(
+            GENERATIONS, json=upload, headers=auth(greedy_secret)
+        )
+        assert response.status == 429
+        assert (await response.json())["error"]["code"] == "rate_limited"
+        assert int(response.headers["Retry-After"]) > 0
+        # Someone else's upload still has a thread.
+        await post(client, other_secret, upload)
+    await post(client, greedy_secret, upload)
+    assert decoders.started == 2

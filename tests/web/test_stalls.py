@@ -17,11 +17,16 @@ from typing import Any
 import pytest
 from aiohttp.test_utils import TestClient
 
+from sdapi.contract.status import Status
 from sdapi.db.connection import apply_migrations, open_database
 from sdapi.db.models import Generation
 from sdapi.devtools.embedded import EmbeddedValkey, embedded_postgres
+from sdapi.devtools.mailsink import free_port
+from tests.consul_double import ConsulDouble
 from tests.node_double import NodeDouble, auth, jobs_context, make_user
+from tests.web.test_consul import register_node
 from web.app import create_app
+from web.appkeys import registry_key
 from web.settings import WebSettings
 
 DEADLINE_S = 1.0
@@ -152,3 +157,90 @@ async def test_a_frozen_postgres_is_a_quick_503_and_readyz_answers_in_time(
         await asyncio.sleep(0.1)
     me = await client.get("/api/v1/me", headers=auth(secret))
     assert me.status == 200
+
+
+# --- finding 7: one Redis budget per request, not one per command ----------
+
+
+async def test_a_frozen_redis_costs_a_listing_one_budget(
+    aiohttp_client: Any, web_settings: WebSettings, own_valkey: EmbeddedValkey
+) -> None:
+    settings = web_settings.model_copy(
+        update={
+            "redis_url": own_valkey.url,
+            "redis_timeout": DEADLINE_S,
+            "premium_max_in_flight": 20,
+        }
+    )
+    client: TestClient = await aiohttp_client(create_app(settings))
+    assert settings.database_url and own_valkey.pid is not None
+    async with jobs_context(own_valkey.url, settings.database_url) as ctx:
+        await NodeDouble(ctx).announce()
+        _, secret = await make_user()
+        for _ in range(20):
+            accepted = await client.post(
+                "/api/v1/generations", json=SMALL, headers=auth(secret)
+            )
+            assert accepted.status == 202
+        with frozen([own_valkey.pid]):
+            listing, took = await timed(
+                client.get("/api/v1/generations?limit=20", headers=auth(secret))
+            )
+            # Each item would ask Redis for its queue position: one budget for
+            # them all, then PostgreSQL's view without the live details.
+            assert listing.status == 200 and took < 2 * DEADLINE_S
+            items = (await listing.json())["items"]
+            assert len(items) == 20
+            assert all(item["status"] == Status.QUEUED for item in items)
+            assert all(item["queue_position"] is None for item in items)
+            one, took = await timed(
+                client.get(
+                    f"/api/v1/generations/{items[0]['id']}", headers=auth(secret)
+                )
+            )
+            assert one.status == 200 and took < 2 * DEADLINE_S
+            assert (await one.json())["queue_position"] is None
+        listing = await client.get("/api/v1/generations?limit=20", headers=auth(secret))
+        positions = [item["queue_position"] for item in (await listing.json())["items"]]
+        assert sorted(positions) == list(range(20))
+
+
+async def test_a_frozen_redis_costs_an_accepted_submit_one_budget(
+    aiohttp_client: Any,
+    web_settings: WebSettings,
+    own_valkey: EmbeddedValkey,
+    consul: ConsulDouble,
+) -> None:
+    # With Consul (as deployed) the nodes are known without Redis: the submit
+    # is stored, and only its enqueue and live details need Redis.
+    port = free_port()
+    settings = web_settings.model_copy(
+        update={
+            "redis_url": own_valkey.url,
+            "redis_timeout": DEADLINE_S,
+            "consul_url": consul.url,
+            "port": port,
+            "host": "127.0.0.1",
+        }
+    )
+    client: TestClient = await aiohttp_client(
+        create_app(settings), server_kwargs={"port": port}
+    )
+    _, secret = await make_user()
+    await register_node(consul)
+    client.app[registry_key].invalidate()
+    models = await (await client.get("/api/v1/models", headers=auth(secret))).json()
+    assert [m["available"] for m in models["items"] if m["id"] == "tiny"] == [True]
+    assert own_valkey.pid is not None
+    with frozen([own_valkey.pid]):
+        submit, took = await timed(
+            client.post("/api/v1/generations", json=SMALL, headers=auth(secret))
+        )
+        # Stored before the enqueue was tried: accepted, and the reconciler
+        # enqueues it once its deadline passes.
+        assert submit.status == 202 and took < 2 * DEADLINE_S
+        body = await submit.json()
+        assert body["status"] == Status.QUEUED and body["queue_position"] is None
+    stored = await Generation.get(id=body["id"])
+    assert stored.status == Status.QUEUED and stored.deadline is not None
+    await client.close()  # while the Consul double still answers

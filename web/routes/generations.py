@@ -10,7 +10,7 @@ from pydantic import ValidationError
 
 from sdapi.db.models import Generation
 from sdapi.infra.links import image_path, link_is_valid
-from web.appkeys import redis_key, settings_key
+from web.appkeys import redis_deadline_key, redis_key, settings_key
 from web.auth import authenticate, require_user
 from web.errors import Conflict, NotFound, Unauthorized, from_validation_error
 from web.forms import is_form, read_form
@@ -70,11 +70,14 @@ async def create_generation(request: web.Request) -> web.StreamResponse:
         },
     )
     sources = request_sources(body, files)
-    inputs = await prepare_inputs(request.app, principal, sources)
-    generation = await submit_generation(
-        request.app, principal, body, inputs, idempotency=claim
+    inputs = await prepare_inputs(
+        request.app, principal, sources, num_images=body.num_images, idempotency=claim
     )
-    view = await present(request.app, generation, images=[])
+    deadline = request[redis_deadline_key]
+    generation = await submit_generation(
+        request.app, principal, body, inputs, deadline=deadline, idempotency=claim
+    )
+    view = await present(request.app, generation, images=[], deadline=deadline)
     response = json_response(view, status=202)
     response.headers["Location"] = f"/api/v1/generations/{generation.id}"
     return response
@@ -93,7 +96,13 @@ async def list_generations(request: web.Request) -> web.StreamResponse:
     query = read_query(request, schemas.ListQuery)
     rows, cursor = await list_own(principal.user, query.limit, query.before)
     images = await stored_images(row.id for row in rows)
-    items = [await present(request.app, row, images.get(row.id, [])) for row in rows]
+    # One Redis budget for the page: once spent, the rest answer from
+    # PostgreSQL alone (no queue position or progress).
+    deadline = request[redis_deadline_key]
+    items = [
+        await present(request.app, row, images.get(row.id, []), deadline=deadline)
+        for row in rows
+    ]
     return json_response(schemas.GenerationList(items=items, next=cursor))
 
 
@@ -107,7 +116,8 @@ async def get_generation(request: web.Request) -> web.StreamResponse:
     """Other users' generations are 404, as if they did not exist."""
     principal = await require_user(request)
     generation = await load_own(principal.user, request.match_info["id"])
-    return json_response(await present(request.app, generation))
+    view = await present(request.app, generation, deadline=request[redis_deadline_key])
+    return json_response(view)
 
 
 _FILE_FIELDS = frozenset({"init_image", "mask"})

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+from functools import partial
 from typing import Any
 
 from aiohttp import web
@@ -19,8 +20,9 @@ from pydantic import ValidationError
 
 from sdapi.contract.status import Status, Tier
 from sdapi.db.models import GeneratedImage, Generation, InputRole
+from sdapi.infra.deadline import Deadline
 from sdapi.infra.links import signed_image_url
-from web.appkeys import settings_key
+from web.appkeys import decoders_key, redis_deadline_key, settings_key
 from web.auth import Principal, authenticate, bearer_secret
 from web.errors import (
     GatewayTimeout,
@@ -37,10 +39,11 @@ from web.generation_views import (
 )
 from web.generations import (
     cancel_generation,
+    check_allowance,
     find_offer,
     submit_generation,
 )
-from web.idempotency import claim_from, file_digest
+from web.idempotency import IdempotencyClaim, claim_from, file_digest
 from web.inputs import check_mask_size, resolve_input
 from web.live import wait_until_done
 from web.openapi import ApiRoutes, Response, json_response, read_body
@@ -88,6 +91,8 @@ async def _premium_bearer(request: web.Request) -> Principal:
 async def _generation_request(
     app: web.Application,
     body: ImageGenerationRequest | ImageEditRequest,
+    *,
+    deadline: Deadline,
     **extra: Any,
 ) -> GenerationRequest:
     fields: dict[str, Any] = {
@@ -100,7 +105,7 @@ async def _generation_request(
     if body.size is None or body.size == AUTO_SIZE:
         if isinstance(body, ImageGenerationRequest):
             # As OpenAI's "auto": the size the model is made for.
-            offer = await find_offer(app, body.model)
+            offer = await find_offer(app, body.model, deadline=deadline)
             fields.update(width=offer.default_width, height=offer.default_height)
         # An edit without a size keeps its image's (scaled to fit).
     else:
@@ -164,10 +169,11 @@ async def create_images(request: web.Request) -> web.StreamResponse:
     claim = claim_from(
         request.headers, "openai.generations", body.model_dump(mode="json")
     )
+    deadline = request[redis_deadline_key]
     try:
-        generation_request = await _generation_request(app, body)
+        generation_request = await _generation_request(app, body, deadline=deadline)
         generation = await submit_generation(
-            app, principal, generation_request, idempotency=claim
+            app, principal, generation_request, deadline=deadline, idempotency=claim
         )
     except ValidationFailed as exc:
         raise _openai_error(exc) from None
@@ -212,25 +218,48 @@ _EDIT_FILES = frozenset({"image", "image[]", "mask"})
 
 
 async def _edit_inputs(
-    app: web.Application, principal: Principal, body: ImageEditRequest
+    app: web.Application,
+    principal: Principal,
+    body: ImageEditRequest,
+    claim: IdempotencyClaim | None,
 ) -> dict[InputRole, CleanImage]:
-    """The image to edit and the mask (white = repaint) from OpenAI's inputs."""
+    """The image to edit and the mask (white = repaint) from OpenAI's inputs,
+    decoded only if the quota and in-flight limits let the request through."""
     limits = app[settings_key].limits(Tier.PREMIUM)
+    await check_allowance(principal, limits, body.n or 1, claim)
     user = principal.user
+    decoders = app[decoders_key]
     image = await resolve_input(
-        user, body.image, field="image", use=Use.IMAGE, limits=limits, keep_alpha=True
+        user,
+        body.image,
+        field="image",
+        use=Use.IMAGE,
+        limits=limits,
+        decoders=decoders,
+        keep_alpha=True,
     )
     mask: CleanImage | None = None
     if body.mask is not None:
         mask = await resolve_input(
-            user, body.mask, field="mask", use=Use.ALPHA_MASK, limits=limits
+            user,
+            body.mask,
+            field="mask",
+            use=Use.ALPHA_MASK,
+            limits=limits,
+            decoders=decoders,
         )
-    elif await asyncio.to_thread(has_transparency, image):
+    elif await decoders.run(user.id, partial(has_transparency, image)):
         # No mask: as OpenAI does, the image's own transparency is the mask.
         mask = await resolve_input(
-            user, image.data, field="image", use=Use.ALPHA_MASK, limits=limits
+            user,
+            image.data,
+            field="image",
+            use=Use.ALPHA_MASK,
+            limits=limits,
+            decoders=decoders,
         )
-    init = await asyncio.to_thread(flatten, image)
+    # Decoding and encoding again: CPU work of the same kind, in the same share.
+    init = await decoders.run(user.id, partial(flatten, image))
     inputs = {InputRole.INIT_IMAGE: init}
     if mask is not None:
         check_mask_size(init, mask)
@@ -292,13 +321,21 @@ async def edit_images(request: web.Request) -> web.StreamResponse:
             "files": {name: file_digest(data) for name, data in sorted(files.items())},
         },
     )
+    deadline = request[redis_deadline_key]
     try:
-        inputs = await _edit_inputs(app, principal, body)
+        inputs = await _edit_inputs(app, principal, body, claim)
         # Inpainting repaints the masked area from noise, as OpenAI does.
         strength = 1.0 if InputRole.MASK in inputs else None
-        generation_request = await _generation_request(app, body, strength=strength)
+        generation_request = await _generation_request(
+            app, body, deadline=deadline, strength=strength
+        )
         generation = await submit_generation(
-            app, principal, generation_request, inputs, idempotency=claim
+            app,
+            principal,
+            generation_request,
+            inputs,
+            deadline=deadline,
+            idempotency=claim,
         )
     except ValidationFailed as exc:
         raise _openai_error(exc) from None
