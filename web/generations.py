@@ -217,10 +217,9 @@ async def prepare_inputs(
     sources: Mapping[InputRole, Source],
 ) -> dict[InputRole, CleanImage]:
     """Check and clean a request's inputs with the caller's tier limits."""
-    tier = principal.user.tier_at(utcnow())
     # As in submit_generation: an unverified account learns nothing else.
-    if tier is Tier.NORMAL and principal.user.email_verified_at is None:
-        raise EmailNotVerified()
+    require_verified(principal)
+    tier = principal.user.tier_at(utcnow())
     limits = app[settings_key].limits(tier)
     inputs: dict[InputRole, CleanImage] = {}
     for role, source in sources.items():
@@ -236,6 +235,18 @@ async def prepare_inputs(
     if init is not None and mask is not None:
         check_mask_size(init, mask)
     return inputs
+
+
+def require_verified(principal: Principal) -> None:
+    """403 `email_not_verified` unless the caller's address is proven, whatever
+    the tier: anyone can sign up with anyone's address, and premium an operator
+    granted to such an account must not pay for work (or mail) either. REST,
+    the OpenAI route and the WebSocket all submit through here."""
+    if principal.user.email_verified_at is None:
+        raise EmailNotVerified(
+            "Generating images needs a verified email address: follow the link "
+            "we sent you, or ask for a new one at POST /api/v1/auth/verify/resend."
+        )
 
 
 def _seconds_to_midnight(now: datetime) -> int:
@@ -260,10 +271,9 @@ async def submit_generation(
     """
     settings = app[settings_key]
     now = utcnow()
-    tier = principal.user.tier_at(now)
     # Before validation: an unverified account can send nothing, valid or not.
-    if tier is Tier.NORMAL and principal.user.email_verified_at is None:
-        raise EmailNotVerified()
+    require_verified(principal)
+    tier = principal.user.tier_at(now)
     if idempotency is not None:
         # Before the checks below: a retry gets its first answer even when
         # the quota is spent or the model's nodes are gone since.
@@ -273,12 +283,6 @@ async def submit_generation(
     inputs = dict(inputs or {})
     offer = await find_offer(app, body.model)
     request = resolve_request(body, offer, tier, app, inputs)
-    # Mail goes only to an address its owner has proven (premium included).
-    if request.delivery == "email" and principal.user.email_verified_at is None:
-        raise EmailNotVerified(
-            "Email delivery needs a verified email address: follow the link we "
-            "sent you, or ask for a new one at POST /api/v1/auth/verify/resend."
-        )
     limits = settings.limits(tier)
 
     async with in_transaction():

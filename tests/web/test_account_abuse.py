@@ -8,12 +8,23 @@ from typing import Any
 
 from aiohttp.test_utils import TestClient
 
-from tests.web.test_accounts import PASSWORD, RESEND, SIGNIN, SIGNUP, signin, signup
+from tests.node_double import NodeDouble, auth, make_user
+from tests.web.test_accounts import (
+    PASSWORD,
+    RESEND,
+    SIGNIN,
+    SIGNUP,
+    error_of,
+    signin,
+    signup,
+)
 from web.app import create_app
 from web.appkeys import redis_key
-from web.models import OutboxEmail, PasswordReset, User, utcnow
+from web.models import Generation, OutboxEmail, PasswordReset, User, utcnow
 from web.routes.verification import RESEND_KEY_PREFIX
 from web.schemas.accounts import plain_name
+
+SMALL = {"prompt": "a red fox", "width": 64, "height": 64, "steps": 4}
 
 
 async def test_a_name_never_reaches_mail_to_an_unverified_address(
@@ -212,3 +223,27 @@ async def test_a_squatter_cannot_keep_the_owner_out(
     assert (await client.get("/api/v1/me", headers=headers)).status == 401
     [user] = await User.filter(email_key="owner@example.org")
     assert user.name is None
+
+
+async def test_premium_granted_to_an_unverified_account_does_not_generate(
+    client: TestClient, node: NodeDouble
+) -> None:
+    # What an operator's grant to a squatted address looks like.
+    _, secret = await make_user(premium=True, verified=False)
+    rest = await client.post(
+        "/api/v1/generations", json=SMALL, headers=auth(secret)
+    )
+    assert (await error_of(rest, 403, "email_not_verified"))["message"]
+    openai = await client.post(
+        "/v1/images/generations",
+        json={"prompt": "a red fox", "size": "64x64", "model": "tiny"},
+        headers=auth(secret),
+    )
+    assert openai.status == 403
+    assert (await openai.json())["error"]["code"] == "email_not_verified"
+    async with client.ws_connect("/api/v1/ws", headers=auth(secret)) as ws:
+        await ws.send_json({"type": "generate", "request": SMALL})
+        refused = await ws.receive_json(timeout=15)
+    assert refused["type"] == "error"
+    assert refused["code"] == "email_not_verified"
+    assert await Generation.all().count() == 0
