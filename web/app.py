@@ -22,6 +22,7 @@ from sdapi.infra.consul import open_consul
 from sdapi.infra.queue import create_queue_pool
 from web.appkeys import (
     Probes,
+    background_key,
     database_key,
     live_redis_key,
     metrics_key,
@@ -32,6 +33,7 @@ from web.appkeys import (
     registry_key,
     settings_key,
 )
+from web.background import Background
 from web.db import open_database
 from web.errors import error_middleware
 from web.headers import add_security_headers
@@ -56,6 +58,8 @@ API_DESCRIPTION = (
 # it retries its read (seconds).
 LIVE_POOL_WAIT_S = 10
 LIVE_CONNECT_TIMEOUT_S = 2
+# How long background work may still run when the app stops (seconds).
+BACKGROUND_DRAIN_S = 10
 
 
 def create_app(settings: WebSettings) -> web.Application:
@@ -93,7 +97,9 @@ def create_app(settings: WebSettings) -> web.Application:
         loader=jinja2.PackageLoader("web", "templates"),
         autoescape=jinja2.select_autoescape(["html", "j2"]),
     )
-    app.cleanup_ctx.extend([database_ctx, redis_ctx, registry_ctx, revocations_ctx])
+    app.cleanup_ctx.extend(
+        [database_ctx, redis_ctx, registry_ctx, revocations_ctx, background_ctx]
+    )
     tables: list[ApiRoutes] = route_tables()
     for table in tables:
         table.add_to(app)
@@ -118,6 +124,15 @@ async def database_ctx(app: web.Application) -> AsyncIterator[None]:
     ) as ctx:
         app[database_key] = ctx
         yield
+
+
+async def background_ctx(app: web.Application) -> AsyncIterator[None]:
+    """Tasks requests leave running; last in the list, so they drain while the
+    database and Redis are still open."""
+    background = Background()
+    app[background_key] = background
+    yield
+    await background.close(drain_s=BACKGROUND_DRAIN_S)
 
 
 async def redis_ctx(app: web.Application) -> AsyncIterator[None]:

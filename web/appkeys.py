@@ -12,6 +12,7 @@ from redis.asyncio import Redis
 from tortoise.context import TortoiseContext
 
 from sdapi.infra.queue import QueuePool
+from web.background import Background
 from web.passwords import Passwords
 from web.registry import NodeRegistry
 from web.settings import WebSettings
@@ -40,3 +41,5 @@ registry_key = web.AppKey("registry", NodeRegistry)
 metrics_key = web.AppKey("metrics", CollectorRegistry)
 # The OpenAPI document, generated once from the route tables.
 openapi_key = web.AppKey("openapi", dict[str, Any])
+# Work answered before it is done (e.g. the mail a forgotten password asks for).
+background_key = web.AppKey("background", Background)

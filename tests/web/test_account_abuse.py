@@ -7,6 +7,7 @@ from datetime import timedelta
 from typing import Any
 
 from aiohttp.test_utils import TestClient
+from tortoise.transactions import in_transaction
 
 from tests.node_double import NodeDouble, auth, make_user
 from tests.web.test_accounts import (
@@ -19,7 +20,7 @@ from tests.web.test_accounts import (
     signup,
 )
 from web.app import create_app
-from web.appkeys import redis_key
+from web.appkeys import background_key, redis_key
 from web.models import Generation, OutboxEmail, PasswordReset, User, utcnow
 from web.routes.verification import RESEND_KEY_PREFIX
 from web.schemas.accounts import plain_name
@@ -157,6 +158,7 @@ async def test_a_password_reset_works_once_and_revokes_every_token_and_session(
     known = await client.post(FORGOT, json={"email": "forgetful@example.org"})
     assert unknown.status == known.status == 202
     assert await unknown.json() == await known.json()
+    await client.app[background_key].idle()
     token = await _reset_token("forgetful@example.org")
 
     done = await client.post(RESET, json={"token": token, "password": NEW_PASSWORD})
@@ -181,6 +183,7 @@ async def test_a_password_reset_works_once_and_revokes_every_token_and_session(
 async def test_an_expired_reset_link_is_410(client: TestClient) -> None:
     await signup(client, "late@example.org")
     await client.post(FORGOT, json={"email": "late@example.org"})
+    await client.app[background_key].idle()
     token = await _reset_token("late@example.org")
     await PasswordReset.all().update(expires_at=utcnow() - timedelta(seconds=1))
     answer = await client.post(RESET, json={"token": token, "password": NEW_PASSWORD})
@@ -247,3 +250,26 @@ async def test_premium_granted_to_an_unverified_account_does_not_generate(
     assert refused["type"] == "error"
     assert refused["code"] == "email_not_verified"
     assert await Generation.all().count() == 0
+
+
+async def test_forgot_password_timing_shows_no_address(client: TestClient) -> None:
+    await signup(client, "known@example.org")
+    # While the users table is locked nothing can read it: answers that come
+    # back anyway did not wait for the lookup, the cap or the mail, which is
+    # all the work that differs between an address with an account and one
+    # without. The client's answer costs the same either way.
+    async with in_transaction() as connection:
+        await connection.execute_script("LOCK TABLE users IN ACCESS EXCLUSIVE MODE")
+        known = await client.post(FORGOT, json={"email": "known@example.org"})
+        unknown = await client.post(FORGOT, json={"email": "nobody@example.org"})
+        assert known.status == unknown.status == 202
+        assert await known.read() == await unknown.read()
+        assert _stable(known.headers) == _stable(unknown.headers)
+    await client.app[background_key].idle()
+    token = await _reset_token("known@example.org")
+    assert token
+    assert not await OutboxEmail.filter(to_address="nobody@example.org").exists()
+
+
+def _stable(headers: Any) -> dict[str, str]:
+    return {name: value for name, value in headers.items() if name != "Date"}

@@ -14,7 +14,7 @@ import aiohttp_jinja2
 from aiohttp import web
 from tortoise.transactions import in_transaction
 
-from web.appkeys import passwords_key, redis_key, settings_key
+from web.appkeys import background_key, passwords_key, redis_key, settings_key
 from web.errors import Gone
 from web.mail_outbox import queue_email
 from web.models import ApiToken, PasswordReset, User, email_key_of, utcnow
@@ -60,14 +60,25 @@ async def forgot_password(request: web.Request) -> web.StreamResponse:
         window_s=settings.signup_window,
     )
     attempt = await reserve(redis, [limit])
-    user = await User.get_or_none(email_key=email_key_of(str(body.email)))
-    if attempt.granted and user is not None and await _under_daily_cap(request, user):
-        await _send_reset(request, user)
+    if attempt.granted:
+        # Answered before the address is even looked up: the lookup, the
+        # daily cap and the outbox write take longer for an address with an
+        # account, and a client timing the answer would learn which have one.
+        request.app[background_key].spawn(
+            _reset_if_known(request.app, email_key_of(str(body.email))),
+            name="password-reset-mail",
+        )
     return json_response(ResetRequested(), status=202)
 
 
-async def _under_daily_cap(request: web.Request, user: User) -> bool:
-    redis = request.app[redis_key]
+async def _reset_if_known(app: web.Application, email_key: str) -> None:
+    user = await User.get_or_none(email_key=email_key)
+    if user is not None and await _under_daily_cap(app, user):
+        await _send_reset(app, user)
+
+
+async def _under_daily_cap(app: web.Application, user: User) -> bool:
+    redis = app[redis_key]
     key = f"{RESET_COUNT_PREFIX}:{user.id}"
     async with redis.pipeline(transaction=True) as pipe:
         pipe.incr(key)
@@ -76,8 +87,8 @@ async def _under_daily_cap(request: web.Request, user: User) -> bool:
     return int(count) <= RESETS_PER_DAY
 
 
-async def _send_reset(request: web.Request, user: User) -> None:
-    settings = request.app[settings_key]
+async def _send_reset(app: web.Application, user: User) -> None:
+    settings = app[settings_key]
     token = secrets.token_urlsafe(32)
     now = utcnow()
     expires_at = now + timedelta(seconds=settings.password_reset_ttl)
@@ -87,6 +98,7 @@ async def _send_reset(request: web.Request, user: User) -> None:
         "link": link,
         "expires": f"{expires_at:%Y-%m-%d %H:%M}",
     }
+    templates = aiohttp_jinja2.get_env(app)
     async with in_transaction():
         reset = await PasswordReset.create(
             user=user, token_hash=hash_secret(token), expires_at=expires_at
@@ -95,11 +107,11 @@ async def _send_reset(request: web.Request, user: User) -> None:
             dedupe_key=f"password-reset:{reset.id}",
             to_address=user.email,
             subject="Set a new password for sdapi",
-            text_body=aiohttp_jinja2.render_string(
-                "email/password_reset.txt", request, context
+            text_body=templates.get_template("email/password_reset.txt").render(
+                context
             ),
-            html_body=aiohttp_jinja2.render_string(
-                "email/password_reset.html", request, context
+            html_body=templates.get_template("email/password_reset.html").render(
+                context
             ),
         )
     log.info("password reset link sent for user %s", user.id)
