@@ -20,10 +20,13 @@ from tests.web.test_accounts import (
     signup,
 )
 from web.app import create_app
-from web.appkeys import background_key, redis_key
+from web.appkeys import background_key, passwords_key, redis_key
 from web.models import Generation, OutboxEmail, PasswordReset, User, utcnow
+from web.passwords import Passwords
+from web.routes.accounts import SIGNUP_NOTICES_PER_DAY
 from web.routes.verification import RESEND_KEY_PREFIX
 from web.schemas.accounts import plain_name
+from web.settings import WebSettings
 
 SMALL = {"prompt": "a red fox", "width": 64, "height": 64, "steps": 4}
 
@@ -209,11 +212,12 @@ async def test_a_squatter_cannot_keep_the_owner_out(
         "/api/v1/generations", json={"prompt": "x"}, headers=headers
     )
     assert generate.status == 403
-    # Soon after, the address is still taken...
+    # Soon after, the address is still taken (the answer does not say so)...
     taken = await client.post(
         SIGNUP, json={"email": "owner@example.org", "password": NEW_PASSWORD}
     )
-    assert taken.status == 409
+    assert taken.status == 201
+    assert (await client.get("/api/v1/me", headers=headers)).status == 200
     # ...but once the squat is older than the limit, the owner's sign-up
     # takes the address, and the squatter's account is gone.
     await User.filter(email_key="owner@example.org").update(
@@ -233,9 +237,7 @@ async def test_premium_granted_to_an_unverified_account_does_not_generate(
 ) -> None:
     # What an operator's grant to a squatted address looks like.
     _, secret = await make_user(premium=True, verified=False)
-    rest = await client.post(
-        "/api/v1/generations", json=SMALL, headers=auth(secret)
-    )
+    rest = await client.post("/api/v1/generations", json=SMALL, headers=auth(secret))
     assert (await error_of(rest, 403, "email_not_verified"))["message"]
     openai = await client.post(
         "/v1/images/generations",
@@ -273,3 +275,64 @@ async def test_forgot_password_timing_shows_no_address(client: TestClient) -> No
 
 def _stable(headers: Any) -> dict[str, str]:
     return {name: value for name, value in headers.items() if name != "Date"}
+
+
+class CountingPasswords(Passwords):
+    """The app's hasher, counting the bcrypt hashes it computes."""
+
+    def __init__(self, *, secret_key: str, rounds: int, concurrency: int) -> None:
+        super().__init__(secret_key=secret_key, rounds=rounds, concurrency=concurrency)
+        self.hashed = 0
+
+    async def hash(self, password: str) -> str:
+        self.hashed += 1
+        return await super().hash(password)
+
+
+async def test_signup_shows_no_address(
+    aiohttp_client: Any, web_settings: WebSettings
+) -> None:
+    app = create_app(web_settings)
+    passwords = CountingPasswords(
+        secret_key=web_settings.secret(), rounds=4, concurrency=2
+    )
+    app[passwords_key] = passwords
+    client = await aiohttp_client(app)
+    owner = (await signup(client, "owner@example.org", name="Owner"))["user"]
+    await User.filter(id=owner["id"]).update(
+        email_verified_at=utcnow(), premium_until=utcnow() + timedelta(days=9)
+    )
+
+    async def attempt(email: str) -> tuple[int, dict[str, Any], int]:
+        before = passwords.hashed
+        answer = await client.post(
+            SIGNUP, json={"email": email, "password": PASSWORD, "name": "Mallory"}
+        )
+        body = await answer.json()
+        return answer.status, body, passwords.hashed - before
+
+    taken_status, taken, taken_hashes = await attempt("Owner@Example.org")
+    free_status, free, free_hashes = await attempt("Free@Example.org")
+    # The same answer, costing the same bcrypt, whether or not the address
+    # has an account: only the id and the time differ, as between any two.
+    assert taken_status == free_status == 201
+    assert taken_hashes == free_hashes == 1
+    assert set(taken) == set(free) == {"user"}
+    assert set(taken["user"]) == set(free["user"])
+    for field in ("name", "tier", "premium_until", "email_verified"):
+        assert taken["user"][field] == free["user"][field], field
+    assert taken["user"]["email"] == "Owner@example.org"
+    assert taken["user"]["id"] != owner["id"]
+    assert taken["user"]["created_at"] != owner["created_at"]
+    # Nothing changed for the owner, who is told of the attempt without the
+    # name the stranger chose; at most a few such notes a day.
+    [row] = await User.filter(email_key="owner@example.org")
+    assert row.name == "Owner"
+    for _ in range(5):
+        assert (await attempt("owner@example.org"))[0] == 201
+    notices = await OutboxEmail.filter(
+        to_address="owner@example.org", subject__icontains="tried to sign up"
+    )
+    assert len(notices) == SIGNUP_NOTICES_PER_DAY
+    assert all("Mallory" not in f"{n.text_body}{n.html_body}" for n in notices)
+    assert "http://testserver.local/forgot-password" in notices[0].text_body

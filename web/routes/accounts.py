@@ -4,13 +4,17 @@ from __future__ import annotations
 
 import logging
 import secrets
+import uuid
+from datetime import datetime
 
+import aiohttp_jinja2
 from aiohttp import web
 from aiohttp_session import get_session, new_session
 from redis.asyncio import Redis
 from tortoise.exceptions import IntegrityError
 from tortoise.transactions import in_transaction
 
+from sdapi.contract.status import Tier
 from web.appkeys import passwords_key, redis_key, settings_key
 from web.auth import require_user
 from web.errors import (
@@ -19,6 +23,7 @@ from web.errors import (
     NotFound,
     Unauthorized,
 )
+from web.mail_outbox import queue_email
 from web.models import ApiToken, PremiumCode, TokenKind, email_key_of, utcnow
 from web.models import User as UserRow
 from web.openapi import (
@@ -59,10 +64,9 @@ log = logging.getLogger(__name__)
 
 routes = ApiRoutes(tags=["accounts"])
 
-EMAIL_TAKEN = (
-    "An account with this email address already exists. If it is yours, sign "
-    "in, or set a new password with POST /api/v1/auth/password/forgot."
-)
+# Emails one address may get a day saying someone tried to sign up with it.
+SIGNUP_NOTICES_PER_DAY = 3
+SIGNUP_NOTICE_PREFIX = "sdapi:signup-notices"
 WRONG_CREDENTIALS = "Wrong email or password."
 UNKNOWN_CODE = "This premium code does not exist; check how it is typed."
 USED_CODE = "This premium code has already been redeemed."
@@ -86,15 +90,21 @@ def _abandoned(user: UserRow, after_s: int) -> bool:
     body=SignupRequest,
     auth=False,
     responses=[
-        Response(201, "Created; a verification email is on its way", SignupResponse),
-        Response(409, "An account with this email exists", ErrorBody),
+        Response(
+            201,
+            "Created; a verification email is on its way. The same answer when "
+            "the address already has an account: its owner is emailed instead",
+            SignupResponse,
+        ),
         Response(
             429, "Too many sign-ups from this address (see Retry-After)", ErrorBody
         ),
     ],
 )
 async def signup(request: web.Request) -> web.StreamResponse:
-    """Creates the account and emails a link that verifies the address."""
+    """Creates the account and emails a link that verifies the address. An
+    address that already has an account gets the same answer (nobody learns
+    which addresses have one); its owner is told by email instead."""
     settings = request.app[settings_key]
     body = await read_body(request, SignupRequest)
     address = client_address(request, trust_forwarded=settings.trust_forwarded)
@@ -110,29 +120,82 @@ async def signup(request: web.Request) -> web.StreamResponse:
     )
     email = str(body.email)
     email_key = email_key_of(email)
-    # Checked first so a taken email costs no bcrypt; the unique index decides.
+    # Hashed whether or not the address is free: the answer's time would
+    # otherwise tell a taken address by its missing bcrypt.
+    password_hash = await request.app[passwords_key].hash(body.password)
+    now = utcnow()
     holder = await UserRow.get_or_none(email_key=email_key)
-    if holder is not None:
-        if not _abandoned(holder, settings.unverified_takeover_after):
-            raise Conflict(EMAIL_TAKEN)
+    if holder is not None and _abandoned(holder, settings.unverified_takeover_after):
         # Signed up with this address and never proved it: anyone may have
         # done that with anyone's address, so it does not keep the owner out.
         await UserRow.filter(id=holder.id, email_verified_at=None).delete()
-    password_hash = await request.app[passwords_key].hash(body.password)
-    now = utcnow()
-    try:
-        # The user, its verification and the email exist together or not at all.
-        async with in_transaction():
-            user = await UserRow.create(
-                email=email,
-                email_key=email_key,
-                name=body.name,
-                password_hash=password_hash,
-            )
-            await send_verification(request, user, now)
-    except IntegrityError:
-        raise Conflict(EMAIL_TAKEN) from None
-    return json_response(SignupResponse(user=User.of(user, now)), status=201)
+        holder = None
+    if holder is None:
+        try:
+            # The user, its verification and the email exist together or not
+            # at all.
+            async with in_transaction():
+                user = await UserRow.create(
+                    email=email,
+                    email_key=email_key,
+                    name=body.name,
+                    password_hash=password_hash,
+                )
+                await send_verification(request, user, now)
+            return json_response(SignupResponse(user=User.of(user, now)), status=201)
+        except IntegrityError:
+            # A concurrent sign-up of the address won: the unique index decides.
+            holder = await UserRow.get_or_none(email_key=email_key)
+    if holder is not None:
+        await _tell_owner(request, holder)
+    return json_response(SignupResponse(user=_stand_in(body, email, now)), status=201)
+
+
+def _stand_in(body: SignupRequest, email: str, now: datetime) -> User:
+    """What a new account would look like, for an address that has one: it
+    says nothing of the real account (not its id, name, tier or age)."""
+    return User(
+        id=uuid.uuid4(),
+        email=email,
+        name=body.name,
+        tier=Tier.NORMAL,
+        premium_until=None,
+        email_verified=False,
+        created_at=now,
+    )
+
+
+async def _tell_owner(request: web.Request, holder: UserRow) -> None:
+    """Email the address's owner that someone tried to sign up with it, at
+    most `SIGNUP_NOTICES_PER_DAY` times a day, whoever keeps trying."""
+    redis = request.app[redis_key]
+    key = f"{SIGNUP_NOTICE_PREFIX}:{holder.email_key}"
+    async with redis.pipeline(transaction=True) as pipe:
+        pipe.incr(key)
+        pipe.expire(key, 86400, nx=True)
+        count, _ = await pipe.execute()
+    if int(count) > SIGNUP_NOTICES_PER_DAY:
+        return
+    base = request.app[settings_key].base_url
+    # Nothing the person signing up chose (the name) goes into this mail:
+    # it would let anyone write to any address through us.
+    context = {
+        "email": holder.email,
+        "signin": f"{base}/signin",
+        "forgot": f"{base}/forgot-password",
+    }
+    await queue_email(
+        dedupe_key=f"signup-attempt:{holder.id}:{uuid.uuid4()}",
+        to_address=holder.email,
+        subject="Someone tried to sign up for sdapi with your address",
+        text_body=aiohttp_jinja2.render_string(
+            "email/signup_attempt.txt", request, context
+        ),
+        html_body=aiohttp_jinja2.render_string(
+            "email/signup_attempt.html", request, context
+        ),
+    )
+    log.info("told user %s of a sign-up attempt with their address", holder.id)
 
 
 # --- sign-in and sign-out --------------------------------------------------
