@@ -11,13 +11,18 @@ from tortoise.transactions import in_transaction
 
 from tests.node_double import NodeDouble, auth, make_user
 from tests.web.test_accounts import (
+    JSON,
+    LINK,
+    ME,
     PASSWORD,
     RESEND,
     SIGNIN,
     SIGNUP,
+    VERIFY,
     error_of,
     signin,
     signup,
+    verification_token,
 )
 from web.app import create_app
 from web.appkeys import background_key, passwords_key, redis_key
@@ -336,3 +341,109 @@ async def test_signup_shows_no_address(
     assert len(notices) == SIGNUP_NOTICES_PER_DAY
     assert all("Mallory" not in f"{n.text_body}{n.html_body}" for n in notices)
     assert "http://testserver.local/forgot-password" in notices[0].text_body
+
+
+async def test_a_squatters_name_and_premium_do_not_survive_the_owners_takeover(
+    client: TestClient,
+) -> None:
+    # A stranger signs up with the owner's address and a name of their
+    # choosing; an operator is talked into making that account premium.
+    await signup(client, "owner@example.org", name="Call +1 555 0100 now")
+    await User.filter(email_key="owner@example.org").update(
+        premium_until=utcnow() + timedelta(days=30)
+    )
+    # The owner takes the account over with a password reset...
+    await client.post(FORGOT, json={"email": "owner@example.org"})
+    await client.app[background_key].idle()
+    token = await _reset_token("owner@example.org")
+    done = await client.post(RESET, json={"token": token, "password": NEW_PASSWORD})
+    assert done.status == 204
+    user = await User.get(email_key="owner@example.org")
+    assert user.email_verified_at is not None
+    assert user.name is None
+    assert user.premium_until is None
+    # ...and a first verification by the emailed link clears the name too.
+    await signup(client, "second@example.org", name="Stranger's name")
+    token = await verification_token("second@example.org")
+    opened = await client.get(VERIFY, params={"token": token}, headers=JSON)
+    assert opened.status == 200
+    assert (await opened.json())["user"]["name"] is None
+    # From then on the owner names the account.
+    session = await signin(client, "owner@example.org", NEW_PASSWORD, session=True)
+    named = await client.patch(
+        ME,
+        json={"name": "Ada\u202e Lovelace"},
+        headers={"X-CSRF-Token": session["csrf_token"]},
+    )
+    assert named.status == 200, await named.text()
+    assert (await named.json())["name"] == "Ada Lovelace"
+
+
+async def test_patch_me_changes_the_address_once_the_new_one_is_verified(
+    client: TestClient,
+) -> None:
+    await signup(client, "old@example.org")
+    await User.filter(email_key="old@example.org").update(email_verified_at=utcnow())
+    headers = auth((await signin(client, "old@example.org"))["token"])
+    changed = await client.patch(ME, json={"email": "New@Example.org"}, headers=headers)
+    assert changed.status == 200, await changed.text()
+    body = await changed.json()
+    assert body["email"] == "old@example.org"
+    assert body["pending_email"] == "New@example.org"
+    assert body["email_verified"] is True
+    # Until the new address is proven, the old one is the account's.
+    await signin(client, "old@example.org")
+    wrong = {"email": "new@example.org", "password": PASSWORD}
+    assert (await client.post(SIGNIN, json=wrong)).status == 401
+    token = await verification_token("New@example.org")
+    opened = await client.get(VERIFY, params={"token": token}, headers=JSON)
+    assert opened.status == 200, await opened.text()
+    me = await (await client.get(ME, headers=headers)).json()
+    assert me["email"] == "New@example.org"
+    assert me["pending_email"] is None
+    assert me["email_verified"] is True
+    await signin(client, "new@example.org")
+    gone = {"email": "old@example.org", "password": PASSWORD}
+    assert (await client.post(SIGNIN, json=gone)).status == 401
+
+
+async def test_patch_me_refuses_bad_fields_in_the_error_format(
+    client: TestClient,
+) -> None:
+    await signup(client, "fields@example.org", name="Kept")
+    session = await signin(client, "fields@example.org", session=True)
+    csrf = {"X-CSRF-Token": session["csrf_token"]}
+    for body, field in [
+        ({"name": "n" * 101}, "name"),
+        ({"email": "not an address"}, "email"),
+        ({"tier": "premium"}, "tier"),
+    ]:
+        answer = await client.patch(ME, json=body, headers=csrf)
+        error = await error_of(answer, 422, "validation_error")
+        assert [detail["field"] for detail in error["details"]] == [field]
+    # The cookie session needs its CSRF token, as for every unsafe method.
+    refused = await client.patch(ME, json={"name": "Other"})
+    await error_of(refused, 403, "forbidden")
+    assert (await User.get(email_key="fields@example.org")).name == "Kept"
+    # An address that has an account gets the same answer as any other: the
+    # link to it is refused only when its owner opens it.
+    await signup(client, "taken@example.org")
+    await User.filter(email_key="taken@example.org").update(email_verified_at=utcnow())
+    moved = await client.patch(ME, json={"email": "taken@example.org"}, headers=csrf)
+    assert moved.status == 200
+    token = await _latest_verification_token("taken@example.org")
+    opened = await client.get(VERIFY, params={"token": token}, headers=JSON)
+    await error_of(opened, 409, "conflict")
+    assert (await User.get(id=session["user"]["id"])).email == "fields@example.org"
+
+
+async def _latest_verification_token(email: str) -> str:
+    mail = (
+        await OutboxEmail.filter(to_address=email, subject__startswith="Verify")
+        .order_by("-created_at")
+        .first()
+    )
+    assert mail is not None
+    found = LINK.search(mail.text_body)
+    assert found, mail.text_body
+    return found.group(1)

@@ -21,10 +21,18 @@ from web.errors import (
     Conflict,
     EmailNotVerified,
     NotFound,
+    RateLimited,
     Unauthorized,
 )
 from web.mail_outbox import queue_email
-from web.models import ApiToken, PremiumCode, TokenKind, email_key_of, utcnow
+from web.models import (
+    ApiToken,
+    EmailVerification,
+    PremiumCode,
+    TokenKind,
+    email_key_of,
+    utcnow,
+)
 from web.models import User as UserRow
 from web.openapi import (
     ApiRoutes,
@@ -35,9 +43,10 @@ from web.openapi import (
 )
 from web.premium import add_premium_days, canonical_code, code_hash
 from web.quota import usage
-from web.routes.verification import send_verification
+from web.routes.verification import resend_wait, send_verification
 from web.schemas.accounts import (
     Me,
+    MeUpdate,
     Quota,
     RedeemRequest,
     SigninRequest,
@@ -347,16 +356,94 @@ async def signout(request: web.Request) -> web.StreamResponse:
 async def me(request: web.Request) -> web.StreamResponse:
     """The account, its tier, and what the tier allows today."""
     principal = await require_user(request)
+    return json_response(await _me_view(request, principal.user))
+
+
+@routes.route(
+    "PATCH",
+    "/api/v1/me",
+    summary="Change your name or email address",
+    body=MeUpdate,
+    responses=[
+        Response(200, "The account as it is now", Me),
+        Response(
+            429,
+            "A verification email was sent a moment ago, or today's are used up "
+            "(see Retry-After)",
+            ErrorBody,
+        ),
+    ],
+)
+async def update_me(request: web.Request) -> web.StreamResponse:
+    """Only the fields sent change. A new `email` is sent a verification link
+    and becomes the account's address when the link is opened (shown as
+    `pending_email` until then); until then the old address keeps working."""
+    principal = await require_user(request)
+    body = await read_body(request, MeUpdate)
+    user = principal.user
+    if "name" in body.model_fields_set:
+        await UserRow.filter(id=user.id).update(name=body.name)
+        user.name = body.name
+    if body.email is not None:
+        await _change_address(request, user, str(body.email))
+    return json_response(await _me_view(request, user))
+
+
+async def _change_address(request: web.Request, user: UserRow, email: str) -> None:
+    """Start moving `user` to `email`.
+
+    The address changes only once the new one is proven, not at once with the
+    account unverified meanwhile: a typo, or someone holding a session for a
+    moment, would otherwise lock the owner out of their own mail (sign-in,
+    password resets, emailed images) and hand the account to an address
+    nobody has proven. The old address keeps working until the link is
+    opened, and nothing here says whether the new one has an account (that is
+    checked when the link is opened, by whoever controls it)."""
+    if email == user.email:
+        return
+    if email_key_of(email) == user.email_key:
+        # Another spelling of the same address (case): nothing to prove.
+        await UserRow.filter(id=user.id).update(email=email)
+        user.email = email
+        return
+    # The same allowance as resent links: each change mails any address.
+    wait = await resend_wait(request, user)
+    if wait is not None:
+        raise RateLimited(
+            f"A verification email was sent a moment ago, or today's are used "
+            f"up; you can change your address again in {wait} seconds.",
+            retry_after=wait,
+        )
+    async with in_transaction():
+        # One change at a time: an earlier one's link stops working.
+        await EmailVerification.filter(
+            user_id=user.id, used_at=None, email__isnull=False
+        ).delete()
+        await send_verification(request, user, utcnow(), email=email)
+    log.info("user %s asked to change their email address", user.id)
+
+
+async def _me_view(request: web.Request, user: UserRow) -> Me:
     settings = request.app[settings_key]
     now = utcnow()
-    user = principal.user
     used = await usage(user, now)
     quota = Quota.of(
         settings.limits(user.tier_at(now)),
         images_today=used.images_today,
         in_flight=used.in_flight,
     )
-    return json_response(Me(**User.of(user, now).model_dump(), quota=quota))
+    pending = (
+        await EmailVerification.filter(
+            user_id=user.id, used_at=None, expires_at__gt=now, email__isnull=False
+        )
+        .order_by("-created_at")
+        .first()
+    )
+    return Me(
+        **User.of(user, now).model_dump(),
+        quota=quota,
+        pending_email=pending.email if pending is not None else None,
+    )
 
 
 @routes.route(

@@ -17,8 +17,16 @@ from tortoise.transactions import in_transaction
 from web.appkeys import background_key, passwords_key, redis_key, settings_key
 from web.errors import Gone
 from web.mail_outbox import queue_email
-from web.models import ApiToken, PasswordReset, User, email_key_of, utcnow
+from web.models import (
+    ApiToken,
+    EmailVerification,
+    PasswordReset,
+    User,
+    email_key_of,
+    utcnow,
+)
 from web.openapi import ApiRoutes, ErrorBody, Response, json_response, read_body
+from web.routes.verification import prove_address
 from web.schemas.password_reset import ForgotRequest, ResetRequest, ResetRequested
 from web.throttle import client_address, reserve, signup_limit
 from web.tokens import announce_revoked, hash_secret, live_tokens
@@ -147,9 +155,8 @@ async def reset_password(request: web.Request) -> web.StreamResponse:
         # The user row alone: Postgres refuses to lock a join's outer side.
         user = await User.select_for_update().get(id=user_id)
         user.password_hash = password_hash
-        if user.email_verified_at is None:
-            user.email_verified_at = now
-        await user.save(update_fields=["password_hash", "email_verified_at"])
+        proven = prove_address(user, now, takeover=True)
+        await user.save(update_fields=["password_hash", *proven])
         revoked = [
             str(token_id)
             for token_id in await live_tokens(now)
@@ -157,8 +164,12 @@ async def reset_password(request: web.Request) -> web.StreamResponse:
             .values_list("id", flat=True)
         ]
         await ApiToken.filter(id__in=revoked).update(revoked_at=now)
-        # Other links of the account stop working too.
+        # Other links of the account stop working too, and an address change
+        # whoever held the account asked for (its link went to their address).
         await PasswordReset.filter(user_id=user.id, used_at=None).update(used_at=now)
+        await EmailVerification.filter(
+            user_id=user.id, used_at=None, email__isnull=False
+        ).delete()
     for token_id in revoked:
         await announce_revoked(request.app[redis_key], token_id)
     log.info("password reset for user %s; %d tokens revoked", user.id, len(revoked))
