@@ -130,7 +130,9 @@ async def signup(request: web.Request) -> web.StreamResponse:
     email = str(body.email)
     email_key = email_key_of(email)
     # Hashed whether or not the address is free: the answer's time would
-    # otherwise tell a taken address by its missing bcrypt.
+    # otherwise tell a taken address by its missing bcrypt. What is left to
+    # differ (a few inserts against one) is well inside bcrypt's own jitter,
+    # and the per-client limit above allows too few tries to average it out.
     password_hash = await request.app[passwords_key].hash(body.password)
     now = utcnow()
     holder = await UserRow.get_or_none(email_key=email_key)
