@@ -26,6 +26,7 @@ from sdapi.infra.queue import create_queue_pool
 from sdapi.infra.registry import CONSUL_WAIT_S, NodeRegistry
 from web.appkeys import (
     Probes,
+    background_key,
     clock_key,
     database_key,
     decoders_key,
@@ -40,6 +41,7 @@ from web.appkeys import (
     registry_key,
     settings_key,
 )
+from web.background import Background
 from web.decoders import DecodePool
 from web.errors import error_middleware
 from web.headers import add_security_headers
@@ -64,6 +66,8 @@ API_DESCRIPTION = (
 # it retries its read (seconds).
 LIVE_POOL_WAIT_S = 10
 LIVE_CONNECT_TIMEOUT_S = 2
+# How long background work may still run when the app stops (seconds).
+BACKGROUND_DRAIN_S = 10
 
 
 def create_app(settings: WebSettings) -> web.Application:
@@ -105,7 +109,14 @@ def create_app(settings: WebSettings) -> web.Application:
     )
     app[mail_templates_key] = mail_templates()
     app.cleanup_ctx.extend(
-        [database_ctx, redis_ctx, registry_ctx, revocations_ctx, decoders_ctx]
+        [
+            database_ctx,
+            redis_ctx,
+            registry_ctx,
+            revocations_ctx,
+            decoders_ctx,
+            background_ctx,
+        ]
     )
     tables: list[ApiRoutes] = route_tables()
     for table in tables:
@@ -157,6 +168,15 @@ async def database_ctx(app: web.Application) -> AsyncIterator[None]:
     ) as ctx:
         app[database_key] = ctx
         yield
+
+
+async def background_ctx(app: web.Application) -> AsyncIterator[None]:
+    """Tasks requests leave running; last in the list, so they drain while the
+    database and Redis are still open."""
+    background = Background()
+    app[background_key] = background
+    yield
+    await background.close(drain_s=BACKGROUND_DRAIN_S)
 
 
 async def redis_ctx(app: web.Application) -> AsyncIterator[None]:

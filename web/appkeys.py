@@ -15,6 +15,7 @@ from tortoise.context import TortoiseContext
 from sdapi.infra.deadline import Deadline
 from sdapi.infra.queue import QueuePool
 from sdapi.infra.registry import NodeRegistry
+from web.background import Background
 from web.decoders import DecodePool
 from web.passwords import Passwords
 from web.settings import WebSettings
@@ -52,3 +53,5 @@ mail_templates_key = web.AppKey("mail_templates", jinja2.Environment)
 decoders_key = web.AppKey("decoders", DecodePool)
 # The request's budget for all its Redis work (SDAPI_REDIS_TIMEOUT in all).
 redis_deadline_key = web.RequestKey("redis_deadline", Deadline)
+# Work answered before it is done (e.g. the mail a forgotten password asks for).
+background_key = web.AppKey("background", Background)

@@ -226,10 +226,9 @@ async def prepare_inputs(
 ) -> dict[InputRole, CleanImage]:
     """Check and clean a request's inputs with the caller's tier limits, once
     the quota and in-flight limits would let the request through."""
-    tier = principal.user.tier_at(utcnow())
     # As in submit_generation: an unverified account learns nothing else.
-    if tier is Tier.NORMAL and principal.user.email_verified_at is None:
-        raise EmailNotVerified()
+    require_verified(principal)
+    tier = principal.user.tier_at(utcnow())
     limits = app[settings_key].limits(tier)
     inputs: dict[InputRole, CleanImage] = {}
     if not sources:
@@ -287,6 +286,18 @@ def _check_limits(
         )
 
 
+def require_verified(principal: Principal) -> None:
+    """403 `email_not_verified` unless the caller's address is proven, whatever
+    the tier: anyone can sign up with anyone's address, and premium an operator
+    granted to such an account must not pay for work (or mail) either. REST,
+    the OpenAI route and the WebSocket all submit through here."""
+    if principal.user.email_verified_at is None:
+        raise EmailNotVerified(
+            "Generating images needs a verified email address: follow the link "
+            "we sent you, or ask for a new one at POST /api/v1/auth/verify/resend."
+        )
+
+
 def _seconds_to_midnight(now: datetime) -> int:
     tomorrow = (now + timedelta(days=1)).replace(
         hour=0, minute=0, second=0, microsecond=0
@@ -311,10 +322,9 @@ async def submit_generation(
     """
     settings = app[settings_key]
     now = utcnow()
-    tier = principal.user.tier_at(now)
     # Before validation: an unverified account can send nothing, valid or not.
-    if tier is Tier.NORMAL and principal.user.email_verified_at is None:
-        raise EmailNotVerified()
+    require_verified(principal)
+    tier = principal.user.tier_at(now)
     if idempotency is not None:
         # Before the checks below: a retry gets its first answer even when
         # the quota is spent or the model's nodes are gone since.
@@ -324,12 +334,6 @@ async def submit_generation(
     inputs = dict(inputs or {})
     offer = await find_offer(app, body.model, deadline=deadline)
     request = resolve_request(body, offer, tier, app, inputs)
-    # Mail goes only to an address its owner has proven (premium included).
-    if request.delivery == "email" and principal.user.email_verified_at is None:
-        raise EmailNotVerified(
-            "Email delivery needs a verified email address: follow the link we "
-            "sent you, or ask for a new one at POST /api/v1/auth/verify/resend."
-        )
     limits = settings.limits(tier)
 
     async with in_transaction():

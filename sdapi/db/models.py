@@ -93,6 +93,8 @@ class EmailVerification(Model):
         "models.User", related_name="verifications", on_delete=fields.CASCADE
     )
     token_hash = fields.CharField(max_length=64, unique=True)
+    # A new address the link proves (an email change); None: the account's own.
+    email = fields.CharField(max_length=320, null=True)
     created_at = fields.DatetimeField(auto_now_add=True)
     expires_at = fields.DatetimeField()
     used_at = fields.DatetimeField(null=True)

@@ -319,6 +319,31 @@ def test_a_normal_account_sees_when_it_runs_and_finds_it_in_history(
     expect(page.locator(".entry").first.locator(".status")).to_have_text("cancelled")
 
 
+def test_the_account_page_changes_the_name_and_the_address(
+    visit: Visit, stack: Stack
+) -> None:
+    page = visit.page
+    email = account(stack, page, premium=False)
+    page.goto("/account")
+    expect(page.locator("#profile-email")).to_have_value(email)
+    page.get_by_label("Name (optional)").fill("Ada <b>Lovelace</b>")
+    page.get_by_role("button", name="Save").click()
+    expect(page.locator("#profile-notice")).to_have_text("Saved.")
+    expect(page.locator("#profile-name")).to_have_value("Ada <b>Lovelace</b>")
+    page.get_by_role("textbox", name="Email address").fill("not an address")
+    page.get_by_role("button", name="Save").click()
+    error = page.locator('#profile-form [data-error-for="email"]')
+    expect(error).not_to_be_empty()
+    expect(page.locator("#profile-email")).to_have_attribute("aria-invalid", "true")
+    moved = f"moved-{uuid.uuid4().hex[:8]}@example.org"
+    page.get_by_role("textbox", name="Email address").fill(moved)
+    page.get_by_role("button", name="Save").click()
+    expect(page.locator("#profile-notice")).to_contain_text(f"link to {moved}")
+    expect(error).to_be_empty()
+    # Until the link is opened, the account keeps its address.
+    expect(page.locator("#profile-email")).to_have_value(email)
+
+
 def test_a_token_works_with_the_openai_sdk_until_revoked(
     visit: Visit, stack: Stack
 ) -> None:

@@ -10,23 +10,35 @@ from datetime import timedelta
 from typing import Any
 
 from aiohttp.test_utils import TestClient
+from tortoise.transactions import in_transaction
 
-from sdapi.db.models import OutboxEmail, PasswordReset, User, utcnow
+from sdapi.db.models import Generation, OutboxEmail, PasswordReset, User, utcnow
+from tests.node_double import NodeDouble, auth, make_user
 from tests.web.test_accounts import (
+    JSON,
+    LINK,
+    ME,
     PASSWORD,
     RESEND,
     SIGNIN,
     SIGNUP,
+    VERIFY,
     error_of,
     signin,
     signup,
+    verification_token,
 )
 from web.app import create_app
-from web.appkeys import clock_key, redis_key
+from web.appkeys import background_key, clock_key, passwords_key, redis_key
 from web.devices import DEVICE_COOKIE, Device, device_cookie_value, read_device
+from web.passwords import Passwords
+from web.routes.accounts import SIGNUP_NOTICES_PER_DAY
 from web.routes.verification import RESEND_KEY_PREFIX
 from web.schemas.accounts import plain_name
+from web.settings import WebSettings
 from web.throttle import Clock, client_key
+
+SMALL = {"prompt": "a red fox", "width": 64, "height": 64, "steps": 4}
 
 
 class ManualClock(Clock):
@@ -191,6 +203,7 @@ async def test_a_password_reset_works_once_and_revokes_every_token_and_session(
     known = await client.post(FORGOT, json={"email": "forgetful@example.org"})
     assert unknown.status == known.status == 202
     assert await unknown.json() == await known.json()
+    await client.app[background_key].idle()
     token = await _reset_token("forgetful@example.org")
 
     done = await client.post(RESET, json={"token": token, "password": NEW_PASSWORD})
@@ -215,6 +228,7 @@ async def test_a_password_reset_works_once_and_revokes_every_token_and_session(
 async def test_an_expired_reset_link_is_410(client: TestClient) -> None:
     await signup(client, "late@example.org")
     await client.post(FORGOT, json={"email": "late@example.org"})
+    await client.app[background_key].idle()
     token = await _reset_token("late@example.org")
     await PasswordReset.all().update(expires_at=utcnow() - timedelta(seconds=1))
     answer = await client.post(RESET, json={"token": token, "password": NEW_PASSWORD})
@@ -240,11 +254,12 @@ async def test_a_squatter_cannot_keep_the_owner_out(
         "/api/v1/generations", json={"prompt": "x"}, headers=headers
     )
     assert generate.status == 403
-    # Soon after, the address is still taken...
+    # Soon after, the address is still taken (the answer does not say so)...
     taken = await client.post(
         SIGNUP, json={"email": "owner@example.org", "password": NEW_PASSWORD}
     )
-    assert taken.status == 409
+    assert taken.status == 201
+    assert (await client.get("/api/v1/me", headers=headers)).status == 200
     # ...but once the squat is older than the limit, the owner's sign-up
     # takes the address, and the squatter's account is gone.
     await User.filter(email_key="owner@example.org").update(
@@ -322,6 +337,7 @@ async def test_anyone_can_no_longer_lock_an_account_for_a_day(
         await _signin_as(client, "not the password", f"203.0.113.{n}")
     forgot = await client.post(FORGOT, json={"email": "owner@example.org"})
     assert forgot.status == 202
+    await client.app[background_key].idle()
     token = await _reset_token("owner@example.org")
     done = await client.post(RESET, json={"token": token, "password": NEW_PASSWORD})
     assert done.status == 204
@@ -447,6 +463,7 @@ async def test_password_reset_checks_the_token_before_bcrypt_and_is_throttled(
 
     # A real link still works, with one hash; used, it costs none.
     await client.post(FORGOT, json={"email": "owner@example.org"})
+    await client.app[background_key].idle()
     token = await _reset_token("owner@example.org")
     real = {"token": token, "password": NEW_PASSWORD}
     assert (
@@ -456,3 +473,215 @@ async def test_password_reset_checks_the_token_before_bcrypt_and_is_throttled(
     again = await client.post(RESET, json=real, headers=_from("198.51.100.2"))
     await error_of(again, 410, "gone")
     assert hashes == 1
+
+
+async def test_premium_granted_to_an_unverified_account_does_not_generate(
+    client: TestClient, node: NodeDouble
+) -> None:
+    # What an operator's grant to a squatted address looks like.
+    _, secret = await make_user(premium=True, verified=False)
+    rest = await client.post("/api/v1/generations", json=SMALL, headers=auth(secret))
+    assert (await error_of(rest, 403, "email_not_verified"))["message"]
+    openai = await client.post(
+        "/v1/images/generations",
+        json={"prompt": "a red fox", "size": "64x64", "model": "tiny"},
+        headers=auth(secret),
+    )
+    assert openai.status == 403
+    assert (await openai.json())["error"]["code"] == "email_not_verified"
+    async with client.ws_connect("/api/v1/ws", headers=auth(secret)) as ws:
+        await ws.send_json({"type": "generate", "request": SMALL})
+        refused = await ws.receive_json(timeout=15)
+    assert refused["type"] == "error"
+    assert refused["code"] == "email_not_verified"
+    assert await Generation.all().count() == 0
+
+
+async def test_forgot_password_timing_shows_no_address(client: TestClient) -> None:
+    await signup(client, "known@example.org")
+    # While the users table is locked nothing can read it: answers that come
+    # back anyway did not wait for the lookup, the cap or the mail, which is
+    # all the work that differs between an address with an account and one
+    # without. The client's answer costs the same either way.
+    async with in_transaction() as connection:
+        await connection.execute_script("LOCK TABLE users IN ACCESS EXCLUSIVE MODE")
+        known = await client.post(FORGOT, json={"email": "known@example.org"})
+        unknown = await client.post(FORGOT, json={"email": "nobody@example.org"})
+        assert known.status == unknown.status == 202
+        assert await known.read() == await unknown.read()
+        assert _stable(known.headers) == _stable(unknown.headers)
+    await client.app[background_key].idle()
+    token = await _reset_token("known@example.org")
+    assert token
+    assert not await OutboxEmail.filter(to_address="nobody@example.org").exists()
+
+
+def _stable(headers: Any) -> dict[str, str]:
+    return {name: value for name, value in headers.items() if name != "Date"}
+
+
+class CountingPasswords(Passwords):
+    """The app's hasher, counting the bcrypt hashes it computes."""
+
+    def __init__(self, *, secret_key: str, rounds: int, concurrency: int) -> None:
+        super().__init__(secret_key=secret_key, rounds=rounds, concurrency=concurrency)
+        self.hashed = 0
+
+    async def hash(self, password: str) -> str:
+        self.hashed += 1
+        return await super().hash(password)
+
+
+async def test_signup_shows_no_address(
+    aiohttp_client: Any, web_settings: WebSettings
+) -> None:
+    app = create_app(web_settings)
+    passwords = CountingPasswords(
+        secret_key=web_settings.secret(), rounds=4, concurrency=2
+    )
+    app[passwords_key] = passwords
+    client = await aiohttp_client(app)
+    owner = (await signup(client, "owner@example.org", name="Owner"))["user"]
+    await User.filter(id=owner["id"]).update(
+        email_verified_at=utcnow(), premium_until=utcnow() + timedelta(days=9)
+    )
+
+    async def attempt(email: str) -> tuple[int, dict[str, Any], int]:
+        before = passwords.hashed
+        answer = await client.post(
+            SIGNUP, json={"email": email, "password": PASSWORD, "name": "Mallory"}
+        )
+        body = await answer.json()
+        return answer.status, body, passwords.hashed - before
+
+    taken_status, taken, taken_hashes = await attempt("Owner@Example.org")
+    free_status, free, free_hashes = await attempt("Free@Example.org")
+    # The same answer, costing the same bcrypt, whether or not the address
+    # has an account: only the id and the time differ, as between any two.
+    assert taken_status == free_status == 201
+    assert taken_hashes == free_hashes == 1
+    assert set(taken) == set(free) == {"user"}
+    assert set(taken["user"]) == set(free["user"])
+    for field in ("name", "tier", "premium_until", "email_verified"):
+        assert taken["user"][field] == free["user"][field], field
+    assert taken["user"]["email"] == "Owner@example.org"
+    assert taken["user"]["id"] != owner["id"]
+    assert taken["user"]["created_at"] != owner["created_at"]
+    # Nothing changed for the owner, who is told of the attempt without the
+    # name the stranger chose; at most a few such notes a day.
+    [row] = await User.filter(email_key="owner@example.org")
+    assert row.name == "Owner"
+    for _ in range(5):
+        assert (await attempt("owner@example.org"))[0] == 201
+    notices = await OutboxEmail.filter(
+        to_address="owner@example.org", subject__icontains="tried to sign up"
+    )
+    assert len(notices) == SIGNUP_NOTICES_PER_DAY
+    assert all("Mallory" not in f"{n.text_body}{n.html_body}" for n in notices)
+    assert "http://testserver.local/forgot-password" in notices[0].text_body
+
+
+async def test_a_squatters_name_and_premium_do_not_survive_the_owners_takeover(
+    client: TestClient,
+) -> None:
+    # A stranger signs up with the owner's address and a name of their
+    # choosing; an operator is talked into making that account premium.
+    await signup(client, "owner@example.org", name="Call +1 555 0100 now")
+    await User.filter(email_key="owner@example.org").update(
+        premium_until=utcnow() + timedelta(days=30)
+    )
+    # The owner takes the account over with a password reset...
+    await client.post(FORGOT, json={"email": "owner@example.org"})
+    await client.app[background_key].idle()
+    token = await _reset_token("owner@example.org")
+    done = await client.post(RESET, json={"token": token, "password": NEW_PASSWORD})
+    assert done.status == 204
+    user = await User.get(email_key="owner@example.org")
+    assert user.email_verified_at is not None
+    assert user.name is None
+    assert user.premium_until is None
+    # ...and a first verification by the emailed link clears the name too.
+    await signup(client, "second@example.org", name="Stranger's name")
+    token = await verification_token("second@example.org")
+    opened = await client.get(VERIFY, params={"token": token}, headers=JSON)
+    assert opened.status == 200
+    assert (await opened.json())["user"]["name"] is None
+    # From then on the owner names the account.
+    session = await signin(client, "owner@example.org", NEW_PASSWORD, session=True)
+    named = await client.patch(
+        ME,
+        json={"name": "Ada\u202e Lovelace"},
+        headers={"X-CSRF-Token": session["csrf_token"]},
+    )
+    assert named.status == 200, await named.text()
+    assert (await named.json())["name"] == "Ada Lovelace"
+
+
+async def test_patch_me_changes_the_address_once_the_new_one_is_verified(
+    client: TestClient,
+) -> None:
+    await signup(client, "old@example.org")
+    await User.filter(email_key="old@example.org").update(email_verified_at=utcnow())
+    headers = auth((await signin(client, "old@example.org"))["token"])
+    changed = await client.patch(ME, json={"email": "New@Example.org"}, headers=headers)
+    assert changed.status == 200, await changed.text()
+    body = await changed.json()
+    assert body["email"] == "old@example.org"
+    assert body["pending_email"] == "New@example.org"
+    assert body["email_verified"] is True
+    # Until the new address is proven, the old one is the account's.
+    await signin(client, "old@example.org")
+    wrong = {"email": "new@example.org", "password": PASSWORD}
+    assert (await client.post(SIGNIN, json=wrong)).status == 401
+    token = await verification_token("New@example.org")
+    opened = await client.get(VERIFY, params={"token": token}, headers=JSON)
+    assert opened.status == 200, await opened.text()
+    me = await (await client.get(ME, headers=headers)).json()
+    assert me["email"] == "New@example.org"
+    assert me["pending_email"] is None
+    assert me["email_verified"] is True
+    await signin(client, "new@example.org")
+    gone = {"email": "old@example.org", "password": PASSWORD}
+    assert (await client.post(SIGNIN, json=gone)).status == 401
+
+
+async def test_patch_me_refuses_bad_fields_in_the_error_format(
+    client: TestClient,
+) -> None:
+    await signup(client, "fields@example.org", name="Kept")
+    session = await signin(client, "fields@example.org", session=True)
+    csrf = {"X-CSRF-Token": session["csrf_token"]}
+    for body, field in [
+        ({"name": "n" * 101}, "name"),
+        ({"email": "not an address"}, "email"),
+        ({"tier": "premium"}, "tier"),
+    ]:
+        answer = await client.patch(ME, json=body, headers=csrf)
+        error = await error_of(answer, 422, "validation_error")
+        assert [detail["field"] for detail in error["details"]] == [field]
+    # The cookie session needs its CSRF token, as for every unsafe method.
+    refused = await client.patch(ME, json={"name": "Other"})
+    await error_of(refused, 403, "forbidden")
+    assert (await User.get(email_key="fields@example.org")).name == "Kept"
+    # An address that has an account gets the same answer as any other: the
+    # link to it is refused only when its owner opens it.
+    await signup(client, "taken@example.org")
+    await User.filter(email_key="taken@example.org").update(email_verified_at=utcnow())
+    moved = await client.patch(ME, json={"email": "taken@example.org"}, headers=csrf)
+    assert moved.status == 200
+    token = await _latest_verification_token("taken@example.org")
+    opened = await client.get(VERIFY, params={"token": token}, headers=JSON)
+    await error_of(opened, 409, "conflict")
+    assert (await User.get(id=session["user"]["id"])).email == "fields@example.org"
+
+
+async def _latest_verification_token(email: str) -> str:
+    mail = (
+        await OutboxEmail.filter(to_address=email, subject__startswith="Verify")
+        .order_by("-created_at")
+        .first()
+    )
+    assert mail is not None
+    found = LINK.search(mail.text_body)
+    assert found, mail.text_body
+    return found.group(1)

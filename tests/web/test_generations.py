@@ -617,9 +617,10 @@ async def test_premium_email_delivery_needs_a_verified_address(
     _, secret = await make_user(premium=True, verified=False)
     body = await submit(client, secret, {**SMALL, "delivery": "email"}, status=403)
     assert body["error"]["code"] == "email_not_verified"
+    # Nor anything else: premium does not stand in for a proven address.
+    body = await submit(client, secret, SMALL, status=403)
+    assert body["error"]["code"] == "email_not_verified"
     assert await Generation.all().count() == 0
-    # Download needs no mail: still fine.
-    assert (await submit(client, secret, SMALL))["delivery"] == "download"
 
 
 async def test_an_internal_validation_error_is_a_500_not_a_422(

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import logging
 import secrets
+import uuid
+from datetime import datetime
 
 from aiohttp import web
 from aiohttp_session import get_session, new_session
@@ -11,10 +13,25 @@ from redis.asyncio import Redis
 from tortoise.exceptions import IntegrityError
 from tortoise.transactions import in_transaction
 
-from sdapi.db.models import ApiToken, PremiumCode, TokenKind, email_key_of, utcnow
+from sdapi.contract.status import Tier
+from sdapi.db.models import (
+    ApiToken,
+    EmailVerification,
+    PremiumCode,
+    TokenKind,
+    email_key_of,
+    utcnow,
+)
 from sdapi.db.models import User as UserRow
+from sdapi.db.outbox import queue_email, render_email
 from sdapi.db.premium import add_premium_days, canonical_code, code_hash
-from web.appkeys import clock_key, passwords_key, redis_key, settings_key
+from web.appkeys import (
+    clock_key,
+    mail_templates_key,
+    passwords_key,
+    redis_key,
+    settings_key,
+)
 from web.auth import require_user
 from web.devices import (
     DEVICE_COOKIE,
@@ -28,6 +45,7 @@ from web.errors import (
     Conflict,
     EmailNotVerified,
     NotFound,
+    RateLimited,
     Unauthorized,
 )
 from web.openapi import (
@@ -38,9 +56,10 @@ from web.openapi import (
     read_body,
 )
 from web.quota import usage
-from web.routes.verification import send_verification
+from web.routes.verification import resend_wait, send_verification
 from web.schemas.accounts import (
     Me,
+    MeUpdate,
     Quota,
     RedeemRequest,
     SigninRequest,
@@ -70,10 +89,9 @@ log = logging.getLogger(__name__)
 
 routes = ApiRoutes(tags=["accounts"])
 
-EMAIL_TAKEN = (
-    "An account with this email address already exists. If it is yours, sign "
-    "in, or set a new password with POST /api/v1/auth/password/forgot."
-)
+# Emails one address may get a day saying someone tried to sign up with it.
+SIGNUP_NOTICES_PER_DAY = 3
+SIGNUP_NOTICE_PREFIX = "sdapi:signup-notices"
 WRONG_CREDENTIALS = "Wrong email or password."
 UNKNOWN_CODE = "This premium code does not exist; check how it is typed."
 USED_CODE = "This premium code has already been redeemed."
@@ -97,15 +115,21 @@ def _abandoned(user: UserRow, after_s: int) -> bool:
     body=SignupRequest,
     auth=False,
     responses=[
-        Response(201, "Created; a verification email is on its way", SignupResponse),
-        Response(409, "An account with this email exists", ErrorBody),
+        Response(
+            201,
+            "Created; a verification email is on its way. The same answer when "
+            "the address already has an account: its owner is emailed instead",
+            SignupResponse,
+        ),
         Response(
             429, "Too many sign-ups from this address (see Retry-After)", ErrorBody
         ),
     ],
 )
 async def signup(request: web.Request) -> web.StreamResponse:
-    """Creates the account and emails a link that verifies the address."""
+    """Creates the account and emails a link that verifies the address. An
+    address that already has an account gets the same answer (nobody learns
+    which addresses have one); its owner is told by email instead."""
     settings = request.app[settings_key]
     body = await read_body(request, SignupRequest)
     address = client_address(request, trust_forwarded=settings.trust_forwarded)
@@ -121,29 +145,85 @@ async def signup(request: web.Request) -> web.StreamResponse:
     )
     email = str(body.email)
     email_key = email_key_of(email)
-    # Checked first so a taken email costs no bcrypt; the unique index decides.
+    # Hashed whether or not the address is free: the answer's time would
+    # otherwise tell a taken address by its missing bcrypt. What is left to
+    # differ (a few inserts against one) is well inside bcrypt's own jitter,
+    # and the per-client limit above allows too few tries to average it out.
+    password_hash = await request.app[passwords_key].hash(body.password)
+    now = utcnow()
     holder = await UserRow.get_or_none(email_key=email_key)
-    if holder is not None:
-        if not _abandoned(holder, settings.unverified_takeover_after):
-            raise Conflict(EMAIL_TAKEN)
+    if holder is not None and _abandoned(holder, settings.unverified_takeover_after):
         # Signed up with this address and never proved it: anyone may have
         # done that with anyone's address, so it does not keep the owner out.
         await UserRow.filter(id=holder.id, email_verified_at=None).delete()
-    password_hash = await request.app[passwords_key].hash(body.password)
-    now = utcnow()
-    try:
-        # The user, its verification and the email exist together or not at all.
-        async with in_transaction():
-            user = await UserRow.create(
-                email=email,
-                email_key=email_key,
-                name=body.name,
-                password_hash=password_hash,
+        holder = None
+    if holder is None:
+        try:
+            # The user, its verification and the email exist together or not
+            # at all.
+            async with in_transaction():
+                user = await UserRow.create(
+                    email=email,
+                    email_key=email_key,
+                    name=body.name,
+                    password_hash=password_hash,
+                )
+                await send_verification(request, user, now)
+            return json_response(
+                SignupResponse(user=UserView.of(user, now)), status=201
             )
-            await send_verification(request, user, now)
-    except IntegrityError:
-        raise Conflict(EMAIL_TAKEN) from None
-    return json_response(SignupResponse(user=UserView.of(user, now)), status=201)
+        except IntegrityError:
+            # A concurrent sign-up of the address won: the unique index decides.
+            holder = await UserRow.get_or_none(email_key=email_key)
+    if holder is not None:
+        await _tell_owner(request, holder)
+    return json_response(SignupResponse(user=_stand_in(body, email, now)), status=201)
+
+
+def _stand_in(body: SignupRequest, email: str, now: datetime) -> UserView:
+    """What a new account would look like, for an address that has one: it
+    says nothing of the real account (not its id, name, tier or age)."""
+    return UserView(
+        id=uuid.uuid4(),
+        email=email,
+        name=body.name,
+        tier=Tier.NORMAL,
+        premium_until=None,
+        email_verified=False,
+        created_at=now,
+    )
+
+
+async def _tell_owner(request: web.Request, holder: UserRow) -> None:
+    """Email the address's owner that someone tried to sign up with it, at
+    most `SIGNUP_NOTICES_PER_DAY` times a day, whoever keeps trying."""
+    redis = request.app[redis_key]
+    key = f"{SIGNUP_NOTICE_PREFIX}:{holder.email_key}"
+    async with redis.pipeline(transaction=True) as pipe:
+        pipe.incr(key)
+        pipe.expire(key, 86400, nx=True)
+        count, _ = await pipe.execute()
+    if int(count) > SIGNUP_NOTICES_PER_DAY:
+        return
+    base = request.app[settings_key].base_url
+    # Nothing the person signing up chose (the name) goes into this mail:
+    # it would let anyone write to any address through us.
+    context = {
+        "email": holder.email,
+        "signin": f"{base}/signin",
+        "forgot": f"{base}/forgot-password",
+    }
+    text_body, html_body = render_email(
+        request.app[mail_templates_key], "signup_attempt", context
+    )
+    await queue_email(
+        dedupe_key=f"signup-attempt:{holder.id}:{uuid.uuid4()}",
+        to_address=holder.email,
+        subject="Someone tried to sign up for sdapi with your address",
+        text_body=text_body,
+        html_body=html_body,
+    )
+    log.info("told user %s of a sign-up attempt with their address", holder.id)
 
 
 # --- sign-in and sign-out --------------------------------------------------
@@ -351,16 +431,94 @@ async def signout(request: web.Request) -> web.StreamResponse:
 async def me(request: web.Request) -> web.StreamResponse:
     """The account, its tier, and what the tier allows today."""
     principal = await require_user(request)
+    return json_response(await _me_view(request, principal.user))
+
+
+@routes.route(
+    "PATCH",
+    "/api/v1/me",
+    summary="Change your name or email address",
+    body=MeUpdate,
+    responses=[
+        Response(200, "The account as it is now", Me),
+        Response(
+            429,
+            "A verification email was sent a moment ago, or today's are used up "
+            "(see Retry-After)",
+            ErrorBody,
+        ),
+    ],
+)
+async def update_me(request: web.Request) -> web.StreamResponse:
+    """Only the fields sent change. A new `email` is sent a verification link
+    and becomes the account's address when the link is opened (shown as
+    `pending_email` until then); until then the old address keeps working."""
+    principal = await require_user(request)
+    body = await read_body(request, MeUpdate)
+    user = principal.user
+    if "name" in body.model_fields_set:
+        await UserRow.filter(id=user.id).update(name=body.name)
+        user.name = body.name
+    if body.email is not None:
+        await _change_address(request, user, str(body.email))
+    return json_response(await _me_view(request, user))
+
+
+async def _change_address(request: web.Request, user: UserRow, email: str) -> None:
+    """Start moving `user` to `email`.
+
+    The address changes only once the new one is proven, not at once with the
+    account unverified meanwhile: a typo, or someone holding a session for a
+    moment, would otherwise lock the owner out of their own mail (sign-in,
+    password resets, emailed images) and hand the account to an address
+    nobody has proven. The old address keeps working until the link is
+    opened, and nothing here says whether the new one has an account (that is
+    checked when the link is opened, by whoever controls it)."""
+    if email == user.email:
+        return
+    if email_key_of(email) == user.email_key:
+        # Another spelling of the same address (case): nothing to prove.
+        await UserRow.filter(id=user.id).update(email=email)
+        user.email = email
+        return
+    # The same allowance as resent links: each change mails any address.
+    wait = await resend_wait(request, user)
+    if wait is not None:
+        raise RateLimited(
+            f"A verification email was sent a moment ago, or today's are used "
+            f"up; you can change your address again in {wait} seconds.",
+            retry_after=wait,
+        )
+    async with in_transaction():
+        # One change at a time: an earlier one's link stops working.
+        await EmailVerification.filter(
+            user_id=user.id, used_at=None, email__isnull=False
+        ).delete()
+        await send_verification(request, user, utcnow(), email=email)
+    log.info("user %s asked to change their email address", user.id)
+
+
+async def _me_view(request: web.Request, user: UserRow) -> Me:
     settings = request.app[settings_key]
     now = utcnow()
-    user = principal.user
     used = await usage(user, now)
     quota = Quota.of(
         settings.limits(user.tier_at(now)),
         images_today=used.images_today,
         in_flight=used.in_flight,
     )
-    return json_response(Me(**UserView.of(user, now).model_dump(), quota=quota))
+    pending = (
+        await EmailVerification.filter(
+            user_id=user.id, used_at=None, expires_at__gt=now, email__isnull=False
+        )
+        .order_by("-created_at")
+        .first()
+    )
+    return Me(
+        **UserView.of(user, now).model_dump(),
+        quota=quota,
+        pending_email=pending.email if pending is not None else None,
+    )
 
 
 @routes.route(

@@ -13,9 +13,17 @@ from datetime import timedelta
 from aiohttp import web
 from tortoise.transactions import in_transaction
 
-from sdapi.db.models import ApiToken, PasswordReset, User, email_key_of, utcnow
+from sdapi.db.models import (
+    ApiToken,
+    EmailVerification,
+    PasswordReset,
+    User,
+    email_key_of,
+    utcnow,
+)
 from sdapi.db.outbox import queue_email, render_email
 from web.appkeys import (
+    background_key,
     clock_key,
     mail_templates_key,
     passwords_key,
@@ -24,6 +32,7 @@ from web.appkeys import (
 )
 from web.errors import Gone
 from web.openapi import ApiRoutes, ErrorBody, Response, json_response, read_body
+from web.routes.verification import prove_address
 from web.schemas.password_reset import ForgotRequest, ResetRequest, ResetRequested
 from web.throttle import (
     client_address,
@@ -73,14 +82,25 @@ async def forgot_password(request: web.Request) -> web.StreamResponse:
         window_s=settings.signup_window,
     )
     attempt = await reserve(redis, [limit])
-    user = await User.get_or_none(email_key=email_key_of(str(body.email)))
-    if attempt.granted and user is not None and await _under_daily_cap(request, user):
-        await _send_reset(request, user)
+    if attempt.granted:
+        # Answered before the address is even looked up: the lookup, the
+        # daily cap and the outbox write take longer for an address with an
+        # account, and a client timing the answer would learn which have one.
+        request.app[background_key].spawn(
+            _reset_if_known(request.app, email_key_of(str(body.email))),
+            name="password-reset-mail",
+        )
     return json_response(ResetRequested(), status=202)
 
 
-async def _under_daily_cap(request: web.Request, user: User) -> bool:
-    redis = request.app[redis_key]
+async def _reset_if_known(app: web.Application, email_key: str) -> None:
+    user = await User.get_or_none(email_key=email_key)
+    if user is not None and await _under_daily_cap(app, user):
+        await _send_reset(app, user)
+
+
+async def _under_daily_cap(app: web.Application, user: User) -> bool:
+    redis = app[redis_key]
     key = f"{RESET_COUNT_PREFIX}:{user.id}"
     async with redis.pipeline(transaction=True) as pipe:
         pipe.incr(key)
@@ -89,8 +109,8 @@ async def _under_daily_cap(request: web.Request, user: User) -> bool:
     return int(count) <= RESETS_PER_DAY
 
 
-async def _send_reset(request: web.Request, user: User) -> None:
-    settings = request.app[settings_key]
+async def _send_reset(app: web.Application, user: User) -> None:
+    settings = app[settings_key]
     token = secrets.token_urlsafe(32)
     now = utcnow()
     expires_at = now + timedelta(seconds=settings.password_reset_ttl)
@@ -101,7 +121,7 @@ async def _send_reset(request: web.Request, user: User) -> None:
         "expires": f"{expires_at:%Y-%m-%d %H:%M}",
     }
     text_body, html_body = render_email(
-        request.app[mail_templates_key], "password_reset", context
+        app[mail_templates_key], "password_reset", context
     )
     async with in_transaction():
         reset = await PasswordReset.create(
@@ -180,9 +200,8 @@ async def reset_password(request: web.Request) -> web.StreamResponse:
         # The user row alone: Postgres refuses to lock a join's outer side.
         user = await User.select_for_update().get(id=user_id)
         user.password_hash = password_hash
-        if user.email_verified_at is None:
-            user.email_verified_at = now
-        await user.save(update_fields=["password_hash", "email_verified_at"])
+        proven = prove_address(user, now, takeover=True)
+        await user.save(update_fields=["password_hash", *proven])
         revoked = [
             str(token_id)
             for token_id in await live_tokens(now)
@@ -190,8 +209,12 @@ async def reset_password(request: web.Request) -> web.StreamResponse:
             .values_list("id", flat=True)
         ]
         await ApiToken.filter(id__in=revoked).update(revoked_at=now)
-        # Other links of the account stop working too.
+        # Other links of the account stop working too, and an address change
+        # whoever held the account asked for (its link went to their address).
         await PasswordReset.filter(user_id=user.id, used_at=None).update(used_at=now)
+        await EmailVerification.filter(
+            user_id=user.id, used_at=None, email__isnull=False
+        ).delete()
     # The owner proved control of the address: whatever was guessed before,
     # the new password works at once, from anywhere.
     windows = (settings.signin_global_failure_window, settings.signin_failure_window)

@@ -8,6 +8,7 @@ from datetime import datetime, timedelta
 
 import aiohttp_jinja2
 from aiohttp import web
+from tortoise.exceptions import IntegrityError
 from tortoise.transactions import in_transaction
 
 from sdapi.db.models import EmailVerification, email_key_of, utcnow
@@ -52,37 +53,63 @@ log = logging.getLogger(__name__)
 routes = ApiRoutes(tags=["accounts"])
 
 VERIFY_PATH = "/api/v1/auth/verify"
+ADDRESS_TAKEN = (
+    "This email address belongs to another account now; sign in to that one, "
+    "or change your address to another."
+)
 # One key per user while a re-sent verification email holds back the next.
 RESEND_KEY_PREFIX = "sdapi:verify-resend"
 
 
 async def send_verification(
-    request: web.Request, user: UserRow, now: datetime
+    request: web.Request, user: UserRow, now: datetime, *, email: str | None = None
 ) -> datetime:
-    """A new verification link for `user`, emailed through the outbox; returns
-    when it expires. Call it inside the transaction that makes it true."""
+    """A new verification link for `user`'s address (or the new address
+    `email`), emailed through the outbox; returns when it expires. Call it
+    inside the transaction that makes it true."""
     settings = request.app[settings_key]
     token = secrets.token_urlsafe(32)
     expires_at = now + timedelta(seconds=settings.verify_ttl)
     verification = await EmailVerification.create(
-        user=user, token_hash=hash_secret(token), expires_at=expires_at
+        user=user, token_hash=hash_secret(token), expires_at=expires_at, email=email
     )
+    to_address = email or user.email
     link = f"{settings.base_url}{VERIFY_PATH}?token={token}"
     # No user-chosen text (the name) in mail to an address not yet proven:
     # anyone can sign up with anyone's address.
     text_body, html_body = render_email(
         request.app[mail_templates_key],
         "verify_email",
-        {"email": user.email, "link": link, "expires": f"{expires_at:%Y-%m-%d %H:%M}"},
+        {"email": to_address, "link": link, "expires": f"{expires_at:%Y-%m-%d %H:%M}"},
     )
     await queue_email(
         dedupe_key=f"verify:{verification.id}",
-        to_address=user.email,
+        to_address=to_address,
         subject="Verify your email address for sdapi",
         text_body=text_body,
         html_body=html_body,
     )
     return expires_at
+
+
+def prove_address(user: UserRow, now: datetime, *, takeover: bool) -> list[str]:
+    """Mark `user`'s address proven (a no-op once it is); returns the fields
+    changed, for the caller's save.
+
+    Until the first proof, anyone could have signed up with the address and
+    chosen the name, which mail to the address shows from then on: it goes.
+    A takeover (a password reset: the address's owner replaces the unknown
+    signer-up's credentials) also drops premium time, which only an operator
+    can have granted an unverified account, maybe to a squatter."""
+    if user.email_verified_at is not None:
+        return []
+    user.email_verified_at = now
+    user.name = None
+    changed = ["email_verified_at", "name"]
+    if takeover:
+        user.premium_until = None
+        changed.append("premium_until")
+    return changed
 
 
 @routes.route(
@@ -120,7 +147,7 @@ async def resend_verification(request: web.Request) -> web.StreamResponse:
     user = principal.user
     if user.email_verified_at is not None:
         raise Conflict("Your email address is already verified.")
-    wait = await _resend_refused(request, user)
+    wait = await resend_wait(request, user)
     if wait is not None:
         raise RateLimited(
             f"A verification email was sent a moment ago, or today's are used up; "
@@ -133,8 +160,9 @@ async def resend_verification(request: web.Request) -> web.StreamResponse:
     )
 
 
-async def _resend_refused(request: web.Request, user: UserRow) -> int | None:
-    """Seconds to wait before `user` may get another link; None: send now."""
+async def resend_wait(request: web.Request, user: UserRow) -> int | None:
+    """Seconds to wait before `user` may get another link; None: send now
+    (counted as sent)."""
     settings = request.app[settings_key]
     redis = request.app[redis_key]
     key = f"{RESEND_KEY_PREFIX}:{user.id}"
@@ -179,7 +207,7 @@ async def _resend_quietly(request: web.Request, email: str) -> None:
     user = await UserRow.get_or_none(email_key=email_key_of(email))
     if user is None or user.email_verified_at is not None:
         return
-    if await _resend_refused(request, user) is None:
+    if await resend_wait(request, user) is None:
         await _resend(request, user)
 
 
@@ -221,10 +249,36 @@ async def _use_verification(token: str, now: datetime) -> UserRow:
             raise Gone("This verification link has expired.")
         verification.used_at = now
         await verification.save(update_fields=["used_at"])
-        await UserRow.filter(id=verification.user_id, email_verified_at=None).update(  # type: ignore[attr-defined]
-            email_verified_at=now
-        )
-        return await UserRow.get(id=verification.user_id)  # type: ignore[attr-defined]
+        # The user row alone: Postgres refuses to lock a join's outer side.
+        user = await UserRow.select_for_update().get(id=verification.user_id)  # type: ignore[attr-defined]
+        changed: list[str] = []
+        if verification.email is not None and verification.email != user.email:
+            changed += await _move_address(user, verification.email, now)
+        changed += prove_address(user, now, takeover=False)
+        if changed:
+            try:
+                await user.save(update_fields=changed)
+            except IntegrityError:
+                raise Conflict(ADDRESS_TAKEN) from None
+        return user
+
+
+async def _move_address(user: UserRow, email: str, now: datetime) -> list[str]:
+    """Give `user` the address `email` its link just proved."""
+    email_key = email_key_of(email)
+    if email_key != user.email_key:
+        holder = await UserRow.get_or_none(email_key=email_key)
+        if holder is not None:
+            if holder.email_verified_at is not None:
+                raise Conflict(ADDRESS_TAKEN)
+            # Proven here, never proven there: as at a sign-up's takeover, an
+            # account anyone could have made does not keep the owner out.
+            await UserRow.filter(id=holder.id, email_verified_at=None).delete()
+    # The old address's links, and other changes asked for, prove nothing now.
+    await EmailVerification.filter(user_id=user.id, used_at=None).delete()
+    user.email = email
+    user.email_key = email_key
+    return ["email", "email_key"]
 
 
 @routes.route(

@@ -39,6 +39,13 @@ def plain_name(text: str) -> str:
     return " ".join(kept.split())
 
 
+def optional_name(value: str | None) -> str | None:
+    """A name as stored: plain text (see `plain_name`), None when nothing is left."""
+    if value is None:
+        return None
+    return plain_name(value) or None
+
+
 class SignupRequest(RequestModel):
     email: EmailStr
     password: Password
@@ -47,9 +54,28 @@ class SignupRequest(RequestModel):
     @field_validator("name")
     @classmethod
     def _name(cls, value: str | None) -> str | None:
-        if value is None:
-            return None
-        return plain_name(value) or None
+        return optional_name(value)
+
+
+class MeUpdate(RequestModel):
+    """Only the fields sent change."""
+
+    name: str | None = Field(
+        default=None,
+        max_length=100,
+        description="The name shown for the account; null or empty removes it.",
+    )
+    email: EmailStr | None = Field(
+        default=None,
+        description="A new address: it is sent a verification link, and the "
+        "account's address changes only when that link is opened (the old one "
+        "keeps working until then).",
+    )
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, value: str | None) -> str | None:
+        return optional_name(value)
 
 
 class SigninRequest(RequestModel):
@@ -181,3 +207,8 @@ class Me(UserView):
     model_config = ConfigDict(title="Me")
 
     quota: Quota
+    pending_email: str | None = Field(
+        default=None,
+        description="A new address waiting for its verification link to be "
+        "opened; the account's `email` changes then.",
+    )
