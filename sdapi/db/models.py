@@ -87,36 +87,35 @@ class ApiToken(Model):
         table = "api_tokens"
 
 
-class EmailVerification(Model):
+class LinkPurpose(StrEnum):
+    """What an emailed single-use link does when it is opened."""
+
+    VERIFY = "verify"  # proves an address (the account's own, or a new one)
+    RESET = "reset"  # sets a new password
+
+
+class EmailLink(Model):
+    """A single-use, expiring link sent by email; only its SHA-256 is kept.
+
+    Verifications and password resets are the same thing with another
+    purpose: a token that proves control of an address, once, for a while.
+    """
+
     id = fields.UUIDField(primary_key=True)
     user: fields.ForeignKeyRelation[User] = fields.ForeignKeyField(
-        "models.User", related_name="verifications", on_delete=fields.CASCADE
+        "models.User", related_name="email_links", on_delete=fields.CASCADE
     )
+    purpose = fields.CharEnumField(LinkPurpose, max_length=16)
     token_hash = fields.CharField(max_length=64, unique=True)
-    # A new address the link proves (an email change); None: the account's own.
+    # A new address a verification proves (an email change); None: the
+    # account's own address.
     email = fields.CharField(max_length=320, null=True)
     created_at = fields.DatetimeField(auto_now_add=True)
     expires_at = fields.DatetimeField()
     used_at = fields.DatetimeField(null=True)
 
     class Meta:
-        table = "email_verifications"
-
-
-class PasswordReset(Model):
-    """A single-use link that sets a new password; only its SHA-256 is kept."""
-
-    id = fields.UUIDField(primary_key=True)
-    user: fields.ForeignKeyRelation[User] = fields.ForeignKeyField(
-        "models.User", related_name="password_resets", on_delete=fields.CASCADE
-    )
-    token_hash = fields.CharField(max_length=64, unique=True)
-    created_at = fields.DatetimeField(auto_now_add=True)
-    expires_at = fields.DatetimeField()
-    used_at = fields.DatetimeField(null=True)
-
-    class Meta:
-        table = "password_resets"
+        table = "email_links"
 
 
 class PremiumCode(Model):

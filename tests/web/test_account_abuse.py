@@ -12,7 +12,14 @@ from typing import Any
 from aiohttp.test_utils import TestClient
 from tortoise.transactions import in_transaction
 
-from sdapi.db.models import Generation, OutboxEmail, PasswordReset, User, utcnow
+from sdapi.db.models import (
+    EmailLink,
+    Generation,
+    LinkPurpose,
+    OutboxEmail,
+    User,
+    utcnow,
+)
 from tests.node_double import NodeDouble, auth, make_user
 from tests.web.test_accounts import (
     JSON,
@@ -230,7 +237,9 @@ async def test_an_expired_reset_link_is_410(client: TestClient) -> None:
     await client.post(FORGOT, json={"email": "late@example.org"})
     await client.app[background_key].idle()
     token = await _reset_token("late@example.org")
-    await PasswordReset.all().update(expires_at=utcnow() - timedelta(seconds=1))
+    await EmailLink.filter(purpose=LinkPurpose.RESET).update(
+        expires_at=utcnow() - timedelta(seconds=1)
+    )
     answer = await client.post(RESET, json={"token": token, "password": NEW_PASSWORD})
     assert answer.status == 410
     assert (await answer.json())["error"]["code"] == "gone"
@@ -685,3 +694,22 @@ async def _latest_verification_token(email: str) -> str:
     found = LINK.search(mail.text_body)
     assert found, mail.text_body
     return found.group(1)
+
+
+async def test_a_link_does_only_what_it_was_sent_for(client: TestClient) -> None:
+    """Verifications and resets share one table: a verification link must not
+    set a password, nor a reset link verify an address."""
+    await signup(client, "owner@example.org")
+    verify = await verification_token("owner@example.org")
+    answer = await client.post(RESET, json={"token": verify, "password": NEW_PASSWORD})
+    await error_of(answer, 410, "gone")
+    await client.post(FORGOT, json={"email": "owner@example.org"})
+    await client.app[background_key].idle()
+    reset = await _reset_token("owner@example.org")
+    opened = await client.get(VERIFY, params={"token": reset}, headers=JSON)
+    assert opened.status == 404
+    user = await User.get(email_key="owner@example.org")
+    assert user.email_verified_at is None
+    # Each still does its own job.
+    done = await client.post(RESET, json={"token": reset, "password": NEW_PASSWORD})
+    assert done.status == 204

@@ -31,8 +31,9 @@ from sdapi.contract.status import Status, Tier
 from sdapi.db.models import (
     ApiToken,
     Delivery,
-    EmailVerification,
+    EmailLink,
     Generation,
+    LinkPurpose,
     OutboxEmail,
     PremiumCode,
     User,
@@ -149,7 +150,7 @@ async def test_signup_creates_user_and_writes_verification_email(
     assert PASSWORD not in row.password_hash
 
     token = await verification_token("Ada.Lovelace@example.com")
-    verification = await EmailVerification.get(user_id=row.id)
+    verification = await EmailLink.get(user_id=row.id, purpose=LinkPurpose.VERIFY)
     # Only the hash is stored; it expires after verify_ttl (3 days by default).
     assert verification.token_hash == hash_secret(token)
     assert token not in verification.token_hash
@@ -375,9 +376,9 @@ async def test_verify_rejects_unknown_expired_and_missing_tokens(
     assert page.status == 422
     assert "incomplete" in await page.text()
 
-    await EmailVerification.filter(token_hash=hash_secret(token)).update(
-        expires_at=utcnow() - timedelta(seconds=1)
-    )
+    await EmailLink.filter(
+        purpose=LinkPurpose.VERIFY, token_hash=hash_secret(token)
+    ).update(expires_at=utcnow() - timedelta(seconds=1))
     response = await client.get(VERIFY, params={"token": token}, headers=JSON)
     error = await error_of(response, 410, "gone")
     assert "expired" in error["message"]

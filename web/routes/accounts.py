@@ -16,7 +16,8 @@ from tortoise.transactions import in_transaction
 from sdapi.contract.status import Tier
 from sdapi.db.models import (
     ApiToken,
-    EmailVerification,
+    EmailLink,
+    LinkPurpose,
     PremiumCode,
     TokenKind,
     email_key_of,
@@ -491,8 +492,11 @@ async def _change_address(request: web.Request, user: UserRow, email: str) -> No
         )
     async with in_transaction():
         # One change at a time: an earlier one's link stops working.
-        await EmailVerification.filter(
-            user_id=user.id, used_at=None, email__isnull=False
+        await EmailLink.filter(
+            purpose=LinkPurpose.VERIFY,
+            user_id=user.id,
+            used_at=None,
+            email__isnull=False,
         ).delete()
         await send_verification(request, user, utcnow(), email=email)
     log.info("user %s asked to change their email address", user.id)
@@ -508,8 +512,12 @@ async def _me_view(request: web.Request, user: UserRow) -> Me:
         in_flight=used.in_flight,
     )
     pending = (
-        await EmailVerification.filter(
-            user_id=user.id, used_at=None, expires_at__gt=now, email__isnull=False
+        await EmailLink.filter(
+            purpose=LinkPurpose.VERIFY,
+            user_id=user.id,
+            used_at=None,
+            expires_at__gt=now,
+            email__isnull=False,
         )
         .order_by("-created_at")
         .first()

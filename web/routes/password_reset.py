@@ -15,8 +15,8 @@ from tortoise.transactions import in_transaction
 
 from sdapi.db.models import (
     ApiToken,
-    EmailVerification,
-    PasswordReset,
+    EmailLink,
+    LinkPurpose,
     User,
     email_key_of,
     utcnow,
@@ -124,8 +124,11 @@ async def _send_reset(app: web.Application, user: User) -> None:
         app[mail_templates_key], "password_reset", context
     )
     async with in_transaction():
-        reset = await PasswordReset.create(
-            user=user, token_hash=hash_secret(token), expires_at=expires_at
+        reset = await EmailLink.create(
+            purpose=LinkPurpose.RESET,
+            user=user,
+            token_hash=hash_secret(token),
+            expires_at=expires_at,
         )
         await queue_email(
             dedupe_key=f"password-reset:{reset.id}",
@@ -181,21 +184,27 @@ async def reset_password(request: web.Request) -> web.StreamResponse:
     )
     # The token is checked before bcrypt: an invalid, used or expired one
     # costs one indexed lookup, not a hash. The claim below decides races.
-    if not await PasswordReset.exists(
-        token_hash=hash_secret(body.token), used_at=None, expires_at__gt=utcnow()
+    if not await EmailLink.exists(
+        purpose=LinkPurpose.RESET,
+        token_hash=hash_secret(body.token),
+        used_at=None,
+        expires_at__gt=utcnow(),
     ):
         raise Gone(INVALID_LINK)
     password_hash = await request.app[passwords_key].hash(body.password)
     now = utcnow()
     async with in_transaction():
         # Claimed by a conditional update: two uses of one link, one wins.
-        claimed = await PasswordReset.filter(
-            token_hash=hash_secret(body.token), used_at=None, expires_at__gt=now
+        claimed = await EmailLink.filter(
+            purpose=LinkPurpose.RESET,
+            token_hash=hash_secret(body.token),
+            used_at=None,
+            expires_at__gt=now,
         ).update(used_at=now)
         if not claimed:
             raise Gone(INVALID_LINK)
-        [user_id] = await PasswordReset.filter(
-            token_hash=hash_secret(body.token)
+        [user_id] = await EmailLink.filter(
+            purpose=LinkPurpose.RESET, token_hash=hash_secret(body.token)
         ).values_list("user_id", flat=True)
         # The user row alone: Postgres refuses to lock a join's outer side.
         user = await User.select_for_update().get(id=user_id)
@@ -211,9 +220,14 @@ async def reset_password(request: web.Request) -> web.StreamResponse:
         await ApiToken.filter(id__in=revoked).update(revoked_at=now)
         # Other links of the account stop working too, and an address change
         # whoever held the account asked for (its link went to their address).
-        await PasswordReset.filter(user_id=user.id, used_at=None).update(used_at=now)
-        await EmailVerification.filter(
-            user_id=user.id, used_at=None, email__isnull=False
+        await EmailLink.filter(
+            purpose=LinkPurpose.RESET, user_id=user.id, used_at=None
+        ).update(used_at=now)
+        await EmailLink.filter(
+            purpose=LinkPurpose.VERIFY,
+            user_id=user.id,
+            used_at=None,
+            email__isnull=False,
         ).delete()
     # The owner proved control of the address: whatever was guessed before,
     # the new password works at once, from anywhere.

@@ -11,7 +11,7 @@ from aiohttp import web
 from tortoise.exceptions import IntegrityError
 from tortoise.transactions import in_transaction
 
-from sdapi.db.models import EmailVerification, email_key_of, utcnow
+from sdapi.db.models import EmailLink, LinkPurpose, email_key_of, utcnow
 from sdapi.db.models import User as UserRow
 from sdapi.db.outbox import queue_email, render_email
 from web.appkeys import mail_templates_key, redis_key, settings_key
@@ -70,8 +70,12 @@ async def send_verification(
     settings = request.app[settings_key]
     token = secrets.token_urlsafe(32)
     expires_at = now + timedelta(seconds=settings.verify_ttl)
-    verification = await EmailVerification.create(
-        user=user, token_hash=hash_secret(token), expires_at=expires_at, email=email
+    verification = await EmailLink.create(
+        purpose=LinkPurpose.VERIFY,
+        user=user,
+        token_hash=hash_secret(token),
+        expires_at=expires_at,
+        email=email,
     )
     to_address = email or user.email
     link = f"{settings.base_url}{VERIFY_PATH}?token={token}"
@@ -232,8 +236,8 @@ def prefers_json(request: web.Request) -> bool:
 async def _use_verification(token: str, now: datetime) -> UserRow:
     async with in_transaction():
         # Locked: two clicks at once verify once; the second sees it used.
-        verification = await EmailVerification.select_for_update().get_or_none(
-            token_hash=hash_secret(token)
+        verification = await EmailLink.select_for_update().get_or_none(
+            purpose=LinkPurpose.VERIFY, token_hash=hash_secret(token)
         )
         if verification is None:
             raise NotFound(
@@ -275,7 +279,9 @@ async def _move_address(user: UserRow, email: str, now: datetime) -> list[str]:
             # account anyone could have made does not keep the owner out.
             await UserRow.filter(id=holder.id, email_verified_at=None).delete()
     # The old address's links, and other changes asked for, prove nothing now.
-    await EmailVerification.filter(user_id=user.id, used_at=None).delete()
+    await EmailLink.filter(
+        purpose=LinkPurpose.VERIFY, user_id=user.id, used_at=None
+    ).delete()
     user.email = email
     user.email_key = email_key
     return ["email", "email_key"]
