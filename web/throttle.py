@@ -23,10 +23,9 @@ from dataclasses import dataclass
 from aiohttp import web
 from redis.asyncio import Redis
 
+from sdapi.contract.names import SIGNIN_FAILURES_PREFIX as KEY_PREFIX
+from sdapi.contract.names import SIGNUPS_PREFIX as SIGNUP_KEY_PREFIX
 from web.errors import RateLimited
-
-KEY_PREFIX = "sdapi:signin-failures"
-SIGNUP_KEY_PREFIX = "sdapi:signups"
 
 # KEYS: the limits' keys. ARGV: now, the attempt's member, then for each key
 # its max_attempts and window (seconds). Returns "0" when the attempt was

@@ -13,6 +13,7 @@ from datetime import timedelta
 from aiohttp import web
 from tortoise.transactions import in_transaction
 
+from sdapi.contract.names import PASSWORD_RESETS_PREFIX
 from sdapi.db.models import ApiToken, PasswordReset, User, email_key_of, utcnow
 from sdapi.db.outbox import queue_email, render_email
 from web.appkeys import mail_templates_key, passwords_key, redis_key, settings_key
@@ -32,7 +33,6 @@ INVALID_LINK = (
 )
 # Reset emails one account may get a day, whoever asks.
 RESETS_PER_DAY = 5
-RESET_COUNT_PREFIX = "sdapi:password-resets"
 
 
 @routes.route(
@@ -67,7 +67,7 @@ async def forgot_password(request: web.Request) -> web.StreamResponse:
 
 async def _under_daily_cap(request: web.Request, user: User) -> bool:
     redis = request.app[redis_key]
-    key = f"{RESET_COUNT_PREFIX}:{user.id}"
+    key = f"{PASSWORD_RESETS_PREFIX}:{user.id}"
     async with redis.pipeline(transaction=True) as pipe:
         pipe.incr(key)
         pipe.expire(key, 86400, nx=True)

@@ -10,6 +10,7 @@ import aiohttp_jinja2
 from aiohttp import web
 from tortoise.transactions import in_transaction
 
+from sdapi.contract.names import VERIFY_RESEND_PREFIX as RESEND_KEY_PREFIX
 from sdapi.db.models import EmailVerification, email_key_of, utcnow
 from sdapi.db.models import User as UserRow
 from sdapi.db.outbox import queue_email, render_email
@@ -52,8 +53,6 @@ log = logging.getLogger(__name__)
 routes = ApiRoutes(tags=["accounts"])
 
 VERIFY_PATH = "/api/v1/auth/verify"
-# One key per user while a re-sent verification email holds back the next.
-RESEND_KEY_PREFIX = "sdapi:verify-resend"
 
 
 async def send_verification(
