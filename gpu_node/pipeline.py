@@ -3,7 +3,7 @@
 It builds the tiny model, loads a model folder (safetensors only) for one
 device, and runs one pipeline call at a time on the calling thread, telling a
 `StepObserver` about every denoising step. It is longer than our other
-modules on purpose: keeping torch behind one module (STYLE.md) is worth more
+modules on purpose: keeping torch behind one module (docs/ARCHITECTURE.md) is worth more
 than splitting it, and each of its parts reads top to bottom.
 """
 

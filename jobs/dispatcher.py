@@ -20,7 +20,7 @@ from tortoise.transactions import in_transaction
 from jobs.resources import JobsResources
 from jobs.results import TRANSIENT_ERRORS, announce_done, fail_generations
 from sdapi.contract.events import QueuedEvent
-from sdapi.contract.names import batch_job_id, batch_queue
+from sdapi.contract.names import batch_job_id, batch_queue, dispatch_lock_key
 from sdapi.contract.payloads import (
     BatchJob,
     ErrorInfo,
@@ -212,11 +212,6 @@ async def _in_flight(resources: JobsResources, model: str) -> int:
         .values_list("batch_id", flat=True)
     )
     return max(len(batch_ids), await queue_depth(resources.redis, batch_queue(model)))
-
-
-def dispatch_lock_key(model: str) -> str:
-    """The advisory lock one dispatcher of `model` holds while it takes room."""
-    return f"sdapi:dispatch:{model}"
 
 
 async def _claim(

@@ -33,6 +33,7 @@ from jobs.results import (
 )
 from sdapi.contract.events import QueuedEvent
 from sdapi.contract.names import (
+    RECONCILE_FAILURES_PREFIX,
     RESULTS_QUEUE,
     batch_job_id,
     batch_queue,
@@ -59,8 +60,6 @@ log = logging.getLogger(__name__)
 IN_WORK = (Status.QUEUED, Status.RUNNING)
 GAVE_UP_CODE = "attempts_exhausted"
 UNAVAILABLE_CODE = "model_unavailable"
-# Counts rounds in a row that failed on one job (see `_count_failure`).
-FAILURES_KEY_PREFIX = "sdapi:reconcile:failures:"
 # A count older than this (seconds) is forgotten: failures are "in a row" only
 # while rounds keep failing.
 FAILURES_TTL_S = 3600
@@ -359,7 +358,7 @@ async def _count_failure(
     resources: JobsResources, unit: Unit, now: datetime, report: Report
 ) -> None:
     """Count a failed round for `unit`; after too many in a row, fail its rows."""
-    key = FAILURES_KEY_PREFIX + unit.key
+    key = RECONCILE_FAILURES_PREFIX + unit.key
     failures = int(await resources.redis.incr(key))
     await resources.redis.expire(key, FAILURES_TTL_S)
     limit = resources.settings.reconcile_max_failures
@@ -503,7 +502,7 @@ async def reconcile(resources: JobsResources) -> Report:
             except Exception:
                 log.exception("giving up job %s failed", unit.key)
         else:
-            await resources.redis.delete(FAILURES_KEY_PREFIX + unit.key)
+            await resources.redis.delete(RECONCILE_FAILURES_PREFIX + unit.key)
     if report.stored or report.requeued or report.failed or report.expired:
         log.info("reconciled: %s", report)
     return report

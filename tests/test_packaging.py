@@ -22,7 +22,7 @@ from sdapi.devtools.net import free_port
 ROOT = Path(__file__).resolve().parent.parent
 PACKAGES = ("sdapi", "web", "jobs", "gpu_node")
 # The CPU build that lies on disk here; installed first so the gpu extra's torch
-# range is already satisfied and pip downloads no CUDA build (ENVIRONMENT.md).
+# range is already satisfied and pip downloads no CUDA build.
 TORCH_SPEC = "torch==2.13.0"
 START_TIMEOUT_S = 180
 STOP_TIMEOUT_S = 45

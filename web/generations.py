@@ -59,7 +59,7 @@ log = logging.getLogger(__name__)
 IN_FLIGHT_RETRY_S = 5
 # Retry-After when no healthy node serves the model, in seconds.
 NO_NODE_RETRY_S = 30
-# Width and height of a request that names none, in pixels (API.md).
+# Width and height of a request that names none, in pixels (docs/API.md).
 DEFAULT_SIZE = 512
 
 

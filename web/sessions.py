@@ -9,10 +9,10 @@ from aiohttp import web
 from aiohttp_session import AbstractStorage, Session
 from redis.asyncio import Redis
 
+from sdapi.contract.names import SESSION_KEY_PREFIX
 from web.appkeys import redis_deadline_key, redis_key
 
 SESSION_COOKIE = "sdapi_session"
-SESSION_KEY_PREFIX = SESSION_COOKIE + "_"
 
 
 class AppRedisStorage(AbstractStorage):

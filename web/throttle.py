@@ -27,13 +27,11 @@ from dataclasses import dataclass
 from aiohttp import web
 from redis.asyncio import Redis
 
+from sdapi.contract.names import PASSWORD_RESET_ATTEMPTS_PREFIX as RESET_KEY_PREFIX
+from sdapi.contract.names import SIGNIN_FAILURES_PREFIX as KEY_PREFIX
+from sdapi.contract.names import SIGNIN_LIFTED_PREFIX as LIFTED_KEY_PREFIX
+from sdapi.contract.names import SIGNUPS_PREFIX as SIGNUP_KEY_PREFIX
 from web.errors import RateLimited
-
-KEY_PREFIX = "sdapi:signin-failures"
-SIGNUP_KEY_PREFIX = "sdapi:signups"
-RESET_KEY_PREFIX = "sdapi:password-reset-attempts"
-# When a password reset last lifted an account's sign-in limits.
-LIFTED_KEY_PREFIX = "sdapi:signin-lifted"
 
 # KEYS: the limits' keys, then optionally the account's lifted-at key.
 # ARGV: now, the attempt's member, the number of limits, then for each limit

@@ -1,4 +1,8 @@
-"""Queue, function, key and service names, job ids, and how long keys live."""
+"""Queue, function, key and service names, job ids, and how long keys live.
+
+Every Redis key prefix and channel sdapi uses is spelled here, and only here
+(tests/test_docs.py keeps it so): one page lists what lives in Redis.
+"""
 
 from __future__ import annotations
 
@@ -117,3 +121,34 @@ NODES_INDEX = "sdapi:nodes"
 KNOWN_MODELS_KEY = "sdapi:models:known"
 # Sorted set: model -> when (Unix time) a node was last seen serving it.
 KNOWN_MODELS_SEEN_KEY = "sdapi:models:seen"
+
+
+# --- keys of one process, named here so the list above is the whole of Redis.
+
+# web: failed sign-ins counted per client, per account name and per pair
+# (`web/throttle.py`).
+SIGNIN_FAILURES_PREFIX = "sdapi:signin-failures"
+# web: when a password reset last lifted an account's sign-in limits.
+SIGNIN_LIFTED_PREFIX = "sdapi:signin-lifted"
+# web: sign-ups (and other emails to any address) per client address.
+SIGNUPS_PREFIX = "sdapi:signups"
+# web: "someone tried to sign up with your address" mails per address today.
+SIGNUP_NOTICES_PREFIX = "sdapi:signup-notices"
+# web: password reset attempts per client and per token.
+PASSWORD_RESET_ATTEMPTS_PREFIX = "sdapi:password-reset-attempts"  # noqa: S105
+# web: one key per user while a re-sent verification email holds back the
+# next, and a daily count under `<prefix>:day:<user id>`.
+VERIFY_RESEND_PREFIX = "sdapi:verify-resend"
+# web: password reset emails one account got today.
+PASSWORD_RESETS_PREFIX = "sdapi:password-resets"  # noqa: S105 (a key name)
+# web: the playground's server-side sessions, `<prefix><session id>`
+# (aiohttp-session's cookie name plus "_").
+SESSION_KEY_PREFIX = "sdapi_session_"
+# jobs: rounds in a row the reconciler failed on one unit of work.
+RECONCILE_FAILURES_PREFIX = "sdapi:reconcile:failures:"
+
+
+def dispatch_lock_key(model: str) -> str:
+    """Name of the PostgreSQL advisory lock one dispatcher of `model` holds
+    while it takes room on the batch queue (not a Redis key)."""
+    return f"sdapi:dispatch:{model}"

@@ -13,6 +13,7 @@ from redis.asyncio import Redis
 from tortoise.exceptions import IntegrityError
 from tortoise.transactions import in_transaction
 
+from sdapi.contract.names import SIGNUP_NOTICES_PREFIX as SIGNUP_NOTICE_PREFIX
 from sdapi.contract.status import Tier
 from sdapi.db.models import (
     ApiToken,
@@ -92,7 +93,6 @@ routes = ApiRoutes(tags=["accounts"])
 
 # Emails one address may get a day saying someone tried to sign up with it.
 SIGNUP_NOTICES_PER_DAY = 3
-SIGNUP_NOTICE_PREFIX = "sdapi:signup-notices"
 WRONG_CREDENTIALS = "Wrong email or password."
 UNKNOWN_CODE = "This premium code does not exist; check how it is typed."
 USED_CODE = "This premium code has already been redeemed."

@@ -120,8 +120,10 @@ async def check_email_page(request: web.Request) -> web.StreamResponse:
 
 @_page_route("/forgot-password", "Forgot your password")
 async def forgot_password_page(request: web.Request) -> web.StreamResponse:
-    """Asks for a password reset link."""
-    return await _render_page(request, "forgot_password", "Forgot your password")
+    """Asks for a password reset link (whoever forgot it is not signed in)."""
+    return await _render_page(
+        request, "forgot_password", "Forgot your password", signed_in=None
+    )
 
 
 @_page_route("/reset-password", "Choose a new password")

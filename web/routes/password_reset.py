@@ -13,6 +13,7 @@ from datetime import timedelta
 from aiohttp import web
 from tortoise.transactions import in_transaction
 
+from sdapi.contract.names import PASSWORD_RESETS_PREFIX
 from sdapi.db.models import (
     ApiToken,
     EmailLink,
@@ -55,7 +56,6 @@ INVALID_LINK = (
 )
 # Reset emails one account may get a day, whoever asks.
 RESETS_PER_DAY = 5
-RESET_COUNT_PREFIX = "sdapi:password-resets"
 
 
 @routes.route(
@@ -101,7 +101,7 @@ async def _reset_if_known(app: web.Application, email_key: str) -> None:
 
 async def _under_daily_cap(app: web.Application, user: User) -> bool:
     redis = app[redis_key]
-    key = f"{RESET_COUNT_PREFIX}:{user.id}"
+    key = f"{PASSWORD_RESETS_PREFIX}:{user.id}"
     async with redis.pipeline(transaction=True) as pipe:
         pipe.incr(key)
         pipe.expire(key, 86400, nx=True)

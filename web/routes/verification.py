@@ -11,6 +11,7 @@ from aiohttp import web
 from tortoise.exceptions import IntegrityError
 from tortoise.transactions import in_transaction
 
+from sdapi.contract.names import VERIFY_RESEND_PREFIX as RESEND_KEY_PREFIX
 from sdapi.db.models import EmailLink, LinkPurpose, email_key_of, utcnow
 from sdapi.db.models import User as UserRow
 from sdapi.db.outbox import queue_email, render_email
@@ -57,8 +58,6 @@ ADDRESS_TAKEN = (
     "This email address belongs to another account now; sign in to that one, "
     "or change your address to another."
 )
-# One key per user while a re-sent verification email holds back the next.
-RESEND_KEY_PREFIX = "sdapi:verify-resend"
 
 
 async def send_verification(

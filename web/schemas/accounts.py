@@ -203,7 +203,8 @@ class Quota(BaseModel):
 class Me(UserView):
     """The caller's account with their quota."""
 
-    # Its own name, not the title "User" it would inherit.
+    # Not UserView's title: two models of one title collide in the OpenAPI
+    # document, and /me would be documented without its quota.
     model_config = ConfigDict(title="Me")
 
     quota: Quota
