@@ -148,6 +148,7 @@ class ContractRequestHandler(RequestHandler):
         self._sdapi_phase = Phase.HEADERS
         self._sdapi_deadline: asyncio.TimerHandle | None = None
         self._sdapi_body: StreamReader | None = None
+        self._sdapi_pipelined = False
 
     # --- the connection's life -------------------------------------------------
 
@@ -179,6 +180,11 @@ class ContractRequestHandler(RequestHandler):
     def data_received(self, data: bytes) -> None:
         if data and self._sdapi_phase is Phase.IDLE:
             self._arm(self._sdapi_limits.header_s, Phase.HEADERS)
+        elif data and self._sdapi_phase is Phase.BUSY:
+            # A pipelined request begins: its headers get their deadline once
+            # this one is answered. (Bytes of it that came in the same packet
+            # as this request go unseen: that one gets the keep-alive deadline.)
+            self._sdapi_pipelined = True
         super().data_received(data)
         if self._sdapi_phase is Phase.BODY and data:
             body = self._sdapi_body
@@ -201,10 +207,14 @@ class ContractRequestHandler(RequestHandler):
         try:
             return await super().finish_response(request, resp, start_time)
         finally:
-            # aiohttp's keep-alive deadline runs from here.
-            self._disarm()
             self._sdapi_body = None
-            self._sdapi_phase = Phase.IDLE
+            if self._sdapi_pipelined:
+                self._sdapi_pipelined = False
+                self._arm(self._sdapi_limits.header_s, Phase.HEADERS)
+            else:
+                # aiohttp's keep-alive deadline runs from here.
+                self._disarm()
+                self._sdapi_phase = Phase.IDLE
 
     # --- deadlines -------------------------------------------------------------
 

@@ -9,6 +9,7 @@ import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
+import aiohttp
 import pytest
 from aiohttp import web
 
@@ -334,3 +335,24 @@ async def test_malformed_body_encoding_is_a_400_without_a_traceback(
     assert status == 400
     assert json.loads(answer)["error"]["code"] == "bad_request"
     assert not [r for r in caplog.records if r.exc_info]
+
+
+async def test_websocket_outlives_the_connection_deadlines(serve: Serve) -> None:
+    port, _ = await serve(
+        header_read_timeout=0.2, body_read_timeout=0.2, keepalive_timeout=0.2
+    )
+    _, secret = await make_user()
+    async with (
+        aiohttp.ClientSession() as http,
+        http.ws_connect(
+            f"http://127.0.0.1:{port}/api/v1/ws",
+            headers={"Authorization": f"Bearer {secret}"},
+        ) as ws,
+    ):
+        # Quiet for five times every deadline: nothing arrives, nothing closes.
+        with pytest.raises(TimeoutError):
+            await ws.receive(timeout=1.0)
+        missing = "00000000-0000-0000-0000-000000000000"
+        await ws.send_json({"type": "subscribe", "id": missing})
+        answer = await ws.receive_json(timeout=10)
+    assert answer["code"] == "not_found" and answer["id"] == missing
