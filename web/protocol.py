@@ -128,7 +128,13 @@ class Phase(enum.Enum):
 
 class ContractRequestHandler(RequestHandler):
     """aiohttp's connection handler, answering its own errors as the API does,
-    with deadlines for slow clients and a cap on connections per client."""
+    with deadlines for slow clients and a cap on connections per client.
+
+    aiohttp does not document this class: the methods overridden here
+    (connection_made/lost, data_received, finish_response, handle_error,
+    log_exception) and when aiohttp calls them are those of 3.14, pinned by
+    tests/web/test_protocol.py. No private attribute of it is read or set.
+    """
 
     def __init__(
         self,
@@ -349,6 +355,8 @@ class ApiRunner(web.AppRunner):
             else settings.max_connections_per_client,
         )
 
+    # Private to AppRunner (the only way to make it build our Server); pinned
+    # by tests/web/test_protocol.py.
     async def _make_server(self) -> web.Server:
         return ContractServer(
             await super()._make_server(), limits=self._limits, **self._server_kwargs

@@ -1,4 +1,6 @@
-"""Requests the parser refuses: in the error format, logged in one line."""
+"""The connection level (web.protocol): requests the parser refuses, in the error
+format and logged in one line; deadlines, the cap per client, a client that
+leaves, a body that cannot be decoded."""
 
 from __future__ import annotations
 
