@@ -254,6 +254,8 @@ async def main(seconds: float, sockets: int, events: int) -> None:
                     "SDAPI_PREMIUM_MAX_IN_FLIGHT": "100000",
                     "SDAPI_WS_MAX_SOCKETS_PER_USER": str(sockets),
                     "SDAPI_WS_MAX_RELAYS": "64",
+                    # Every socket comes from this one address.
+                    "SDAPI_MAX_CONNECTIONS_PER_CLIENT": "0",
                 },
             )
             minimal_port = free_port()

@@ -209,6 +209,9 @@ job "sdapi-web" {
           SDAPI_MODELS=${join(",", var.models)}
           SDAPI_ALLOWED_ORIGINS=${join(",", var.allowed_origins)}
           SDAPI_TRUST_FORWARDED=true
+          # Longer than Traefik keeps an idle connection to us (90 s): else it
+          # may reuse one as we close it, and answer 502.
+          SDAPI_KEEPALIVE_TIMEOUT=120
           SDAPI_LOG_LEVEL=INFO
           SDAPI_ADVERTISE_HOST={{ env "NOMAD_IP_http" }}
           SDAPI_CONSUL_URL=http://127.0.0.1:8500

@@ -13,6 +13,7 @@ from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, ClassVar
 
 from aiohttp import web
+from aiohttp.http import HttpProcessingError
 from asyncpg.exceptions import (
     CannotConnectNowError,
     PostgresConnectionError,
@@ -127,6 +128,23 @@ class PayloadTooLarge(AppError):
     default_message = "The request body is too large."
 
 
+def refuse_declared_oversize(request: web.Request) -> None:
+    """413 at once for a body declared larger than the route takes
+    (`client_max_size`, raised per route with `request.clone`): aiohttp would
+    wait for that much body before it refused it."""
+    length = request.content_length
+    if length is not None and length > request.client_max_size:
+        raise PayloadTooLarge(
+            f"The request body is over {request.client_max_size} bytes."
+        )
+
+
+class RequestTimeout(AppError):
+    status = 408
+    code = "request_timeout"
+    default_message = "The request was not sent in time; the connection is closed."
+
+
 class _RetryLater(AppError):
     def __init__(self, message: str | None = None, *, retry_after: int) -> None:
         self.retry_after = max(1, retry_after)
@@ -186,6 +204,19 @@ DEPENDENCY_ERRORS: tuple[type[Exception], ...] = (
 )
 DEPENDENCY_RETRY_S = 5
 
+# A body aiohttp could not parse as the client declared it: a multipart part's
+# header with a control character (InvalidHeader), a gzip body that is not
+# gzip (RequestPayloadError). The client's fault: a 400, never a 500.
+MALFORMED_BODY_ERRORS: tuple[type[Exception], ...] = (
+    HttpProcessingError,
+    web.RequestPayloadError,
+)
+
+
+def malformed_body() -> BadRequest:
+    """The 400 for a body that cannot be parsed as its headers say."""
+    return BadRequest("The request body is malformed.")
+
 
 def dependency_unavailable() -> Unavailable:
     """The 503 for a database or Redis that cannot be reached."""
@@ -193,6 +224,25 @@ def dependency_unavailable() -> Unavailable:
         "A database or queue is unreachable right now; try again shortly.",
         retry_after=DEPENDENCY_RETRY_S,
     )
+
+
+# nginx's status for "the client closed the connection before the answer":
+# what the metrics count such requests as, apart from the server's errors.
+CLIENT_CLOSED_STATUS = 499
+
+
+def client_gone(request: web.Request, exc: BaseException) -> bool:
+    """Whether `exc` is the client's connection ending (mid-body, say), not a
+    dependency's."""
+    transport = request.transport
+    return isinstance(exc, ConnectionError) and (
+        transport is None or transport.is_closing()
+    )
+
+
+def client_closed_response() -> web.Response:
+    """What a request whose client left "answers": never sent, only counted."""
+    return web.Response(status=CLIENT_CLOSED_STATUS, reason="Client Closed Request")
 
 
 def validation_details(exc: ValidationError) -> list[dict[str, str]]:
@@ -302,6 +352,15 @@ async def error_middleware(
         if exc.status < 400:
             raise
         return error_response(_from_http_exception(exc), request)
+    except MALFORMED_BODY_ERRORS as exc:
+        # Only the type: the text can quote the client's bytes.
+        log.info(
+            "%s %s: malformed body (%s)",
+            request.method,
+            request.path,
+            type(exc).__name__,
+        )
+        return error_response(malformed_body(), request)
     except NodesUnknown as exc:
         return error_response(
             Unavailable(
@@ -310,7 +369,16 @@ async def error_middleware(
             ),
             request,
         )
-    except DEPENDENCY_ERRORS:
+    except DEPENDENCY_ERRORS as exc:
+        if client_gone(request, exc):
+            # Anyone can do this at will: not an outage, nor worth a traceback.
+            log.info(
+                "%s %s: the client went away (%s)",
+                request.method,
+                request.path,
+                type(exc).__name__,
+            )
+            return client_closed_response()
         log.warning(
             "%s %s: a dependency is unreachable",
             request.method,

@@ -6,12 +6,21 @@ from dataclasses import dataclass, field
 
 from aiohttp import BodyPartReader, web
 
-from web.errors import BadRequest, PayloadTooLarge
+from web.errors import (
+    MALFORMED_BODY_ERRORS,
+    BadRequest,
+    PayloadTooLarge,
+    malformed_body,
+    refuse_declared_oversize,
+)
 
 # One text field of a form, in bytes (a prompt is at most a few KB).
 TEXT_FIELD_MAX = 64 * 1024
 FIELDS_MAX = 64
 CHUNK = 64 * 1024
+# Parts are read as sent; RFC 7578 has senders use no transfer encoding, and
+# another one would be read as if it were the data.
+PLAIN_TRANSFER_ENCODINGS = frozenset({"", "7bit", "8bit", "binary"})
 
 
 @dataclass
@@ -45,6 +54,7 @@ async def read_form(
     """The form's parts; file parts (with a filename) only under `file_fields`."""
     if not is_form(request):
         raise BadRequest("Send the body as multipart/form-data.")
+    refuse_declared_oversize(request)
     form = Form()
     try:
         reader = await request.multipart()
@@ -53,6 +63,11 @@ async def read_form(
             count += 1
             if count > FIELDS_MAX or not isinstance(part, BodyPartReader):
                 raise BadRequest("The form has too many or nested parts.")
+            encoding = part.headers.get("Content-Transfer-Encoding", "")
+            if encoding.strip().lower() not in PLAIN_TRANSFER_ENCODINGS:
+                raise BadRequest("Send form parts without a Content-Transfer-Encoding.")
+            if part.headers.get("Content-Encoding", "identity").lower() != "identity":
+                raise BadRequest("Send form parts without a Content-Encoding.")
             name = part.name or ""
             if part.filename is not None:
                 if name not in file_fields:
@@ -63,4 +78,6 @@ async def read_form(
                 form.fields[name] = raw.decode("utf-8")
     except (ValueError, UnicodeDecodeError, AssertionError) as exc:
         raise BadRequest(f"The form data is malformed: {exc}.") from None
+    except MALFORMED_BODY_ERRORS:
+        raise malformed_body() from None
     return form

@@ -20,6 +20,7 @@ from typing import Any
 
 from aiohttp import WSCloseCode, WSMsgType, web
 from pydantic import BaseModel, ValidationError
+from pydantic_core import PydanticSerializationError
 
 from sdapi.contract.names import REVOKED_TOKENS_CHANNEL
 from sdapi.contract.status import Status, Tier
@@ -136,6 +137,24 @@ class MessageAllowance:
         return True
 
 
+UNSENDABLE = "An answer to your message could not be sent; check its text."
+# Longest client id an error frame quotes back (the contract's own limit).
+ECHOED_ID_MAX = 100
+
+
+def sendable(text: str) -> str:
+    """`text` as JSON can carry it: lone surrogates become `\\udXXX` escapes."""
+    return text.encode("utf-8", "backslashreplace").decode("utf-8")
+
+
+def echoable_id(value: object) -> str | None:
+    """The client's `id`, when an error frame may quote it back: a short string
+    that is valid Unicode (a lone surrogate cannot be sent as JSON)."""
+    if not isinstance(value, str) or len(value) > ECHOED_ID_MAX:
+        return None
+    return value if sendable(value) == value else None
+
+
 # Message types after which a socket reads nothing more.
 _CLOSED = frozenset({WSMsgType.CLOSE, WSMsgType.CLOSING, WSMsgType.CLOSED})
 
@@ -160,7 +179,17 @@ class LiveSocket:
 
     async def send(self, frame: BaseModel) -> bool:
         """Write one frame; False once the client is gone (the error is swallowed)."""
-        text = frame.model_dump_json()
+        try:
+            text = frame.model_dump_json()
+        except PydanticSerializationError:
+            # Text the client sent can hold what JSON cannot carry (a lone
+            # surrogate); echoing it is a bug, but it must not end the socket.
+            log.warning(
+                "live socket: a %s could not be serialised", type(frame).__name__
+            )
+            text = ErrorFrame(
+                id=None, code="internal_error", message=UNSENDABLE
+            ).model_dump_json()
         async with self._ws.send_lock:
             if self._ws.closed:
                 return False
@@ -252,9 +281,12 @@ class LiveSocket:
         message: str,
         details: list[dict[str, Any]] | None = None,
     ) -> None:
-        problems = [FieldProblem.model_validate(d) for d in details or []]
+        problems = [
+            FieldProblem(field=sendable(d["field"]), message=sendable(d["message"]))
+            for d in details or []
+        ]
         await self.send(
-            ErrorFrame(id=ident, code=code, message=message, details=problems)
+            ErrorFrame(id=ident, code=code, message=sendable(message), details=problems)
         )
 
     async def _handle(self, text: str) -> None:
@@ -267,13 +299,13 @@ class LiveSocket:
         if not isinstance(data, dict):
             await self._error(None, "bad_request", "Messages must be JSON objects.")
             return
-        ident = data.get("id") if isinstance(data.get("id"), str) else None
+        ident = echoable_id(data.get("id"))
         if data.get("type") not in MESSAGE_TYPES:
+            # The type is not quoted back: it is the client's text, unchecked.
             await self._error(
                 ident,
                 "bad_request",
-                f"Unknown message type {data.get('type')!r}; "
-                f"use one of {', '.join(MESSAGE_TYPES)}.",
+                f"Unknown message type; use one of {', '.join(MESSAGE_TYPES)}.",
             )
             return
         try:

@@ -16,7 +16,14 @@ from aiohttp import web
 from pydantic import BaseModel, TypeAdapter, ValidationError
 from pydantic.json_schema import JsonSchemaMode, models_json_schema
 
-from web.errors import BadRequest, PayloadTooLarge, from_validation_error
+from web.errors import (
+    MALFORMED_BODY_ERRORS,
+    BadRequest,
+    PayloadTooLarge,
+    from_validation_error,
+    malformed_body,
+    refuse_declared_oversize,
+)
 
 HandlerFn = Callable[[web.Request], Awaitable[web.StreamResponse]]
 ModelT = TypeVar("ModelT", bound=BaseModel)
@@ -126,10 +133,13 @@ async def _read_raw(request: web.Request) -> tuple[bytes, Any]:
     if request.content_type != "application/json":
         shown = content_type or "none"
         raise BadRequest(f"Send the body as application/json (got {shown}).")
+    refuse_declared_oversize(request)
     try:
         raw = await request.read()
     except web.HTTPRequestEntityTooLarge:
         raise PayloadTooLarge() from None
+    except MALFORMED_BODY_ERRORS:
+        raise malformed_body() from None
     if not raw:
         raise BadRequest("The request body is empty; send a JSON object.")
     try:

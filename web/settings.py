@@ -138,6 +138,17 @@ class WebSettings(CommonSettings):
     decode_per_user: int = Field(default=1, ge=1)
     decode_wait: float = Field(default=5.0, gt=0, description="seconds")
 
+    # Deadlines of a connection: its request headers (from the connection or
+    # the first byte of a request), a pause in a body being read, and an idle
+    # kept-alive connection (seconds); past them it is closed.
+    header_read_timeout: float = Field(default=10.0, gt=0, description="seconds")
+    body_read_timeout: float = Field(default=30.0, gt=0, description="seconds")
+    keepalive_timeout: float = Field(default=75.0, gt=0, description="seconds")
+    # Connections one client address (an IPv6 /64) may hold open; one more is
+    # answered 429 and closed. 0: no cap; off with trust_forwarded, where
+    # every connection comes from the proxy (which then caps them).
+    max_connections_per_client: int = Field(default=64, ge=0)
+
     # Tier limits; never above what a GPU node accepts (sdapi.contract).
     normal_max_size: int = Field(default=512, ge=64, le=SIZE_MAX)
     normal_max_steps: int = Field(default=50, ge=1, le=STEPS_MAX)

@@ -111,22 +111,68 @@ def test_no_generated_request_gets_a_5xx_or_an_undocumented_answer(
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
                 response = case.call(base_url=web_url, headers=headers, timeout=30)
-            for validate in (
-                not_a_server_error,
-                status_code_conformance,
-                response_schema_conformance,
-            ):
-                try:
-                    case.validate_response(response, checks=[validate])
-                except BaseException as exc:  # a FailureGroup, collected
-                    failures.append(
-                        f"{case.method.upper()} {case.path} -> "
-                        f"{response.status_code}: {_first_line(exc)}"
-                    )
-                    return
+            problem = _problem(case, response)
+            if problem is not None:
+                failures.append(problem)
 
         check()
     assert failures == [], "\n".join(sorted(set(failures))[:30])
+
+
+# Requests generation found a 5xx with once, sent again on every run.
+FIXED_EXAMPLES: list[tuple[str, str, str, dict[str, Any]]] = [
+    # A control character in a multipart part's name: aiohttp's reader raises
+    # InvalidHeader, which was a 500 (now a 400).
+    (
+        "POST",
+        "/api/v1/generations",
+        "multipart/form-data",
+        {"prompt": "a fox", "pro\x14mpt": "x"},
+    ),
+]
+
+
+@pytest.mark.parametrize(
+    ("method", "path", "media_type", "body"),
+    FIXED_EXAMPLES,
+    ids=[f"{m} {p} {t}" for m, p, t, _ in FIXED_EXAMPLES],
+)
+def test_fixed_examples_get_a_documented_4xx(
+    web_url: str,
+    database_url: str,
+    method: str,
+    path: str,
+    media_type: str,
+    body: dict[str, Any],
+) -> None:
+    schema = schemathesis.openapi.from_url(f"{web_url}/openapi.json")
+    operation = schema[path][method]
+    case = operation.Case(body=body, media_type=media_type)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        response = case.call(
+            base_url=web_url, headers=tokens(database_url)["normal"], timeout=30
+        )
+    assert _problem(case, response) is None
+    assert 400 <= response.status_code < 500
+    assert set(response.json()["error"]) == {"code", "message", "details"}
+
+
+def _problem(case: Any, response: Any) -> str | None:
+    """The first check `response` fails, in one line; None if it passes all."""
+    for validate in (
+        not_a_server_error,
+        status_code_conformance,
+        response_schema_conformance,
+    ):
+        try:
+            case.validate_response(response, checks=[validate])
+        except BaseException as exc:  # a FailureGroup, collected
+            return (
+                f"{case.method.upper()} {case.path} -> "
+                f"{response.status_code}: {_first_line(exc)}"
+            )
+    return None
 
 
 def _first_line(exc: BaseException) -> str:

@@ -168,3 +168,102 @@ async def test_a_whole_number_is_a_valid_float(
         GENERATIONS, json={**SMALL, "guidance_scale": 7}, headers=auth(secret)
     )
     assert response.status == 202, await response.text()
+
+
+BOUNDARY = "sdapiboundary"
+MULTIPART = f"multipart/form-data; boundary={BOUNDARY}"
+
+
+def _multipart(*parts: bytes) -> bytes:
+    body = b"".join(
+        b"--" + BOUNDARY.encode() + b"\r\n" + part + b"\r\n" for part in parts
+    )
+    return body + b"--" + BOUNDARY.encode() + b"--\r\n"
+
+
+@pytest.mark.parametrize(
+    ("path", "content_type", "body", "extra"),
+    [
+        pytest.param(
+            GENERATIONS,
+            MULTIPART,
+            _multipart(b'Content-Disposition: form-data; name="pro\x14mpt"\r\n\r\nfox'),
+            {},
+            id="control-character-in-a-part-name",
+        ),
+        pytest.param(
+            GENERATIONS,
+            MULTIPART,
+            _multipart(b"Content-Disposition form-data no colon\r\n\r\nfox"),
+            {},
+            id="part-header-without-a-colon",
+        ),
+        pytest.param(
+            GENERATIONS,
+            MULTIPART,
+            b"--another\r\nContent-Disposition: form-data; name=prompt\r\n\r\nx\r\n",
+            {},
+            id="wrong-boundary",
+        ),
+        pytest.param(
+            GENERATIONS,
+            "multipart/form-data; boundary=" + "b" * 80,
+            b"--" + b"b" * 80 + b"\r\n\r\nx\r\n",
+            {},
+            id="boundary-too-long",
+        ),
+        pytest.param(
+            GENERATIONS,
+            "multipart/form-data",
+            _multipart(b'Content-Disposition: form-data; name="prompt"\r\n\r\nfox'),
+            {},
+            id="no-boundary",
+        ),
+        pytest.param(
+            GENERATIONS,
+            MULTIPART,
+            _multipart(
+                b'Content-Disposition: form-data; name="prompt"\r\n'
+                b"Content-Transfer-Encoding: rot13\r\n\r\nfox"
+            ),
+            {},
+            id="unknown-transfer-encoding",
+        ),
+        pytest.param(
+            GENERATIONS,
+            MULTIPART,
+            _multipart(
+                b'Content-Disposition: form-data; name="prompt"\r\n\r\n\xff\xfe'
+            ),
+            {},
+            id="undecodable-text",
+        ),
+        pytest.param(
+            "/v1/images/edits",
+            MULTIPART,
+            _multipart(b'Content-Disposition: form-data; name="pro\x14mpt"\r\n\r\nfox'),
+            {},
+            id="openai-edits-control-character",
+        ),
+    ],
+)
+async def test_malformed_body_is_a_400(
+    client: TestClient,
+    node: NodeDouble,
+    caplog: pytest.LogCaptureFixture,
+    path: str,
+    content_type: str,
+    body: bytes,
+    extra: dict[str, str],
+) -> None:
+    _, secret = await make_user()
+    response = await client.post(
+        path,
+        data=body,
+        headers={**auth(secret), "Content-Type": content_type, **extra},
+    )
+    assert response.status == 400, await response.text()
+    error = (await response.json())["error"]
+    assert error["code"] in {"bad_request", "invalid_request_error"}
+    assert not [r for r in caplog.records if r.exc_info]
+    assert await Generation.all().count() == 0

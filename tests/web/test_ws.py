@@ -304,6 +304,59 @@ async def test_bad_messages_get_error_frames_and_the_socket_stays_open(
         assert ident
 
 
+# A lone surrogate, as the JSON escape a client can send: Python reads it,
+# but no frame can carry it back.
+LONE = "\\ud800"
+
+
+@pytest.mark.parametrize(
+    "message",
+    [
+        pytest.param(f'{{"type": "subscribe", "id": "{LONE}"}}', id="subscribe"),
+        pytest.param(f'{{"type": "cancel", "id": "{LONE}"}}', id="cancel"),
+        pytest.param(f'{{"type": "dance", "id": "{LONE}"}}', id="unknown-type"),
+        pytest.param(f'{{"type": "{LONE}", "id": "x"}}', id="surrogate-type"),
+        pytest.param(
+            f'{{"type": "generate", "id": "{LONE}", "request": {{"prompt": "a"}}}}',
+            id="generate",
+        ),
+        pytest.param(
+            f'{{"type": "generate", "request": {{"prompt": "{LONE}"}}}}',
+            id="generate-prompt",
+        ),
+        pytest.param(
+            f'{{"type": "subscribe", "id": "x", "{LONE}": 1}}', id="unknown-field"
+        ),
+        pytest.param(
+            f'{{"type": "generate", "request": {{"prompt": "a", "{LONE}": 1}}}}',
+            id="unknown-request-field",
+        ),
+    ],
+)
+async def test_ws_lone_surrogate_gets_an_error_frame_and_the_socket_stays_open(
+    client: TestClient, message: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    _, secret = await make_user()
+    async with client.ws_connect(WS, headers=auth(secret)) as ws:
+        await ws.send_str(message)
+        error = await frame(ws)
+        assert error["type"] == "error"
+        # Only a well-formed id is quoted back.
+        assert error["id"] in {None, "x"}
+        assert error["code"] in {"bad_request", "validation_error", "not_found"}
+        # Still open and answering.
+        missing = str(uuid.uuid4())
+        await ws.send_json({"type": "subscribe", "id": missing})
+        assert await frame(ws) == {
+            "type": "error",
+            "id": missing,
+            "code": "not_found",
+            "message": "No such generation.",
+            "details": [],
+        }
+    assert not [r for r in caplog.records if r.exc_info]
+
+
 async def test_oversize_message_closes_with_1009_and_a_reason(
     client: TestClient, node: NodeDouble
 ) -> None:
