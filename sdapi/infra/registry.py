@@ -16,6 +16,7 @@ from redis.exceptions import RedisError
 from sdapi.contract.names import GPU_SERVICE, KNOWN_MODELS_KEY, KNOWN_MODELS_SEEN_KEY
 from sdapi.contract.nodes import GENERIC_LIMITS, ModelLimits, NodeInfo
 from sdapi.infra.announcements import live_nodes
+from sdapi.infra.backoff import backoff_s
 from sdapi.infra.consul import consul_errors
 
 log = logging.getLogger(__name__)
@@ -209,7 +210,7 @@ class NodeRegistry:
                     )
                 # Readers waiting for a view get the last one (or a 503).
                 self._fresh.set()
-                await self._pause(min(WATCH_RETRY_MAX_S, 0.5 * 2**failures))
+                await self._pause(backoff_s(failures, base=1.0, cap=WATCH_RETRY_MAX_S))
                 continue
             if failures:
                 log.info("Consul answers again; watching %s", GPU_SERVICE)
