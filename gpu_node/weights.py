@@ -191,7 +191,7 @@ def download_model(location: ModelLocation) -> None:
     if is_complete(location.path):
         return
     from huggingface_hub import constants, hf_hub_download
-    from huggingface_hub.utils import disable_progress_bars
+    from huggingface_hub.utils.tqdm import disable_progress_bars
 
     where = f"model {location.repo_id} is not in {location.path}"
     if constants.HF_HUB_OFFLINE:

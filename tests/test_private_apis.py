@@ -201,6 +201,13 @@ INTERNALS = (
         "give a per-call pipeline the shared modules and config it expects",
         parameters=("obj",),
     ),
+    # huggingface_hub: gpu_node/weights.py downloads a model once.
+    Internal(
+        "huggingface_hub.utils.tqdm:disable_progress_bars",
+        "huggingface-hub",
+        "gpu_node/weights.py (download_model)",
+        "log one line per file instead of progress bars, for one download",
+    ),
     # redis-py: sdapi/infra/queue.py (create_queue_pool).
     Internal(
         "redis.asyncio:ConnectionPool",
@@ -396,4 +403,21 @@ def test_private_api_diffusers_signature_keys() -> None:
     assert "requires_safety_checker" in optional, (
         f"diffusers {version('diffusers')}: _get_signature_keys changed; "
         "gpu_node/pipeline.py (DiffusersEngine._wrapper) builds pipelines with it"
+    )
+
+
+def test_private_api_huggingface_progress_bars_for_a_block() -> None:
+    """gpu_node/weights.py silences the bars for one download only, with
+    `disable_progress_bars` as a context manager (so it is in 2.4)."""
+    from huggingface_hub.utils.tqdm import (
+        are_progress_bars_disabled,
+        disable_progress_bars,
+    )
+
+    before = are_progress_bars_disabled()
+    with disable_progress_bars():
+        assert are_progress_bars_disabled()
+    assert are_progress_bars_disabled() == before, (
+        f"huggingface-hub {version('huggingface-hub')}: disable_progress_bars "
+        "no longer works as a context manager; gpu_node/weights.py uses it so"
     )
