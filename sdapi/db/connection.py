@@ -19,8 +19,8 @@ APP_LABEL = "models"
 
 
 # Tortoise keeps a model's table and connection on `Model._meta`, which it
-# does not document; every use goes through these two (tests/
-# test_private_apis.py pins the names).
+# does not document: every use goes through these two, and
+# tests/test_private_apis.py pins the names.
 
 
 def table_name(model: type[Model]) -> str:

@@ -3,8 +3,9 @@
 arq is in maintenance mode upstream, and sdapi needs things it does not do
 (per-job time limits, claims a node can tell apart, slots repaired after a
 Redis error). Every such workaround lives here, next to the arq internals it
-relies on; tests/test_queue.py pins that behaviour, so an arq upgrade that
-breaks one fails a test by name. No other module imports arq.
+relies on; tests/test_queue.py pins that behaviour and
+tests/test_private_apis.py the names, so an arq upgrade that breaks one
+fails a test by name. No other module imports arq.
 """
 
 from __future__ import annotations
