@@ -8,14 +8,13 @@ import logging
 from collections.abc import Callable
 from typing import Any
 
-from aiohttp import ClientError
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
 from sdapi.contract.names import GPU_SERVICE
 from sdapi.contract.nodes import NodeInfo
 from sdapi.infra.announcements import announce_node, announcement_ttl_s, withdraw_node
-from sdapi.infra.consul import consul_client
+from sdapi.infra.consul import consul_client, consul_errors
 
 log = logging.getLogger(__name__)
 
@@ -28,15 +27,6 @@ def service_id(node_id: str) -> str:
 def check_id(node_id: str) -> str:
     """The id Consul gives the single check of a node's service."""
     return f"service:{service_id(node_id)}"
-
-
-_CONSUL_ERRORS: tuple[type[BaseException], ...] = (ClientError, OSError, TimeoutError)
-
-
-def _consul_errors() -> tuple[type[BaseException], ...]:
-    from consul import ConsulException
-
-    return (*_CONSUL_ERRORS, ConsulException)
 
 
 class Announcer:
@@ -133,7 +123,7 @@ class Announcer:
             if not known:
                 # The agent forgot us (restarted): register again next time.
                 self._registered = False
-        except _consul_errors() as exc:
+        except consul_errors() as exc:
             log.warning("cannot reach Consul at %s: %s", self._consul_url, exc)
 
     async def withdraw(self) -> None:
@@ -154,7 +144,7 @@ class Announcer:
                     service_id(self.info.node_id)
                 )
                 log.info("deregistered %s from Consul", service_id(self.info.node_id))
-            except _consul_errors() as exc:
+            except consul_errors() as exc:
                 log.warning("cannot deregister from Consul: %s", exc)
             self._registered = False
 

@@ -7,7 +7,6 @@ once, whatever number of times the node hands it over.
 from __future__ import annotations
 
 import asyncio
-from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 from uuid import UUID
 
@@ -26,14 +25,11 @@ from sdapi.contract.names import (
 )
 from sdapi.contract.payloads import ErrorInfo, GenerationResult, ImageInfo
 from sdapi.contract.status import Status, Tier
+from sdapi.infra.clock import utcnow
 from sdapi.infra.queue import QueuePool, enqueue
 
 if TYPE_CHECKING:
     from PIL.Image import Image
-
-
-def utcnow() -> datetime:
-    return datetime.now(UTC)
 
 
 async def send_result(resources: NodeResources, result: GenerationResult) -> None:

@@ -12,7 +12,6 @@ import contextlib
 import logging
 import threading
 from collections.abc import AsyncIterator
-from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 from uuid import uuid4
 
@@ -44,6 +43,7 @@ from sdapi.contract.payloads import (
     job_timeout_s,
 )
 from sdapi.contract.status import Status, Tier
+from sdapi.infra.clock import utcnow
 from sdapi.infra.queue import (
     Lease,
     Retry,
@@ -121,7 +121,7 @@ class NodeTasks:
     ) -> str:
         info = job_info(ctx)
         if info.enqueued_at is not None:
-            wait = (datetime.now(UTC) - info.enqueued_at).total_seconds()
+            wait = (utcnow() - info.enqueued_at).total_seconds()
             self.resources.metrics.queue_wait.labels(tier.value).observe(max(wait, 0.0))
         try:
             async with self._lease(info.job_id) as lost:
@@ -298,7 +298,7 @@ class NodeTasks:
     def _announce_started(self, item: PreparedItem) -> None:
         """Queue the `started` event before any of the call's progress."""
         resources = self.resources
-        item.started_at = datetime.now(UTC)
+        item.started_at = utcnow()
         resources.publisher.emit(item.key, StartedEvent(node_id=resources.node_id))
         # img2img runs only strength * steps of them: the total users see.
         resources.publisher.set_progress(item.key, 0, item.job.params.denoising_steps)

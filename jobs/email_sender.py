@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import random
 import time
 from datetime import datetime, timedelta
 
@@ -19,7 +18,9 @@ from jobs.resources import JobsResources, SmtpBackoff
 from jobs.results import TRANSIENT_ERRORS
 from jobs.settings import JobsSettings
 from jobs.smtp import SendFailed, SmtpConnection, Trouble, compose
+from sdapi.db.connection import model_connection
 from sdapi.db.models import Generation, OutboxEmail, OutboxStatus
+from sdapi.infra.backoff import backoff_s
 
 log = logging.getLogger(__name__)
 
@@ -36,19 +37,9 @@ class ServerDown(Exception):
     """The SMTP server cannot take mail now; the round ends."""
 
 
-def backoff_delay(
-    attempts: int, *, base: float, cap: float, jitter: float = JITTER
-) -> float:
-    """Seconds before the next try after `attempts` failed ones (1, 2, ...)."""
-    exponent = min(max(attempts - 1, 0), 60)
-    delay = min(cap, base * 2.0**exponent)
-    # Not security-relevant randomness: it only spreads retries out.
-    return delay * (1.0 - random.uniform(0.0, jitter))  # noqa: S311
-
-
 async def database_now() -> datetime:
     """The database's clock (the one every sender's claims are compared on)."""
-    rows = await OutboxEmail._meta.db.execute_query_dict("SELECT now() AS now")
+    rows = await model_connection(OutboxEmail).execute_query_dict("SELECT now() AS now")
     now: datetime = rows[0]["now"]
     return now
 
@@ -169,10 +160,11 @@ async def mark_failed_attempt(
         return await _give_up(row, error)
     if trouble is None and row.attempts >= settings.outbox_max_attempts:
         return await _give_up(row, error)
-    delay = backoff_delay(
+    delay = backoff_s(
         row.attempts,
         base=settings.outbox_backoff_base,
         cap=settings.outbox_backoff_max,
+        jitter=JITTER,
     )
     await OutboxEmail.filter(_ours(row)).update(
         status=OutboxStatus.PENDING,
@@ -212,8 +204,11 @@ async def _server_down(
 ) -> None:
     """The server failed us: wait longer before trying it, hand the rows back."""
     state.failures += 1
-    delay = backoff_delay(
-        state.failures, base=settings.outbox_backoff_base, cap=settings.smtp_retry_max
+    delay = backoff_s(
+        state.failures,
+        base=settings.outbox_backoff_base,
+        cap=settings.smtp_retry_max,
+        jitter=JITTER,
     )
     state.retry_at = time.monotonic() + delay
     expired = [row for row in rows if _too_old(row, settings)]

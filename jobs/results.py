@@ -30,6 +30,7 @@ from jobs.result_emails import queue_generation_email
 from sdapi.contract.names import image_key, progress_key
 from sdapi.contract.payloads import ErrorInfo, GenerationResult, StartedNotice
 from sdapi.contract.status import TERMINAL_STATUSES, Status
+from sdapi.db.connection import table_name
 from sdapi.db.models import GeneratedImage, Generation, utcnow
 from sdapi.infra.queue import retry_after
 from sdapi.infra.streams import append_done
@@ -155,7 +156,7 @@ async def save_result(resources: JobsResources, result: GenerationResult) -> str
         # Lock the generation row only: Tortoise joins the user with an outer
         # join, which Postgres refuses to lock.
         generation = (
-            await Generation.select_for_update(of=(Generation._meta.db_table,))
+            await Generation.select_for_update(of=(table_name(Generation),))
             .select_related("user")
             .get_or_none(id=result.generation_id)
         )

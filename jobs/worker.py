@@ -116,21 +116,25 @@ def job_functions() -> list[Task]:
     ]
 
 
-def build_worker(settings: JobsSettings, **overrides: Any) -> QueueWorker:
-    """The jobs worker for resolved `settings`."""
-    options: dict[str, Any] = {
-        "redis_settings": redis_settings(settings.redis_url or ""),
-        "on_startup": on_startup,
-        "on_shutdown": on_shutdown,
-        "ctx": {"settings": settings},
+def build_worker(
+    settings: JobsSettings, *, handle_signals: bool = True, job_completion_wait: int = 0
+) -> QueueWorker:
+    """The jobs worker for resolved `settings` (`new_worker` explains the rest)."""
+    return new_worker(
+        job_functions(),
+        queue=RESULTS_QUEUE,
+        redis_settings=redis_settings(settings.redis_url or ""),
+        on_startup=on_startup,
+        on_shutdown=on_shutdown,
+        ctx={"settings": settings},
         # `sdapi jobs` is woken by each enqueue (jobs.main); polling is the
         # fallback for a wake-up lost while Redis restarted.
-        "poll_delay": 0.2,
-        "max_jobs": 20,
-        "job_timeout": 120,
+        poll_delay=0.2,
+        max_jobs=20,
+        job_timeout=120,
         # A result key keeps the payload a node sent: as long as the images
         # it names live, the reconciler can store a result whose job failed.
-        "keep_result": IMAGE_TTL_S,
-    }
-    options.update(overrides)
-    return new_worker(job_functions(), queue=RESULTS_QUEUE, **options)
+        keep_result=IMAGE_TTL_S,
+        handle_signals=handle_signals,
+        job_completion_wait=job_completion_wait,
+    )

@@ -39,6 +39,7 @@ from redis.exceptions import RedisError
 from sdapi.contract.names import node_key
 from sdapi.devtools.net import free_port
 from sdapi.devtools.parent import PARENT_PID_ENV
+from sdapi.infra.backoff import backoff_s
 from sdapi.infra.logs import setup_logging
 from sdapi.infra.settings import CommonSettings, SettingsError, load_secret_key
 
@@ -332,7 +333,7 @@ class Supervisor:
                         died.process.returncode,
                     )
                     return 1
-                delay = min(RESTART_MAX_S, 2 ** (crashes[died.name] - 1))
+                delay = backoff_s(crashes[died.name], base=1.0, cap=RESTART_MAX_S)
                 log.warning(
                     "%s exited with status %s; restarting it in %d s",
                     died.name,

@@ -9,8 +9,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import inspect
 from collections.abc import AsyncIterator
-from typing import Any
+from typing import Any, get_type_hints
 
 import pytest
 from arq.constants import in_progress_key_prefix
@@ -202,18 +203,66 @@ def test_retry_backs_off_exponentially_up_to_its_cap() -> None:
     assert isinstance(retry_after({}), Retry)
 
 
-def test_the_worker_internals_the_adapter_repairs_still_exist() -> None:
-    """`run_worker` rebuilds a leaked job slot, `poll_when_woken` polls once
-    more: both use arq's worker internals, by these names."""
+def test_new_worker_takes_typed_options() -> None:
+    """Every option is a typed keyword of its own: a misspelt one fails at the
+    call (and in mypy), not as a TypeError deep inside arq."""
+    signature = inspect.signature(new_worker)
+    kinds = {parameter.kind for parameter in signature.parameters.values()}
+    assert inspect.Parameter.VAR_KEYWORD not in kinds
+    hints = get_type_hints(new_worker)
+    assert set(signature.parameters) <= set(hints)
+    # What the jobs worker and the GPU node pass.
+    for name in (
+        "redis_pool",
+        "redis_settings",
+        "ctx",
+        "on_startup",
+        "on_shutdown",
+        "after_job_end",
+        "max_jobs",
+        "max_tries",
+        "job_timeout",
+        "keep_result",
+        "poll_delay",
+        "health_check_interval",
+        "health_check_key",
+        "handle_signals",
+        "job_completion_wait",
+        "log_results",
+    ):
+        assert name in signature.parameters, name
+        assert f":param {name}:" in (new_worker.__doc__ or ""), name
 
+
+def test_new_worker_passes_each_option_to_arq() -> None:
     async def noop(ctx: dict[str, Any], payload: Any) -> None:
         return None
 
     async def build() -> QueueWorker:
-        return new_worker([Task("noop", noop, max_tries=1)], queue=QUEUE, burst=True)
+        return new_worker(
+            [Task("noop", noop, max_tries=1)],
+            queue=QUEUE,
+            claim_s=7,
+            ctx={"marker": 1},
+            max_jobs=3,
+            max_tries=4,
+            job_timeout=11,
+            keep_result=12,
+            poll_delay=0.25,
+            health_check_interval=13,
+            health_check_key="hc",
+            handle_signals=False,
+            job_completion_wait=2,
+            burst=True,
+            log_results=False,
+        )
 
     worker = asyncio.run(build())
-    for name in ("job_counter", "sem", "tasks", "allow_pick_jobs", "max_jobs"):
-        assert hasattr(worker, name), name
-    assert callable(worker._poll_iteration)
-    assert isinstance(worker.sem, asyncio.BoundedSemaphore)
+    assert worker.queue_name == QUEUE
+    assert worker.in_progress_timeout_s == 7
+    assert worker.ctx == {"marker": 1}
+    assert (worker.max_jobs, worker.max_tries) == (3, 4)
+    assert (worker.job_timeout_s, worker.keep_result_s) == (11, 12)
+    assert (worker.poll_delay_s, worker.health_check_interval) == (0.25, 13)
+    assert worker.health_check_key == "hc"
+    assert worker.burst and not worker.log_results

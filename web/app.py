@@ -8,7 +8,6 @@ import importlib.resources
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
 
-import aiohttp
 import aiohttp_jinja2
 import jinja2
 import swagger_ui_bundle
@@ -20,7 +19,7 @@ from redis.asyncio import BlockingConnectionPool, Redis
 from sdapi.contract.names import WEB_SERVICE
 from sdapi.db.connection import open_database
 from sdapi.db.outbox import mail_templates
-from sdapi.infra.consul import open_consul
+from sdapi.infra.consul import consul_errors, open_consul
 from sdapi.infra.deadline import Deadline
 from sdapi.infra.queue import create_queue_pool
 from sdapi.infra.registry import CONSUL_WAIT_S, NodeRegistry
@@ -258,11 +257,6 @@ async def _registered(consul: object, settings: WebSettings) -> AsyncIterator[No
     finally:
         try:
             await agent.service.deregister(service_id)
-        except (
-            consul_module.ConsulException,
-            aiohttp.ClientError,
-            OSError,
-            TimeoutError,
-        ) as exc:
+        except consul_errors() as exc:
             # Consul reaps it once its check has failed for a minute anyway.
             log.warning("could not deregister %s from Consul: %s", service_id, exc)

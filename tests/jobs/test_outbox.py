@@ -22,7 +22,7 @@ from tortoise.transactions import in_transaction
 
 from jobs import email_sender as outbox
 from jobs.email_sender import (
-    backoff_delay,
+    JITTER,
     claim_due,
     database_now,
     send_due_emails,
@@ -41,6 +41,7 @@ from sdapi.db.models import (
 )
 from sdapi.db.outbox import queue_email
 from sdapi.devtools.mailsink import free_port, mail_sink, read_messages
+from sdapi.infra.backoff import backoff_s
 from sdapi.infra.settings import SettingsError
 from tests.jobs.conftest import make_generation, make_user
 
@@ -205,7 +206,7 @@ async def test_smtp_down_for_a_while_fails_nothing_and_sends_each_once(
         state.retry_at = 0.0
         await send_round(res)
         assert state.failures == failures
-    assert 60 * 0.9 <= backoff_delay(7, base=2.0, cap=60.0) <= 60
+    assert 60 * 0.9 <= backoff_s(7, base=2.0, cap=60.0, jitter=JITTER) <= 60
     statuses = await OutboxEmail.all().values_list("status", "attempts")
     assert set(statuses) == {(OutboxStatus.PENDING, 0)}
 
@@ -495,9 +496,9 @@ async def test_without_smtp_nothing_is_claimed(jobs_resources: JobsResources) ->
 def test_backoff_doubles_up_to_the_cap_with_a_little_jitter() -> None:
     for attempts, full in [(1, 2.0), (2, 4.0), (3, 8.0), (9, 512.0), (10, 600.0)]:
         for _ in range(20):
-            delay = backoff_delay(attempts, base=2.0, cap=600.0)
+            delay = backoff_s(attempts, base=2.0, cap=600.0, jitter=JITTER)
             assert full * 0.9 <= delay <= full
-    assert backoff_delay(10_000, base=2.0, cap=600.0) <= 600.0
+    assert backoff_s(10_000, base=2.0, cap=600.0, jitter=JITTER) <= 600.0
 
 
 async def test_a_busy_recipient_is_retried_past_the_attempt_limit_until_too_old(
