@@ -34,7 +34,7 @@ from web.appkeys import (
     redis_key,
     settings_key,
 )
-from web.auth import require_user
+from web.auth import Principal
 from web.devices import (
     DEVICE_COOKIE,
     Device,
@@ -55,7 +55,6 @@ from web.openapi import (
     ErrorBody,
     Response,
     json_response,
-    read_body,
 )
 from web.quota import usage
 from web.routes.verification import resend_wait, send_verification
@@ -113,7 +112,6 @@ def _abandoned(user: UserRow, after_s: int) -> bool:
     "POST",
     "/api/v1/auth/signup",
     summary="Create an account",
-    body=SignupRequest,
     auth=False,
     responses=[
         Response(
@@ -127,12 +125,11 @@ def _abandoned(user: UserRow, after_s: int) -> bool:
         ),
     ],
 )
-async def signup(request: web.Request) -> web.StreamResponse:
+async def signup(request: web.Request, *, body: SignupRequest) -> web.StreamResponse:
     """Creates the account and emails a link that verifies the address. An
     address that already has an account gets the same answer (nobody learns
     which addresses have one); its owner is told by email instead."""
     settings = request.app[settings_key]
-    body = await read_body(request, SignupRequest)
     address = client_address(request, trust_forwarded=settings.trust_forwarded)
     by_client = signup_limit(
         address,
@@ -234,7 +231,6 @@ async def _tell_owner(request: web.Request, holder: UserRow) -> None:
     "POST",
     "/api/v1/auth/signin",
     summary="Sign in: get a bearer token",
-    body=SigninRequest,
     auth=False,
     responses=[
         Response(200, "Signed in", SigninResponse),
@@ -242,7 +238,7 @@ async def _tell_owner(request: web.Request, holder: UserRow) -> None:
         Response(429, "Too many failed sign-ins (see Retry-After)", ErrorBody),
     ],
 )
-async def signin(request: web.Request) -> web.StreamResponse:
+async def signin(request: web.Request, *, body: SigninRequest) -> web.StreamResponse:
     """Returns a bearer token. With `session: true` it also starts a playground
     session (HttpOnly cookie), returns its CSRF token, and the token returned
     is the session's own: signing out with either ends both. Every sign-in
@@ -252,7 +248,6 @@ async def signin(request: web.Request) -> web.StreamResponse:
     redis = request.app[redis_key]
     passwords = request.app[passwords_key]
     now = request.app[clock_key].now()
-    body = await read_body(request, SigninRequest)
     email_key = email_key_of(str(body.email))
     device = read_device(
         request.cookies.get(DEVICE_COOKIE),
@@ -404,11 +399,10 @@ async def _end_session(redis: Redis, session_id: str, token_id: object) -> None:
     summary="Sign out: the token (or session) stops working at once",
     responses=[Response(204, "Signed out")],
 )
-async def signout(request: web.Request) -> web.StreamResponse:
+async def signout(request: web.Request, *, principal: Principal) -> web.StreamResponse:
     """Revokes the bearer token used, or ends the cookie session server-side.
     A session and the token its sign-in returned are one credential: either
     way, both stop working."""
-    principal = await require_user(request)
     await revoke_token(principal.token.id)
     await announce_revoked(request.app[redis_key], principal.token.id)
     response = web.Response(status=204)
@@ -429,9 +423,8 @@ async def signout(request: web.Request) -> web.StreamResponse:
     summary="The caller's account and quota",
     responses=[Response(200, "The account with its quota", Me)],
 )
-async def me(request: web.Request) -> web.StreamResponse:
+async def me(request: web.Request, *, principal: Principal) -> web.StreamResponse:
     """The account, its tier, and what the tier allows today."""
-    principal = await require_user(request)
     return json_response(await _me_view(request, principal.user))
 
 
@@ -439,7 +432,6 @@ async def me(request: web.Request) -> web.StreamResponse:
     "PATCH",
     "/api/v1/me",
     summary="Change your name or email address",
-    body=MeUpdate,
     responses=[
         Response(200, "The account as it is now", Me),
         Response(
@@ -450,12 +442,12 @@ async def me(request: web.Request) -> web.StreamResponse:
         ),
     ],
 )
-async def update_me(request: web.Request) -> web.StreamResponse:
+async def update_me(
+    request: web.Request, *, principal: Principal, body: MeUpdate
+) -> web.StreamResponse:
     """Only the fields sent change. A new `email` is sent a verification link
     and becomes the account's address when the link is opened (shown as
     `pending_email` until then); until then the old address keeps working."""
-    principal = await require_user(request)
-    body = await read_body(request, MeUpdate)
     user = principal.user
     if "name" in body.model_fields_set:
         await UserRow.filter(id=user.id).update(name=body.name)
@@ -533,7 +525,6 @@ async def _me_view(request: web.Request, user: UserRow) -> Me:
     "POST",
     "/api/v1/premium/redeem",
     summary="Redeem a premium code",
-    body=RedeemRequest,
     responses=[
         Response(200, "Premium time added", UserView),
         Response(404, "Unknown code", ErrorBody),
@@ -541,16 +532,16 @@ async def _me_view(request: web.Request, user: UserRow) -> Me:
     ],
     tags=["premium"],
 )
-async def redeem_code(request: web.Request) -> web.StreamResponse:
+async def redeem_code(
+    request: web.Request, *, principal: Principal, body: RedeemRequest
+) -> web.StreamResponse:
     """Adds the code's days to any premium time left. Each code works once.
     Needs a verified email address: an account anyone could have made with
     someone else's address gets nothing that costs."""
-    principal = await require_user(request)
     if principal.user.email_verified_at is None:
         raise EmailNotVerified(
             "Verify your email address before redeeming a premium code."
         )
-    body = await read_body(request, RedeemRequest)
     canonical = canonical_code(body.code)
     if canonical is None:
         raise NotFound(UNKNOWN_CODE)

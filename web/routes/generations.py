@@ -6,12 +6,12 @@ import json
 import uuid
 
 from aiohttp import web
-from pydantic import ValidationError
+from pydantic import BaseModel, ValidationError
 
 from sdapi.db.models import Generation
 from sdapi.infra.links import image_path, link_is_valid
 from web.appkeys import redis_deadline_key, redis_key, settings_key
-from web.auth import authenticate, require_user
+from web.auth import Principal
 from web.errors import Conflict, NotFound, Unauthorized, from_validation_error
 from web.forms import is_form, read_form
 from web.generation_views import (
@@ -37,30 +37,70 @@ from web.openapi import (
     Response,
     json_response,
     read_body,
-    read_query,
 )
 from web.schemas import generations as schemas
 
 routes = ApiRoutes(tags=["generations"])
 
 
+_FILE_FIELDS = frozenset({"init_image", "mask"})
+
+
+def _form_value(name: str, text: str) -> object:
+    # A result reference comes as JSON text; everything else pydantic converts.
+    if name in _FILE_FIELDS and text.lstrip().startswith("{"):
+        try:
+            return json.loads(text)
+        except ValueError:
+            return text
+    return text
+
+
+async def _read_submission(
+    request: web.Request, model: type[BaseModel]
+) -> tuple[BaseModel, dict[str, bytes]]:
+    """The request and its uploaded files, from JSON or multipart form data."""
+    settings = request.app[settings_key]
+    # Images make bodies larger than the API's default limit, here only.
+    roomy = request.clone(client_max_size=settings.upload_body_bytes)
+    if not is_form(roomy):
+        return await read_body(roomy, model), {}
+    form = await read_form(
+        roomy,
+        file_fields=_FILE_FIELDS,
+        max_file_bytes=settings.premium_max_upload_bytes,
+    )
+    fields = {
+        name: _form_value(name, text) for name, text in form.fields.items() if text
+    }
+    try:
+        body = model.model_validate(fields)
+    except ValidationError as exc:
+        raise from_validation_error(exc) from None
+    return body, form.files
+
+
 @routes.route(
     "POST",
     "/api/v1/generations",
     summary="Ask for images",
-    body=schemas.GenerationRequest,
     body_types=("application/json", "multipart/form-data"),
+    reader=_read_submission,
     idempotent=True,
     responses=[Response(202, "Accepted", schemas.GenerationView)],
 )
-async def create_generation(request: web.Request) -> web.StreamResponse:
+async def create_generation(
+    request: web.Request,
+    *,
+    principal: Principal,
+    body: schemas.GenerationRequest,
+    files: dict[str, bytes],
+) -> web.StreamResponse:
     """Premium: queued at once and run as soon as a GPU is free. Normal: stored
     as `scheduled`, run later in a batch, and emailed. The body may also be
     multipart form data, with `init_image` and `mask` as file parts. With an
     `Idempotency-Key` header, a retry of the same request within 24 h answers
     with the first generation; another request with that key is a 409."""
-    principal = await require_user(request)
-    body, files = await _read_submission(request)
     claim = claim_from(
         request.headers,
         "generations",
@@ -87,13 +127,12 @@ async def create_generation(request: web.Request) -> web.StreamResponse:
     "GET",
     "/api/v1/generations",
     summary="Your generations, newest first",
-    query=schemas.ListQuery,
     responses=[Response(200, "A page of generations", schemas.GenerationList)],
 )
-async def list_generations(request: web.Request) -> web.StreamResponse:
+async def list_generations(
+    request: web.Request, *, principal: Principal, query: schemas.ListQuery
+) -> web.StreamResponse:
     """Cursor pagination: pass `next` back as `before`."""
-    principal = await require_user(request)
-    query = read_query(request, schemas.ListQuery)
     rows, cursor = await list_own(principal.user, query.limit, query.before)
     images = await stored_images(row.id for row in rows)
     # One Redis budget for the page: once spent, the rest answer from
@@ -112,49 +151,13 @@ async def list_generations(request: web.Request) -> web.StreamResponse:
     summary="One generation: status, queue position, progress, images",
     responses=[Response(200, "The generation", schemas.GenerationView)],
 )
-async def get_generation(request: web.Request) -> web.StreamResponse:
+async def get_generation(
+    request: web.Request, *, principal: Principal
+) -> web.StreamResponse:
     """Other users' generations are 404, as if they did not exist."""
-    principal = await require_user(request)
     generation = await load_own(principal.user, request.match_info["id"])
     view = await present(request.app, generation, deadline=request[redis_deadline_key])
     return json_response(view)
-
-
-_FILE_FIELDS = frozenset({"init_image", "mask"})
-
-
-def _form_value(name: str, text: str) -> object:
-    # A result reference comes as JSON text; everything else pydantic converts.
-    if name in _FILE_FIELDS and text.lstrip().startswith("{"):
-        try:
-            return json.loads(text)
-        except ValueError:
-            return text
-    return text
-
-
-async def _read_submission(
-    request: web.Request,
-) -> tuple[schemas.GenerationRequest, dict[str, bytes]]:
-    """The request and its uploaded files, from JSON or multipart form data."""
-    settings = request.app[settings_key]
-    # Images make bodies larger than the API's default limit, here only.
-    roomy = request.clone(client_max_size=settings.upload_body_bytes)
-    if not is_form(roomy):
-        return await read_body(roomy, schemas.GenerationRequest), {}
-    form = await read_form(
-        roomy,
-        file_fields=_FILE_FIELDS,
-        max_file_bytes=settings.premium_max_upload_bytes,
-    )
-    fields = {
-        name: _form_value(name, text) for name, text in form.fields.items() if text
-    }
-    try:
-        body = schemas.GenerationRequest.model_validate(fields)
-    except ValidationError as exc:
-        raise from_validation_error(exc) from None
-    return body, form.files
 
 
 # The most images a generation can have is far below this; a larger index is
@@ -169,9 +172,13 @@ def _image_index(request: web.Request) -> int:
     return int(text)
 
 
-async def _download_generation(request: web.Request, index: int) -> Generation:
+async def _download_generation(
+    request: web.Request,
+    index: int,
+    query: schemas.ImageQuery,
+    principal: Principal | None,
+) -> Generation:
     """The generation named in the path, for its owner or a signed link."""
-    query = read_query(request, schemas.ImageQuery)
     generation_id = request.match_info["id"]
     if query.signature is not None and query.expires is not None:
         secret = request.app[settings_key].secret()
@@ -185,7 +192,6 @@ async def _download_generation(request: web.Request, index: int) -> Generation:
         if found is None:
             raise NotFound("No such generation.")
         return found
-    principal = await authenticate(request)
     if principal is None:
         raise Unauthorized()
     return await load_own(principal.user, generation_id)
@@ -195,17 +201,22 @@ async def _download_generation(request: web.Request, index: int) -> Generation:
     "GET",
     "/api/v1/generations/{id}/images/{index}",
     summary="Download one image (PNG with its parameters in text chunks)",
-    query=schemas.ImageQuery,
+    auth="optional",
     responses=[
         Response(200, "The PNG", content_type="image/png"),
         Response(304, "Not modified (If-None-Match matched the ETag)"),
     ],
 )
-async def download_image(request: web.Request) -> web.StreamResponse:
+async def download_image(
+    request: web.Request,
+    *,
+    principal: Principal | None,
+    query: schemas.ImageQuery,
+) -> web.StreamResponse:
     """Needs the owner's credentials, or the signed link from the result email.
     A stored image carries an ETag; `If-None-Match` with it answers 304."""
     index = _image_index(request)
-    generation = await _download_generation(request, index)
+    generation = await _download_generation(request, index, query, principal)
     stored = await stored_image(generation.id, index)
     if stored is not None and request.headers.get("If-None-Match") == (
         f'"{stored.sha256}"'
@@ -226,19 +237,18 @@ async def download_image(request: web.Request) -> web.StreamResponse:
     "DELETE",
     "/api/v1/generations/{id}",
     summary="Cancel a generation, or delete a finished one (`purge=true`)",
-    query=schemas.DeleteQuery,
     responses=[
         Response(204, "Cancelled (or already finished); with purge, deleted"),
         Response(404, "No such generation of yours", ErrorBody),
         Response(409, "purge=true on a generation that has not finished", ErrorBody),
     ],
 )
-async def delete_generation(request: web.Request) -> web.StreamResponse:
+async def delete_generation(
+    request: web.Request, *, principal: Principal, query: schemas.DeleteQuery
+) -> web.StreamResponse:
     """Scheduled work leaves its window; queued or running work stops within a
     step; finished work is left as it is. With `purge=true` a finished
     generation is deleted with its images (cancel unfinished work first)."""
-    principal = await require_user(request)
-    query = read_query(request, schemas.DeleteQuery)
     generation = await load_own(principal.user, request.match_info["id"])
     if not query.purge:
         await cancel_generation(request.app, generation)

@@ -16,7 +16,7 @@ from functools import partial
 from typing import Any
 
 from aiohttp import web
-from pydantic import ValidationError
+from pydantic import BaseModel, ValidationError
 
 from sdapi.contract.status import Status, Tier
 from sdapi.db.models import GeneratedImage, Generation, InputRole
@@ -46,7 +46,7 @@ from web.generations import (
 from web.idempotency import IdempotencyClaim, claim_from, file_digest
 from web.inputs import check_mask_size, resolve_input
 from web.live import wait_until_done
-from web.openapi import ApiRoutes, Response, json_response, read_body
+from web.openapi import ApiRoutes, Response, json_response
 from web.schemas.generations import GenerationRequest
 from web.schemas.openai import (
     AUTO_SIZE,
@@ -143,7 +143,7 @@ async def _wait(app: web.Application, generation: Generation) -> None:
     "POST",
     "/v1/images/generations",
     summary="Create images (OpenAI Images API compatible)",
-    body=ImageGenerationRequest,
+    auth=_premium_bearer,
     idempotent=True,
     responses=[
         Response(200, "The images", ImagesResponse),
@@ -157,14 +157,14 @@ async def _wait(app: web.Application, generation: Generation) -> None:
         Response(504, "Not finished in time (then cancelled)", OpenAIErrorBody),
     ],
 )
-async def create_images(request: web.Request) -> web.StreamResponse:
+async def create_images(
+    request: web.Request, *, principal: Principal, body: ImageGenerationRequest
+) -> web.StreamResponse:
     """Point an OpenAI client at `<base url>/v1` with an sdapi token as the API
     key. Premium only; waits for the images. `size` "WxH" or "auto" (the
     model's default), `n` images, `response_format` `url` (signed links valid
     for an hour) or `b64_json`. Errors use OpenAI's shape, invalid parameters
     are 400."""
-    principal = await _premium_bearer(request)
-    body = await read_body(request, ImageGenerationRequest)
     app = request.app
     claim = claim_from(
         request.headers, "openai.generations", body.model_dump(mode="json")
@@ -267,12 +267,39 @@ async def _edit_inputs(
     return inputs
 
 
+async def _read_edit(
+    request: web.Request, model: type[BaseModel]
+) -> tuple[BaseModel, dict[str, bytes]]:
+    """An edit's form: its fields and files as `model`, and the files."""
+    form = await read_form(
+        request,
+        file_fields=_EDIT_FILES,
+        max_file_bytes=request.app[settings_key].premium_max_upload_bytes,
+    )
+    files = dict(form.files)
+    if "image[]" in files:
+        # The SDK names the part `image[]` when given a list (of one, here).
+        if "image" in files:
+            raise _openai_error(
+                ValidationFailed(
+                    details=[{"field": "image", "message": "Send one image."}]
+                )
+            )
+        files["image"] = files.pop("image[]")
+    try:
+        body = model.model_validate({**form.fields, **files})
+    except ValidationError as exc:
+        raise _openai_error(ValidationFailed(details=validation_details(exc))) from None
+    return body, files
+
+
 @routes.route(
     "POST",
     "/v1/images/edits",
     summary="Edit an image (OpenAI Images API compatible)",
-    body=ImageEditRequest,
+    auth=_premium_bearer,
     body_types=("multipart/form-data",),
+    reader=_read_edit,
     idempotent=True,
     responses=[
         Response(200, "The images", ImagesResponse),
@@ -287,32 +314,18 @@ async def _edit_inputs(
         Response(504, "Not finished in time (then cancelled)", OpenAIErrorBody),
     ],
 )
-async def edit_images(request: web.Request) -> web.StreamResponse:
+async def edit_images(
+    request: web.Request,
+    *,
+    principal: Principal,
+    body: ImageEditRequest,
+    files: dict[str, bytes],
+) -> web.StreamResponse:
     """Inpainting as OpenAI's `images.edit` does it: multipart form data with
     `image`, an optional `mask` whose fully transparent pixels mark the area
     to repaint (without one, the image's own transparency does), `prompt`,
     `n`, `size` and `response_format`. Premium only; waits for the images."""
-    principal = await _premium_bearer(request)
     app = request.app
-    form = await read_form(
-        request,
-        file_fields=_EDIT_FILES,
-        max_file_bytes=app[settings_key].premium_max_upload_bytes,
-    )
-    files = dict(form.files)
-    if "image[]" in files:
-        # The SDK names the part `image[]` when given a list (of one, here).
-        if "image" in files:
-            raise _openai_error(
-                ValidationFailed(
-                    details=[{"field": "image", "message": "Send one image."}]
-                )
-            )
-        files["image"] = files.pop("image[]")
-    try:
-        body = ImageEditRequest.model_validate({**form.fields, **files})
-    except ValidationError as exc:
-        raise _openai_error(ValidationFailed(details=validation_details(exc))) from None
     claim = claim_from(
         request.headers,
         "openai.edits",

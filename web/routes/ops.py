@@ -28,7 +28,7 @@ from web.appkeys import (
     registry_key,
     settings_key,
 )
-from web.auth import bearer_secret, require_user
+from web.auth import bearer_secret
 from web.errors import Forbidden, Unauthorized
 from web.metrics import web_metrics_key
 from web.openapi import ApiRoutes, ErrorBody, Response, json_response
@@ -200,7 +200,6 @@ async def _scheduled_per_model() -> dict[str, int]:
 async def list_models(request: web.Request) -> web.StreamResponse:
     """Each model with its defaults and limits; `available` is false while no
     healthy node serves it (normal-tier requests for it wait in the database)."""
-    await require_user(request)
     offers = await request.app[registry_key].offers()
     return json_response(ModelList(items=list(offers.values())))
 

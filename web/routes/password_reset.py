@@ -32,7 +32,7 @@ from web.appkeys import (
     settings_key,
 )
 from web.errors import Gone
-from web.openapi import ApiRoutes, ErrorBody, Response, json_response, read_body
+from web.openapi import ApiRoutes, ErrorBody, Response, json_response
 from web.routes.verification import prove_address
 from web.schemas.password_reset import ForgotRequest, ResetRequest, ResetRequested
 from web.throttle import (
@@ -62,17 +62,17 @@ RESETS_PER_DAY = 5
     "POST",
     "/api/v1/auth/password/forgot",
     summary="Email a link that sets a new password",
-    body=ForgotRequest,
     auth=False,
     responses=[
         Response(202, "Sent if the address has an account", ResetRequested),
         Response(429, "Too many requests from this client", ErrorBody),
     ],
 )
-async def forgot_password(request: web.Request) -> web.StreamResponse:
+async def forgot_password(
+    request: web.Request, *, body: ForgotRequest
+) -> web.StreamResponse:
     """Always 202: nobody learns which addresses have accounts."""
     settings = request.app[settings_key]
-    body = await read_body(request, ForgotRequest)
     redis = request.app[redis_key]
     address = client_address(request, trust_forwarded=settings.trust_forwarded)
     # Counted with sign-ups: each may send an email to any address.
@@ -144,7 +144,6 @@ async def _send_reset(app: web.Application, user: User) -> None:
     "POST",
     "/api/v1/auth/password/reset",
     summary="Set a new password with an emailed link's token",
-    body=ResetRequest,
     auth=False,
     responses=[
         Response(204, "Set; every session and token of the account is revoked"),
@@ -155,13 +154,14 @@ async def _send_reset(app: web.Application, user: User) -> None:
         ),
     ],
 )
-async def reset_password(request: web.Request) -> web.StreamResponse:
+async def reset_password(
+    request: web.Request, *, body: ResetRequest
+) -> web.StreamResponse:
     """The link works once; the account's email counts as verified after it,
     and every sign-in limit of the account is lifted."""
     settings = request.app[settings_key]
     redis = request.app[redis_key]
     clock = request.app[clock_key]
-    body = await read_body(request, ResetRequest)
     address = client_address(request, trust_forwarded=settings.trust_forwarded)
     # Every attempt counts, before any work: junk tokens cost a lookup each,
     # and many posts of one real token cannot all reach bcrypt.

@@ -12,7 +12,6 @@ from sdapi.contract.status import ACTIVE_STATUSES, Status, Tier
 from sdapi.db.models import Generation, utcnow
 from sdapi.infra.queue import queue_depth
 from web.appkeys import redis_key, registry_key
-from web.auth import require_user
 from web.openapi import ApiRoutes, Response, json_response
 from web.schemas.status import ModelStatus, ServiceStatus, StatusCounts, TierQueue
 
@@ -43,7 +42,6 @@ async def _counts() -> dict[tuple[str, Tier], StatusCounts]:
 async def service_status(request: web.Request) -> web.StreamResponse:
     """Jobs on each model's premium and batch queues, unfinished generations by
     tier and status, scheduled requests, and the healthy GPU nodes."""
-    await require_user(request)
     app = request.app
     redis = app[redis_key]
     offers = await app[registry_key].offers()

@@ -9,9 +9,9 @@ from aiohttp import web
 
 from sdapi.db.models import ApiToken, TokenKind, utcnow
 from web.appkeys import redis_key
-from web.auth import require_user
+from web.auth import Principal
 from web.errors import NotFound, ValidationFailed
-from web.openapi import ApiRoutes, ErrorBody, Response, json_response, read_body
+from web.openapi import ApiRoutes, ErrorBody, Response, json_response
 from web.schemas.tokens import NewToken, Token, TokenCreate, TokenList
 from web.tokens import announce_revoked, issue_token, live_tokens, revoke_token
 
@@ -40,9 +40,10 @@ def _public(token: ApiToken) -> Token:
     summary="Your API tokens (never their secrets)",
     responses=[Response(200, "Live bearer tokens, newest first", TokenList)],
 )
-async def list_tokens(request: web.Request) -> web.StreamResponse:
+async def list_tokens(
+    request: web.Request, *, principal: Principal
+) -> web.StreamResponse:
     """Personal tokens and the tokens sign-ins returned, while they work."""
-    principal = await require_user(request)
     tokens = await (
         live_tokens()
         .filter(user_id=principal.user.id, kind=TokenKind.BEARER)
@@ -55,16 +56,15 @@ async def list_tokens(request: web.Request) -> web.StreamResponse:
     "POST",
     "/api/v1/tokens",
     summary="Make a personal API token",
-    body=TokenCreate,
     responses=[
         Response(201, "The token, with its secret shown this once", NewToken),
         Response(422, "Invalid name or expiry", ErrorBody),
     ],
 )
-async def create_token(request: web.Request) -> web.StreamResponse:
+async def create_token(
+    request: web.Request, *, principal: Principal, body: TokenCreate
+) -> web.StreamResponse:
     """For scripts and the OpenAI SDK: `Authorization: Bearer <token>`."""
-    principal = await require_user(request)
-    body = await read_body(request, TokenCreate)
     now = utcnow()
     expires_at = body.expires_at or now + timedelta(days=DEFAULT_TTL_DAYS)
     if expires_at.tzinfo is None:
@@ -101,9 +101,10 @@ async def create_token(request: web.Request) -> web.StreamResponse:
         Response(404, "No such token of yours", ErrorBody),
     ],
 )
-async def delete_token(request: web.Request) -> web.StreamResponse:
+async def delete_token(
+    request: web.Request, *, principal: Principal
+) -> web.StreamResponse:
     """Its open WebSockets close too, on every web replica."""
-    principal = await require_user(request)
     try:
         token_id = uuid.UUID(request.match_info["id"])
     except ValueError:

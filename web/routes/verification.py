@@ -16,7 +16,7 @@ from sdapi.db.models import EmailLink, LinkPurpose, email_key_of, utcnow
 from sdapi.db.models import User as UserRow
 from sdapi.db.outbox import queue_email, render_email
 from web.appkeys import mail_templates_key, redis_key, settings_key
-from web.auth import authenticate, check_csrf
+from web.auth import Principal, check_csrf
 from web.errors import (
     AppError,
     Conflict,
@@ -31,8 +31,6 @@ from web.openapi import (
     ErrorBody,
     Response,
     json_response,
-    read_body,
-    read_query,
 )
 from web.schemas.accounts import (
     ResendRequest,
@@ -119,7 +117,7 @@ def prove_address(user: UserRow, now: datetime, *, takeover: bool) -> list[str]:
     "POST",
     VERIFY_PATH + "/resend",
     summary="Send the verification email again",
-    body=ResendRequest,
+    auth="optional",
     responses=[
         Response(202, "A new verification email is on its way", VerificationSent),
         Response(409, "The email address is already verified", ErrorBody),
@@ -128,18 +126,18 @@ def prove_address(user: UserRow, now: datetime, *, takeover: bool) -> list[str]:
         ),
     ],
 )
-async def resend_verification(request: web.Request) -> web.StreamResponse:
+async def resend_verification(
+    request: web.Request,
+    *,
+    principal: Principal | None,
+    body: ResendRequest | None,
+) -> web.StreamResponse:
     """Signed in: emails a new link to the account's address (409 once
     verified, 429 within a minute of the last). With `{"email"}` and no
     credentials: 202 whether or not the address has an unverified account, so
     nobody learns which addresses have one. Links sent before keep working;
     an address gets at most `verify_resend_per_day` of them a day."""
-    principal = await authenticate(request)
-    body = (
-        await read_body(request, ResendRequest)
-        if request.can_read_body
-        else ResendRequest()
-    )
+    body = body or ResendRequest()
     if principal is None:
         if body.email is None:
             raise Unauthorized()
@@ -286,12 +284,27 @@ async def _move_address(user: UserRow, email: str, now: datetime) -> list[str]:
     return ["email", "email_key"]
 
 
+async def _verify_error_page(
+    request: web.Request, exc: AppError
+) -> web.StreamResponse | None:
+    """A failed verification as a page for a browser; JSON clients get the
+    error in the usual format."""
+    if prefers_json(request):
+        return None
+    message = exc.message
+    if isinstance(exc, ValidationFailed):
+        message = "This verification link is incomplete: open the complete link "
+        message += "from the email."
+    settings = request.app[settings_key]
+    return _verify_page(request, settings, ok=False, message=message, exc=exc)
+
+
 @routes.route(
     "GET",
     VERIFY_PATH,
     summary="Verify an email address (the link in the email)",
-    query=VerifyQuery,
     auth=False,
+    on_error=_verify_error_page,
     responses=[
         Response(
             200,
@@ -303,24 +316,15 @@ async def _move_address(user: UserRow, email: str, now: datetime) -> list[str]:
         Response(410, "The link has expired", ErrorBody),
     ],
 )
-async def verify_email(request: web.Request) -> web.StreamResponse:
+async def verify_email(
+    request: web.Request, *, query: VerifyQuery
+) -> web.StreamResponse:
     """Marks the address verified. Browsers get a page; API clients that send
     `Accept: application/json` get JSON (and errors in the usual format)."""
     settings = request.app[settings_key]
     now = utcnow()
-    wants_json = prefers_json(request)
-    try:
-        query = read_query(request, VerifyQuery)
-        user = await _use_verification(query.token, now)
-    except AppError as exc:
-        if wants_json:
-            raise
-        message = exc.message
-        if isinstance(exc, ValidationFailed):
-            message = "This verification link is incomplete: open the complete link "
-            message += "from the email."
-        return _verify_page(request, settings, ok=False, message=message, exc=exc)
-    if wants_json:
+    user = await _use_verification(query.token, now)
+    if prefers_json(request):
         return json_response(VerifyResponse(user=UserView.of(user, now)))
     return _verify_page(
         request,

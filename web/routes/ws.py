@@ -67,14 +67,14 @@ async def _caller(request: web.Request) -> Principal:
     "/api/v1/ws",
     summary="Live generation over a WebSocket",
     description=LIVE_DESCRIPTION,
+    auth=_caller,
     responses=[
         Response(101, "Switching to the WebSocket protocol"),
         Response(429, "Too many live WebSockets open for this user", ErrorBody),
     ],
 )
-async def live(request: web.Request) -> web.StreamResponse:
+async def live(request: web.Request, *, principal: Principal) -> web.StreamResponse:
     """Upgrade to a WebSocket after authentication; serve until the client goes."""
-    principal = await _caller(request)
     settings = request.app[settings_key]
     ws = LiveWebSocket(
         max_msg_size=settings.max_ws_message_bytes, heartbeat=settings.ws_heartbeat
