@@ -249,7 +249,17 @@ class ApiRoutes:
     def add_to(self, app: web.Application) -> None:
         """Register every endpoint on `app`."""
         for endpoint in self.endpoints:
-            app.router.add_route(endpoint.method, endpoint.path, endpoint)
+            app.router.add_route(endpoint.method, endpoint.path, _handler(endpoint))
+
+
+def _handler(endpoint: Endpoint) -> HandlerFn:
+    """`endpoint` as the plain coroutine function aiohttp takes for a handler."""
+
+    async def handle(request: web.Request) -> web.StreamResponse:
+        return await endpoint(request)
+
+    handle.__name__ = handle.__qualname__ = endpoint.handler.__name__
+    return handle
 
 
 async def _read_raw(request: web.Request) -> tuple[bytes, Any]:

@@ -168,3 +168,34 @@ async def test_a_retried_edit_with_the_same_key_answers_the_same(
         client, secret, {**fields, "prompt": "a cat"}, **{"Idempotency-Key": key}
     )
     assert status == 409 and conflict["error"]["code"] == "conflict"
+
+
+async def test_an_edit_takes_images_over_the_api_body_limit(
+    client: TestClient, node: NodeDouble
+) -> None:
+    """An image of a few MB is a normal edit: the route's own upload limit
+    applies, not the API's 1 MiB for JSON bodies."""
+    import openai
+
+    _, secret = await make_user()
+    rng = np.random.default_rng(11)
+    noise = Image.fromarray(rng.integers(0, 256, (704, 704, 3), dtype=np.uint8))
+    image = png(noise)
+    assert len(image) > 1024 * 1024
+    api = openai.AsyncOpenAI(
+        api_key=secret, base_url=str(client.make_url("/v1")), max_retries=0
+    )
+    call = api.images.edit(
+        image=("photo.png", image, "image/png"),
+        prompt="a red fox",
+        model="tiny",
+        size="64x64",
+        response_format="b64_json",
+    )
+    task = asyncio.ensure_future(call)
+    job = await node.claim()
+    assert job.params.mode == "img2img"
+    await node.run(job)
+    response = await task
+    await api.close()
+    assert len(response.data) == 1

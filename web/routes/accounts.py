@@ -449,11 +449,12 @@ async def update_me(
     and becomes the account's address when the link is opened (shown as
     `pending_email` until then); until then the old address keeps working."""
     user = principal.user
+    # The address first: a change refused (429) leaves the name as it was too.
+    if body.email is not None:
+        await _change_address(request, user, str(body.email))
     if "name" in body.model_fields_set:
         await UserRow.filter(id=user.id).update(name=body.name)
         user.name = body.name
-    if body.email is not None:
-        await _change_address(request, user, str(body.email))
     return json_response(await _me_view(request, user))
 
 

@@ -41,6 +41,7 @@ from web.generations import (
     cancel_generation,
     check_allowance,
     find_offer,
+    require_verified,
     submit_generation,
 )
 from web.idempotency import IdempotencyClaim, claim_from, file_digest
@@ -85,6 +86,8 @@ async def _premium_bearer(request: web.Request) -> Principal:
             "The OpenAI-compatible endpoint answers synchronously and needs a "
             "premium account."
         )
+    # Before the body is read: nothing of an unverified account's is decoded.
+    require_verified(principal)
     return principal
 
 
@@ -271,10 +274,13 @@ async def _read_edit(
     request: web.Request, model: type[BaseModel]
 ) -> tuple[BaseModel, dict[str, bytes]]:
     """An edit's form: its fields and files as `model`, and the files."""
+    settings = request.app[settings_key]
+    # Images make bodies larger than the API's default limit, here only.
+    roomy = request.clone(client_max_size=settings.upload_body_bytes)
     form = await read_form(
-        request,
+        roomy,
         file_fields=_EDIT_FILES,
-        max_file_bytes=request.app[settings_key].premium_max_upload_bytes,
+        max_file_bytes=settings.premium_max_upload_bytes,
     )
     files = dict(form.files)
     if "image[]" in files:

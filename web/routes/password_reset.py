@@ -65,7 +65,6 @@ RESETS_PER_DAY = 5
     auth=False,
     responses=[
         Response(202, "Sent if the address has an account", ResetRequested),
-        Response(429, "Too many requests from this client", ErrorBody),
     ],
 )
 async def forgot_password(
