@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from aiohttp import BodyPartReader, web
+from aiohttp.http_exceptions import HttpProcessingError
 
 from web.errors import BadRequest, PayloadTooLarge
 
@@ -63,4 +64,7 @@ async def read_form(
                 form.fields[name] = raw.decode("utf-8")
     except (ValueError, UnicodeDecodeError, AssertionError) as exc:
         raise BadRequest(f"The form data is malformed: {exc}.") from None
+    except HttpProcessingError as exc:
+        # A part's headers that do not parse (aiohttp's HTTP parser raises).
+        raise BadRequest(f"The form data is malformed: {exc.message}.") from None
     return form

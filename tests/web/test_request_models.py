@@ -168,3 +168,19 @@ async def test_a_whole_number_is_a_valid_float(
         GENERATIONS, json={**SMALL, "guidance_scale": 7}, headers=auth(secret)
     )
     assert response.status == 202, await response.text()
+
+
+@pytest.mark.parametrize("path", [GENERATIONS, "/v1/images/edits"])
+async def test_malformed_multipart_part_headers_are_a_400_not_a_500(
+    client: TestClient, path: str
+) -> None:
+    _, secret = await make_user(premium=True)
+    # Not a header line after the boundary (what schemathesis sent as a form).
+    body = b"--b\r\n[[{}, {'': 1}]]--b--\r\n"
+    response = await client.post(
+        path,
+        data=body,
+        headers={**auth(secret), "Content-Type": "multipart/form-data; boundary=b"},
+    )
+    assert response.status == 400, await response.text()
+    assert "malformed" in (await response.text())

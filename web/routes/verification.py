@@ -233,6 +233,7 @@ async def _use_verification(token: str, now: datetime) -> UserRow:
     summary="Verify an email address (the link in the email)",
     query=VerifyQuery,
     auth=False,
+    pages=True,
     responses=[
         Response(
             200,
