@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from typing import Any, Literal, TypeVar
 
 from aiohttp import web
-from pydantic import BaseModel, TypeAdapter, ValidationError
+from pydantic import BaseModel, ValidationError
 from pydantic.json_schema import JsonSchemaMode, models_json_schema
 
 from web.auth import Principal, authenticate, require_user
@@ -101,6 +101,8 @@ class Endpoint:
     # The keyword arguments the handler takes.
     takes: frozenset[str] = frozenset()
     on_error: ErrorPage | None = None
+    # Answers browsers (no `Accept: application/json`) with HTML pages.
+    pages: bool = False
 
     @property
     def auth(self) -> bool:
@@ -192,6 +194,7 @@ class ApiRoutes:
         reader: BodyReader | None = None,
         idempotent: bool = False,
         on_error: ErrorPage | None = None,
+        pages: bool = False,
     ) -> Callable[[Handler], Handler]:
         """Declare an endpoint; the decorated handler is returned unchanged.
 
@@ -240,6 +243,7 @@ class ApiRoutes:
                     takes=takes,
                     auth_optional=auth == "optional",
                     on_error=on_error,
+                    pages=pages,
                 )
             )
             return handler
@@ -446,10 +450,17 @@ def build_openapi(
         if parameters:
             operation["parameters"] = parameters
         if endpoint.body is not None:
-            schema = {"$ref": refs[(endpoint.body, "validation")]}
+            ref = refs[(endpoint.body, "validation")]
             operation["requestBody"] = {
                 "required": True,
-                "content": {kind: {"schema": schema} for kind in endpoint.body_types},
+                "content": {
+                    kind: {
+                        "schema": _form_schema(schemas[ref.removeprefix(_REF_PREFIX)])
+                        if kind == "multipart/form-data"
+                        else {"$ref": ref}
+                    }
+                    for kind in endpoint.body_types
+                },
             }
         for response in endpoint.responses:
             entry: dict[str, Any] = {"description": response.description}
@@ -474,6 +485,9 @@ def build_openapi(
         declared = {response.status for response in endpoint.responses}
         if not endpoint.auth and 401 not in declared:
             operation["responses"].pop("401", None)
+        if endpoint.pages:
+            for entry in operation["responses"].values():
+                entry.get("content", {})["text/html"] = {"schema": {"type": "string"}}
         paths.setdefault(endpoint.path, {})[endpoint.method.lower()] = operation
 
     return {
@@ -503,7 +517,13 @@ _IDEMPOTENCY_PARAMETER: dict[str, Any] = {
     "name": "Idempotency-Key",
     "in": "header",
     "required": False,
-    "schema": {"type": "string", "minLength": 1, "maxLength": 255},
+    # Printable ASCII: what any HTTP client sends as is (web/idempotency.py).
+    "schema": {
+        "type": "string",
+        "minLength": 1,
+        "maxLength": 255,
+        "pattern": "^[ -~]+$",
+    },
     "description": "A retry with the same key and body within 24 h answers with "
     "the first request's result (charged once); the same key with another body "
     "is a 409.",
@@ -521,16 +541,51 @@ def _path_parameters(path: str) -> list[dict[str, Any]]:
 
 
 def _query_parameters(model: type[BaseModel]) -> list[dict[str, Any]]:
+    # The model's own schema carries each field's bounds, patterns and enums;
+    # a query parameter is absent rather than null, so the null branch goes.
+    properties = model.model_json_schema(mode="validation").get("properties", {})
     params = []
     for name, info in model.model_fields.items():
-        schema = TypeAdapter(info.annotation or Any).json_schema()
+        wire_name = info.alias or name
         entry: dict[str, Any] = {
-            "name": info.alias or name,
+            "name": wire_name,
             "in": "query",
             "required": info.is_required(),
-            "schema": schema,
+            "schema": _query_schema(properties[wire_name]),
         }
         if info.description:
             entry["description"] = info.description
         params.append(entry)
     return params
+
+
+def _query_schema(schema: dict[str, Any]) -> dict[str, Any]:
+    """A property's schema as a query parameter's: no title, no null."""
+    return _not_null(
+        {k: v for k, v in schema.items() if k not in {"title", "description"}}
+    )
+
+
+def _form_schema(schema: dict[str, Any]) -> dict[str, Any]:
+    """A body's schema as multipart form data carries it.
+
+    A form field is text or a file, never null: an optional field is left out.
+    """
+    properties = schema.get("properties", {})
+    return {
+        **schema,
+        "properties": {name: _not_null(value) for name, value in properties.items()},
+    }
+
+
+def _not_null(schema: dict[str, Any]) -> dict[str, Any]:
+    """`schema` without its null branch (and a null default)."""
+    schema = dict(schema)
+    if "default" in schema and schema["default"] is None:
+        del schema["default"]
+    branches = [b for b in schema.pop("anyOf", []) if b != {"type": "null"}]
+    if len(branches) == 1:
+        schema = {**branches[0], **schema}
+    elif branches:
+        schema["anyOf"] = branches
+    return schema

@@ -267,3 +267,19 @@ async def test_malformed_body_is_a_400(
     assert error["code"] in {"bad_request", "invalid_request_error"}
     assert not [r for r in caplog.records if r.exc_info]
     assert await Generation.all().count() == 0
+
+
+@pytest.mark.parametrize("path", [GENERATIONS, "/v1/images/edits"])
+async def test_malformed_multipart_part_headers_are_a_400_not_a_500(
+    client: TestClient, path: str
+) -> None:
+    _, secret = await make_user(premium=True)
+    # Not a header line after the boundary (what schemathesis sent as a form).
+    body = b"--b\r\n[[{}, {'': 1}]]--b--\r\n"
+    response = await client.post(
+        path,
+        data=body,
+        headers={**auth(secret), "Content-Type": "multipart/form-data; boundary=b"},
+    )
+    assert response.status == 400, await response.text()
+    assert "malformed" in (await response.text())

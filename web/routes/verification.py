@@ -305,6 +305,7 @@ async def _verify_error_page(
     summary="Verify an email address (the link in the email)",
     auth=False,
     on_error=_verify_error_page,
+    pages=True,
     responses=[
         Response(
             200,

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Literal
+from typing import Any, Literal
 from uuid import UUID
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
@@ -15,6 +15,8 @@ from web.schemas.base import RequestModel
 PROMPT_MAX = 2000
 IMAGE_INDEX_MAX = 9999
 SHA256_HEX = r"^[0-9a-f]{64}$"
+# Some text that is not white space (as Python's str.strip() sees it), no NUL.
+PROMPT_WORDS = r"^[^\x00]*[^\s\x00][^\x00]*$"
 
 
 class ImageReference(RequestModel):
@@ -31,12 +33,26 @@ _IMAGE_INPUT = (
 )
 
 
+def _or_null(schema: dict[str, Any]) -> None:
+    """Publish that a text field also takes null (a before-validator reads it)."""
+    text = {key: schema.pop(key) for key in ("type", "maxLength") if key in schema}
+    schema["anyOf"] = [text, {"type": "null"}]
+
+
 class GenerationRequest(RequestModel):
     """What a client asks for; omitted fields take the model's defaults."""
 
-    prompt: str = Field(min_length=1, max_length=PROMPT_MAX)
+    # `_prompt_has_words` enforces the pattern, with a clearer message.
+    prompt: str = Field(
+        min_length=1,
+        max_length=PROMPT_MAX,
+        json_schema_extra={"pattern": PROMPT_WORDS},
+    )
     negative_prompt: str = Field(
-        default="", max_length=PROMPT_MAX, description="null or absent: none"
+        default="",
+        max_length=PROMPT_MAX,
+        description="null or absent: none",
+        json_schema_extra=_or_null,
     )
     model: str | None = Field(default=None, max_length=200)
     # Unset: 512, or the model's own default size when it cannot make 512.

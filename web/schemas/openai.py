@@ -7,7 +7,7 @@ from typing import Literal
 from pydantic import BaseModel, Field
 
 from web.schemas.base import RequestModel
-from web.schemas.generations import PROMPT_MAX
+from web.schemas.generations import PROMPT_MAX, PROMPT_WORDS
 
 AUTO_SIZE = "auto"
 
@@ -19,7 +19,12 @@ def _absent_if_none(value: object) -> bool:
 class ImageGenerationRequest(RequestModel):
     """OpenAI's `images.generate` parameters that apply to Stable Diffusion."""
 
-    prompt: str = Field(min_length=1, max_length=PROMPT_MAX)
+    # A blank prompt is refused when it becomes a GenerationRequest.
+    prompt: str = Field(
+        min_length=1,
+        max_length=PROMPT_MAX,
+        json_schema_extra={"pattern": PROMPT_WORDS},
+    )
     n: int | None = Field(default=None, ge=1, le=10, description="Images (default 1)")
     size: str | None = Field(
         default=None,
@@ -52,7 +57,12 @@ class ImageEditRequest(RequestModel):
         description="A PNG of the image's size whose fully transparent pixels "
         "mark the area to repaint",
     )
-    prompt: str = Field(min_length=1, max_length=PROMPT_MAX)
+    # A blank prompt is refused when it becomes a GenerationRequest.
+    prompt: str = Field(
+        min_length=1,
+        max_length=PROMPT_MAX,
+        json_schema_extra={"pattern": PROMPT_WORDS},
+    )
     n: int | None = Field(default=None, ge=1, le=10, description="Images (default 1)")
     size: str | None = Field(
         default=None,

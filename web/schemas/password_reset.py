@@ -4,14 +4,14 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, EmailStr, Field
+from pydantic import BaseModel, Field
 
-from web.schemas.accounts import Password
+from web.schemas.accounts import Email, Password
 from web.schemas.base import RequestModel
 
 
 class ForgotRequest(RequestModel):
-    email: EmailStr
+    email: Email
 
 
 class ResetRequested(BaseModel):
