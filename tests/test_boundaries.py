@@ -52,6 +52,13 @@ def test_gpu_node_never_loads_web_jobs_tortoise_or_smtp() -> None:
     }
 
 
+def test_gpu_node_loads_torch_only_with_a_model() -> None:
+    # Only gpu_node.pipeline and gpu_node.tiny import torch, lazily: the node's
+    # queues, progress and Consul code start and test without it.
+    loaded = _loaded_after(["gpu_node.main", "gpu_node.node", "gpu_node.weights"])
+    assert not loaded & {"torch", "diffusers", "transformers", "safetensors"}
+
+
 def test_gpu_node_contract_is_pydantic_only() -> None:
     loaded = _loaded_after(["sdapi.contract"])
     assert not loaded & {"torch", "diffusers", "redis", "arq", "aiohttp", "tortoise"}
