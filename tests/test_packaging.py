@@ -18,6 +18,7 @@ import aiohttp
 import pytest
 
 from sdapi.devtools.net import free_port
+from tests.support import until
 
 ROOT = Path(__file__).resolve().parent.parent
 PACKAGES = ("sdapi", "web", "jobs", "gpu_node")
@@ -132,9 +133,9 @@ def first_line(process: subprocess.Popen[bytes], timeout: float) -> str:
 
 
 async def wait_for_file(folder: Path, pattern: str, timeout: float) -> Path:
-    async with asyncio.timeout(timeout):
-        while not (found := sorted(folder.glob(pattern))):
-            await asyncio.sleep(0.1)
+    found = await until(
+        lambda: sorted(folder.glob(pattern)), timeout, pattern, every=0.1
+    )
     return found[0]
 
 

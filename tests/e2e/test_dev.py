@@ -19,10 +19,11 @@ import redis
 
 from sdapi.db.connection import open_database
 from sdapi.dev import LINE_LIMIT, READ_CHUNK, Plan, mask_password, relay_lines
+from sdapi.devtools.accounts import make_user
 from sdapi.devtools.embedded import EmbeddedValkey, _create_database
 from sdapi.devtools.net import free_port
 from sdapi.infra.local_services import SERVICES_FILE, running_services
-from tests.e2e.conftest import answers_200, make_user, sdapi_env
+from tests.e2e.conftest import answers_200, sdapi_env
 
 pytestmark = pytest.mark.slow
 
@@ -98,7 +99,7 @@ def data_dir(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
 async def generate_once(base_url: str, database_url: str) -> str:
     """One premium generation over the WebSocket; its final status."""
     async with open_database(database_url, pool_size=1):
-        _, auth = await make_user(premium=True)
+        auth = (await make_user(premium=True)).headers
     ws_url = base_url.replace("http://", "ws://", 1) + "/api/v1/ws"
     request = {"prompt": "a dev test", "width": 64, "height": 64, "steps": 2}
     async with (

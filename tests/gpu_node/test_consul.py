@@ -13,7 +13,7 @@ from gpu_node.announcer import check_id, service_id
 from gpu_node.calls import Engine
 from tests.consul_double import ConsulDouble, parse_duration
 from tests.gpu_node.conftest import node_settings, running_node
-from tests.gpu_node.support import wait_for
+from tests.support import until
 
 
 async def _get(url: str) -> Any:
@@ -130,6 +130,6 @@ async def test_node_registers_keeps_passing_and_deregisters(
             found = await _get(f"{consul.url}/v1/health/service/sdapi-gpu?passing")
             return bool(found)
 
-        await wait_for(back, timeout=5)
+        await until(back, 5)
     assert await _get(f"{consul.url}/v1/agent/services") == {}
     assert ("PUT", f"/v1/agent/service/deregister/{sid}") in consul.requests

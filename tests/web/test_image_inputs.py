@@ -17,7 +17,8 @@ from PIL import Image
 
 from sdapi.contract.names import input_key
 from sdapi.db.models import Generation, GenerationInput, IdempotencyKey, InputImage
-from tests.node_double import NodeDouble, auth, make_user
+from sdapi.devtools.accounts import auth, make_user
+from tests.node_double import NodeDouble
 
 GENERATIONS = "/api/v1/generations"
 BASE = {"prompt": "a red fox", "steps": 4}
