@@ -170,15 +170,15 @@ async def premium_image(base_url: str, mail_dir: Path, set_premium: Path) -> byt
             assert response.status == 202, await response.text()
             generation = await response.json()
             assert generation["tier"] == "premium", generation
-        async with asyncio.timeout(120):
-            while True:
-                async with http.get(
-                    f"{api}/generations/{generation['id']}", headers=auth
-                ) as response:
-                    status = (await response.json())["status"]
-                if status not in ("queued", "running", "scheduled"):
-                    break
-                await asyncio.sleep(0.2)
+
+        async def finished() -> str | None:
+            async with http.get(
+                f"{api}/generations/{generation['id']}", headers=auth
+            ) as response:
+                status: str = (await response.json())["status"]
+            return None if status in ("queued", "running", "scheduled") else status
+
+        status = await until(finished, 120, "the generation", every=0.2)
         assert status == "succeeded"
         async with http.get(
             f"{api}/generations/{generation['id']}/images/0", headers=auth

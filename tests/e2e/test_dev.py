@@ -24,6 +24,7 @@ from sdapi.devtools.embedded import EmbeddedValkey, _create_database
 from sdapi.devtools.net import free_port
 from sdapi.infra.local_services import SERVICES_FILE, running_services
 from tests.e2e.conftest import answers_200, sdapi_env
+from tests.support import until_sync
 
 pytestmark = pytest.mark.slow
 
@@ -211,13 +212,14 @@ def test_a_killed_child_is_restarted_and_the_service_goes_on(
         ]
         os.kill(node, signal.SIGKILL)
         log_path = data_dir.parent / "data.stderr"
-        deadline = time.monotonic() + 60
-        while "gpu-node exited with status -9; restarting it in 1 s" not in (
-            log_path.read_text()
-        ):
-            assert time.monotonic() < deadline, log_path.read_text()[-3000:]
+
+        def restarted() -> bool:
             assert process.poll() is None, "dev stopped when one child died"
-            time.sleep(0.1)
+            return "gpu-node exited with status -9; restarting it in 1 s" in (
+                log_path.read_text()
+            )
+
+        until_sync(restarted, 60, "the killed gpu-node's restart", every=0.1)
         services = running_services(data_dir)
         assert services is not None
         # Web kept answering, and the new node serves the next generation.
@@ -268,12 +270,12 @@ def test_dev_killed_leaves_no_process_behind(
             assert name in commands, children
         process.kill()
         process.wait()
-        deadline = time.monotonic() + 15
-        while any(is_running(pid) for pid in children):
-            if time.monotonic() > deadline:
-                left = [cmd for pid, cmd in children.items() if is_running(pid)]
-                pytest.fail(f"still running 15 s after dev was killed: {left}")
-            time.sleep(0.1)
+        until_sync(
+            lambda: not any(is_running(pid) for pid in children),
+            15,
+            "every child to stop after dev was killed",
+            every=0.1,
+        )
     finally:
         if process.poll() is None:
             process.kill()
@@ -282,11 +284,12 @@ def test_dev_killed_leaves_no_process_behind(
             process.stdout.close()
     # PostgreSQL runs in a session of its own; the reaper dev started stops
     # it once dev is gone.
-    deadline = time.monotonic() + 30
-    while processes_using(data_dir):
-        if time.monotonic() > deadline:
-            pytest.fail(f"left behind: {processes_using(data_dir)}")
-        time.sleep(0.1)
+    until_sync(
+        lambda: not processes_using(data_dir),
+        30,
+        "the reaper to stop PostgreSQL",
+        every=0.1,
+    )
 
 
 async def test_output_lines_are_relayed_whole_however_long() -> None:

@@ -387,16 +387,34 @@ async def test_two_dispatchers_never_overfill_the_batch_queue(
         user = (await make_user(premium=False)).user
         for i in range(8):
             await make_generation(user, seed=i)
-        # Each process enqueues a while after its commit, as under load: the
-        # other one must count the committed batches, not only Redis's jobs.
+        # Each process enqueues only after the other one has had its go, as
+        # under load: the other one must count the committed batches, not
+        # only Redis's jobs. A send waits until both processes are sending
+        # or done.
         real_send = dispatcher.send_batch
+        arrivals = 0
+        both_looked = asyncio.Event()
 
-        async def slow_send(res: JobsResources, batch: BatchJob) -> bool:
-            await asyncio.sleep(0.2)
+        def arrive() -> None:
+            nonlocal arrivals
+            arrivals += 1
+            if arrivals >= 2:
+                both_looked.set()
+
+        async def late_send(res: JobsResources, batch: BatchJob) -> bool:
+            arrive()
+            await both_looked.wait()
             return await real_send(res, batch)
 
-        monkeypatch.setattr(dispatcher, "send_batch", slow_send)
-        sent = await asyncio.gather(dispatch_due(first), dispatch_due(second))
+        async def dispatch(res: JobsResources) -> int:
+            try:
+                return await dispatch_due(res)
+            finally:
+                arrive()
+
+        monkeypatch.setattr(dispatcher, "send_batch", late_send)
+        async with asyncio.timeout(30):
+            sent = await asyncio.gather(dispatch(first), dispatch(second))
 
         # One node, two batches per node.
         assert sum(sent) == 2
