@@ -19,15 +19,13 @@ import time
 import urllib.request
 from email.message import EmailMessage
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import pytest
 import redis
 
 from sdapi.contract.names import NODES_INDEX
 from tests.support import until_sync
-
-T = TypeVar("T")
 
 STOP_TIMEOUT_S = 30
 
