@@ -37,7 +37,7 @@ from typing import Any
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from gpu_node import pipeline, weights  # noqa: E402
+from gpu_node import pipeline, tiny, weights  # noqa: E402
 from gpu_node.calls import CallItem, Engine, PipelineCall  # noqa: E402
 from sdapi.contract.names import input_key, result_job_id  # noqa: E402
 from sdapi.contract.payloads import (  # noqa: E402
@@ -129,7 +129,7 @@ def build_sd15_random(folder: Path) -> None:
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
     vocab = folder / "_vocabulary"
-    pipeline.write_clip_vocabulary(vocab)
+    tiny.write_clip_vocabulary(vocab)
     tokenizer = CLIPTokenizer.from_pretrained(str(vocab), model_max_length=77)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     # Built on the device: random init of 1 B parameters on a CPU takes minutes.
@@ -138,14 +138,7 @@ def build_sd15_random(folder: Path) -> None:
         unet = UNet2DConditionModel(**SD15_UNET).half()
         vae = AutoencoderKL(**SD15_VAE).half()
         text = CLIPTextModel(CLIPTextConfig(**CLIP_VIT_L14_TEXT)).half()
-    scheduler = PNDMScheduler(
-        beta_start=0.00085,
-        beta_end=0.012,
-        beta_schedule="scaled_linear",
-        skip_prk_steps=True,
-        steps_offset=1,
-        set_alpha_to_one=False,
-    )
+    scheduler = PNDMScheduler(**tiny.SCHEDULER_CONFIG)
     StableDiffusionPipeline(
         unet=unet,
         vae=vae,
@@ -408,7 +401,7 @@ def main() -> int:
             torch.cuda.empty_cache()
         else:
             location = weights.locate_model("tiny", models)
-            pipeline.prepare_model(location)
+            tiny.prepare_model(location)
         started = time.perf_counter()
         engine = pipeline.load_engine(location, device="cuda" if args.gpu else "cpu")
         if args.gpu:

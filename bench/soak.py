@@ -55,12 +55,12 @@ def start(name: str, env: dict[str, str], root: Path) -> subprocess.Popen[bytes]
 
 
 async def users(database_url: str) -> tuple[dict[str, str], dict[str, str]]:
-    from tests.node_double import auth, make_user
+    from sdapi.devtools.accounts import make_user
 
     async with open_database(database_url, pool_size=1):
-        _, premium = await make_user(premium=True)
-        _, normal = await make_user(premium=False)
-    return auth(premium), auth(normal)
+        premium = await make_user(premium=True)
+        normal = await make_user(premium=False)
+    return premium.headers, normal.headers
 
 
 async def main(seconds: float) -> None:

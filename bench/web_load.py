@@ -114,10 +114,10 @@ async def load(
 
 
 async def make_users(database_url: str, count: int) -> list[dict[str, str]]:
-    from tests.node_double import auth, make_user
+    from sdapi.devtools.accounts import make_user
 
     async with open_database(database_url, pool_size=2):
-        return [auth((await make_user(premium=True))[1]) for _ in range(count)]
+        return [(await make_user(premium=True)).headers for _ in range(count)]
 
 
 async def fanout(
@@ -125,7 +125,7 @@ async def fanout(
 ) -> dict[str, Any]:
     """Time each progress event from its append to every subscriber."""
     from sdapi.db.models import Generation
-    from tests.node_double import auth, make_user
+    from sdapi.devtools.accounts import auth, make_user
 
     async with open_database(database_url, pool_size=2):
         user, secret = await make_user(premium=True)

@@ -1,8 +1,9 @@
 """What the node asks of the pipeline, torch-free: calls, observers, profiles.
 
-`gpu_node.pipeline` (the only module that imports torch) implements `Engine`;
-everything else talks to it through these types, so queue handling, progress
-and announcements import and test without torch.
+`gpu_node.pipeline` (the engine; with `gpu_node.tiny`, the only modules that
+import torch) implements `Engine`; everything else talks to it through these
+types, so queue handling, progress and announcements import and test without
+torch.
 """
 
 from __future__ import annotations

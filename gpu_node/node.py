@@ -3,7 +3,8 @@
 `GpuNode.start()` opens the resources (model, Redis pool, GPU executor,
 publisher, health server, announcements), `serve()` runs the workers until
 `request_stop()`, then drains; `close()` releases everything. Torch is loaded
-only through `gpu_node.pipeline`, imported when a model is loaded.
+only through `gpu_node.pipeline` (and `gpu_node.tiny` to build the tiny
+model), imported when a model is loaded.
 """
 
 from __future__ import annotations
@@ -58,9 +59,9 @@ KEEP_RESULT_S = 3600
 
 
 def _build_tiny_model(folder: Path) -> None:
-    from gpu_node import pipeline
+    from gpu_node import tiny
 
-    pipeline.build_tiny_model(folder)
+    tiny.build_tiny_model(folder)
 
 
 def load_model_engine(settings: GpuNodeSettings) -> Engine:

@@ -1,16 +1,16 @@
-"""The diffusers side of the node: the only module that imports torch.
+"""The diffusers engine: the module that runs torch for the node.
 
-It builds the tiny model, loads a model folder (safetensors only) for one
-device, and runs one pipeline call at a time on the calling thread, telling a
-`StepObserver` about every denoising step. It is longer than our other
-modules on purpose: keeping torch behind one module (docs/ARCHITECTURE.md) is worth more
+It loads a model folder (safetensors only) for one device and runs one
+pipeline call at a time on the calling thread, telling a `StepObserver` about
+every denoising step. (`gpu_node.tiny` builds the tiny model; nothing else in
+the node imports torch.) It is longer than our other modules on purpose:
+keeping torch behind one engine module (docs/ARCHITECTURE.md) is worth more
 than splitting it, and each of its parts reads top to bottom.
 """
 
 from __future__ import annotations
 
 import gc
-import gzip
 import importlib.util
 import io
 import json
@@ -18,8 +18,6 @@ import logging
 import os
 import threading
 from collections.abc import Callable, Mapping
-from importlib import resources
-from importlib.resources.abc import Traversable
 from pathlib import Path
 from typing import Any
 
@@ -27,19 +25,15 @@ import diffusers
 import torch
 import transformers
 from diffusers import (
-    AutoencoderKL,
-    PNDMScheduler,
     StableDiffusionImg2ImgPipeline,
     StableDiffusionInpaintPipeline,
     StableDiffusionPipeline,
     StableDiffusionXLImg2ImgPipeline,
     StableDiffusionXLInpaintPipeline,
     StableDiffusionXLPipeline,
-    UNet2DConditionModel,
 )
 from diffusers.models.attention_processor import AttnProcessor2_0
 from PIL import Image
-from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
 from gpu_node import weights
 from gpu_node.calls import (
@@ -53,15 +47,6 @@ from sdapi.contract.nodes import ModelLimits
 from sdapi.contract.payloads import Mode
 
 log = logging.getLogger(__name__)
-
-# The tiny model's weights come from this seed, so every machine makes the
-# same model (and the same images for the same request).
-TINY_SEED = 20240601
-TINY_NATIVE_SIZE = 256
-CLIP_VOCAB_FILE = "bpe_simple_vocab_16e6.txt.gz"
-# The real CLIP vocabulary: 256 bytes, 256 end-of-word bytes, 48,894 merges and
-# the two special tokens.
-CLIP_MERGES = 49152 - 256 - 2
 
 # name -> (diffusers class, overrides of the model's scheduler config)
 SCHEDULERS: Mapping[str, tuple[str, Mapping[str, Any]]] = {
@@ -123,7 +108,8 @@ PREVIEW_FACTORS: Mapping[str, tuple[list[list[float]], list[float]]] = {
 }
 
 
-def _quiet_libraries() -> None:
+def quiet_libraries() -> None:
+    """Turn off diffusers' and transformers' progress bars."""
     # Progress bars are multi-line noise in a service log; we log our own lines.
     diffusers.utils.logging.disable_progress_bar()
     transformers.utils.logging.disable_progress_bar()  # type: ignore[no-untyped-call]
@@ -133,129 +119,6 @@ def available_schedulers() -> tuple[str, ...]:
     """Scheduler names this installation can run (LMS needs scipy)."""
     has_scipy = importlib.util.find_spec("scipy") is not None
     return tuple(name for name in SCHEDULERS if name != "lms" or has_scipy)
-
-
-# --- the tiny model ----------------------------------------------------------
-
-
-def _bytes_to_unicode() -> dict[int, str]:
-    # GPT-2/CLIP byte-level BPE: every byte gets a printable stand-in character.
-    printable = [
-        *range(ord("!"), ord("~") + 1),
-        *range(ord("¡"), ord("¬") + 1),
-        *range(ord("®"), ord("ÿ") + 1),
-    ]
-    chars = list(printable)
-    extra = 0
-    for byte in range(256):
-        if byte not in printable:
-            printable.append(byte)
-            chars.append(256 + extra)
-            extra += 1
-    return {byte: chr(char) for byte, char in zip(printable, chars, strict=True)}
-
-
-def clip_vocabulary_file() -> Traversable:
-    """The CLIP BPE merges file this package ships (OpenAI CLIP, MIT licence)."""
-    return resources.files("gpu_node") / "data" / CLIP_VOCAB_FILE
-
-
-def write_clip_vocabulary(folder: Path) -> int:
-    """Write vocab.json and merges.txt of CLIP's tokenizer; return the vocab size."""
-    base = list(_bytes_to_unicode().values())
-    # The first line of the file is a version header, not a merge.
-    lines = gzip.decompress(clip_vocabulary_file().read_bytes()).decode("utf-8")
-    merges = lines.split("\n")[1 : CLIP_MERGES + 1]
-    vocab = [*base, *(token + "</w>" for token in base)]
-    vocab += ["".join(merge.split()) for merge in merges]
-    vocab += ["<|startoftext|>", "<|endoftext|>"]
-    folder.mkdir(parents=True, exist_ok=True)
-    (folder / "vocab.json").write_text(
-        json.dumps(
-            {token: index for index, token in enumerate(vocab)}, ensure_ascii=False
-        )
-    )
-    (folder / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n")
-    return len(vocab)
-
-
-def build_tiny_model(folder: Path) -> None:
-    """Make the tiny SD pipeline (random weights from TINY_SEED) in `folder`."""
-    _quiet_libraries()
-    scratch = folder / "_vocabulary"
-    vocab_size = write_clip_vocabulary(scratch)
-    tokenizer = CLIPTokenizer.from_pretrained(
-        str(scratch),
-        model_max_length=77,
-        pad_token="<|endoftext|>",  # noqa: S106 (a token, not a password)
-    )
-    # fork_rng: the global RNG of a process that builds the model stays as it was.
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(TINY_SEED)
-        unet = UNet2DConditionModel(  # type: ignore[no-untyped-call]
-            sample_size=TINY_NATIVE_SIZE // 8,
-            in_channels=4,
-            out_channels=4,
-            block_out_channels=(32, 64),
-            layers_per_block=1,
-            down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
-            up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
-            cross_attention_dim=32,
-            attention_head_dim=4,
-            norm_num_groups=32,
-        )
-        # Four blocks, so the VAE still scales by 8 as SD's does.
-        vae = AutoencoderKL(  # type: ignore[no-untyped-call]
-            in_channels=3,
-            out_channels=3,
-            block_out_channels=(32, 32, 64, 64),
-            down_block_types=("DownEncoderBlock2D",) * 4,
-            up_block_types=("UpDecoderBlock2D",) * 4,
-            latent_channels=4,
-            layers_per_block=1,
-            norm_num_groups=32,
-            sample_size=TINY_NATIVE_SIZE,
-        )
-        text_encoder = CLIPTextModel(
-            CLIPTextConfig(
-                vocab_size=vocab_size,
-                hidden_size=32,
-                intermediate_size=37,
-                num_attention_heads=4,
-                num_hidden_layers=2,
-                max_position_embeddings=77,
-                bos_token_id=vocab_size - 2,
-                eos_token_id=vocab_size - 1,
-                pad_token_id=vocab_size - 1,
-            )
-        )
-    scheduler = PNDMScheduler(  # type: ignore[no-untyped-call]
-        beta_start=0.00085,
-        beta_end=0.012,
-        beta_schedule="scaled_linear",
-        skip_prk_steps=True,
-        steps_offset=1,
-        set_alpha_to_one=False,
-    )
-    pipe: Any = StableDiffusionPipeline(  # type: ignore[no-untyped-call]
-        unet=unet,
-        vae=vae,
-        text_encoder=text_encoder,
-        tokenizer=tokenizer,
-        scheduler=scheduler,
-        safety_checker=None,
-        feature_extractor=None,
-        requires_safety_checker=False,
-    )
-    pipe.save_pretrained(str(folder), safe_serialization=True)
-    for name in ("vocab.json", "merges.txt"):
-        os.replace(scratch / name, folder / "tokenizer" / name)
-    scratch.rmdir()
-
-
-def prepare_model(location: weights.ModelLocation) -> None:
-    """`weights.prepare_model` with this module's tiny-model builder."""
-    weights.prepare_model(location, build_tiny_model)
 
 
 # --- loading -------------------------------------------------------------------
@@ -546,7 +409,7 @@ def load_engine(
     on_phase: Callable[[str], None] | None = None,
 ) -> DiffusersEngine:
     """Load a folder readied by `weights.prepare_model` (blocking: call in a thread)."""
-    _quiet_libraries()
+    quiet_libraries()
     folder = location.path
     cls, kind = _pipeline_class(folder)
     target = _pick_device(device)

@@ -8,14 +8,12 @@ OpenAI) is tested against the same Redis traffic a node produces.
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import hashlib
 import io
 import random
 import uuid
 from collections.abc import AsyncIterator
-from datetime import timedelta
 from typing import Any
 
 from arq.constants import in_progress_key_prefix, job_key_prefix
@@ -38,12 +36,12 @@ from sdapi.contract.payloads import (
     StartedNotice,
 )
 from sdapi.contract.status import Status
-from sdapi.db.models import TokenKind, User, utcnow
+from sdapi.db.models import utcnow
 from sdapi.infra.announcements import announce_node
 from sdapi.infra.queue import create_queue_pool, deserialize
 from sdapi.infra.registry import NodeRegistry
 from sdapi.infra.streams import append_done, append_event
-from web.tokens import issue_token
+from tests.support import until
 
 
 def node_info(**changes: Any) -> NodeInfo:
@@ -67,29 +65,6 @@ def node_info(**changes: Any) -> NodeInfo:
 
 
 TINY = node_info()
-
-
-def auth(secret: str) -> dict[str, str]:
-    """The Authorization header of a bearer token."""
-    return {"Authorization": f"Bearer {secret}"}
-
-
-async def make_user(
-    *, premium: bool = True, verified: bool = True, email: str | None = None
-) -> tuple[User, str]:
-    """A user with a bearer token (its secret returned)."""
-    now = utcnow()
-    address = email or f"user-{uuid.uuid4().hex[:8]}@example.org"
-    user = await User.create(
-        id=uuid.uuid4(),
-        email=address,
-        email_key=address.lower(),
-        password_hash="!",  # no password: the tests use tokens
-        premium_until=now + timedelta(days=30) if premium else None,
-        email_verified_at=now if verified else None,
-    )
-    secret, _ = await issue_token(user, kind=TokenKind.BEARER, ttl_s=3600)
-    return user, secret
 
 
 def png_bytes(seed: int, width: int, height: int, prompt: str) -> bytes:
@@ -122,17 +97,15 @@ class NodeDouble:
     async def claim(self, timeout: float = 5.0) -> GenerationJob:
         """The next premium job of the model, taken off its queue."""
         queue = premium_queue(self.info.model)
-        async with asyncio.timeout(timeout):
-            while True:
-                ids = await self.redis.zrange(queue, 0, 0)
-                if ids:
-                    job_id = ids[0].decode()
-                    data = await self.redis.get(job_key_prefix + job_id)
-                    await self.redis.zrem(queue, job_id)
-                    await self.redis.set(in_progress_key_prefix + job_id, b"1", ex=60)
-                    job = deserialize_job(data, deserializer=deserialize)
-                    return GenerationJob.model_validate(job.args[0])
-                await asyncio.sleep(0.01)
+        ids = await until(
+            lambda: self.redis.zrange(queue, 0, 0), timeout, "a premium job"
+        )
+        job_id = ids[0].decode()
+        data = await self.redis.get(job_key_prefix + job_id)
+        await self.redis.zrem(queue, job_id)
+        await self.redis.set(in_progress_key_prefix + job_id, b"1", ex=60)
+        job = deserialize_job(data, deserializer=deserialize)
+        return GenerationJob.model_validate(job.args[0])
 
     async def start(self, job: GenerationJob) -> None:
         await append_event(
@@ -206,13 +179,11 @@ class NodeDouble:
             finished_at=utcnow(),
         ).model_dump(mode="json")
 
-    async def run(self, job: GenerationJob, *, step_delay: float = 0.0) -> str:
+    async def run(self, job: GenerationJob) -> str:
         """The whole life of a successful job; returns store_result's outcome."""
         await self.start(job)
         for step in range(1, job.params.steps + 1):
             await self.progress(job, step)
-            if step_delay:
-                await asyncio.sleep(step_delay)
         return await self.result_stored(job, await self.images(job))
 
     async def result_stored(

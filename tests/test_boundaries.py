@@ -7,9 +7,11 @@ must not load Tortoise, aiosmtplib, aiohttp-session or the web/jobs packages.
 
 from __future__ import annotations
 
+import ast
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -52,6 +54,30 @@ def test_gpu_node_never_loads_web_jobs_tortoise_or_smtp() -> None:
     }
 
 
+def test_gpu_node_loads_torch_only_with_a_model() -> None:
+    # Only gpu_node.pipeline and gpu_node.tiny import torch, lazily: the node's
+    # queues, progress and Consul code start and test without it.
+    loaded = _loaded_after(["gpu_node.main", "gpu_node.node", "gpu_node.weights"])
+    assert not loaded & {"torch", "diffusers", "transformers", "safetensors"}
+
+
 def test_gpu_node_contract_is_pydantic_only() -> None:
     loaded = _loaded_after(["sdapi.contract"])
     assert not loaded & {"torch", "diffusers", "redis", "arq", "aiohttp", "tortoise"}
+
+
+def test_benchmarks_never_import_the_tests() -> None:
+    # What bench/ and tests/ share lives in sdapi/devtools or gpu_node.
+    bench = Path(__file__).resolve().parents[1] / "bench"
+    imported = set()
+    for script in bench.glob("*.py"):
+        for node in ast.walk(ast.parse(script.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.module:
+                imported.add((script.name, node.module))
+            elif isinstance(node, ast.Import):
+                imported.update((script.name, alias.name) for alias in node.names)
+    assert not {
+        (name, module)
+        for name, module in imported
+        if module == "tests" or module.startswith("tests.")
+    }

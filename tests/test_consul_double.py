@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable
 from typing import Any
 
 import aiohttp
@@ -13,6 +13,7 @@ import pytest
 
 from sdapi.infra.consul import open_consul
 from tests.consul_double import ConsulDouble
+from tests.support import until
 
 
 class Clock:
@@ -45,12 +46,6 @@ async def client(double: ConsulDouble) -> AsyncIterator[Any]:
     # py-consul's aio client binds to the running loop: made inside it.
     async with open_consul(double.url, timeout_s=30) as consul:
         yield consul
-
-
-async def until(condition: Callable[[], bool], timeout: float = 5) -> None:
-    async with asyncio.timeout(timeout):
-        while not condition():
-            await asyncio.sleep(0.01)
 
 
 async def blocked(double: ConsulDouble, call: Awaitable[Any]) -> asyncio.Future[Any]:

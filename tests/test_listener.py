@@ -9,6 +9,7 @@ import pytest
 import redis.asyncio
 
 from sdapi.infra.pubsub import Listener
+from tests.support import until
 
 
 async def test_a_failing_handler_does_not_stop_the_listener(
@@ -25,10 +26,7 @@ async def test_a_failing_handler_does_not_stop_the_listener(
         await asyncio.wait_for(listener.subscribed.wait(), 5)
         await redis_client.publish("hints", b"\xff\xfe")
         await redis_client.publish("hints", b"still listening")
-        for _ in range(200):
-            if seen:
-                break
-            await asyncio.sleep(0.01)
+        await until(lambda: seen, 2, "the second message")
         assert seen == ["still listening"]
         assert not task.done()
         assert "pub/sub handler for hints failed" in caplog.text

@@ -18,6 +18,7 @@ import aiohttp
 import pytest
 
 from sdapi.devtools.net import free_port
+from tests.support import until
 
 ROOT = Path(__file__).resolve().parent.parent
 PACKAGES = ("sdapi", "web", "jobs", "gpu_node")
@@ -132,9 +133,9 @@ def first_line(process: subprocess.Popen[bytes], timeout: float) -> str:
 
 
 async def wait_for_file(folder: Path, pattern: str, timeout: float) -> Path:
-    async with asyncio.timeout(timeout):
-        while not (found := sorted(folder.glob(pattern))):
-            await asyncio.sleep(0.1)
+    found = await until(
+        lambda: sorted(folder.glob(pattern)), timeout, pattern, every=0.1
+    )
     return found[0]
 
 
@@ -169,15 +170,15 @@ async def premium_image(base_url: str, mail_dir: Path, set_premium: Path) -> byt
             assert response.status == 202, await response.text()
             generation = await response.json()
             assert generation["tier"] == "premium", generation
-        async with asyncio.timeout(120):
-            while True:
-                async with http.get(
-                    f"{api}/generations/{generation['id']}", headers=auth
-                ) as response:
-                    status = (await response.json())["status"]
-                if status not in ("queued", "running", "scheduled"):
-                    break
-                await asyncio.sleep(0.2)
+
+        async def finished() -> str | None:
+            async with http.get(
+                f"{api}/generations/{generation['id']}", headers=auth
+            ) as response:
+                status: str = (await response.json())["status"]
+            return None if status in ("queued", "running", "scheduled") else status
+
+        status = await until(finished, 120, "the generation", every=0.2)
         assert status == "succeeded"
         async with http.get(
             f"{api}/generations/{generation['id']}/images/0", headers=auth

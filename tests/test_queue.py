@@ -37,7 +37,7 @@ from sdapi.infra.queue import (
     running_jobs,
     serialize,
 )
-from tests.gpu_node.support import wait_for
+from tests.support import until
 
 QUEUE = "sdapi:test:adapter"
 
@@ -102,12 +102,12 @@ async def test_a_claim_lasts_claim_s_and_holds_arqs_mark(pool: QueuePool) -> Non
     await enqueue(pool, "hold", Payload(1), queue=QUEUE, job_id="claimed")
     async with serving(worker):
         key = in_progress_key_prefix + "claimed"
-        await wait_for(lambda: pool.exists(key), timeout=10)
+        await until(lambda: pool.exists(key), 10)
         assert await pool.get(key) == b"1"
         assert 0 < await pool.pttl(key) <= 3000
         assert await job_is_running(pool, "claimed")
         release.set()
-        await wait_for(lambda: job_or_result_exists(pool, "claimed"), timeout=10)
+        await until(lambda: job_or_result_exists(pool, "claimed"), 10)
 
 
 async def test_a_lease_tells_its_own_expired_claim_from_a_takeover(
@@ -154,7 +154,7 @@ async def test_a_woken_worker_takes_work_before_its_next_poll(
     async with serving(worker):
         # The worker's first poll (it ends by recording its health) found
         # nothing; the next one is an hour away.
-        await wait_for(lambda: pool.exists(worker.health_check_key), timeout=10)
+        await until(lambda: pool.exists(worker.health_check_key), 10)
         waker = asyncio.create_task(poll_when_woken(worker, woken))
         try:
             await enqueue(pool, "note", Payload(2), queue=QUEUE, job_id="woken")

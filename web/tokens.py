@@ -1,59 +1,26 @@
-"""Bearer tokens and sessions: 256-bit secrets of which only SHA-256 is stored."""
+"""Bearer tokens and sessions: 256-bit secrets of which only SHA-256 is stored.
+
+Issuing one is `sdapi.db.tokens` (the development tools make tokens too);
+finding, using and revoking them is here.
+"""
 
 from __future__ import annotations
 
 import contextlib
-import hashlib
-import secrets
 import uuid
-from datetime import datetime, timedelta
+from datetime import datetime
 
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
 from tortoise.queryset import QuerySet
 
 from sdapi.contract.names import REVOKED_TOKENS_CHANNEL
-from sdapi.db.models import ApiToken, TokenKind, User, utcnow
+from sdapi.db.models import ApiToken, TokenKind, utcnow
+from sdapi.db.tokens import TOKEN_PREFIX
 
-TOKEN_PREFIX = "sdapi_"  # noqa: S105 (a public marker, not a secret)
-
-
-def hash_secret(secret: str) -> str:
-    """SHA-256 hex of a high-entropy secret (a salt adds nothing at 256 bits)."""
-    return hashlib.sha256(secret.encode()).hexdigest()
-
-
-def new_secret() -> str:
-    """A fresh 256-bit secret, URL-safe."""
-    return TOKEN_PREFIX + secrets.token_urlsafe(32)
-
-
-async def issue_token(
-    user: User,
-    *,
-    kind: TokenKind,
-    ttl_s: int | None = None,
-    expires_at: datetime | None = None,
-    name: str = "",
-    now: datetime | None = None,
-) -> tuple[str, ApiToken]:
-    """Create a token for `user` expiring after `ttl_s` (or at `expires_at`);
-    the secret is returned once and never stored."""
-    secret = new_secret()
-    now = now or utcnow()
-    if expires_at is None:
-        if ttl_s is None:
-            raise ValueError("a token needs ttl_s or expires_at")
-        expires_at = now + timedelta(seconds=ttl_s)
-    token = await ApiToken.create(
-        user=user,
-        kind=kind,
-        name=name,
-        token_hash=hash_secret(secret),
-        expires_at=expires_at,
-    )
-    return secret, token
-
+# Re-exported: the handlers issue and check tokens through this module.
+from sdapi.db.tokens import hash_secret as hash_secret
+from sdapi.db.tokens import issue_token as issue_token
 
 # How stale `last_used_at` may get before a use writes it again (seconds):
 # a busy token costs one write a minute, not one per request.

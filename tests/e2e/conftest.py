@@ -8,7 +8,6 @@ a shared folder by the first GPU node.
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import email
 import email.policy
@@ -18,18 +17,15 @@ import subprocess
 import sys
 import time
 import urllib.request
-from collections.abc import Awaitable, Callable
 from email.message import EmailMessage
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import pytest
 import redis
 
 from sdapi.contract.names import NODES_INDEX
-from sdapi.db.models import User
-
-T = TypeVar("T")
+from tests.support import until_sync
 
 STOP_TIMEOUT_S = 30
 
@@ -177,22 +173,6 @@ class Services:
             service.wait(max(0.1, deadline - time.monotonic()))
 
 
-def wait_sync(
-    check: Callable[[], T], timeout: float, what: str, services: Services
-) -> T:
-    """Poll `check` until it returns something truthy; fail if a process dies."""
-    deadline = time.monotonic() + timeout
-    while True:
-        result = check()
-        if result:
-            return result
-        if (failure := services.failure()) is not None:
-            pytest.fail(f"waiting for {what}: {failure}")
-        if time.monotonic() > deadline:
-            pytest.fail(f"{what}: not within {timeout}s\n{services.logs()}")
-        time.sleep(0.1)
-
-
 def own_redis_db(redis_url: str, db: int) -> str:
     """A database of the suite's Valkey for one test module, emptied."""
     url = redis_url.rsplit("/", 1)[0] + f"/{db}"
@@ -234,10 +214,10 @@ def start_services(services: Services, web_url: str, redis_url: str) -> None:
     started and every GPU node is announced."""
     for service in services.all.values():
         service.start()
-    wait_sync(lambda: answers_200(f"{web_url}/readyz"), 60, "web", services)
+    until_sync(lambda: answers_200(f"{web_url}/readyz"), 60, "web", services)
     for service in services.all.values():
         if service.command == "jobs":
-            wait_sync(
+            until_sync(
                 lambda service=service: (  # type: ignore[misc]
                     "jobs worker started" in service.log_text()
                 ),
@@ -246,34 +226,6 @@ def start_services(services: Services, web_url: str, redis_url: str) -> None:
                 services,
             )
     nodes = sum(s.command == "gpu-node" for s in services.all.values())
-    wait_sync(
+    until_sync(
         lambda: announced_nodes(redis_url) >= nodes, 120, "the gpu nodes", services
     )
-
-
-async def until(
-    check: Callable[[], Awaitable[T | None]],
-    timeout: float,
-    what: str,
-    services: Services,
-) -> T:
-    """Await `check` until it returns something truthy; fail if a process dies."""
-    deadline = time.monotonic() + timeout
-    while True:
-        result = await check()
-        if result:
-            return result
-        if (failure := services.failure()) is not None:
-            pytest.fail(f"waiting for {what}: {failure}")
-        if time.monotonic() > deadline:
-            pytest.fail(f"{what}: not within {timeout}s\n{services.logs()}")
-        await asyncio.sleep(0.1)
-
-
-async def make_user(*, premium: bool = False) -> tuple[User, dict[str, str]]:
-    """A verified user and the headers of a bearer token (Tortoise must be open)."""
-    from tests.node_double import auth
-    from tests.node_double import make_user as make_token_user
-
-    user, secret = await make_token_user(premium=premium)
-    return user, auth(secret)

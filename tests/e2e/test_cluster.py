@@ -22,6 +22,7 @@ from sdapi.contract.names import GPU_SERVICE
 from sdapi.contract.status import TERMINAL_STATUSES, Status
 from sdapi.db.connection import open_database, truncate_all
 from sdapi.db.models import GeneratedImage, Generation
+from sdapi.devtools.accounts import make_user
 from sdapi.devtools.net import free_port
 from sdapi.infra.queue import create_queue_pool
 from sdapi.infra.streams import read_events
@@ -29,13 +30,12 @@ from tests.consul_double import ConsulDouble
 from tests.e2e.conftest import (
     Service,
     Services,
-    make_user,
     node_env,
     own_redis_db,
     sdapi_env,
     start_services,
-    until,
 )
+from tests.support import until
 
 pytestmark = pytest.mark.slow
 
@@ -199,7 +199,7 @@ async def node_of(pool: Any, generation_id: str) -> set[str]:
 async def test_nodes_come_and_go_and_nothing_is_lost(
     cluster: Cluster, db: None
 ) -> None:
-    _, auth = await make_user(premium=True)
+    auth = (await make_user(premium=True)).headers
     web_a, web_b = cluster.web_urls
     services = cluster.services
     pool = await create_queue_pool(cluster.redis_url)

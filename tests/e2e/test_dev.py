@@ -19,10 +19,12 @@ import redis
 
 from sdapi.db.connection import open_database
 from sdapi.dev import LINE_LIMIT, READ_CHUNK, Plan, mask_password, relay_lines
+from sdapi.devtools.accounts import make_user
 from sdapi.devtools.embedded import EmbeddedValkey, _create_database
 from sdapi.devtools.net import free_port
 from sdapi.infra.local_services import SERVICES_FILE, running_services
-from tests.e2e.conftest import answers_200, make_user, sdapi_env
+from tests.e2e.conftest import answers_200, sdapi_env
+from tests.support import until_sync
 
 pytestmark = pytest.mark.slow
 
@@ -98,7 +100,7 @@ def data_dir(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
 async def generate_once(base_url: str, database_url: str) -> str:
     """One premium generation over the WebSocket; its final status."""
     async with open_database(database_url, pool_size=1):
-        _, auth = await make_user(premium=True)
+        auth = (await make_user(premium=True)).headers
     ws_url = base_url.replace("http://", "ws://", 1) + "/api/v1/ws"
     request = {"prompt": "a dev test", "width": 64, "height": 64, "steps": 2}
     async with (
@@ -210,13 +212,14 @@ def test_a_killed_child_is_restarted_and_the_service_goes_on(
         ]
         os.kill(node, signal.SIGKILL)
         log_path = data_dir.parent / "data.stderr"
-        deadline = time.monotonic() + 60
-        while "gpu-node exited with status -9; restarting it in 1 s" not in (
-            log_path.read_text()
-        ):
-            assert time.monotonic() < deadline, log_path.read_text()[-3000:]
+
+        def restarted() -> bool:
             assert process.poll() is None, "dev stopped when one child died"
-            time.sleep(0.1)
+            return "gpu-node exited with status -9; restarting it in 1 s" in (
+                log_path.read_text()
+            )
+
+        until_sync(restarted, 60, "the killed gpu-node's restart", every=0.1)
         services = running_services(data_dir)
         assert services is not None
         # Web kept answering, and the new node serves the next generation.
@@ -267,12 +270,12 @@ def test_dev_killed_leaves_no_process_behind(
             assert name in commands, children
         process.kill()
         process.wait()
-        deadline = time.monotonic() + 15
-        while any(is_running(pid) for pid in children):
-            if time.monotonic() > deadline:
-                left = [cmd for pid, cmd in children.items() if is_running(pid)]
-                pytest.fail(f"still running 15 s after dev was killed: {left}")
-            time.sleep(0.1)
+        until_sync(
+            lambda: not any(is_running(pid) for pid in children),
+            15,
+            "every child to stop after dev was killed",
+            every=0.1,
+        )
     finally:
         if process.poll() is None:
             process.kill()
@@ -281,11 +284,12 @@ def test_dev_killed_leaves_no_process_behind(
             process.stdout.close()
     # PostgreSQL runs in a session of its own; the reaper dev started stops
     # it once dev is gone.
-    deadline = time.monotonic() + 30
-    while processes_using(data_dir):
-        if time.monotonic() > deadline:
-            pytest.fail(f"left behind: {processes_using(data_dir)}")
-        time.sleep(0.1)
+    until_sync(
+        lambda: not processes_using(data_dir),
+        30,
+        "the reaper to stop PostgreSQL",
+        every=0.1,
+    )
 
 
 async def test_output_lines_are_relayed_whole_however_long() -> None:

@@ -10,7 +10,6 @@ import asyncio
 import base64
 import re
 import shutil
-import time
 import uuid
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -36,6 +35,7 @@ from tests.e2e.conftest import (
     sdapi_env,
     start_services,
 )
+from tests.support import until_sync
 
 pytestmark = pytest.mark.slow
 
@@ -232,7 +232,7 @@ def test_sign_up_verify_by_email_and_sign_in(visit: Visit, stack: Stack) -> None
                     return found.group(0)
         return None
 
-    link = _wait(verification_link, "the verification email")
+    link = until_sync(verification_link, 30, "the verification email")
     page.goto(link)
     expect(page.get_by_role("heading", name="Email address verified")).to_be_visible()
     sign_in(page, email)
@@ -462,13 +462,3 @@ def test_the_playground_fits_a_phone_and_works_by_keyboard(
     expect(run.locator(".images img")).to_have_attribute(
         "alt", re.compile("keyboard only")
     )
-
-
-def _wait(check: Any, what: str, timeout: float = 30) -> Any:
-    """Poll `check` until it returns something (it reads local state only)."""
-    deadline = time.monotonic() + timeout
-    while not (found := check()):
-        if time.monotonic() > deadline:
-            pytest.fail(f"{what}: not within {timeout}s")
-        time.sleep(0.1)
-    return found

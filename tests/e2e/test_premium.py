@@ -23,18 +23,18 @@ from aiosmtpd.controller import Controller
 from PIL import Image
 
 from sdapi.db.connection import open_database, truncate_all
+from sdapi.devtools.accounts import make_user
 from sdapi.devtools.net import free_port
 from tests.e2e.conftest import (
     Mailbox,
     Service,
     Services,
-    make_user,
     node_env,
     own_redis_db,
     sdapi_env,
     start_services,
-    until,
 )
+from tests.support import until
 
 pytestmark = pytest.mark.slow
 
@@ -172,7 +172,7 @@ class Client:
 @pytest.fixture
 async def client(stack: Stack, database_url: str) -> AsyncIterator[Client]:
     async with open_database(database_url, pool_size=1):
-        _, auth = await make_user(premium=True)
+        auth = (await make_user(premium=True)).headers
     async with aiohttp.ClientSession(base_url=stack.base_url) as http:
         yield Client(http, auth, stack)
 

@@ -29,11 +29,11 @@ from schemathesis.specs.openapi.checks import (
 )
 
 from sdapi.db.connection import open_database, truncate_all
+from sdapi.devtools.accounts import make_user
 from sdapi.devtools.net import free_port
 from tests.e2e.conftest import (
     Service,
     Services,
-    make_user,
     own_redis_db,
     sdapi_env,
     start_services,
@@ -159,8 +159,8 @@ def web_url(
 def tokens(database_url: str) -> dict[str, dict[str, str]]:
     async def make() -> dict[str, dict[str, str]]:
         async with open_database(database_url, pool_size=1):
-            _, normal = await make_user(premium=False)
-            _, premium = await make_user(premium=True)
+            normal = (await make_user(premium=False)).headers
+            premium = (await make_user(premium=True)).headers
         return {"normal": normal, "premium": premium}
 
     return asyncio.run(make())

@@ -18,10 +18,10 @@ from gpu_node.settings import GpuNodeSettings
 @pytest.fixture(scope="session")
 def models_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A model folder holding the tiny model, built once per test run."""
-    from gpu_node import pipeline, weights
+    from gpu_node import tiny, weights
 
     folder = tmp_path_factory.mktemp("models")
-    pipeline.prepare_model(weights.locate_model("tiny", folder))
+    tiny.prepare_model(weights.locate_model("tiny", folder))
     return folder
 
 

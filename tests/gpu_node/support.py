@@ -2,10 +2,7 @@
 
 from __future__ import annotations
 
-import asyncio
-import time
 import uuid
-from collections.abc import Awaitable, Callable
 from typing import Any
 
 import redis.asyncio
@@ -23,6 +20,7 @@ from sdapi.contract.payloads import (
 from sdapi.contract.status import Tier
 from sdapi.infra.queue import deserialize
 from sdapi.infra.streams import read_events
+from tests.support import until
 
 
 def params(**changes: Any) -> GenerationParams:
@@ -63,20 +61,6 @@ async def queued_payload(client: redis.asyncio.Redis, job_id: str) -> Any | None
     return deserialize_job(raw, deserializer=deserialize).args[0]
 
 
-async def wait_for(
-    check: Callable[[], Awaitable[Any]], timeout: float = 60.0, every: float = 0.02
-) -> Any:
-    """Poll `check` until it returns something truthy."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = await check()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"nothing after {timeout} s")
-        await asyncio.sleep(every)
-
-
 async def result_of(
     client: redis.asyncio.Redis,
     generation_id: Any,
@@ -88,7 +72,7 @@ async def result_of(
     async def check() -> Any:
         return await queued_payload(client, result_job_id(generation_id, attempt))
 
-    payload = await wait_for(check, timeout)
+    payload = await until(check, timeout)
     return GenerationResult.model_validate(payload)
 
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 from pathlib import Path
 from typing import Any
 
@@ -13,7 +12,7 @@ from gpu_node.announcer import check_id, service_id
 from gpu_node.calls import Engine
 from tests.consul_double import ConsulDouble, parse_duration
 from tests.gpu_node.conftest import node_settings, running_node
-from tests.gpu_node.support import wait_for
+from tests.support import until
 
 
 async def _get(url: str) -> Any:
@@ -96,9 +95,24 @@ async def test_double_names_several_checks(consul: ConsulDouble) -> None:
     assert await _put(f"{consul.url}/v1/agent/service/register", bad_meta) == 400
 
 
+@pytest.fixture
+async def frozen_consul() -> Any:
+    """A Consul double whose clock moves only by `advance()`."""
+    double = ConsulDouble(clock=lambda: 0.0)
+    await double.start()
+    try:
+        yield double
+    finally:
+        await double.close()
+
+
 async def test_node_registers_keeps_passing_and_deregisters(
-    consul: ConsulDouble, models_dir: Path, clean_redis: str, tiny_engine: Engine
+    frozen_consul: ConsulDouble,
+    models_dir: Path,
+    clean_redis: str,
+    tiny_engine: Engine,
 ) -> None:
+    consul = frozen_consul
     settings = node_settings(
         models_dir,
         clean_redis,
@@ -115,10 +129,19 @@ async def test_node_registers_keeps_passing_and_deregisters(
         assert services[sid]["Meta"] == node.info.to_meta()
         checks = await _get(f"{consul.url}/v1/agent/checks")
         assert checks[cid]["Definition"]["DeregisterCriticalServiceAfter"] == "60s"
-        # Kept passing by the live node across several TTLs: the time passing
-        # is what is tested.
+
+        # Kept passing by the live node across several TTLs of the agent's
+        # clock: each time most of a TTL has gone by, the node passes again.
+        def passes() -> int:
+            return consul.requests.count(("PUT", f"/v1/agent/check/pass/{cid}"))
+
+        async def most_of_a_ttl_later() -> None:
+            before = passes()
+            consul.advance(1.5)
+            await until(lambda: passes() > before, 10, "the node's next TTL pass")
+
         for _ in range(3):
-            await asyncio.sleep(0.7)
+            await most_of_a_ttl_later()
             healthy = await _get(f"{consul.url}/v1/health/service/sdapi-gpu?passing")
             assert [e["Service"]["ID"] for e in healthy] == [sid]
 
@@ -130,6 +153,6 @@ async def test_node_registers_keeps_passing_and_deregisters(
             found = await _get(f"{consul.url}/v1/health/service/sdapi-gpu?passing")
             return bool(found)
 
-        await wait_for(back, timeout=5)
+        await until(back, 5)
     assert await _get(f"{consul.url}/v1/agent/services") == {}
     assert ("PUT", f"/v1/agent/service/deregister/{sid}") in consul.requests

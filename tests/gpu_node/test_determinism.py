@@ -17,7 +17,7 @@ REPO = Path(__file__).resolve().parents[2]
 SCRIPT = """
 import sys
 from pathlib import Path
-from gpu_node import pipeline, weights
+from gpu_node import pipeline, tiny, weights
 from gpu_node.images import ImageManifest, encode_png, sha256_hex
 from gpu_node.calls import CallItem, PipelineCall
 
@@ -26,7 +26,7 @@ class Quiet:
     def on_step(self, step, total, preview): pass
 
 location = weights.locate_model("tiny", Path(sys.argv[1]))
-pipeline.prepare_model(location)
+tiny.prepare_model(location)
 engine = pipeline.load_engine(location, device="cpu")
 item = CallItem("g", "a castle", "fog", (5, 6))
 call = PipelineCall(64, 64, 5, 7.5, "euler_a", (item,))

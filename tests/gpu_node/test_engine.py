@@ -13,7 +13,7 @@ import pytest
 import torch
 from PIL import Image
 
-from gpu_node import pipeline, weights
+from gpu_node import pipeline, tiny, weights
 from gpu_node.calls import CallItem, OutOfMemory, PipelineCall
 
 
@@ -106,7 +106,7 @@ def test_the_safety_checker_is_never_fetched_or_required(
     )
     assert "StableDiffusionSafetyChecker" in (folder / "model_index.json").read_text()
     location = weights.locate_model(str(folder), tmp_path / "unused")
-    pipeline.prepare_model(location)
+    tiny.prepare_model(location)
     engine = pipeline.load_engine(location, device="cpu")
     assert engine._base.safety_checker is None
 
@@ -129,7 +129,7 @@ def _build_tiny_sdxl(folder: Path) -> None:
     )
 
     vocabulary = folder.parent / "sdxl-vocabulary"
-    size = pipeline.write_clip_vocabulary(vocabulary)
+    size = tiny.write_clip_vocabulary(vocabulary)
     tokenizer = CLIPTokenizer.from_pretrained(
         str(vocabulary),
         model_max_length=77,
@@ -174,11 +174,7 @@ def _build_tiny_sdxl(folder: Path) -> None:
         first = CLIPTextModel(CLIPTextConfig(**text))
         second = CLIPTextModelWithProjection(CLIPTextConfig(**text))
     scheduler = EulerDiscreteScheduler(  # type: ignore[no-untyped-call]
-        beta_start=0.00085,
-        beta_end=0.012,
-        beta_schedule="scaled_linear",
-        steps_offset=1,
-        timestep_spacing="leading",
+        **tiny.NOISE_SCHEDULE, timestep_spacing="leading"
     )
     pipe: Any = StableDiffusionXLPipeline(  # type: ignore[no-untyped-call]
         vae=vae,

@@ -3,24 +3,27 @@
 from __future__ import annotations
 
 import gc
-import itertools
 import threading
 import time
 import weakref
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
 
+from gpu_node import progress
 from gpu_node.calls import CallStopped
 from gpu_node.executor import GpuExecutor
 from gpu_node.progress import CallObserver, ItemProgress
 from sdapi.contract.events import ProgressEvent
+from tests.support import until_sync
 
 
 def test_premium_overtakes_queued_batches_and_nests_at_steps() -> None:
     executor = GpuExecutor()
     order: list[str] = []
     gate = threading.Event()
+    at_first_step = threading.Event()
     premium_waiting = threading.Event()
 
     def batch() -> str:
@@ -28,6 +31,7 @@ def test_premium_overtakes_queued_batches_and_nests_at_steps() -> None:
         for step in range(3):
             order.append(f"batch step {step}")
             if step == 0:
+                at_first_step.set()
                 premium_waiting.wait(5)
             executor.run_pending_premium()
         return "batch"
@@ -40,7 +44,7 @@ def test_premium_overtakes_queued_batches_and_nests_at_steps() -> None:
         first = executor.submit(batch, premium=False)
         second = executor.submit(lambda: order.append("second batch"), premium=False)
         gate.set()
-        time.sleep(0.05)
+        assert at_first_step.wait(5)
         nested = executor.submit(lambda: premium("premium"), premium=True)
         premium_waiting.set()
         assert first.result(5) == "batch" and nested.result(5) == "premium"
@@ -99,7 +103,12 @@ def _observer(
     )
 
 
-def test_progress_is_throttled_but_the_last_step_always_goes() -> None:
+def test_progress_is_throttled_but_the_last_step_always_goes(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # The observer's clock, moved by hand: 20 ms a step.
+    now = [0.0]
+    monkeypatch.setattr(progress, "time", SimpleNamespace(monotonic=lambda: now[0]))
     publisher = _Publisher()
     observer = _observer(
         {"g": ItemProgress(10)}, publisher, preview_every=2, min_interval_s=0.05
@@ -111,14 +120,11 @@ def test_progress_is_throttled_but_the_last_step_always_goes() -> None:
         return b"jpeg"
 
     for step in range(1, 11):
+        now[0] = step * 0.02
         observer.on_step(step, 10, preview)
-        time.sleep(0.02)
     steps = [event.step for _, event in publisher.events]
-    # 20 ms steps against a 50 ms interval: about every third step, then the last.
-    assert steps[0] == 1 and steps[-1] == 10
-    assert 3 <= len(steps) <= 6
-    # (gaps between throttled sends; the last step may follow any step)
-    assert all(b - a >= 2 for a, b in itertools.pairwise(steps[:-1]))
+    # 20 ms steps against a 50 ms interval: every third step, then the last.
+    assert steps == [1, 4, 7, 10]
     # Previews are only rendered for steps that are sent.
     assert len(rendered) == sum(e.preview is not None for _, e in publisher.events)
 
@@ -175,6 +181,7 @@ def test_time_in_nested_premium_calls_is_counted() -> None:
 
         outer = executor.submit(batch, premium=False)
         batch_running.wait(5)
+        # Real time is what is counted: the nested call takes 0.2 s of it.
         nested = executor.submit(lambda: time.sleep(0.2), premium=True)
         premium_waiting.set()
         nested.result(5)
@@ -204,10 +211,7 @@ def test_a_failed_call_keeps_nothing_alive() -> None:
         assert isinstance(future.exception(5), ValueError)
         del future
         # The thread lets go of the task once it is back waiting for work.
-        deadline = time.monotonic() + 5
-        while refs[0]() is not None and time.monotonic() < deadline:
-            time.sleep(0.01)
-        assert refs[0]() is None
+        until_sync(lambda: refs[0]() is None, 5, "the failed call's frames to go")
     finally:
         gc.enable()
         executor.shutdown(5)

@@ -12,12 +12,12 @@ import pytest
 import torch
 from transformers import CLIPTokenizer
 
-from gpu_node import pipeline
+from gpu_node import pipeline, tiny
 from gpu_node.calls import ModelError
 
 
 def test_the_vocabulary_ships_inside_the_package_with_its_licence() -> None:
-    source = pipeline.clip_vocabulary_file()
+    source = tiny.clip_vocabulary_file()
     assert source.is_file()
     package = Path(pipeline.__file__).parent
     assert Path(str(source)).is_relative_to(package)
@@ -29,7 +29,7 @@ def test_the_vocabulary_ships_inside_the_package_with_its_licence() -> None:
 def test_the_written_vocabulary_is_clips_and_tokenizes_like_it(
     tmp_path: Path,
 ) -> None:
-    size = pipeline.write_clip_vocabulary(tmp_path)
+    size = tiny.write_clip_vocabulary(tmp_path)
     assert size == 49408
     vocab = json.loads((tmp_path / "vocab.json").read_text())
     assert len(vocab) == size
@@ -37,7 +37,7 @@ def test_the_written_vocabulary_is_clips_and_tokenizes_like_it(
     # A header, then one "left right" pair per line: an empty or ragged line is
     # what made transformers refuse the old fallback file.
     assert merges[0] == "#version: 0.2"
-    assert len(merges) == 1 + pipeline.CLIP_MERGES
+    assert len(merges) == 1 + tiny.CLIP_MERGES
     assert all(len(line.split()) == 2 for line in merges[1:])
     tokenizer = CLIPTokenizer.from_pretrained(str(tmp_path), model_max_length=77)
     # OpenAI CLIP's own ids for these words, and its start/end tokens.

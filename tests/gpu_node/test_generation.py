@@ -27,8 +27,8 @@ from tests.gpu_node.support import (
     result_of,
     started_notice,
     stream_ms,
-    wait_for,
 )
+from tests.support import until
 
 
 class _Quiet:
@@ -251,7 +251,7 @@ async def test_premium_preempts_a_running_batch(
         events = await events_of(client, items[0].generation_id)
         return any(isinstance(e, ProgressEvent) and e.step >= 5 for _, e in events)
 
-    await wait_for(batch_at_step_5)
+    await until(batch_at_step_5, 60)
     premium = job(prompt="cut in line", steps=4, seed=5)
     await enqueue_generation(client, premium)
 
@@ -295,7 +295,7 @@ async def test_cancel_stops_within_one_step(
         steps = [e.step for _, e in events if isinstance(e, ProgressEvent)]
         return max(steps, default=0) if max(steps, default=0) >= 3 else 0
 
-    await wait_for(at_step_3)
+    await until(at_step_3, 60)
     # The node's step counter is bumped on the pipeline thread itself, after
     # the cancel check of each step: no publishing lag in this count.
     registry = node.metrics.registry
@@ -331,7 +331,7 @@ async def test_cancel_before_start_and_inside_batch(
         events = await events_of(client, drop.generation_id)
         return any(isinstance(e, ProgressEvent) for _, e in events)
 
-    await wait_for(started)
+    await until(started, 60)
     await request_cancel(client, drop.generation_id)
     kept = await result_of(client, keep.generation_id)
     dropped = await result_of(client, drop.generation_id)
@@ -364,7 +364,7 @@ async def test_duplicate_delivery_is_skipped(
     again = Job(
         "again", client, _queue_name=premium_queue("tiny"), _deserializer=deserialize
     )
-    info = await wait_for(again.result_info, timeout=10)
+    info = await until(again.result_info, 10)
     assert info.success and info.result == ""  # nothing left to generate
     events = [e for _, e in await events_of(client, request.generation_id)]
     assert sum(isinstance(e, StartedEvent) for e in events) == 1
@@ -392,7 +392,7 @@ async def test_bad_payload_fails_the_job_without_retry(
     async def finished() -> Any:
         return await arq_job.result_info()
 
-    info = await wait_for(finished, timeout=10)
+    info = await until(finished, 10)
     assert info.success is False and info.job_try == 1
     assert "InvalidPayload" in str(info.result)
 
@@ -542,7 +542,7 @@ async def test_a_payload_past_the_bounds_fails_its_generations(
     arq_job = Job(
         "huge", client, _queue_name=premium_queue("tiny"), _deserializer=deserialize
     )
-    info = await wait_for(arq_job.result_info, timeout=10)
+    info = await until(arq_job.result_info, 10)
     assert info.success is False and "InvalidPayload" in str(info.result)
 
 
@@ -568,7 +568,7 @@ async def test_a_lost_claim_stops_the_job_undelivered(
             events = await events_of(client, request.generation_id)
             return any(isinstance(e, ProgressEvent) and e.step >= 3 for _, e in events)
 
-        await wait_for(at_step_3)
+        await until(at_step_3, 60)
 
         # This node's claim expired and another node's now stands in its place.
         await client.set(
@@ -580,7 +580,7 @@ async def test_a_lost_claim_stops_the_job_undelivered(
             _queue_name=premium_queue("tiny"),
             _deserializer=deserialize,
         )
-        info = await wait_for(arq_job.result_info, timeout=30)
+        info = await until(arq_job.result_info, 30)
     assert info.result == "lease lost"
     assert await queued_payload(client, result_job_id(request.generation_id)) is None
     steps = [
@@ -651,7 +651,7 @@ async def test_an_inpainting_batch_yields_to_premium_and_cancels_within_a_step(
         steps = [e.step for _, e in events if isinstance(e, ProgressEvent)]
         return max(steps, default=0) if max(steps, default=0) >= 3 else 0
 
-    await wait_for(at_step_3)
+    await until(at_step_3, 60)
     # Premium work runs at the batch's next step boundary, then the batch goes on.
     premium = job(steps=2, init_image_sha256=sha256_hex(image), strength=1.0)
     await enqueue_generation(client, premium)

@@ -26,7 +26,8 @@ from sdapi.devtools.embedded import EmbeddedValkey
 from sdapi.infra.queue import create_queue_pool, enqueue_generation
 from sdapi.infra.settings import SettingsError
 from tests.gpu_node.conftest import node_settings, running_node
-from tests.gpu_node.support import events_of, job, queued_payload, result_of, wait_for
+from tests.gpu_node.support import events_of, job, queued_payload, result_of
+from tests.support import until
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -125,7 +126,7 @@ async def test_node_survives_a_redis_restart(
                     for record in caplog.records
                 )
 
-            await wait_for(outage_noticed, timeout=30)
+            await until(outage_noticed, 30)
             server.start()
 
             pool = await create_queue_pool(server.url)
@@ -135,9 +136,7 @@ async def test_node_survives_a_redis_restart(
                 result = await result_of(pool, after.generation_id, timeout=30)
                 assert result.status is Status.SUCCEEDED
                 # The announcement comes back too (the restart lost every key).
-                await wait_for(
-                    lambda: pool.exists(node_key("restart-node")), timeout=10
-                )
+                await until(lambda: pool.exists(node_key("restart-node")), 10)
             finally:
                 await pool.aclose()
     finally:
@@ -168,20 +167,20 @@ async def test_sigterm_drains_the_running_job(
             stderr=subprocess.STDOUT,
         )
     try:
-        await wait_for(lambda: client.exists(node_key("drain-node")), timeout=120)
+        await until(lambda: client.exists(node_key("drain-node")), 120)
         running = job(steps=30)
         await enqueue_generation(client, running)
 
         async def started() -> bool:
             return len(await events_of(client, running.generation_id)) >= 3
 
-        await wait_for(started, timeout=30)
+        await until(started, 30)
         process.send_signal(signal.SIGTERM)
 
         async def draining() -> bool:
             return "draining:" in log_path.read_text()
 
-        await wait_for(draining, timeout=30)
+        await until(draining, 30)
         late = job(steps=2)
         await enqueue_generation(client, late)
         await asyncio.to_thread(process.wait, 60)
@@ -229,14 +228,14 @@ async def test_a_sigkilled_nodes_job_is_picked_up_after_its_lease(
             stderr=subprocess.STDOUT,
         )
     try:
-        await wait_for(lambda: client.exists(node_key("doomed-node")), timeout=120)
+        await until(lambda: client.exists(node_key("doomed-node")), 120)
         request = job(steps=100)
         await enqueue_generation(client, request)
 
         async def running() -> bool:
             return len(await events_of(client, request.generation_id)) >= 3
 
-        await wait_for(running, timeout=30)
+        await until(running, 30)
         process.kill()
         process.wait()
         killed_at = time.monotonic()
@@ -247,8 +246,8 @@ async def test_a_sigkilled_nodes_job_is_picked_up_after_its_lease(
 
     settings = node_settings(models_dir, clean_redis, node_id="rescuer")
     async with running_node(settings, clean_redis, tiny_engine):
-        started_again = await wait_for(
-            lambda: _started_by(client, request.generation_id, "rescuer"), timeout=15
+        started_again = await until(
+            lambda: _started_by(client, request.generation_id, "rescuer"), 15
         )
         # Claimed again once the dead node's 2 s lease ran out, not after arq's
         # own claim (the function timeout + 10 s: hours).

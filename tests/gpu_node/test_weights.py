@@ -74,7 +74,7 @@ def test_pickle_only_folder_is_refused(tmp_path: Path, models_dir: Path) -> None
 def test_local_model_folder_is_served_under_its_name(
     tmp_path: Path, models_dir: Path
 ) -> None:
-    from gpu_node import pipeline
+    from gpu_node import pipeline, tiny
 
     folder = tmp_path / "my-model"
     shutil.copytree(models_dir / "tiny", folder)
@@ -84,7 +84,7 @@ def test_local_model_folder_is_served_under_its_name(
         "local",
         folder,
     )
-    pipeline.prepare_model(location)
+    tiny.prepare_model(location)
     engine = pipeline.load_engine(location, device="cpu")
     assert engine.profile.model == "my-model"
     call = PipelineCall(64, 64, 2, 7.5, "ddim", (CallItem("x", "a boat", "", (1,)),))

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import threading
-import time
 import uuid
 from concurrent.futures import Future
 
@@ -14,12 +13,13 @@ from gpu_node.delivery import named_generations as _named_generations
 from gpu_node.runner import await_thread as _await_thread
 
 
-def _finish_after(seconds: float, value: str) -> Future[str]:
+def _finish_when(release: threading.Event, value: str) -> Future[str]:
+    """Work on another thread that ends once `release` is set."""
     future: Future[str] = Future()
 
     def work() -> None:
         future.set_running_or_notify_cancel()
-        time.sleep(seconds)
+        release.wait(timeout=30)
         future.set_result(value)
 
     threading.Thread(target=work, daemon=True).start()
@@ -29,22 +29,34 @@ def _finish_after(seconds: float, value: str) -> Future[str]:
 async def test_time_given_to_premium_work_moves_a_deadline() -> None:
     loop = asyncio.get_running_loop()
     aborted = threading.Event()
-    # A call that needs 0.3 s against a 0.1 s limit, of which 0.4 s went to
-    # nested premium calls (reported while it runs).
-    yielded = [0.0]
-    start = loop.time()
-    loop.call_later(0.05, lambda: yielded.__setitem__(0, 0.4))
-    done = await _await_thread(
-        _finish_after(0.3, "done"), lambda: start + 0.1 + yielded[0], aborted.set
-    )
-    assert done == "done" and not aborted.is_set()
+    release = threading.Event()
+    # The first look at the deadline finds it about to pass; by the next, time
+    # given to nested premium calls has moved it an hour on, and the work ends.
+    looks = []
 
-    start = loop.time()
+    def deadline() -> float:
+        looks.append(loop.time())
+        if len(looks) == 1:
+            return loop.time() + 0.01
+        release.set()
+        return loop.time() + 3600
+
+    done = await _await_thread(_finish_when(release, "done"), deadline, aborted.set)
+    assert done == "done" and not aborted.is_set()
+    # It waited past the first deadline instead of giving up at it.
+    assert len(looks) >= 2
+
+
+async def test_work_past_its_deadline_is_stopped_and_awaited() -> None:
+    loop = asyncio.get_running_loop()
+    aborted = threading.Event()
+    # The thread stops only when told to, as a pipeline at a step boundary.
+    work = _finish_when(aborted, "late")
+    passed = loop.time()
     with pytest.raises(TimeoutError):
-        await _await_thread(
-            _finish_after(0.3, "late"), lambda: start + 0.1, aborted.set
-        )
+        await _await_thread(work, lambda: passed, aborted.set)
     assert aborted.is_set()
+    assert work.done()  # awaited before the TimeoutError was raised
 
 
 def test_ids_are_read_from_a_payload_that_fails_validation() -> None:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import itertools
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from datetime import datetime, timedelta
@@ -83,22 +82,6 @@ async def announce_node(
     )
     await nodes.announce_node(res.redis, info)
     return info
-
-
-_emails = itertools.count()
-
-
-async def make_user(*, verified: bool = True) -> User:
-    """A normal-tier user stored directly in the database."""
-    n = next(_emails)
-    email = f"user{n}-{uuid.uuid4().hex[:6]}@example.org"
-    return await User.create(
-        id=uuid.uuid4(),
-        email=email,
-        email_key=email.lower(),
-        password_hash="x",
-        email_verified_at=utcnow() if verified else None,
-    )
 
 
 async def make_generation(

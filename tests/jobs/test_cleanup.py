@@ -15,13 +15,14 @@ from sdapi.db.models import (
     InputRole,
     utcnow,
 )
-from tests.jobs.conftest import make_generation, make_user
+from sdapi.devtools.accounts import make_user
+from tests.jobs.conftest import make_generation
 
 
 async def test_inputs_go_with_their_last_generation_and_old_keys_expire(
     jobs_resources: JobsResources,
 ) -> None:
-    user = await make_user()
+    user = (await make_user(premium=False)).user
     first = await make_generation(user)
     second = await make_generation(user)
     image = await InputImage.create(

@@ -22,6 +22,7 @@ from sdapi.contract.payloads import BatchJob
 from sdapi.contract.status import Status, Tier
 from sdapi.db.connection import open_database
 from sdapi.db.models import Generation, OutboxEmail, utcnow
+from sdapi.devtools.accounts import make_user
 from sdapi.devtools.net import free_port
 from sdapi.infra.queue import deserialize
 from sdapi.infra.streams import read_events
@@ -30,7 +31,6 @@ from tests.jobs.conftest import (
     announce_node,
     make_generation,
     make_resources,
-    make_user,
 )
 
 
@@ -71,7 +71,7 @@ async def test_groups_by_parameters_and_cuts_by_images(
 ) -> None:
     res = jobs_resources
     await announce_node(res, max_batch=4)
-    users = [await make_user() for _ in range(3)]
+    users = [(await make_user(premium=False)).user for _ in range(3)]
     start = utcnow() - timedelta(minutes=5)
     rows = []
     # Two parameter groups, six requests each, alternating (oldest first).
@@ -120,7 +120,7 @@ async def test_groups_by_parameters_and_cuts_by_images(
 async def test_counts_images_not_rows(jobs_resources: JobsResources) -> None:
     res = jobs_resources
     await announce_node(res, max_batch=4)
-    user = await make_user()
+    user = (await make_user(premium=False)).user
     start = utcnow() - timedelta(minutes=1)
     for i, images in enumerate([3, 2, 1, 4, 1]):
         await make_generation(
@@ -146,7 +146,7 @@ async def test_a_row_larger_than_the_max_batch_goes_alone(
 ) -> None:
     res = jobs_resources
     await announce_node(res, max_batch=2)
-    user = await make_user()
+    user = (await make_user(premium=False)).user
     big = await make_generation(user, num_images=4)
     await dispatch_due(res)
     [batch] = await queued_batches(res)
@@ -158,7 +158,7 @@ async def test_fills_the_batch_queue_only_up_to_the_bound(
 ) -> None:
     res = jobs_resources
     await announce_node(res, max_batch=2)
-    user = await make_user()
+    user = (await make_user(premium=False)).user
     start = utcnow() - timedelta(minutes=1)
     rows = [
         await make_generation(user, seed=i, scheduled_for=start + timedelta(seconds=i))
@@ -188,7 +188,7 @@ async def test_leaves_rows_that_are_not_due_cancelled_premium_or_unserved(
 ) -> None:
     res = jobs_resources
     await announce_node(res, max_batch=4)
-    user = await make_user()
+    user = (await make_user(premium=False)).user
     later = await make_generation(user, scheduled_for=utcnow() + timedelta(hours=1))
     cancelled = await make_generation(user, status=Status.CANCELLED)
     premium = await make_generation(user, tier=Tier.PREMIUM)
@@ -216,7 +216,7 @@ async def test_a_partial_batch_waits_out_the_window_for_more_rows(
     res = jobs_resources
     res.settings = res.settings.model_copy(update={"dispatch_window": 60})
     await announce_node(res, max_batch=4)
-    user = await make_user()
+    user = (await make_user(premium=False)).user
     now = utcnow()
     first = [
         await make_generation(user, seed=i, scheduled_for=now - timedelta(seconds=5))
@@ -243,7 +243,7 @@ async def test_no_healthy_node_keeps_rows_scheduled(
     jobs_resources: JobsResources,
 ) -> None:
     res = jobs_resources
-    user = await make_user()
+    user = (await make_user(premium=False)).user
     row = await make_generation(user)
     assert await dispatch_due(res) == 0
     assert (await Generation.get(id=row.id)).status is Status.SCHEDULED
@@ -257,7 +257,7 @@ async def test_a_cancel_waiting_on_the_lock_sees_the_row_queued(
     """A cancelled row is never dispatched; a dispatched one stays cancellable."""
     res = jobs_resources
     await announce_node(res, max_batch=4)
-    user = await make_user()
+    user = (await make_user(premium=False)).user
     keep = await make_generation(user, seed=1)
     drop = await make_generation(user, seed=2)
     await Generation.filter(id=drop.id, status__in=[Status.SCHEDULED]).update(
@@ -279,7 +279,7 @@ async def test_two_dispatchers_never_take_the_same_row(
         build = make_resources(settings, stack)
         first, second = await build(), await build()
         await announce_node(first, max_batch=3)
-        users = [await make_user() for _ in range(3)]
+        users = [(await make_user(premium=False)).user for _ in range(3)]
         rows = [
             await make_generation(users[i % 3], seed=i, steps=2 + i % 2)
             for i in range(60)
@@ -300,7 +300,7 @@ async def test_a_failed_enqueue_leaves_rows_queued_for_the_reconciler(
     jobs_resources: JobsResources,
 ) -> None:
     res = jobs_resources
-    user = await make_user()
+    user = (await make_user(premium=False)).user
     row = await make_generation(user, status=Status.QUEUED, attempts=1)
     batch = BatchJob(batch_id=uuid.uuid4(), model=MODEL, items=[generation_job(row, 1)])
     # Nothing listens there: every Redis command fails to connect.
@@ -384,19 +384,37 @@ async def test_two_dispatchers_never_overfill_the_batch_queue(
         build = make_resources(settings, stack)
         first, second = await build(), await build()
         await announce_node(first, max_batch=1)
-        user = await make_user()
+        user = (await make_user(premium=False)).user
         for i in range(8):
             await make_generation(user, seed=i)
-        # Each process enqueues a while after its commit, as under load: the
-        # other one must count the committed batches, not only Redis's jobs.
+        # Each process enqueues only after the other one has had its go, as
+        # under load: the other one must count the committed batches, not
+        # only Redis's jobs. A send waits until both processes are sending
+        # or done.
         real_send = dispatcher.send_batch
+        arrivals = 0
+        both_looked = asyncio.Event()
 
-        async def slow_send(res: JobsResources, batch: BatchJob) -> bool:
-            await asyncio.sleep(0.2)
+        def arrive() -> None:
+            nonlocal arrivals
+            arrivals += 1
+            if arrivals >= 2:
+                both_looked.set()
+
+        async def late_send(res: JobsResources, batch: BatchJob) -> bool:
+            arrive()
+            await both_looked.wait()
             return await real_send(res, batch)
 
-        monkeypatch.setattr(dispatcher, "send_batch", slow_send)
-        sent = await asyncio.gather(dispatch_due(first), dispatch_due(second))
+        async def dispatch(res: JobsResources) -> int:
+            try:
+                return await dispatch_due(res)
+            finally:
+                arrive()
+
+        monkeypatch.setattr(dispatcher, "send_batch", late_send)
+        async with asyncio.timeout(30):
+            sent = await asyncio.gather(dispatch(first), dispatch(second))
 
         # One node, two batches per node.
         assert sum(sent) == 2
@@ -409,7 +427,7 @@ async def test_a_row_that_cannot_become_a_job_fails_and_the_rest_go(
 ) -> None:
     res = jobs_resources
     await announce_node(res, max_batch=4)
-    user = await make_user()
+    user = (await make_user(premium=False)).user
     good = await make_generation(user, seed=1)
     lacking = await make_generation(user, seed=2)
     invalid = await make_generation(user, seed=3)
@@ -447,7 +465,7 @@ async def test_one_models_failure_does_not_stop_the_others(
     res = jobs_resources
     await announce_node(res, max_batch=4, node_id="node-a", model="broken")
     await announce_node(res, max_batch=4, node_id="node-b", model=MODEL)
-    user = await make_user()
+    user = (await make_user(premium=False)).user
     await make_generation(user, model="broken")
     fine = await make_generation(user)
     real_claim = dispatcher._claim

@@ -40,10 +40,11 @@ from sdapi.db.models import (
     utcnow,
 )
 from sdapi.db.outbox import queue_email
+from sdapi.devtools.accounts import make_user
 from sdapi.devtools.mailsink import free_port, mail_sink, read_messages
 from sdapi.infra.backoff import backoff_s
 from sdapi.infra.settings import SettingsError
-from tests.jobs.conftest import make_generation, make_user
+from tests.jobs.conftest import make_generation
 
 
 @pytest.fixture
@@ -133,7 +134,7 @@ async def test_generation_email_carries_its_pngs_and_records_emailed_at(
 ) -> None:
     url, folder = sink
     res = with_settings(jobs_resources, smtp_url=url)
-    user = await make_user()
+    user = (await make_user(premium=False)).user
     generation = await make_generation(user, num_images=2, status=Status.SUCCEEDED)
     pngs = [b"\x89PNG\r\n\x1a\n" + os.urandom(3000) for _ in range(2)]
     for index, png in enumerate(pngs):
@@ -297,6 +298,7 @@ class Stalling:
     """An SMTP server that takes the message and then never answers."""
 
     async def handle_DATA(self, server: Any, session: Any, envelope: Any) -> str:
+        # The stall is what is tested: longer than the client's SMTP timeout.
         await asyncio.sleep(30)
         return "250 OK"
 

@@ -33,6 +33,7 @@ from sdapi.contract.payloads import BatchJob, GenerationResult, ImageInfo
 from sdapi.contract.status import Status, Tier
 from sdapi.db.connection import open_database
 from sdapi.db.models import GeneratedImage, Generation, OutboxEmail, utcnow
+from sdapi.devtools.accounts import make_user
 from sdapi.infra.queue import (
     deserialize,
     enqueue,
@@ -45,7 +46,6 @@ from tests.jobs.conftest import (
     announce_node,
     make_generation,
     make_resources,
-    make_user,
 )
 
 
@@ -60,7 +60,7 @@ async def test_a_lost_premium_job_is_enqueued_again(
     jobs_resources: JobsResources,
 ) -> None:
     res = jobs_resources
-    user = await make_user()
+    user = (await make_user(premium=False)).user
     row = await make_generation(user, tier=Tier.PREMIUM)  # its enqueue never happened
     await overdue(row)
 
@@ -84,7 +84,7 @@ async def test_a_lost_premium_job_is_enqueued_again(
 
 async def test_live_work_is_left_alone(jobs_resources: JobsResources) -> None:
     res = jobs_resources
-    user = await make_user()
+    user = (await make_user(premium=False)).user
     row = await make_generation(user, tier=Tier.PREMIUM, status=Status.RUNNING)
     await enqueue_generation(res.redis, generation_job(row, 1))
     await overdue(row)
@@ -102,7 +102,7 @@ async def test_a_lost_batch_goes_back_as_a_new_batch(
 ) -> None:
     res = jobs_resources
     await announce_node(res, max_batch=4)
-    user = await make_user()
+    user = (await make_user(premium=False)).user
     rows = [await make_generation(user, seed=i) for i in range(3)]
     await dispatch_due(res)
     first = await Generation.get(id=rows[0].id)
@@ -139,7 +139,7 @@ async def test_rows_of_one_batch_requeued_apart_get_jobs_of_their_own(
 ) -> None:
     res = jobs_resources
     await announce_node(res, max_batch=4)
-    user = await make_user()
+    user = (await make_user(premium=False)).user
     early, late = [await make_generation(user, seed=i) for i in range(2)]
     await dispatch_due(res)
     await res.redis.flushdb()
@@ -177,7 +177,7 @@ async def test_out_of_attempts_fails_with_a_reason_and_an_email(
     jobs_resources: JobsResources,
 ) -> None:
     res = jobs_resources
-    user = await make_user()
+    user = (await make_user(premium=False)).user
     normal = await make_generation(user, status=Status.QUEUED, attempts=3)
     await Generation.filter(id=normal.id).update(batch_id=normal.id)
     premium = await make_generation(user, tier=Tier.PREMIUM, attempts=3)
@@ -257,7 +257,7 @@ async def test_a_result_left_in_redis_is_stored(
     jobs_resources: JobsResources,
 ) -> None:
     res = jobs_resources
-    user = await make_user()
+    user = (await make_user(premium=False)).user
     row = await make_generation(user, status=Status.RUNNING, attempts=1)
     await Generation.filter(id=row.id).update(batch_id=row.id)
     await _leave_result(res, row, success=False, with_images=True)
@@ -278,7 +278,7 @@ async def test_a_result_without_its_images_runs_again(
     jobs_resources: JobsResources,
 ) -> None:
     res = jobs_resources
-    user = await make_user()
+    user = (await make_user(premium=False)).user
     row = await make_generation(user, tier=Tier.PREMIUM, status=Status.RUNNING)
     await _leave_result(res, row, success=True, with_images=False)
     await overdue(row)
@@ -293,7 +293,7 @@ async def test_a_pending_store_result_is_waited_for(
     jobs_resources: JobsResources,
 ) -> None:
     res = jobs_resources
-    user = await make_user()
+    user = (await make_user(premium=False)).user
     row = await make_generation(user, tier=Tier.PREMIUM, status=Status.RUNNING)
     # The node finished; storing waits on the results queue (e.g. retrying).
     await enqueue(
@@ -319,7 +319,7 @@ async def test_two_reconcilers_enqueue_a_lost_job_once(
         build = make_resources(jobs_settings, stack)
         first, second = await build(), await build()
         await announce_node(first, max_batch=4)
-        user = await make_user()
+        user = (await make_user(premium=False)).user
         rows = [await make_generation(user, seed=i) for i in range(8)]
         await dispatch_due(first)
         premium = [
@@ -341,7 +341,7 @@ async def test_a_premium_request_nobody_takes_fails_and_leaves_the_queue(
     jobs_resources: JobsResources,
 ) -> None:
     res = jobs_resources
-    user = await make_user()
+    user = (await make_user(premium=False)).user
     limit = res.settings.premium_max_queued
     waiting = await make_generation(user, tier=Tier.PREMIUM)
     running = await make_generation(user, tier=Tier.PREMIUM, seed=2)
@@ -376,7 +376,7 @@ async def test_a_batch_nobody_takes_fails_with_an_email(
 ) -> None:
     res = jobs_resources
     await announce_node(res, max_batch=4)
-    user = await make_user()
+    user = (await make_user(premium=False)).user
     rows = [await make_generation(user, seed=i) for i in range(2)]
     await dispatch_due(res)
     batch_id = (await Generation.get(id=rows[0].id)).batch_id
@@ -404,7 +404,7 @@ async def test_a_request_scheduled_long_ago_for_an_unserved_model_fails(
     jobs_resources: JobsResources,
 ) -> None:
     res = jobs_resources
-    user = await make_user()
+    user = (await make_user(premium=False)).user
     wait = res.settings.scheduled_max_wait
     stale = await make_generation(
         user, model="gone", scheduled_for=utcnow() - timedelta(seconds=wait + 1)
@@ -430,7 +430,7 @@ async def test_a_job_that_keeps_failing_is_given_up_and_the_rest_go_on(
     jobs_resources: JobsResources,
 ) -> None:
     res = jobs_resources
-    user = await make_user()
+    user = (await make_user(premium=False)).user
     bad = await make_generation(user, tier=Tier.PREMIUM)
     good = await make_generation(user, tier=Tier.PREMIUM, seed=2)
     # The stored request lost a parameter: no job can be built from it.
@@ -462,7 +462,7 @@ async def test_a_round_that_succeeds_resets_the_failure_count(
     jobs_resources: JobsResources, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     res = jobs_resources
-    user = await make_user()
+    user = (await make_user(premium=False)).user
     row = await make_generation(user, tier=Tier.PREMIUM, status=Status.RUNNING)
     await enqueue_generation(res.redis, generation_job(row, 1))
     real_push = reconciler._push_deadline

@@ -43,9 +43,11 @@ from sdapi.db.models import (
     User,
     utcnow,
 )
+from sdapi.devtools.accounts import make_user
 from sdapi.infra.queue import create_queue_pool, enqueue, new_worker
 from sdapi.infra.streams import read_events
-from tests.node_double import NodeDouble, jobs_context, make_user
+from tests.node_double import NodeDouble, jobs_context
+from tests.support import until
 
 PARAMS = GenerationParams(
     prompt="a lighthouse at dusk",
@@ -351,14 +353,14 @@ async def test_a_query_cut_off_by_a_terminated_session_is_retried(
             job.generation_id,
         )
         started = asyncio.create_task(mark_started(node.ctx, notice))
-        async with asyncio.timeout(10):
-            while not (
-                blocked := await admin.fetchval(
-                    "SELECT pid FROM pg_stat_activity WHERE "
-                    "datname = current_database() AND wait_event_type = 'Lock'"
-                )
-            ):
-                await asyncio.sleep(0.02)
+        blocked = await until(
+            lambda: admin.fetchval(
+                "SELECT pid FROM pg_stat_activity WHERE "
+                "datname = current_database() AND wait_event_type = 'Lock'"
+            ),
+            10,
+            "mark_started to wait for the row lock",
+        )
         await admin.execute("SELECT pg_terminate_backend($1)", blocked)
         with pytest.raises(Retry):
             await started

@@ -20,7 +20,8 @@ from sdapi.db.models import (
     User,
     utcnow,
 )
-from tests.node_double import NodeDouble, auth, make_user
+from sdapi.devtools.accounts import auth, make_user
+from tests.node_double import NodeDouble
 from tests.web.test_accounts import (
     JSON,
     LINK,

@@ -15,13 +15,14 @@ from pydantic import SecretStr
 
 from sdapi.contract.names import GPU_SERVICE, KNOWN_MODELS_KEY, WEB_SERVICE
 from sdapi.contract.status import Status
+from sdapi.devtools.accounts import auth, make_user
 from sdapi.devtools.net import free_port
 from sdapi.infra.consul import open_consul
 from sdapi.infra.registry import NodeRegistry, NodesUnknown
 from sdapi.infra.settings import SettingsError
 from tests.consul_double import ConsulDouble
-from tests.gpu_node.support import wait_for
-from tests.node_double import auth, make_user, node_info
+from tests.node_double import node_info
+from tests.support import until
 from web.app import create_app
 from web.appkeys import registry_key
 from web.settings import WebSettings
@@ -74,11 +75,7 @@ async def test_web_registers_with_an_http_check_and_deregisters(
     # The agent runs the check every interval; the first ran before the app
     # listened, the next one finds it healthy.
     consul.advance(10)
-    for _ in range(100):
-        if check.status == "passing":
-            break
-        await asyncio.sleep(0.05)
-    assert check.status == "passing", check.output
+    await until(lambda: check.status == "passing", 5, "a passing HTTP check")
     assert "200 OK" in check.output
 
     await consul_client.close()
@@ -134,6 +131,7 @@ async def sick_consul(aiohttp_server: Any, behaviour: str) -> str:
 
     async def health(request: web.Request) -> web.Response:
         if behaviour == "hang":
+            # The hang is what is tested: a query the agent never answers.
             await asyncio.sleep(3600)
         return web.Response(status=500, text="rpc error: No cluster leader")
 
@@ -284,7 +282,7 @@ async def test_the_watch_keeps_consul_off_the_request_path(
             async def seen() -> bool:
                 return bool(registry.serves("tiny"))
 
-            await wait_for(seen, timeout=10)
+            await until(seen, 10)
             calls = agent.calls
             for _ in range(50):
                 assert len(await registry.nodes()) == 1
@@ -306,17 +304,17 @@ async def test_the_watch_follows_nodes_by_blocking_queries_and_outlives_a_restar
         registry = NodeRegistry(redis_client, client)
         async with registry.watching(agent, wait_s=wait_s):
             assert await registry.nodes() == []
-            await wait_for(lambda: _true(consul.blocked_queries > 0), timeout=5)
+            await until(lambda: consul.blocked_queries > 0, 5)
 
             started = time.monotonic()
             await register_node(consul)
-            await wait_for(lambda: _true(registry.serves("tiny") is True), timeout=5)
+            await until(lambda: registry.serves("tiny") is True, 5)
             async with aiohttp.ClientSession(base_url=consul.url) as http:
                 async with http.put(
                     f"/v1/agent/service/deregister/{service_id}"
                 ) as response:
                     assert response.status == 200
-            await wait_for(lambda: _true(not registry.serves("tiny")), timeout=5)
+            await until(lambda: not registry.serves("tiny"), 5)
             assert time.monotonic() - started < wait_s / 2
             # About one query per change (register, pass, deregister) and the
             # ones that were waiting: a 50 ms poll would have made dozens.
@@ -324,20 +322,16 @@ async def test_the_watch_follows_nodes_by_blocking_queries_and_outlives_a_restar
 
             # The agent goes away: the last view stays, the watch says so...
             await register_node(consul)
-            await wait_for(lambda: _true(registry.serves("tiny") is True), timeout=5)
+            await until(lambda: registry.serves("tiny") is True, 5)
             await consul.stop()
-            await wait_for(lambda: _true(registry.consul_ok is False), timeout=10)
+            await until(lambda: registry.consul_ok is False, 10)
             assert len(await registry.nodes()) == 1
             # ... and picks up again by itself once the agent is back.
             await consul.start()
-            await wait_for(lambda: _true(registry.consul_ok is True), timeout=15)
+            await until(lambda: registry.consul_ok is True, 15)
             async with aiohttp.ClientSession(base_url=consul.url) as http:
                 async with http.put(
                     f"/v1/agent/service/deregister/{service_id}"
                 ) as response:
                     assert response.status == 200
-            await wait_for(lambda: _true(not registry.serves("tiny")), timeout=5)
-
-
-async def _true(value: bool) -> bool:
-    return value
+            await until(lambda: not registry.serves("tiny"), 5)

@@ -17,10 +17,11 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from sdapi.contract.names import cancel_key, premium_queue
 from sdapi.contract.status import Status
 from sdapi.db.models import Generation
+from sdapi.devtools.accounts import auth, make_user
 from sdapi.infra.links import image_path, link_is_valid, signed_image_url
 from sdapi.infra.registry import NodeRegistry
 from sdapi.infra.streams import read_events
-from tests.node_double import TINY, NodeDouble, auth, jobs_context, make_user
+from tests.node_double import TINY, NodeDouble, jobs_context
 from web.appkeys import redis_key
 from web.settings import WebSettings
 

@@ -11,7 +11,7 @@ from aiohttp import web
 from aiohttp.test_utils import TestClient, make_mocked_request
 from pydantic import SecretStr
 
-from tests.node_double import auth, make_user
+from sdapi.devtools.accounts import auth, make_user
 from web.app import create_app
 from web.appkeys import settings_key
 from web.errors import Forbidden

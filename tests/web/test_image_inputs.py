@@ -18,7 +18,8 @@ from PIL import Image
 
 from sdapi.contract.names import input_key
 from sdapi.db.models import Generation, GenerationInput, IdempotencyKey, InputImage
-from tests.node_double import NodeDouble, auth, make_user
+from sdapi.devtools.accounts import auth, make_user
+from tests.node_double import NodeDouble
 from web.app import create_app
 from web.appkeys import decoders_key
 from web.settings import WebSettings

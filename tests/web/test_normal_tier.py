@@ -18,10 +18,11 @@ from sdapi.contract.events import DoneEvent
 from sdapi.contract.names import batch_queue, premium_queue
 from sdapi.contract.status import Status
 from sdapi.db.models import Generation, User, utcnow
+from sdapi.devtools.accounts import auth, make_user
 from sdapi.infra.announcements import announce_node
 from sdapi.infra.registry import NodeRegistry
 from sdapi.infra.streams import read_events
-from tests.node_double import auth, make_user, node_info
+from tests.node_double import node_info
 from web.appkeys import redis_key
 from web.settings import WebSettings
 

@@ -11,7 +11,8 @@ from aiohttp.test_utils import TestClient
 
 from sdapi.contract.status import Status
 from sdapi.db.models import GeneratedImage, Generation
-from tests.node_double import NodeDouble, auth, jobs_context, make_user
+from sdapi.devtools.accounts import auth, make_user
+from tests.node_double import NodeDouble, jobs_context
 from web.app import create_app
 from web.settings import WebSettings
 
@@ -259,6 +260,7 @@ async def test_finishing_just_as_the_wait_times_out_answers_the_images(
         async def finishes_but_done_is_missed(app: Any, generation_id: Any) -> None:
             # The result is stored, but the timeout fires before `done` is seen.
             await node.run(await node.claim())
+            # Never returning is what is tested: the route's wait times out.
             await asyncio.sleep(3600)
 
         monkeypatch.setattr(route, "wait_until_done", finishes_but_done_is_missed)

@@ -14,7 +14,8 @@ from PIL import Image
 
 from sdapi.contract.names import input_key
 from sdapi.db.models import GeneratedImage, Generation
-from tests.node_double import NodeDouble, auth, make_user
+from sdapi.devtools.accounts import auth, make_user
+from tests.node_double import NodeDouble
 
 EDITS = "/v1/images/edits"
 

@@ -6,7 +6,8 @@ from aiohttp.test_utils import TestClient
 
 from sdapi.contract.status import Status, Tier
 from sdapi.db.models import Delivery, Generation
-from tests.node_double import NodeDouble, auth, make_user
+from sdapi.devtools.accounts import auth, make_user
+from tests.node_double import NodeDouble
 from web.metrics import web_metrics_key
 
 

@@ -15,8 +15,8 @@ import aiohttp
 import pytest
 from aiohttp import web
 
+from sdapi.devtools.accounts import make_user
 from sdapi.devtools.net import free_port
-from tests.node_double import make_user
 from web.app import create_app
 from web.appkeys import metrics_key
 from web.protocol import ApiRunner, client_key

@@ -12,7 +12,8 @@ from aiohttp.test_utils import TestClient
 from pydantic import BaseModel
 
 from sdapi.db.models import Generation, User
-from tests.node_double import NodeDouble, auth, make_user
+from sdapi.devtools.accounts import auth, make_user
+from tests.node_double import NodeDouble
 from web.routes import route_tables
 from web.schemas.base import RequestModel, storable
 from web.schemas.live import ClientMessage

@@ -5,7 +5,6 @@ Each test freezes a server of its own, so the rest of the suite never waits.
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import os
 import signal
@@ -20,10 +19,12 @@ from aiohttp.test_utils import TestClient
 from sdapi.contract.status import Status
 from sdapi.db.connection import apply_migrations, open_database
 from sdapi.db.models import Generation
+from sdapi.devtools.accounts import auth, make_user
 from sdapi.devtools.embedded import EmbeddedValkey, embedded_postgres
-from sdapi.devtools.mailsink import free_port
+from sdapi.devtools.net import free_port
 from tests.consul_double import ConsulDouble
-from tests.node_double import NodeDouble, auth, jobs_context, make_user
+from tests.node_double import NodeDouble, jobs_context
+from tests.support import until
 from tests.web.test_consul import register_node
 from web.app import create_app
 from web.appkeys import registry_key
@@ -151,10 +152,7 @@ async def test_a_frozen_postgres_is_a_quick_503_and_readyz_answers_in_time(
     async def recovered() -> bool:
         return (await client.get("/readyz")).status == 200
 
-    for _ in range(100):
-        if await recovered():
-            break
-        await asyncio.sleep(0.1)
+    await until(recovered, 10, "a ready app again", every=0.1)
     me = await client.get("/api/v1/me", headers=auth(secret))
     assert me.status == 200
 

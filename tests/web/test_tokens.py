@@ -8,7 +8,8 @@ from datetime import UTC, datetime, timedelta
 from aiohttp.test_utils import TestClient
 
 from sdapi.db.models import ApiToken
-from tests.node_double import NodeDouble, auth, make_user
+from sdapi.devtools.accounts import auth, make_user
+from tests.node_double import NodeDouble
 
 TOKENS = "/api/v1/tokens"
 

@@ -19,8 +19,11 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from sdapi.contract.names import events_key, image_key
 from sdapi.contract.status import Status
 from sdapi.db.models import ApiToken, GeneratedImage, Generation, utcnow
+from sdapi.devtools.accounts import auth, make_user
 from sdapi.infra.registry import NodeRegistry
-from tests.node_double import NodeDouble, auth, jobs_context, make_user
+from tests.node_double import NodeDouble, jobs_context
+from tests.support import until
+from web import live_socket
 from web.app import create_app
 from web.appkeys import live_redis_key, redis_key
 from web.live_socket import live_sockets_key, live_users_key
@@ -473,9 +476,7 @@ async def test_client_leaving_mid_run_stops_relays_and_the_work_finishes(
     await node.start(job)
     assert len(relay_tasks()) == 1
     await ws.close()
-    async with asyncio.timeout(5):
-        while relay_tasks():
-            await asyncio.sleep(0.01)
+    await until(lambda: not relay_tasks(), 5, "the relays to stop")
     assert await node.run(job) == "succeeded"
     assert (await Generation.get(id=ident)).status is Status.SUCCEEDED
     gc.collect()
@@ -603,12 +604,14 @@ async def test_relays_per_socket_are_capped(
             await ws.send_json({"type": "cancel", "id": first})
             done = await next_of(ws, "done", first)
             assert done["status"] == "cancelled"
-            for _ in range(100):
+
+            async def subscribed() -> dict[str, Any] | None:
+                # The cancelled relay's slot frees once its task has ended.
                 await ws.send_json({"type": "subscribe", "id": ident})
                 answer = await frame(ws)
-                if answer["type"] != "error":
-                    break
-                await asyncio.sleep(0.02)
+                return None if answer["type"] == "error" else answer
+
+            answer = await until(subscribed, 5, "a relay slot")
             assert answer == {"type": "queued", "id": ident, "position": 2}
 
 
@@ -644,25 +647,37 @@ async def test_sockets_per_user_are_capped_with_a_json_429(
             assert await generate(ws)
         # A closed socket gives its slot back.
         await first.close()
-        for _ in range(100):
-            if client.app[live_users_key][user.id] < 2:  # type: ignore[index]
-                break
-            await asyncio.sleep(0.01)
+        await until(
+            lambda: client.app[live_users_key][user.id] < 2,  # type: ignore[index]
+            5,
+            "the closed socket's slot",
+        )
         third = await client.ws_connect(WS, headers=auth(secret))
         await third.close()
         await second.close()
 
 
 async def test_a_silent_socket_is_closed_once_its_token_is_revoked(
-    aiohttp_client: Any, web_settings: WebSettings
+    aiohttp_client: Any, web_settings: WebSettings, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    real_find = live_socket.find_token_by_id
+    lookups = []
+
+    async def find(*args: Any, **kwargs: Any) -> Any:
+        found = await real_find(*args, **kwargs)
+        lookups.append(found)
+        return found
+
+    monkeypatch.setattr(live_socket, "find_token_by_id", find)
     async with app_with(aiohttp_client, web_settings, ws_recheck_s=0.2) as (
         client,
         _,
     ):
         user, secret = await make_user()
         async with client.ws_connect(WS, headers=auth(secret)) as ws:
-            await asyncio.sleep(0.5)  # a few re-checks pass while it is valid
+            # A few re-checks pass while the token is valid.
+            await until(lambda: len(lookups) >= 2, 10, "two re-checks")
+            assert all(lookups)
             await ApiToken.filter(user_id=user.id).update(revoked_at=utcnow())
             # The client sends nothing: the re-check alone ends the socket.
             error = await frame(ws, timeout=5)
@@ -674,11 +689,11 @@ async def test_a_silent_socket_is_closed_once_its_token_is_revoked(
             closing = await ws.receive(timeout=5)
             assert closing.type is WSMsgType.CLOSE
             assert closing.data == aiohttp.WSCloseCode.POLICY_VIOLATION
-        for _ in range(100):
-            if not client.app[live_users_key]:  # type: ignore[index]
-                break
-            await asyncio.sleep(0.01)
-        assert not client.app[live_users_key]  # type: ignore[index]
+        await until(
+            lambda: not client.app[live_users_key],  # type: ignore[index]
+            5,
+            "the socket's user to go",
+        )
 
 
 async def test_web_redis_pools_are_bounded(
