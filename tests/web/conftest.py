@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -10,6 +10,7 @@ import pytest
 from aiohttp.test_utils import TestClient
 from pydantic import SecretStr
 
+from sdapi.devtools.mailsink import mail_sink
 from tests.node_double import NodeDouble, jobs_context
 from web.app import create_app
 from web.settings import WebSettings
@@ -49,3 +50,11 @@ async def client(
     """A client of the app built from `web_settings`."""
     result: TestClient = await aiohttp_client(create_app(web_settings))
     return result
+
+
+@pytest.fixture
+def sink(tmp_path: Path) -> Iterator[tuple[str, Path]]:
+    """A local SMTP server that keeps what it receives in a folder."""
+    folder = tmp_path / "mail"
+    with mail_sink(folder) as url:
+        yield url, folder

@@ -22,7 +22,7 @@ from sdapi.db.models import (
 )
 from sdapi.devtools.accounts import auth, make_user
 from tests.node_double import NodeDouble
-from tests.web.test_accounts import (
+from tests.web.accounts_support import (
     JSON,
     LINK,
     ME,
