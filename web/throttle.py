@@ -322,3 +322,17 @@ async def reserve_or_refuse(
             retry_after=attempt.retry_after,
         )
     return attempt
+
+
+# A daily counter's life: the first count of a day starts it (seconds).
+DAY_S = 86400
+
+
+async def count_today(redis: Redis, key: str) -> int:
+    """Count one more at `key`, a counter that lives a day from its first
+    count; the count so far, this one included."""
+    async with redis.pipeline(transaction=True) as pipe:
+        pipe.incr(key)
+        pipe.expire(key, DAY_S, nx=True)
+        count, _ = await pipe.execute()
+    return int(count)

@@ -78,6 +78,7 @@ from web.throttle import (
     client_address,
     client_email_limit,
     client_limit,
+    count_today,
     device_limit,
     email_limit,
     release,
@@ -197,11 +198,7 @@ async def _tell_owner(request: web.Request, holder: UserRow) -> None:
     most `SIGNUP_NOTICES_PER_DAY` times a day, whoever keeps trying."""
     redis = request.app[redis_key]
     key = f"{SIGNUP_NOTICE_PREFIX}:{holder.email_key}"
-    async with redis.pipeline(transaction=True) as pipe:
-        pipe.incr(key)
-        pipe.expire(key, 86400, nx=True)
-        count, _ = await pipe.execute()
-    if int(count) > SIGNUP_NOTICES_PER_DAY:
+    if await count_today(redis, key) > SIGNUP_NOTICES_PER_DAY:
         return
     base = request.app[settings_key].base_url
     # Nothing the person signing up chose (the name) goes into this mail:

@@ -37,6 +37,7 @@ from web.routes.verification import prove_address
 from web.schemas.password_reset import ForgotRequest, ResetRequest, ResetRequested
 from web.throttle import (
     client_address,
+    count_today,
     lift,
     reserve,
     reserve_or_refuse,
@@ -101,11 +102,7 @@ async def _reset_if_known(app: web.Application, email_key: str) -> None:
 async def _under_daily_cap(app: web.Application, user: User) -> bool:
     redis = app[redis_key]
     key = f"{PASSWORD_RESETS_PREFIX}:{user.id}"
-    async with redis.pipeline(transaction=True) as pipe:
-        pipe.incr(key)
-        pipe.expire(key, 86400, nx=True)
-        count, _ = await pipe.execute()
-    return int(count) <= RESETS_PER_DAY
+    return await count_today(redis, key) <= RESETS_PER_DAY
 
 
 async def _send_reset(app: web.Application, user: User) -> None:

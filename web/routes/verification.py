@@ -42,6 +42,7 @@ from web.schemas.accounts import (
 from web.settings import WebSettings
 from web.throttle import (
     client_address,
+    count_today,
     reserve_or_refuse,
     signup_limit,
 )
@@ -170,11 +171,7 @@ async def resend_wait(request: web.Request, user: UserRow) -> int | None:
     daily = f"{RESEND_KEY_PREFIX}:day:{user.id}"
     if not await redis.set(key, b"1", nx=True, ex=settings.verify_resend_interval):
         return max(1, int(await redis.ttl(key)))
-    async with redis.pipeline(transaction=True) as pipe:
-        pipe.incr(daily)
-        pipe.expire(daily, 86400, nx=True)
-        sent_today, _ = await pipe.execute()
-    if int(sent_today) > settings.verify_resend_per_day:
+    if await count_today(redis, daily) > settings.verify_resend_per_day:
         return max(1, int(await redis.ttl(daily)))
     return None
 
