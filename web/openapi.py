@@ -100,6 +100,7 @@ class Endpoint:
     body_optional: bool = False
     # The keyword arguments the handler takes.
     takes: frozenset[str] = frozenset()
+    # Answers an error its own way (a page for a browser); None: the middleware.
     on_error: ErrorPage | None = None
     # Answers browsers (no `Accept: application/json`) with HTML pages.
     pages: bool = False
