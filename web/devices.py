@@ -66,7 +66,10 @@ def read_device(
         return None
     user_id, device_id, expires, mac = parts
     payload = f"{user_id}.{device_id}.{expires}"
-    if not hmac.compare_digest(mac, _mac(secret_key, email_key, payload)):
+    # As bytes: compare_digest refuses str with non-ASCII characters, which a
+    # forged cookie may well hold.
+    expected = _mac(secret_key, email_key, payload).encode()
+    if not hmac.compare_digest(mac.encode("utf-8", "surrogatepass"), expected):
         return None
     try:
         if int(expires) <= now:

@@ -391,6 +391,9 @@ def test_a_device_cookie_is_good_for_its_account_only_until_it_expires() -> None
     forged = value.replace(device.device_id, "stolen")
     assert read_device(forged, **good, now=now) is None
     assert read_device("junk", **good, now=now) is None
+    # A forged MAC with characters no MAC has is refused, not an error.
+    odd = value.rsplit(".", 1)[0] + ".\u00e9t\u00e9\udcff"
+    assert read_device(odd, **good, now=now) is None
 
 
 def test_an_ipv6_client_is_its_64() -> None:
