@@ -3,7 +3,7 @@
 `(word)` multiplies the weight of `word` by 1.1, `[word]` divides it by 1.1,
 `(word:1.3)` multiplies it by 1.3; brackets nest, and brackets left open at
 the end close there. `\\(`, `\\)`, `\\[`, `\\]` and `\\\\` are the literal
-characters. `BREAK` (a word in capitals) ends the current 75-piece window of
+characters. `BREAK` (a word in capitals) ends the current 75-token window of
 the text encoder. The rules and their corner cases are those of A1111's
 `modules/prompt_parser.py`, so prompts written for it mean the same here.
 
