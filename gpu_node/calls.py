@@ -72,6 +72,8 @@ class PipelineCall:
     mode: Mode = Mode.TXT2IMG
     # Share of `steps` run from the init image (1 for txt2img).
     strength: float = 1.0
+    # How prompts are read: "a1111" (emphasis and BREAK) or "plain".
+    prompt_syntax: str = "a1111"
 
     @property
     def image_count(self) -> int:
@@ -138,8 +140,8 @@ class Engine(Protocol):
     def run(self, call: PipelineCall, observer: StepObserver) -> dict[str, list[Image]]:
         """Run `call` (on the calling thread) and return each item's images."""
 
-    def count_tokens(self, text: str) -> int:
-        """Tokens `text` encodes to, start and end tokens included."""
+    def prompt_windows(self, text: str, syntax: str) -> int:
+        """Text encoder windows `text` takes, read with `syntax` (any thread)."""
 
     def memory_stats(self) -> dict[str, int]:
         """Device memory in bytes (allocated, reserved, peak, total); {} on CPU."""

@@ -63,8 +63,6 @@ async def deliver(
             model_hash=profile.model_hash,
             started_at=item.started_at,
             finished_at=utcnow(),
-            prompt_tokens_dropped=item.prompt_dropped,
-            negative_prompt_tokens_dropped=item.negative_dropped,
         )
         for item in items
     ]

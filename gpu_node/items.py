@@ -20,8 +20,9 @@ class PreparedItem:
     job: GenerationJob
     prompt: str
     negative_prompt: str
-    prompt_dropped: int = 0
-    negative_dropped: int = 0
+    # Text encoder windows of its longer prompt: only items of equal length
+    # share a pipeline call (padding would change their images).
+    windows: int = 1
     started_at: datetime | None = None
     images: list[Image] = field(default_factory=list)
     # Inputs fetched by hash and sized for the call (img2img / inpainting).

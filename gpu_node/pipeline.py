@@ -43,6 +43,7 @@ from gpu_node.calls import (
     PipelineCall,
     StepObserver,
 )
+from gpu_node.prompt_weights import Chunk, chunks_of, is_break
 from sdapi.contract.nodes import ModelLimits
 from sdapi.contract.payloads import Mode
 
@@ -108,6 +109,88 @@ PREVIEW_FACTORS: Mapping[str, tuple[list[list[float]], list[float]]] = {
 }
 
 
+# A1111's `comma_padding_backtrack`: a window that fills up within this many
+# tokens of a comma ends at the comma, so a phrase is not cut in two.
+COMMA_BACKTRACK = 20
+
+# One encoder window: token ids (start and end tokens included) and weights.
+TokenWindow = tuple[list[int], list[float]]
+
+
+def token_windows(tokenizer: Any, chunks: list[Chunk], size: int) -> list[TokenWindow]:
+    """`chunks` as A1111 feeds them to a text encoder: windows of `size` tokens.
+
+    Each window is [start, tokens, end, padding]; a BREAK or a full window
+    starts the next one. Never empty: "" is one window of padding.
+    """
+    bos, eos = int(tokenizer.bos_token_id), int(tokenizer.eos_token_id)
+    pad = eos if tokenizer.pad_token_id is None else int(tokenizer.pad_token_id)
+    comma = tokenizer.convert_tokens_to_ids(",</w>")
+    # Chunks are tokenized apart, as A1111 does; verbose=False: a long text is
+    # expected here, not worth the tokenizer's warning.
+    tokenized = tokenizer(
+        [text for text, _ in chunks],
+        add_special_tokens=False,
+        truncation=False,
+        verbose=False,
+    )["input_ids"]
+    windows: list[TokenWindow] = []
+    tokens: list[int] = []
+    weights: list[float] = []
+    last_comma = -1
+
+    def close() -> None:
+        nonlocal tokens, weights, last_comma
+        padding = size - len(tokens)
+        windows.append(
+            (
+                [bos, *tokens, eos, *[pad] * padding],
+                [1.0, *weights, *[1.0] * (padding + 1)],
+            )
+        )
+        tokens, weights, last_comma = [], [], -1
+
+    for chunk, ids in zip(chunks, tokenized, strict=True):
+        if is_break(chunk):
+            close()
+            continue
+        for token in ids:
+            if token == comma:
+                last_comma = len(tokens)
+            elif (
+                len(tokens) == size
+                and last_comma != -1
+                and len(tokens) - last_comma <= COMMA_BACKTRACK
+            ):
+                cut = last_comma + 1
+                moved = tokens[cut:], weights[cut:]
+                tokens, weights = tokens[:cut], weights[:cut]
+                close()
+                tokens, weights = list(moved[0]), list(moved[1])
+            if len(tokens) == size:
+                close()
+            tokens.append(int(token))
+            weights.append(chunk[1])
+    if tokens or not windows:
+        close()
+    return windows
+
+
+def emphasize(hidden: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """Token embeddings times their weights, each window's mean kept (A1111).
+
+    `hidden` is (windows, tokens, dim), `weights` (windows, tokens).
+    """
+    if bool((weights == 1).all()):
+        # Bit for bit what the pipeline's own encoding gives.
+        return hidden
+    values = hidden.float()
+    original = values.mean(dim=(1, 2), keepdim=True)
+    values = values * weights[:, :, None]
+    values = values * (original / values.mean(dim=(1, 2), keepdim=True))
+    return values.to(hidden.dtype)
+
+
 def quiet_libraries() -> None:
     """Turn off diffusers' and transformers' progress bars."""
     # Progress bars are multi-line noise in a service log; we log our own lines.
@@ -169,6 +252,8 @@ class DiffusersEngine:
         # tokenizer raises "Already borrowed" when two threads share it.
         self._count_tokenizer = count_tokenizer
         self._count_lock = threading.Lock()
+        # Tokens between the start and end tokens of one encoder window.
+        self._window = profile.token_window - 2
         # A dedicated inpainting checkpoint runs every mode as inpainting.
         self._inpaint_only = int(base.unet.config.in_channels) == INPAINT_UNET_CHANNELS
 
@@ -176,11 +261,11 @@ class DiffusersEngine:
     def profile(self) -> ModelProfile:
         return self._profile
 
-    def count_tokens(self, text: str) -> int:
-        """Tokens `text` encodes to, start and end tokens included."""
+    def prompt_windows(self, text: str, syntax: str) -> int:
+        """Text encoder windows `text` takes, read with `syntax`."""
+        chunks = chunks_of(text, syntax)
         with self._count_lock:
-            ids = self._count_tokenizer(text, truncation=False)["input_ids"]
-        return len(ids)
+            return len(token_windows(self._count_tokenizer, chunks, self._window))
 
     def memory_stats(self) -> dict[str, int]:
         """Device memory in bytes; {} on CPU."""
@@ -244,37 +329,94 @@ class DiffusersEngine:
         Image.fromarray(pixels, mode="RGB").save(buffer, format="JPEG", quality=70)
         return buffer.getvalue()
 
+    def _encoders(self, pipe: Any) -> list[tuple[Any, Any]]:
+        """(tokenizer, text encoder) pairs whose outputs the pipeline joins."""
+        pairs = [(pipe.tokenizer, pipe.text_encoder)]
+        if self._kind == "sdxl":
+            pairs.append((pipe.tokenizer_2, pipe.text_encoder_2))
+        return [(t, e) for t, e in pairs if t is not None and e is not None]
+
+    def _encode(
+        self, pipe: Any, texts: list[str], syntax: str
+    ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+        """Each text's embeddings, all padded to the longest's windows, and the
+        pooled embeddings of their first window (SDXL).
+
+        Windows past a text's own are the encoding of "", as A1111 pads.
+        """
+        chunks = {text: chunks_of(text, syntax) for text in dict.fromkeys(texts)}
+        # Per encoder: each text's windows, then the empty prompt's.
+        encoded: list[tuple[dict[str, list[torch.Tensor]], torch.Tensor]] = []
+        pooled: dict[str, torch.Tensor] = {}
+        for tokenizer, encoder in self._encoders(pipe):
+            per_text = {
+                text: token_windows(tokenizer, found, self._window)
+                for text, found in chunks.items()
+            }
+            rows = [w for found in per_text.values() for w in found]
+            rows += token_windows(tokenizer, [("", 1.0)], self._window)
+            ids = torch.tensor([w[0] for w in rows], device=self._device)
+            weights = torch.tensor(
+                [w[1] for w in rows], device=self._device, dtype=torch.float32
+            )
+            firsts: torch.Tensor | None = None
+            if self._kind == "sdxl":
+                # SDXL reads the penultimate layer, and the projected end token
+                # (of a text's first window) of the encoder that has one.
+                output = encoder(ids, output_hidden_states=True)
+                hidden = output.hidden_states[-2]
+                firsts = output[0] if output[0].ndim == 2 else None
+            else:
+                hidden = encoder(ids)[0]
+            hidden = emphasize(hidden.to(dtype=encoder.dtype), weights)
+            own: dict[str, list[torch.Tensor]] = {}
+            start = 0
+            for text, found in per_text.items():
+                own[text] = list(hidden[start : start + len(found)])
+                if firsts is not None:
+                    pooled[text] = firsts[start]
+                start += len(found)
+            encoded.append((own, hidden[-1]))
+        windows = max(len(w) for own, _ in encoded for w in own.values())
+        embeds = {
+            text: torch.cat(
+                [
+                    torch.cat(own[text] + [empty] * (windows - len(own[text])))
+                    for own, empty in encoded
+                ],
+                dim=-1,
+            )
+            for text in chunks
+        }
+        return embeds, pooled
+
     def _prompt_inputs(self, pipe: Any, call: PipelineCall) -> dict[str, Any]:
+        """Weighted, windowed embeddings of every image's prompts (A1111's way).
+
+        Every row is padded to the call's longest text: the runner puts only
+        items of equal length in one call, so each image is encoded as it
+        would be alone.
+        """
         prompts = [item.prompt for item in call.items for _ in item.seeds]
         negatives = [item.negative_prompt for item in call.items for _ in item.seeds]
-        zero_empty = (
-            self._kind == "sdxl"
-            and call.guidance_scale > 1
-            and bool(pipe.config.get("force_zeros_for_empty_prompt", False))
-            and not all(negatives)
-        )
-        if not zero_empty:
-            return {"prompt": prompts, "negative_prompt": negatives}
-        # SDXL uses a zero negative embedding when there is no negative prompt,
-        # but diffusers does so only when `negative_prompt` is None for the
-        # whole call. Encoding here and zeroing the rows without one gives each
-        # image what it gets alone, whatever else shares its call.
-        embeds, negative, pooled, negative_pooled = pipe.encode_prompt(
-            prompt=prompts,
-            device=self._device,
-            num_images_per_prompt=1,
-            do_classifier_free_guidance=True,
-            negative_prompt=negatives,
-        )
-        empty = torch.tensor([not text for text in negatives], device=self._device)
-        return {
-            "prompt_embeds": embeds,
-            "pooled_prompt_embeds": pooled,
-            "negative_prompt_embeds": negative.masked_fill(empty[:, None, None], 0),
-            "negative_pooled_prompt_embeds": negative_pooled.masked_fill(
-                empty[:, None], 0
-            ),
+        embeds, pooled = self._encode(pipe, prompts + negatives, call.prompt_syntax)
+        inputs: dict[str, Any] = {
+            "prompt_embeds": torch.stack([embeds[text] for text in prompts]),
+            "negative_prompt_embeds": torch.stack([embeds[text] for text in negatives]),
         }
+        if self._kind != "sdxl":
+            return inputs
+        negative_pooled = torch.stack([pooled[text] for text in negatives])
+        if bool(pipe.config.get("force_zeros_for_empty_prompt", False)):
+            # SDXL's own reading of "no negative prompt": zero embeddings.
+            empty = torch.tensor([not text for text in negatives], device=self._device)
+            inputs["negative_prompt_embeds"] = inputs[
+                "negative_prompt_embeds"
+            ].masked_fill(empty[:, None, None], 0)
+            negative_pooled = negative_pooled.masked_fill(empty[:, None], 0)
+        inputs["pooled_prompt_embeds"] = torch.stack([pooled[t] for t in prompts])
+        inputs["negative_pooled_prompt_embeds"] = negative_pooled
+        return inputs
 
     def _plan(self, call: PipelineCall) -> tuple[Mode, float]:
         """The pipeline mode and strength that make what `call` asks for."""

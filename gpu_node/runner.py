@@ -54,27 +54,36 @@ async def run_calls(
     """Run `todo` (compatible generations) and set each one's outcome."""
     params = todo[0].job.params
     by_key = {item.key: item for item in todo}
-    call = PipelineCall(
-        width=params.width,
-        height=params.height,
-        steps=params.steps,
-        guidance_scale=params.guidance_scale,
-        scheduler=params.scheduler,
-        items=tuple(
-            CallItem(
-                item.key,
-                item.prompt,
-                item.negative_prompt,
-                tuple(item.job.params.image_seeds()),
-                init_image=item.init_image,
-                mask=item.mask,
-            )
-            for item in todo
-        ),
-        mode=params.mode,
-        strength=params.effective_strength,
-    )
-    calls = call.split(resources.info.max_batch)
+    # Items whose prompts take as many encoder windows as each other share a
+    # call: each image's embeddings are then what it gets alone.
+    by_windows: dict[int, list[PreparedItem]] = {}
+    for item in todo:
+        by_windows.setdefault(item.windows, []).append(item)
+    calls = [
+        piece
+        for group in by_windows.values()
+        for piece in PipelineCall(
+            width=params.width,
+            height=params.height,
+            steps=params.steps,
+            guidance_scale=params.guidance_scale,
+            scheduler=params.scheduler,
+            items=tuple(
+                CallItem(
+                    item.key,
+                    item.prompt,
+                    item.negative_prompt,
+                    tuple(item.job.params.image_seeds()),
+                    init_image=item.init_image,
+                    mask=item.mask,
+                )
+                for item in group
+            ),
+            mode=params.mode,
+            strength=params.effective_strength,
+            prompt_syntax=params.prompt_syntax,
+        ).split(resources.info.max_batch)
+    ]
     progress = {
         item.key: ItemProgress(
             item.job.params.denoising_steps, _calls_with(calls, item.key)

@@ -203,15 +203,13 @@ class NodeTasks:
         elif not await self._fetch_inputs(item):
             pass
         else:
-            window = profile.token_window
-            prompt_tokens, negative_tokens = await asyncio.to_thread(
-                lambda: (
-                    engine.count_tokens(item.prompt),
-                    engine.count_tokens(item.negative_prompt),
+            syntax = params.prompt_syntax
+            item.windows = await asyncio.to_thread(
+                lambda: max(
+                    engine.prompt_windows(item.prompt, syntax),
+                    engine.prompt_windows(item.negative_prompt, syntax),
                 )
             )
-            item.prompt_dropped = max(0, prompt_tokens - window)
-            item.negative_dropped = max(0, negative_tokens - window)
         return item
 
     async def _fetch_inputs(self, item: PreparedItem) -> bool:

@@ -90,23 +90,6 @@ async def mark_started(ctx: dict[str, Any], payload: dict[str, Any]) -> str:
     return "running" if updated else "unchanged"
 
 
-def _warnings(result: GenerationResult) -> list[dict[str, str]]:
-    notes = []
-    for dropped, which in (
-        (result.prompt_tokens_dropped, "prompt"),
-        (result.negative_prompt_tokens_dropped, "negative prompt"),
-    ):
-        if dropped:
-            notes.append(
-                {
-                    "code": "prompt_truncated",
-                    "message": f"The {which} is longer than the model's text window; "
-                    f"its last {dropped} tokens were ignored.",
-                }
-            )
-    return notes
-
-
 async def _load_pngs(redis: Redis, result: GenerationResult) -> list[bytes] | None:
     """The result's PNGs from Redis, checked against their hashes; None if lost."""
     if not result.images:
@@ -246,7 +229,6 @@ async def _persist(
     generation.started_at = generation.started_at or result.started_at or now
     generation.finished_at = result.finished_at
     generation.deadline = None
-    generation.warnings = _warnings(result)
     if result.error is not None:
         generation.error_code = result.error.code
         generation.error_message = result.error.message
@@ -256,7 +238,6 @@ async def _persist(
             "started_at",
             "finished_at",
             "deadline",
-            "warnings",
             "error_code",
             "error_message",
         ]

@@ -178,6 +178,7 @@ def resolve_request(
         seed=body.seed if body.seed is not None else secrets.randbelow(2**32),
         num_images=body.num_images,
         scheduler=scheduler,
+        prompt_syntax=body.prompt_syntax,
         delivery=delivery,
         init_image_sha256=init.sha256 if init is not None else None,
         mask_sha256=mask.sha256 if (mask := inputs.get(InputRole.MASK)) else None,

@@ -34,7 +34,7 @@ SIZE_MAX = 4096
 
 # What generations must share to run in one pipeline call (and one batch):
 # `mode` and `strength` too, as img2img and inpainting are other pipelines and
-# strength sets how many steps a call runs.
+# strength sets how many steps a call runs; and how prompts are read.
 BATCH_KEY_FIELDS = (
     "width",
     "height",
@@ -43,6 +43,7 @@ BATCH_KEY_FIELDS = (
     "scheduler",
     "mode",
     "strength",
+    "prompt_syntax",
 )
 SHA256_PATTERN = r"^[0-9a-f]{64}$"
 # Strength when a request gives none: diffusers' own defaults for img2img and
@@ -83,6 +84,8 @@ class GenerationParams(BaseModel):
     mask_sha256: str | None = Field(default=None, pattern=SHA256_PATTERN)
     # Only with an init image: the share of `steps` that denoises it (0..1).
     strength: float | None = Field(default=None, ge=0, le=1, allow_inf_nan=False)
+    # "a1111": AUTOMATIC1111's emphasis syntax and BREAK; "plain": literal text.
+    prompt_syntax: Literal["a1111", "plain"] = "a1111"
 
     @model_validator(mode="after")
     def _inputs_consistent(self) -> GenerationParams:
@@ -170,8 +173,8 @@ class BatchJob(BaseModel):
         keys = {item.params.batch_key() for item in self.items}
         if len(keys) != 1:
             raise ValueError(
-                "batch items differ in mode, size, steps, strength, guidance "
-                "or scheduler"
+                "batch items differ in mode, size, steps, strength, guidance, "
+                "scheduler or prompt syntax"
             )
         if any(item.model != self.model for item in self.items):
             raise ValueError("batch items must all use the batch's model")
@@ -250,9 +253,6 @@ class GenerationResult(BaseModel):
     model_hash: str = ""
     started_at: datetime | None = None
     finished_at: datetime
-    # Tokens beyond the text encoder's window, reported rather than silently cut.
-    prompt_tokens_dropped: int = 0
-    negative_prompt_tokens_dropped: int = 0
 
     @model_validator(mode="after")
     def _consistent(self) -> GenerationResult:

@@ -166,7 +166,7 @@ class Generation(Model):
     attempts = fields.IntField(default=0)
     error_code = fields.CharField(max_length=64, null=True)
     error_message = fields.TextField(null=True)
-    # Notices for the user, e.g. prompt tokens beyond the encoder's window.
+    # Notices for the user about the finished generation (Notice).
     warnings: Any = fields.JSONField(default=list)
     emailed_at = fields.DatetimeField(null=True)
 

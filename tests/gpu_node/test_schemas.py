@@ -13,6 +13,7 @@ from sdapi.contract.payloads import (
     IMAGES_MAX,
     PROMPT_MAX_CHARS,
     STEPS_MAX,
+    BatchJob,
     GenerationJob,
     GenerationResult,
 )
@@ -63,3 +64,11 @@ def test_unknown_fields_from_a_newer_producer_are_ignored() -> None:
         '{"type": "progress", "step": 1, "total": 2, "eta_s": 3}'
     )
     assert event == ProgressEvent(step=1, total=2)
+
+
+def test_prompt_syntax_is_part_of_the_batch_key() -> None:
+    a1111, plain = job(), job(prompt_syntax="plain")
+    assert a1111.params.prompt_syntax == "a1111"
+    assert a1111.params.batch_key() != plain.params.batch_key()
+    with pytest.raises(ValidationError, match="prompt syntax"):
+        BatchJob(batch_id=uuid.uuid4(), model="tiny", items=[a1111, plain])

@@ -63,6 +63,19 @@ async def test_premium_submit_is_queued_with_the_generation_id_as_job_id(
     assert [event.type for _, event in events] == ["queued"]
 
 
+async def test_prompt_syntax_defaults_to_a1111_and_reaches_the_node(
+    client: TestClient, node: NodeDouble
+) -> None:
+    _, secret = await make_user()
+    default = await submit(client, secret, SMALL)
+    plain = await submit(client, secret, {**SMALL, "prompt_syntax": "plain"})
+    assert default["request"]["prompt_syntax"] == "a1111"
+    assert plain["request"]["prompt_syntax"] == "plain"
+    jobs = {str(j.generation_id): j for j in [await node.claim(), await node.claim()]}
+    assert jobs[default["id"]].params.prompt_syntax == "a1111"
+    assert jobs[plain["id"]].params.prompt_syntax == "plain"
+
+
 async def test_size_defaults_to_512_and_steps_to_the_models(
     client: TestClient, node: NodeDouble
 ) -> None:
@@ -375,6 +388,7 @@ BAD_REQUESTS = [
     ({"num_images": 100}, "num_images"),
     ({"model": "no-such-model"}, "model"),
     ({"scheduler": "no-such-scheduler"}, "scheduler"),
+    ({"prompt_syntax": "compel"}, "prompt_syntax"),
     ({"prompt": ""}, "prompt"),
     ({"prompt": "   "}, "prompt"),
     ({"prompt": "x" * 100_000}, "prompt"),

@@ -73,6 +73,12 @@ class GenerationRequest(RequestModel):
     seed: int | None = Field(default=None, ge=0, le=SEED_MAX)
     num_images: int = Field(default=1, ge=1)
     scheduler: str | None = Field(default=None, max_length=32)
+    prompt_syntax: Literal["a1111", "plain"] = Field(
+        default="a1111",
+        description="a1111: AUTOMATIC1111's emphasis syntax, (word:1.3), "
+        "(word) = x1.1, [word] = /1.1, \\( for a literal parenthesis, BREAK "
+        "to start a new 75-token chunk; plain: the prompt taken literally.",
+    )
     delivery: Literal["download", "email"] | None = Field(
         default=None,
         description="How the images reach you; premium defaults to download, "
@@ -127,6 +133,8 @@ class ResolvedRequest(BaseModel):
     seed: int
     num_images: int
     scheduler: str
+    # Absent from requests stored before it existed: those read as "a1111".
+    prompt_syntax: Literal["a1111", "plain"] = "a1111"
     delivery: Literal["download", "email"]
     # The inputs as stored (cleaned PNGs), by SHA-256; the images themselves
     # are never served back.
@@ -154,7 +162,7 @@ class ErrorRef(BaseModel):
 
 
 class Notice(BaseModel):
-    """Something the user should know, e.g. a prompt beyond the text window."""
+    """Something the user should know about a finished generation."""
 
     code: str
     message: str
