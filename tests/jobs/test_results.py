@@ -314,13 +314,32 @@ async def terminate_backends(database_url: str, *, pid: int | None = None) -> in
     """
     admin = await asyncpg.connect(**asyncpg_params(database_url))
     try:
-        killed: int = await admin.fetchval(
-            "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity "
-            "WHERE datname = current_database() AND pid <> pg_backend_pid() "
-            "AND ($1::int IS NULL OR pid = $1::int)",
-            pid,
-        )
-        return killed
+        pids: list[int] = [
+            row["pid"]
+            for row in await admin.fetch(
+                "SELECT pid FROM pg_stat_activity "
+                "WHERE datname = current_database() AND pid <> pg_backend_pid() "
+                "AND ($1::int IS NULL OR pid = $1::int)",
+                pid,
+            )
+        ]
+        for victim in pids:
+            await admin.fetchval("SELECT pg_terminate_backend($1)", victim)
+
+        async def gone() -> bool:
+            # pg_terminate_backend only signals: the sessions end, and their
+            # clients read the news, a moment later. Waiting on the server
+            # also lets this loop run, so the pool's connections see it idle,
+            # which is the case under test (not a query racing the kill).
+            left = await admin.fetchval(
+                "SELECT count(*) FROM pg_stat_activity WHERE pid = ANY($1::int[])",
+                pids,
+            )
+            return int(left) == 0
+
+        if pid is None:
+            await until(gone, timeout=10, what="the terminated sessions to end")
+        return len(pids)
     finally:
         await admin.close()
 
