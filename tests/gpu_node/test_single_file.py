@@ -270,3 +270,52 @@ def test_a_real_size_sd15_file_is_detected_and_loads(
     assert engine.profile.model == "sd15-random"
     assert engine.profile.limits.default_width == 512
     assert engine._base.unet.config.cross_attention_dim == 768
+
+
+@pytest.mark.slow
+async def test_a_gpu_node_serves_a_single_file_under_its_stem(
+    tiny_file: Path, models_dir: Path, clean_redis: str, tmp_path: Path
+) -> None:
+    import os
+    import subprocess
+    import sys
+
+    import redis.asyncio
+
+    from sdapi.contract.names import node_key
+    from sdapi.contract.status import Status
+    from sdapi.infra.queue import enqueue_generation
+    from tests.gpu_node.support import job, result_of
+    from tests.support import until
+
+    env = {
+        **os.environ,
+        "SDAPI_MODEL": str(tiny_file),
+        "SDAPI_MODEL_DIR": str(models_dir),
+        "SDAPI_REDIS_URL": clean_redis,
+        "SDAPI_NODE_ID": "file-node",
+        "SDAPI_GPU_DEVICE": "cpu",
+        "SDAPI_GPU_HEALTH_PORT": "0",
+        "SDAPI_CONSUL_URL": "",
+    }
+    log_path = tmp_path / "node.log"
+    client = redis.asyncio.Redis.from_url(clean_redis)
+    with log_path.open("w") as log_file:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "sdapi", "gpu-node"],
+            env=env,
+            cwd=Path(__file__).resolve().parents[2],
+            stdout=log_file,
+            stderr=subprocess.STDOUT,
+        )
+    try:
+        await until(lambda: client.exists(node_key("file-node")), 120)
+        request = job(model="tiny-ldm")
+        await enqueue_generation(client, request)
+        result = await result_of(client, request.generation_id, timeout=60)
+        assert result.status is Status.SUCCEEDED and len(result.images) == 1
+    finally:
+        process.terminate()
+        process.wait(60)
+        await client.aclose()
+    assert "gpu node file-node: model tiny-ldm" in log_path.read_text()
