@@ -6,6 +6,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+import redis.asyncio
 import torch
 from safetensors.torch import load_file
 
@@ -274,13 +275,15 @@ def test_a_real_size_sd15_file_is_detected_and_loads(
 
 @pytest.mark.slow
 async def test_a_gpu_node_serves_a_single_file_under_its_stem(
-    tiny_file: Path, models_dir: Path, clean_redis: str, tmp_path: Path
+    tiny_file: Path,
+    models_dir: Path,
+    clean_redis: str,
+    tmp_path: Path,
+    client: redis.asyncio.Redis,
 ) -> None:
     import os
     import subprocess
     import sys
-
-    import redis.asyncio
 
     from sdapi.contract.names import node_key
     from sdapi.contract.status import Status
@@ -299,7 +302,6 @@ async def test_a_gpu_node_serves_a_single_file_under_its_stem(
         "SDAPI_CONSUL_URL": "",
     }
     log_path = tmp_path / "node.log"
-    client = redis.asyncio.Redis.from_url(clean_redis)
     with log_path.open("w") as log_file:
         process = subprocess.Popen(
             [sys.executable, "-m", "sdapi", "gpu-node"],
@@ -317,5 +319,4 @@ async def test_a_gpu_node_serves_a_single_file_under_its_stem(
     finally:
         process.terminate()
         process.wait(60)
-        await client.aclose()
     assert "gpu node file-node: model tiny-ldm" in log_path.read_text()
