@@ -35,7 +35,7 @@ from diffusers import (
 from diffusers.models.attention_processor import AttnProcessor2_0
 from PIL import Image
 
-from gpu_node import weights
+from gpu_node import checkpoints, single_file, weights
 from gpu_node.calls import (
     ModelError,
     ModelProfile,
@@ -231,6 +231,16 @@ def _pipeline_class(folder: Path) -> tuple[Any, str]:
             f"model in {folder} is a {name or 'unknown pipeline'}; this node serves "
             + ", ".join(PIPELINES)
         )
+    return PIPELINES[name]
+
+
+def _single_file_class(arch: checkpoints.Architecture) -> tuple[Any, str]:
+    name = {
+        ("sd", False): "StableDiffusionPipeline",
+        ("sd", True): "StableDiffusionInpaintPipeline",
+        ("sdxl", False): "StableDiffusionXLPipeline",
+        ("sdxl", True): "StableDiffusionXLInpaintPipeline",
+    }[(arch.pipeline, arch.inpaint)]
     return PIPELINES[name]
 
 
@@ -550,10 +560,11 @@ def load_engine(
     default_scheduler: str | None = None,
     on_phase: Callable[[str], None] | None = None,
 ) -> DiffusersEngine:
-    """Load a folder readied by `weights.prepare_model` (blocking: call in a thread)."""
+    """Load a model readied by `weights.prepare_model` (blocking: call in a thread)."""
     quiet_libraries()
     folder = location.path
-    cls, kind = _pipeline_class(folder)
+    arch = checkpoints.architecture(folder) if location.source == "file" else None
+    cls, kind = _single_file_class(arch) if arch else _pipeline_class(folder)
     target = _pick_device(device)
     if target.type == "cuda":
         # SDXL's VAE overflows in float16; bfloat16 keeps its range, where the
@@ -572,24 +583,37 @@ def load_engine(
         on_phase("loading pipeline")
     # No safety checker (see weights.SKIPPED_COMPONENTS): it is not downloaded,
     # and one in a local folder is not loaded.
+    base: Any
     extra: dict[str, Any] = (
         {"safety_checker": None, "requires_safety_checker": False}
         if kind == "sd"
         else {}
     )
-    try:
-        base: Any = cls.from_pretrained(
-            str(folder),
-            dtype=dtype,
-            use_safetensors=True,
-            local_files_only=True,
-            **extra,
+    if arch:
+        base, count_tokenizer = single_file.load(
+            folder, arch, cls, dtype=dtype, extra=extra
         )
-    except (OSError, ValueError) as exc:
-        text = " ".join(str(exc).split())[:300]
-        raise ModelError(
-            f"cannot load model {location.model_id} from {folder}: {text}"
-        ) from None
+        log.info("loaded %s as %s (%s)", folder, arch.kind, arch.source)
+    else:
+        try:
+            base = cls.from_pretrained(
+                str(folder),
+                dtype=dtype,
+                use_safetensors=True,
+                local_files_only=True,
+                **extra,
+            )
+        except (OSError, ValueError) as exc:
+            text = " ".join(str(exc).split())[:300]
+            raise ModelError(
+                f"cannot load model {location.model_id} from {folder}: {text}"
+            ) from None
+        # Counting must see past the window without the "longer than the
+        # maximum sequence length" warning: the window is enforced (and
+        # reported) elsewhere.
+        count_tokenizer = type(base.tokenizer).from_pretrained(
+            str(folder / "tokenizer"), model_max_length=1_000_000
+        )
     base.to(target)
     if target.type == "cuda":
         # PyTorch's scaled_dot_product_attention (flash / memory-efficient
@@ -600,11 +624,6 @@ def load_engine(
     # size are what runs out of memory first on large batches.
     base.vae.enable_slicing()
     base.set_progress_bar_config(disable=True)
-    # Counting must see past the window without the "longer than the maximum
-    # sequence length" warning: the window is enforced (and reported) elsewhere.
-    count_tokenizer = type(base.tokenizer).from_pretrained(
-        str(folder / "tokenizer"), model_max_length=1_000_000
-    )
     vae_scale = 2 ** (len(base.vae.config.block_out_channels) - 1)
     native = int(base.unet.config.sample_size) * vae_scale
     limit = max_size or min(2 * native, 2048)

@@ -8,12 +8,8 @@ serve a real pipeline in a few megabytes. It imports torch like
 
 from __future__ import annotations
 
-import gzip
-import json
 import os
 from collections.abc import Mapping
-from importlib import resources
-from importlib.resources.abc import Traversable
 from pathlib import Path
 from typing import Any
 
@@ -28,16 +24,16 @@ from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
 from gpu_node import weights
 from gpu_node.pipeline import quiet_libraries
+from gpu_node.vocabulary import (  # noqa: F401 (the tiny model's vocabulary API)
+    CLIP_MERGES,
+    clip_vocabulary_file,
+    write_clip_vocabulary,
+)
 
 # The tiny model's weights come from this seed, so every machine makes the
 # same model (and the same images for the same request).
 TINY_SEED = 20240601
 TINY_NATIVE_SIZE = 256
-CLIP_VOCAB_FILE = "bpe_simple_vocab_16e6.txt.gz"
-# The real CLIP vocabulary: 256 bytes, 256 end-of-word bytes, 48,894 merges and
-# the two special tokens.
-CLIP_MERGES = 49152 - 256 - 2
-
 # Stable Diffusion 1.x's noise schedule, as its released scheduler config has
 # it; the tiny model (and the random-weight models of tests and benchmarks)
 # use it so their timesteps match a real checkpoint's.
@@ -53,47 +49,6 @@ SCHEDULER_CONFIG: Mapping[str, Any] = {
     "skip_prk_steps": True,
     "set_alpha_to_one": False,
 }
-
-
-def _bytes_to_unicode() -> dict[int, str]:
-    # GPT-2/CLIP byte-level BPE: every byte gets a printable stand-in character.
-    printable = [
-        *range(ord("!"), ord("~") + 1),
-        *range(ord("¡"), ord("¬") + 1),
-        *range(ord("®"), ord("ÿ") + 1),
-    ]
-    chars = list(printable)
-    extra = 0
-    for byte in range(256):
-        if byte not in printable:
-            printable.append(byte)
-            chars.append(256 + extra)
-            extra += 1
-    return {byte: chr(char) for byte, char in zip(printable, chars, strict=True)}
-
-
-def clip_vocabulary_file() -> Traversable:
-    """The CLIP BPE merges file this package ships (OpenAI CLIP, MIT licence)."""
-    return resources.files("gpu_node") / "data" / CLIP_VOCAB_FILE
-
-
-def write_clip_vocabulary(folder: Path) -> int:
-    """Write vocab.json and merges.txt of CLIP's tokenizer; return the vocab size."""
-    base = list(_bytes_to_unicode().values())
-    # The first line of the file is a version header, not a merge.
-    lines = gzip.decompress(clip_vocabulary_file().read_bytes()).decode("utf-8")
-    merges = lines.split("\n")[1 : CLIP_MERGES + 1]
-    vocab = [*base, *(token + "</w>" for token in base)]
-    vocab += ["".join(merge.split()) for merge in merges]
-    vocab += ["<|startoftext|>", "<|endoftext|>"]
-    folder.mkdir(parents=True, exist_ok=True)
-    (folder / "vocab.json").write_text(
-        json.dumps(
-            {token: index for index, token in enumerate(vocab)}, ensure_ascii=False
-        )
-    )
-    (folder / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n")
-    return len(vocab)
 
 
 def build_tiny_model(folder: Path) -> None:

@@ -1,7 +1,8 @@
-"""Model weights on a node: local folders, Hugging Face downloads, the tiny model.
+"""Model weights on a node: local folders, single files, hub downloads, tiny.
 
-Torch-free: it finds, fetches and checks model folders; `gpu_node.pipeline`
-builds the tiny model and loads folders. Only safetensors weights are used.
+Torch-free: it finds, fetches and checks model folders and single-file
+checkpoints; `gpu_node.pipeline` builds the tiny model and loads them. Only
+safetensors weights are used.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
+from gpu_node import checkpoints
 from gpu_node.calls import ModelError
 
 log = logging.getLogger(__name__)
@@ -47,27 +49,34 @@ HUB_IGNORE_PATTERNS = (
 
 @dataclass(frozen=True)
 class ModelLocation:
-    """Where a model's diffusers folder is (or will be), and what it is called."""
+    """Where a model's folder or single file is (or will be), and its name."""
 
     model_id: str
     path: Path
-    source: Literal["tiny", "local", "hub"]
+    source: Literal["tiny", "local", "hub", "file"]
     repo_id: str = ""
 
 
 def locate_model(spec: str, models_dir: Path, name: str | None = None) -> ModelLocation:
-    """Resolve SDAPI_MODEL to a folder; nothing is created or fetched yet."""
+    """Resolve SDAPI_MODEL to a folder or file; nothing is created or fetched yet.
+
+    A single file is named by its stem (`dreamshaper_8.safetensors` serves as
+    `dreamshaper_8`) unless `name` is given.
+    """
     if spec == TINY_MODEL:
         return ModelLocation(name or TINY_MODEL, models_dir / TINY_MODEL, "tiny")
     path = Path(spec).expanduser()
     if path.is_dir():
         return ModelLocation(name or path.resolve().name, path.resolve(), "local")
+    if path.is_file():
+        checkpoints.check_suffix(path)
+        return ModelLocation(name or path.stem, path.resolve(), "file")
     if not _REPO_ID.match(spec):
         if spec.startswith((".", "/", "~")) or os.sep in spec:
-            raise ModelError(f"model folder {path} does not exist (SDAPI_MODEL={spec})")
+            raise ModelError(f"model {path} does not exist (SDAPI_MODEL={spec})")
         raise ModelError(
-            f"SDAPI_MODEL={spec!r} is neither `tiny`, an existing folder nor a "
-            "Hugging Face repo id (owner/name)"
+            f"SDAPI_MODEL={spec!r} is neither `tiny`, an existing folder or "
+            ".safetensors file nor a Hugging Face repo id (owner/name)"
         )
     return ModelLocation(
         name or spec, models_dir / spec.replace("/", "--"), "hub", spec
@@ -139,13 +148,22 @@ def check_weights(folder: Path) -> None:
 
 
 def weights_hash(folder: Path) -> str:
-    """SHA-256 over the folder's safetensors files (names and bytes), cached."""
-    files = sorted(folder.glob("**/*.safetensors"))
-    stamp = [
-        [str(p.relative_to(folder)), p.stat().st_size, p.stat().st_mtime_ns]
-        for p in files
-    ]
-    cache = folder / HASH_CACHE
+    """SHA-256 over the folder's safetensors files (names and bytes), cached.
+
+    For a single file, the SHA-256 of the file (A1111's full hash), cached in
+    a hidden file beside it.
+    """
+    if folder.is_file():
+        files = [folder]
+        stamp = [[folder.name, folder.stat().st_size, folder.stat().st_mtime_ns]]
+        cache = folder.with_name(f".{folder.name}{HASH_CACHE}")
+    else:
+        files = sorted(folder.glob("**/*.safetensors"))
+        stamp = [
+            [str(p.relative_to(folder)), p.stat().st_size, p.stat().st_mtime_ns]
+            for p in files
+        ]
+        cache = folder / HASH_CACHE
     with contextlib.suppress(OSError, ValueError, KeyError):
         cached = json.loads(cache.read_text())
         if cached["files"] == stamp:
@@ -156,6 +174,9 @@ def weights_hash(folder: Path) -> str:
         with path.open("rb") as handle:
             for block in iter(lambda: handle.read(1 << 20), b""):
                 digest.update(block)
+        if path == folder:
+            total = digest
+            break
         total.update(f"{path.relative_to(folder)}\0{digest.hexdigest()}\n".encode())
     value = total.hexdigest()
     # A read-only model folder is fine: the hash is then recomputed each start.
@@ -256,4 +277,9 @@ def prepare_model(location: ModelLocation, build_tiny: Callable[[Path], None]) -
             log.info("built the tiny model in %s", location.path)
     elif location.source == "hub":
         download_model(location)
+    elif location.source == "file":
+        # Read the header now: a wrong file fails before torch is loaded.
+        arch = checkpoints.architecture(location.path)
+        log.info("%s is a %s checkpoint (%s)", location.path, arch.kind, arch.source)
+        return
     check_weights(location.path)

@@ -82,6 +82,8 @@ def test_the_wheel_holds_every_file_of_the_packages(wheel: Path) -> None:
     assert "sdapi/db/templates/email/generation_ready.txt" in names
     assert "gpu_node/data/bpe_simple_vocab_16e6.txt.gz" in names
     assert "gpu_node/data/CLIP-LICENSE.txt" in names
+    assert "gpu_node/data/checkpoints/sd_xl_base.yaml" in names
+    assert "gpu_node/data/checkpoints/sd2/text_encoder/config.json" in names
 
 
 # --- a clean install running `sdapi dev` ------------------------------------------
