@@ -19,23 +19,32 @@ from sdapi.infra.consul import consul_client, consul_errors
 log = logging.getLogger(__name__)
 
 
-def service_id(node_id: str) -> str:
-    """Consul service id of a node."""
-    return f"{GPU_SERVICE}-{node_id}"
+def service_id(node_id: str, index: int = 0) -> str:
+    """Consul service id of a node's `index`th model (0: its first)."""
+    return f"{GPU_SERVICE}-{node_id}" + (f"-{index}" if index else "")
 
 
-def check_id(node_id: str) -> str:
-    """The id Consul gives the single check of a node's service."""
-    return f"service:{service_id(node_id)}"
+def check_id(node_id: str, index: int = 0) -> str:
+    """The id Consul gives the single check of a node's model's service."""
+    return f"service:{service_id(node_id, index)}"
+
+
+def announcement_id(node_id: str, index: int) -> str:
+    """The Redis announcement id of a node's `index`th model (0: its first)."""
+    return f"{node_id}+{index}" if index else node_id
 
 
 class Announcer:
-    """Keeps the node's Redis key and Consul TTL check fresh while it is healthy."""
+    """Keeps the node's Redis keys and Consul TTL checks fresh while it is healthy.
+
+    A node announces each model it serves on its own (a Redis key, a Consul
+    service), so every reader sees one entry per node and model.
+    """
 
     def __init__(
         self,
         redis_client: Redis,
-        info: NodeInfo,
+        infos: Callable[[], list[NodeInfo]],
         *,
         every_s: float,
         consul_url: str | None,
@@ -46,7 +55,12 @@ class Announcer:
         health: Callable[[], tuple[bool, str]],
     ) -> None:
         self._redis = redis_client
-        self.info = info
+        self._infos = infos
+        self._node_id = infos()[0].node_id
+        # What each Consul service was registered with; a change (a model
+        # loaded or unloaded) registers it again.
+        self._metas: dict[int, dict[str, str]] = {}
+        self._count = 0
         self._every_s = every_s
         # Long enough that a node refreshing every `every_s` never flaps out.
         self._redis_ttl_s = announcement_ttl_s(every_s)
@@ -57,7 +71,6 @@ class Announcer:
         self._port = port
         self._health = health
         self._consul: Any = None
-        self._registered = False
         self._withdrawn = False
         self._task: asyncio.Task[None] | None = None
         self.redis_ok = False
@@ -75,78 +88,98 @@ class Announcer:
             await self.announce()
 
     async def announce(self) -> None:
-        """Refresh the Redis key and the Consul check once."""
+        """Refresh the Redis keys and the Consul checks once."""
         if self._withdrawn:
             return
+        infos = self._infos()
+        self._count = max(self._count, len(infos))
         try:
-            await announce_node(self._redis, self.info, self._redis_ttl_s)
+            for index, info in enumerate(infos):
+                await announce_node(
+                    self._redis,
+                    info,
+                    self._redis_ttl_s,
+                    announcement_id=announcement_id(info.node_id, index),
+                )
             self.redis_ok = True
         except (RedisError, OSError) as exc:
             self.redis_ok = False
             log.warning("cannot announce the node in Redis: %s", exc)
         if self._consul is not None:
-            await self._refresh_consul()
+            await self._refresh_consul(infos)
 
-    async def _register(self) -> None:
-        sid = service_id(self.info.node_id)
+    async def _register(self, index: int, info: NodeInfo) -> None:
+        sid = service_id(info.node_id, index)
         check = {
             "Name": f"{GPU_SERVICE} worker alive",
             "TTL": f"{self._ttl_s}s",
             "DeregisterCriticalServiceAfter": f"{self._deregister_after_s}s",
             "Notes": "passed by the node while its worker runs",
         }
+        meta = info.to_meta()
         await self._consul.agent.service.register(
             GPU_SERVICE,
             service_id=sid,
             address=self._address,
             port=self._port,
-            tags=[f"model:{self.info.model}"],
-            meta=self.info.to_meta(),
+            tags=[f"model:{info.model}"],
+            meta=meta,
             check=check,
         )
-        self._registered = True
-        log.info("registered %s in Consul (check %s)", sid, check_id(self.info.node_id))
+        if index not in self._metas:
+            log.info(
+                "registered %s in Consul (check %s)",
+                sid,
+                check_id(info.node_id, index),
+            )
+        self._metas[index] = meta
 
-    async def _refresh_consul(self) -> None:
+    async def _refresh_consul(self, infos: list[NodeInfo]) -> None:
         healthy, note = self._health()
         healthy = healthy and self.redis_ok
-        cid = check_id(self.info.node_id)
         try:
-            if not self._registered:
-                await self._register()
-            if healthy:
-                known = await self._consul.agent.check.ttl_pass(cid, notes=note or None)
-            else:
-                known = await self._consul.agent.check.ttl_fail(
-                    cid, notes=note or "unhealthy"
-                )
-            if not known:
-                # The agent forgot us (restarted): register again next time.
-                self._registered = False
+            for index, info in enumerate(infos):
+                cid = check_id(info.node_id, index)
+                if self._metas.get(index) != info.to_meta():
+                    await self._register(index, info)
+                if healthy:
+                    known = await self._consul.agent.check.ttl_pass(
+                        cid, notes=note or None
+                    )
+                else:
+                    known = await self._consul.agent.check.ttl_fail(
+                        cid, notes=note or "unhealthy"
+                    )
+                if not known:
+                    # The agent forgot us (restarted): register again next time.
+                    self._metas.pop(index, None)
         except consul_errors() as exc:
             log.warning("cannot reach Consul at %s: %s", self._consul_url, exc)
 
     async def withdraw(self) -> None:
-        """Stop announcing: delete the Redis key and deregister from Consul."""
+        """Stop announcing: delete the Redis keys and deregister from Consul."""
         self._withdrawn = True
         if self._task is not None:
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
             self._task = None
+        node_id = self._node_id
         try:
-            await withdraw_node(self._redis, self.info.node_id)
+            for index in range(max(self._count, 1)):
+                await withdraw_node(self._redis, announcement_id(node_id, index))
         except (RedisError, OSError) as exc:
             log.warning("cannot delete the node key: %s", exc)
-        if self._consul is not None and self._registered:
-            try:
-                await self._consul.agent.service.deregister(
-                    service_id(self.info.node_id)
-                )
-                log.info("deregistered %s from Consul", service_id(self.info.node_id))
-            except consul_errors() as exc:
-                log.warning("cannot deregister from Consul: %s", exc)
-            self._registered = False
+        if self._consul is not None:
+            for index in sorted(self._metas):
+                try:
+                    await self._consul.agent.service.deregister(
+                        service_id(node_id, index)
+                    )
+                    log.info("deregistered %s from Consul", service_id(node_id, index))
+                except consul_errors() as exc:
+                    log.warning("cannot deregister from Consul: %s", exc)
+            self._metas.clear()
 
     async def close(self) -> None:
         """Withdraw and close the Consul client."""

@@ -12,6 +12,7 @@ from uuid import UUID
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from gpu_node.calls import ModelProfile
 from gpu_node.images import ImageManifest, encode_png, sha256_hex
 from gpu_node.items import PreparedItem
 from gpu_node.resources import NodeResources
@@ -44,12 +45,17 @@ async def send_result(resources: NodeResources, result: GenerationResult) -> Non
 
 
 async def deliver(
-    resources: NodeResources, items: list[PreparedItem], tier: Tier
+    resources: NodeResources,
+    profile: ModelProfile,
+    items: list[PreparedItem],
+    tier: Tier,
 ) -> None:
-    """Store the images of `items` and hand every item's result to `jobs`."""
-    profile = resources.engine.profile
+    """Store the images of `items` (made by `profile`'s model) and hand every
+    item's result to `jobs`."""
     succeeded = [item for item in items if item.status is Status.SUCCEEDED]
-    stored = await asyncio.gather(*(_store_images(resources, i) for i in succeeded))
+    stored = await asyncio.gather(
+        *(_store_images(resources, profile, i) for i in succeeded)
+    )
     infos = {item.key: images for item, images in zip(succeeded, stored, strict=True)}
     results = [
         GenerationResult(
@@ -92,7 +98,8 @@ async def refuse(
         code="invalid_request",
         message=f"the GPU node refused the job: {where}: {problem['msg']}",
     )
-    profile = resources.engine.profile
+    models = resources.models
+    profile = models.profile(models.primary)
     for generation_id, attempt in named:
         await send_result(
             resources,
@@ -102,17 +109,16 @@ async def refuse(
                 status=Status.FAILED,
                 error=reason,
                 node_id=resources.node_id,
-                model=profile.model,
-                model_hash=profile.model_hash,
+                model=profile.model if profile else models.primary,
+                model_hash=profile.model_hash if profile else "",
                 finished_at=utcnow(),
             ),
         )
 
 
 async def _store_images(
-    resources: NodeResources, item: PreparedItem
+    resources: NodeResources, profile: ModelProfile, item: PreparedItem
 ) -> list[ImageInfo]:
-    profile = resources.engine.profile
     params = item.job.params
     seeds = params.image_seeds()
     manifests = [

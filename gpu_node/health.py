@@ -34,8 +34,20 @@ class NodeMetrics:
         registry = self.registry
         self.model_loaded = Gauge(
             "sdapi_gpu_model_loaded",
-            "1 once the model is loaded",
+            "1 while the model is loaded in device memory",
             ["model"],
+            registry=registry,
+        )
+        self.model_loads = Counter(
+            "sdapi_gpu_model_loads",
+            "Models loaded into device memory (at start and on demand)",
+            ["model"],
+            registry=registry,
+        )
+        self.model_load_seconds = Histogram(
+            "sdapi_gpu_model_load_seconds",
+            "Time to load a model into device memory",
+            buckets=(0.1, 0.5, 1, 2.5, 5, 10, 20, 40, 80, 160),
             registry=registry,
         )
         self.queue_wait = Histogram(

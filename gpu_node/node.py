@@ -16,14 +16,17 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
+from gpu_node import residency
 from gpu_node.announcer import Announcer
 from gpu_node.calls import Engine
 from gpu_node.executor import GpuExecutor
 from gpu_node.health import NodeMetrics, start_health_server
 from gpu_node.progress import CancelWatch, EventPublisher
+from gpu_node.residency import ModelResidency
 from gpu_node.resources import NodeResources
 from gpu_node.settings import GpuNodeSettings
 from gpu_node.tasks import NodeTasks
+from gpu_node.weights import ModelLocation
 from sdapi.contract.names import (
     BATCH_FUNCTION,
     CANCEL_CHANNEL,
@@ -42,6 +45,7 @@ from sdapi.infra.queue import (
     create_queue_pool,
     new_worker,
     poll_when_woken,
+    queue_depth,
     run_worker,
     running_jobs,
     stop_taking_jobs,
@@ -64,30 +68,44 @@ def _build_tiny_model(folder: Path) -> None:
     tiny.build_tiny_model(folder)
 
 
-def load_model_engine(settings: GpuNodeSettings) -> Engine:
-    """Prepare and load SDAPI_MODEL (blocking: downloads, builds, loads)."""
+def prepare_models(settings: GpuNodeSettings) -> list[ModelLocation]:
+    """Find and ready every catalogue model (blocking: downloads, builds)."""
     from gpu_node import weights
 
-    location = weights.locate_model(
-        settings.model, settings.models_path, settings.model_name
-    )
-    # Fails fast, before torch loads, when the model cannot be had or is
-    # pickled (torch is imported only to build the tiny model).
-    weights.prepare_model(location, _build_tiny_model)
-    # diffusers' pipelines import CLIPImageProcessor; without torchvision (a
-    # node needs none) transformers warns at every start that it uses the PIL
-    # version instead, which is the one we want. Its other warnings stay.
-    logging.getLogger("transformers.utils.import_utils").setLevel(logging.ERROR)
-    from gpu_node import pipeline
+    locations = residency.locate(settings)
+    for location in locations:
+        # Fails fast, before torch loads, when a model cannot be had or is
+        # pickled (torch is imported only to build the tiny model).
+        weights.prepare_model(location, _build_tiny_model)
+    return locations
 
-    return pipeline.load_engine(
-        location,
-        on_phase=lambda phase: log.info("model %s: %s", location.model_id, phase),
-        device=settings.gpu_device,
-        max_size=settings.gpu_max_size,
-        default_steps=settings.gpu_default_steps,
-        default_scheduler=settings.gpu_default_scheduler,
-    )
+
+def engine_loader(settings: GpuNodeSettings) -> residency.Loader:
+    """Loads one prepared model with the node's settings (blocking)."""
+
+    def load(location: ModelLocation) -> Engine:
+        # diffusers' pipelines import CLIPImageProcessor; without torchvision
+        # (a node needs none) transformers warns at every start that it uses
+        # the PIL version instead, which is the one we want.
+        logging.getLogger("transformers.utils.import_utils").setLevel(logging.ERROR)
+        from gpu_node import pipeline
+
+        return pipeline.load_engine(
+            location,
+            on_phase=lambda phase: log.info("model %s: %s", location.model_id, phase),
+            device=settings.gpu_device,
+            max_size=settings.gpu_max_size,
+            default_steps=settings.gpu_default_steps,
+            default_scheduler=settings.gpu_default_scheduler,
+        )
+
+    return load
+
+
+def load_model_engine(settings: GpuNodeSettings) -> Engine:
+    """Prepare and load the node's first model (blocking)."""
+    location = prepare_models(settings)[0]
+    return engine_loader(settings)(location)
 
 
 class GpuNode:
@@ -106,6 +124,9 @@ class GpuNode:
         self._closing: contextlib.AsyncExitStack | None = None
         self._stop = asyncio.Event()
         self._wakeups: dict[str, asyncio.Event] = {}
+        self._claim_locks: dict[bool, asyncio.Lock] = {}
+        self._models: ModelResidency
+        self._health_url = ""
         self._draining = False
         self.failed = False
 
@@ -121,7 +142,9 @@ class GpuNode:
 
     @property
     def info(self) -> NodeInfo:
-        return self.resources.info
+        """The announcement of the node's first model, as it is now."""
+        self.resources  # noqa: B018 - raises before the start
+        return self.model_infos()[0]
 
     @property
     def tasks(self) -> NodeTasks:
@@ -154,19 +177,36 @@ class GpuNode:
             info.max_batch,
             info.health_url,
         )
+        others = self.model_infos()[1:]
+        if others:
+            log.info(
+                "also serving %s",
+                ", ".join(
+                    f"{i.model} ({i.kind or 'unknown kind'}, "
+                    f"{'loaded' if i.loaded else 'on disk'})"
+                    for i in others
+                ),
+            )
 
     async def _open(self, stack: contextlib.AsyncExitStack) -> NodeResources:
         settings = self.settings
-        engine = self._engine
-        if engine is None:
-            engine = await asyncio.to_thread(load_model_engine, settings)
-        profile = engine.profile
-        self.metrics.model_loaded.labels(profile.model).set(1)
+        locations = await asyncio.to_thread(prepare_models, settings)
+        executor = GpuExecutor(name="gpu")
+        stack.push_async_callback(asyncio.to_thread, executor.shutdown)
+        models = ModelResidency(
+            settings, locations, executor, self.metrics, engine_loader(settings)
+        )
+        await asyncio.to_thread(models.inspect)
         stack.callback(self.metrics.model_loaded.clear)
+        if self._engine is not None and self._engine.profile.model in models.slots:
+            models.adopt(self._engine)
+        # The first model loads at start (a node that cannot serve it fails
+        # fast), then the others while they fit the memory budget.
+        async with models.using(models.primary, premium=False):
+            pass
+        await models.preload()
         redis = await create_queue_pool(self.redis_url)
         stack.push_async_callback(redis.aclose)
-        executor = GpuExecutor(name=f"gpu-{profile.model}")
-        stack.push_async_callback(asyncio.to_thread, executor.shutdown)
         publisher = EventPublisher(redis)
         publisher.start()
         stack.push_async_callback(publisher.close)
@@ -175,20 +215,11 @@ class GpuNode:
             self, settings.gpu_health_host, settings.gpu_health_port
         )
         stack.push_async_callback(runner.cleanup)
-        max_batch = settings.gpu_max_batch or profile.limits.max_batch
-        info = NodeInfo(
-            node_id=self.node_id,
-            model=profile.model,
-            model_hash=profile.model_hash,
-            pipeline=profile.pipeline,
-            device=profile.device,
-            memory_bytes=profile.memory_bytes,
-            health_url=f"http://{settings.advertise_host}:{port}/healthz",
-            **dict(profile.limits.model_copy(update={"max_batch": max_batch})),
-        )
+        self._health_url = f"http://{settings.advertise_host}:{port}/healthz"
+        self._models = models
         announcer = Announcer(
             redis,
-            info,
+            self.model_infos,
             every_s=settings.gpu_announce_every_s,
             consul_url=settings.consul_url,
             ttl_s=settings.gpu_consul_ttl_s,
@@ -202,20 +233,31 @@ class GpuNode:
             settings=settings,
             metrics=self.metrics,
             redis=redis,
-            engine=engine,
+            models=models,
             executor=executor,
             publisher=publisher,
             cancels=cancels,
             announcer=announcer,
-            info=info,
+            info=self.model_infos()[0],
         )
         tasks = self._tasks = NodeTasks(resources)
-        premium, batch = premium_queue(profile.model), batch_queue(profile.model)
-        self._wakeups = {premium: asyncio.Event(), batch: asyncio.Event()}
-        self._workers = [
-            self._worker(redis, premium, GENERATE_FUNCTION, tasks.generate, True),
-            self._worker(redis, batch, BATCH_FUNCTION, tasks.generate_batch, False),
-        ]
+        # One premium and one batch job at a time on the node, whatever the
+        # model: each tier's workers take turns claiming (`_claim_gate`).
+        self._claim_locks = {True: asyncio.Lock(), False: asyncio.Lock()}
+        self._wakeups = {}
+        self._workers = []
+        for model in models.slots:
+            premium, batch = premium_queue(model), batch_queue(model)
+            self._wakeups[premium] = asyncio.Event()
+            self._wakeups[batch] = asyncio.Event()
+            self._workers += [
+                self._worker(
+                    redis, model, premium, GENERATE_FUNCTION, tasks.generate, True
+                ),
+                self._worker(
+                    redis, model, batch, BATCH_FUNCTION, tasks.generate_batch, False
+                ),
+            ]
         handlers = {
             wake_channel(queue): setter(event) for queue, event in self._wakeups.items()
         }
@@ -224,13 +266,77 @@ class GpuNode:
         background = [
             asyncio.create_task(listener.run(), name="pubsub"),
             asyncio.create_task(cancels.run(), name="cancel-recheck"),
+            asyncio.create_task(self._announce_changes(), name="residency"),
         ]
         stack.push_async_callback(_cancel_tasks, background)
         return resources
 
+    def model_infos(self) -> list[NodeInfo]:
+        """What the node announces: one entry per model, the primary first."""
+        models = self._models
+        settings = self.settings
+        primary = models.profile(models.primary)
+        if primary is None:
+            raise RuntimeError("the primary model is not loaded")
+        infos = []
+        for name, slot in models.slots.items():
+            profile = slot.profile
+            limits = models.limits(name, settings.gpu_max_batch)
+            infos.append(
+                NodeInfo(
+                    node_id=self.node_id,
+                    model=name,
+                    model_hash=profile.model_hash if profile else "",
+                    pipeline=profile.pipeline
+                    if profile
+                    else ("sdxl" if slot.kind.startswith("sdxl") else "sd"),
+                    device=primary.device,
+                    memory_bytes=primary.memory_bytes,
+                    health_url=self._health_url,
+                    kind=slot.kind,
+                    loaded=slot.engine is not None,
+                    **dict(limits),
+                )
+            )
+        return infos
+
+    async def _announce_changes(self) -> None:
+        """Announce at once when a model was loaded or unloaded."""
+        models = self._models
+        while True:
+            await models.changed.wait()
+            models.changed.clear()
+            await self.resources.announcer.announce()
+
+    async def _claim_gate(self, model: str, premium: bool) -> float | None:
+        """How long a job must have waited before this worker claims it;
+        None: claim nothing now."""
+        running = any(worker.job_counter > 0 for worker in self._tier_workers(premium))
+        if running:
+            return None
+        models = self._models
+        if models.loaded(model) or len(models.slots) == 1:
+            return 0.0
+        settings = self.settings
+        # A node with the model loaded takes it first; while a loaded model
+        # has work of this tier queued here, stay on it for a while.
+        for other in models.slots:
+            if other != model and models.loaded(other):
+                queue = premium_queue(other) if premium else batch_queue(other)
+                if await queue_depth(self.resources.redis, queue) > 0:
+                    return max(
+                        settings.gpu_cold_claim_delay_s, settings.gpu_switch_after_s
+                    )
+        return settings.gpu_cold_claim_delay_s
+
+    def _tier_workers(self, premium: bool) -> list[QueueWorker]:
+        # Workers alternate premium, batch per model (see `_open`).
+        return self._workers[0 if premium else 1 :: 2]
+
     def _worker(
         self,
         redis: QueuePool,
+        model: str,
         queue: str,
         name: str,
         coroutine: Callable[[dict[str, Any], Any], Awaitable[str]],
@@ -258,6 +364,8 @@ class GpuNode:
             after_job_end=wake_after_job(self._wakeups[queue]),
             ctx={},
             log_results=False,
+            claim_gate=lambda: self._claim_gate(model, premium),
+            claim_lock=self._claim_locks[premium],
         )
 
     def request_stop(self) -> None:
@@ -360,6 +468,9 @@ class GpuNode:
             "node_id": self.node_id,
             "model": resources.info.model,
             "model_loaded": True,
+            "models": {
+                name: resources.models.loaded(name) for name in resources.models.slots
+            },
             "device": resources.info.device,
             "max_batch": resources.info.max_batch,
             "busy": resources.executor.busy,
@@ -372,7 +483,10 @@ class GpuNode:
         if resources is None:
             return
         # torch's allocator counters are plain reads: no device sync, no wait.
-        for kind, value in resources.engine.memory_stats().items():
+        engines = [s.engine for s in resources.models.slots.values() if s.engine]
+        # The device is shared: any loaded engine reads the same counters.
+        stats = engines[0].memory_stats() if engines else {}
+        for kind, value in stats.items():
             self.metrics.memory.labels(kind).set(value)
         self.metrics.busy.set(1 if resources.executor.busy else 0)
 

@@ -5,10 +5,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from gpu_node.announcer import Announcer
-from gpu_node.calls import Engine
 from gpu_node.executor import GpuExecutor
 from gpu_node.health import NodeMetrics
 from gpu_node.progress import CancelWatch, EventPublisher
+from gpu_node.residency import ModelResidency
 from gpu_node.settings import GpuNodeSettings
 from sdapi.contract.nodes import NodeInfo
 from sdapi.infra.queue import QueuePool
@@ -16,12 +16,14 @@ from sdapi.infra.queue import QueuePool
 
 @dataclass
 class NodeResources:
-    """The model, the GPU thread, Redis and the announcements of one node."""
+    """The models, the GPU thread, Redis and the announcements of one node.
+
+    `info` is the node's first model's announcement (its primary model)."""
 
     settings: GpuNodeSettings
     metrics: NodeMetrics
     redis: QueuePool
-    engine: Engine
+    models: ModelResidency
     executor: GpuExecutor
     publisher: EventPublisher
     cancels: CancelWatch

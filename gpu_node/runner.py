@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, TypeVar
 
 from redis.exceptions import RedisError
 
-from gpu_node.calls import CallItem, CallStopped, OutOfMemory, PipelineCall
+from gpu_node.calls import CallItem, CallStopped, Engine, OutOfMemory, PipelineCall
 from gpu_node.items import PreparedItem
 from gpu_node.progress import CallObserver, ItemProgress
 from gpu_node.resources import NodeResources
@@ -46,6 +46,7 @@ class Deadline:
 
 async def run_calls(
     resources: NodeResources,
+    engine: Engine,
     todo: list[PreparedItem],
     tier: Tier,
     deadline: Deadline,
@@ -82,7 +83,7 @@ async def run_calls(
             mode=params.mode,
             strength=params.effective_strength,
             prompt_syntax=params.prompt_syntax,
-        ).split(resources.info.max_batch)
+        ).split(resources.settings.gpu_max_batch or engine.profile.limits.max_batch)
     ]
     progress = {
         item.key: ItemProgress(
@@ -104,7 +105,13 @@ async def run_calls(
         current = current.only(live)
         try:
             grouped, cancelled = await _run_call(
-                resources, current, tier, deadline, {k: progress[k] for k in live}, lost
+                resources,
+                engine,
+                current,
+                tier,
+                deadline,
+                {k: progress[k] for k in live},
+                lost,
             )
         except OutOfMemory as exc:
             if current.image_count > 1:
@@ -148,6 +155,7 @@ async def run_calls(
 
 async def _run_call(
     resources: NodeResources,
+    engine: Engine,
     call: PipelineCall,
     tier: Tier,
     deadline: Deadline,
@@ -167,7 +175,6 @@ async def _run_call(
         on_step_done=lambda _step: metrics.steps.inc(),
         stop=lost,
     )
-    engine = resources.engine
 
     def run() -> dict[str, list[Image]]:
         started = time.perf_counter()

@@ -9,6 +9,7 @@ from typing import Literal
 
 from pydantic import Field, ValidationInfo, field_validator
 
+from sdapi.contract.catalogue import CatalogueEntry, parse_catalogue
 from sdapi.infra.settings import CommonSettings
 
 
@@ -25,8 +26,23 @@ class GpuNodeSettings(CommonSettings):
     # Name the node serves the model under (queue names, Consul Meta); by
     # default `tiny`, the repo id, or the local folder's name.
     model_name: str | None = None
+    # The catalogue: `spec` or `name=spec` entries, comma-separated (web reads
+    # the same variable for its known models). Unset: SDAPI_MODEL alone.
+    models: str | None = None
     # Unset: <SDAPI_DATA_DIR>/models.
     model_dir: Path | None = None
+    # Share of device memory the loaded models may take (their weights);
+    # past it, the least recently used one is unloaded.
+    gpu_memory_fraction: float = Field(default=0.8, gt=0, le=1)
+    # On CPU, the RAM loaded models may take (bytes); unset: the memory
+    # fraction of the machine's RAM. 0 keeps one model loaded at a time.
+    gpu_ram_budget_bytes: int | None = Field(default=None, ge=0)
+    # A job for a model that is not loaded is claimed only once it waited this
+    # long (seconds): a node that has the model loaded takes it first.
+    gpu_cold_claim_delay_s: float = Field(default=2.0, ge=0, le=600)
+    # While a loaded model has queued work, a job for an unloaded one waits at
+    # most this long (seconds) before the node switches models.
+    gpu_switch_after_s: float = Field(default=30.0, ge=0, le=3600)
     gpu_device: Literal["auto", "cpu", "cuda"] = "auto"
     # Images per pipeline call; unset: 4 on CPU, 8 on CUDA.
     gpu_max_batch: int | None = Field(default=None, ge=1, le=64)
@@ -76,6 +92,14 @@ class GpuNodeSettings(CommonSettings):
             raise ValueError("must be `tiny`, a model folder or a Hugging Face repo id")
         return value
 
+    @field_validator("models")
+    @classmethod
+    def _models(cls, value: str | None) -> str | None:
+        if value is None or not value.strip():
+            return None
+        parse_catalogue(value)
+        return value
+
     @field_validator("gpu_consul_ttl_s")
     @classmethod
     def _consul_ttl(cls, value: int, info: ValidationInfo) -> int:
@@ -91,6 +115,15 @@ class GpuNodeSettings(CommonSettings):
     @classmethod
     def _optional_name(cls, value: str | None) -> str | None:
         return value.strip() or None if value is not None else None
+
+    @property
+    def catalogue(self) -> list[CatalogueEntry]:
+        """What this node may serve, the first being its primary model."""
+        if self.models is not None:
+            entries = parse_catalogue(self.models)
+            if entries:
+                return entries
+        return [CatalogueEntry(self.model_name, self.model)]
 
     @property
     def models_path(self) -> Path:

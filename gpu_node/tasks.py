@@ -20,6 +20,7 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
+from gpu_node.calls import Engine
 from gpu_node.delivery import deliver, refuse
 from gpu_node.images import InputError, load_input
 from gpu_node.items import PreparedItem
@@ -125,7 +126,7 @@ class NodeTasks:
             self.resources.metrics.queue_wait.labels(tier.value).observe(max(wait, 0.0))
         try:
             async with self._lease(info.job_id) as lost:
-                statuses = await self._generate(jobs, tier, timeout_s, lost)
+                statuses = await self._generate_with_model(jobs, tier, timeout_s, lost)
         except (RedisConnectionError, RedisTimeoutError) as exc:
             # Redis stayed away longer than the client's own retries: run the job
             # again later (the images come out the same).
@@ -174,8 +175,29 @@ class NodeTasks:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
 
-    async def _prepare(self, job: GenerationJob) -> PreparedItem:
-        engine = self.resources.engine
+    async def _generate_with_model(
+        self,
+        jobs: list[GenerationJob],
+        tier: Tier,
+        timeout_s: float,
+        lost: threading.Event,
+    ) -> list[str]:
+        """Run `jobs` (one model) with their model loaded, loading it if need be."""
+        models = self.resources.models
+        model = jobs[0].model
+        if model not in models.slots:
+            # Not served here (a job in a queue no node of this catalogue
+            # should read): fails by `_prepare` with the primary model.
+            model = models.primary
+        async with models.using(model, premium=tier is Tier.PREMIUM) as (
+            engine,
+            load_s,
+        ):
+            if load_s is not None:
+                log.info("model %s loaded for a %s job in %.2f s", model, tier, load_s)
+            return await self._generate(engine, jobs, tier, timeout_s, lost)
+
+    async def _prepare(self, engine: Engine, job: GenerationJob) -> PreparedItem:
         profile = engine.profile
         limits = profile.limits
         params = job.params
@@ -244,6 +266,7 @@ class NodeTasks:
 
     async def _generate(
         self,
+        engine: Engine,
         jobs: list[GenerationJob],
         tier: Tier,
         timeout_s: float,
@@ -263,7 +286,7 @@ class NodeTasks:
                     job.attempt,
                 )
                 continue
-            items.append(await self._prepare(job))
+            items.append(await self._prepare(engine, job))
         keys = [item.key for item in items]
         cancelled = await resources.cancels.watch(keys)
         try:
@@ -277,7 +300,7 @@ class NodeTasks:
             notices = [asyncio.create_task(self._mark_started(item)) for item in todo]
             try:
                 if todo:
-                    await run_calls(resources, todo, tier, deadline, lost)
+                    await run_calls(resources, engine, todo, tier, deadline, lost)
             finally:
                 outcomes = await asyncio.gather(*notices, return_exceptions=True)
                 for item, outcome in zip(todo, outcomes, strict=True):
@@ -288,7 +311,7 @@ class NodeTasks:
                         log.warning(
                             "cannot tell jobs that %s started: %r", item.key, outcome
                         )
-            await deliver(resources, items, tier)
+            await deliver(resources, engine.profile, items, tier)
         finally:
             resources.cancels.unwatch(keys)
         return [str(item.status) for item in items]

@@ -9,6 +9,7 @@ from urllib.parse import urlsplit
 from pydantic import BaseModel, Field, SecretStr, field_validator
 from pydantic_settings import NoDecode
 
+from sdapi.contract.catalogue import parse_catalogue, served_name
 from sdapi.contract.payloads import IMAGES_MAX, SIZE_MAX, STEPS_MAX
 from sdapi.contract.status import Tier
 from sdapi.infra.settings import CommonSettings, http_url
@@ -32,6 +33,18 @@ class TierLimits(BaseModel):
 def _split_csv(value: object) -> object:
     if isinstance(value, str):
         return [part.strip() for part in value.split(",") if part.strip()]
+    return value
+
+
+def _model_names(value: object) -> object:
+    # SDAPI_MODELS is also the GPU nodes' catalogue: `name=spec` entries are
+    # known by their name, others by what the spec is named after.
+    if isinstance(value, str):
+        value = [value]
+    if isinstance(value, list):
+        return [
+            served_name(entry) for item in value for entry in parse_catalogue(str(item))
+        ]
     return value
 
 
@@ -164,7 +177,8 @@ class WebSettings(CommonSettings):
     premium_max_upload_bytes: int = Field(default=16 * 1024 * 1024, ge=1024)
     premium_max_upload_pixels: int = Field(default=4096 * 4096, ge=64 * 64)
 
-    _split = field_validator("allowed_origins", "models", mode="before")(_split_csv)
+    _split = field_validator("allowed_origins", mode="before")(_split_csv)
+    _names = field_validator("models", mode="before")(_model_names)
 
     @field_validator("public_url")
     @classmethod

@@ -70,12 +70,22 @@ class NodeInfo(ModelLimits):
     device: str
     memory_bytes: int = 0
     health_url: str = ""
+    # sd1, sd2, sdxl, with `-inpaint` for inpainting models; "" if unknown.
+    kind: str = ""
+    # Whether the model is in device memory now (else the node has it on disk
+    # and loads it for the first job it takes).
+    loaded: bool = True
 
     def to_meta(self) -> dict[str, str]:
         """Flatten to Consul service Meta (string values, keys <= 128 chars)."""
         meta: dict[str, str] = {}
         for key, value in self.model_dump(mode="json").items():
-            meta[key] = ",".join(value) if isinstance(value, list) else str(value)
+            if isinstance(value, list):
+                meta[key] = ",".join(value)
+            elif isinstance(value, bool):
+                meta[key] = "true" if value else "false"
+            else:
+                meta[key] = str(value)
         return meta
 
     @classmethod

@@ -26,11 +26,22 @@ def announcement_ttl_s(every_s: float) -> int:
     return max(NODE_TTL_S, math.ceil(3 * every_s))
 
 
-async def announce_node(redis: Redis, info: NodeInfo, ttl_s: int = NODE_TTL_S) -> None:
-    """Say (again) that `info`'s node is alive for the next `ttl_s` seconds."""
+async def announce_node(
+    redis: Redis,
+    info: NodeInfo,
+    ttl_s: int = NODE_TTL_S,
+    *,
+    announcement_id: str | None = None,
+) -> None:
+    """Say (again) that `info`'s node is alive for the next `ttl_s` seconds.
+
+    A node serving several models announces each under its own id
+    (`announcement_id`; by default the node's id).
+    """
+    key = announcement_id or info.node_id
     async with redis.pipeline(transaction=True) as pipe:
-        pipe.set(node_key(info.node_id), info.model_dump_json(), ex=ttl_s)
-        pipe.zadd(NODES_INDEX, {info.node_id: time.time() + ttl_s})
+        pipe.set(node_key(key), info.model_dump_json(), ex=ttl_s)
+        pipe.zadd(NODES_INDEX, {key: time.time() + ttl_s})
         await pipe.execute()
 
 

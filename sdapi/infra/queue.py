@@ -25,6 +25,7 @@ from arq.connections import ArqRedis, RedisSettings, create_pool
 from arq.constants import in_progress_key_prefix, job_key_prefix, result_key_prefix
 from arq.jobs import Job
 from arq.typing import StartupShutdown
+from arq.utils import timestamp_ms
 from arq.worker import Retry, Worker, func
 from pydantic import BaseModel
 from redis.asyncio import Redis
@@ -56,6 +57,42 @@ log = logging.getLogger(__name__)
 # A Redis client with `enqueue_job`; what producers and workers hold.
 QueuePool = ArqRedis
 QueueWorker = Worker
+# Before each claim: how long a job must have waited to be taken (seconds),
+# or None to take nothing now.
+ClaimGate = Callable[[], Awaitable[float | None]]
+
+
+class _GatedWorker(Worker):
+    """A worker that asks `claim_gate` before it claims jobs.
+
+    Workers sharing `claim_lock` claim one at a time, so a gate that looks at
+    the others (a node taking one job per tier across its models) sees each
+    claim before it decides. The rest of arq 0.28's poll iteration is as is.
+    """
+
+    claim_gate: ClaimGate
+    claim_lock: asyncio.Lock
+
+    async def _poll_iteration(self) -> None:
+        async with self.claim_lock:
+            if self.allow_pick_jobs and self.job_counter < self.max_jobs:
+                min_age = await self.claim_gate()
+                if min_age is not None:
+                    job_ids = await self.pool.zrangebyscore(
+                        self.queue_name,
+                        min=float("-inf"),
+                        start=self._queue_read_offset,
+                        num=self.queue_read_limit,
+                        max=timestamp_ms() - int(min_age * 1000),
+                    )
+                    await self.start_jobs(job_ids)
+        if self.allow_abort_jobs:
+            await self._cancel_aborted_jobs()
+        for job_id, task in list(self.tasks.items()):
+            if task.done():
+                del self.tasks[job_id]
+                task.result()
+        await self.heart_beat()
 
 
 def _fallback(obj: object) -> object:
@@ -353,6 +390,8 @@ def new_worker(
     job_completion_wait: int = 0,
     burst: bool = False,
     log_results: bool = True,
+    claim_gate: ClaimGate | None = None,
+    claim_lock: asyncio.Lock | None = None,
 ) -> QueueWorker:
     """An arq worker for `tasks` on `queue`, speaking msgpack.
 
@@ -384,8 +423,11 @@ def new_worker(
       finish (taking no new ones) before they are cancelled
     :param burst: stop once the queue is empty (tests)
     :param log_results: log each successful job's result
+    :param claim_gate: asked before each claim (`ClaimGate`); None claims any
+      job that is due
+    :param claim_lock: shared by workers whose gates depend on each other
     """
-    worker = Worker(
+    worker = (Worker if claim_gate is None else _GatedWorker)(
         functions=[
             func(
                 cast(Any, task.coroutine),
@@ -418,6 +460,9 @@ def new_worker(
     )
     if claim_s is not None:
         worker.in_progress_timeout_s = claim_s
+    if isinstance(worker, _GatedWorker) and claim_gate is not None:
+        worker.claim_gate = claim_gate
+        worker.claim_lock = claim_lock or asyncio.Lock()
     return worker
 
 

@@ -7,7 +7,7 @@ import contextlib
 import logging
 import time
 from collections.abc import AsyncIterator, Iterable
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import ValidationError
 from redis.asyncio import Redis
@@ -37,24 +37,49 @@ WATCH_RETRY_MAX_S = 10
 FIRST_VIEW_WAIT_S = 5
 
 
+ModelState = Literal["ready", "loadable", "waiting_for_node"]
+
+
 class ModelOffer(ModelLimits):
     """A model as the API presents it: what its healthy nodes agree on."""
 
     id: str
     nodes: int
     available: bool
+    # sd1, sd2, sdxl, with `-inpaint` variants; "" while no node told.
+    kind: str = ""
+    # ready: loaded on a healthy node; loadable: a healthy node has it on
+    # disk (the first job waits for the load); waiting_for_node: none has.
+    state: ModelState = "waiting_for_node"
 
     @classmethod
     def combine(cls, model: str, infos: list[NodeInfo]) -> ModelOffer:
         """The offer of `model` across its nodes (the tightest limits win)."""
-        limits = ModelLimits.tightest(infos)
-        return cls(id=model, nodes=len(infos), available=True, **dict(limits))
+        # Limits of nodes that loaded it are its own; others only guess.
+        loaded = [info for info in infos if info.loaded]
+        limits = ModelLimits.tightest(loaded or infos)
+        return cls(
+            id=model,
+            nodes=len(infos),
+            available=True,
+            kind=next((info.kind for info in infos if info.kind), ""),
+            state="ready" if loaded else "loadable",
+            **dict(limits),
+        )
 
     @classmethod
     def offline(cls, model: str, last_seen: NodeInfo | None) -> ModelOffer:
         """A configured model no healthy node serves right now."""
         limits = GENERIC_LIMITS if last_seen is None else last_seen.limits()
-        return cls(id=model, nodes=0, available=False, **dict(limits))
+        kind = "" if last_seen is None else last_seen.kind
+        return cls(
+            id=model,
+            nodes=0,
+            available=False,
+            kind=kind,
+            state="waiting_for_node",
+            **dict(limits),
+        )
 
 
 class NodesUnknown(Exception):

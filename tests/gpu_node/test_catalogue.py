@@ -1,0 +1,82 @@
+"""A node serving a catalogue: several models, loaded within a budget."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+import aiohttp
+import redis.asyncio
+
+from gpu_node.calls import Engine
+from sdapi.contract.status import Status, Tier
+from sdapi.infra.announcements import live_nodes
+from sdapi.infra.queue import enqueue_generation
+from tests.gpu_node.conftest import node_settings, running_node
+from tests.gpu_node.support import job, result_of
+
+
+async def _metric(url: str, line_start: str) -> float:
+    async with aiohttp.ClientSession() as http, http.get(url) as response:
+        text = await response.text()
+    for line in text.splitlines():
+        if line.startswith(line_start):
+            return float(line.rsplit(" ", 1)[1])
+    return 0.0
+
+
+async def test_a_node_with_two_models_serves_both(
+    models_dir: Path,
+    clean_redis: str,
+    tiny_engine: Engine,
+    client: redis.asyncio.Redis,
+) -> None:
+    settings = node_settings(models_dir, clean_redis, models="tiny,other=tiny")
+    async with running_node(settings, clean_redis, tiny_engine):
+        announced = {info.model: info for info in await live_nodes(client)}
+        assert sorted(announced) == ["other", "tiny"]
+        assert all(i.loaded and i.kind == "sd1" for i in announced.values())
+        jobs = [job(model="tiny"), job(model="other"), job(Tier.NORMAL, "other")]
+        for one in jobs:
+            await enqueue_generation(client, one)
+        results = [await result_of(client, one.generation_id) for one in jobs]
+    assert [r.status for r in results] == [Status.SUCCEEDED] * 3
+    assert [r.model for r in results] == ["tiny", "other", "other"]
+
+
+async def test_a_budget_of_one_model_finishes_queued_work_before_switching(
+    models_dir: Path,
+    clean_redis: str,
+    tiny_engine: Engine,
+    client: redis.asyncio.Redis,
+) -> None:
+    settings = node_settings(
+        models_dir,
+        clean_redis,
+        models="tiny,other=tiny",
+        gpu_ram_budget_bytes=0,
+        gpu_cold_claim_delay_s=0,
+        gpu_switch_after_s=60,
+    )
+    async with running_node(settings, clean_redis, tiny_engine) as node:
+        announced = {info.model: info.loaded for info in await live_nodes(client)}
+        assert announced == {"tiny": True, "other": False}
+        metrics_url = node.info.health_url.replace("/healthz", "/metrics")
+        alternating = [job(model=m) for m in ("tiny", "other") * 3]
+        for one in alternating:
+            await enqueue_generation(client, one)
+        results = await asyncio.gather(
+            *(result_of(client, one.generation_id) for one in alternating)
+        )
+        loads = {
+            model: await _metric(
+                metrics_url, f'sdapi_gpu_model_loads_total{{model="{model}"}}'
+            )
+            for model in ("tiny", "other")
+        }
+    assert [r.status for r in results] == [Status.SUCCEEDED] * 6
+    assert [r.model for r in results] == ["tiny", "other"] * 3
+    # `tiny` came loaded: its three jobs ran, then `other` loaded once.
+    assert loads == {"tiny": 0.0, "other": 1.0}
+    finished = sorted(results, key=lambda r: r.finished_at)
+    assert [r.model for r in finished] == ["tiny"] * 3 + ["other"] * 3
