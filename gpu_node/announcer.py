@@ -87,6 +87,12 @@ class Announcer:
         if self._consul is not None:
             await self._refresh_consul()
 
+    async def update(self, info: NodeInfo) -> None:
+        """Announce `info` from now on (registered again in Consul: new Meta)."""
+        self.info = info
+        self._registered = False
+        await self.announce()
+
     async def _register(self) -> None:
         sid = service_id(self.info.node_id)
         check = {

@@ -20,6 +20,8 @@ from gpu_node.announcer import Announcer
 from gpu_node.calls import Engine
 from gpu_node.executor import GpuExecutor
 from gpu_node.health import NodeMetrics, start_health_server
+from gpu_node.lora_watch import watch_loras
+from gpu_node.loras import LoraFolder
 from gpu_node.progress import CancelWatch, EventPublisher
 from gpu_node.resources import NodeResources
 from gpu_node.settings import GpuNodeSettings
@@ -176,6 +178,8 @@ class GpuNode:
         )
         stack.push_async_callback(runner.cleanup)
         max_batch = settings.gpu_max_batch or profile.limits.max_batch
+        lora_folder = LoraFolder(settings.lora_path)
+        await asyncio.to_thread(lora_folder.scan)
         info = NodeInfo(
             node_id=self.node_id,
             model=profile.model,
@@ -184,6 +188,8 @@ class GpuNode:
             device=profile.device,
             memory_bytes=profile.memory_bytes,
             health_url=f"http://{settings.advertise_host}:{port}/healthz",
+            lora_kind=profile.lora_kind,
+            loras=lora_folder.offers(),
             **dict(profile.limits.model_copy(update={"max_batch": max_batch})),
         )
         announcer = Announcer(
@@ -208,6 +214,7 @@ class GpuNode:
             cancels=cancels,
             announcer=announcer,
             info=info,
+            loras=lora_folder,
         )
         tasks = self._tasks = NodeTasks(resources)
         premium, batch = premium_queue(profile.model), batch_queue(profile.model)
@@ -224,6 +231,7 @@ class GpuNode:
         background = [
             asyncio.create_task(listener.run(), name="pubsub"),
             asyncio.create_task(cancels.run(), name="cancel-recheck"),
+            asyncio.create_task(watch_loras(resources), name="lora-scan"),
         ]
         stack.push_async_callback(_cancel_tasks, background)
         return resources

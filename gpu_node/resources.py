@@ -8,6 +8,7 @@ from gpu_node.announcer import Announcer
 from gpu_node.calls import Engine
 from gpu_node.executor import GpuExecutor
 from gpu_node.health import NodeMetrics
+from gpu_node.loras import LoraFolder
 from gpu_node.progress import CancelWatch, EventPublisher
 from gpu_node.settings import GpuNodeSettings
 from sdapi.contract.nodes import NodeInfo
@@ -27,6 +28,7 @@ class NodeResources:
     cancels: CancelWatch
     announcer: Announcer
     info: NodeInfo
+    loras: LoraFolder
 
     @property
     def node_id(self) -> str:
