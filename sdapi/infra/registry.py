@@ -9,12 +9,12 @@ import time
 from collections.abc import AsyncIterator, Iterable
 from typing import Any
 
-from pydantic import ValidationError
+from pydantic import Field, ValidationError
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
 from sdapi.contract.names import GPU_SERVICE, KNOWN_MODELS_KEY, KNOWN_MODELS_SEEN_KEY
-from sdapi.contract.nodes import GENERIC_LIMITS, ModelLimits, NodeInfo
+from sdapi.contract.nodes import GENERIC_LIMITS, LoraOffer, ModelLimits, NodeInfo
 from sdapi.infra.announcements import live_nodes
 from sdapi.infra.backoff import backoff_s
 from sdapi.infra.consul import consul_errors
@@ -43,18 +43,42 @@ class ModelOffer(ModelLimits):
     id: str
     nodes: int
     available: bool
+    # Every LoRA some node of the model has (the first node's entry per name).
+    loras: list[LoraOffer] = Field(default_factory=list)
+    # The base kind its LoRAs must be for ("" when no node said).
+    lora_kind: str = Field(default="", exclude=True)
 
     @classmethod
     def combine(cls, model: str, infos: list[NodeInfo]) -> ModelOffer:
         """The offer of `model` across its nodes (the tightest limits win)."""
         limits = ModelLimits.tightest(infos)
-        return cls(id=model, nodes=len(infos), available=True, **dict(limits))
+        loras: dict[str, LoraOffer] = {}
+        for info in infos:
+            for lora in info.loras:
+                loras.setdefault(lora.name, lora)
+        return cls(
+            id=model,
+            nodes=len(infos),
+            available=True,
+            loras=sorted(loras.values(), key=lambda lora: lora.name),
+            lora_kind=next((i.lora_kind for i in infos if i.lora_kind), ""),
+            **dict(limits),
+        )
 
     @classmethod
     def offline(cls, model: str, last_seen: NodeInfo | None) -> ModelOffer:
-        """A configured model no healthy node serves right now."""
-        limits = GENERIC_LIMITS if last_seen is None else last_seen.limits()
-        return cls(id=model, nodes=0, available=False, **dict(limits))
+        """A configured model no healthy node serves right now: the LoRAs its
+        last node announced stay accepted (the work waits for a node)."""
+        if last_seen is None:
+            return cls(id=model, nodes=0, available=False, **dict(GENERIC_LIMITS))
+        return cls(
+            id=model,
+            nodes=0,
+            available=False,
+            loras=last_seen.loras,
+            lora_kind=last_seen.lora_kind,
+            **dict(last_seen.limits()),
+        )
 
 
 class NodesUnknown(Exception):
