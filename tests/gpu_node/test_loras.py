@@ -225,3 +225,32 @@ async def test_node_applies_loras_records_their_hashes_and_serves_new_files(
         again = job(loras=[{"name": "later", "weight": 1}])
         await enqueue_generation(client, again)
         assert (await result_of(client, again.generation_id)).status is Status.SUCCEEDED
+
+
+def test_a_premium_call_nested_in_a_lora_batch_gets_no_lora_and_leaves_it(
+    tiny_engine: Engine, folder: LoraFolder
+) -> None:
+    fox = (use(folder, "kohya_fox", 1.0),)
+    (baseline,) = pixels(tiny_engine)
+    (alone,) = pixels(tiny_engine, fox)
+    nested: list[np.ndarray] = []
+
+    class Nesting(Quiet):
+        def on_step(self, step: int, total: int, preview: Any) -> None:
+            # What the GPU executor does at a batch's step boundary.
+            if step == 1:
+                nested.extend(pixels(tiny_engine))
+
+    call = PipelineCall(
+        width=64,
+        height=64,
+        steps=3,
+        guidance_scale=7.5,
+        scheduler="euler",
+        items=(CallItem("k0", "a red fox in the snow", "blurry", (100,)),),
+        loras=fox,
+    )
+    outer = np.asarray(tiny_engine.run(call, Nesting())["k0"][0])
+    assert np.array_equal(nested[0], baseline)
+    assert np.array_equal(outer, alone)
+    pixels(tiny_engine)
