@@ -254,3 +254,43 @@ def test_a_premium_call_nested_in_a_lora_batch_gets_no_lora_and_leaves_it(
     assert np.array_equal(nested[0], baseline)
     assert np.array_equal(outer, alone)
     pixels(tiny_engine)
+
+
+@pytest.mark.parametrize(
+    ("shapes", "kind"),
+    [
+        (
+            {
+                "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0"
+                "_attn2_to_k.lora_down.weight": [8, 768],
+            },
+            "sd1",
+        ),
+        (
+            {
+                "unet.down_blocks.1.attentions.0.transformer_blocks.0"
+                ".attn2.to_k.lora_A.weight": [4, 1024],
+            },
+            "sd2",
+        ),
+        (
+            {
+                "lora_unet_input_blocks_4_1_transformer_blocks_0_attn2_to_k"
+                ".lora_down.weight": [16, 2048],
+            },
+            "sdxl",
+        ),
+        (
+            {"lora_te_text_model_encoder_layers_0_q_proj.lora_down.weight": [4, 768]},
+            "sd1",
+        ),
+        (
+            {"lora_te2_text_model_encoder_layers_0_q_proj.lora_down.weight": [4, 1280]},
+            "sdxl",
+        ),
+    ],
+)
+def test_lora_base_kind_is_told_from_cross_attention_widths(
+    shapes: dict[str, list[int]], kind: str
+) -> None:
+    assert detect_kind(shapes) == kind
