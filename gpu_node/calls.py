@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass, field, replace
+from pathlib import Path
 from typing import TYPE_CHECKING, Protocol
 
 from sdapi.contract.nodes import ModelLimits
@@ -41,6 +42,10 @@ class CallStopped(Exception):
     """Raised at a step boundary to end a pipeline call early."""
 
 
+class LoraError(Exception):
+    """A LoRA cannot be read or applied to the model; one line naming it."""
+
+
 class ModelError(Exception):
     """The model cannot be found, fetched or loaded; one line naming it."""
 
@@ -60,6 +65,18 @@ class CallItem:
 
 
 @dataclass(frozen=True)
+class LoraUse:
+    """A LoRA file applied to a whole call at `weight`."""
+
+    name: str
+    weight: float
+    path: Path
+    # Of its tensors: the engine keeps adapters by it, so a replaced file
+    # under the same name is loaded afresh.
+    sha256: str
+
+
+@dataclass(frozen=True)
 class PipelineCall:
     """Images that share size, steps, guidance and scheduler: one pipeline call."""
 
@@ -74,6 +91,7 @@ class PipelineCall:
     strength: float = 1.0
     # How prompts are read: "a1111" (emphasis and BREAK) or "plain".
     prompt_syntax: str = "a1111"
+    loras: tuple[LoraUse, ...] = ()
 
     @property
     def image_count(self) -> int:
@@ -128,6 +146,8 @@ class ModelProfile:
     limits: ModelLimits
     token_window: int
     versions: Mapping[str, str] = field(default_factory=dict)
+    # The base kind its LoRAs must be for (gpu_node.loras.base_kind).
+    lora_kind: str = ""
 
 
 class Engine(Protocol):

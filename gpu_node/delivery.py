@@ -141,6 +141,7 @@ async def _store_images(
             strength=params.effective_strength
             if params.init_image_sha256 is not None
             else None,
+            loras=tuple((lora.name, lora.weight, lora.sha256) for lora in item.loras),
         )
         for index, seed in enumerate(seeds)
     ]

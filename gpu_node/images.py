@@ -42,10 +42,14 @@ class ImageManifest:
     init_image_sha256: str | None = None
     mask_sha256: str | None = None
     strength: float | None = None
+    # (name, weight, tensor SHA-256) of each LoRA applied.
+    loras: tuple[tuple[str, float, str], ...] = ()
 
     def parameters_text(self) -> str:
         """The AUTOMATIC1111 `parameters` text."""
-        lines = [self.prompt]
+        # A1111 writes the LoRAs as the prompt tags that asked for them.
+        tags = "".join(f" <lora:{name}:{weight:g}>" for name, weight, _ in self.loras)
+        lines = [self.prompt + tags]
         if self.negative_prompt:
             lines.append(f"Negative prompt: {self.negative_prompt}")
         settings = [
@@ -62,6 +66,9 @@ class ImageManifest:
             settings.append(f"Init image hash: {self.init_image_sha256[:10]}")
         if self.mask_sha256 is not None:
             settings.append(f"Mask hash: {self.mask_sha256[:10]}")
+        if self.loras:
+            hashes = ", ".join(f"{name}: {sha[:10]}" for name, _, sha in self.loras)
+            settings.append(f'Lora hashes: "{hashes}"')
         if "diffusers" in self.versions:
             settings.append(f"Version: diffusers {self.versions['diffusers']}")
         lines.append(", ".join(settings))
@@ -89,6 +96,11 @@ class ImageManifest:
             data["strength"] = self.strength
         if self.mask_sha256 is not None:
             data["mask_sha256"] = self.mask_sha256
+        if self.loras:
+            data["loras"] = [
+                {"name": name, "weight": weight, "sha256": sha}
+                for name, weight, sha in self.loras
+            ]
         return json.dumps(data, ensure_ascii=False, sort_keys=True)
 
 

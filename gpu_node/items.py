@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import TYPE_CHECKING
 
+from gpu_node.calls import LoraUse
 from sdapi.contract.payloads import ErrorInfo, GenerationJob
 from sdapi.contract.status import Status
 
@@ -28,6 +29,8 @@ class PreparedItem:
     # Inputs fetched by hash and sized for the call (img2img / inpainting).
     init_image: Image | None = None
     mask: Image | None = None
+    # Its LoRAs, found in the node's folder.
+    loras: tuple[LoraUse, ...] = ()
     # None while it still runs; then how it ended.
     status: Status | None = None
     error: ErrorInfo | None = None

@@ -21,6 +21,8 @@ from gpu_node.announcer import Announcer
 from gpu_node.calls import Engine
 from gpu_node.executor import GpuExecutor
 from gpu_node.health import NodeMetrics, start_health_server
+from gpu_node.lora_watch import watch_loras
+from gpu_node.loras import LoraFolder
 from gpu_node.progress import CancelWatch, EventPublisher
 from gpu_node.residency import ModelResidency
 from gpu_node.resources import NodeResources
@@ -43,6 +45,7 @@ from sdapi.infra.queue import (
     QueueWorker,
     Task,
     create_queue_pool,
+    is_running,
     new_worker,
     poll_when_woken,
     queue_depth,
@@ -217,6 +220,8 @@ class GpuNode:
         stack.push_async_callback(runner.cleanup)
         self._health_url = f"http://{settings.advertise_host}:{port}/healthz"
         self._models = models
+        self._loras = LoraFolder(settings.lora_path)
+        await asyncio.to_thread(self._loras.scan)
         announcer = Announcer(
             redis,
             self.model_infos,
@@ -239,6 +244,7 @@ class GpuNode:
             cancels=cancels,
             announcer=announcer,
             info=self.model_infos()[0],
+            loras=self._loras,
         )
         tasks = self._tasks = NodeTasks(resources)
         # One premium and one batch job at a time on the node, whatever the
@@ -267,6 +273,7 @@ class GpuNode:
             asyncio.create_task(listener.run(), name="pubsub"),
             asyncio.create_task(cancels.run(), name="cancel-recheck"),
             asyncio.create_task(self._announce_changes(), name="residency"),
+            asyncio.create_task(watch_loras(resources), name="lora-scan"),
         ]
         stack.push_async_callback(_cancel_tasks, background)
         return resources
@@ -295,6 +302,8 @@ class GpuNode:
                     health_url=self._health_url,
                     kind=slot.kind,
                     loaded=slot.engine is not None,
+                    lora_kind=profile.lora_kind if profile else "",
+                    loras=self._loras.offers(),
                     **dict(limits),
                 )
             )
@@ -311,7 +320,7 @@ class GpuNode:
     async def _claim_gate(self, model: str, premium: bool) -> float | None:
         """How long a job must have waited before this worker claims it;
         None: claim nothing now."""
-        running = any(worker.job_counter > 0 for worker in self._tier_workers(premium))
+        running = any(is_running(worker) for worker in self._tier_workers(premium))
         if running:
             return None
         models = self._models

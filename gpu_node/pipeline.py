@@ -17,11 +17,14 @@ import json
 import logging
 import os
 import threading
+import warnings
+from collections import OrderedDict
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
 import diffusers
+import safetensors.torch
 import torch
 import transformers
 from diffusers import (
@@ -35,8 +38,10 @@ from diffusers import (
 from diffusers.models.attention_processor import AttnProcessor2_0
 from PIL import Image
 
-from gpu_node import checkpoints, single_file, weights
+from gpu_node import checkpoints, loras, single_file, weights
 from gpu_node.calls import (
+    LoraError,
+    LoraUse,
     ModelError,
     ModelProfile,
     OutOfMemory,
@@ -108,6 +113,11 @@ PREVIEW_FACTORS: Mapping[str, tuple[list[list[float]], list[float]]] = {
     ),
 }
 
+
+# LoRA adapters kept loaded per model: switching among them reads no file.
+LORA_CACHE = 8
+# The active adapters and their weights.
+ActiveLoras = tuple[tuple[str, float], ...]
 
 # A1111's `comma_padding_backtrack`: a window that fills up within this many
 # tokens of a comma ends at the comma, so a phrase is not cut in two.
@@ -266,6 +276,9 @@ class DiffusersEngine:
         self._window = profile.token_window - 2
         # A dedicated inpainting checkpoint runs every mode as inpainting.
         self._inpaint_only = int(base.unet.config.in_channels) == INPAINT_UNET_CHANNELS
+        # Adapter names (by file hash), least recently used first.
+        self._adapters: OrderedDict[str, None] = OrderedDict()
+        self._active: ActiveLoras = ()
 
     @property
     def profile(self) -> ModelProfile:
@@ -326,6 +339,65 @@ class DiffusersEngine:
         pipe = cls(**kwargs)
         pipe.set_progress_bar_config(disable=True)
         return pipe
+
+    def _adapter(self, lora: LoraUse) -> str:
+        """The adapter of `lora`, loaded from its file unless it is cached."""
+        name = f"lora_{lora.sha256[:16]}"
+        if name in self._adapters:
+            self._adapters.move_to_end(name)
+            return name
+        try:
+            data = safetensors.torch.load_file(str(lora.path), device="cpu")
+        except (OSError, safetensors.SafetensorError) as exc:
+            raise LoraError(f"cannot read LoRA {lora.name!r}: {exc}") from None
+        try:
+            with warnings.catch_warnings():
+                # Several adapters side by side are the point of the cache.
+                warnings.filterwarnings(
+                    "ignore",
+                    message="Already found a `peft_config`",
+                    category=UserWarning,
+                )
+                self._base.load_lora_weights(data, adapter_name=name)
+        except (ValueError, KeyError, RuntimeError) as exc:
+            text = " ".join(str(exc).split())[:200]
+            raise LoraError(
+                f"LoRA {lora.name!r} does not fit this model: {text}"
+            ) from None
+        # Loading activates the new adapter: the active set is unknown now.
+        self._active = (("", 0.0),)
+        self._adapters[name] = None
+        log.info("loaded LoRA %s (%s)", lora.name, lora.sha256[:10])
+        return name
+
+    def _apply_loras(self, wanted_loras: tuple[LoraUse, ...]) -> None:
+        """Make exactly `wanted_loras` active on the shared modules.
+
+        Weight 0 is no LoRA at all, and none disables every adapter, so those
+        images are bit for bit the model's own.
+        """
+        wanted = tuple(
+            (self._adapter(lora), lora.weight)
+            for lora in wanted_loras
+            if lora.weight != 0
+        )
+        if wanted == self._active:
+            return
+        if wanted:
+            self._base.enable_lora()
+            self._base.set_adapters(
+                [name for name, _ in wanted], [weight for _, weight in wanted]
+            )
+        elif self._adapters:
+            self._base.disable_lora()
+        self._active = wanted
+        keep = {name for name, _ in wanted}
+        for name in list(self._adapters):
+            if len(self._adapters) <= LORA_CACHE:
+                break
+            if name not in keep:
+                self._base.delete_adapters(name)
+                del self._adapters[name]
 
     def _preview(self, latent: torch.Tensor) -> bytes | None:
         factors = PREVIEW_FACTORS.get(self._kind)
@@ -473,6 +545,7 @@ class DiffusersEngine:
                 for item in call.items
             }
         mode, strength = self._plan(call)
+        self._apply_loras(call.loras)
         pipe = self._wrapper(
             MODE_PIPELINES[(self._kind, mode)], self._scheduler(call.scheduler)
         )
@@ -496,6 +569,9 @@ class DiffusersEngine:
                 int(pipe.num_timesteps),
                 lambda key: self._preview(latents[first_row[key]]),
             )
+            # A premium call nested at this step boundary may have set its
+            # own LoRAs on the shared modules.
+            self._apply_loras(call.loras)
             return {}
 
         vae = self._base.vae
@@ -654,6 +730,7 @@ def load_engine(
             schedulers=list(schedulers),
         ),
         token_window=int(base.tokenizer.model_max_length),
+        lora_kind=loras.base_kind(int(base.unet.config.cross_attention_dim)),
         versions={
             "diffusers": diffusers.__version__,
             "torch": torch.__version__,

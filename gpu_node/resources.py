@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from gpu_node.announcer import Announcer
 from gpu_node.executor import GpuExecutor
 from gpu_node.health import NodeMetrics
+from gpu_node.loras import LoraFolder
 from gpu_node.progress import CancelWatch, EventPublisher
 from gpu_node.residency import ModelResidency
 from gpu_node.settings import GpuNodeSettings
@@ -29,6 +30,7 @@ class NodeResources:
     cancels: CancelWatch
     announcer: Announcer
     info: NodeInfo
+    loras: LoraFolder
 
     @property
     def node_id(self) -> str:

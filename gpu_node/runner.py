@@ -19,7 +19,14 @@ from typing import TYPE_CHECKING, TypeVar
 
 from redis.exceptions import RedisError
 
-from gpu_node.calls import CallItem, CallStopped, Engine, OutOfMemory, PipelineCall
+from gpu_node.calls import (
+    CallItem,
+    CallStopped,
+    Engine,
+    LoraError,
+    OutOfMemory,
+    PipelineCall,
+)
 from gpu_node.items import PreparedItem
 from gpu_node.progress import CallObserver, ItemProgress
 from gpu_node.resources import NodeResources
@@ -83,6 +90,7 @@ async def run_calls(
             mode=params.mode,
             strength=params.effective_strength,
             prompt_syntax=params.prompt_syntax,
+            loras=todo[0].loras,
         ).split(resources.settings.gpu_max_batch or engine.profile.limits.max_batch)
     ]
     progress = {
@@ -131,6 +139,10 @@ async def run_calls(
                 by_key[key].fail(
                     "timeout", "the generation took longer than its time limit"
                 )
+            continue
+        except LoraError as exc:
+            for key in live:
+                by_key[key].fail("invalid_request", str(exc))
             continue
         except (RedisError, LeaseLost):
             raise

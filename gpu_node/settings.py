@@ -44,6 +44,10 @@ class GpuNodeSettings(CommonSettings):
     # most this long (seconds) before the node switches models.
     gpu_switch_after_s: float = Field(default=30.0, ge=0, le=3600)
     gpu_device: Literal["auto", "cpu", "cuda"] = "auto"
+    # LoRA files (*.safetensors); unset: <SDAPI_DATA_DIR>/loras. SDAPI_LORA_DIR.
+    lora_dir: Path | None = None
+    # How often the LoRA folder is looked at for new or changed files (seconds).
+    gpu_lora_scan_s: float = Field(default=10.0, gt=0, le=30)
     # Images per pipeline call; unset: 4 on CPU, 8 on CUDA.
     gpu_max_batch: int | None = Field(default=None, ge=1, le=64)
     # Largest width/height served; unset: twice the model's native size.
@@ -131,6 +135,11 @@ class GpuNodeSettings(CommonSettings):
         return (
             self.model_dir if self.model_dir is not None else self.data_dir / "models"
         )
+
+    @property
+    def lora_path(self) -> Path:
+        """The folder of LoRA files."""
+        return self.lora_dir if self.lora_dir is not None else self.data_dir / "loras"
 
     @property
     def advertise_host(self) -> str:

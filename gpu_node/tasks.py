@@ -20,7 +20,7 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from gpu_node.calls import Engine
+from gpu_node.calls import Engine, LoraUse
 from gpu_node.delivery import deliver, refuse
 from gpu_node.images import InputError, load_input
 from gpu_node.items import PreparedItem
@@ -222,6 +222,8 @@ class NodeTasks:
             )
         elif not item.prompt:
             item.fail("invalid_request", "the prompt is empty")
+        elif not self._find_loras(engine, item):
+            pass
         elif not await self._fetch_inputs(item):
             pass
         else:
@@ -233,6 +235,25 @@ class NodeTasks:
                 )
             )
         return item
+
+    def _find_loras(self, engine: Engine, item: PreparedItem) -> bool:
+        """Resolve the item's LoRAs to files here; False if one is missing."""
+        kind = engine.profile.lora_kind
+        found: list[LoraUse] = []
+        for lora in item.job.params.loras:
+            file = self.resources.loras.get(lora.name)
+            if file is None:
+                item.fail("invalid_request", f"LoRA {lora.name!r} is not on this node")
+                return False
+            if kind and file.kind != kind:
+                item.fail(
+                    "invalid_request",
+                    f"LoRA {lora.name!r} is for {file.kind} models, not {kind}",
+                )
+                return False
+            found.append(LoraUse(lora.name, lora.weight, file.path, file.sha256))
+        item.loras = tuple(found)
+        return True
 
     async def _fetch_inputs(self, item: PreparedItem) -> bool:
         """Load the item's input images from Redis by hash; False if it failed."""

@@ -166,6 +166,25 @@ INTERNALS = (
         "leave WebSocket upgrades out of the body deadline",
     ),
     Internal(
+        "arq.worker:Worker._cancel_aborted_jobs",
+        "arq",
+        "sdapi/infra/queue.py (_GatedWorker._poll_iteration)",
+        "keep aborts working in the gated copy of arq's poll iteration",
+    ),
+    Internal(
+        "arq.worker:Worker.start_jobs",
+        "arq",
+        "sdapi/infra/queue.py (_GatedWorker._poll_iteration)",
+        "start the jobs a gated claim picked, as arq's own poll does",
+        parameters=("job_ids",),
+    ),
+    Internal(
+        "arq.worker:Worker.heart_beat",
+        "arq",
+        "sdapi/infra/queue.py (_GatedWorker._poll_iteration)",
+        "keep the health check and the record of the last poll",
+    ),
+    Internal(
         "aiohttp.web:BaseRequest.writer",
         "aiohttp",
         "web/protocol.py (ContractRequestHandler.handle_error)",
@@ -332,6 +351,11 @@ def test_private_api_arq_worker_slots() -> None:
         "allow_pick_jobs": bool,
         "max_jobs": int,
         "in_progress_timeout_s": (int, float),
+        # _GatedWorker's copy of arq 0.28's poll iteration reads these.
+        "_queue_read_offset": int,
+        "queue_read_limit": int,
+        "allow_abort_jobs": bool,
+        "queue_name": str,
     }
     for name, kind in expected.items():
         assert isinstance(getattr(worker, name, None), kind), (

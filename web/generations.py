@@ -8,6 +8,7 @@ the reconciler in `jobs` enqueues it once its deadline passes.
 from __future__ import annotations
 
 import logging
+import math
 import secrets
 import uuid
 from collections.abc import Mapping
@@ -22,7 +23,15 @@ from sdapi.contract.names import (
     generation_job_id,
     premium_queue,
 )
-from sdapi.contract.payloads import GenerationJob, GenerationParams, default_strength
+from sdapi.contract.payloads import (
+    LORA_WEIGHT_MAX,
+    LORAS_MAX,
+    GenerationJob,
+    GenerationParams,
+    LoraSpec,
+    default_strength,
+    take_lora_tags,
+)
 from sdapi.contract.status import TERMINAL_STATUSES, Status, Tier
 from sdapi.db.input_images import put_inputs, store_inputs
 from sdapi.db.models import Delivery, Generation, InputRole, User, utcnow
@@ -152,6 +161,7 @@ def resolve_request(
                 f"{', '.join(offer.schedulers)}).",
             }
         )
+    prompt, loras = _resolve_loras(body, offer, problems)
     delivery = body.delivery or ("download" if tier is Tier.PREMIUM else "email")
     if tier is Tier.NORMAL and delivery != "email":
         problems.append(
@@ -164,7 +174,8 @@ def resolve_request(
     if problems:
         raise ValidationFailed(details=problems)
     return schemas.ResolvedRequest(
-        prompt=body.prompt,
+        prompt=prompt,
+        loras=loras,
         negative_prompt=body.negative_prompt,
         model=offer.id,
         width=width,
@@ -192,6 +203,47 @@ def resolve_request(
             else None
         ),
     )
+
+
+def _resolve_loras(
+    body: schemas.GenerationRequest, offer: ModelOffer, problems: list[dict[str, str]]
+) -> tuple[str, list[LoraSpec]]:
+    """The prompt without its <lora:...> tags, and the LoRAs of the field and
+    the tags, each one the model's nodes announced for its base kind."""
+    try:
+        prompt, tags = take_lora_tags(body.prompt)
+    except ValueError as exc:
+        problems.append({"field": "prompt", "message": f"{exc}."})
+        return body.prompt, []
+    if not prompt.strip():
+        problems.append({"field": "prompt", "message": "The prompt is only LoRA tags."})
+    wanted = [(lora.name, lora.weight) for lora in body.loras] + tags
+    available = {lora.name: lora for lora in offer.loras}
+    names = [name for name, _ in wanted]
+    found: list[LoraSpec] = []
+    for name, weight in wanted:
+        lora = available.get(name)
+        message = ""
+        if len(wanted) > LORAS_MAX:
+            message = f"At most {LORAS_MAX} LoRAs (field and prompt tags together)."
+        elif names.count(name) > 1:
+            message = f"LoRA {name!r} is given more than once."
+        elif not math.isfinite(weight) or abs(weight) > LORA_WEIGHT_MAX:
+            message = f"LoRA {name!r}: the weight must be within ±{LORA_WEIGHT_MAX:g}."
+        elif lora is None:
+            known = ", ".join(sorted(available)) or "none"
+            message = f"Unknown LoRA {name!r} for {offer.id} (available: {known})."
+        elif offer.lora_kind and lora.kind != offer.lora_kind:
+            message = (
+                f"LoRA {name!r} is for {lora.kind} models; {offer.id} is "
+                f"{offer.lora_kind}."
+            )
+        if message or lora is None:
+            if not any(p["message"] == message for p in problems):
+                problems.append({"field": "loras", "message": message})
+            continue
+        found.append(LoraSpec(name=name, weight=weight, sha256=lora.sha256))
+    return prompt, found
 
 
 def request_sources(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from collections.abc import Sequence
 from typing import Any, Self
 
@@ -60,6 +61,24 @@ GENERIC_LIMITS = ModelLimits(
 )
 
 
+# Consul Meta values hold at most 512 characters: the LoRA list (JSON) is
+# cut into numbered keys of this size, at most LORA_META_KEYS of them.
+LORA_META_CHUNK = 500
+LORA_META_KEYS = 24
+
+
+class LoraOffer(BaseModel):
+    """A LoRA file a node has: its name, the base it is for, its trigger words."""
+
+    model_config = ConfigDict(extra="ignore", frozen=True)
+
+    name: str
+    # sd1, sd2, sdxl (or tiny, dim<N>): the base model's cross-attention width.
+    kind: str
+    trigger_words: list[str] = []
+    sha256: str = ""
+
+
 class NodeInfo(ModelLimits):
     """What a node serves and how; Consul Meta values are all strings."""
 
@@ -75,23 +94,45 @@ class NodeInfo(ModelLimits):
     # Whether the model is in device memory now (else the node has it on disk
     # and loads it for the first job it takes).
     loaded: bool = True
+    # The base kind a LoRA must have for this model ("" from older nodes).
+    lora_kind: str = ""
+    loras: list[LoraOffer] = []
 
     def to_meta(self) -> dict[str, str]:
         """Flatten to Consul service Meta (string values, keys <= 128 chars)."""
         meta: dict[str, str] = {}
-        for key, value in self.model_dump(mode="json").items():
+        for key, value in self.model_dump(mode="json", exclude={"loras"}).items():
             if isinstance(value, list):
                 meta[key] = ",".join(value)
             elif isinstance(value, bool):
                 meta[key] = "true" if value else "false"
             else:
                 meta[key] = str(value)
+        listed = json.dumps(
+            [lora.model_dump(mode="json") for lora in self.loras],
+            separators=(",", ":"),
+        )
+        pieces = [
+            listed[i : i + LORA_META_CHUNK]
+            for i in range(0, len(listed), LORA_META_CHUNK)
+        ]
+        if len(pieces) <= LORA_META_KEYS:
+            meta.update({f"loras_{i}": piece for i, piece in enumerate(pieces)})
         return meta
 
     @classmethod
     def from_meta(cls, meta: dict[str, Any]) -> Self:
         """Inverse of `to_meta`."""
-        data = dict(meta)
+        data = {k: v for k, v in meta.items() if not k.startswith("loras_")}
         schedulers = data.get("schedulers", "")
         data["schedulers"] = [s for s in str(schedulers).split(",") if s]
+        listed = "".join(
+            str(meta[f"loras_{i}"])
+            for i in range(LORA_META_KEYS)
+            if f"loras_{i}" in meta
+        )
+        try:
+            data["loras"] = json.loads(listed) if listed else []
+        except json.JSONDecodeError:
+            data["loras"] = []
         return cls.model_validate(data)

@@ -6,6 +6,7 @@ Everything that crosses Redis is one of these models, dumped with
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping
 from datetime import datetime
 from enum import StrEnum
@@ -44,6 +45,8 @@ BATCH_KEY_FIELDS = (
     "mode",
     "strength",
     "prompt_syntax",
+    # One set of LoRAs per call: adapters are set on the shared modules.
+    "loras",
 )
 SHA256_PATTERN = r"^[0-9a-f]{64}$"
 # Strength when a request gives none: diffusers' own defaults for img2img and
@@ -63,6 +66,52 @@ class Mode(StrEnum):
     TXT2IMG = "txt2img"
     IMG2IMG = "img2img"
     INPAINT = "inpaint"
+
+
+LORAS_MAX = 4
+LORA_WEIGHT_MAX = 4.0
+# A LoRA file's stem: what `<lora:name:weight>` can name (no ":" or ">").
+LORA_NAME_PATTERN = r"^[^:<>/\\\x00]{1,100}$"
+
+
+# A1111's prompt tag: <lora:name> or <lora:name:weight>.
+LORA_TAG = re.compile(r"<lora:([^:<>]+)(?::([^:<>]*))?>", re.IGNORECASE)
+
+
+def take_lora_tags(prompt: str) -> tuple[str, list[tuple[str, float]]]:
+    """The prompt without its `<lora:name:weight>` tags, and the tags' LoRAs.
+
+    Raises ValueError naming a tag whose weight is not a number.
+    """
+    found: list[tuple[str, float]] = []
+
+    def take(match: re.Match[str]) -> str:
+        name, weight = match.group(1).strip(), (match.group(2) or "").strip()
+        try:
+            value = float(weight) if weight else 1.0
+        except ValueError:
+            raise ValueError(f"{match.group(0)}: the weight is not a number") from None
+        found.append((name, value))
+        return " "
+
+    cleaned = LORA_TAG.sub(take, prompt)
+    if not found:
+        return prompt, []
+    return " ".join(cleaned.split()), found
+
+
+class LoraSpec(BaseModel):
+    """One LoRA applied to a generation, by its file name on the node."""
+
+    model_config = _CONTRACT
+
+    name: str = Field(pattern=LORA_NAME_PATTERN)
+    weight: float = Field(
+        default=1.0, ge=-LORA_WEIGHT_MAX, le=LORA_WEIGHT_MAX, allow_inf_nan=False
+    )
+    # The file's SHA-256 as its nodes announced it ("" when not known):
+    # another file under the same name is another batch.
+    sha256: str = ""
 
 
 class GenerationParams(BaseModel):
@@ -86,6 +135,7 @@ class GenerationParams(BaseModel):
     strength: float | None = Field(default=None, ge=0, le=1, allow_inf_nan=False)
     # "a1111": AUTOMATIC1111's emphasis syntax and BREAK; "plain": literal text.
     prompt_syntax: Literal["a1111", "plain"] = "a1111"
+    loras: tuple[LoraSpec, ...] = Field(default=(), max_length=LORAS_MAX)
 
     @model_validator(mode="after")
     def _inputs_consistent(self) -> GenerationParams:
@@ -93,6 +143,9 @@ class GenerationParams(BaseModel):
             raise ValueError("a mask needs an init image")
         if self.init_image_sha256 is None and self.strength is not None:
             raise ValueError("strength needs an init image")
+        names = [lora.name for lora in self.loras]
+        if len(set(names)) != len(names):
+            raise ValueError("a LoRA is named twice")
         return self
 
     @property
@@ -174,7 +227,7 @@ class BatchJob(BaseModel):
         if len(keys) != 1:
             raise ValueError(
                 "batch items differ in mode, size, steps, strength, guidance, "
-                "scheduler or prompt syntax"
+                "scheduler, prompt syntax or LoRAs"
             )
         if any(item.model != self.model for item in self.items):
             raise ValueError("batch items must all use the batch's model")

@@ -471,6 +471,11 @@ def running_jobs(worker: QueueWorker) -> list[asyncio.Task[Any]]:
     return [task for task in worker.tasks.values() if not task.done()]
 
 
+def is_running(worker: QueueWorker) -> bool:
+    """Whether the worker holds a job slot now (a job claimed and not ended)."""
+    return worker.job_counter > 0
+
+
 def stop_taking_jobs(worker: QueueWorker) -> None:
     """Let running jobs finish; claim no new ones."""
     worker.allow_pick_jobs = False

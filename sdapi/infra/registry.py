@@ -9,12 +9,12 @@ import time
 from collections.abc import AsyncIterator, Iterable
 from typing import Any, Literal
 
-from pydantic import ValidationError
+from pydantic import Field, ValidationError
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
 from sdapi.contract.names import GPU_SERVICE, KNOWN_MODELS_KEY, KNOWN_MODELS_SEEN_KEY
-from sdapi.contract.nodes import GENERIC_LIMITS, ModelLimits, NodeInfo
+from sdapi.contract.nodes import GENERIC_LIMITS, LoraOffer, ModelLimits, NodeInfo
 from sdapi.infra.announcements import live_nodes
 from sdapi.infra.backoff import backoff_s
 from sdapi.infra.consul import consul_errors
@@ -51,6 +51,10 @@ class ModelOffer(ModelLimits):
     # ready: loaded on a healthy node; loadable: a healthy node has it on
     # disk (the first job waits for the load); waiting_for_node: none has.
     state: ModelState = "waiting_for_node"
+    # Every LoRA some node of the model has (the first node's entry per name).
+    loras: list[LoraOffer] = Field(default_factory=list)
+    # The base kind its LoRAs must be for ("" when no node said).
+    lora_kind: str = Field(default="", exclude=True)
 
     @classmethod
     def combine(cls, model: str, infos: list[NodeInfo]) -> ModelOffer:
@@ -58,26 +62,37 @@ class ModelOffer(ModelLimits):
         # Limits of nodes that loaded it are its own; others only guess.
         loaded = [info for info in infos if info.loaded]
         limits = ModelLimits.tightest(loaded or infos)
+        loras: dict[str, LoraOffer] = {}
+        for info in infos:
+            for lora in info.loras:
+                loras.setdefault(lora.name, lora)
         return cls(
             id=model,
             nodes=len(infos),
             available=True,
             kind=next((info.kind for info in infos if info.kind), ""),
             state="ready" if loaded else "loadable",
+            loras=sorted(loras.values(), key=lambda lora: lora.name),
+            lora_kind=next((i.lora_kind for i in infos if i.lora_kind), ""),
             **dict(limits),
         )
 
     @classmethod
     def offline(cls, model: str, last_seen: NodeInfo | None) -> ModelOffer:
-        """A configured model no healthy node serves right now."""
+        """A configured model no healthy node serves right now: the LoRAs its
+        last node announced stay accepted (the work waits for a node)."""
         limits = GENERIC_LIMITS if last_seen is None else last_seen.limits()
         kind = "" if last_seen is None else last_seen.kind
+        loras = [] if last_seen is None else last_seen.loras
+        lora_kind = "" if last_seen is None else last_seen.lora_kind
         return cls(
             id=model,
             nodes=0,
             available=False,
             kind=kind,
             state="waiting_for_node",
+            loras=loras,
+            lora_kind=lora_kind,
             **dict(limits),
         )
 

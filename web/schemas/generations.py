@@ -8,7 +8,13 @@ from uuid import UUID
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from sdapi.contract.payloads import SEED_MAX
+from sdapi.contract.payloads import (
+    LORA_NAME_PATTERN,
+    LORA_WEIGHT_MAX,
+    LORAS_MAX,
+    SEED_MAX,
+    LoraSpec,
+)
 from sdapi.contract.status import Status, Tier
 from web.schemas.base import RequestModel
 
@@ -37,6 +43,15 @@ def _or_null(schema: dict[str, Any]) -> None:
     """Publish that a text field also takes null (a before-validator reads it)."""
     text = {key: schema.pop(key) for key in ("type", "maxLength") if key in schema}
     schema["anyOf"] = [text, {"type": "null"}]
+
+
+class LoraRequest(RequestModel):
+    """A LoRA file the model's nodes have, and how strongly to apply it."""
+
+    name: str = Field(pattern=LORA_NAME_PATTERN)
+    weight: float = Field(
+        default=1.0, ge=-LORA_WEIGHT_MAX, le=LORA_WEIGHT_MAX, allow_inf_nan=False
+    )
 
 
 class GenerationRequest(RequestModel):
@@ -78,6 +93,12 @@ class GenerationRequest(RequestModel):
         description="a1111: AUTOMATIC1111's emphasis syntax, (word:1.3), "
         "(word) = x1.1, [word] = /1.1, \\( for a literal parenthesis, BREAK "
         "to start a new 75-token chunk; plain: the prompt taken literally.",
+    )
+    loras: list[LoraRequest] = Field(
+        default=[],
+        max_length=LORAS_MAX,
+        description="LoRAs to apply (see GET /api/v1/models); <lora:name:weight> "
+        "tags in the prompt are taken out of it and added here.",
     )
     delivery: Literal["download", "email"] | None = Field(
         default=None,
@@ -135,6 +156,8 @@ class ResolvedRequest(BaseModel):
     scheduler: str
     # Absent from requests stored before it existed: those read as "a1111".
     prompt_syntax: Literal["a1111", "plain"] = "a1111"
+    # With the SHA-256 their nodes announced (absent before LoRAs existed).
+    loras: list[LoraSpec] = []
     delivery: Literal["download", "email"]
     # The inputs as stored (cleaned PNGs), by SHA-256; the images themselves
     # are never served back.
