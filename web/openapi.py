@@ -571,12 +571,27 @@ def _form_schema(schema: dict[str, Any]) -> dict[str, Any]:
     """A body's schema as multipart form data carries it.
 
     A form field is text or a file, never null: an optional field is left out.
+    A list of objects has no form encoding, so a form cannot carry it (LoRAs
+    come as `<lora:name:weight>` tags in the prompt there): the field is left
+    out of the form's schema, and the server refuses it in a form.
     """
-    properties = schema.get("properties", {})
-    return {
-        **schema,
-        "properties": {name: _not_null(value) for name, value in properties.items()},
+    properties = {
+        name: _not_null(value)
+        for name, value in schema.get("properties", {}).items()
+        if not _is_object_list(_not_null(value))
     }
+    form = {**schema, "properties": properties}
+    required = [name for name in schema.get("required", []) if name in properties]
+    if required:
+        form["required"] = required
+    else:
+        form.pop("required", None)
+    return form
+
+
+def _is_object_list(schema: dict[str, Any]) -> bool:
+    items = schema.get("items", {}) if schema.get("type") == "array" else {}
+    return "$ref" in items or items.get("type") == "object"
 
 
 def _not_null(schema: dict[str, Any]) -> dict[str, Any]:

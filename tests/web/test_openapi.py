@@ -114,6 +114,16 @@ def test_multipart_bodies_have_no_null_fields(
     assert schema["properties"]["model"]["maxLength"] == 200
 
 
+def test_a_form_does_not_promise_a_list_of_objects(document: dict[str, Any]) -> None:
+    """LoRAs come as a JSON list; a form has no encoding for it (tags in the
+    prompt serve forms), so the form's schema leaves it out."""
+    json_body = _body_schema(document, "/api/v1/generations", "application/json")
+    form = _body_schema(document, "/api/v1/generations", "multipart/form-data")
+    assert "loras" in json_body["properties"]
+    assert "loras" not in form["properties"]
+    assert "prompt" in form["properties"]
+
+
 def test_the_verification_link_documents_its_html_pages(
     document: dict[str, Any],
 ) -> None:
