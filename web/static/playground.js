@@ -136,7 +136,10 @@ document.addEventListener("DOMContentLoaded", () => {
       showModelNote(model);
       fillLoraChoice();
     }
-    for (const run of unfinished()) noteQueued(run, run.position, undefined);
+    // While the socket is down, the runs say so instead.
+    if (socket && socket.readyState === WebSocket.OPEN) {
+      for (const run of unfinished()) noteQueued(run, run.position, undefined);
+    }
   }
 
   function pollModels() {
