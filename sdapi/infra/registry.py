@@ -53,8 +53,9 @@ class ModelOffer(ModelLimits):
     state: ModelState = "waiting_for_node"
     # Every LoRA some node of the model has (the first node's entry per name).
     loras: list[LoraOffer] = Field(default_factory=list)
-    # The base kind its LoRAs must be for ("" when no node said).
-    lora_kind: str = Field(default="", exclude=True)
+    # The base kind its LoRAs must be for ("" when no node said): a picker
+    # offers only the `loras` of this kind.
+    lora_kind: str = ""
 
     @classmethod
     def combine(cls, model: str, infos: list[NodeInfo]) -> ModelOffer:

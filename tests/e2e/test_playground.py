@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import io
 import re
 import shutil
 import uuid
@@ -35,6 +36,7 @@ from tests.e2e.conftest import (
     sdapi_env,
     start_services,
 )
+from tests.gpu_node.lora_support import write_lora
 from tests.support import until_sync
 
 pytestmark = pytest.mark.slow
@@ -53,6 +55,12 @@ CHROMIUM_ARGS = [
 REDIS_DB = 12
 PASSWORD = "correct horse battery"
 SHOTS = Path("/tmp/playground-shots")  # noqa: S108 (kept for a person to look at)
+# Web knows three models; the node serves two of them and keeps one loaded
+# (a RAM budget of 0), so the picker has one model in each state.
+WEB_MODELS = "tiny,other=tiny,spare=tiny"
+NODE_MODELS = "tiny,other=tiny"
+LORA = "fox-style"
+LORA_TRIGGERS = {"red fox": 9, "autumn": 4}
 
 
 @dataclass
@@ -85,26 +93,34 @@ def stack(
         "secret_key": "e2e-secret-key",
         "public_url": base_url,
     }
+    web_common = {**common, "models": WEB_MODELS}
     services = Services()
     services.add(
-        Service("web", "web", sdapi_env(**common, port=port, bcrypt_rounds=4), root)
+        Service("web", "web", sdapi_env(**web_common, port=port, bcrypt_rounds=4), root)
     )
     services.add(
         Service(
             "jobs",
             "jobs",
             sdapi_env(
-                **common, smtp_url=f"smtp://127.0.0.1:{smtp.port}", outbox_interval=0.2
+                **web_common,
+                smtp_url=f"smtp://127.0.0.1:{smtp.port}",
+                outbox_interval=0.2,
             ),
             root,
         )
     )
+    lora_dir = root / "loras"
+    lora_dir.mkdir()
+    write_lora(lora_dir / f"{LORA}.safetensors", seed=7, tags=LORA_TRIGGERS)
     node = node_env(
-        common,
+        {**common, "models": NODE_MODELS},
         e2e_model_dir,
         "playground-node",
         gpu_preview_every=1,
         gpu_progress_interval_s=0,
+        gpu_ram_budget_bytes=0,
+        lora_dir=lora_dir,
     )
     services.add(Service("gpu-node", "gpu-node", node, root))
     try:
@@ -462,3 +478,106 @@ def test_the_playground_fits_a_phone_and_works_by_keyboard(
     expect(run.locator(".images img")).to_have_attribute(
         "alt", re.compile("keyboard only")
     )
+
+
+def shot(page: Page, name: str) -> None:
+    """A screenshot for a person to look at, beside the fixture's last one."""
+    SHOTS.mkdir(exist_ok=True)
+    page.screenshot(path=str(SHOTS / f"{name}.png"), full_page=True)
+
+
+def test_the_model_picker_shows_each_models_state_and_follows_the_node(
+    visit: Visit, stack: Stack
+) -> None:
+    page = visit.page
+    account(stack, page, premium=True)
+    options = page.locator("#model option")
+    expect(options).to_have_text(
+        [
+            "other — loads on first use",
+            "spare — waiting for a GPU node",
+            "tiny — ready",
+        ]
+    )
+    # The page starts on a model that needs no wait.
+    expect(page.locator("#model")).to_have_value("tiny")
+    note = page.locator("#model-note")
+    expect(note).to_have_text(re.compile(r"^Ready on 1 GPU node\."))
+    page.locator("#model").select_option("other")
+    expect(note).to_contain_text("first image waits while the model loads")
+    page.locator("#model").select_option("spare")
+    expect(note).to_contain_text("No GPU node serves this model")
+    page.locator("#model").select_option("tiny")
+    shot(page, "model-picker-states")
+
+    # The node goes: the picker says so within a poll, and a run queued
+    # meanwhile says it waits for a node...
+    node = stack.services["gpu-node"]
+    node.stop()
+    try:
+        expect(options.last).to_have_text(
+            "tiny — waiting for a GPU node", timeout=30_000
+        )
+        expect(note).to_contain_text("No GPU node serves this model")
+        fill(page, prompt="while no node is up", width=64, height=64, steps=4)
+        page.get_by_role("button", name="Generate").click()
+        run = page.locator(".run").first
+        expect(run.locator(".run-note")).to_contain_text("Waiting for a GPU node")
+        shot(page, "model-picker-no-node")
+    finally:
+        node.start()
+    # ...and once it is back, the run finishes with no stale notice, and the
+    # picker says the model is ready again.
+    expect(run.locator(".status")).to_have_text("succeeded", timeout=90_000)
+    expect(run.locator(".run-note")).to_be_empty()
+    expect(options.last).to_have_text("tiny — ready", timeout=30_000)
+    expect(note).to_have_text(re.compile(r"^Ready on 1 GPU node\."))
+
+
+def test_a_lora_chosen_in_the_picker_reaches_the_request_and_the_image(
+    visit: Visit, stack: Stack
+) -> None:
+    from PIL import Image
+
+    page = visit.page
+    account(stack, page, premium=True)
+    expect(page.locator("#lora-choice option")).to_have_text([LORA])
+    page.get_by_role("button", name="Add LoRA").click()
+    row = page.locator("#lora-list .lora")
+    expect(row).to_have_count(1)
+    expect(row.locator(".lora-name")).to_have_text(LORA)
+    expect(row.locator(".lora-triggers")).to_have_text("Trigger words: red fox, autumn")
+    weight = page.get_by_label(f"Weight of {LORA}")
+    expect(weight).to_have_value("1")
+    expect(weight).to_be_focused()
+    weight.fill("0.8")
+    # Its one LoRA is taken: nothing more to add.
+    expect(page.get_by_role("button", name="Add LoRA")).to_be_disabled()
+    fill(page, prompt="a red fox", width=64, height=64, steps=4)
+    shot(page, "lora-picker-chosen")
+    with page.expect_request(
+        lambda req: req.url.endswith("/api/v1/generations") and req.method == "POST"
+    ) as sent:
+        page.get_by_role("button", name="Generate").click()
+    assert sent.value.post_data_json["loras"] == [{"name": LORA, "weight": 0.8}]
+    run = page.locator(".run").first
+    expect(run.locator(".status")).to_have_text("succeeded", timeout=60_000)
+    expect(run.locator(".run-meta")).to_contain_text(f"LoRA {LORA} 0.8")
+    href = run.get_by_role("link", name="Download").get_attribute("href")
+    png = page.request.get(href)
+    assert png.ok
+    with Image.open(io.BytesIO(png.body())) as image:
+        parameters = image.info["parameters"]
+    assert f"<lora:{LORA}:0.8>" in parameters
+    assert "Lora hashes:" in parameters
+
+    # Removed by keyboard, then "Use these settings again" brings it back.
+    page.get_by_role("button", name=f"Remove {LORA}").press("Enter")
+    expect(row).to_have_count(0)
+    expect(page.get_by_role("button", name="Add LoRA")).to_be_enabled()
+    run.get_by_role("button", name="Use these settings again").click()
+    expect(row).to_have_count(1)
+    expect(page.get_by_label(f"Weight of {LORA}")).to_have_value("0.8")
+    page.set_viewport_size({"width": 390, "height": 844})
+    assert page.evaluate("document.documentElement.scrollWidth <= window.innerWidth")
+    shot(page, "lora-picker-phone")

@@ -1,6 +1,8 @@
 // The playground: submits over REST, follows premium runs over the live
 // WebSocket (reconnecting and re-subscribing when it drops; the server
-// replays what was missed), one card per run.
+// replays what was missed), one card per run. The model picker follows the
+// models' state (polled while the page is visible); LoRAs of the chosen
+// model go with the request.
 "use strict";
 
 document.addEventListener("DOMContentLoaded", () => {
@@ -18,6 +20,22 @@ document.addEventListener("DOMContentLoaded", () => {
   const clearInputs = document.getElementById("clear-inputs");
   let socket = null;
   let retryMs = 1000;
+  // Often enough to notice a GPU node coming or going, rare enough to cost
+  // nothing: one small GET while the page is on screen.
+  const MODELS_POLL_MS = 10000;
+  const MAX_LORAS = 4;
+  const STATE_LABELS = {
+    ready: "ready",
+    loadable: "loads on first use",
+    waiting_for_node: "waiting for a GPU node",
+  };
+  const loraChoice = document.getElementById("lora-choice");
+  const loraAdd = document.getElementById("lora-add");
+  const loraList = document.getElementById("lora-list");
+  const loraNote = document.getElementById("lora-note");
+  const loraTemplate = document.getElementById("lora-template");
+  // The chosen LoRAs, in order: { name, row } (the row holds the weight).
+  const chosenLoras = [];
 
   // --- the form ------------------------------------------------------------
 
@@ -27,6 +45,34 @@ document.addEventListener("DOMContentLoaded", () => {
       form.seed.value = String(Math.floor(Math.random() * 4294967295));
     }
   });
+
+  function stateOf(model) {
+    if (model.state) return model.state;
+    return model.available ? "ready" : "waiting_for_node";
+  }
+
+  function modelLabel(model) {
+    return model.id + " — " + (STATE_LABELS[stateOf(model)] || stateOf(model));
+  }
+
+  function showModelNote(model) {
+    const note = document.getElementById("model-note");
+    const nodes = model.nodes + (model.nodes === 1 ? " GPU node" : " GPU nodes");
+    const size = " Up to " + model.max_width + "×" + model.max_height + ".";
+    switch (stateOf(model)) {
+      case "ready":
+        note.textContent = "Ready on " + nodes + "." + size;
+        break;
+      case "loadable":
+        note.textContent = "On " + nodes + " but not loaded: the first image waits "
+          + "while the model loads." + size;
+        break;
+      default:
+        note.textContent = "No GPU node serves this model right now: requests wait in "
+          + "the queue until one starts.";
+    }
+    note.dataset.state = stateOf(model);
+  }
 
   function applyModel(keepValues) {
     const model = models[form.model.value];
@@ -43,28 +89,158 @@ document.addEventListener("DOMContentLoaded", () => {
       form.steps.value = String(model.default_steps);
       form.guidance_scale.value = String(model.default_guidance);
     }
-    const note = document.getElementById("model-note");
-    note.textContent = model.available
-      ? model.nodes + (model.nodes === 1 ? " GPU node" : " GPU nodes") + " ready; up to "
-        + model.max_width + "×" + model.max_height + "."
-      : "No GPU node is up right now: requests wait in the queue until one starts.";
+    showModelNote(model);
+    keepLorasOf(model);
+    fillLoraChoice();
   }
 
-  async function loadModels() {
+  // Updates the picker in place (a refresh must not reset what the user set,
+  // nor close a select that is open when the list is the same).
+  async function loadModels(first) {
     const result = await sdapi.api("GET", "/api/v1/models");
     if (!result.ok) {
-      sdapi.showErrors(form, result);
+      if (first) sdapi.showErrors(form, result);
       return;
     }
+    const previous = models;
     models = {};
-    form.model.replaceChildren();
-    for (const model of result.data.items) {
-      models[model.id] = model;
-      const label = model.available ? model.id : model.id + " (waiting for a GPU)";
-      form.model.append(sdapi.el("option", { value: model.id }, label));
+    for (const model of result.data.items) models[model.id] = model;
+    const ids = result.data.items.map((model) => model.id);
+    const options = [...form.model.options];
+    const same = options.length === ids.length
+      && options.every((option, i) => option.value === ids[i]);
+    if (same) {
+      options.forEach((option, i) => {
+        const label = modelLabel(models[ids[i]]);
+        if (option.textContent !== label) option.textContent = label;
+      });
+    } else {
+      const selected = form.model.value;
+      form.model.replaceChildren(
+        ...ids.map((id) => sdapi.el("option", { value: id }, modelLabel(models[id])))
+      );
+      if (models[selected]) {
+        form.model.value = selected;
+      } else {
+        // At first a model that needs no wait: a ready one, else a loadable one.
+        const best = ["ready", "loadable"]
+          .map((state) => ids.find((id) => stateOf(models[id]) === state))
+          .find((id) => id !== undefined);
+        if (best !== undefined) form.model.value = best;
+      }
     }
-    applyModel(false);
+    const model = models[form.model.value];
+    if (first || !previous[form.model.value]) {
+      applyModel(false);
+    } else if (model) {
+      showModelNote(model);
+      fillLoraChoice();
+    }
+    // While the socket is down, the runs say so instead.
+    if (socket && socket.readyState === WebSocket.OPEN) {
+      for (const run of unfinished()) noteQueued(run, run.position, undefined);
+    }
   }
+
+  function pollModels() {
+    window.setInterval(() => {
+      if (!document.hidden) loadModels(false);
+    }, MODELS_POLL_MS);
+    document.addEventListener("visibilitychange", () => {
+      if (!document.hidden) loadModels(false);
+    });
+  }
+
+  // --- LoRAs -----------------------------------------------------------------
+
+  function lorasOf(model) {
+    if (!model || !model.loras) return [];
+    // The API lists every LoRA of the model's nodes; only those made for
+    // the model's base fit it (the server refuses the others).
+    const base = model.lora_kind || "";
+    return model.loras.filter((lora) => !base || lora.kind === base);
+  }
+
+  function loraInfo(name) {
+    return lorasOf(models[form.model.value]).find((lora) => lora.name === name);
+  }
+
+  function fillLoraChoice() {
+    const taken = new Set(chosenLoras.map((entry) => entry.name));
+    const free = lorasOf(models[form.model.value]).filter((lora) => !taken.has(lora.name));
+    const selected = loraChoice.value;
+    const full = chosenLoras.length >= MAX_LORAS;
+    const none = !lorasOf(models[form.model.value]).length;
+    if (free.length && !full) {
+      loraChoice.replaceChildren(
+        ...free.map((lora) => sdapi.el("option", { value: lora.name }, lora.name))
+      );
+      if (free.some((lora) => lora.name === selected)) loraChoice.value = selected;
+    } else {
+      // A disabled select still says why there is nothing to pick.
+      const why = none ? "none for this model" : full ? "at most " + MAX_LORAS : "all added";
+      loraChoice.replaceChildren(sdapi.el("option", { value: "" }, "(" + why + ")"));
+    }
+    loraChoice.disabled = !free.length || full;
+    loraAdd.disabled = !free.length || full;
+    if (full) {
+      loraNote.textContent = "At most " + MAX_LORAS + " LoRAs per image.";
+    } else if (none) {
+      loraNote.textContent = "No LoRA is available for this model.";
+    } else {
+      loraNote.textContent = "";
+    }
+  }
+
+  function addLora(name, weight) {
+    if (chosenLoras.some((entry) => entry.name === name)) return null;
+    const row = loraTemplate.content.firstElementChild.cloneNode(true);
+    const id = "lora-weight-" + chosenLoras.length + "-" + Date.now();
+    row.querySelector(".lora-name").textContent = name;
+    const input = row.querySelector("input");
+    input.id = id;
+    input.name = "lora-weight";
+    input.value = String(weight);
+    input.setAttribute("aria-label", "Weight of " + name + " (-4 to 4)");
+    const info = loraInfo(name);
+    const triggers = row.querySelector(".lora-triggers");
+    if (info && info.trigger_words && info.trigger_words.length) {
+      triggers.textContent = "Trigger words: " + info.trigger_words.join(", ");
+    }
+    const entry = { name, row, input };
+    const remove = row.querySelector(".remove");
+    remove.setAttribute("aria-label", "Remove " + name);
+    remove.addEventListener("click", () => {
+      chosenLoras.splice(chosenLoras.indexOf(entry), 1);
+      row.remove();
+      fillLoraChoice();
+      loraChoice.focus();
+    });
+    chosenLoras.push(entry);
+    loraList.append(row);
+    fillLoraChoice();
+    return entry;
+  }
+
+  function clearLoras() {
+    chosenLoras.splice(0).forEach((entry) => entry.row.remove());
+  }
+
+  // A LoRA made for another model's base is dropped when the model changes.
+  function keepLorasOf(model) {
+    const names = new Set(lorasOf(model).map((lora) => lora.name));
+    const dropped = chosenLoras.filter((entry) => !names.has(entry.name));
+    for (const entry of dropped) {
+      chosenLoras.splice(chosenLoras.indexOf(entry), 1);
+      entry.row.remove();
+    }
+  }
+
+  loraAdd.addEventListener("click", () => {
+    if (!loraChoice.value) return;
+    const entry = addLora(loraChoice.value, 1);
+    if (entry) entry.input.focus();
+  });
 
   form.model.addEventListener("change", () => applyModel(false));
 
@@ -126,6 +302,12 @@ document.addEventListener("DOMContentLoaded", () => {
     if (!randomSeed.checked && form.seed.value !== "") {
       body.seed = Number.parseInt(form.seed.value, 10);
     }
+    if (chosenLoras.length) {
+      body.loras = chosenLoras.map((entry) => ({
+        name: entry.name,
+        weight: entry.input.value === "" ? 1 : Number.parseFloat(entry.input.value),
+      }));
+    }
     if (inputs.init_image) body.init_image = inputs.init_image;
     if (inputs.mask) body.mask = inputs.mask;
     if ((inputs.init_image || inputs.mask) && form.strength.value !== "") {
@@ -159,6 +341,9 @@ document.addEventListener("DOMContentLoaded", () => {
     randomSeed.checked = false;
     form.seed.disabled = false;
     form.seed.value = String(request.seed);
+    clearLoras();
+    for (const lora of request.loras || []) addLora(lora.name, lora.weight);
+    fillLoraChoice();
     form.prompt.focus();
     window.scrollTo({ top: 0, behavior: "smooth" });
   }
@@ -208,8 +393,15 @@ document.addEventListener("DOMContentLoaded", () => {
     follow(run);
   }
 
+  // `waiting` undefined: as the model's state says now (the picker's poll).
   function noteQueued(run, position, waiting) {
+    run.position = position;
     if (run.status !== "queued") return;
+    if (waiting === undefined) {
+      const model = models[run.request.model];
+      if (!model) return;
+      waiting = stateOf(model) === "waiting_for_node";
+    }
     const place = position === null || position === undefined ? "" : " (position " + (position + 1) + ")";
     part(run, ".run-note").textContent = waiting
       ? "Waiting for a GPU node to start" + place + "…"
@@ -255,6 +447,7 @@ document.addEventListener("DOMContentLoaded", () => {
     start.addEventListener("click", () => useAsStart(run, frame.index));
     caption.replaceChildren(link, document.createTextNode(" · seed " + frame.seed + " · "), start);
     part(run, ".preview").hidden = true;
+    part(run, ".run-note").textContent = "";
   }
 
   function finish(run, frame) {
@@ -264,7 +457,9 @@ document.addEventListener("DOMContentLoaded", () => {
     if (frame.status === "succeeded") {
       part(run, ".run-note").textContent = "";
       part(run, ".run-meta").textContent = "Seed " + request.seed + " · " + request.steps + " steps · "
-        + request.width + "×" + request.height + " · " + request.scheduler + " · took " + seconds + " s";
+        + request.width + "×" + request.height + " · " + request.scheduler
+        + (request.loras || []).map((lora) => " · LoRA " + lora.name + " " + lora.weight).join("")
+        + " · took " + seconds + " s";
     } else if (frame.status === "failed") {
       part(run, ".run-note").textContent = "Failed: " + (frame.error ? frame.error.message : "unknown reason");
     } else {
@@ -354,5 +549,6 @@ document.addEventListener("DOMContentLoaded", () => {
     });
   }
 
-  loadModels();
+  loadModels(true);
+  pollModels();
 });
