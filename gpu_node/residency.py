@@ -169,8 +169,9 @@ class ModelResidency:
     async def using(
         self, model: str, *, premium: bool, on_load: Callable[[], None] | None = None
     ) -> AsyncIterator[tuple[Engine, float | None]]:
-        """The loaded `model` (loaded now if need be) and its load seconds,
-        None if it was loaded already; it is not unloaded until the block ends."""
+        """The loaded `model` (loaded now if need be) and the seconds waited
+        for it, None if it was loaded already (`on_load` is called first then);
+        it is not unloaded until the block ends."""
         slot = self.slots.get(model)
         if slot is None:
             raise KeyError(model)
@@ -191,11 +192,14 @@ class ModelResidency:
     ) -> float | None:
         if slot.engine is not None:
             return None
+        # Told before the lock: a job waiting on another load of its model
+        # (or on another model's load) waits for its model all the same.
+        if on_load is not None:
+            on_load()
+        waiting = time.monotonic()
         async with self._lock:
             if slot.engine is not None:
-                return None
-            if on_load is not None:
-                on_load()
+                return time.monotonic() - waiting
             self._make_room(slot)
             started = time.monotonic()
             log.info("loading model %s", slot.name)
@@ -211,7 +215,7 @@ class ModelResidency:
             self._metrics.model_loaded.labels(slot.name).set(1)
             log.info("loaded model %s in %.2f s", slot.name, seconds)
             self.changed.set()
-            return seconds
+            return time.monotonic() - waiting
 
     def _make_room(self, incoming: ModelSlot) -> None:
         """Unload least recently used idle models until `incoming` fits."""
