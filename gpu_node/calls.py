@@ -165,3 +165,9 @@ class Engine(Protocol):
 
     def memory_stats(self) -> dict[str, int]:
         """Device memory in bytes (allocated, reserved, peak, total); {} on CPU."""
+
+    def to_host(self) -> None:
+        """Move the weights to host RAM (blocking: on the GPU thread)."""
+
+    def to_device(self) -> None:
+        """Move the weights back to the device (blocking: on the GPU thread)."""

@@ -301,7 +301,7 @@ class GpuNode:
                     memory_bytes=primary.memory_bytes,
                     health_url=self._health_url,
                     kind=slot.kind,
-                    loaded=slot.engine is not None,
+                    loaded=models.loaded(name),
                     lora_kind=profile.lora_kind if profile else "",
                     loras=self._loras.offers(),
                     **dict(limits),

@@ -290,6 +290,17 @@ class DiffusersEngine:
         with self._count_lock:
             return len(token_windows(self._count_tokenizer, chunks, self._window))
 
+    def to_host(self) -> None:
+        """Move the weights to host RAM, freeing their device memory."""
+        if self._device.type == "cpu":
+            return
+        self._base.to("cpu")
+        torch.cuda.empty_cache()
+
+    def to_device(self) -> None:
+        """Move the weights back from host RAM."""
+        self._base.to(self._device)
+
     def memory_stats(self) -> dict[str, int]:
         """Device memory in bytes; {} on CPU."""
         if self._device.type != "cuda":

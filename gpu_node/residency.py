@@ -2,10 +2,14 @@
 
 A node serves a catalogue (SDAPI_MODELS). As many models stay loaded as their
 weights fit in the memory budget (SDAPI_GPU_MEMORY_FRACTION of the device, or
-SDAPI_GPU_RAM_BUDGET_BYTES on CPU); loading one more unloads the least
-recently used models that are not running a call. The model in use is never
-unloaded, so one model is always served whatever the budget. Loads run on the
-GPU thread, one at a time, between pipeline calls.
+SDAPI_GPU_RAM_BUDGET_BYTES on CPU); loading one more moves the least
+recently used models that are not running a call out of the device. On a GPU
+they go to host RAM first (`Engine.to_host`), from where they come back
+faster than from disk, and are dropped once the models in host RAM are over
+SDAPI_GPU_HOST_RAM_BUDGET_BYTES; on CPU, device and host memory are one, so
+they are dropped at once. The model in use is never unloaded, so one model is
+always served whatever the budget. Loads and moves run on the GPU thread, one
+at a time, between pipeline calls.
 """
 
 from __future__ import annotations
@@ -14,6 +18,7 @@ import asyncio
 import contextlib
 import json
 import logging
+import os
 import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
@@ -73,6 +78,8 @@ class ModelSlot:
     profile: ModelProfile | None = None
     last_used: float = 0.0
     in_use: int = 0
+    # Its engine is in host RAM, not on the device (a GPU node only).
+    on_host: bool = False
 
     @property
     def name(self) -> str:
@@ -131,8 +138,13 @@ class ModelResidency:
             slot.footprint = weights_bytes(path)
 
     def loaded(self, model: str) -> bool:
+        """Whether `model` is on the device, ready without a load."""
         slot = self.slots.get(model)
-        return slot is not None and slot.engine is not None
+        return slot is not None and slot.engine is not None and not slot.on_host
+
+    def on_host(self, model: str) -> bool:
+        slot = self.slots.get(model)
+        return slot is not None and slot.engine is not None and slot.on_host
 
     def profile(self, model: str) -> ModelProfile | None:
         slot = self.slots.get(model)
@@ -150,12 +162,24 @@ class ModelResidency:
             return settings.gpu_ram_budget_bytes
         return int(device.memory_bytes * settings.gpu_memory_fraction)
 
+    def host_budget_bytes(self) -> int | None:
+        """What models moved to host RAM may take; None: no host tier (CPU)."""
+        device = next(
+            (s.profile for s in self.slots.values() if s.profile is not None), None
+        )
+        if device is None or device.device == "cpu":
+            return None
+        budget = self._settings.gpu_host_ram_budget_bytes
+        if budget is not None:
+            return budget
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // 2
+
     def fits(self, model: str) -> bool:
         """Whether `model` could be loaded beside the loaded ones."""
         budget = self.budget_bytes()
         if budget is None:
             return True
-        used = sum(s.footprint for s in self.slots.values() if s.engine is not None)
+        used = sum(s.footprint for s in self.slots.values() if self.loaded(s.name))
         return used + self.slots[model].footprint <= budget
 
     def adopt(self, engine: Engine) -> None:
@@ -190,7 +214,7 @@ class ModelResidency:
     async def _ensure(
         self, slot: ModelSlot, premium: bool, on_load: Callable[[], None] | None
     ) -> float | None:
-        if slot.engine is not None:
+        if self.loaded(slot.name):
             return None
         # Told before the lock: a job waiting on another load of its model
         # (or on another model's load) waits for its model all the same.
@@ -198,9 +222,24 @@ class ModelResidency:
             on_load()
         waiting = time.monotonic()
         async with self._lock:
-            if slot.engine is not None:
+            if self.loaded(slot.name):
                 return time.monotonic() - waiting
-            self._make_room(slot)
+            await self._make_room(slot, premium)
+            engine = slot.engine
+            if engine is not None and slot.on_host:
+                started = time.monotonic()
+                await asyncio.wrap_future(
+                    self._executor.submit(engine.to_device, premium=premium)
+                )
+                slot.on_host = False
+                self._metrics.model_loaded.labels(slot.name).set(1)
+                log.info(
+                    "moved model %s back from host RAM in %.2f s",
+                    slot.name,
+                    time.monotonic() - started,
+                )
+                self.changed.set()
+                return time.monotonic() - waiting
             started = time.monotonic()
             log.info("loading model %s", slot.name)
             location = slot.location
@@ -209,7 +248,7 @@ class ModelResidency:
             )
             engine = await asyncio.wrap_future(future)
             seconds = time.monotonic() - started
-            slot.engine, slot.profile = engine, engine.profile
+            slot.engine, slot.profile, slot.on_host = engine, engine.profile, False
             self._metrics.model_loads.labels(slot.name).inc()
             self._metrics.model_load_seconds.observe(seconds)
             self._metrics.model_loaded.labels(slot.name).set(1)
@@ -217,13 +256,14 @@ class ModelResidency:
             self.changed.set()
             return time.monotonic() - waiting
 
-    def _make_room(self, incoming: ModelSlot) -> None:
-        """Unload least recently used idle models until `incoming` fits."""
+    async def _make_room(self, incoming: ModelSlot, premium: bool) -> None:
+        """Move least recently used idle models off the device until
+        `incoming` fits: to host RAM where there is a host tier, else out."""
         while not self.fits(incoming.name):
             idle = [
                 s
                 for s in self.slots.values()
-                if s.engine is not None and s.in_use == 0 and s is not incoming
+                if self.loaded(s.name) and s.in_use == 0 and s is not incoming
             ]
             if not idle:
                 # Every loaded model runs a call: it goes over the budget
@@ -231,10 +271,37 @@ class ModelResidency:
                 log.warning("models in use exceed the memory budget")
                 return
             victim = min(idle, key=lambda s: s.last_used)
-            victim.engine = None
+            engine = victim.engine
             self._metrics.model_loaded.labels(victim.name).set(0)
-            log.info("unloaded model %s (least recently used)", victim.name)
             self.changed.set()
+            host_budget = self.host_budget_bytes()
+            if engine is None or host_budget is None or host_budget == 0:
+                victim.engine = None
+                log.info("unloaded model %s (least recently used)", victim.name)
+                continue
+            # Marked first: a job for it that starts meanwhile waits for the
+            # lock and moves it back instead of running beside the move.
+            victim.on_host = True
+            await asyncio.wrap_future(
+                self._executor.submit(engine.to_host, premium=premium)
+            )
+            log.info("moved model %s to host RAM (least recently used)", victim.name)
+            self._trim_host(host_budget, incoming)
+
+    def _trim_host(self, budget: int, incoming: ModelSlot) -> None:
+        """Drop the least recently used models in host RAM while over `budget`
+        (`incoming`, on its way back to the device, stays)."""
+        while True:
+            held = [
+                s
+                for s in self.slots.values()
+                if self.on_host(s.name) and s is not incoming
+            ]
+            if not held or sum(s.footprint for s in held) <= budget:
+                return
+            victim = min(held, key=lambda s: s.last_used)
+            victim.engine, victim.on_host = None, False
+            log.info("dropped model %s from host RAM (least used)", victim.name)
 
     async def preload(self) -> None:
         """Load, in catalogue order, the models that fit the budget now."""
