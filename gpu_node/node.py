@@ -18,7 +18,7 @@ from typing import Any
 
 from gpu_node import residency
 from gpu_node.announcer import Announcer
-from gpu_node.calls import Engine
+from gpu_node.calls import Engine, SharedComponents
 from gpu_node.executor import GpuExecutor
 from gpu_node.health import NodeMetrics, start_health_server
 from gpu_node.lora_watch import watch_loras
@@ -86,7 +86,7 @@ def prepare_models(settings: GpuNodeSettings) -> list[ModelLocation]:
 def engine_loader(settings: GpuNodeSettings) -> residency.Loader:
     """Loads one prepared model with the node's settings (blocking)."""
 
-    def load(location: ModelLocation) -> Engine:
+    def load(location: ModelLocation, shared: SharedComponents) -> Engine:
         # diffusers' pipelines import CLIPImageProcessor; without torchvision
         # (a node needs none) transformers warns at every start that it uses
         # the PIL version instead, which is the one we want.
@@ -100,6 +100,7 @@ def engine_loader(settings: GpuNodeSettings) -> residency.Loader:
             max_size=settings.gpu_max_size,
             default_steps=settings.gpu_default_steps,
             default_scheduler=settings.gpu_default_scheduler,
+            shared=shared,
         )
 
     return load
@@ -108,7 +109,7 @@ def engine_loader(settings: GpuNodeSettings) -> residency.Loader:
 def load_model_engine(settings: GpuNodeSettings) -> Engine:
     """Prepare and load the node's first model (blocking)."""
     location = prepare_models(settings)[0]
-    return engine_loader(settings)(location)
+    return engine_loader(settings)(location, SharedComponents({}, {}))
 
 
 class GpuNode:

@@ -10,6 +10,10 @@ SDAPI_GPU_HOST_RAM_BUDGET_BYTES; on CPU, device and host memory are one, so
 they are dropped at once. The model in use is never unloaded, so one model is
 always served whatever the budget. Loads and moves run on the GPU thread, one
 at a time, between pipeline calls.
+
+Components with identical weights (a VAE of the same hash) are loaded once
+and shared by the models of a diffusers folder (`SharedComponents`), and
+counted once against the budget.
 """
 
 from __future__ import annotations
@@ -20,12 +24,21 @@ import json
 import logging
 import os
 import time
+import weakref
 from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
+from typing import Any
 
 from gpu_node import checkpoints, weights
-from gpu_node.calls import Engine, ModelError, ModelProfile
+from gpu_node.calls import (
+    SHAREABLE_COMPONENTS,
+    Engine,
+    ModelError,
+    ModelProfile,
+    SharedComponents,
+)
 from gpu_node.executor import GpuExecutor
 from gpu_node.health import NodeMetrics
 from gpu_node.settings import GpuNodeSettings
@@ -35,8 +48,9 @@ from sdapi.contract.nodes import GENERIC_LIMITS, ModelLimits
 
 log = logging.getLogger(__name__)
 
-# Loads a prepared model (blocking; called on the GPU thread).
-Loader = Callable[[ModelLocation], Engine]
+# Loads a prepared model, reusing the shared components it can (blocking;
+# called on the GPU thread).
+Loader = Callable[[ModelLocation, SharedComponents], Engine]
 
 
 def folder_kind(folder: Path) -> str:
@@ -80,6 +94,11 @@ class ModelSlot:
     in_use: int = 0
     # Its engine is in host RAM, not on the device (a GPU node only).
     on_host: bool = False
+    # Its weights' bytes by part: shareable components by the hash of their
+    # weights (the same key in two models is one module), the rest its own.
+    parts: dict[str, int] = field(default_factory=dict)
+    # Shareable component name -> its key in `parts`.
+    shared_keys: dict[str, str] = field(default_factory=dict)
 
     @property
     def name(self) -> str:
@@ -122,6 +141,10 @@ class ModelResidency:
         self._loader = loader
         self._lock = asyncio.Lock()
         self.changed = asyncio.Event()
+        # Weak: a shared module goes with the last engine that holds it.
+        self.components: weakref.WeakValueDictionary[str, Any] = (
+            weakref.WeakValueDictionary()
+        )
 
     @property
     def primary(self) -> str:
@@ -136,6 +159,17 @@ class ModelResidency:
             else:
                 slot.kind = folder_kind(path)
             slot.footprint = weights_bytes(path)
+            own = slot.footprint
+            if path.is_dir():
+                for name in SHAREABLE_COMPONENTS:
+                    if not any((path / name).glob("*.safetensors")):
+                        continue
+                    key = f"{name}:{weights.weights_hash(path / name)}"
+                    size = weights_bytes(path / name)
+                    slot.shared_keys[name] = key
+                    slot.parts[key] = size
+                    own -= size
+            slot.parts[f"{slot.name}:own"] = max(own, 0)
 
     def loaded(self, model: str) -> bool:
         """Whether `model` is on the device, ready without a load."""
@@ -174,13 +208,20 @@ class ModelResidency:
             return budget
         return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // 2
 
+    def device_bytes(self, *also: str) -> int:
+        """Weights on the device, shared components once, with models `also`."""
+        parts: dict[str, int] = {}
+        for slot in self.slots.values():
+            if self.loaded(slot.name) or slot.name in also:
+                parts.update(slot.parts or {f"{slot.name}:own": slot.footprint})
+        return sum(parts.values())
+
     def fits(self, model: str) -> bool:
         """Whether `model` could be loaded beside the loaded ones."""
         budget = self.budget_bytes()
         if budget is None:
             return True
-        used = sum(s.footprint for s in self.slots.values() if self.loaded(s.name))
-        return used + self.slots[model].footprint <= budget
+        return self.device_bytes(model) <= budget
 
     def adopt(self, engine: Engine) -> None:
         """Take a model loaded elsewhere (tests share one engine)."""
@@ -243,8 +284,9 @@ class ModelResidency:
             started = time.monotonic()
             log.info("loading model %s", slot.name)
             location = slot.location
+            shared = SharedComponents(slot.shared_keys, self.components)
             future = self._executor.submit(
-                lambda: self._loader(location), premium=premium
+                lambda: self._loader(location, shared), premium=premium
             )
             engine = await asyncio.wrap_future(future)
             seconds = time.monotonic() - started
@@ -282,11 +324,22 @@ class ModelResidency:
             # Marked first: a job for it that starts meanwhile waits for the
             # lock and moves it back instead of running beside the move.
             victim.on_host = True
+            keep = self._shared_on_device(victim)
             await asyncio.wrap_future(
-                self._executor.submit(engine.to_host, premium=premium)
+                self._executor.submit(partial(engine.to_host, keep), premium=premium)
             )
             log.info("moved model %s to host RAM (least recently used)", victim.name)
             self._trim_host(host_budget, incoming)
+
+    def _shared_on_device(self, slot: ModelSlot) -> set[str]:
+        """`slot`'s components that a model on the device shares."""
+        keys = {
+            key
+            for other in self.slots.values()
+            if other is not slot and self.loaded(other.name)
+            for key in other.shared_keys.values()
+        }
+        return {name for name, key in slot.shared_keys.items() if key in keys}
 
     def _trim_host(self, budget: int, incoming: ModelSlot) -> None:
         """Drop the least recently used models in host RAM while over `budget`

@@ -2,16 +2,23 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Collection
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from gpu_node.calls import Engine, ModelProfile, PipelineCall, StepObserver
+from gpu_node.calls import (
+    Engine,
+    ModelProfile,
+    PipelineCall,
+    SharedComponents,
+    StepObserver,
+)
 from gpu_node.executor import GpuExecutor
 from gpu_node.health import NodeMetrics
-from gpu_node.residency import ModelResidency
+from gpu_node.residency import ModelResidency, weights_bytes
 from gpu_node.weights import ModelLocation
 from sdapi.contract.nodes import GENERIC_LIMITS
 from tests.gpu_node.conftest import node_settings
@@ -48,7 +55,7 @@ class CountingEngine:
     def memory_stats(self) -> dict[str, int]:
         return {}
 
-    def to_host(self) -> None:
+    def to_host(self, keep: Collection[str] = ()) -> None:
         self.moves.append("host")
 
     def to_device(self) -> None:
@@ -62,7 +69,7 @@ async def residency(
     """Four 4 GiB models on a device whose budget (80% of 10 GiB) holds two."""
     loads: list[str] = []
 
-    def load(location: ModelLocation) -> Engine:
+    def load(location: ModelLocation, shared: SharedComponents) -> Engine:
         loads.append(location.model_id)
         return CountingEngine(location.model_id, device)
 
@@ -133,3 +140,46 @@ async def test_a_cpu_node_drops_models_without_a_host_tier(tmp_path: Path) -> No
             await use(models, name)
         assert places(models) == {"a": "out", "b": "device", "c": "device", "d": "out"}
         assert loads() == ["a", "b", "c"]
+
+
+async def test_two_models_with_the_same_vae_share_it_and_count_it_once(
+    models_dir: Path,
+) -> None:
+    from gpu_node import pipeline
+    from gpu_node.node import engine_loader, prepare_models
+
+    folder = prepare_models(node_settings(models_dir, "redis://unused"))[0].path
+    whole, vae_bytes = weights_bytes(folder), weights_bytes(folder / "vae")
+    # A budget that holds both models only if their VAE counts once.
+    settings = node_settings(
+        models_dir,
+        "redis://unused",
+        models="tiny,other=tiny",
+        gpu_ram_budget_bytes=2 * whole - vae_bytes,
+    )
+    executor = GpuExecutor(name="test-gpu")
+    try:
+        models = ModelResidency(
+            settings,
+            prepare_models(settings),
+            executor,
+            NodeMetrics(),
+            engine_loader(settings),
+        )
+        await asyncio.to_thread(models.inspect)
+        tiny, other = models.slots["tiny"], models.slots["other"]
+        vae = tiny.shared_keys["vae"]
+        assert other.shared_keys["vae"] == vae
+        assert tiny.parts[vae] == vae_bytes
+        async with (
+            models.using("tiny", premium=False) as (first, _),
+            models.using("other", premium=False) as (second, _),
+        ):
+            assert isinstance(first, pipeline.DiffusersEngine)
+            assert isinstance(second, pipeline.DiffusersEngine)
+            assert second.base.vae is first.base.vae
+            assert second.base.unet is not first.base.unet
+            assert models.device_bytes() == 2 * whole - vae_bytes
+        assert models.loaded("tiny") and models.loaded("other")
+    finally:
+        executor.shutdown()
