@@ -46,6 +46,7 @@ from sdapi.infra.queue import (
     Task,
     create_queue_pool,
     is_running,
+    jobs_due,
     new_worker,
     poll_when_woken,
     queue_depth,
@@ -325,6 +326,17 @@ class GpuNode:
         if running:
             return None
         models = self._models
+        # Premium first across models: while the premium tier is free and a
+        # premium job of any model waits here, a batch would take the device
+        # (a load, the first steps) ahead of it; let the premium worker claim.
+        if (
+            not premium
+            and not any(is_running(worker) for worker in self._tier_workers(True))
+            and await jobs_due(
+                self.resources.redis, [premium_queue(name) for name in models.slots]
+            )
+        ):
+            return None
         if models.loaded(model) or len(models.slots) == 1:
             return 0.0
         settings = self.settings
