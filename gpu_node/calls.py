@@ -8,10 +8,10 @@ torch.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Collection, Mapping
+from collections.abc import Callable, Collection, Mapping, MutableMapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from sdapi.contract.nodes import ModelLimits
 from sdapi.contract.payloads import Mode
@@ -150,6 +150,26 @@ class ModelProfile:
     lora_kind: str = ""
 
 
+# Components a node's models may share when their weights are identical. Not
+# the text encoders: LoRA adapters are injected into them, and one model's
+# active adapters would change another's images.
+SHAREABLE_COMPONENTS = ("vae",)
+
+
+@dataclass(frozen=True)
+class SharedComponents:
+    """Modules loaded once for every model of a node whose weights match.
+
+    `keys` names each shareable component of the model being loaded by the
+    hash of its weights; `modules` (the residency's, weakly held: a module
+    goes once no engine holds it) maps such keys, with the engine's dtype, to
+    a module already on the device.
+    """
+
+    keys: Mapping[str, str]
+    modules: MutableMapping[str, Any]
+
+
 class Engine(Protocol):
     """A loaded pipeline that runs one call at a time on one device."""
 
@@ -165,3 +185,10 @@ class Engine(Protocol):
 
     def memory_stats(self) -> dict[str, int]:
         """Device memory in bytes (allocated, reserved, peak, total); {} on CPU."""
+
+    def to_host(self, keep: Collection[str] = ()) -> None:
+        """Move the weights, except the components in `keep` (shared with a
+        model on the device), to host RAM (blocking: on the GPU thread)."""
+
+    def to_device(self) -> None:
+        """Move the weights back to the device (blocking: on the GPU thread)."""

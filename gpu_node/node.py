@@ -18,7 +18,7 @@ from typing import Any
 
 from gpu_node import residency
 from gpu_node.announcer import Announcer
-from gpu_node.calls import Engine
+from gpu_node.calls import Engine, SharedComponents
 from gpu_node.executor import GpuExecutor
 from gpu_node.health import NodeMetrics, start_health_server
 from gpu_node.lora_watch import watch_loras
@@ -46,6 +46,7 @@ from sdapi.infra.queue import (
     Task,
     create_queue_pool,
     is_running,
+    jobs_due,
     new_worker,
     poll_when_woken,
     queue_depth,
@@ -86,7 +87,7 @@ def prepare_models(settings: GpuNodeSettings) -> list[ModelLocation]:
 def engine_loader(settings: GpuNodeSettings) -> residency.Loader:
     """Loads one prepared model with the node's settings (blocking)."""
 
-    def load(location: ModelLocation) -> Engine:
+    def load(location: ModelLocation, shared: SharedComponents) -> Engine:
         # diffusers' pipelines import CLIPImageProcessor; without torchvision
         # (a node needs none) transformers warns at every start that it uses
         # the PIL version instead, which is the one we want.
@@ -100,6 +101,7 @@ def engine_loader(settings: GpuNodeSettings) -> residency.Loader:
             max_size=settings.gpu_max_size,
             default_steps=settings.gpu_default_steps,
             default_scheduler=settings.gpu_default_scheduler,
+            shared=shared,
         )
 
     return load
@@ -108,7 +110,7 @@ def engine_loader(settings: GpuNodeSettings) -> residency.Loader:
 def load_model_engine(settings: GpuNodeSettings) -> Engine:
     """Prepare and load the node's first model (blocking)."""
     location = prepare_models(settings)[0]
-    return engine_loader(settings)(location)
+    return engine_loader(settings)(location, SharedComponents({}, {}))
 
 
 class GpuNode:
@@ -301,7 +303,7 @@ class GpuNode:
                     memory_bytes=primary.memory_bytes,
                     health_url=self._health_url,
                     kind=slot.kind,
-                    loaded=slot.engine is not None,
+                    loaded=models.loaded(name),
                     lora_kind=profile.lora_kind if profile else "",
                     loras=self._loras.offers(),
                     **dict(limits),
@@ -324,6 +326,17 @@ class GpuNode:
         if running:
             return None
         models = self._models
+        # Premium first across models: while the premium tier is free and a
+        # premium job of any model waits here, a batch would take the device
+        # (a load, the first steps) ahead of it; let the premium worker claim.
+        if (
+            not premium
+            and not any(is_running(worker) for worker in self._tier_workers(True))
+            and await jobs_due(
+                self.resources.redis, [premium_queue(name) for name in models.slots]
+            )
+        ):
+            return None
         if models.loaded(model) or len(models.slots) == 1:
             return 0.0
         settings = self.settings

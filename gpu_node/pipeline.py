@@ -19,7 +19,7 @@ import os
 import threading
 import warnings
 from collections import OrderedDict
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Collection, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -46,6 +46,7 @@ from gpu_node.calls import (
     ModelProfile,
     OutOfMemory,
     PipelineCall,
+    SharedComponents,
     StepObserver,
 )
 from gpu_node.prompt_weights import Chunk, chunks_of, is_break
@@ -289,6 +290,25 @@ class DiffusersEngine:
         chunks = chunks_of(text, syntax)
         with self._count_lock:
             return len(token_windows(self._count_tokenizer, chunks, self._window))
+
+    @property
+    def base(self) -> Any:
+        """The diffusers pipeline (its modules may be shared with other engines)."""
+        return self._base
+
+    def to_host(self, keep: Collection[str] = ()) -> None:
+        """Move the weights to host RAM, freeing their device memory; the
+        components in `keep` stay: another model on the device uses them."""
+        if self._device.type == "cpu":
+            return
+        for name, module in self._base.components.items():
+            if name not in keep and isinstance(module, torch.nn.Module):
+                module.to("cpu")
+        torch.cuda.empty_cache()
+
+    def to_device(self) -> None:
+        """Move the weights back from host RAM."""
+        self._base.to(self._device)
 
     def memory_stats(self) -> dict[str, int]:
         """Device memory in bytes; {} on CPU."""
@@ -635,8 +655,13 @@ def load_engine(
     default_steps: int | None = None,
     default_scheduler: str | None = None,
     on_phase: Callable[[str], None] | None = None,
+    shared: SharedComponents | None = None,
 ) -> DiffusersEngine:
-    """Load a model readied by `weights.prepare_model` (blocking: call in a thread)."""
+    """Load a model readied by `weights.prepare_model` (blocking: call in a thread).
+
+    Components of `shared` already loaded for another model are reused, not
+    loaded again; this one's are offered to the next models.
+    """
     quiet_libraries()
     folder = location.path
     arch = checkpoints.architecture(folder) if location.source == "file" else None
@@ -671,6 +696,14 @@ def load_engine(
         )
         log.info("loaded %s as %s (%s)", folder, arch.kind, arch.source)
     else:
+        reused = {}
+        if shared is not None:
+            for name, key in shared.keys.items():
+                module = shared.modules.get(f"{key}:{dtype}")
+                if module is not None:
+                    reused[name] = module
+            if reused:
+                log.info("%s shares %s", location.model_id, ", ".join(sorted(reused)))
         try:
             base = cls.from_pretrained(
                 str(folder),
@@ -678,6 +711,7 @@ def load_engine(
                 use_safetensors=True,
                 local_files_only=True,
                 **extra,
+                **reused,
             )
         except (OSError, ValueError) as exc:
             text = " ".join(str(exc).split())[:300]
@@ -691,6 +725,11 @@ def load_engine(
             str(folder / "tokenizer"), model_max_length=1_000_000
         )
     base.to(target)
+    if shared is not None and not arch:
+        for name, key in shared.keys.items():
+            module = getattr(base, name, None)
+            if module is not None:
+                shared.modules[f"{key}:{dtype}"] = module
     if target.type == "cuda":
         # PyTorch's scaled_dot_product_attention (flash / memory-efficient
         # kernels), whatever processor a model's config would otherwise pick.

@@ -37,6 +37,11 @@ class GpuNodeSettings(CommonSettings):
     # On CPU, the RAM loaded models may take (bytes); unset: the memory
     # fraction of the machine's RAM. 0 keeps one model loaded at a time.
     gpu_ram_budget_bytes: int | None = Field(default=None, ge=0)
+    # On a GPU, what models moved out of device memory may take in host RAM
+    # (bytes) before the least recently used is dropped; unset: half the
+    # machine's RAM. 0: models are dropped at once, as on CPU (where device
+    # and host memory are one, so this tier does not exist).
+    gpu_host_ram_budget_bytes: int | None = Field(default=None, ge=0)
     # A job for a model that is not loaded is claimed only once it waited this
     # long (seconds): a node that has the model loaded takes it first.
     gpu_cold_claim_delay_s: float = Field(default=2.0, ge=0, le=600)

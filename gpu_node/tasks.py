@@ -26,7 +26,7 @@ from gpu_node.images import InputError, load_input
 from gpu_node.items import PreparedItem
 from gpu_node.resources import NodeResources
 from gpu_node.runner import Deadline, LeaseLost, run_calls
-from sdapi.contract.events import StartedEvent
+from sdapi.contract.events import LoadingModelEvent, StartedEvent
 from sdapi.contract.names import (
     BATCH_FUNCTION,
     GENERATE_FUNCTION,
@@ -189,13 +189,18 @@ class NodeTasks:
             # Not served here (a job in a queue no node of this catalogue
             # should read): fails by `_prepare` with the primary model.
             model = models.primary
-        async with models.using(model, premium=tier is Tier.PREMIUM) as (
-            engine,
-            load_s,
-        ):
+        publisher = self.resources.publisher
+
+        def loading() -> None:
+            for one in jobs:
+                publisher.emit(str(one.generation_id), LoadingModelEvent(model=model))
+
+        async with models.using(
+            model, premium=tier is Tier.PREMIUM, on_load=loading
+        ) as (engine, load_s):
             if load_s is not None:
                 log.info("model %s loaded for a %s job in %.2f s", model, tier, load_s)
-            return await self._generate(engine, jobs, tier, timeout_s, lost)
+            return await self._generate(engine, jobs, tier, timeout_s, lost, load_s)
 
     async def _prepare(self, engine: Engine, job: GenerationJob) -> PreparedItem:
         profile = engine.profile
@@ -292,6 +297,7 @@ class NodeTasks:
         tier: Tier,
         timeout_s: float,
         lost: threading.Event,
+        load_s: float | None = None,
     ) -> list[str]:
         resources = self.resources
         deadline = Deadline(asyncio.get_running_loop().time() + timeout_s)
@@ -316,7 +322,7 @@ class NodeTasks:
                     item.status = Status.CANCELLED
             todo = [item for item in items if item.status is None]
             for item in todo:
-                self._announce_started(item)
+                self._announce_started(item, load_s)
             # Telling `jobs` is not on the way to the GPU: it runs beside the call.
             notices = [asyncio.create_task(self._mark_started(item)) for item in todo]
             try:
@@ -337,11 +343,15 @@ class NodeTasks:
             resources.cancels.unwatch(keys)
         return [str(item.status) for item in items]
 
-    def _announce_started(self, item: PreparedItem) -> None:
+    def _announce_started(self, item: PreparedItem, load_s: float | None) -> None:
         """Queue the `started` event before any of the call's progress."""
         resources = self.resources
         item.started_at = utcnow()
-        resources.publisher.emit(item.key, StartedEvent(node_id=resources.node_id))
+        started = StartedEvent(
+            node_id=resources.node_id,
+            load_s=None if load_s is None else round(load_s, 3),
+        )
+        resources.publisher.emit(item.key, started)
         # img2img runs only strength * steps of them: the total users see.
         resources.publisher.set_progress(item.key, 0, item.job.params.denoising_steps)
 

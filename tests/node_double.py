@@ -107,9 +107,11 @@ class NodeDouble:
         job = deserialize_job(data, deserializer=deserialize)
         return GenerationJob.model_validate(job.args[0])
 
-    async def start(self, job: GenerationJob) -> None:
+    async def start(self, job: GenerationJob, load_s: float | None = None) -> None:
         await append_event(
-            self.redis, job.generation_id, StartedEvent(node_id="double-1")
+            self.redis,
+            job.generation_id,
+            StartedEvent(node_id="double-1", load_s=load_s),
         )
         notice = StartedNotice(
             generation_id=job.generation_id, node_id="double-1", started_at=utcnow()

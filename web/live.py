@@ -22,6 +22,7 @@ from sdapi.contract.events import (
     DoneEvent,
     Event,
     ImageEvent,
+    LoadingModelEvent,
     ProgressEvent,
     QueuedEvent,
     StartedEvent,
@@ -40,6 +41,7 @@ from web.schemas.live import (
     DoneFrame,
     ErrorFrame,
     ImageFrame,
+    LoadingModelFrame,
     ProgressFrame,
     QueuedFrame,
     ServerFrame,
@@ -225,8 +227,10 @@ async def event_frame(
             position=event.position,
             waiting_for_node=event.waiting_for_node,
         )
+    if isinstance(event, LoadingModelEvent):
+        return LoadingModelFrame(id=ident, model=event.model)
     if isinstance(event, StartedEvent):
-        return StartedFrame(id=ident)
+        return StartedFrame(id=ident, load_s=event.load_s)
     if isinstance(event, ProgressEvent):
         return ProgressFrame(
             id=ident, step=event.step, total=event.total, preview=event.preview

@@ -23,9 +23,18 @@ class QueuedEvent(_Event):
     waiting_for_node: bool = False
 
 
+class LoadingModelEvent(_Event):
+    """The job waits for its model to load on the node that took it."""
+
+    type: Literal["loading_model"] = "loading_model"
+    model: str
+
+
 class StartedEvent(_Event):
     type: Literal["started"] = "started"
     node_id: str = ""
+    # Seconds the job waited for its model to load; None when it was loaded.
+    load_s: float | None = None
 
 
 class ProgressEvent(_Event):
@@ -52,7 +61,12 @@ class DoneEvent(_Event):
 
 
 Event = Annotated[
-    QueuedEvent | StartedEvent | ProgressEvent | ImageEvent | DoneEvent,
+    QueuedEvent
+    | LoadingModelEvent
+    | StartedEvent
+    | ProgressEvent
+    | ImageEvent
+    | DoneEvent,
     Field(discriminator="type"),
 ]
 EVENT_ADAPTER: TypeAdapter[Event] = TypeAdapter(Event)

@@ -232,6 +232,23 @@ async def queue_depth(pool: QueuePool, queue: str) -> int:
     return depth
 
 
+async def jobs_due(pool: QueuePool, queues: list[str], *, scan: int = 10) -> bool:
+    """Whether one of `queues` has a job due now that no worker runs yet (the
+    first `scan` due jobs of each are looked at: running ones stay queued)."""
+    async with pool.pipeline(transaction=False) as pipe:
+        for queue in queues:
+            pipe.zrangebyscore(queue, "-inf", timestamp_ms(), start=0, num=scan)
+        due: list[list[bytes]] = await pipe.execute()
+    ids = [job_id.decode() for found in due for job_id in found]
+    if not ids:
+        return False
+    async with pool.pipeline(transaction=False) as pipe:
+        for job_id in ids:
+            pipe.exists(in_progress_key_prefix + job_id)
+        running: list[int] = await pipe.execute()
+    return not all(running)
+
+
 async def job_is_live(pool: QueuePool, job_id: str) -> bool:
     """Whether the job is still queued or running (a kept result does not count)."""
     count: int = await pool.exists(

@@ -16,11 +16,13 @@ from aiohttp import WSMsgType
 from aiohttp.test_utils import TestClient
 from redis.exceptions import ConnectionError as RedisConnectionError
 
+from sdapi.contract.events import LoadingModelEvent
 from sdapi.contract.names import events_key, image_key
 from sdapi.contract.status import Status
 from sdapi.db.models import ApiToken, GeneratedImage, Generation, utcnow
 from sdapi.devtools.accounts import auth, make_user
 from sdapi.infra.registry import NodeRegistry
+from sdapi.infra.streams import append_event
 from tests.node_double import NodeDouble, jobs_context
 from tests.support import until
 from web import live_socket
@@ -89,7 +91,7 @@ async def test_premium_client_gets_every_event_in_order(
     ]
     assert all(f["id"] == ident for f in made)
     assert made[0] == {"type": "queued", "id": ident, "position": 0}
-    assert made[1] == {"type": "started", "id": ident}
+    assert made[1] == {"type": "started", "id": ident, "load_s": None}
     progress = made[2:6]
     assert [(p["step"], p["total"]) for p in progress] == [
         (1, 4),
@@ -111,6 +113,26 @@ async def test_premium_client_gets_every_event_in_order(
     )
     assert await download.read() == png
     assert made[7] == {"type": "done", "id": ident, "status": "succeeded"}
+
+
+async def test_a_model_load_is_relayed_as_a_loading_model_frame(
+    client: TestClient, node: NodeDouble
+) -> None:
+    _, secret = await make_user()
+    async with client.ws_connect(WS, headers=auth(secret)) as ws:
+        ident = await generate(ws)
+        assert (await frame(ws))["type"] == "queued"
+        job = await node.claim()
+        await append_event(
+            node.redis, job.generation_id, LoadingModelEvent(model=job.model)
+        )
+        assert await frame(ws) == {
+            "type": "loading_model",
+            "id": ident,
+            "model": job.model,
+        }
+        await node.start(job, load_s=2.5)
+        assert await frame(ws) == {"type": "started", "id": ident, "load_s": 2.5}
 
 
 async def test_late_subscriber_gets_the_replay_including_image_and_done(

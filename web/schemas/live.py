@@ -63,9 +63,20 @@ class QueuedFrame(BaseModel):
     )
 
 
+class LoadingModelFrame(BaseModel):
+    type: Literal["loading_model"] = "loading_model"
+    id: str
+    model: str = Field(description="The model the node loads for the generation")
+
+
 class StartedFrame(BaseModel):
     type: Literal["started"] = "started"
     id: str
+    load_s: float | None = Field(
+        default=None,
+        description="Seconds the generation waited for its model to load; null "
+        "when the model was loaded already",
+    )
 
 
 class ProgressFrame(BaseModel):
@@ -112,6 +123,7 @@ class ErrorFrame(BaseModel):
 ServerFrame = (
     AcceptedFrame
     | QueuedFrame
+    | LoadingModelFrame
     | StartedFrame
     | ProgressFrame
     | ImageFrame
