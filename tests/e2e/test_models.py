@@ -160,7 +160,9 @@ class Client:
                 body: dict[str, Any] = await response.json()
             return body if body["finished_at"] else None
 
-        return await until(check, timeout, f"generation {ident}", self.services)
+        found = await until(check, timeout, f"generation {ident}", self.services)
+        assert found is not None
+        return found
 
     async def download(self, ident: str, index: int = 0) -> bytes:
         path = f"/api/v1/generations/{ident}/images/{index}"
