@@ -160,7 +160,9 @@ class Client:
                 body: dict[str, Any] = await response.json()
             return body if body["finished_at"] else None
 
-        found = await until(check, timeout, f"generation {ident}", self.services)
+        found: dict[str, Any] | None = await until(
+            check, timeout, f"generation {ident}", self.services
+        )
         assert found is not None
         return found
 
