@@ -7,8 +7,8 @@ the node's residency drives it (gpu_node.pipeline.load_engine, Engine.run):
 
 - a model switch from disk: one `load_engine` of a prepared model (the
   node's loader; the files are in the OS page cache after the first load);
-- a model switch from host RAM: the node has no host tier (an unloaded
-  model's engine is dropped, gpu_node/residency.py), so none is measured;
+- a model switch from host RAM: only a GPU node has a host tier (on CPU an
+  unloaded model is dropped, gpu_node/residency.py), so none is measured here;
 - a LoRA switch: the extra seconds of a call whose LoRA is loaded for it (a
   file not seen before) and of one whose adapter is already cached, over a
   call without LoRA; and alternating two cached adapters;
@@ -237,7 +237,7 @@ def report(setup: Setup, figures: dict[str, Any]) -> None:
     print("\n| what | seconds (fastest / median) |")
     print("| --- | ---: |")
     print(f"| model switch from disk (load_engine) | {spread(figures['loads'])} |")
-    print("| model switch from host RAM | no host tier: not measured |")
+    print("| model switch from host RAM | CPU node: no host tier, not measured |")
     print(f"| call without LoRA | {spread(figures['plain'])} |")
     print(
         f"| call with a LoRA loaded for it ({figures['lora_modules']} modules)"
