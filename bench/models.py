@@ -38,7 +38,13 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from gpu_node import pipeline, tiny, weights  # noqa: E402
-from gpu_node.calls import CallItem, Engine, LoraUse, PipelineCall  # noqa: E402
+from gpu_node.calls import (  # noqa: E402
+    CallItem,
+    Engine,
+    LoraUse,
+    PipelineCall,
+    QuietObserver,
+)
 from gpu_node.loras import LoraFolder  # noqa: E402
 
 
@@ -53,14 +59,6 @@ def bench_pipeline() -> ModuleType:
     sys.modules[spec.name] = module
     spec.loader.exec_module(module)
     return module
-
-
-class Quiet:
-    def before_start(self) -> None:
-        pass
-
-    def on_step(self, step: int, total: int, preview: Any) -> None:
-        pass
 
 
 @dataclass
@@ -124,7 +122,7 @@ def call(setup: Setup, seed: int, loras: tuple[LoraUse, ...] = ()) -> PipelineCa
 def timed(engine: Engine, work: PipelineCall) -> float:
     """Seconds `engine` takes for `work`."""
     started = time.perf_counter()
-    engine.run(work, Quiet())
+    engine.run(work, QuietObserver())
     return time.perf_counter() - started
 
 
@@ -163,7 +161,7 @@ def measure(setup: Setup, device: str, lora_dir: Path) -> dict[str, Any]:
         loads.append(time.perf_counter() - started)
     assert engine is not None
     out["loads"] = loads
-    quiet = Quiet()
+    quiet = QuietObserver()
     run = engine.run
     run(call(setup, 0), quiet)  # warm-up: first-call allocations
     plain = [timed(engine, call(setup, n)) for n in range(setup.calls)]

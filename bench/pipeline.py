@@ -38,7 +38,12 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from gpu_node import pipeline, tiny, weights  # noqa: E402
-from gpu_node.calls import CallItem, Engine, PipelineCall  # noqa: E402
+from gpu_node.calls import (  # noqa: E402
+    CallItem,
+    Engine,
+    PipelineCall,
+    QuietObserver,
+)
 from sdapi.contract.names import input_key, result_job_id  # noqa: E402
 from sdapi.contract.payloads import (  # noqa: E402
     BatchJob,
@@ -96,16 +101,6 @@ CLIP_VIT_L14_TEXT: dict[str, Any] = {
     "eos_token_id": 49407,
     "pad_token_id": 49407,
 }
-
-
-class Quiet:
-    """An observer that asks for nothing (raw pipeline speed)."""
-
-    def before_start(self) -> None:
-        pass
-
-    def on_step(self, step: int, total: int, preview: Any) -> None:
-        pass
 
 
 @dataclass
@@ -321,7 +316,7 @@ async def measure(
             async def raw_call(variant: Variant, batch: int, round_: int) -> None:
                 # The node is idle meanwhile: its GPU thread waits for work.
                 call = make_call(setup, batch, round_, variant, inputs)
-                await asyncio.to_thread(engine.run, call, Quiet())
+                await asyncio.to_thread(engine.run, call, QuietObserver())
 
             for variant in VARIANTS:
                 for batch in setup.batches:

@@ -43,9 +43,14 @@ sys.path.insert(0, str(REPO))
 
 import aiohttp  # noqa: E402
 
-from bench.pipeline import Quiet, machine  # noqa: E402
+from bench.pipeline import machine  # noqa: E402
 from gpu_node import pipeline, weights  # noqa: E402
-from gpu_node.calls import CallItem, Engine, PipelineCall  # noqa: E402
+from gpu_node.calls import (  # noqa: E402
+    CallItem,
+    Engine,
+    PipelineCall,
+    QuietObserver,
+)
 from sdapi.devtools.net import free_port  # noqa: E402
 
 PASSWORD = "bench-password-123"  # noqa: S105 (a throwaway local account)
@@ -167,7 +172,7 @@ def raw_seconds(engine: Engine, request: dict[str, Any], scheduler: str) -> floa
         items=(CallItem("bench", request["prompt"], "", (request["seed"],)),),
     )
     started = time.perf_counter()
-    engine.run(call, Quiet())
+    engine.run(call, QuietObserver())
     return time.perf_counter() - started
 
 

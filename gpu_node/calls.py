@@ -132,6 +132,19 @@ class StepObserver(Protocol):
         """
 
 
+class QuietObserver:
+    """Watches nothing: a call run for its images alone (references,
+    benchmarks, warm-ups), never stopped and never previewed."""
+
+    def before_start(self) -> None:
+        return None
+
+    def on_step(
+        self, step: int, total: int, preview: Callable[[str], bytes | None]
+    ) -> None:
+        return None
+
+
 @dataclass(frozen=True)
 class ModelProfile:
     """What a loaded model is, and the defaults and limits it is served with."""

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import shutil
 import weakref
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -14,17 +13,7 @@ import torch
 from PIL import Image
 
 from gpu_node import pipeline, tiny, weights
-from gpu_node.calls import CallItem, OutOfMemory, PipelineCall
-
-
-class _Quiet:
-    def before_start(self) -> None:
-        pass
-
-    def on_step(
-        self, step: int, total: int, preview: Callable[[str], bytes | None]
-    ) -> None:
-        pass
+from gpu_node.calls import CallItem, OutOfMemory, PipelineCall, QuietObserver
 
 
 def _pixels(image: Image.Image) -> np.ndarray[Any, Any]:
@@ -57,7 +46,7 @@ def test_out_of_memory_frees_the_failed_call_before_emptying_the_cache(
         torch.cuda, "empty_cache", lambda: freed_when_emptied.append(held[0]() is None)
     )
     with pytest.raises(OutOfMemory) as caught:
-        engine.run(_call(CallItem("g", "a boat", "", (1, 2))), _Quiet())
+        engine.run(_call(CallItem("g", "a boat", "", (1, 2))), QuietObserver())
     # The retry must not run beside the failed call's tensors.
     assert freed_when_emptied == [True]
     assert caught.value.__cause__ is None and caught.value.__context__ is None
@@ -77,10 +66,10 @@ def test_the_vae_decodes_one_image_at_a_time_and_keeps_its_dtype(
 
     monkeypatch.setattr(vae, "decode", decode)
     with pytest.raises(RuntimeError, match="decoding failed"):
-        engine.run(_call(CallItem("g", "a boat", "", (1,))), _Quiet())
+        engine.run(_call(CallItem("g", "a boat", "", (1,))), QuietObserver())
     assert vae.dtype == dtype
     monkeypatch.undo()
-    images = engine.run(_call(CallItem("g", "a boat", "", (1,))), _Quiet())
+    images = engine.run(_call(CallItem("g", "a boat", "", (1,))), QuietObserver())
     assert images["g"][0].size == (64, 64)
 
 
@@ -207,8 +196,8 @@ def test_sdxl_without_a_negative_prompt_gets_the_zero_embedding_in_any_batch(
     assert sdxl_engine.profile.pipeline == "sdxl"
     castle = CallItem("castle", "a castle", "", (5,))
     boat = CallItem("boat", "a boat", "fog", (6,))
-    mixed = sdxl_engine.run(_call(castle, boat, guidance=5.0), _Quiet())
-    alone = sdxl_engine.run(_call(castle, guidance=5.0), _Quiet())
+    mixed = sdxl_engine.run(_call(castle, boat, guidance=5.0), QuietObserver())
+    alone = sdxl_engine.run(_call(castle, guidance=5.0), QuietObserver())
 
     from diffusers import EulerDiscreteScheduler, StableDiffusionXLPipeline
 
@@ -263,7 +252,7 @@ def test_sdxl_runs_img2img_and_inpainting_from_its_loaded_modules(
     item = CallItem("g", "a castle", "", (5,), init_image=source, mask=mask)
     for mode, strength in ((Mode.IMG2IMG, 0.5), (Mode.INPAINT, 1.0)):
         call = PipelineCall(64, 64, 4, 5.0, "euler", (item,), mode, strength)
-        [made] = sdxl_engine.run(call, _Quiet())["g"]
+        [made] = sdxl_engine.run(call, QuietObserver())["g"]
         assert made.size == (64, 64)
         if mode is Mode.INPAINT:
             outside = mask_pixels == 0

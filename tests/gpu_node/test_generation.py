@@ -13,7 +13,7 @@ import pytest
 import redis.asyncio
 from PIL import Image
 
-from gpu_node.calls import CallItem, Engine, PipelineCall
+from gpu_node.calls import CallItem, Engine, PipelineCall, QuietObserver
 from gpu_node.images import ImageManifest, encode_png, sha256_hex
 from sdapi.contract.events import ImageEvent, ProgressEvent, StartedEvent
 from sdapi.contract.names import image_key, input_key, progress_key, result_job_id
@@ -30,16 +30,6 @@ from tests.gpu_node.support import (
     stream_ms,
 )
 from tests.support import until
-
-
-class _Quiet:
-    """An observer that lets a reference call run undisturbed."""
-
-    def before_start(self) -> None:
-        pass
-
-    def on_step(self, step: int, total: int, preview: Any) -> None:
-        pass
 
 
 def reference_pngs(engine: Engine, jobs: list[Any]) -> dict[str, list[bytes]]:
@@ -61,7 +51,7 @@ def reference_pngs(engine: Engine, jobs: list[Any]) -> dict[str, list[bytes]]:
             for j in jobs
         ),
     )
-    images = engine.run(call, _Quiet())
+    images = engine.run(call, QuietObserver())
     profile = engine.profile
     out: dict[str, list[bytes]] = {}
     for j in jobs:

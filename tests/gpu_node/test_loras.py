@@ -12,7 +12,7 @@ import pytest
 import redis.asyncio
 from PIL import Image
 
-from gpu_node.calls import CallItem, Engine, LoraUse, PipelineCall
+from gpu_node.calls import CallItem, Engine, LoraUse, PipelineCall, QuietObserver
 from gpu_node.loras import LoraFolder, detect_kind, read_header
 from sdapi.contract.names import image_key
 from sdapi.contract.payloads import GenerationParams, LoraSpec, take_lora_tags
@@ -23,14 +23,6 @@ from tests.gpu_node.conftest import node_settings, running_node
 from tests.gpu_node.lora_support import sdxl_targets, write_lora
 from tests.gpu_node.support import job, result_of
 from tests.support import until
-
-
-class Quiet:
-    def before_start(self) -> None:
-        pass
-
-    def on_step(self, step: int, total: int, preview: Any) -> None:
-        pass
 
 
 @pytest.fixture(scope="module")
@@ -74,7 +66,7 @@ def pixels(
         ),
         loras=loras,
     )
-    images = engine.run(call, Quiet())
+    images = engine.run(call, QuietObserver())
     return [np.asarray(images[f"k{i}"][0]) for i in range(len(prompts))]
 
 
@@ -235,7 +227,7 @@ def test_a_premium_call_nested_in_a_lora_batch_gets_no_lora_and_leaves_it(
     (alone,) = pixels(tiny_engine, fox)
     nested: list[np.ndarray] = []
 
-    class Nesting(Quiet):
+    class Nesting(QuietObserver):
         def on_step(self, step: int, total: int, preview: Any) -> None:
             # What the GPU executor does at a batch's step boundary.
             if step == 1:

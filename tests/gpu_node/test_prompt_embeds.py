@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -10,18 +9,8 @@ import pytest
 from PIL import Image
 
 from gpu_node import pipeline
-from gpu_node.calls import CallItem, Engine, PipelineCall
+from gpu_node.calls import CallItem, Engine, PipelineCall, QuietObserver
 from gpu_node.prompt_weights import parse_prompt
-
-
-class _Quiet:
-    def before_start(self) -> None:
-        pass
-
-    def on_step(
-        self, step: int, total: int, preview: Callable[[str], bytes | None]
-    ) -> None:
-        pass
 
 
 def _image(
@@ -36,7 +25,7 @@ def _image(
         (CallItem("g", prompt, negative, (11,)),),
         prompt_syntax=syntax,
     )
-    image: Image.Image = engine.run(call, _Quiet())["g"][0]
+    image: Image.Image = engine.run(call, QuietObserver())["g"][0]
     return np.asarray(image.convert("RGB"), dtype=np.int16)
 
 

@@ -47,7 +47,7 @@ class CountingEngine:
         )
 
     def run(self, call: PipelineCall, observer: StepObserver) -> dict[str, Any]:
-        raise NotImplementedError("these engines only move")
+        raise AssertionError("these engines only move: nothing runs on them")
 
     def prompt_windows(self, text: str, syntax: str) -> int:
         return 1

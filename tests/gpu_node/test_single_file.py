@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -11,7 +10,7 @@ import torch
 from safetensors.torch import load_file
 
 from gpu_node import checkpoints, pipeline, tiny, weights
-from gpu_node.calls import CallItem, ModelError, PipelineCall
+from gpu_node.calls import CallItem, ModelError, PipelineCall, QuietObserver
 from tests.gpu_node.single_file_support import (
     TINY_YAML,
     ldm_state_dict,
@@ -20,19 +19,9 @@ from tests.gpu_node.single_file_support import (
 )
 
 
-class _Quiet:
-    def before_start(self) -> None:
-        pass
-
-    def on_step(
-        self, step: int, total: int, preview: Callable[[str], bytes | None]
-    ) -> None:
-        pass
-
-
 def _generate(engine: pipeline.DiffusersEngine) -> list[object]:
     call = PipelineCall(64, 64, 2, 7.5, "euler", (CallItem("g", "a boat", "", (1,)),))
-    return list(engine.run(call, _Quiet())["g"])
+    return list(engine.run(call, QuietObserver())["g"])
 
 
 def _load(path: Path, models_dir: Path) -> pipeline.DiffusersEngine:

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from gpu_node import weights
-from gpu_node.calls import CallItem, ModelError, PipelineCall
+from gpu_node.calls import CallItem, ModelError, PipelineCall, QuietObserver
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -89,11 +89,7 @@ def test_local_model_folder_is_served_under_its_name(
     assert engine.profile.model == "my-model"
     call = PipelineCall(64, 64, 2, 7.5, "ddim", (CallItem("x", "a boat", "", (1,)),))
 
-    class Quiet:
-        def before_start(self) -> None: ...
-        def on_step(self, *args: object) -> None: ...
-
-    images = engine.run(call, Quiet())
+    images = engine.run(call, QuietObserver())
     assert images["x"][0].size == (64, 64)
 
 
