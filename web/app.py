@@ -46,7 +46,8 @@ from web.errors import error_middleware
 from web.headers import add_security_headers
 from web.live_socket import install_live, revocations_ctx
 from web.metrics import install_metrics, metrics_middleware
-from web.openapi import ApiRoutes, build_openapi
+from web.openapi import ApiRoutes
+from web.openapi_document import build_openapi
 from web.passwords import Passwords
 from web.routes import route_tables
 from web.sessions import AppRedisStorage
