@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 import uuid
+from pathlib import Path
 from typing import Any
 
 import redis.asyncio
@@ -21,6 +25,8 @@ from sdapi.contract.status import Tier
 from sdapi.infra.queue import deserialize
 from sdapi.infra.streams import read_events
 from tests.support import until
+
+REPO = Path(__file__).resolve().parents[2]
 
 
 def params(**changes: Any) -> GenerationParams:
@@ -95,3 +101,33 @@ def stream_ms(entry_id: str) -> tuple[int, int]:
     """A stream entry id as a sortable (milliseconds, sequence) pair."""
     millis, _, seq = entry_id.partition("-")
     return int(millis), int(seq)
+
+
+def start_node_process(
+    log_path: Path,
+    *,
+    redis_url: str,
+    models_dir: Path,
+    node_id: str,
+    **env: str,
+) -> subprocess.Popen[bytes]:
+    """`sdapi gpu-node` as its own process on the CPU, without Consul, serving
+    `tiny` unless `env` says otherwise; its output goes to `log_path`."""
+    full = {
+        **os.environ,
+        "SDAPI_MODEL": "tiny",
+        "SDAPI_MODEL_DIR": str(models_dir),
+        "SDAPI_REDIS_URL": redis_url,
+        "SDAPI_NODE_ID": node_id,
+        "SDAPI_GPU_DEVICE": "cpu",
+        "SDAPI_CONSUL_URL": "",
+        **env,
+    }
+    with log_path.open("w") as log_file:
+        return subprocess.Popen(
+            [sys.executable, "-m", "sdapi", "gpu-node"],
+            env=full,
+            cwd=REPO,
+            stdout=log_file,
+            stderr=subprocess.STDOUT,
+        )

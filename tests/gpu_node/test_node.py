@@ -3,11 +3,8 @@
 from __future__ import annotations
 
 import asyncio
-import os
 import signal
 import socket
-import subprocess
-import sys
 import threading
 import time
 from pathlib import Path
@@ -26,7 +23,13 @@ from sdapi.devtools.embedded import EmbeddedValkey
 from sdapi.infra.queue import create_queue_pool, enqueue_generation
 from sdapi.infra.settings import SettingsError
 from tests.gpu_node.conftest import node_settings, running_node
-from tests.gpu_node.support import events_of, job, queued_payload, result_of
+from tests.gpu_node.support import (
+    events_of,
+    job,
+    queued_payload,
+    result_of,
+    start_node_process,
+)
 from tests.support import until
 
 REPO = Path(__file__).resolve().parents[2]
@@ -147,25 +150,14 @@ async def test_node_survives_a_redis_restart(
 async def test_sigterm_drains_the_running_job(
     tmp_path: Path, models_dir: Path, clean_redis: str, client: redis.asyncio.Redis
 ) -> None:
-    env = {
-        **os.environ,
-        "SDAPI_MODEL": "tiny",
-        "SDAPI_MODEL_DIR": str(models_dir),
-        "SDAPI_REDIS_URL": clean_redis,
-        "SDAPI_NODE_ID": "drain-node",
-        "SDAPI_GPU_DEVICE": "cpu",
-        "SDAPI_GPU_HEALTH_PORT": "0",
-        "SDAPI_CONSUL_URL": "",
-    }
     log_path = tmp_path / "node.log"
-    with log_path.open("w") as log_file:
-        process = subprocess.Popen(
-            [sys.executable, "-m", "sdapi", "gpu-node"],
-            env=env,
-            cwd=REPO,
-            stdout=log_file,
-            stderr=subprocess.STDOUT,
-        )
+    process = start_node_process(
+        log_path,
+        redis_url=clean_redis,
+        models_dir=models_dir,
+        node_id="drain-node",
+        SDAPI_GPU_HEALTH_PORT="0",
+    )
     try:
         await until(lambda: client.exists(node_key("drain-node")), 120)
         running = job(steps=30)
@@ -209,24 +201,13 @@ async def test_a_sigkilled_nodes_job_is_picked_up_after_its_lease(
     client: redis.asyncio.Redis,
     tiny_engine: Engine,
 ) -> None:
-    env = {
-        **os.environ,
-        "SDAPI_MODEL": "tiny",
-        "SDAPI_MODEL_DIR": str(models_dir),
-        "SDAPI_REDIS_URL": clean_redis,
-        "SDAPI_NODE_ID": "doomed-node",
-        "SDAPI_GPU_DEVICE": "cpu",
-        "SDAPI_GPU_JOB_LEASE_S": "2",
-        "SDAPI_CONSUL_URL": "",
-    }
-    with (tmp_path / "node.log").open("w") as log_file:
-        process = subprocess.Popen(
-            [sys.executable, "-m", "sdapi", "gpu-node"],
-            env=env,
-            cwd=REPO,
-            stdout=log_file,
-            stderr=subprocess.STDOUT,
-        )
+    process = start_node_process(
+        tmp_path / "node.log",
+        redis_url=clean_redis,
+        models_dir=models_dir,
+        node_id="doomed-node",
+        SDAPI_GPU_JOB_LEASE_S="2",
+    )
     try:
         await until(lambda: client.exists(node_key("doomed-node")), 120)
         request = job(steps=100)

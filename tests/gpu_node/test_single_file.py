@@ -270,35 +270,21 @@ async def test_a_gpu_node_serves_a_single_file_under_its_stem(
     tmp_path: Path,
     client: redis.asyncio.Redis,
 ) -> None:
-    import os
-    import subprocess
-    import sys
-
     from sdapi.contract.names import node_key
     from sdapi.contract.status import Status
     from sdapi.infra.queue import enqueue_generation
-    from tests.gpu_node.support import job, result_of
+    from tests.gpu_node.support import job, result_of, start_node_process
     from tests.support import until
 
-    env = {
-        **os.environ,
-        "SDAPI_MODEL": str(tiny_file),
-        "SDAPI_MODEL_DIR": str(models_dir),
-        "SDAPI_REDIS_URL": clean_redis,
-        "SDAPI_NODE_ID": "file-node",
-        "SDAPI_GPU_DEVICE": "cpu",
-        "SDAPI_GPU_HEALTH_PORT": "0",
-        "SDAPI_CONSUL_URL": "",
-    }
     log_path = tmp_path / "node.log"
-    with log_path.open("w") as log_file:
-        process = subprocess.Popen(
-            [sys.executable, "-m", "sdapi", "gpu-node"],
-            env=env,
-            cwd=Path(__file__).resolve().parents[2],
-            stdout=log_file,
-            stderr=subprocess.STDOUT,
-        )
+    process = start_node_process(
+        log_path,
+        redis_url=clean_redis,
+        models_dir=models_dir,
+        node_id="file-node",
+        SDAPI_MODEL=str(tiny_file),
+        SDAPI_GPU_HEALTH_PORT="0",
+    )
     try:
         await until(lambda: client.exists(node_key("file-node")), 120)
         request = job(model="tiny-ldm")
