@@ -25,13 +25,15 @@ from tortoise.exceptions import (
 )
 from tortoise.transactions import in_transaction
 
-from jobs.resources import JobsResources, resources_of
+from jobs.resources import WEBHOOKS_TASK, JobsResources, resources_of
 from jobs.result_emails import queue_generation_email
 from sdapi.contract.names import image_key, progress_key
 from sdapi.contract.payloads import ErrorInfo, GenerationResult, StartedNotice
 from sdapi.contract.status import TERMINAL_STATUSES, Status
+from sdapi.contract.webhooks import WebhookEvent
 from sdapi.db.connection import table_name
 from sdapi.db.models import GeneratedImage, Generation, utcnow
+from sdapi.db.webhooks import queue_webhook_event
 from sdapi.infra.queue import retry_after
 from sdapi.infra.streams import append_done
 
@@ -75,18 +77,27 @@ async def mark_started(ctx: dict[str, Any], payload: dict[str, Any]) -> str:
         notice = StartedNotice.model_validate(payload)
     except ValidationError as exc:
         raise ResultRejected(f"malformed mark_started payload: {exc}") from None
-    check_after = timedelta(seconds=resources_of(ctx).settings.queued_check_after)
+    resources = resources_of(ctx)
+    check_after = timedelta(seconds=resources.settings.queued_check_after)
     try:
-        updated = await Generation.filter(
-            id=notice.generation_id, status=Status.QUEUED
-        ).update(
-            status=Status.RUNNING,
-            started_at=notice.started_at,
-            deadline=utcnow() + check_after,
-        )
+        async with in_transaction():
+            updated = await Generation.filter(
+                id=notice.generation_id, status=Status.QUEUED
+            ).update(
+                status=Status.RUNNING,
+                started_at=notice.started_at,
+                deadline=utcnow() + check_after,
+            )
+            queued = updated and await queue_webhook_event(
+                await Generation.get(id=notice.generation_id),
+                WebhookEvent.STARTED,
+                resources.links(),
+            )
     except TRANSIENT_ERRORS:
         log.warning("recording the start of %s failed; retrying", notice.generation_id)
         raise retry_after(ctx) from None
+    if queued:
+        resources.wake(WEBHOOKS_TASK)
     return "running" if updated else "unchanged"
 
 
@@ -145,15 +156,34 @@ async def save_result(resources: JobsResources, result: GenerationResult) -> str
         )
         if generation is None:
             return "unknown generation"
+        webhooks = False
         if generation.status in TERMINAL_STATUSES:
             outcome = "already final"
         else:
             await _persist(generation, result, pngs)
             await queue_generation_email(resources, generation, result)
+            webhooks = await _queue_result_webhooks(resources, generation, result)
             outcome = str(result.status)
 
+    if webhooks:
+        resources.wake(WEBHOOKS_TASK)
     await announce_done(resources.redis, generation)
     return outcome
+
+
+async def _queue_result_webhooks(
+    resources: JobsResources, generation: Generation, result: GenerationResult
+) -> bool:
+    """The `image` events of a stored result, then `completed` (inside the
+    transaction that stores it); True if the webhook asked for any."""
+    links = resources.links()
+    queued = False
+    for image in result.images if result.status is Status.SUCCEEDED else []:
+        queued |= await queue_webhook_event(
+            generation, WebhookEvent.IMAGE, links, image_index=image.index
+        )
+    queued |= await queue_webhook_event(generation, WebhookEvent.COMPLETED, links)
+    return queued
 
 
 async def announce_done(redis: Redis, generation: Generation) -> None:
@@ -175,8 +205,9 @@ async def fail_generations(
 ) -> list[Generation]:
     """End locked `rows` `failed` with `error`, and write their failure emails.
 
-    Call it inside the caller's transaction; a row no longer in `statuses` or
-    on another attempt is left alone. Returns the rows it failed: announce
+    Call it inside the caller's transaction (their `completed` webhook events
+    are written in it too); a row no longer in `statuses` or on another
+    attempt is left alone. Returns the rows it failed: announce
     their `done` (announce_done) after the commit.
     """
     allowed = list(statuses)
@@ -200,6 +231,7 @@ async def fail_generations(
         row.finished_at = now
         row.deadline = None
         await queue_generation_email(resources, row, info)
+        await queue_webhook_event(row, WebhookEvent.COMPLETED, resources.links())
         failed.append(row)
     return failed
 

@@ -101,6 +101,23 @@ class JobsSettings(CommonSettings):
     # Longest wait between tries of an SMTP server that is down (seconds);
     # the waits grow from outbox_backoff_base.
     smtp_retry_max: float = Field(default=60.0, gt=0)
+    # Webhooks (jobs/webhook_sender.py). The sender runs this often, and at
+    # once when this process records an event. A POST not answered 2xx within
+    # webhook_timeout (seconds) is retried with exponential backoff from base
+    # to max seconds, until webhook_give_up_after after the event.
+    webhook_interval: float = Field(default=1.0, gt=0)
+    # A delivery claimed this long ago and not finished is retried (its
+    # sender died); over twice webhook_timeout.
+    webhook_stuck_after: float = Field(default=60.0, gt=0)
+    webhook_timeout: float = Field(default=10.0, gt=0)
+    webhook_backoff_base: float = Field(default=5.0, gt=0)
+    webhook_backoff_max: float = Field(default=3600.0, gt=0)
+    webhook_give_up_after: float = Field(default=24 * 3600.0, gt=0)
+    # POSTs in flight at once per sender.
+    webhook_concurrency: int = Field(default=16, ge=1)
+    # Send to loopback, private, link-local and metadata addresses too (only
+    # where every receiver is trusted, e.g. development).
+    webhook_allow_private: bool = False
 
     @field_validator("smtp_url")
     @classmethod
@@ -122,6 +139,17 @@ class JobsSettings(CommonSettings):
         if stuck_after is not None and value >= stuck_after / 2:
             raise ValueError(
                 "must be under half of SDAPI_OUTBOX_STUCK_AFTER (a slow send "
+                "would be taken over while it runs)"
+            )
+        return value
+
+    @field_validator("webhook_timeout")
+    @classmethod
+    def _webhook_timeout(cls, value: float, info: ValidationInfo) -> float:
+        stuck_after = info.data.get("webhook_stuck_after")
+        if stuck_after is not None and value >= stuck_after / 2:
+            raise ValueError(
+                "must be under half of SDAPI_WEBHOOK_STUCK_AFTER (a slow POST "
                 "would be taken over while it runs)"
             )
         return value

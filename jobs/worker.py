@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+from asyncio import FIRST_COMPLETED
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -34,14 +35,22 @@ Periodic = Callable[[JobsResources], Awaitable[object]]
 async def _every(
     name: str, interval: float, task: Periodic, resources: JobsResources
 ) -> None:
-    """Run `task` every `interval` seconds until the worker stops; log failures."""
+    """Run `task` every `interval` seconds, or sooner when woken
+    (`JobsResources.wake`), until the worker stops; log failures."""
+    woken = resources.wakeup(name)
     while not resources.stopping.is_set():
+        woken.clear()  # a wake-up while the task runs runs it again
         try:
             await task(resources)
         except Exception:
             log.exception("periodic task %s failed; retrying in %.1fs", name, interval)
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(resources.stopping.wait(), timeout=interval)
+        waits = [
+            asyncio.ensure_future(resources.stopping.wait()),
+            asyncio.ensure_future(woken.wait()),
+        ]
+        await asyncio.wait(waits, timeout=interval, return_when=FIRST_COMPLETED)
+        for waiting in waits:
+            waiting.cancel()
 
 
 def periodic_tasks(settings: JobsSettings) -> list[tuple[str, float, Periodic]]:
@@ -50,12 +59,14 @@ def periodic_tasks(settings: JobsSettings) -> list[tuple[str, float, Periodic]]:
     from jobs.dispatcher import dispatch_due
     from jobs.email_sender import send_due_emails
     from jobs.reconciler import reconcile
+    from jobs.webhook_sender import WEBHOOKS_TASK, send_due_webhooks
 
     return [
         ("outbox", settings.outbox_interval, send_due_emails),
         ("dispatch", settings.dispatch_interval, dispatch_due),
         ("reconcile", settings.reconcile_interval, reconcile),
         ("cleanup", settings.cleanup_interval, clean_up),
+        (WEBHOOKS_TASK, settings.webhook_interval, send_due_webhooks),
     ]
 
 

@@ -53,6 +53,12 @@ class User(Model):
     premium_until = fields.DatetimeField(null=True)
     email_verified_at = fields.DatetimeField(null=True)
     created_at = fields.DatetimeField(auto_now_add=True)
+    # Webhook signing secrets are derived from SDAPI_SECRET_KEY and these
+    # random ids (sdapi.db.webhooks): the table alone does not reveal them.
+    webhook_key_id = fields.CharField(max_length=64, null=True)
+    # The id the last rotation replaced; it signs too until rotated_at + 24 h.
+    webhook_previous_key_id = fields.CharField(max_length=64, null=True)
+    webhook_rotated_at = fields.DatetimeField(null=True)
 
     class Meta:
         table = "users"
@@ -169,6 +175,10 @@ class Generation(Model):
     # Notices for the user about the finished generation (Notice).
     warnings: Any = fields.JSONField(default=list)
     emailed_at = fields.DatetimeField(null=True)
+    # Where its webhook events go, and which (WebhookEvent values); no URL:
+    # none are sent.
+    webhook_url = fields.CharField(max_length=2000, null=True)
+    webhook_events: Any = fields.JSONField(default=list)
 
     images: fields.ReverseRelation[GeneratedImage]
 
@@ -308,3 +318,37 @@ class OutboxEmail(Model):
     class Meta:
         table = "outbox_emails"
         indexes = (Index(fields=("status", "next_attempt_at")),)
+
+
+class WebhookDelivery(Model):
+    """One webhook event to POST; `id` is its `webhook-id`, the same on retries.
+
+    The body is built when the event happens (what was true then), in the
+    transaction that makes it true; `dedupe_key` makes writing it idempotent.
+    """
+
+    id = fields.UUIDField(primary_key=True)
+    generation: fields.ForeignKeyRelation[Generation] = fields.ForeignKeyField(
+        "models.Generation", related_name="webhook_deliveries", on_delete=fields.CASCADE
+    )
+    # A WebhookEvent value (a plain column: the migration imports no enum).
+    event = fields.CharField(max_length=16)
+    dedupe_key = fields.CharField(max_length=200, unique=True)
+    url = fields.CharField(max_length=2000)
+    body = fields.TextField()
+    status = fields.CharEnumField(
+        OutboxStatus, max_length=16, default=OutboxStatus.PENDING
+    )
+    attempts = fields.IntField(default=0)
+    last_error = fields.TextField(null=True)
+    next_attempt_at = fields.DatetimeField(default=utcnow)
+    claimed_at = fields.DatetimeField(null=True)
+    delivered_at = fields.DatetimeField(null=True)
+    created_at = fields.DatetimeField(auto_now_add=True)
+
+    class Meta:
+        table = "webhook_deliveries"
+        indexes = (
+            Index(fields=("status", "next_attempt_at")),
+            Index(fields=("generation_id", "created_at")),
+        )
