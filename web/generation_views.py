@@ -25,6 +25,7 @@ from sdapi.contract.names import (
 )
 from sdapi.contract.status import Status, Tier
 from sdapi.db.models import Delivery, GeneratedImage, Generation, User
+from sdapi.db.webhooks import delivery_summary
 from sdapi.infra.deadline import Deadline
 from sdapi.infra.links import image_path
 from sdapi.infra.queue import (
@@ -182,7 +183,13 @@ async def present(
         warnings=[
             schemas.Notice.model_validate(note) for note in generation.warnings or []
         ],
+        webhook=await _webhook(generation),
     )
+
+
+async def _webhook(generation: Generation) -> schemas.WebhookState | None:
+    summary = await delivery_summary(generation)
+    return None if summary is None else schemas.WebhookState.model_validate(summary)
 
 
 def encode_cursor(generation: Generation) -> str:

@@ -33,8 +33,10 @@ from sdapi.contract.payloads import (
     take_lora_tags,
 )
 from sdapi.contract.status import TERMINAL_STATUSES, Status, Tier
+from sdapi.contract.webhooks import WebhookEvent
 from sdapi.db.input_images import put_inputs, store_inputs
 from sdapi.db.models import Delivery, Generation, InputRole, User, utcnow
+from sdapi.db.webhooks import queue_webhook_event
 from sdapi.infra.deadline import Deadline
 from sdapi.infra.queue import (
     drop_waiting_job,
@@ -61,6 +63,7 @@ from web.quota import Usage, usage
 from web.schemas import generations as schemas
 from web.settings import TierLimits
 from web.uploads import CleanImage, Use, fit_size
+from web.webhooks import check_webhook, links
 
 log = logging.getLogger(__name__)
 
@@ -193,6 +196,7 @@ def resolve_request(
         delivery=delivery,
         init_image_sha256=init.sha256 if init is not None else None,
         mask_sha256=mask.sha256 if (mask := inputs.get(InputRole.MASK)) else None,
+        webhook=body.webhook,
         strength=(
             (
                 body.strength
@@ -385,6 +389,7 @@ async def submit_generation(
         if replay is not None:
             return replay
     inputs = dict(inputs or {})
+    await check_webhook(app, body.webhook)
     offer = await find_offer(app, body.model, deadline=deadline)
     request = resolve_request(body, offer, tier, app, inputs)
     limits = settings.limits(tier)
@@ -422,6 +427,8 @@ async def submit_generation(
             deadline=now + timedelta(seconds=settings.queued_check_after)
             if premium
             else None,
+            webhook_url=request.webhook.url if request.webhook else None,
+            webhook_events=list(request.webhook.events) if request.webhook else [],
         )
         await store_inputs(user, generation, inputs)
         if idempotency is not None:
@@ -496,6 +503,7 @@ async def cancel_generation(app: web.Application, generation: Generation) -> boo
         locked.finished_at = now
         locked.deadline = None
         await locked.save(update_fields=["status", "finished_at", "deadline"])
+        await queue_webhook_event(locked, WebhookEvent.COMPLETED, links(app))
     redis = app[redis_key]
     try:
         # The node checks this flag before starting and at every step.

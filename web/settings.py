@@ -57,6 +57,11 @@ class WebSettings(CommonSettings):
     # Base of links in emails and of image URLs; defaults to http://host:port.
     public_url: str | None = None
     normal_delay: int = Field(default=1800, ge=0, description="seconds")
+    # Accept webhook URLs that reach loopback, private, link-local or metadata
+    # addresses (development only; jobs has the same setting for sending).
+    webhook_allow_private: bool = False
+    # How long resolving a webhook URL's host may take on the request path.
+    webhook_resolve_timeout: float = Field(default=2.0, gt=0)
     bcrypt_rounds: int = Field(default=12, ge=4, le=16)
     token_ttl: int = Field(default=30 * 24 * 3600, ge=60, description="seconds")
     session_ttl: int = Field(default=7 * 24 * 3600, ge=60, description="seconds")

@@ -17,6 +17,7 @@ def route_tables() -> list[ApiRoutes]:
         status,
         tokens,
         verification,
+        webhooks,
         ws,
     )
 
@@ -26,6 +27,7 @@ def route_tables() -> list[ApiRoutes]:
         password_reset.routes,
         tokens.routes,
         generations.routes,
+        webhooks.routes,
         ws.routes,
         openai.routes,
         ops.routes,

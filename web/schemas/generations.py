@@ -16,6 +16,7 @@ from sdapi.contract.payloads import (
     LoraSpec,
 )
 from sdapi.contract.status import Status, Tier
+from sdapi.contract.webhooks import DEFAULT_EVENTS, URL_MAX, WebhookEvent
 from web.schemas.base import RequestModel
 
 PROMPT_MAX = 2000
@@ -51,6 +52,50 @@ class LoraRequest(RequestModel):
     name: str = Field(pattern=LORA_NAME_PATTERN)
     weight: float = Field(
         default=1.0, ge=-LORA_WEIGHT_MAX, le=LORA_WEIGHT_MAX, allow_inf_nan=False
+    )
+
+
+class WebhookRequest(RequestModel):
+    """Where to POST a generation's events, signed (Standard Webhooks)."""
+
+    url: str = Field(
+        max_length=URL_MAX,
+        description="http(s) URL; its host must resolve to public addresses.",
+    )
+    events: list[WebhookEvent] = Field(
+        default=list(DEFAULT_EVENTS),
+        min_length=1,
+        max_length=len(WebhookEvent),
+        description="started, image (one per image), completed (succeeded, "
+        "failed or cancelled).",
+    )
+
+    @field_validator("events")
+    @classmethod
+    def _once_each(cls, value: list[WebhookEvent]) -> list[WebhookEvent]:
+        if len(set(value)) != len(value):
+            raise ValueError("An event is named twice.")
+        return value
+
+
+class WebhookState(BaseModel):
+    """A generation's webhook, and how its latest event's delivery went."""
+
+    url: str
+    events: list[WebhookEvent]
+    event: WebhookEvent | None = Field(description="The latest event written")
+    status: Literal["pending", "sending", "delivered", "failed"] | None
+    attempts: int
+    delivered_at: datetime | None
+    last_error: str | None
+
+
+class WebhookSecret(BaseModel):
+    """The account's webhook signing secret."""
+
+    secret: str = Field(description="whsec_ and base64: the key to verify with")
+    previous_expires_at: datetime | None = Field(
+        description="Until then the secret a rotation replaced signs too"
     )
 
 
@@ -126,6 +171,9 @@ class GenerationRequest(RequestModel):
         description="Inpainting, with init_image: white pixels are repainted, "
         "black ones kept; the init image's size. " + _IMAGE_INPUT,
     )
+    webhook: WebhookRequest | None = Field(
+        default=None, description="POST these events to a URL, signed."
+    )
 
     @field_validator("negative_prompt", mode="before")
     @classmethod
@@ -164,6 +212,7 @@ class ResolvedRequest(BaseModel):
     init_image_sha256: str | None = Field(default=None, pattern=SHA256_HEX)
     mask_sha256: str | None = Field(default=None, pattern=SHA256_HEX)
     strength: float | None = None
+    webhook: WebhookRequest | None = None
 
 
 class ImageRef(BaseModel):
@@ -217,6 +266,7 @@ class GenerationView(BaseModel):
     delivery: Literal["download", "email"]
     emailed_at: datetime | None
     warnings: list[Notice] = []
+    webhook: WebhookState | None = None
 
 
 class GenerationList(BaseModel):
