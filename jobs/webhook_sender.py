@@ -26,7 +26,7 @@ from jobs.resources import WEBHOOKS_TASK as WEBHOOKS_TASK
 from jobs.resources import JobsResources
 from jobs.settings import JobsSettings
 from sdapi.contract.webhooks import ANSWER_READ_BYTES
-from sdapi.db.models import Generation, OutboxStatus, WebhookDelivery
+from sdapi.db.models import Generation, OutboxStatus, WebhookDelivery, utcnow
 from sdapi.db.webhooks import ERROR_LIMIT, account_secrets, message_id, sign
 from sdapi.infra.backoff import backoff_s
 from sdapi.infra.webhook_targets import (
@@ -92,7 +92,8 @@ async def _signing_secrets(
             "id", "user_id"
         )
     )
-    now = await database_now()
+    # The process's clock, as rotations are stamped with (sdapi.db.webhooks).
+    now = utcnow()
     by_user: dict[uuid.UUID, list[str]] = {}
     for user_id in set(owners.values()):
         found = await account_secrets(user_id, settings.secret())
