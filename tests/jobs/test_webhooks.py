@@ -263,8 +263,7 @@ async def test_a_private_target_is_refused_when_connecting(
     by_literal = await WebhookDelivery.get(generation_id=literal.generation_id)
     assert (by_literal.status, by_literal.attempts) == (OutboxStatus.FAILED, 1)
     assert by_literal.last_error == (
-        "refused: 127.0.0.1 is not a public address: "
-        "127.0.0.1 is a loopback address."
+        "refused: 127.0.0.1 is not a public address: 127.0.0.1 is a loopback address."
     )
     by_name = await WebhookDelivery.get(generation_id=named.generation_id)
     assert by_name.status is OutboxStatus.FAILED
@@ -308,14 +307,14 @@ async def test_a_killed_jobs_process_loses_no_event(
         job = await webhook_job(user, hook.url, ["completed"])
         await node.run(job)
         with mail_sink(tmp_path / "mail") as smtp_url:
-            env = dict(
-                database_url=settings.database_url,
-                redis_url=settings.redis_url,
-                secret_key=KEY,
-                smtp_url=smtp_url,
-                data_dir=tmp_path,
-                webhook_allow_private="true",
-            )
+            env = {
+                "database_url": settings.database_url,
+                "redis_url": settings.redis_url,
+                "secret_key": KEY,
+                "smtp_url": smtp_url,
+                "data_dir": tmp_path,
+                "webhook_allow_private": "true",
+            }
             # The first process would wait long for its POST; it is killed first.
             first = Service(
                 "jobs", "jobs", sdapi_env(**env, webhook_timeout=20), tmp_path
