@@ -148,6 +148,9 @@ def _plan(
     # databases; torch's default of a thread per core makes it spin against
     # them (seconds for a call that takes milliseconds alone).
     env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 2) // 2)))
+    # On one machine a webhook receiver is a local program (README); a
+    # deployment refuses private addresses unless its operator allows them.
+    env.setdefault("SDAPI_WEBHOOK_ALLOW_PRIVATE", "true")
     if settings.secret_key is None:
         # Made once here, so web and jobs do not race to create it.
         env["SDAPI_SECRET_KEY"] = load_secret_key(data_dir)

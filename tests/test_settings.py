@@ -39,6 +39,7 @@ def _run(
         ("SDAPI_SMTP_URL", "smtps://mail.example.org?starttls=true", "jobs"),
         ("SDAPI_SECRET_KEY", "", "web"),
         ("SDAPI_OUTBOX_SEND_TIMEOUT", "200", "jobs"),
+        ("SDAPI_WEBHOOK_TIMEOUT", "40", "jobs"),
         ("SDAPI_NORMAL_DELAY", "-5", "web"),
         ("SDAPI_CONSUL_URL", "consul:8500", "web"),
     ],

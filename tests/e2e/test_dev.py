@@ -28,6 +28,7 @@ from tests.support import until_sync
 
 pytestmark = pytest.mark.slow
 
+ROOT = Path(__file__).resolve().parents[2]
 START_TIMEOUT_S = 120
 STOP_TIMEOUT_S = 45
 
@@ -60,8 +61,8 @@ def read_line(process: subprocess.Popen[bytes], timeout: float) -> str:
             if selector.select(timeout=0.5):
                 return process.stdout.readline().decode()
             if process.poll() is not None:
-                pytest.fail(f"sdapi dev exited with {process.returncode}")
-    pytest.fail(f"sdapi dev printed nothing in {timeout}s")
+                pytest.fail(f"{process.args} exited with {process.returncode}")
+    pytest.fail(f"{process.args} printed nothing in {timeout}s")
 
 
 def stop_dev(process: subprocess.Popen[bytes], sig: int = signal.SIGINT) -> int:
@@ -97,24 +98,78 @@ def data_dir(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
     yield tmp_path_factory.mktemp("dev") / "data"
 
 
-async def generate_once(base_url: str, database_url: str) -> str:
-    """One premium generation over the WebSocket; its final status."""
+def readme_receiver(port: int) -> str:
+    """The README's webhook receiver, as written, on `port` instead of 9000."""
+    text = (ROOT / "README.md").read_text()
+    blocks = re.findall(r"```python\n(.*?)```", text, re.DOTALL)
+    [code] = [block for block in blocks if "standardwebhooks" in block]
+    assert "port=9000" in code
+    return code.replace("port=9000", f"port={port}")
+
+
+async def generate_once(base_url: str, database_url: str, folder: Path) -> str:
+    """One premium generation over the WebSocket, with a webhook to the
+    README's receiver; its final status."""
     async with open_database(database_url, pool_size=1):
         auth = (await make_user(premium=True)).headers
-    ws_url = base_url.replace("http://", "ws://", 1) + "/api/v1/ws"
-    request = {"prompt": "a dev test", "width": 64, "height": 64, "steps": 2}
     async with (
         aiohttp.ClientSession() as http,
-        http.ws_connect(ws_url, headers=auth) as ws,
+        http.get(f"{base_url}/api/v1/webhooks/secret", headers=auth) as answer,
     ):
-        await ws.send_json({"type": "generate", "request": request})
-        async with asyncio.timeout(60):
-            while True:
-                frame = await ws.receive_json()
-                assert frame["type"] != "error", frame
-                if frame["type"] == "done":
-                    status: str = frame["status"]
-                    return status
+        secret = (await answer.json())["secret"]
+    port = free_port()
+    script = folder / "receiver.py"
+    script.write_text(readme_receiver(port))
+    receiver = subprocess.Popen(
+        [sys.executable, str(script), secret],
+        stdout=subprocess.PIPE,
+        stdin=subprocess.DEVNULL,
+    )
+    try:
+        assert "Running on" in read_line(receiver, 30)
+        ws_url = base_url.replace("http://", "ws://", 1) + "/api/v1/ws"
+        request = {
+            "prompt": "a dev test",
+            "width": 64,
+            "height": 64,
+            "steps": 2,
+            "webhook": {
+                "url": f"http://127.0.0.1:{port}/hook",
+                "events": ["started", "completed"],
+            },
+        }
+        async with (
+            aiohttp.ClientSession() as http,
+            http.ws_connect(ws_url, headers=auth) as ws,
+        ):
+            await ws.send_json({"type": "generate", "request": request})
+            async with asyncio.timeout(60):
+                while True:
+                    frame = await ws.receive_json()
+                    assert frame["type"] != "error", frame
+                    if frame["type"] == "done":
+                        status: str = frame["status"]
+                        break
+        done_at = time.monotonic()
+        events: list[list[str]] = []
+        while len(events) < 2:
+            line = read_line(receiver, 30)
+            if line.startswith("generation."):
+                events.append(line.split())
+        # The sender is woken by the stored result, not its next round.
+        assert time.monotonic() - done_at < 5
+        [started, completed] = events
+        assert started == ["generation.started", "running"]
+        assert completed[:2] == ["generation.completed", "succeeded"]
+        async with aiohttp.ClientSession() as http, http.get(completed[2]) as image:
+            assert image.status == 200  # a signed link: no token needed
+            assert image.content_type == "image/png"
+    finally:
+        receiver.terminate()
+        receiver.wait()
+        assert receiver.stdout is not None
+        receiver.stdout.close()
+    return status
 
 
 def test_dev_starts_serves_and_stops_cleanly(
@@ -149,7 +204,8 @@ def test_dev_starts_serves_and_stops_cleanly(
         services = running_services(data_dir)
         assert services is not None
         assert (
-            asyncio.run(generate_once(base_url, services.database_url)) == "succeeded"
+            asyncio.run(generate_once(base_url, services.database_url, data_dir.parent))
+            == "succeeded"
         )
         # Exactly one line on stdout.
         assert process.stdout is not None
@@ -225,7 +281,8 @@ def test_a_killed_child_is_restarted_and_the_service_goes_on(
         # Web kept answering, and the new node serves the next generation.
         assert answers_200(f"{base_url}/readyz")
         assert (
-            asyncio.run(generate_once(base_url, services.database_url)) == "succeeded"
+            asyncio.run(generate_once(base_url, services.database_url, data_dir.parent))
+            == "succeeded"
         )
         assert node not in children_of(process.pid)
     finally:
