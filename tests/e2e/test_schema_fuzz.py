@@ -66,6 +66,9 @@ EXPLAINED: dict[Key, str] = {
     ("POST", "/api/v1/auth/password/reset", _REFUSED, 410, None): (
         "The token is looked up: an unknown one is gone (state, as a 404 is)."
     ),
+    ("POST", "/api/v1/generations", _REFUSED, 422, "webhook.url"): (
+        "A URL whose host resolves, and only to public addresses (DNS: state)."
+    ),
     ("POST", "/api/v1/tokens", _REFUSED, 422, "expires_at"): (
         "A bound relative to the present (after now, within five years)."
     ),

@@ -8,6 +8,7 @@ from datetime import datetime, timedelta
 from typing import Any
 from urllib.parse import urlsplit
 
+import aiohttp
 import pytest
 from aiohttp.test_utils import TestClient
 
@@ -168,3 +169,20 @@ async def test_payload_image_links_work_without_a_token(
     assert response.headers["Content-Type"] == "image/png"
     sent = datetime.fromisoformat(payload["timestamp"])
     assert utcnow() - timedelta(minutes=1) < sent <= utcnow()
+
+
+async def test_a_form_carries_the_webhook_as_json_text(
+    aiohttp_client: AiohttpClient, web_settings: WebSettings, node: NodeDouble
+) -> None:
+    client = await client_with(aiohttp_client, web_settings, webhook_allow_private=True)
+    _, token = await make_user()
+    form = aiohttp.FormData(default_to_multipart=True)
+    form.add_field("prompt", "a red fox")
+    form.add_field("width", "64")
+    form.add_field("height", "64")
+    form.add_field("webhook", json.dumps({"url": HOOK, "events": ["image"]}))
+    response = await client.post(GENERATIONS, data=form, headers=auth(token))
+    created = await response.json()
+    assert response.status == 202, created
+    assert created["webhook"]["url"] == HOOK
+    assert created["webhook"]["events"] == ["image"]

@@ -46,9 +46,14 @@ routes = ApiRoutes(tags=["generations"])
 _FILE_FIELDS = frozenset({"init_image", "mask"})
 
 
+# Fields whose object form comes as JSON text in a form.
+_JSON_FIELDS = _FILE_FIELDS | {"webhook"}
+
+
 def _form_value(name: str, text: str) -> object:
-    # A result reference comes as JSON text; everything else pydantic converts.
-    if name in _FILE_FIELDS and text.lstrip().startswith("{"):
+    # A result reference or a webhook comes as JSON text; everything else
+    # pydantic converts.
+    if name in _JSON_FIELDS and text.lstrip().startswith("{"):
         try:
             return json.loads(text)
         except ValueError:

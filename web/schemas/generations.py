@@ -68,6 +68,7 @@ class WebhookRequest(RequestModel):
         max_length=len(WebhookEvent),
         description="started, image (one per image), completed (succeeded, "
         "failed or cancelled).",
+        json_schema_extra={"uniqueItems": True},
     )
 
     @field_validator("events")
