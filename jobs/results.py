@@ -88,11 +88,13 @@ async def mark_started(ctx: dict[str, Any], payload: dict[str, Any]) -> str:
                 started_at=notice.started_at,
                 deadline=utcnow() + check_after,
             )
-            queued = updated and await queue_webhook_event(
-                await Generation.get(id=notice.generation_id),
-                WebhookEvent.STARTED,
-                resources.links(),
-            )
+            queued = False
+            if updated:
+                queued = await queue_webhook_event(
+                    await Generation.get(id=notice.generation_id),
+                    WebhookEvent.STARTED,
+                    resources.links(),
+                )
     except TRANSIENT_ERRORS:
         log.warning("recording the start of %s failed; retrying", notice.generation_id)
         raise retry_after(ctx) from None

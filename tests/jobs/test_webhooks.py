@@ -21,6 +21,7 @@ from jobs.resources import RESOURCES, JobsResources
 from jobs.webhook_sender import send_round
 from sdapi.contract.payloads import GenerationJob, GenerationParams
 from sdapi.contract.status import Status, Tier
+from sdapi.db import webhooks
 from sdapi.db.models import Generation, OutboxStatus, User, WebhookDelivery, utcnow
 from sdapi.db.webhooks import (
     account_secrets,
@@ -352,3 +353,18 @@ async def test_a_killed_jobs_process_loses_no_event(
 def test_delivery_ids_are_standard_webhooks_message_ids() -> None:
     ident = uuid.uuid4()
     assert message_id(ident) == f"msg_{ident.hex}"
+
+
+async def test_a_payload_over_the_cap_is_never_sent(
+    jobs_resources: JobsResources, node: NodeDouble, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(webhooks, "BODY_MAX_BYTES", 100)
+    user, _ = await make_user()
+    async with receiver() as hook:
+        job = await webhook_job(user, hook.url, ["completed"])
+        await node.run(job)
+        assert await send_round(sender(jobs_resources)) == 0
+    assert hook.requests == []
+    row = await WebhookDelivery.get(generation_id=job.generation_id)
+    assert (row.status, row.attempts) == (OutboxStatus.FAILED, 0)
+    assert row.last_error == "the payload is over 100 bytes"
