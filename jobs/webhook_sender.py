@@ -254,16 +254,12 @@ async def send_round(resources: JobsResources) -> int:
                 return tried
             session = session or open_session(settings)
             secrets = await _signing_secrets(rows, settings)
+            # A generation purged since the claim took its deliveries along.
             await asyncio.gather(
                 *(
-                    _deliver(
-                        session,
-                        row,
-                        secrets[row.generation_id],  # type: ignore[attr-defined]
-                        settings,
-                        slots,
-                    )
+                    _deliver(session, row, signing, settings, slots)
                     for row in rows
+                    if (signing := secrets.get(row.generation_id))  # type: ignore[attr-defined]
                 )
             )
             tried += len(rows)

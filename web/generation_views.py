@@ -34,6 +34,7 @@ from sdapi.infra.queue import (
 from web.appkeys import redis_key, registry_key, settings_key
 from web.errors import field_error
 from web.schemas import generations as schemas
+from web.schemas.webhooks import WebhookState
 
 log = logging.getLogger(__name__)
 
@@ -187,9 +188,9 @@ async def present(
     )
 
 
-async def _webhook(generation: Generation) -> schemas.WebhookState | None:
+async def _webhook(generation: Generation) -> WebhookState | None:
     summary = await delivery_summary(generation)
-    return None if summary is None else schemas.WebhookState.model_validate(summary)
+    return None if summary is None else WebhookState.model_validate(summary)
 
 
 def encode_cursor(generation: Generation) -> str:

@@ -10,7 +10,7 @@ from sdapi.db.webhooks import LinkSigner
 from sdapi.infra.webhook_targets import TargetRefused, check_target
 from web.appkeys import settings_key
 from web.errors import Unavailable, field_error
-from web.schemas.generations import WebhookRequest
+from web.schemas.webhooks import WebhookRequest
 
 log = logging.getLogger(__name__)
 

@@ -37,7 +37,8 @@ from tests.jobs.conftest import announce_node, make_generation
 from tests.jobs.webhook_receiver import HANG, receiver
 from tests.node_double import NodeDouble
 from tests.support import until
-from web.schemas.generations import GenerationView, WebhookState
+from web.schemas.generations import GenerationView
+from web.schemas.webhooks import WebhookState
 
 KEY = "test-secret-key"  # the jobs_settings fixture's SDAPI_SECRET_KEY
 

@@ -8,7 +8,7 @@ from sdapi.db.webhooks import AccountSecrets, account_secrets, rotate_secret
 from web.appkeys import settings_key
 from web.auth import Principal
 from web.openapi import ApiRoutes, Response, json_response
-from web.schemas.generations import WebhookSecret
+from web.schemas.webhooks import WebhookSecret
 
 routes = ApiRoutes(tags=["webhooks"])
 
