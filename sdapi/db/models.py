@@ -53,6 +53,9 @@ class User(Model):
     premium_until = fields.DatetimeField(null=True)
     email_verified_at = fields.DatetimeField(null=True)
     created_at = fields.DatetimeField(auto_now_add=True)
+    # The model used when a request names none (set through A1111's options
+    # endpoint); None, or one no longer known: the service's default.
+    default_model = fields.CharField(max_length=200, null=True)
 
     class Meta:
         table = "users"

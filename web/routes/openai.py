@@ -91,6 +91,7 @@ async def _generation_request(
     body: ImageGenerationRequest | ImageEditRequest,
     *,
     deadline: Deadline,
+    own_default: str | None = None,
     **extra: Any,
 ) -> GenerationRequest:
     fields: dict[str, Any] = {
@@ -103,7 +104,9 @@ async def _generation_request(
     if body.size is None or body.size == AUTO_SIZE:
         if isinstance(body, ImageGenerationRequest):
             # As OpenAI's "auto": the size the model is made for.
-            offer = await find_offer(app, body.model, deadline=deadline)
+            offer = await find_offer(
+                app, body.model, deadline=deadline, own_default=own_default
+            )
             fields.update(width=offer.default_width, height=offer.default_height)
         # An edit without a size keeps its image's (scaled to fit).
     else:
@@ -147,7 +150,9 @@ async def create_images(
     )
     deadline = request[redis_deadline_key]
     try:
-        generation_request = await _generation_request(app, body, deadline=deadline)
+        generation_request = await _generation_request(
+            app, body, deadline=deadline, own_default=principal.user.default_model
+        )
         generation = await submit_generation(
             app, principal, generation_request, deadline=deadline, idempotency=claim
         )

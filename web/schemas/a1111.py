@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, RootModel
 
 from sdapi.contract.payloads import SEED_MAX
 from web.schemas.base import RequestModel
@@ -163,7 +163,7 @@ class Img2ImgRequest(Txt2ImgRequest):
     )
 
 
-class ImagesResponse(BaseModel):
+class TextToImageResponse(BaseModel):
     """A1111's TextToImageResponse / ImageToImageResponse."""
 
     images: list[str] = Field(description="Base64 PNGs (none if send_images=false)")
@@ -221,6 +221,14 @@ class SDModelItem(BaseModel):
     config: str | None = None
 
 
+class SamplerList(RootModel[list[SamplerItem]]):
+    pass
+
+
+class SDModelList(RootModel[list[SDModelItem]]):
+    pass
+
+
 class LoraItem(BaseModel):
     name: str
     alias: str
@@ -228,7 +236,11 @@ class LoraItem(BaseModel):
     metadata: dict[str, Any]
 
 
-class Options(BaseModel):
+class LoraList(RootModel[list[LoraItem]]):
+    pass
+
+
+class A1111Options(BaseModel):
     """The A1111 options that mean something here (GET shows them all)."""
 
     model_config = ConfigDict(extra="allow")
@@ -238,7 +250,7 @@ class Options(BaseModel):
     samples_format: str = "png"
 
 
-class OptionsUpdate(RequestModel):
+class A1111OptionsUpdate(RequestModel):
     """`POST /sdapi/v1/options`: sd_model_checkpoint sets your own default model;
     any other option only with the value it already has."""
 
@@ -247,11 +259,11 @@ class OptionsUpdate(RequestModel):
     sd_model_checkpoint: str | None = Field(default=None, max_length=300)
 
 
-class Empty(BaseModel):
+class A1111Empty(BaseModel):
     """An empty object, as A1111 answers `interrupt` and `options` changes."""
 
 
-class ErrorResponse(BaseModel):
+class A1111Error(BaseModel):
     """A1111's error shape (its API's exception handler), plus our `code`."""
 
     error: str = Field(description="A1111 names the exception: HTTPException")
@@ -261,13 +273,13 @@ class ErrorResponse(BaseModel):
     code: str = Field(description="sdapi's error code (docs/API.md)")
 
 
-class ValidationItem(BaseModel):
+class A1111ValidationItem(BaseModel):
     loc: list[str | int]
     msg: str
     type: str
 
 
-class ValidationErrorResponse(BaseModel):
+class A1111ValidationError(BaseModel):
     """FastAPI's 422, which A1111 answers invalid fields with."""
 
-    detail: list[ValidationItem]
+    detail: list[A1111ValidationItem]
