@@ -97,6 +97,33 @@ def data_dir(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
     yield tmp_path_factory.mktemp("dev") / "data"
 
 
+def readme_a1111_snippet() -> str:
+    """The README's webuiapi example, as written."""
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    section = readme.split("### Pointing an A1111 client at sdapi", 1)[1]
+    return section.split("```python\n", 1)[1].split("```", 1)[0]
+
+
+def run_readme_a1111_snippet(base_url: str, database_url: str, cwd: Path) -> None:
+    """Run the README's webuiapi example against `sdapi dev` on its own port,
+    with a premium account's token, in a fresh folder."""
+
+    async def premium_token() -> str:
+        async with open_database(database_url, pool_size=1):
+            return (await make_user(premium=True)).secret
+
+    port = base_url.rsplit(":", 1)[1]
+    code = readme_a1111_snippet().replace("port=8080", f"port={port}")
+    subprocess.run(
+        [sys.executable, "-c", f"TOKEN = {asyncio.run(premium_token())!r}\n{code}"],
+        cwd=cwd,
+        check=True,
+        timeout=120,
+        capture_output=True,
+    )
+    assert (cwd / "lighthouse.png").stat().st_size > 0
+
+
 async def generate_once(base_url: str, database_url: str) -> str:
     """One premium generation over the WebSocket; its final status."""
     async with open_database(database_url, pool_size=1):
@@ -151,6 +178,9 @@ def test_dev_starts_serves_and_stops_cleanly(
         assert (
             asyncio.run(generate_once(base_url, services.database_url)) == "succeeded"
         )
+        snippet_dir = data_dir.parent / "readme-a1111"
+        snippet_dir.mkdir()
+        run_readme_a1111_snippet(base_url, services.database_url, snippet_dir)
         # Exactly one line on stdout.
         assert process.stdout is not None
         with selectors.DefaultSelector() as selector:
@@ -227,6 +257,9 @@ def test_a_killed_child_is_restarted_and_the_service_goes_on(
         assert (
             asyncio.run(generate_once(base_url, services.database_url)) == "succeeded"
         )
+        snippet_dir = data_dir.parent / "readme-a1111"
+        snippet_dir.mkdir()
+        run_readme_a1111_snippet(base_url, services.database_url, snippet_dir)
         assert node not in children_of(process.pid)
     finally:
         stop_dev(process)
