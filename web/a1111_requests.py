@@ -24,22 +24,14 @@ from sdapi.contract.payloads import SEED_MAX
 from sdapi.infra.registry import ModelOffer
 from web.a1111_samplers import ANCESTRAL, sampler_name
 from web.errors import NotFound, ValidationFailed, from_validation_error
-from web.schemas.a1111 import Img2ImgRequest, Txt2ImgRequest
+from web.schemas.a1111 import (
+    CHECKPOINT_OPTION,
+    FIXED_OPTIONS,
+    Img2ImgRequest,
+    Txt2ImgRequest,
+)
 from web.schemas.generations import GenerationRequest, ResolvedRequest
 from web.uploads import CleanImage
-
-# The A1111 options that describe what this service does, at their values;
-# GET /sdapi/v1/options shows them and a request may "set" them to these.
-FIXED_OPTIONS: dict[str, Any] = {
-    "samples_format": "png",
-    "CLIP_stop_at_last_layers": 1,
-    "eta_ancestral": 1.0,
-    "eta_ddim": 0.0,
-    "sd_vae": "Automatic",
-    "emphasis": "Original",
-    "return_grid": False,
-}
-CHECKPOINT_OPTION = "sd_model_checkpoint"
 
 # Our request's fields by the A1111 field they came from, for error details.
 _A1111_FIELDS = {
@@ -68,9 +60,26 @@ def _problem(field: str, message: str) -> dict[str, str]:
 
 
 def _same(value: object, wanted: object) -> bool:
+    if isinstance(value, bool) or isinstance(wanted, bool):
+        return value is wanted
     if isinstance(value, int | float) and isinstance(wanted, int | float):
-        return not isinstance(value, bool) and math.isclose(value, wanted)
+        return math.isclose(value, wanted)
     return value == wanted
+
+
+def option_problems(
+    options: Mapping[str, Any], *, prefix: str = ""
+) -> list[dict[str, str]]:
+    """Each option that is not one of FIXED_OPTIONS at its value."""
+    return [
+        _problem(
+            prefix + key,
+            "Only sd_model_checkpoint, or an option at the value GET "
+            "/sdapi/v1/options shows, can be set.",
+        )
+        for key, value in options.items()
+        if not (key in FIXED_OPTIONS and _same(value, FIXED_OPTIONS[key]))
+    ]
 
 
 def unsupported(body: Txt2ImgRequest, scheduler: str) -> list[dict[str, str]]:
@@ -133,17 +142,10 @@ def unsupported(body: Txt2ImgRequest, scheduler: str) -> list[dict[str, str]]:
                 problems.append(
                     _problem("eta", f"This sampler runs with eta {own:g} only.")
                 )
-    for key, value in body.override_settings.items():
-        if key != CHECKPOINT_OPTION and not (
-            key in FIXED_OPTIONS and _same(value, FIXED_OPTIONS[key])
-        ):
-            problems.append(
-                _problem(
-                    f"override_settings.{key}",
-                    "Only sd_model_checkpoint, or an option at the value GET "
-                    "/sdapi/v1/options shows, can be set.",
-                )
-            )
+    problems += option_problems(
+        {k: v for k, v in body.override_settings.items() if k != CHECKPOINT_OPTION},
+        prefix="override_settings.",
+    )
     if isinstance(body, Img2ImgRequest):
         problems += _img2img_unsupported(body)
     return problems

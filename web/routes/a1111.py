@@ -22,13 +22,12 @@ from sdapi.db.models import GeneratedImage, Generation, InputRole, User
 from sdapi.infra.registry import ModelOffer
 from web.a1111_progress import running_progress
 from web.a1111_requests import (
-    CHECKPOINT_OPTION,
-    FIXED_OPTIONS,
     a1111_error,
     checkpoint_model,
     edited_mask,
     generation_request,
     info,
+    option_problems,
     parameters,
     unsupported,
 )
@@ -55,6 +54,7 @@ from web.generations import (
 )
 from web.openapi import ApiRoutes, Response, json_response, read_body
 from web.schemas import a1111 as schemas
+from web.schemas.a1111 import CHECKPOINT_OPTION, FIXED_OPTIONS
 from web.schemas.generations import ResolvedRequest
 from web.uploads import CleanImage
 from web.waiting import wait_for_generation
@@ -75,7 +75,9 @@ def _basic_password(request: web.Request) -> str | None:
     except (binascii.Error, UnicodeDecodeError):
         return None
     _, colon, password = decoded.partition(":")
-    return password.strip() or None if colon else None
+    if not colon or not password.strip():
+        return None
+    return password.strip()
 
 
 def _unauthorized(message: str) -> Unauthorized:
@@ -482,15 +484,7 @@ async def set_options(
     """`sd_model_checkpoint` sets your own default model, used by every request
     of yours that names none (here and on /api/v1); never anyone else's. Any
     other option only at the value GET shows."""
-    problems = [
-        {
-            "field": key,
-            "message": "Only sd_model_checkpoint, or an option at the value GET "
-            "/sdapi/v1/options shows, can be set.",
-        }
-        for key, value in (body.model_extra or {}).items()
-        if not (key in FIXED_OPTIONS and value == FIXED_OPTIONS[key])
-    ]
+    problems = option_problems(body.model_extra or {})
     if problems:
         raise ValidationFailed(details=problems)
     if body.sd_model_checkpoint is not None:

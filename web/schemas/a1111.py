@@ -8,12 +8,13 @@ output in a way we cannot reproduce are refused by name.
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, RootModel
 
 from sdapi.contract.payloads import SEED_MAX
-from web.schemas.base import RequestModel
+from web.schemas.base import NO_NUL, RequestModel
 from web.schemas.generations import PROMPT_MAX, PROMPT_WORDS
 
 # Fields A1111's own request models do not have are ignored, as A1111 (a
@@ -22,6 +23,42 @@ from web.schemas.generations import PROMPT_MAX, PROMPT_WORDS
 IGNORED_FIELDS_HEADER = "X-Sdapi-Ignored-Fields"
 
 _SEED = "-1: random; else 0..2^32-1 (image i of the request uses seed + i)"
+
+# The A1111 options that describe what this service does, at their values:
+# GET /sdapi/v1/options shows them, and a request may "set" them to these.
+FIXED_OPTIONS: dict[str, Any] = {
+    "samples_format": "png",
+    "CLIP_stop_at_last_layers": 1,
+    "eta_ancestral": 1.0,
+    "eta_ddim": 0.0,
+    "sd_vae": "Automatic",
+    "emphasis": "Original",
+    "return_grid": False,
+}
+CHECKPOINT_OPTION = "sd_model_checkpoint"
+
+
+def _only(*values: object) -> dict[str, Any]:
+    """Field arguments publishing the only values a field takes here: the ones
+    that change nothing (web.a1111_requests refuses others, naming the field)."""
+    shown = ", ".join(json.dumps(value) for value in values)
+    return {
+        "description": f"Only {shown} here",
+        "json_schema_extra": {"enum": list(values)},
+    }
+
+
+_ONLY_EMPTY_LIST: dict[str, Any] = {"json_schema_extra": {"maxItems": 0}}
+
+
+def _options_schema(schema: dict[str, Any]) -> None:
+    """Options a request may set: a model, and the others at their values."""
+    text = {"type": "string", "maxLength": 300, "pattern": NO_NUL}
+    schema["properties"] = {
+        CHECKPOINT_OPTION: {"anyOf": [text, {"type": "null"}]},
+        **{key: {"const": value} for key, value in FIXED_OPTIONS.items()},
+    }
+    schema["additionalProperties"] = False
 
 
 class _A1111Request(RequestModel):
@@ -36,12 +73,14 @@ class Txt2ImgRequest(_A1111Request):
         min_length=1, max_length=PROMPT_MAX, json_schema_extra={"pattern": PROMPT_WORDS}
     )
     negative_prompt: str = Field(default="", max_length=PROMPT_MAX)
-    styles: list[str] = Field(default=[], description="Must be empty (no styles)")
+    styles: list[str] = Field(
+        default=[], description="Must be empty (no styles)", **_ONLY_EMPTY_LIST
+    )
     seed: int = Field(default=-1, ge=-1, le=SEED_MAX, description=_SEED)
     subseed: int = Field(default=-1, description="No effect while subseed_strength=0")
-    subseed_strength: float = Field(default=0.0, description="Must be 0")
-    seed_resize_from_h: int = Field(default=-1, description="Must be -1 or 0")
-    seed_resize_from_w: int = Field(default=-1, description="Must be -1 or 0")
+    subseed_strength: float = Field(default=0.0, **_only(0))
+    seed_resize_from_h: int = Field(default=-1, **_only(-1, 0))
+    seed_resize_from_w: int = Field(default=-1, **_only(-1, 0))
     sampler_name: str | None = Field(
         default=None,
         max_length=64,
@@ -63,8 +102,8 @@ class Txt2ImgRequest(_A1111Request):
     cfg_scale: float = Field(default=7.0, ge=0, le=50, allow_inf_nan=False)
     width: int = Field(default=512, ge=64, multiple_of=8)
     height: int = Field(default=512, ge=64, multiple_of=8)
-    restore_faces: bool | None = Field(default=None, description="Must not be true")
-    tiling: bool | None = Field(default=None, description="Must not be true")
+    restore_faces: bool | None = Field(default=None, **_only(False, None))
+    tiling: bool | None = Field(default=None, **_only(False, None))
     do_not_save_samples: bool = False
     do_not_save_grid: bool = False
     eta: float | None = Field(
@@ -74,23 +113,24 @@ class Txt2ImgRequest(_A1111Request):
     denoising_strength: float | None = Field(
         default=None, description="Used by img2img; no effect without enable_hr"
     )
-    s_min_uncond: float = Field(default=0.0, description="Must be 0")
-    s_churn: float = Field(default=0.0, description="Must be 0")
-    s_tmax: float | None = Field(default=None, description="Must be 0 or null")
-    s_tmin: float = Field(default=0.0, description="Must be 0")
-    s_noise: float = Field(default=1.0, description="Must be 1")
+    s_min_uncond: float = Field(default=0.0, **_only(0))
+    s_churn: float = Field(default=0.0, **_only(0))
+    s_tmax: float | None = Field(default=None, **_only(0, None))
+    s_tmin: float = Field(default=0.0, **_only(0))
+    s_noise: float = Field(default=1.0, **_only(1))
     override_settings: dict[str, Any] = Field(
         default={},
         description="sd_model_checkpoint picks the model for this request; other "
         "options only with the value GET /sdapi/v1/options shows",
+        json_schema_extra=_options_schema,
     )
     override_settings_restore_afterwards: bool = True
-    refiner_checkpoint: str | None = Field(default=None, description="Must be empty")
+    refiner_checkpoint: str | None = Field(default=None, **_only("", None))
     refiner_switch_at: float | None = None
-    disable_extra_networks: bool = Field(default=False, description="Must be false")
-    firstpass_image: str | None = Field(default=None, description="Must be null")
+    disable_extra_networks: bool = Field(default=False, **_only(False))
+    firstpass_image: str | None = Field(default=None, **_only(None))
     comments: dict[str, Any] | None = None
-    enable_hr: bool = Field(default=False, description="Must be false (no hires fix)")
+    enable_hr: bool = Field(default=False, **_only(False))
     firstphase_width: int = 0
     firstphase_height: int = 0
     hr_scale: float = 2.0
@@ -104,16 +144,18 @@ class Txt2ImgRequest(_A1111Request):
     hr_prompt: str = ""
     hr_negative_prompt: str = ""
     force_task_id: str | None = None
-    script_name: str | None = Field(default=None, description="Must be empty")
-    script_args: list[Any] = Field(default=[], description="Must be empty")
+    script_name: str | None = Field(default=None, **_only("", None))
+    script_args: list[Any] = Field(default=[], **_ONLY_EMPTY_LIST)
     send_images: bool = Field(default=True, description="false: no images answered")
     save_images: bool = Field(
         default=False, description="No effect: results are always kept"
     )
     alwayson_scripts: dict[str, Any] = Field(
-        default={}, description="Must be empty (no extensions)"
+        default={},
+        description="Must be empty (no extensions)",
+        json_schema_extra={"maxProperties": 0},
     )
-    infotext: str | None = Field(default=None, description="Must be null")
+    infotext: str | None = Field(default=None, **_only(None))
 
 
 class Img2ImgRequest(Txt2ImgRequest):
@@ -124,7 +166,7 @@ class Img2ImgRequest(Txt2ImgRequest):
         max_length=1,
         description="One base64 PNG, JPEG or WebP (a data: URL works too)",
     )
-    resize_mode: int = Field(default=0, description="Must be 0 (just resize)")
+    resize_mode: int = Field(default=0, **_only(0))
     denoising_strength: float | None = Field(
         default=0.75,
         ge=0,
@@ -154,10 +196,8 @@ class Img2ImgRequest(Txt2ImgRequest):
     inpainting_mask_invert: int = Field(
         default=0, ge=0, le=1, description="1: black pixels are repainted"
     )
-    initial_noise_multiplier: float | None = Field(
-        default=None, description="Must be 1 or null"
-    )
-    latent_mask: str | None = Field(default=None, description="Must be null")
+    initial_noise_multiplier: float | None = Field(default=None, **_only(1, None))
+    latent_mask: str | None = Field(default=None, **_only(None))
     include_init_images: bool = Field(
         default=False, description="Echo init_images and mask in `parameters`"
     )
@@ -254,7 +294,8 @@ class A1111OptionsUpdate(RequestModel):
     """`POST /sdapi/v1/options`: sd_model_checkpoint sets your own default model;
     any other option only with the value it already has."""
 
-    model_config = ConfigDict(extra="allow")
+    # Kept to be refused by name (web.a1111_requests), published as not taken.
+    model_config = ConfigDict(extra="allow", json_schema_extra=_options_schema)
 
     sd_model_checkpoint: str | None = Field(default=None, max_length=300)
 
