@@ -298,6 +298,22 @@ async def test_errors_use_a1111_shapes(client: TestClient, node: NodeDouble) -> 
         detail = (await answer.json())["detail"]
         assert ["body", *loc] in [item["loc"] for item in detail], detail
         assert all(set(item) == {"loc", "msg", "type"} for item in detail)
+    # A1111's inpainting defaults ask for what the pipeline does not do.
+    img2img = {
+        **SMALL,
+        "init_images": ["aGk="],
+        "mask": "aGk=",
+        "inpainting_fill": 0,
+        "inpaint_full_res": True,
+    }
+    answer = await client.post("/sdapi/v1/img2img", json=img2img, headers=me.headers)
+    assert answer.status == 422
+    locs = [item["loc"] for item in (await answer.json())["detail"]]
+    assert locs == [["body", "inpainting_fill"], ["body", "inpaint_full_res"]]
+    two = {**SMALL, "init_images": ["aGk=", "aGk="]}
+    answer = await client.post("/sdapi/v1/img2img", json=two, headers=me.headers)
+    assert answer.status == 422
+    assert (await answer.json())["detail"][0]["loc"] == ["body", "init_images"]
     # Values that change nothing are accepted, unknown fields ignored and named.
     task = asyncio.ensure_future(
         client.post(
