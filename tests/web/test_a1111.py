@@ -358,3 +358,28 @@ async def test_a_client_that_hangs_up_cancels_its_generation(
         return row.status == Status.CANCELLED
 
     await until(cancelled, 10, "the generation cancelled")
+
+
+async def test_the_routes_are_in_the_openapi_document(client: TestClient) -> None:
+    document = await (await client.get("/openapi.json")).json()
+    routes = {
+        (method.upper(), path): operation
+        for path, item in document["paths"].items()
+        if path.startswith("/sdapi/v1/")
+        for method, operation in item.items()
+    }
+    assert set(routes) == {
+        ("POST", "/sdapi/v1/txt2img"),
+        ("POST", "/sdapi/v1/img2img"),
+        ("GET", "/sdapi/v1/progress"),
+        ("POST", "/sdapi/v1/interrupt"),
+        ("GET", "/sdapi/v1/sd-models"),
+        ("GET", "/sdapi/v1/samplers"),
+        ("GET", "/sdapi/v1/loras"),
+        ("GET", "/sdapi/v1/options"),
+        ("POST", "/sdapi/v1/options"),
+    }
+    for operation in routes.values():
+        assert operation["tags"] == ["automatic1111"]
+        assert operation["security"] == [{"basic": []}, {"bearer": []}]
+    assert document["components"]["securitySchemes"]["basic"]["scheme"] == "basic"

@@ -59,7 +59,7 @@ from web.schemas.generations import ResolvedRequest
 from web.uploads import CleanImage
 from web.waiting import wait_for_generation
 
-routes = ApiRoutes(tags=["automatic1111"])
+routes = ApiRoutes(tags=["automatic1111"], security=("basic", "bearer"))
 
 _BASIC = 'Basic realm="sdapi", charset="UTF-8"'
 
