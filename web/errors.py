@@ -309,8 +309,42 @@ def openai_body(error: AppError) -> dict[str, Any]:
     }
 
 
+# Paths answered in the AUTOMATIC1111 API's shapes (FastAPI's for invalid
+# fields), so A1111 clients understand them.
+A1111_PREFIX = "/sdapi/"
+
+
+def a1111_body(error: AppError) -> dict[str, Any]:
+    """`error` as A1111 answers it: FastAPI's `{"detail": [{loc, msg, type}]}`
+    for invalid fields, else its handler's `{error, detail, body, errors}`,
+    plus the contract's `code`."""
+    if error.status == 422 and error.details:
+        return {
+            "detail": [
+                {
+                    "loc": ["body", *str(d.get("field", "body")).split(".")],
+                    "msg": d.get("message", ""),
+                    "type": "value_error",
+                }
+                for d in error.details
+            ]
+        }
+    return {
+        "error": "HTTPException",
+        "detail": error.message,
+        "body": "",
+        "errors": f"{error.status}: {error.message}",
+        "code": error.code,
+    }
+
+
 def error_response(error: AppError, request: web.Request | None = None) -> web.Response:
-    """The JSON response for `error` (OpenAI's shape under /v1/)."""
+    """The JSON response for `error` (OpenAI's shape under /v1/, A1111's under
+    /sdapi/)."""
+    if request is not None and request.path.startswith(A1111_PREFIX):
+        return web.json_response(
+            a1111_body(error), status=error.status, headers=error.headers
+        )
     if request is not None and request.path.startswith(OPENAI_PREFIX):
         # OpenAI answers invalid parameters with 400, never 422.
         status = 400 if error.status == 422 else error.status

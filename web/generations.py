@@ -76,9 +76,15 @@ DEFAULT_SIZE = 512
 
 
 async def find_offer(
-    app: web.Application, model: str | None, *, deadline: Deadline
+    app: web.Application,
+    model: str | None,
+    *,
+    deadline: Deadline,
+    own_default: str | None = None,
 ) -> ModelOffer:
     """The offer of `model`, or of the default model when None (422 if unknown).
+
+    The caller's `own_default` (User.default_model) comes first while known.
 
     Without a model the configured default wins while a node serves it, then
     any served model; an offline default is still returned so normal-tier
@@ -92,6 +98,8 @@ async def find_offer(
             known = ", ".join(sorted(offers)) or "none right now"
             raise field_error("model", f"Unknown model {model!r} (available: {known}).")
         return offer
+    if own_default is not None and own_default in offers:
+        return offers[own_default]
     configured = app[settings_key].models
     default = offers.get(configured[0]) if configured else None
     served = [offer for offer in offers.values() if offer.available]
@@ -390,7 +398,9 @@ async def submit_generation(
             return replay
     inputs = dict(inputs or {})
     await check_webhook(app, body.webhook)
-    offer = await find_offer(app, body.model, deadline=deadline)
+    offer = await find_offer(
+        app, body.model, deadline=deadline, own_default=principal.user.default_model
+    )
     request = resolve_request(body, offer, tier, app, inputs)
     limits = settings.limits(tier)
 

@@ -104,6 +104,8 @@ class Endpoint:
     on_error: ErrorPage | None = None
     # Answers browsers (no `Accept: application/json`) with HTML pages.
     pages: bool = False
+    # The OpenAPI security schemes its callers may use (web.openapi_document).
+    security: tuple[str, ...] = ("bearer", "session")
 
     @property
     def auth(self) -> bool:
@@ -176,8 +178,14 @@ class ApiRoutes:
     declaration that the OpenAPI document is generated from.
     """
 
-    def __init__(self, *, tags: Sequence[str] = ()) -> None:
+    def __init__(
+        self,
+        *,
+        tags: Sequence[str] = (),
+        security: Sequence[str] = ("bearer", "session"),
+    ) -> None:
         self.tags = tuple(tags)
+        self.security = tuple(security)
         self.endpoints: list[Endpoint] = []
 
     def route(
@@ -245,6 +253,7 @@ class ApiRoutes:
                     auth_optional=auth == "optional",
                     on_error=on_error,
                     pages=pages,
+                    security=self.security,
                 )
             )
             return handler

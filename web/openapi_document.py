@@ -114,7 +114,7 @@ def build_openapi(
         if endpoint.description:
             operation["description"] = endpoint.description
         if endpoint.auth:
-            operation["security"] = [{"bearer": []}, {"session": []}]
+            operation["security"] = [{name: []} for name in endpoint.security]
             if endpoint.auth_optional:
                 operation["security"].append({})
         parameters = _path_parameters(endpoint.path)
@@ -174,6 +174,8 @@ def build_openapi(
             "schemas": schemas,
             "securitySchemes": {
                 "bearer": {"type": "http", "scheme": "bearer"},
+                # AUTOMATIC1111 clients' --api-auth: the password is a token.
+                "basic": {"type": "http", "scheme": "basic"},
                 "session": {"type": "apiKey", "in": "cookie", "name": "sdapi_session"},
             },
         },

@@ -83,6 +83,8 @@ class WebSettings(CommonSettings):
     openai_timeout: float = Field(default=300.0, gt=0, description="seconds")
     # How long the `url`s it answers with work without credentials (seconds).
     openai_url_ttl: int = Field(default=3600, ge=60, description="seconds")
+    # The same for POST /sdapi/v1/txt2img and img2img (seconds).
+    a1111_timeout: float = Field(default=300.0, gt=0, description="seconds")
     # Take the client address from X-Forwarded-For (only behind a proxy you
     # run); it is what sign-in and sign-up throttling count by.
     trust_forwarded: bool = False

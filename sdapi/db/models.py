@@ -59,6 +59,9 @@ class User(Model):
     # The id the last rotation replaced; it signs too until rotated_at + 24 h.
     webhook_previous_key_id = fields.CharField(max_length=64, null=True)
     webhook_rotated_at = fields.DatetimeField(null=True)
+    # The model used when a request names none (set through A1111's options
+    # endpoint); None, or one no longer known: the service's default.
+    default_model = fields.CharField(max_length=200, null=True)
 
     class Meta:
         table = "users"

@@ -109,3 +109,12 @@ async def read_events(
         reply = await redis.xread({key: after}, count=count, block=block_ms)
         entries = reply[0][1] if reply else []
     return [(entry_id.decode(), decode_entry(fields)) for entry_id, fields in entries]
+
+
+async def latest_events(
+    redis: Redis, generation_id: UUID | str, *, count: int
+) -> list[tuple[str, Event]]:
+    """The newest `count` events, newest first (entry ids carry Redis's time)."""
+    raw = await redis.xrevrange(events_key(generation_id), count=count)
+    entries = cast(list[tuple[bytes, dict[bytes, bytes]]], raw)
+    return [(entry_id.decode(), decode_entry(fields)) for entry_id, fields in entries]

@@ -107,6 +107,33 @@ def readme_receiver(port: int) -> str:
     return code.replace("port=9000", f"port={port}")
 
 
+def readme_a1111_snippet() -> str:
+    """The README's webuiapi example, as written."""
+    readme = (ROOT / "README.md").read_text()
+    section = readme.split("### Pointing an A1111 client at sdapi", 1)[1]
+    return section.split("```python\n", 1)[1].split("```", 1)[0]
+
+
+def run_readme_a1111_snippet(base_url: str, database_url: str, cwd: Path) -> None:
+    """Run the README's webuiapi example against `sdapi dev` on its own port,
+    with a premium account's token, in a fresh folder."""
+
+    async def premium_token() -> str:
+        async with open_database(database_url, pool_size=1):
+            return (await make_user(premium=True)).secret
+
+    port = base_url.rsplit(":", 1)[1]
+    code = readme_a1111_snippet().replace("port=8080", f"port={port}")
+    subprocess.run(
+        [sys.executable, "-c", f"TOKEN = {asyncio.run(premium_token())!r}\n{code}"],
+        cwd=cwd,
+        check=True,
+        timeout=120,
+        capture_output=True,
+    )
+    assert (cwd / "lighthouse.png").stat().st_size > 0
+
+
 async def generate_once(base_url: str, database_url: str, folder: Path) -> str:
     """One premium generation over the WebSocket, with a webhook to the
     README's receiver; its final status."""
@@ -207,6 +234,9 @@ def test_dev_starts_serves_and_stops_cleanly(
             asyncio.run(generate_once(base_url, services.database_url, data_dir.parent))
             == "succeeded"
         )
+        snippet_dir = data_dir.parent / "readme-a1111"
+        snippet_dir.mkdir()
+        run_readme_a1111_snippet(base_url, services.database_url, snippet_dir)
         # Exactly one line on stdout.
         assert process.stdout is not None
         with selectors.DefaultSelector() as selector:

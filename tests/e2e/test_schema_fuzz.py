@@ -117,6 +117,32 @@ EXPLAINED: dict[Key, str] = {
         for field in ("image", "mask")
     },
     **{
+        ("POST", path, _REFUSED, 422, field): (
+            "AUTOMATIC1111 fields: the tier's and model's limits (batch_size x "
+            "n_iter images), the model's samplers (state); eta and scheduler "
+            "take what the chosen sampler does, inpainting_fill and "
+            "inpaint_full_res what inpainting does when there is a mask (rules "
+            "between fields); images that decode."
+        )
+        for path, fields in (
+            (
+                "/sdapi/v1/txt2img",
+                ("width", "height", "steps", "batch_size", "sampler_name"),
+            ),
+            (
+                "/sdapi/v1/img2img",
+                ("width", "height", "steps", "batch_size", "sampler_name"),
+            ),
+            ("/sdapi/v1/txt2img", ("eta", "scheduler")),
+            (
+                "/sdapi/v1/img2img",
+                ("eta", "scheduler", "init_images.0", "mask", "inpainting_fill"),
+            ),
+            ("/sdapi/v1/img2img", ("inpaint_full_res",)),
+        )
+        for field in fields
+    },
+    **{
         ("POST", path, _REFUSED, 400, "size"): (
             "Two numbers in one string: multiples of 8 from 64 to the tier's and "
             "model's limits, beyond what a pattern can say."
@@ -339,11 +365,16 @@ def _whole_numbers_as_integers(value: Any) -> Any:
 
 
 def _fields_named(response: Any) -> tuple[str, ...]:
-    """The fields an error answer's details name (both error shapes have them)."""
+    """The fields an error answer's details name (the contract's and OpenAI's
+    shapes have them; A1111's 422 is FastAPI's, whose `loc` names them)."""
     try:
-        details = response.json()["error"]["details"]
+        body = response.json()
+        if isinstance(body.get("detail"), list):
+            locs = [item["loc"][1:] for item in body["detail"]]
+            return tuple(sorted({".".join(map(str, loc)) for loc in locs}))
+        details = body["error"]["details"]
         return tuple(sorted({detail["field"] for detail in details}))
-    except (ValueError, KeyError, TypeError):
+    except (ValueError, KeyError, TypeError, AttributeError):
         return ()
 
 

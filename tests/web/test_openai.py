@@ -248,7 +248,7 @@ async def test_too_slow_is_504_and_the_generation_is_cancelled(
 async def test_finishing_just_as_the_wait_times_out_answers_the_images(
     aiohttp_client: Any, web_settings: WebSettings, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    import web.routes.openai as route
+    import web.waiting as route
 
     settings = web_settings.model_copy(update={"openai_timeout": 0.5})
     client = await aiohttp_client(create_app(settings))

@@ -8,6 +8,7 @@ from web.openapi import ApiRoutes
 def route_tables() -> list[ApiRoutes]:
     """Every route table of the app, in documentation order."""
     from web.routes import (
+        a1111,
         accounts,
         generations,
         openai,
@@ -30,6 +31,7 @@ def route_tables() -> list[ApiRoutes]:
         webhooks.routes,
         ws.routes,
         openai.routes,
+        a1111.routes,
         ops.routes,
         status.routes,
         pages.routes,

@@ -10,7 +10,6 @@ error shape (web.errors).
 
 from __future__ import annotations
 
-import asyncio
 import base64
 from functools import partial
 from typing import Any
@@ -18,16 +17,13 @@ from typing import Any
 from aiohttp import web
 from pydantic import BaseModel, ValidationError
 
-from sdapi.contract.status import Status, Tier
+from sdapi.contract.status import Tier
 from sdapi.db.models import GeneratedImage, Generation, InputRole
 from sdapi.infra.deadline import Deadline
 from sdapi.infra.links import signed_image_url
 from web.appkeys import decoders_key, redis_deadline_key, settings_key
 from web.auth import Principal, authenticate, bearer_secret
 from web.errors import (
-    GatewayTimeout,
-    GenerationFailed,
-    Gone,
     PremiumRequired,
     Unauthorized,
     ValidationFailed,
@@ -38,7 +34,6 @@ from web.generation_views import (
     stored_images,
 )
 from web.generations import (
-    cancel_generation,
     check_allowance,
     find_offer,
     require_verified,
@@ -46,7 +41,6 @@ from web.generations import (
 )
 from web.idempotency import IdempotencyClaim, claim_from, file_digest
 from web.inputs import check_mask_size, resolve_input
-from web.live import wait_until_done
 from web.openapi import ApiRoutes, Response, json_response
 from web.schemas.generations import GenerationRequest
 from web.schemas.openai import (
@@ -58,6 +52,7 @@ from web.schemas.openai import (
     OpenAIErrorBody,
 )
 from web.uploads import CleanImage, Use, flatten, has_transparency
+from web.waiting import wait_for_generation
 
 routes = ApiRoutes(tags=["openai"])
 
@@ -96,6 +91,7 @@ async def _generation_request(
     body: ImageGenerationRequest | ImageEditRequest,
     *,
     deadline: Deadline,
+    own_default: str | None = None,
     **extra: Any,
 ) -> GenerationRequest:
     fields: dict[str, Any] = {
@@ -108,7 +104,9 @@ async def _generation_request(
     if body.size is None or body.size == AUTO_SIZE:
         if isinstance(body, ImageGenerationRequest):
             # As OpenAI's "auto": the size the model is made for.
-            offer = await find_offer(app, body.model, deadline=deadline)
+            offer = await find_offer(
+                app, body.model, deadline=deadline, own_default=own_default
+            )
             fields.update(width=offer.default_width, height=offer.default_height)
         # An edit without a size keeps its image's (scaled to fit).
     else:
@@ -118,28 +116,6 @@ async def _generation_request(
         return GenerationRequest.model_validate(fields)
     except ValidationError as exc:
         raise _openai_error(ValidationFailed(details=validation_details(exc))) from None
-
-
-async def _wait(app: web.Application, generation: Generation) -> None:
-    """Until the generation ends well; otherwise the matching error."""
-    try:
-        async with asyncio.timeout(app[settings_key].openai_timeout):
-            done = await wait_until_done(app, generation.id)
-        status = Status(done.status)
-        error = done.error.message if done.error else None
-    except TimeoutError:
-        # Nobody will collect it: free the GPU and the caller's in-flight slot.
-        if await cancel_generation(app, generation):
-            raise GatewayTimeout(
-                "The images were not ready in time; the request was cancelled."
-            ) from None
-        # It finished between the timeout and the cancel: answer as it ended.
-        await generation.refresh_from_db(fields=["status", "error_message"])
-        status, error = Status(generation.status), generation.error_message
-    if status is Status.CANCELLED:
-        raise Gone("The generation was cancelled before it finished.")
-    if status is Status.FAILED:
-        raise GenerationFailed(f"The generation failed: {error or 'unknown reason'}")
 
 
 @routes.route(
@@ -174,13 +150,15 @@ async def create_images(
     )
     deadline = request[redis_deadline_key]
     try:
-        generation_request = await _generation_request(app, body, deadline=deadline)
+        generation_request = await _generation_request(
+            app, body, deadline=deadline, own_default=principal.user.default_model
+        )
         generation = await submit_generation(
             app, principal, generation_request, deadline=deadline, idempotency=claim
         )
     except ValidationFailed as exc:
         raise _openai_error(exc) from None
-    await _wait(app, generation)
+    await wait_for_generation(request, generation, app[settings_key].openai_timeout)
     return await _images_response(app, generation, body.response_format)
 
 
@@ -358,5 +336,5 @@ async def edit_images(
         )
     except ValidationFailed as exc:
         raise _openai_error(exc) from None
-    await _wait(app, generation)
+    await wait_for_generation(request, generation, app[settings_key].openai_timeout)
     return await _images_response(app, generation, body.response_format)
