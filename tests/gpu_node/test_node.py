@@ -67,7 +67,7 @@ async def test_node_key_is_deleted_on_shutdown(
 
 async def test_healthz_and_metrics(node: Any, client: redis.asyncio.Redis) -> None:
     request = job(steps=3)
-    await enqueue_generation(client, request)
+    await enqueue_generation(client, request, owner="test")
     await result_of(client, request.generation_id)
     async with aiohttp.ClientSession() as http:
         async with http.get(node.info.health_url) as response:
@@ -114,7 +114,7 @@ async def test_node_survives_a_redis_restart(
             pool = await create_queue_pool(server.url)
             try:
                 before = job(steps=2)
-                await enqueue_generation(pool, before)
+                await enqueue_generation(pool, before, owner="test")
                 assert (
                     await result_of(pool, before.generation_id)
                 ).status is Status.SUCCEEDED
@@ -135,7 +135,7 @@ async def test_node_survives_a_redis_restart(
             pool = await create_queue_pool(server.url)
             try:
                 after = job(steps=2)
-                await enqueue_generation(pool, after)
+                await enqueue_generation(pool, after, owner="test")
                 result = await result_of(pool, after.generation_id, timeout=30)
                 assert result.status is Status.SUCCEEDED
                 # The announcement comes back too (the restart lost every key).
@@ -161,7 +161,7 @@ async def test_sigterm_drains_the_running_job(
     try:
         await until(lambda: client.exists(node_key("drain-node")), 120)
         running = job(steps=30)
-        await enqueue_generation(client, running)
+        await enqueue_generation(client, running, owner="test")
 
         async def started() -> bool:
             return len(await events_of(client, running.generation_id)) >= 3
@@ -174,7 +174,7 @@ async def test_sigterm_drains_the_running_job(
 
         await until(draining, 30)
         late = job(steps=2)
-        await enqueue_generation(client, late)
+        await enqueue_generation(client, late, owner="test")
         await asyncio.to_thread(process.wait, 60)
         assert process.returncode == 0, log_path.read_text()
     finally:
@@ -211,7 +211,7 @@ async def test_a_sigkilled_nodes_job_is_picked_up_after_its_lease(
     try:
         await until(lambda: client.exists(node_key("doomed-node")), 120)
         request = job(steps=100)
-        await enqueue_generation(client, request)
+        await enqueue_generation(client, request, owner="test")
 
         async def running() -> bool:
             return len(await events_of(client, request.generation_id)) >= 3

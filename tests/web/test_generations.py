@@ -667,7 +667,9 @@ async def test_cancel_uses_the_locked_rows_attempt(
     # Meanwhile the reconciler re-enqueued it as attempt 2.
     job = await node.claim()
     await Generation.filter(id=stale.id).update(attempts=2)
-    assert await enqueue_generation(node.redis, job.model_copy(update={"attempt": 2}))
+    assert await enqueue_generation(
+        node.redis, job.model_copy(update={"attempt": 2}), owner=str(stale.user_id)
+    )
     assert await node.redis.zcard(premium_queue("tiny")) == 1
     assert await cancel_generation(client.app, stale)  # type: ignore[arg-type]
     # The attempt-2 job left the queue, not only the long-gone attempt 1.
