@@ -12,8 +12,12 @@ set's scores, and a plain enqueue scores a job with the time it was made: one
 user with forty requests in flight would hold a model's nodes while a user
 who came a moment later waits behind all forty. A premium queue is scored by
 start-time fair queueing instead, so that the sorted-set order *is* the
-service order (what `queue_position` reports, and the jobs ranked before a
-job are exactly the work ahead of it):
+service order: the waiting jobs ranked before a waiting job are exactly those
+that start before it (until a newcomer's turn is put ahead of it), and
+`queue_position` counts them. Running jobs stay in the set at their own
+tags, which come before the waiting ones' except when a newcomer took the
+current round after a job of it had started: count running jobs apart
+(`in_progress_key_prefix`) when reading the work ahead of a job.
 
 - Virtual time V, per queue (`fair_clock_key`): the round of the job started
   last, raised by each worker as it starts a job (`_ADVANCE_CLOCK`, through
@@ -213,7 +217,9 @@ async def _enqueued_before(
 ) -> list[bytes]:
     """Of `job_ids` (in queue order), those no worker holds that were enqueued
     by `cutoff_ms`: a cold node's claim on a fair queue, whose scores are not
-    times. Reads a few jobs at a time and stops at the first batch with one."""
+    times. Reads `_COLD_SCAN` jobs per round trip and stops at the first
+    round trip that finds one; only a node whose gate asks for a wait (one
+    without the model loaded) pays for it."""
     for start in range(0, len(job_ids), _COLD_SCAN):
         chunk = job_ids[start : start + _COLD_SCAN]
         async with pool.pipeline(transaction=False) as pipe:
