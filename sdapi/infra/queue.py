@@ -13,11 +13,12 @@ user with forty requests in flight would hold a model's nodes while a user
 who came a moment later waits behind all forty. A premium queue is scored by
 start-time fair queueing instead, so that the sorted-set order *is* the
 service order: the waiting jobs ranked before a waiting job are exactly those
-that start before it (until a newcomer's turn is put ahead of it), and
-`queue_position` counts them. Running jobs stay in the set at their own
-tags, which come before the waiting ones' except when a newcomer took the
-current round after a job of it had started: count running jobs apart
-(`in_progress_key_prefix`) when reading the work ahead of a job.
+that start before it (until a newcomer's turn is put ahead of it).
+`queue_position` is the rank, so it also counts the running jobs ranked
+before it: they stay in the set at their own tags, ahead of the waiting ones
+except when a newcomer took the current round after a job of that round had
+started. Whoever reads the work ahead of a job tells running jobs apart by
+their claim keys (`job_is_running`).
 
 - Virtual time V, per queue (`fair_clock_key`): the round of the job started
   last, raised by each worker as it starts a job (`_ADVANCE_CLOCK`, through
