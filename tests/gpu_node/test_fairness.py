@@ -20,7 +20,8 @@ from sdapi.contract.payloads import GenerationJob
 from sdapi.contract.status import Status
 from sdapi.infra.queue import QueuePool, enqueue_generation, request_cancel
 from tests.gpu_node.conftest import node_settings, running_node
-from tests.gpu_node.support import KeyEvents, job, result_of
+from tests.gpu_node.support import job, result_of
+from tests.key_events import KeyEvents
 from tests.support import until
 
 ORDER = ["A1", "A2", "B1", "C1", "C2", "A3"]

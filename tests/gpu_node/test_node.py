@@ -25,13 +25,13 @@ from sdapi.infra.queue import create_queue_pool, enqueue_generation
 from sdapi.infra.settings import SettingsError
 from tests.gpu_node.conftest import node_settings, running_node
 from tests.gpu_node.support import (
-    KeyEvents,
     events_of,
     job,
     queued_payload,
     result_of,
     start_node_process,
 )
+from tests.key_events import KeyEvents
 from tests.support import until
 
 REPO = Path(__file__).resolve().parents[2]
