@@ -302,7 +302,7 @@ async def measure(
                     for i in range(batch)
                 ]
                 if batch == 1:
-                    await enqueue_generation(pool, jobs[0])
+                    await enqueue_generation(pool, jobs[0], owner="bench")
                 else:
                     await enqueue_batch(
                         pool, BatchJob(batch_id=uuid.uuid4(), model=model, items=jobs)

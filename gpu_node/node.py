@@ -388,6 +388,9 @@ class GpuNode:
             log_results=False,
             claim_gate=lambda: self._claim_gate(model, premium),
             claim_lock=self._claim_locks[premium],
+            # Premium queues are served in fair order (`enqueue_generation`);
+            # the gate's wait is then measured from each job's enqueue time.
+            fair=premium,
         )
 
     def request_stop(self) -> None:

@@ -2,6 +2,12 @@
 
 Rows are claimed with `SKIP LOCKED`, grouped by the batch key, marked
 `queued` and enqueued after the commit; docs/ARCHITECTURE.md has the design.
+
+Fair packing: due rows are taken in turns by user (`DUE_IN_TURNS`: each
+user's oldest due row, then each one's second, and so on; the oldest first
+within a turn), so no user fills a batch, or the rows one round looks at,
+while other users' due rows wait. Batches go out in the order of their first
+row in that order.
 """
 
 from __future__ import annotations
@@ -14,6 +20,7 @@ from typing import Any
 
 from pydantic import ValidationError
 from redis.exceptions import RedisError
+from tortoise.backends.base.client import BaseDBAsyncClient
 from tortoise.queryset import QuerySet
 from tortoise.transactions import in_transaction
 
@@ -28,6 +35,7 @@ from sdapi.contract.payloads import (
     GenerationParams,
 )
 from sdapi.contract.status import Status, Tier
+from sdapi.db.connection import table_name
 from sdapi.db.input_images import put_inputs
 from sdapi.db.models import Generation, utcnow
 from sdapi.infra.queue import enqueue_batch, queue_depth, queue_position
@@ -51,9 +59,26 @@ class UnbuildableRow(ValueError):
     """A stored generation that cannot be turned into a GPU job."""
 
 
+# The ids of a model's due rows, in turns by user: a user's n-th oldest row
+# ranks with every other user's n-th, oldest first among them. (FOR UPDATE
+# cannot take a window function: the rows are locked by id afterwards.)
+DUE_IN_TURNS = """
+SELECT id FROM (
+  SELECT id, scheduled_for, created_at,
+         row_number() OVER (
+           PARTITION BY user_id ORDER BY scheduled_for, created_at, id
+         ) AS turn
+  FROM {table}
+  WHERE status = $1 AND tier = $2 AND model = $3 AND scheduled_for <= $4
+) due
+ORDER BY turn, scheduled_for, created_at, id
+LIMIT $5
+"""
+
+
 @dataclass
 class PlannedBatch:
-    """Rows that go to the GPU together, oldest first."""
+    """Rows that go to the GPU together, in the order they were taken."""
 
     key: GroupKey
     rows: list[Generation] = field(default_factory=list)
@@ -65,8 +90,8 @@ class PlannedBatch:
         """Full, or its oldest row has waited out the batch window."""
         if self.closed or self.images >= max_batch:
             return True
-        oldest: datetime | None = self.rows[0].scheduled_for
-        return oldest is None or oldest <= now - window
+        due = [row.scheduled_for for row in self.rows]
+        return None in due or min(d for d in due if d) <= now - window
 
 
 def group_key(row: Generation) -> GroupKey:
@@ -79,10 +104,11 @@ def group_key(row: Generation) -> GroupKey:
 
 
 def plan_batches(rows: list[Generation], max_batch: int) -> list[PlannedBatch]:
-    """Group `rows` (oldest first) into batches of at most `max_batch` images.
+    """Group `rows` (in the order they are to be served: in turns by user,
+    `DUE_IN_TURNS`) into batches of at most `max_batch` images.
 
-    Batches come out in the order of their oldest row, so taking a prefix
-    serves the oldest requests first. A row with more images than `max_batch`
+    Batches come out in the order of their first row, so taking a prefix
+    serves the rows first in line. A row with more images than `max_batch`
     goes alone (the node splits its pipeline calls).
     """
     batches: list[PlannedBatch] = []
@@ -214,6 +240,24 @@ async def _in_flight(resources: JobsResources, model: str) -> int:
     return max(len(batch_ids), await queue_depth(resources.redis, batch_queue(model)))
 
 
+async def _due_in_turns(
+    connection: BaseDBAsyncClient, model: str, now: datetime, limit: int
+) -> list[Generation]:
+    """Up to `limit` due rows of `model`, locked (SKIP LOCKED), in turns by
+    user: the order `plan_batches` packs them in."""
+    found = await connection.execute_query_dict(
+        DUE_IN_TURNS.format(table=table_name(Generation)),
+        [Status.SCHEDULED.value, Tier.NORMAL.value, model, now, limit],
+    )
+    place = {row["id"]: n for n, row in enumerate(found)}
+    # Locked here; one another dispatcher holds, or that changed meanwhile, is
+    # left out.
+    locked = await Generation.select_for_update(skip_locked=True).filter(
+        id__in=list(place), status=Status.SCHEDULED
+    )
+    return sorted(locked, key=lambda row: place[row.id])
+
+
 async def _claim(
     resources: JobsResources, model: str, offer: ModelOffer
 ) -> tuple[list[BatchJob], list[Generation]]:
@@ -237,17 +281,7 @@ async def _claim(
         if room < 1:
             return [], []
         now = utcnow()
-        rows = list(
-            await Generation.select_for_update(skip_locked=True)
-            .filter(
-                status=Status.SCHEDULED,
-                tier=Tier.NORMAL,
-                model=model,
-                scheduled_for__lte=now,
-            )
-            .order_by("scheduled_for", "created_at")
-            .limit(settings.dispatch_scan_limit)
-        )
+        rows = await _due_in_turns(connection, model, now, settings.dispatch_scan_limit)
         params: dict[uuid.UUID, GenerationParams] = {}
         broken: list[Generation] = []
         for row in rows:

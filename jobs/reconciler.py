@@ -243,15 +243,20 @@ async def _requeue(
     return BatchJob(batch_id=batch_id, model=rows[0].model, items=jobs, attempt=attempt)
 
 
-async def _send(resources: JobsResources, job: GenerationJob | BatchJob) -> None:
-    """Enqueue a re-run after its commit (a failure waits for the next deadline)."""
+async def _send(
+    resources: JobsResources, job: GenerationJob | BatchJob, owner: str
+) -> None:
+    """Enqueue a re-run after its commit (a failure waits for the next deadline).
+
+    A premium re-run takes its previous attempt's place in the fair order
+    (`enqueue_generation`), ahead of work that came after it."""
     if isinstance(job, BatchJob):
         await send_batch(resources, job)
         return
     try:
         # Redis may have lost the inputs with the job: PostgreSQL has them.
         await put_inputs(resources.redis, [job.generation_id])
-        await enqueue_generation(resources.redis, job)
+        await enqueue_generation(resources.redis, job, owner=owner)
         position = await queue_position(
             resources.redis,
             premium_queue(job.model),
@@ -304,7 +309,7 @@ async def _retry_or_fail(
         )
         return
     log.info("re-enqueued job %s as attempt %d", unit.job_id, unit.attempt + 1)
-    await _send(resources, job)
+    await _send(resources, job, str(rows[0].user_id))
     report.requeued += len(rows)
 
 

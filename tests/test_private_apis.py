@@ -81,14 +81,57 @@ INTERNALS = (
     Internal(
         "arq.constants:job_key_prefix",
         "arq",
-        "sdapi/infra/queue.py (job_is_live, drop_waiting_job)",
-        "tell a waiting job from a gone one and take it off its queue",
+        "sdapi/infra/queue.py (job_is_live, drop_waiting_job, enqueue_fair)",
+        "tell a waiting job from a gone one, take it off its queue, and write "
+        "a fair job's data where arq reads it",
     ),
     Internal(
         "arq.constants:result_key_prefix",
         "arq",
-        "sdapi/infra/queue.py (job_or_result_exists)",
-        "see a finished job's kept result",
+        "sdapi/infra/queue.py (job_or_result_exists, enqueue_fair)",
+        "see a finished job's kept result (which also dedupes its job id)",
+    ),
+    Internal(
+        "arq.jobs:serialize_job",
+        "arq",
+        "sdapi/infra/queue.py (enqueue_fair)",
+        "write a fair job's data in arq's format from our own enqueue script",
+        parameters=(
+            "function_name",
+            "args",
+            "kwargs",
+            "job_try",
+            "enqueue_time_ms",
+            "serializer",
+        ),
+    ),
+    Internal(
+        "arq.jobs:deserialize_job_raw",
+        "arq",
+        "sdapi/infra/queue.py (_enqueued_before)",
+        "read a fair job's enqueue time for a cold node's claim",
+        parameters=("r", "deserializer"),
+    ),
+    Internal(
+        "arq.jobs:DeserializationError",
+        "arq",
+        "sdapi/infra/queue.py (_enqueued_before)",
+        "leave a job whose data cannot be read to arq, which fails it",
+    ),
+    Internal(
+        "arq.worker:Worker.finish_job",
+        "arq",
+        "sdapi/infra/queue.py (_GatedWorker.finish_job)",
+        "keep a retried fair job's place instead of re-scoring it now + defer",
+        parameters=(
+            "job_id",
+            "finish",
+            "result_data",
+            "result_timeout_s",
+            "keep_result_forever",
+            "incr_score",
+            "keep_in_progress",
+        ),
     ),
     # aiohttp: web/protocol.py answers the errors of its HTTP parser.
     Internal(

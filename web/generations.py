@@ -41,7 +41,7 @@ from sdapi.infra.deadline import Deadline
 from sdapi.infra.queue import (
     drop_waiting_job,
     enqueue_generation,
-    queue_depth,
+    places_ahead,
     request_cancel,
 )
 from sdapi.infra.registry import ModelOffer
@@ -471,12 +471,13 @@ async def _enqueue_premium(
         # The node fetches the inputs by hash: they are in Redis before the job.
         await put_inputs(redis, [generation.id])
         # `queued` goes into the stream before the job exists, so no node can
-        # append `started` ahead of it; the jobs already queued (running ones
-        # included, as arq keeps them) are the ones ahead of this one.
-        ahead = await queue_depth(redis, premium_queue(generation.model))
+        # append `started` ahead of it; the jobs ahead of this one (running
+        # ones included, as arq keeps them) are those before its fair place.
+        owner = str(generation.user_id)
+        ahead = await places_ahead(redis, premium_queue(generation.model), owner)
         queued = QueuedEvent(position=ahead, waiting_for_node=waiting)
         await append_event(redis, generation.id, queued)
-        await enqueue_generation(redis, job)
+        await enqueue_generation(redis, job, owner=owner)
 
     try:
         await deadline.run(enqueue())

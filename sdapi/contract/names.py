@@ -46,6 +46,28 @@ def batch_queue(model: str) -> str:
     return f"{QUEUE_PREFIX}:{model}:batch"
 
 
+# How long fair-queueing state outlives its last use, in seconds (a user's
+# finish tag, a job's tag, a queue's clock). Longer than any premium job waits
+# or is retried; a queue idle this long starts its clock again from zero.
+FAIR_STATE_TTL_S = 24 * 3600
+
+
+def fair_clock_key(queue: str) -> str:
+    """The virtual time of a fair queue: the round of the job last started."""
+    return f"{queue}:fair:clock"
+
+
+def fair_owner_key(queue: str, owner: str) -> str:
+    """The round after a user's last job on a fair queue (their finish tag)."""
+    return f"{queue}:fair:owner:{owner}"
+
+
+def fair_tag_key(job_id: str) -> str:
+    """Hash of a fair job's score and owner, kept so a re-enqueue of the same
+    work (the next attempt) goes back to the same place."""
+    return f"sdapi:fair:tag:{job_id}"
+
+
 def wake_channel(queue: str) -> str:
     """Pub/sub channel told of new work on `queue`, so nodes need not wait a poll."""
     return f"{queue}:wake"

@@ -8,6 +8,7 @@ from __future__ import annotations
 from datetime import datetime, timedelta
 from enum import StrEnum
 from typing import Any
+from uuid import UUID
 
 from tortoise import fields
 from tortoise.indexes import Index
@@ -151,6 +152,8 @@ class Generation(Model):
     user: fields.ForeignKeyRelation[User] = fields.ForeignKeyField(
         "models.User", related_name="generations", on_delete=fields.CASCADE
     )
+    # The column behind `user`, which Tortoise sets without loading the user.
+    user_id: UUID
     tier = fields.CharEnumField(Tier, max_length=16)
     status = fields.CharEnumField(Status, max_length=16)
     delivery = fields.CharEnumField(Delivery, max_length=16)

@@ -18,7 +18,7 @@ import aiohttp
 import pytest
 
 from sdapi.contract.events import DoneEvent, StartedEvent
-from sdapi.contract.names import GPU_SERVICE
+from sdapi.contract.names import GPU_SERVICE, premium_queue
 from sdapi.contract.status import TERMINAL_STATUSES, Status
 from sdapi.db.connection import open_database, truncate_all
 from sdapi.db.models import GeneratedImage, Generation
@@ -35,6 +35,7 @@ from tests.e2e.conftest import (
     sdapi_env,
     start_services,
 )
+from tests.key_events import KeyEvents
 from tests.support import until
 
 pytestmark = pytest.mark.slow
@@ -117,7 +118,8 @@ def cluster(
                 Service(
                     f"web-{n}",
                     "web",
-                    sdapi_env(**common, port=port, premium_max_in_flight=20),
+                    # A heavy user's forty requests in flight at once.
+                    sdapi_env(**common, port=port, premium_max_in_flight=40),
                     root,
                 )
             )
@@ -159,10 +161,16 @@ async def db(database_url: str) -> AsyncIterator[None]:
 
 
 async def submit(
-    http: aiohttp.ClientSession, url: str, auth: dict[str, str], seed: int
+    http: aiohttp.ClientSession,
+    url: str,
+    auth: dict[str, str],
+    seed: int,
+    **changes: Any,
 ) -> dict[str, Any]:
     async with http.post(
-        f"{url}/api/v1/generations", json={**REQUEST, "seed": seed}, headers=auth
+        f"{url}/api/v1/generations",
+        json={**REQUEST, "seed": seed, **changes},
+        headers=auth,
     ) as response:
         body: dict[str, Any] = await response.json()
         assert response.status == 202, body
@@ -194,6 +202,47 @@ async def node_of(pool: Any, generation_id: str) -> set[str]:
         for _, event in await read_events(pool, generation_id)
         if isinstance(event, StartedEvent)
     }
+
+
+async def test_a_heavy_users_backlog_delays_a_light_user_by_one_job_per_node(
+    cluster: Cluster, db: None
+) -> None:
+    """Through both web replicas to both nodes: a light user's one request,
+    sent after a heavy user's forty, starts after at most the job each node
+    had under way (first, so both nodes are up: the next test kills them)."""
+    heavy = (await make_user(premium=True)).headers
+    light = (await make_user(premium=True)).headers
+    web_a, web_b = cluster.web_urls
+    async with (
+        KeyEvents(cluster.redis_url) as events,
+        aiohttp.ClientSession() as http,
+    ):
+
+        async def both_serve() -> bool:
+            counts = [await healthy_nodes(http, u, heavy) for u in cluster.web_urls]
+            return counts == [2, 2]
+
+        await until(both_serve, 60, "both nodes serving", cluster.services)
+        backlog = [
+            (await submit(http, (web_a, web_b)[n % 2], heavy, seed=n, steps=4))["id"]
+            for n in range(40)
+        ]
+        mine = (await submit(http, web_b, light, seed=99, steps=4))["id"]
+        [row] = await finished([mine], cluster, timeout=60)
+        assert row.status is Status.SUCCEEDED
+        left = await Generation.filter(
+            id__in=backlog, status__in=(Status.QUEUED, Status.RUNNING)
+        ).count()
+        for ident in backlog:
+            async with http.delete(
+                f"{web_a}/api/v1/generations/{ident}", headers=heavy
+            ) as response:
+                assert response.status == 204
+        await finished(backlog, cluster, timeout=60)
+    # Arrival order would have run most of the forty first.
+    assert left > 10, "the heavy backlog drained before the light request"
+    after = events.claims_after(premium_queue("tiny"), len(backlog) + 1)
+    assert mine in after[:3], after[:3]
 
 
 async def test_nodes_come_and_go_and_nothing_is_lost(

@@ -41,7 +41,7 @@ async def test_a_node_with_two_models_serves_both(
         assert all(i.loaded and i.kind == "sd1" for i in announced.values())
         jobs = [job(model="tiny"), job(model="other"), job(Tier.NORMAL, "other")]
         for one in jobs:
-            await enqueue_generation(client, one)
+            await enqueue_generation(client, one, owner="test")
         results = [await result_of(client, one.generation_id) for one in jobs]
     assert [r.status for r in results] == [Status.SUCCEEDED] * 3
     assert [r.model for r in results] == ["tiny", "other", "other"]
@@ -67,7 +67,7 @@ async def test_a_budget_of_one_model_finishes_queued_work_before_switching(
         metrics_url = node.info.health_url.replace("/healthz", "/metrics")
         alternating = [job(model=m) for m in ("tiny", "other") * 3]
         for one in alternating:
-            await enqueue_generation(client, one)
+            await enqueue_generation(client, one, owner="test")
         results = await asyncio.gather(
             *(result_of(client, one.generation_id) for one in alternating)
         )
@@ -101,7 +101,7 @@ async def test_a_job_waiting_for_its_cold_model_gets_a_loading_model_event(
     async with running_node(settings, clean_redis, tiny_engine):
         warm, cold = job(model="tiny"), job(model="other")
         for one in (warm, cold):
-            await enqueue_generation(client, one)
+            await enqueue_generation(client, one, owner="test")
             assert (await result_of(client, one.generation_id)).status is (
                 Status.SUCCEEDED
             )

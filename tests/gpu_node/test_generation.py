@@ -90,7 +90,7 @@ async def test_premium_generation_events_png_and_result(
     node: Any, client: redis.asyncio.Redis
 ) -> None:
     request = job(prompt="  a   red fox\n in the  snow ", steps=6, num_images=2)
-    await enqueue_generation(client, request)
+    await enqueue_generation(client, request, owner="test")
     result = await result_of(client, request.generation_id)
 
     assert result.status is Status.SUCCEEDED
@@ -142,7 +142,7 @@ async def test_long_prompt_is_encoded_whole_without_a_truncation_warning(
     node: Any, client: redis.asyncio.Redis
 ) -> None:
     request = job(prompt="cat " * 100, negative_prompt="dog " * 80, steps=1)
-    await enqueue_generation(client, request)
+    await enqueue_generation(client, request, owner="test")
     payload = await until(
         lambda: queued_payload(client, result_job_id(request.generation_id, 1))
     )
@@ -166,7 +166,7 @@ async def test_batch_of_long_and_short_prompts_matches_single_requests(
     await enqueue_batch(client, batch)
     alone = [job(prompt=i.params.prompt, seed=i.params.seed) for i in items]
     for request in alone:
-        await enqueue_generation(client, request)
+        await enqueue_generation(client, request, owner="test")
     for in_batch, single in zip(items, alone, strict=True):
         batched = await result_of(client, in_batch.generation_id)
         solo = await result_of(client, single.generation_id)
@@ -184,7 +184,7 @@ async def test_bad_request_fails_without_running(
     too_big = job(width=1024, height=64)
     unknown = job(scheduler="nope")
     for request in (too_big, unknown):
-        await enqueue_generation(client, request)
+        await enqueue_generation(client, request, owner="test")
     for request in (too_big, unknown):
         result = await result_of(client, request.generation_id)
         assert result.status is Status.FAILED
@@ -212,7 +212,7 @@ async def test_batch_images_match_single_requests(
         for i in items
     ]
     for request in alone:
-        await enqueue_generation(client, request)
+        await enqueue_generation(client, request, owner="test")
 
     for in_batch, single in zip(items, alone, strict=True):
         batched = await result_of(client, in_batch.generation_id)
@@ -243,7 +243,7 @@ async def test_one_item_batch_is_byte_identical_to_premium(
     await enqueue_batch(
         client, BatchJob(batch_id=normal.generation_id, model="tiny", items=[normal])
     )
-    await enqueue_generation(client, premium)
+    await enqueue_generation(client, premium, owner="test")
     a = await result_of(client, normal.generation_id)
     b = await result_of(client, premium.generation_id)
     # Same shapes, same kernels: the pixels match exactly (the PNGs differ only
@@ -271,7 +271,7 @@ async def test_premium_preempts_a_running_batch(
 
     await until(batch_at_step_5, 60)
     premium = job(prompt="cut in line", steps=4, seed=5)
-    await enqueue_generation(client, premium)
+    await enqueue_generation(client, premium, owner="test")
 
     premium_result = await result_of(client, premium.generation_id)
     batch_results = [await result_of(client, i.generation_id) for i in items]
@@ -306,7 +306,7 @@ async def test_cancel_stops_within_one_step(
     node: Any, client: redis.asyncio.Redis
 ) -> None:
     request = job(width=128, height=128, steps=200)
-    await enqueue_generation(client, request)
+    await enqueue_generation(client, request, owner="test")
 
     async def at_step_3() -> int:
         events = await events_of(client, request.generation_id)
@@ -335,7 +335,7 @@ async def test_cancel_before_start_and_inside_batch(
 ) -> None:
     early = job()
     await request_cancel(client, early.generation_id)
-    await enqueue_generation(client, early)
+    await enqueue_generation(client, early, owner="test")
     result = await result_of(client, early.generation_id)
     assert result.status is Status.CANCELLED and result.started_at is None
 
@@ -367,7 +367,7 @@ async def test_duplicate_delivery_is_skipped(
     node: Any, client: redis.asyncio.Redis
 ) -> None:
     request = job()
-    await enqueue_generation(client, request)
+    await enqueue_generation(client, request, owner="test")
     first = await result_of(client, request.generation_id)
     # arq runs jobs at least once: a second run of the same attempt finds the
     # result already handed over and does no GPU work.
@@ -428,7 +428,7 @@ async def test_job_timeout_stops_the_call_and_fails_it(
     )
     request = job(width=128, height=128, steps=500)
     async with running_node(settings, clean_redis, tiny_engine):
-        await enqueue_generation(client, request)  # type: ignore[arg-type]
+        await enqueue_generation(client, request, owner="test")  # type: ignore[arg-type]
         result = await result_of(client, request.generation_id)
     assert result.status is Status.FAILED
     assert result.error is not None and result.error.code == "timeout"
@@ -453,7 +453,7 @@ async def test_a_second_run_keeps_the_first_runs_pngs(
     Image.new("RGB", (64, 64), "red").save(buffer, format="PNG")
     first = buffer.getvalue()
     await client.set(image_key(request.generation_id, 0), first)
-    await enqueue_generation(client, request)
+    await enqueue_generation(client, request, owner="test")
     result = await result_of(client, request.generation_id)
 
     assert result.status is Status.SUCCEEDED
@@ -478,7 +478,7 @@ async def test_a_failed_start_notice_keeps_the_work(
 
     monkeypatch.setattr(node.tasks, "_mark_started", unavailable)
     request = job(steps=2)
-    await enqueue_generation(client, request)
+    await enqueue_generation(client, request, owner="test")
     result = await result_of(client, request.generation_id)
     assert result.status is Status.SUCCEEDED and len(result.images) == 1
 
@@ -488,7 +488,7 @@ async def test_pndm_progress_counts_the_requested_steps(
 ) -> None:
     # PNDM runs one denoising iteration more than the steps asked for.
     request = job(scheduler="pndm", steps=4)
-    await enqueue_generation(client, request)
+    await enqueue_generation(client, request, owner="test")
     result = await result_of(client, request.generation_id)
     assert result.status is Status.SUCCEEDED
     progress = [
@@ -508,7 +508,7 @@ async def test_images_split_over_calls_report_progress_once_through(
 ) -> None:
     # Six images on a node of batch 4: two calls, one progress bar.
     request = job(steps=3, num_images=6)
-    await enqueue_generation(client, request)
+    await enqueue_generation(client, request, owner="test")
     result = await result_of(client, request.generation_id)
     assert result.status is Status.SUCCEEDED and len(result.images) == 6
     progress = [
@@ -580,7 +580,7 @@ async def test_a_lost_claim_stops_the_job_undelivered(
     settings = node_settings(models_dir, clean_redis, gpu_job_lease_s=2)
     request = job(width=128, height=128, steps=300)
     async with running_node(settings, clean_redis, tiny_engine):
-        await enqueue_generation(client, request)
+        await enqueue_generation(client, request, owner="test")
 
         async def at_step_3() -> bool:
             events = await events_of(client, request.generation_id)
@@ -623,7 +623,7 @@ async def test_inputs_come_from_redis_by_hash_and_bad_ones_fail_clearly(
     await client.set(input_key("f" * 64), data)
     forged = job(init_image_sha256="f" * 64, strength=0.5)
     for request in (good, missing, forged):
-        await enqueue_generation(client, request)
+        await enqueue_generation(client, request, owner="test")
     result = await result_of(client, good.generation_id)
     assert result.status is Status.SUCCEEDED
     # 4 steps at strength 0.5: 2 steps, and the progress total says so.
@@ -672,7 +672,7 @@ async def test_an_inpainting_batch_yields_to_premium_and_cancels_within_a_step(
     await until(at_step_3, 60)
     # Premium work runs at the batch's next step boundary, then the batch goes on.
     premium = job(steps=2, init_image_sha256=sha256_hex(image), strength=1.0)
-    await enqueue_generation(client, premium)
+    await enqueue_generation(client, premium, owner="test")
     assert (await result_of(client, premium.generation_id)).status is Status.SUCCEEDED
     await request_cancel(client, items[0].generation_id)
     await request_cancel(client, items[1].generation_id)

@@ -193,7 +193,7 @@ async def test_node_applies_loras_records_their_hashes_and_serves_new_files(
         with_lora = job(loras=[{"name": "fox", "weight": 0.6}])
         missing = job(loras=[{"name": "later", "weight": 1}])
         for item in (with_lora, missing):
-            await enqueue_generation(client, item)
+            await enqueue_generation(client, item, owner="test")
         done = await result_of(client, with_lora.generation_id)
         assert done.status is Status.SUCCEEDED
         failed = await result_of(client, missing.generation_id)
@@ -215,7 +215,7 @@ async def test_node_applies_loras_records_their_hashes_and_serves_new_files(
 
         await until(announced, 10)
         again = job(loras=[{"name": "later", "weight": 1}])
-        await enqueue_generation(client, again)
+        await enqueue_generation(client, again, owner="test")
         assert (await result_of(client, again.generation_id)).status is Status.SUCCEEDED
 
 

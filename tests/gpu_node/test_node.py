@@ -13,10 +13,11 @@ from typing import Any
 import aiohttp
 import pytest
 import redis.asyncio
+from arq.constants import in_progress_key_prefix
 
 from gpu_node.calls import Engine
 from gpu_node.settings import GpuNodeSettings
-from sdapi.contract.names import node_key
+from sdapi.contract.names import generation_job_id, node_key
 from sdapi.contract.nodes import NodeInfo
 from sdapi.contract.status import Status
 from sdapi.devtools.embedded import EmbeddedValkey
@@ -30,6 +31,7 @@ from tests.gpu_node.support import (
     result_of,
     start_node_process,
 )
+from tests.key_events import KeyEvents
 from tests.support import until
 
 REPO = Path(__file__).resolve().parents[2]
@@ -67,7 +69,7 @@ async def test_node_key_is_deleted_on_shutdown(
 
 async def test_healthz_and_metrics(node: Any, client: redis.asyncio.Redis) -> None:
     request = job(steps=3)
-    await enqueue_generation(client, request)
+    await enqueue_generation(client, request, owner="test")
     await result_of(client, request.generation_id)
     async with aiohttp.ClientSession() as http:
         async with http.get(node.info.health_url) as response:
@@ -114,7 +116,7 @@ async def test_node_survives_a_redis_restart(
             pool = await create_queue_pool(server.url)
             try:
                 before = job(steps=2)
-                await enqueue_generation(pool, before)
+                await enqueue_generation(pool, before, owner="test")
                 assert (
                     await result_of(pool, before.generation_id)
                 ).status is Status.SUCCEEDED
@@ -135,7 +137,7 @@ async def test_node_survives_a_redis_restart(
             pool = await create_queue_pool(server.url)
             try:
                 after = job(steps=2)
-                await enqueue_generation(pool, after)
+                await enqueue_generation(pool, after, owner="test")
                 result = await result_of(pool, after.generation_id, timeout=30)
                 assert result.status is Status.SUCCEEDED
                 # The announcement comes back too (the restart lost every key).
@@ -161,7 +163,7 @@ async def test_sigterm_drains_the_running_job(
     try:
         await until(lambda: client.exists(node_key("drain-node")), 120)
         running = job(steps=30)
-        await enqueue_generation(client, running)
+        await enqueue_generation(client, running, owner="test")
 
         async def started() -> bool:
             return len(await events_of(client, running.generation_id)) >= 3
@@ -174,7 +176,7 @@ async def test_sigterm_drains_the_running_job(
 
         await until(draining, 30)
         late = job(steps=2)
-        await enqueue_generation(client, late)
+        await enqueue_generation(client, late, owner="test")
         await asyncio.to_thread(process.wait, 60)
         assert process.returncode == 0, log_path.read_text()
     finally:
@@ -201,6 +203,8 @@ async def test_a_sigkilled_nodes_job_is_picked_up_after_its_lease(
     client: redis.asyncio.Redis,
     tiny_engine: Engine,
 ) -> None:
+    """Claimed again after the dead node's lease, first in line: fair order
+    survives the kill (A1 A2 B1 C1 C2 A3 still run as A1 B1 C1 A2 C2 A3)."""
     process = start_node_process(
         tmp_path / "node.log",
         redis_url=clean_redis,
@@ -208,15 +212,19 @@ async def test_a_sigkilled_nodes_job_is_picked_up_after_its_lease(
         node_id="doomed-node",
         SDAPI_GPU_JOB_LEASE_S="2",
     )
+    request = job(steps=100)
+    others = {name: job() for name in ("A2", "B1", "C1", "C2", "A3")}
     try:
         await until(lambda: client.exists(node_key("doomed-node")), 120)
-        request = job(steps=100)
-        await enqueue_generation(client, request)
+        await enqueue_generation(client, request, owner="A")
 
         async def running() -> bool:
             return len(await events_of(client, request.generation_id)) >= 3
 
         await until(running, 30)
+        # Queued behind the running job: the doomed node takes one at a time.
+        for name, other in others.items():
+            await enqueue_generation(client, other, owner=name[0])
         process.kill()
         process.wait()
         killed_at = time.monotonic()
@@ -225,8 +233,13 @@ async def test_a_sigkilled_nodes_job_is_picked_up_after_its_lease(
             process.kill()
             process.wait()
 
+    claim = in_progress_key_prefix + generation_job_id(request.generation_id)
+    await until(lambda: _gone(client, claim), 15, "the dead node's lease")
     settings = node_settings(models_dir, clean_redis, node_id="rescuer")
-    async with running_node(settings, clean_redis, tiny_engine):
+    async with (
+        KeyEvents(clean_redis) as events,
+        running_node(settings, clean_redis, tiny_engine),
+    ):
         started_again = await until(
             lambda: _started_by(client, request.generation_id, "rescuer"), 15
         )
@@ -234,7 +247,17 @@ async def test_a_sigkilled_nodes_job_is_picked_up_after_its_lease(
         # own claim (the function timeout + 10 s: hours).
         assert started_again - killed_at < 10
         result = await result_of(client, request.generation_id, timeout=60)
+        for other in others.values():
+            await result_of(client, other.generation_id)
     assert result.status is Status.SUCCEEDED and result.node_id == "rescuer"
+    names = {generation_job_id(o.generation_id): n for n, o in others.items()}
+    names[generation_job_id(request.generation_id)] = "A1"
+    claimed = [names[job_id] for job_id in events.claims(list(names))]
+    assert claimed == ["A1", "B1", "C1", "A2", "C2", "A3"]
+
+
+async def _gone(client: redis.asyncio.Redis, key: str) -> bool:
+    return not await client.exists(key)
 
 
 async def _started_by(

@@ -288,7 +288,7 @@ async def test_a_gpu_node_serves_a_single_file_under_its_stem(
     try:
         await until(lambda: client.exists(node_key("file-node")), 120)
         request = job(model="tiny-ldm")
-        await enqueue_generation(client, request)
+        await enqueue_generation(client, request, owner="test")
         result = await result_of(client, request.generation_id, timeout=60)
         assert result.status is Status.SUCCEEDED and len(result.images) == 1
     finally:

@@ -117,6 +117,61 @@ async def test_groups_by_parameters_and_cuts_by_images(
     assert await dispatch_due(res) == 0
 
 
+async def test_batches_take_users_in_turns(jobs_resources: JobsResources) -> None:
+    """No user fills a batch while others' due rows wait: a heavy user's
+    oldest row, then each light user's, then the heavy user's next."""
+    res = jobs_resources
+    await announce_node(res, max_batch=4)
+    heavy, light_a, light_b = [(await make_user(premium=False)).user for _ in range(3)]
+    start = utcnow() - timedelta(minutes=5)
+    names = {}
+    for i in range(8):
+        row = await make_generation(
+            heavy, seed=i, scheduled_for=start + timedelta(seconds=i)
+        )
+        names[row.id] = f"H{i + 1}"
+    for name, user, at in (("A", light_a, 20), ("B", light_b, 30)):
+        row = await make_generation(user, scheduled_for=start + timedelta(seconds=at))
+        names[row.id] = name
+    res.settings = res.settings.model_copy(update={"dispatch_batches_per_node": 10})
+    assert await dispatch_due(res) == 3
+    ids = await res.redis.zrange(batch_queue(MODEL), 0, -1)
+    batches = {
+        tuple(names[item.generation_id] for item in batch.items)
+        for batch in await queued_batches(res)
+    }
+    assert len(ids) == 3
+    assert batches == {
+        ("H1", "A", "B", "H2"),
+        ("H3", "H4", "H5", "H6"),
+        ("H7", "H8"),
+    }
+
+
+async def test_one_round_looks_at_every_users_first_rows(
+    jobs_resources: JobsResources,
+) -> None:
+    """A heavy user's backlog, older than the round's scan limit, does not
+    keep a light user's due row out of the round."""
+    res = jobs_resources
+    await announce_node(res, max_batch=2)
+    heavy, light = [(await make_user(premium=False)).user for _ in range(2)]
+    start = utcnow() - timedelta(minutes=5)
+    backlog = [
+        await make_generation(heavy, seed=i, scheduled_for=start + timedelta(seconds=i))
+        for i in range(6)
+    ]
+    late = await make_generation(light, scheduled_for=start + timedelta(minutes=1))
+    res.settings = res.settings.model_copy(
+        update={"dispatch_batches_per_node": 1, "dispatch_scan_limit": 3}
+    )
+    assert await dispatch_due(res) == 1
+    [batch] = await queued_batches(res)
+    assert [item.generation_id for item in batch.items] == [backlog[0].id, late.id]
+    left = await Generation.filter(status=Status.SCHEDULED).values_list("id", flat=True)
+    assert sorted(left) == sorted(row.id for row in backlog[1:])
+
+
 async def test_counts_images_not_rows(jobs_resources: JobsResources) -> None:
     res = jobs_resources
     await announce_node(res, max_batch=4)

@@ -86,7 +86,7 @@ async def test_live_work_is_left_alone(jobs_resources: JobsResources) -> None:
     res = jobs_resources
     user = (await make_user(premium=False)).user
     row = await make_generation(user, tier=Tier.PREMIUM, status=Status.RUNNING)
-    await enqueue_generation(res.redis, generation_job(row, 1))
+    await enqueue_generation(res.redis, generation_job(row, 1), owner=str(row.user_id))
     await overdue(row)
 
     report = await reconcile(res)
@@ -347,7 +347,9 @@ async def test_a_premium_request_nobody_takes_fails_and_leaves_the_queue(
     running = await make_generation(user, tier=Tier.PREMIUM, seed=2)
     fresh = await make_generation(user, tier=Tier.PREMIUM, seed=3)
     for row in (waiting, running, fresh):
-        await enqueue_generation(res.redis, generation_job(row, 1))
+        await enqueue_generation(
+            res.redis, generation_job(row, 1), owner=str(row.user_id)
+        )
     old = utcnow() - timedelta(seconds=limit + 1)
     await Generation.filter(id__in=[waiting.id, running.id]).update(created_at=old)
     # A node took `running` a moment ago; its row will say so any moment.
@@ -464,7 +466,7 @@ async def test_a_round_that_succeeds_resets_the_failure_count(
     res = jobs_resources
     user = (await make_user(premium=False)).user
     row = await make_generation(user, tier=Tier.PREMIUM, status=Status.RUNNING)
-    await enqueue_generation(res.redis, generation_job(row, 1))
+    await enqueue_generation(res.redis, generation_job(row, 1), owner=str(row.user_id))
     real_push = reconciler._push_deadline
     failing = True
 

@@ -14,6 +14,7 @@ from aiohttp.test_utils import TestClient
 from PIL import Image
 from redis.exceptions import ConnectionError as RedisConnectionError
 
+from sdapi.contract.events import QueuedEvent
 from sdapi.contract.names import cancel_key, premium_queue
 from sdapi.contract.status import Status
 from sdapi.db.models import Generation
@@ -97,6 +98,33 @@ async def test_size_defaults_to_512_and_steps_to_the_models(
     body = await submit(client, secret, {"prompt": "a fox", "model": "tiny"})
     assert (body["request"]["width"], body["request"]["height"]) == (64, 64)
     assert body["request"]["steps"] == 4
+
+
+async def test_premium_work_waits_in_turns_by_user(
+    client: TestClient, node: NodeDouble
+) -> None:
+    """Submits from two users are queued in fair order, not by arrival, and
+    each answer and `queued` event tells the place it got."""
+    _, heavy = await make_user()
+    _, light = await make_user()
+    h1, h2, h3 = [await submit(client, heavy, SMALL) for _ in range(3)]
+    l1 = await submit(client, light, SMALL)
+    order = await node.redis.zrange(premium_queue("tiny"), 0, -1)
+    assert [job_id.decode() for job_id in order] == [
+        h1["id"],
+        l1["id"],
+        h2["id"],
+        h3["id"],
+    ]
+    assert [g["queue_position"] for g in (h1, h2, h3, l1)] == [0, 1, 2, 1]
+    events = [event for _, event in await read_events(node.redis, l1["id"])]
+    assert events == [QueuedEvent(position=1)]
+    shown = await (
+        await client.get(f"{GENERATIONS}/{h3['id']}", headers=auth(heavy))
+    ).json()
+    assert shown["queue_position"] == 3
+    assert str((await node.claim()).generation_id) == h1["id"]
+    assert str((await node.claim()).generation_id) == l1["id"]
 
 
 async def test_queue_position_then_progress_then_images(
@@ -667,7 +695,9 @@ async def test_cancel_uses_the_locked_rows_attempt(
     # Meanwhile the reconciler re-enqueued it as attempt 2.
     job = await node.claim()
     await Generation.filter(id=stale.id).update(attempts=2)
-    assert await enqueue_generation(node.redis, job.model_copy(update={"attempt": 2}))
+    assert await enqueue_generation(
+        node.redis, job.model_copy(update={"attempt": 2}), owner=str(stale.user_id)
+    )
     assert await node.redis.zcard(premium_queue("tiny")) == 1
     assert await cancel_generation(client.app, stale)  # type: ignore[arg-type]
     # The attempt-2 job left the queue, not only the long-gone attempt 1.
