@@ -188,6 +188,8 @@ async def _run_call(
         stop=lost,
     )
 
+    measured: list[float] = []
+
     def run() -> dict[str, list[Image]]:
         started = time.perf_counter()
         images = engine.run(call, observer)
@@ -195,6 +197,7 @@ async def _run_call(
         metrics.call_seconds.labels(tier.value).observe(seconds)
         metrics.steps_per_second.set(observer.steps_done / seconds)
         metrics.images_per_second.set(call.image_count / seconds)
+        measured.append(seconds)
         return images
 
     future = resources.executor.submit(run, premium=premium)
@@ -211,7 +214,31 @@ async def _run_call(
         return {}, set(observer.keys)
     finally:
         deadline.at += observer.yielded_s
+    if measured and observer.steps_done > 0:
+        await _learn(resources, engine, call, observer, measured[0])
     return images, set(observer.cancelled)
+
+
+async def _learn(
+    resources: NodeResources,
+    engine: Engine,
+    call: PipelineCall,
+    observer: CallObserver,
+    seconds: float,
+) -> None:
+    """Learn the node's speed from a call that ran to its end, and publish it."""
+    steps = observer.steps_done
+    step_s = observer.step_s
+    resources.speeds.observe_call(
+        engine.profile.model,
+        width=call.width,
+        height=call.height,
+        images=call.image_count,
+        steps=steps,
+        seconds=seconds,
+        step_seconds=seconds / steps if step_s is None else step_s,
+    )
+    await resources.speeds.publish(resources.redis)
 
 
 def _calls_with(calls: list[PipelineCall], key: str) -> int:

@@ -45,6 +45,7 @@ from sdapi.contract.payloads import (
 )
 from sdapi.contract.status import Status, Tier
 from sdapi.infra.clock import utcnow
+from sdapi.infra.eta import Work
 from sdapi.infra.queue import (
     Lease,
     Retry,
@@ -321,8 +322,11 @@ class NodeTasks:
                 if item.key in cancelled and item.status is None:
                     item.status = Status.CANCELLED
             todo = [item for item in items if item.status is None]
+            # The items of a job run in one call (or several, one after the
+            # other): each ends when all of them have.
+            run_s = self._run_s(engine, todo[0].job.params, todo) if todo else None
             for item in todo:
-                self._announce_started(item, load_s)
+                self._announce_started(item, load_s, run_s)
             # Telling `jobs` is not on the way to the GPU: it runs beside the call.
             notices = [asyncio.create_task(self._mark_started(item)) for item in todo]
             try:
@@ -343,17 +347,31 @@ class NodeTasks:
             resources.cancels.unwatch(keys)
         return [str(item.status) for item in items]
 
-    def _announce_started(self, item: PreparedItem, load_s: float | None) -> None:
+    def _run_s(
+        self, engine: Engine, params: GenerationParams, todo: list[PreparedItem]
+    ) -> float | None:
+        """Seconds this node should take to run `todo`, from its own learned
+        speed; None before it ran the model."""
+        images = sum(item.job.params.num_images for item in todo)
+        speeds = self.resources.speeds.speeds(engine.profile.model)
+        return speeds.run_s(Work.of(params, images), self.resources.node_id)
+
+    def _announce_started(
+        self, item: PreparedItem, load_s: float | None, run_s: float | None
+    ) -> None:
         """Queue the `started` event before any of the call's progress."""
         resources = self.resources
         item.started_at = utcnow()
         started = StartedEvent(
             node_id=resources.node_id,
             load_s=None if load_s is None else round(load_s, 3),
+            eta_s=None if run_s is None else round(run_s, 1),
         )
         resources.publisher.emit(item.key, started)
         # img2img runs only strength * steps of them: the total users see.
-        resources.publisher.set_progress(item.key, 0, item.job.params.denoising_steps)
+        resources.publisher.set_progress(
+            item.key, 0, item.job.params.denoising_steps, started=True
+        )
 
     async def _mark_started(self, item: PreparedItem) -> None:
         """Have `jobs` record the start (queued -> running) in the database."""
