@@ -39,7 +39,6 @@ from sdapi.infra.deadline import Deadline
 from sdapi.infra.queue import (
     drop_waiting_job,
     enqueue_generation,
-    queue_depth,
     request_cancel,
 )
 from sdapi.infra.registry import ModelOffer
@@ -55,6 +54,7 @@ from web.errors import (
     ValidationFailed,
     field_error,
 )
+from web.eta import eta_before_enqueue
 from web.idempotency import IdempotencyClaim, find_replay, record
 from web.inputs import ResultRef, Source, check_mask_size, resolve_input
 from web.quota import Usage, usage
@@ -456,8 +456,15 @@ async def _enqueue_premium(
         # `queued` goes into the stream before the job exists, so no node can
         # append `started` ahead of it; the jobs already queued (running ones
         # included, as arq keeps them) are the ones ahead of this one.
-        ahead = await queue_depth(redis, premium_queue(generation.model))
-        queued = QueuedEvent(position=ahead, waiting_for_node=waiting)
+        ahead, eta = await eta_before_enqueue(
+            app, generation.model, job.params, deadline
+        )
+        queued = QueuedEvent(
+            position=ahead,
+            waiting_for_node=waiting,
+            wait_s=None if eta is None else round(eta.wait_s, 1),
+            run_s=None if eta is None else round(eta.run_s, 1),
+        )
         await append_event(redis, generation.id, queued)
         await enqueue_generation(redis, job)
 
