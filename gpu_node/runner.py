@@ -215,18 +215,19 @@ async def _run_call(
     finally:
         deadline.at += observer.yielded_s
     if measured and observer.steps_done > 0:
-        await _learn(resources, engine, call, observer, measured[0])
+        _learn(resources, engine, call, observer, measured[0])
     return images, set(observer.cancelled)
 
 
-async def _learn(
+def _learn(
     resources: NodeResources,
     engine: Engine,
     call: PipelineCall,
     observer: CallObserver,
     seconds: float,
 ) -> None:
-    """Learn the node's speed from a call that ran to its end, and publish it."""
+    """Learn the node's speed from a call that ran to its end (published once
+    the job has handed its images over: `NodeTasks._generate_with_model`)."""
     steps = observer.steps_done
     step_s = observer.step_s
     resources.speeds.observe_call(
@@ -238,7 +239,6 @@ async def _learn(
         seconds=seconds,
         step_seconds=seconds / steps if step_s is None else step_s,
     )
-    await resources.speeds.publish(resources.redis)
 
 
 def _calls_with(calls: list[PipelineCall], key: str) -> int:

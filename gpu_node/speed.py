@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import time
+from contextvars import ContextVar
 
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
@@ -25,6 +26,10 @@ from sdapi.contract.speed import (
 from sdapi.infra.eta import Speeds
 
 log = logging.getLogger(__name__)
+
+# Seconds of the pipeline calls of the job running in this task (each job
+# runs in its own task: a premium job nested in a batch keeps its own).
+job_calls: ContextVar[list[float] | None] = ContextVar("job_calls", default=None)
 
 # Weight of a new measurement in the mean: the last five or so calls count
 # most, so a node that warms up or slows down (thermal, a neighbour on the
@@ -61,6 +66,9 @@ class SpeedBook:
     ) -> SpeedRecord:
         """Learn from a finished call of `images` images that ran `steps` steps
         in `seconds`, `step_seconds` of them per step (all images at once)."""
+        calls = job_calls.get()
+        if calls is not None:
+            calls.append(seconds)
         images = max(images, 1)
         step_s = step_seconds / images
         overhead_s = max(0.0, seconds - step_seconds * steps) / images
@@ -77,14 +85,36 @@ class SpeedBook:
             pixels=pixels,
             step_s=step_s,
             overhead_s=overhead_s,
+            job_s=0.0 if old is None else old.job_s,
             samples=1 if old is None else old.samples + 1,
             at=time.time(),
         )
-        buckets[bucket] = record
+        self._keep(model, bucket, record)
+        return record
+
+    def observe_job(
+        self, model: str, *, width: int, height: int, seconds: float
+    ) -> None:
+        """Learn from a job that spent `seconds` outside its pipeline calls
+        (and model load), its images of `width` x `height` pixels."""
+        bucket = size_bucket(width, height)
+        old = self.runs.get(model, {}).get(bucket)
+        if old is None:
+            return  # no call ran to its end (cancelled, failed)
+        job_s = max(0.0, seconds)
+        record = old.model_copy(
+            update={
+                "job_s": job_s if old.job_s == 0 else _mean(old.job_s, job_s),
+                "at": time.time(),
+            }
+        )
+        self._keep(model, bucket, record)
+
+    def _keep(self, model: str, bucket: int, record: SpeedRecord) -> None:
+        self.runs.setdefault(model, {})[bucket] = record
         self._unpublished[(model, speed_field(self.node_id, bucket))] = (
             record.model_dump_json()
         )
-        return record
 
     def observe_load(self, model: str, seconds: float) -> None:
         """Learn from a load of `model` from disk that took `seconds`."""

@@ -11,6 +11,7 @@ import asyncio
 import contextlib
 import logging
 import threading
+import time
 from collections.abc import AsyncIterator
 from typing import TYPE_CHECKING, Any
 from uuid import uuid4
@@ -26,6 +27,7 @@ from gpu_node.images import InputError, load_input
 from gpu_node.items import PreparedItem
 from gpu_node.resources import NodeResources
 from gpu_node.runner import Deadline, LeaseLost, run_calls
+from gpu_node.speed import job_calls
 from sdapi.contract.events import LoadingModelEvent, StartedEvent
 from sdapi.contract.names import (
     BATCH_FUNCTION,
@@ -122,12 +124,15 @@ class NodeTasks:
         timeout_s: float,
     ) -> str:
         info = job_info(ctx)
+        claimed = time.perf_counter()
         if info.enqueued_at is not None:
             wait = (utcnow() - info.enqueued_at).total_seconds()
             self.resources.metrics.queue_wait.labels(tier.value).observe(max(wait, 0.0))
         try:
             async with self._lease(info.job_id) as lost:
-                statuses = await self._generate_with_model(jobs, tier, timeout_s, lost)
+                statuses = await self._generate_with_model(
+                    jobs, tier, timeout_s, lost, claimed
+                )
         except (RedisConnectionError, RedisTimeoutError) as exc:
             # Redis stayed away longer than the client's own retries: run the job
             # again later (the images come out the same).
@@ -182,8 +187,11 @@ class NodeTasks:
         tier: Tier,
         timeout_s: float,
         lost: threading.Event,
+        claimed: float,
     ) -> list[str]:
-        """Run `jobs` (one model) with their model loaded, loading it if need be."""
+        """Run `jobs` (one model) with their model loaded, loading it if need be;
+        learn how long the job took outside its pipeline calls (`claimed`: its
+        claim, `time.perf_counter()`)."""
         models = self.resources.models
         model = jobs[0].model
         if model not in models.slots:
@@ -201,7 +209,25 @@ class NodeTasks:
         ) as (engine, load_s):
             if load_s is not None:
                 log.info("model %s loaded for a %s job in %.2f s", model, tier, load_s)
-            return await self._generate(engine, jobs, tier, timeout_s, lost, load_s)
+            calls = job_calls.set([])
+            try:
+                statuses = await self._generate(
+                    engine, jobs, tier, timeout_s, lost, load_s
+                )
+                spent = job_calls.get() or []
+            finally:
+                job_calls.reset(calls)
+        if spent:
+            params = jobs[0].params
+            self.resources.speeds.observe_job(
+                model,
+                width=params.width,
+                height=params.height,
+                seconds=time.perf_counter() - claimed - sum(spent) - (load_s or 0.0),
+            )
+        # After the hand-over: an estimate is never worth delaying images for.
+        await self.resources.speeds.publish(self.resources.redis)
+        return statuses
 
     async def _prepare(self, engine: Engine, job: GenerationJob) -> PreparedItem:
         profile = engine.profile

@@ -18,8 +18,8 @@ LOAD_BUCKET = "load"
 class SpeedRecord(BaseModel):
     """A node's learned speed at one size bucket of one model.
 
-    A call of `images` images and `steps` denoising steps took about
-    `images * (overhead_s + steps * step_s)` seconds there.
+    A job of `images` images and `steps` denoising steps took about
+    `job_s + images * (overhead_s + steps * step_s)` seconds there.
     """
 
     model_config = ConfigDict(extra="ignore", frozen=True)
@@ -31,14 +31,22 @@ class SpeedRecord(BaseModel):
     step_s: float = Field(ge=0, allow_inf_nan=False)
     # Seconds per image outside the steps (prompt encoding, VAE decode).
     overhead_s: float = Field(ge=0, allow_inf_nan=False)
+    # Seconds per job outside its pipeline calls: claiming it, preparing the
+    # prompts, encoding and handing over the PNGs.
+    job_s: float = Field(default=0.0, ge=0, allow_inf_nan=False)
     samples: int = Field(ge=1)
     # Unix time of the last measurement.
     at: float
 
     def call_s(self, pixels: int, steps: int, images: int) -> float:
-        """Seconds a call of this shape takes, scaled to `pixels` linearly."""
+        """Seconds the pipeline calls of this shape take, scaled to `pixels`
+        linearly."""
         scale = pixels / self.pixels
         return images * scale * (self.overhead_s + steps * self.step_s)
+
+    def job_run_s(self, pixels: int, steps: int, images: int) -> float:
+        """Seconds a job of this shape takes from its claim to its images."""
+        return self.job_s + self.call_s(pixels, steps, images)
 
 
 class LoadRecord(BaseModel):

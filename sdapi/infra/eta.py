@@ -192,7 +192,7 @@ class Speeds:
     @staticmethod
     def _call_s(records: Mapping[int, SpeedRecord], work: Work) -> float:
         record = _nearest(records, work)
-        return record.call_s(work.width * work.height, work.steps, work.images)
+        return record.job_run_s(work.width * work.height, work.steps, work.images)
 
 
 def queued_eta(
