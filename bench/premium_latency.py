@@ -76,8 +76,12 @@ def percentile(values: list[float], p: float) -> float:
 
 
 def start_dev(
-    root: Path, models: Path, node_poll_s: float | None = None
+    root: Path,
+    models: Path,
+    node_poll_s: float | None = None,
+    **settings: str,
 ) -> tuple[subprocess.Popen[bytes], str]:
+    """`sdapi dev` in `root`; `settings` as SDAPI_<NAME> variables."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("SDAPI_")}
     env.update(
         SDAPI_DATA_DIR=str(root / "data"),
@@ -85,6 +89,7 @@ def start_dev(
         SDAPI_PORT=str(free_port()),
         SDAPI_LOG_LEVEL="WARNING",
     )
+    env.update({f"SDAPI_{name.upper()}": value for name, value in settings.items()})
     if node_poll_s is not None:
         env["SDAPI_GPU_PREMIUM_POLL_S"] = str(node_poll_s)
     with (root / "dev.log").open("wb") as log:

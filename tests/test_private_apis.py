@@ -75,14 +75,27 @@ INTERNALS = (
     Internal(
         "arq.constants:in_progress_key_prefix",
         "arq",
-        "sdapi/infra/queue.py (Lease, job_is_live, job_is_running)",
+        "sdapi/infra/queue.py (Lease, job_is_live, job_is_running, QueueOrder)",
         "find and renew a running job's claim in Redis",
     ),
     Internal(
         "arq.constants:job_key_prefix",
         "arq",
-        "sdapi/infra/queue.py (job_is_live, drop_waiting_job)",
+        "sdapi/infra/queue.py (job_is_live, drop_waiting_job, QueueOrder)",
         "tell a waiting job from a gone one and take it off its queue",
+    ),
+    Internal(
+        "arq.jobs:deserialize_job",
+        "arq",
+        "sdapi/infra/queue.py (QueueOrder)",
+        "read the payloads of the jobs ahead of one, in one pipelined round trip",
+        parameters=("deserializer",),
+    ),
+    Internal(
+        "arq.jobs:DeserializationError",
+        "arq",
+        "sdapi/infra/queue.py (QueueOrder)",
+        "skip a job ahead whose payload cannot be read",
     ),
     Internal(
         "arq.constants:result_key_prefix",

@@ -29,6 +29,7 @@ from arq.utils import timestamp_ms
 from arq.worker import Retry, Worker, func
 from pydantic import BaseModel
 from redis.asyncio import Redis
+from redis.asyncio.client import Pipeline
 from redis.asyncio.retry import Retry as RedisRetry
 from redis.backoff import ExponentialBackoff, NoBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
@@ -596,7 +597,7 @@ class QueueOrder:
     rank: int | None = None
     ids: list[str] | None = None
 
-    def ask_rank(self, pipe: Any) -> int:
+    def ask_rank(self, pipe: Pipeline) -> int:
         """Queue the rank reads on `pipe`; how many results they take."""
         if self.job_id is None:
             pipe.zcard(self.queue)
@@ -610,9 +611,11 @@ class QueueOrder:
         rank, ids = results
         self.rank = None if rank is None else int(rank)
         listed = [raw.decode() if isinstance(raw, bytes) else str(raw) for raw in ids]
-        if self.job_id is not None and self.job_id in listed:
+        if self.rank is None:
+            listed = []
+        elif self.job_id is not None and self.job_id in listed:
             listed = listed[: listed.index(self.job_id)]
-        elif self.rank is not None:
+        else:
             listed = listed[: self.rank]
         self.ids = listed
 
@@ -623,7 +626,7 @@ class QueueOrder:
             return 0
         return max(0, self.rank - len(self.ids))
 
-    def ask_jobs(self, pipe: Any, also: Sequence[str] = ()) -> int:
+    def ask_jobs(self, pipe: Pipeline, also: Sequence[str] = ()) -> int:
         """Queue the reads of the jobs ahead (and `also`); how many results."""
         ids = [*(self.ids or []), *also]
         for job_id in ids:
