@@ -99,13 +99,11 @@ async def run(
         async def read() -> None:
             async for message in ws:
                 frame = message.json()
-                if frame["type"] == "accepted":
+                if frame["type"] in ("accepted", "error"):
                     await accepted.put(frame)
                 elif frame["type"] == "done" and frame["id"] in estimates:
                     estimates[frame["id"]].done = time.time()
                     estimates[frame["id"]].ended.set()
-                elif frame["type"] == "error":
-                    raise RuntimeError(frame)
 
         reader = asyncio.create_task(read())
 
@@ -113,6 +111,8 @@ async def run(
             sent = time.time()
             await ws.send_json({"type": "generate", "request": request(steps, size, n)})
             frame = await accepted.get()
+            if frame["type"] == "error":
+                raise RuntimeError(frame)
             view = frame["generation"]
             estimate = Estimate(sent, view["eta_s"], view["queue_position"])
             estimates[frame["id"]] = estimate
