@@ -51,6 +51,9 @@ class Estimate:
     eta_s: float | None
     position: int | None
     done: float | None = None
+    # Seconds from `generate` to its `accepted` frame (the submit, with the
+    # estimates of its `queued` event and of its view).
+    accept_s: float = 0.0
     ended: asyncio.Event = field(default_factory=asyncio.Event)
 
     @property
@@ -114,7 +117,12 @@ async def run(
             if frame["type"] == "error":
                 raise RuntimeError(frame)
             view = frame["generation"]
-            estimate = Estimate(sent, view["eta_s"], view["queue_position"])
+            estimate = Estimate(
+                sent,
+                view["eta_s"],
+                view["queue_position"],
+                accept_s=time.time() - sent,
+            )
             estimates[frame["id"]] = estimate
             return estimate
 
@@ -184,6 +192,7 @@ def report(
             f"| {100 * p10:+.0f}% / {100 * p90:+.0f}% |"
         )
     if queued_gets and finished_gets:
+        accepts = [e.accept_s for e in estimates if e.position]
 
         def ms(values: list[float], p: float) -> str:
             return f"{1000 * percentile(values, p):.1f}"
@@ -196,6 +205,8 @@ def report(
             f"| {ms(queued_gets, 99)} |",
             f"| finished (no Redis read) | {ms(finished_gets, 50)} "
             f"| {ms(finished_gets, 99)} |",
+            f"| (WebSocket `generate` -> `accepted`, work ahead) "
+            f"| {ms(accepts, 50)} | {ms(accepts, 99)} |",
         ]
     return "\n".join(lines)
 

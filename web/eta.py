@@ -80,7 +80,8 @@ async def _nodes(
     """The healthy nodes serving `model` ([] when they cannot be listed)."""
     try:
         infos = await deadline.run(app[registry_key].nodes())
-    except NodesUnknown:
+    except (NodesUnknown, RedisError):
+        # Without the nodes there is no estimate; the position still counts.
         return []
     return [NodeState(i.node_id, i.loaded) for i in infos if i.model == model]
 
@@ -284,7 +285,12 @@ async def eta_before_enqueue(
     speeds = Speeds.parse(first[2], time.time(), prefer=[n.node_id for n in nodes])
     if not speeds.known or not nodes:
         return position, None
-    _, ahead = await _read_ahead(app, [order], None, deadline)
+    try:
+        _, ahead = await _read_ahead(app, [order], None, deadline)
+    except RedisError:
+        # The enqueue that follows matters more than its estimate.
+        log.warning("no estimate for a job on %s: Redis failed", model)
+        return position, None
     return position, queued_eta(
         speeds, Work.of(params), ahead, nodes, unread=order.unread
     )
