@@ -270,27 +270,30 @@ async def _read_ahead(
 
 
 async def eta_before_enqueue(
-    app: web.Application, model: str, params: GenerationParams, deadline: Deadline
-) -> tuple[int, Eta | None]:
-    """The place a premium job about to be enqueued gets (every job queued is
-    ahead of it) and its estimated time, for its `queued` event."""
-    order = QueueOrder(premium_queue(model), None)
+    app: web.Application,
+    model: str,
+    params: GenerationParams,
+    place: int,
+    deadline: Deadline,
+) -> Eta | None:
+    """The estimated time of a premium job about to be enqueued at `place`
+    (the jobs ranked before it then), for its `queued` event; None when it
+    cannot be known, or Redis failed (the enqueue matters more)."""
+    order = QueueOrder(premium_queue(model), None, place=place)
     nodes = await _nodes(app, model, deadline)
-    async with app[redis_key].pipeline(transaction=False) as pipe:
-        order.ask_rank(pipe)
-        pipe.hgetall(speed_key(model))
-        first = await deadline.run(pipe.execute())
-    order.take_rank(first[:2])
-    position = order.rank or 0
-    speeds = Speeds.parse(first[2], time.time(), prefer=[n.node_id for n in nodes])
-    if not speeds.known or not nodes:
-        return position, None
     try:
-        _, ahead = await _read_ahead(app, [order], None, deadline)
+        async with app[redis_key].pipeline(transaction=False) as pipe:
+            order.ask_rank(pipe)
+            pipe.hgetall(speed_key(model))
+            first = await deadline.run(pipe.execute())
+        order.take_rank(first[:2])
+        speeds = Speeds.parse(first[2], time.time(), prefer=[n.node_id for n in nodes])
+        if not speeds.known or not nodes:
+            return None
+        ahead: list[Ahead] = []
+        if order.ids:
+            _, ahead = await _read_ahead(app, [order], None, deadline)
     except RedisError:
-        # The enqueue that follows matters more than its estimate.
         log.warning("no estimate for a job on %s: Redis failed", model)
-        return position, None
-    return position, queued_eta(
-        speeds, Work.of(params), ahead, nodes, unread=order.unread
-    )
+        return None
+    return queued_eta(speeds, Work.of(params), ahead, nodes, unread=order.unread)

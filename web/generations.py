@@ -39,6 +39,7 @@ from sdapi.infra.deadline import Deadline
 from sdapi.infra.queue import (
     drop_waiting_job,
     enqueue_generation,
+    queue_depth,
     request_cancel,
 )
 from sdapi.infra.registry import ModelOffer
@@ -456,8 +457,9 @@ async def _enqueue_premium(
         # `queued` goes into the stream before the job exists, so no node can
         # append `started` ahead of it; the jobs already queued (running ones
         # included, as arq keeps them) are the ones ahead of this one.
-        ahead, eta = await eta_before_enqueue(
-            app, generation.model, job.params, deadline
+        ahead = await queue_depth(redis, premium_queue(generation.model))
+        eta = await eta_before_enqueue(
+            app, generation.model, job.params, ahead, deadline
         )
         queued = QueuedEvent(
             position=ahead,

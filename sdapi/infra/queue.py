@@ -584,14 +584,16 @@ class QueuedJob:
 
 @dataclass
 class QueueOrder:
-    """The jobs ranked before one job of a queue (all of them when `job_id` is
-    None: a job about to be enqueued), read in two pipelined round trips that
-    the caller shares with its own commands: `ask_rank` then `take_rank`,
-    `ask_jobs` then `take_jobs`. The order is the rank order, the one the
-    workers serve (never the scores)."""
+    """The jobs ranked before one job of a queue, read in two pipelined round
+    trips that the caller shares with its own commands: `ask_rank` then
+    `take_rank`, `ask_jobs` then `take_jobs`. The order is the rank order, the
+    one the workers serve (never the scores). For a job about to be enqueued
+    (`job_id` None), the first `place` jobs are ahead of it (all of them when
+    None)."""
 
     queue: str
     job_id: str | None
+    place: int | None = None
     # Read at most this many jobs ahead; `unread` counts the others.
     scan: int = 50
     rank: int | None = None
@@ -610,6 +612,8 @@ class QueueOrder:
         """Read `ask_rank`'s results: None rank when the job left the queue."""
         rank, ids = results
         self.rank = None if rank is None else int(rank)
+        if self.job_id is None and self.place is not None and self.rank is not None:
+            self.rank = min(self.place, self.rank)
         listed = [raw.decode() if isinstance(raw, bytes) else str(raw) for raw in ids]
         if self.rank is None:
             listed = []
