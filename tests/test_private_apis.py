@@ -81,13 +81,13 @@ INTERNALS = (
     Internal(
         "arq.constants:job_key_prefix",
         "arq",
-        "sdapi/infra/queue.py (job_is_live, drop_waiting_job, QueueOrder)",
+        "sdapi/infra/queue.py (job_is_live, drop_waiting_job)",
         "tell a waiting job from a gone one and take it off its queue",
     ),
     Internal(
         "arq.jobs:deserialize_job",
         "arq",
-        "sdapi/infra/queue.py (QueueOrder)",
+        "sdapi/infra/queue.py (QueueOrder, which also reads job_key_prefix)",
         "read the payloads of the jobs ahead of one, in one pipelined round trip",
         parameters=("deserializer",),
     ),
