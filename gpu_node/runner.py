@@ -30,6 +30,7 @@ from gpu_node.calls import (
 from gpu_node.items import PreparedItem
 from gpu_node.progress import CallObserver, ItemProgress
 from gpu_node.resources import NodeResources
+from gpu_node.speed import job_calls
 from sdapi.contract.status import Status, Tier
 
 if TYPE_CHECKING:
@@ -214,6 +215,10 @@ async def _run_call(
         return {}, set(observer.keys)
     finally:
         deadline.at += observer.yielded_s
+        # Premium work nested in this call is not the job's own time either.
+        spent = job_calls.get()
+        if spent is not None and observer.yielded_s:
+            spent.append(observer.yielded_s)
     if measured and observer.steps_done > 0:
         _learn(resources, engine, call, observer, measured[0])
     return images, set(observer.cancelled)

@@ -27,8 +27,9 @@ from sdapi.infra.eta import Speeds
 
 log = logging.getLogger(__name__)
 
-# Seconds of the pipeline calls of the job running in this task (each job
-# runs in its own task: a premium job nested in a batch keeps its own).
+# Seconds of the pipeline calls of the job running in this task, and of the
+# premium work nested in them (each job runs in its own task: a premium job
+# nested in a batch keeps its own list).
 job_calls: ContextVar[list[float] | None] = ContextVar("job_calls", default=None)
 
 # Weight of a new measurement in the mean: the last five or so calls count

@@ -217,7 +217,8 @@ class NodeTasks:
                 spent = job_calls.get() or []
             finally:
                 job_calls.reset(calls)
-        if spent:
+        # Only a job whose calls all ran to their end says what a job costs.
+        if spent and all(status == Status.SUCCEEDED for status in statuses):
             params = jobs[0].params
             self.resources.speeds.observe_job(
                 model,
