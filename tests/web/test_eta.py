@@ -111,9 +111,12 @@ async def test_a_queued_generation_waits_for_the_work_ranked_before_it(
     }
     assert view["eta_s"] == pytest.approx(0.45 + 3 * RUN_S, abs=0.11)
     # Rank order, not arrival: the third served before the second (as a fair
-    # share may order them) waits for the first only.
-    await redis.zadd(premium_queue("tiny"), {generation_job_id(third["id"]): 1})
-    await redis.zadd(premium_queue("tiny"), {generation_job_id(first["id"]): 0})
+    # share may order them) waits for the first only. Their scores swap,
+    # whatever a score means.
+    queue = premium_queue("tiny")
+    ids = [generation_job_id(view["id"]) for view in (second, third)]
+    scores = [await redis.zscore(queue, job_id) for job_id in ids]
+    await redis.zadd(queue, {ids[0]: scores[1], ids[1]: scores[0]})
     view = await show(client, secret, third["id"])
     assert view["queue_position"] == 1
     assert view["eta"]["wait_s"] == pytest.approx(0.45, abs=0.06)
