@@ -21,6 +21,8 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import email
+import email.policy
 import math
 import os
 import re
@@ -51,6 +53,7 @@ from gpu_node.calls import (  # noqa: E402
     PipelineCall,
     QuietObserver,
 )
+from sdapi.devtools.mailsink import read_messages  # noqa: E402
 from sdapi.devtools.net import free_port  # noqa: E402
 
 PASSWORD = "bench-password-123"  # noqa: S105 (a throwaway local account)
@@ -76,8 +79,12 @@ def percentile(values: list[float], p: float) -> float:
 
 
 def start_dev(
-    root: Path, models: Path, node_poll_s: float | None = None
+    root: Path,
+    models: Path,
+    node_poll_s: float | None = None,
+    **settings: str,
 ) -> tuple[subprocess.Popen[bytes], str]:
+    """`sdapi dev` in `root`; `settings` as SDAPI_<NAME> variables."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("SDAPI_")}
     env.update(
         SDAPI_DATA_DIR=str(root / "data"),
@@ -85,6 +92,7 @@ def start_dev(
         SDAPI_PORT=str(free_port()),
         SDAPI_LOG_LEVEL="WARNING",
     )
+    env.update({f"SDAPI_{name.upper()}": value for name, value in settings.items()})
     if node_poll_s is not None:
         env["SDAPI_GPU_PREMIUM_POLL_S"] = str(node_poll_s)
     with (root / "dev.log").open("wb") as log:
@@ -104,6 +112,29 @@ def start_dev(
     return dev, found.group(1)
 
 
+def find_link(folder: Path) -> str | None:
+    """The verification link of the first email kept in `folder`, if any."""
+    for raw in read_messages(folder) if folder.exists() else []:
+        message = email.message_from_bytes(raw, policy=email.policy.default)
+        body = message.get_body(preferencelist=("plain",))
+        text = "" if body is None else str(body.get_content())  # type: ignore[attr-defined]
+        found = re.search(r"https?://\S+/api/v1/auth/verify\?token=\S+", text)
+        if found:
+            return found.group(0)
+    return None
+
+
+async def verification_link(folder: Path, timeout_s: float = 60) -> str:
+    """The verification link `sdapi dev` emailed to its mail folder."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        link = await asyncio.to_thread(find_link, folder)
+        if link is not None:
+            return link
+        await asyncio.sleep(0.2)
+    raise SystemExit(f"no verification email in {folder}")
+
+
 async def premium_token(base_url: str, root: Path) -> str:
     """Signup, `sdapi user set-premium`, signin: a premium bearer token."""
     email = "bench@example.org"
@@ -111,6 +142,10 @@ async def premium_token(base_url: str, root: Path) -> str:
         body = {"email": email, "password": PASSWORD}
         async with http.post("/api/v1/auth/signup", json=body) as response:
             assert response.status == 201, await response.text()
+        # Generating needs a verified address: follow the emailed link.
+        link = await verification_link(root / "data" / "mail")
+        async with http.get(link) as response:
+            assert response.status < 400, await response.text()
         env = {k: v for k, v in os.environ.items() if not k.startswith("SDAPI_")}
         env["SDAPI_DATA_DIR"] = str(root / "data")
         process = await asyncio.create_subprocess_exec(

@@ -27,6 +27,7 @@ from gpu_node.progress import CancelWatch, EventPublisher
 from gpu_node.residency import ModelResidency
 from gpu_node.resources import NodeResources
 from gpu_node.settings import GpuNodeSettings
+from gpu_node.speed import SpeedBook
 from gpu_node.tasks import NodeTasks
 from gpu_node.weights import ModelLocation
 from sdapi.contract.names import (
@@ -198,8 +199,14 @@ class GpuNode:
         locations = await asyncio.to_thread(prepare_models, settings)
         executor = GpuExecutor(name="gpu")
         stack.push_async_callback(asyncio.to_thread, executor.shutdown)
+        speeds = SpeedBook(self.node_id)
         models = ModelResidency(
-            settings, locations, executor, self.metrics, engine_loader(settings)
+            settings,
+            locations,
+            executor,
+            self.metrics,
+            engine_loader(settings),
+            on_loaded=speeds.observe_load,
         )
         await asyncio.to_thread(models.inspect)
         stack.callback(self.metrics.model_loaded.clear)
@@ -212,6 +219,8 @@ class GpuNode:
         await models.preload()
         redis = await create_queue_pool(self.redis_url)
         stack.push_async_callback(redis.aclose)
+        # The loads just measured, before the node announces itself.
+        await speeds.publish(redis)
         publisher = EventPublisher(redis)
         publisher.start()
         stack.push_async_callback(publisher.close)
@@ -247,6 +256,7 @@ class GpuNode:
             announcer=announcer,
             info=self.model_infos()[0],
             loras=self._loras,
+            speeds=speeds,
         )
         tasks = self._tasks = NodeTasks(resources)
         # One premium and one batch job at a time on the node, whatever the

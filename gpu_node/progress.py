@@ -15,7 +15,7 @@ import logging
 import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
@@ -40,6 +40,10 @@ class _Progress:
     generation_id: str
     step: int
     total: int
+    # Unix time of this step, and of the job's start on the first update: the
+    # job's own rate for its estimated time (`web.eta`), in the node's clock.
+    at: float = field(default_factory=time.time)
+    started: float | None = None
 
 
 @dataclass(frozen=True)
@@ -101,9 +105,13 @@ class EventPublisher:
         """Queue `event` for the generation's stream (from any thread, never blocks)."""
         self._put(_Append(generation_id, event))
 
-    def set_progress(self, generation_id: str, step: int, total: int) -> None:
-        """Queue an update of the generation's progress hash (REST status)."""
-        self._put(_Progress(generation_id, step, total))
+    def set_progress(
+        self, generation_id: str, step: int, total: int, *, started: bool = False
+    ) -> None:
+        """Queue an update of the generation's progress hash (REST status);
+        `started`: the job starts now (its time is kept for its rate)."""
+        now = time.time()
+        self._put(_Progress(generation_id, step, total, now, now if started else None))
 
     @property
     def alive(self) -> bool:
@@ -141,7 +149,7 @@ class EventPublisher:
                     if isinstance(item.event, ProgressEvent):
                         self._note_progress(item.generation_id, item.event)
                 else:
-                    self._progress[item.generation_id] = item
+                    self._set(item)
                 if self._queue.empty():
                     item = None
                     break
@@ -153,10 +161,17 @@ class EventPublisher:
             if item is _STOP:
                 return
 
+    def _set(self, update: _Progress) -> None:
+        # A start not written yet stays with the updates that replace it.
+        old = self._progress.get(update.generation_id)
+        if old is not None and old.started is not None and update.started is None:
+            update = _Progress(
+                update.generation_id, update.step, update.total, update.at, old.started
+            )
+        self._progress[update.generation_id] = update
+
     def _note_progress(self, generation_id: str, event: ProgressEvent) -> None:
-        self._progress[generation_id] = _Progress(
-            generation_id, event.step, event.total
-        )
+        self._set(_Progress(generation_id, event.step, event.total))
 
     async def _write(self, appends: list[_Append], *, force_progress: bool) -> None:
         now = time.monotonic()
@@ -185,7 +200,14 @@ class EventPublisher:
                     pipe.expire(key, EVENT_TTL_S)
                 for update in progress:
                     key = progress_key(update.generation_id)
-                    pipe.hset(key, mapping={"step": update.step, "total": update.total})
+                    fields: dict[str, float] = {
+                        "step": update.step,
+                        "total": update.total,
+                        "at": update.at,
+                    }
+                    if update.started is not None:
+                        fields["t0"] = update.started
+                    pipe.hset(key, mapping=fields)
                     pipe.expire(key, EVENT_TTL_S)
                 await pipe.execute()
         except (RedisError, OSError) as exc:
@@ -340,6 +362,11 @@ class CallObserver:
         # Set by the job when it lost its claim: another node runs it now.
         self.stop = stop if stop is not None else threading.Event()
         self.steps_done = 0
+        # Seconds between step callbacks after the first, without nested
+        # premium work: what a step takes (the node learns its speed from it).
+        self.step_seconds = 0.0
+        self.timed_steps = 0
+        self._step_mark: float | None = None
         # Seconds spent running nested premium calls (the batch's time limit
         # does not count them).
         self.yielded_s = 0.0
@@ -382,6 +409,9 @@ class CallObserver:
         self._check()
         self.steps_done += 1
         now = time.monotonic()
+        if self._step_mark is not None:
+            self.step_seconds += now - self._step_mark
+            self.timed_steps += 1
         due = now - self._last_emit >= self._min_interval_s
         with_preview = (
             self._preview_every > 0
@@ -409,5 +439,13 @@ class CallObserver:
                 self._last_preview_step = step
         if self._on_step_done is not None:
             self._on_step_done(step)
+        yielded = 0.0
         if self._executor is not None:
-            self.yielded_s += self._executor.run_pending_premium()
+            yielded = self._executor.run_pending_premium()
+            self.yielded_s += yielded
+        self._step_mark = now + yielded
+
+    @property
+    def step_s(self) -> float | None:
+        """Measured seconds per step of this call; None before two steps."""
+        return self.step_seconds / self.timed_steps if self.timed_steps else None

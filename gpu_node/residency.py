@@ -133,8 +133,12 @@ class ModelResidency:
         executor: GpuExecutor,
         metrics: NodeMetrics,
         loader: Loader,
+        *,
+        on_loaded: Callable[[str, float], None] | None = None,
     ) -> None:
         self._settings = settings
+        # Told the seconds of each load from disk (the node learns them).
+        self._on_loaded = on_loaded
         self.slots = {location.model_id: ModelSlot(location) for location in locations}
         self._executor = executor
         self._metrics = metrics
@@ -293,6 +297,8 @@ class ModelResidency:
             slot.engine, slot.profile, slot.on_host = engine, engine.profile, False
             self._metrics.model_loads.labels(slot.name).inc()
             self._metrics.model_load_seconds.observe(seconds)
+            if self._on_loaded is not None:
+                self._on_loaded(slot.name, seconds)
             self._metrics.model_loaded.labels(slot.name).set(1)
             log.info("loaded model %s in %.2f s", slot.name, seconds)
             self.changed.set()

@@ -11,6 +11,7 @@ from gpu_node.loras import LoraFolder
 from gpu_node.progress import CancelWatch, EventPublisher
 from gpu_node.residency import ModelResidency
 from gpu_node.settings import GpuNodeSettings
+from gpu_node.speed import SpeedBook
 from sdapi.contract.nodes import NodeInfo
 from sdapi.infra.queue import QueuePool
 
@@ -31,6 +32,7 @@ class NodeResources:
     announcer: Announcer
     info: NodeInfo
     loras: LoraFolder
+    speeds: SpeedBook
 
     @property
     def node_id(self) -> str:

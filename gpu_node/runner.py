@@ -30,6 +30,7 @@ from gpu_node.calls import (
 from gpu_node.items import PreparedItem
 from gpu_node.progress import CallObserver, ItemProgress
 from gpu_node.resources import NodeResources
+from gpu_node.speed import job_calls
 from sdapi.contract.status import Status, Tier
 
 if TYPE_CHECKING:
@@ -188,6 +189,8 @@ async def _run_call(
         stop=lost,
     )
 
+    measured: list[float] = []
+
     def run() -> dict[str, list[Image]]:
         started = time.perf_counter()
         images = engine.run(call, observer)
@@ -195,6 +198,7 @@ async def _run_call(
         metrics.call_seconds.labels(tier.value).observe(seconds)
         metrics.steps_per_second.set(observer.steps_done / seconds)
         metrics.images_per_second.set(call.image_count / seconds)
+        measured.append(seconds)
         return images
 
     future = resources.executor.submit(run, premium=premium)
@@ -211,7 +215,35 @@ async def _run_call(
         return {}, set(observer.keys)
     finally:
         deadline.at += observer.yielded_s
+        # Premium work nested in this call is not the job's own time either.
+        spent = job_calls.get()
+        if spent is not None and observer.yielded_s:
+            spent.append(observer.yielded_s)
+    if measured and observer.steps_done > 0:
+        _learn(resources, engine, call, observer, measured[0])
     return images, set(observer.cancelled)
+
+
+def _learn(
+    resources: NodeResources,
+    engine: Engine,
+    call: PipelineCall,
+    observer: CallObserver,
+    seconds: float,
+) -> None:
+    """Learn the node's speed from a call that ran to its end (published once
+    the job has handed its images over: `NodeTasks._generate_with_model`)."""
+    steps = observer.steps_done
+    step_s = observer.step_s
+    resources.speeds.observe_call(
+        engine.profile.model,
+        width=call.width,
+        height=call.height,
+        images=call.image_count,
+        steps=steps,
+        seconds=seconds,
+        step_seconds=seconds / steps if step_s is None else step_s,
+    )
 
 
 def _calls_with(calls: list[PipelineCall], key: str) -> int:

@@ -11,6 +11,7 @@ import asyncio
 import contextlib
 import logging
 import threading
+import time
 from collections.abc import AsyncIterator
 from typing import TYPE_CHECKING, Any
 from uuid import uuid4
@@ -26,6 +27,7 @@ from gpu_node.images import InputError, load_input
 from gpu_node.items import PreparedItem
 from gpu_node.resources import NodeResources
 from gpu_node.runner import Deadline, LeaseLost, run_calls
+from gpu_node.speed import job_calls
 from sdapi.contract.events import LoadingModelEvent, StartedEvent
 from sdapi.contract.names import (
     BATCH_FUNCTION,
@@ -45,6 +47,7 @@ from sdapi.contract.payloads import (
 )
 from sdapi.contract.status import Status, Tier
 from sdapi.infra.clock import utcnow
+from sdapi.infra.eta import Work
 from sdapi.infra.queue import (
     Lease,
     Retry,
@@ -121,12 +124,15 @@ class NodeTasks:
         timeout_s: float,
     ) -> str:
         info = job_info(ctx)
+        claimed = time.perf_counter()
         if info.enqueued_at is not None:
             wait = (utcnow() - info.enqueued_at).total_seconds()
             self.resources.metrics.queue_wait.labels(tier.value).observe(max(wait, 0.0))
         try:
             async with self._lease(info.job_id) as lost:
-                statuses = await self._generate_with_model(jobs, tier, timeout_s, lost)
+                statuses = await self._generate_with_model(
+                    jobs, tier, timeout_s, lost, claimed
+                )
         except (RedisConnectionError, RedisTimeoutError) as exc:
             # Redis stayed away longer than the client's own retries: run the job
             # again later (the images come out the same).
@@ -181,8 +187,11 @@ class NodeTasks:
         tier: Tier,
         timeout_s: float,
         lost: threading.Event,
+        claimed: float,
     ) -> list[str]:
-        """Run `jobs` (one model) with their model loaded, loading it if need be."""
+        """Run `jobs` (one model) with their model loaded, loading it if need be;
+        learn how long the job took outside its pipeline calls (`claimed`: its
+        claim, `time.perf_counter()`)."""
         models = self.resources.models
         model = jobs[0].model
         if model not in models.slots:
@@ -200,7 +209,26 @@ class NodeTasks:
         ) as (engine, load_s):
             if load_s is not None:
                 log.info("model %s loaded for a %s job in %.2f s", model, tier, load_s)
-            return await self._generate(engine, jobs, tier, timeout_s, lost, load_s)
+            calls = job_calls.set([])
+            try:
+                statuses = await self._generate(
+                    engine, jobs, tier, timeout_s, lost, load_s
+                )
+                spent = job_calls.get() or []
+            finally:
+                job_calls.reset(calls)
+        # Only a job whose calls all ran to their end says what a job costs.
+        if spent and all(status == Status.SUCCEEDED for status in statuses):
+            params = jobs[0].params
+            self.resources.speeds.observe_job(
+                model,
+                width=params.width,
+                height=params.height,
+                seconds=time.perf_counter() - claimed - sum(spent) - (load_s or 0.0),
+            )
+        # After the hand-over: an estimate is never worth delaying images for.
+        await self.resources.speeds.publish(self.resources.redis)
+        return statuses
 
     async def _prepare(self, engine: Engine, job: GenerationJob) -> PreparedItem:
         profile = engine.profile
@@ -321,8 +349,11 @@ class NodeTasks:
                 if item.key in cancelled and item.status is None:
                     item.status = Status.CANCELLED
             todo = [item for item in items if item.status is None]
+            # The items of a job run in one call (or several, one after the
+            # other): each ends when all of them have.
+            run_s = self._run_s(engine, todo[0].job.params, todo) if todo else None
             for item in todo:
-                self._announce_started(item, load_s)
+                self._announce_started(item, load_s, run_s)
             # Telling `jobs` is not on the way to the GPU: it runs beside the call.
             notices = [asyncio.create_task(self._mark_started(item)) for item in todo]
             try:
@@ -343,17 +374,31 @@ class NodeTasks:
             resources.cancels.unwatch(keys)
         return [str(item.status) for item in items]
 
-    def _announce_started(self, item: PreparedItem, load_s: float | None) -> None:
+    def _run_s(
+        self, engine: Engine, params: GenerationParams, todo: list[PreparedItem]
+    ) -> float | None:
+        """Seconds this node should take to run `todo`, from its own learned
+        speed; None before it ran the model."""
+        images = sum(item.job.params.num_images for item in todo)
+        speeds = self.resources.speeds.speeds(engine.profile.model)
+        return speeds.run_s(Work.of(params, images), self.resources.node_id)
+
+    def _announce_started(
+        self, item: PreparedItem, load_s: float | None, run_s: float | None
+    ) -> None:
         """Queue the `started` event before any of the call's progress."""
         resources = self.resources
         item.started_at = utcnow()
         started = StartedEvent(
             node_id=resources.node_id,
             load_s=None if load_s is None else round(load_s, 3),
+            eta_s=None if run_s is None else round(run_s, 1),
         )
         resources.publisher.emit(item.key, started)
         # img2img runs only strength * steps of them: the total users see.
-        resources.publisher.set_progress(item.key, 0, item.job.params.denoising_steps)
+        resources.publisher.set_progress(
+            item.key, 0, item.job.params.denoising_steps, started=True
+        )
 
     async def _mark_started(self, item: PreparedItem) -> None:
         """Have `jobs` record the start (queued -> running) in the database."""

@@ -75,7 +75,7 @@ INTERNALS = (
     Internal(
         "arq.constants:in_progress_key_prefix",
         "arq",
-        "sdapi/infra/queue.py (Lease, job_is_live, job_is_running)",
+        "sdapi/infra/queue.py (Lease, job_is_live, job_is_running, QueueOrder)",
         "find and renew a running job's claim in Redis",
     ),
     Internal(
@@ -84,6 +84,19 @@ INTERNALS = (
         "sdapi/infra/queue.py (job_is_live, drop_waiting_job, enqueue_fair)",
         "tell a waiting job from a gone one, take it off its queue, and write "
         "a fair job's data where arq reads it",
+    ),
+    Internal(
+        "arq.jobs:deserialize_job",
+        "arq",
+        "sdapi/infra/queue.py (QueueOrder, which also reads job_key_prefix)",
+        "read the payloads of the jobs ahead of one, in one pipelined round trip",
+        parameters=("deserializer",),
+    ),
+    Internal(
+        "arq.jobs:DeserializationError",
+        "arq",
+        "sdapi/infra/queue.py (QueueOrder)",
+        "skip a job ahead whose payload cannot be read",
     ),
     Internal(
         "arq.constants:result_key_prefix",

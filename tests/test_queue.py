@@ -14,10 +14,12 @@ from collections.abc import AsyncIterator
 from typing import Any, get_type_hints
 
 import pytest
-from arq.constants import in_progress_key_prefix
+from arq.constants import in_progress_key_prefix, job_key_prefix
 
 from sdapi.infra.queue import (
     Lease,
+    QueuedJob,
+    QueueOrder,
     QueuePool,
     QueueWorker,
     Retry,
@@ -266,3 +268,48 @@ def test_new_worker_passes_each_option_to_arq() -> None:
     assert (worker.poll_delay_s, worker.health_check_interval) == (0.25, 13)
     assert worker.health_check_key == "hc"
     assert worker.burst and not worker.log_results
+
+
+async def order_of(
+    pool: QueuePool, job_id: str | None, scan: int = 50
+) -> tuple[QueueOrder, list[QueuedJob]]:
+    """A QueueOrder read in its two round trips."""
+    order = QueueOrder(QUEUE, job_id, scan=scan)
+    async with pool.pipeline(transaction=False) as pipe:
+        order.ask_rank(pipe)
+        order.take_rank(await pipe.execute())
+    async with pool.pipeline(transaction=False) as pipe:
+        order.ask_jobs(pipe)
+        return order, order.take_jobs(await pipe.execute())
+
+
+async def test_the_jobs_ahead_follow_the_rank_order_with_their_payloads(
+    pool: QueuePool,
+) -> None:
+    for n, job_id in enumerate(("a", "b", "c")):
+        await enqueue(pool, "run", Payload(n), queue=QUEUE, job_id=job_id)
+    await pool.set(in_progress_key_prefix + "a", b"1", ex=60)
+    order, ahead = await order_of(pool, "c")
+    assert order.rank == 2
+    assert ahead == [
+        QueuedJob("a", {"value": 0}, running=True),
+        QueuedJob("b", {"value": 1}, running=False),
+    ]
+    # The rank order is the order, whatever the scores say of time: a queue
+    # that orders its jobs otherwise (a fair share) is followed as it is.
+    await pool.zadd(QUEUE, {"c": 0})
+    order, ahead = await order_of(pool, "b")
+    assert (order.rank, [job.job_id for job in ahead]) == (2, ["c", "a"])
+    # Past `scan`, the rest are counted, not read.
+    order, ahead = await order_of(pool, "b", scan=1)
+    assert (len(ahead), order.unread) == (1, 1)
+    # About to be enqueued: everything queued is ahead.
+    order, ahead = await order_of(pool, None)
+    assert (order.rank, len(ahead)) == (3, 3)
+    # Gone from the queue: no rank, nothing ahead.
+    order, ahead = await order_of(pool, "gone")
+    assert (order.rank, ahead) == (None, [])
+    # A job whose payload went meanwhile reads as None.
+    await pool.delete(job_key_prefix + "a")
+    _, ahead = await order_of(pool, "b")
+    assert ahead[1] == QueuedJob("a", None, running=True)

@@ -16,23 +16,17 @@ from redis.exceptions import RedisError
 from tortoise.expressions import Q
 
 from sdapi.contract.names import (
-    batch_job_id,
-    batch_queue,
-    generation_job_id,
     image_key,
-    premium_queue,
-    progress_key,
 )
 from sdapi.contract.status import Status, Tier
 from sdapi.db.models import Delivery, GeneratedImage, Generation, User
 from sdapi.db.webhooks import delivery_summary
 from sdapi.infra.deadline import Deadline
+from sdapi.infra.eta import Eta
 from sdapi.infra.links import image_path
-from sdapi.infra.queue import (
-    queue_position,
-)
-from web.appkeys import redis_key, registry_key, settings_key
+from web.appkeys import registry_key, settings_key
 from web.errors import field_error
+from web.eta import live_state
 from web.schemas import generations as schemas
 from web.schemas.webhooks import WebhookState
 
@@ -44,36 +38,12 @@ def image_url(app: web.Application, generation_id: uuid.UUID | str, index: int) 
     return app[settings_key].base_url + image_path(generation_id, index)
 
 
-async def _live_state(
-    app: web.Application, generation: Generation, deadline: Deadline
-) -> tuple[int | None, schemas.Progress | None]:
-    redis = app[redis_key]
-    status = Status(generation.status)
-    try:
-        if status is Status.QUEUED:
-            if generation.tier is Tier.PREMIUM:
-                job = generation_job_id(generation.id, generation.attempts)
-                return await deadline.run(
-                    queue_position(redis, premium_queue(generation.model), job)
-                ), None
-            if generation.batch_id is not None:
-                job = batch_job_id(generation.batch_id, generation.attempts)
-                return await deadline.run(
-                    queue_position(redis, batch_queue(generation.model), job)
-                ), None
-        if status is Status.RUNNING:
-            raw: dict[bytes, bytes] = await deadline.run(
-                redis.hgetall(progress_key(generation.id))  # type: ignore[arg-type]
-            )
-            if raw.get(b"step") is not None and raw.get(b"total") is not None:
-                return None, schemas.Progress(
-                    step=int(raw[b"step"]), total=int(raw[b"total"])
-                )
-    except (RedisError, TimeoutError):
-        # The view is PostgreSQL's; Redis only adds the live details, left
-        # unknown (null) when it does not answer within the request's budget.
-        log.warning("live state of %s unavailable", generation.id)
-    return None, None
+def eta_fields(eta: Eta | None) -> tuple[float | None, schemas.EtaParts | None]:
+    """`eta_s` and `eta` of a view or frame, to a tenth of a second."""
+    if eta is None:
+        return None, None
+    wait_s, run_s = round(eta.wait_s, 1), round(eta.run_s, 1)
+    return round(wait_s + run_s, 1), schemas.EtaParts(wait_s=wait_s, run_s=run_s)
 
 
 @dataclass(frozen=True)
@@ -150,11 +120,12 @@ async def present(
     *,
     deadline: Deadline,
 ) -> schemas.GenerationView:
-    """The public view of a generation, with live queue position and progress
-    as far as Redis answers within `deadline`."""
+    """The public view of a generation, with live queue position, progress
+    and estimated time as far as Redis answers within `deadline`."""
     if images is None:
         images = (await stored_images([generation.id])).get(generation.id, [])
-    position, progress = await _live_state(app, generation, deadline)
+    live = await live_state(app, generation, deadline)
+    eta_s, eta = eta_fields(live.eta)
     return schemas.GenerationView(
         id=str(generation.id),
         status=Status(generation.status),
@@ -164,10 +135,14 @@ async def present(
         scheduled_for=generation.scheduled_for,
         started_at=generation.started_at,
         finished_at=generation.finished_at,
-        queue_position=position,
+        queue_position=live.position,
         waiting_for_node=Status(generation.status) is Status.QUEUED
         and app[registry_key].serves(generation.model) is False,
-        progress=progress,
+        progress=None
+        if live.progress is None
+        else schemas.Progress(step=live.progress.step, total=live.progress.total),
+        eta_s=eta_s,
+        eta=eta,
         images=[
             schemas.ImageRef(
                 index=image.index,

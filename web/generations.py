@@ -57,6 +57,7 @@ from web.errors import (
     ValidationFailed,
     field_error,
 )
+from web.eta import eta_before_enqueue
 from web.idempotency import IdempotencyClaim, find_replay, record
 from web.inputs import ResultRef, Source, check_mask_size, resolve_input
 from web.quota import Usage, usage
@@ -475,7 +476,15 @@ async def _enqueue_premium(
         # ones included, as arq keeps them) are those before its fair place.
         owner = str(generation.user_id)
         ahead = await places_ahead(redis, premium_queue(generation.model), owner)
-        queued = QueuedEvent(position=ahead, waiting_for_node=waiting)
+        eta = await eta_before_enqueue(
+            app, generation.model, job.params, ahead, deadline
+        )
+        queued = QueuedEvent(
+            position=ahead,
+            waiting_for_node=waiting,
+            wait_s=None if eta is None else round(eta.wait_s, 1),
+            run_s=None if eta is None else round(eta.run_s, 1),
+        )
         await append_event(redis, generation.id, queued)
         await enqueue_generation(redis, job, owner=owner)
 

@@ -29,9 +29,11 @@ from sdapi.contract.events import (
 )
 from sdapi.contract.status import Status
 from sdapi.db.models import Generation
+from sdapi.infra.eta import Eta
 from sdapi.infra.streams import read_events
 from web.appkeys import live_redis_key, redis_key
 from web.generation_views import (
+    eta_fields,
     image_png,
     image_url,
     stored_images,
@@ -222,15 +224,21 @@ async def event_frame(
     """The WebSocket frame of one event (an image frame carries its PNG)."""
     ident = str(generation_id)
     if isinstance(event, QueuedEvent):
+        known = event.wait_s is not None and event.run_s is not None
+        eta_s, eta = eta_fields(
+            Eta(event.wait_s or 0.0, event.run_s or 0.0) if known else None
+        )
         return QueuedFrame(
             id=ident,
             position=event.position,
             waiting_for_node=event.waiting_for_node,
+            eta_s=eta_s,
+            eta=eta,
         )
     if isinstance(event, LoadingModelEvent):
         return LoadingModelFrame(id=ident, model=event.model)
     if isinstance(event, StartedEvent):
-        return StartedFrame(id=ident, load_s=event.load_s)
+        return StartedFrame(id=ident, load_s=event.load_s, eta_s=event.eta_s)
     if isinstance(event, ProgressEvent):
         return ProgressFrame(
             id=ident, step=event.step, total=event.total, preview=event.preview

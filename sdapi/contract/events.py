@@ -21,6 +21,10 @@ class QueuedEvent(_Event):
     position: int = Field(ge=0)
     # No healthy node serves the model yet: it runs when one comes up.
     waiting_for_node: bool = False
+    # Estimated seconds until it starts, and then until it ends; None while
+    # they cannot be known (`sdapi.infra.eta`).
+    wait_s: float | None = None
+    run_s: float | None = None
 
 
 class LoadingModelEvent(_Event):
@@ -35,6 +39,9 @@ class StartedEvent(_Event):
     node_id: str = ""
     # Seconds the job waited for its model to load; None when it was loaded.
     load_s: float | None = None
+    # Seconds the node expects the job to run, from its own learned speed;
+    # None before it ran the model.
+    eta_s: float | None = None
 
 
 class ProgressEvent(_Event):

@@ -19,6 +19,10 @@ CANCEL_TTL_S = 24 * 3600
 INPUT_TTL_S = 24 * 3600
 # A node's announcement in Redis expires unless refreshed (seconds).
 NODE_TTL_S = 15
+# A model's learned speeds outlive their last measurement this long (seconds),
+# and a record older than that is not used: a node that ran the model last
+# week still tells how long it takes, one from last month does not.
+SPEED_TTL_S = 7 * 24 * 3600
 # Most entries kept in one generation's event stream (progress is every step).
 EVENT_STREAM_MAXLEN = 2000
 
@@ -109,6 +113,12 @@ def input_key(sha256: str) -> str:
 def progress_key(generation_id: UUID | str) -> str:
     """Hash with the latest `step` and `total` of a running generation."""
     return f"sdapi:progress:{generation_id}"
+
+
+def speed_key(model: str) -> str:
+    """Hash of what the nodes learned of their speed with `model`: one field
+    per node and size bucket, one per node's loads (`sdapi.contract.speed`)."""
+    return f"sdapi:speed:{model}"
 
 
 def node_key(node_id: str) -> str:

@@ -179,7 +179,9 @@ class LinkSigner:
 async def generation_data(generation: Generation, links: LinkSigner) -> dict[str, Any]:
     """The generation as `GET /api/v1/generations/{id}` shows it (web's
     `GenerationView`; tests/jobs/test_webhooks.py checks they agree), without
-    the live details (queue position, progress), with signed image URLs."""
+    the live details (queue position, progress, estimates: they are read
+    from Redis by web and stale by the time a delivery arrives), with signed
+    image URLs."""
     images = (
         await GeneratedImage.filter(generation_id=generation.id)
         .order_by("index")
@@ -200,6 +202,8 @@ async def generation_data(generation: Generation, links: LinkSigner) -> dict[str
         "queue_position": None,
         "waiting_for_node": False,
         "progress": None,
+        "eta_s": None,
+        "eta": None,
         "images": [links.image(generation.id, image) for image in images],
         "error": error,
         "delivery": str(generation.delivery),

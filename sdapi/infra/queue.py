@@ -68,7 +68,7 @@ import asyncio
 import contextlib
 import logging
 import math
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, cast
@@ -77,12 +77,19 @@ from uuid import UUID
 import msgpack
 from arq.connections import ArqRedis, RedisSettings, create_pool
 from arq.constants import in_progress_key_prefix, job_key_prefix, result_key_prefix
-from arq.jobs import DeserializationError, Job, deserialize_job_raw, serialize_job
+from arq.jobs import (
+    DeserializationError,
+    Job,
+    deserialize_job,
+    deserialize_job_raw,
+    serialize_job,
+)
 from arq.typing import StartupShutdown
 from arq.utils import timestamp_ms
 from arq.worker import Retry, Worker, func
 from pydantic import BaseModel
 from redis.asyncio import Redis
+from redis.asyncio.client import Pipeline
 from redis.asyncio.retry import Retry as RedisRetry
 from redis.backoff import ExponentialBackoff, NoBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
@@ -935,3 +942,90 @@ def wake_after_job(woken: asyncio.Event) -> StartupShutdown:
         woken.set()
 
     return after_job_end
+
+
+# --- reading a queue's order (estimated times) ------------------------------
+
+
+@dataclass(frozen=True)
+class QueuedJob:
+    """A job in a queue, as estimates need it."""
+
+    job_id: str
+    # Its first argument (the payload's JSON form); None once it is gone.
+    payload: Any
+    # Claimed by a worker (arq keeps running jobs in the queue).
+    running: bool
+
+
+@dataclass
+class QueueOrder:
+    """The jobs ranked before one job of a queue, read in two pipelined round
+    trips that the caller shares with its own commands: `ask_rank` then
+    `take_rank`, `ask_jobs` then `take_jobs`. The order is the rank order, the
+    one the workers serve (never the scores). For a job about to be enqueued
+    (`job_id` None), the first `place` jobs are ahead of it (all of them when
+    None)."""
+
+    queue: str
+    job_id: str | None
+    place: int | None = None
+    # Read at most this many jobs ahead; `unread` counts the others.
+    scan: int = 50
+    rank: int | None = None
+    ids: list[str] | None = None
+
+    def ask_rank(self, pipe: Pipeline) -> int:
+        """Queue the rank reads on `pipe`; how many results they take."""
+        if self.job_id is None:
+            pipe.zcard(self.queue)
+        else:
+            pipe.zrank(self.queue, self.job_id)
+        pipe.zrange(self.queue, 0, self.scan - 1)
+        return 2
+
+    def take_rank(self, results: list[Any]) -> None:
+        """Read `ask_rank`'s results: None rank when the job left the queue."""
+        rank, ids = results
+        self.rank = None if rank is None else int(rank)
+        if self.job_id is None and self.place is not None and self.rank is not None:
+            self.rank = min(self.place, self.rank)
+        listed = [raw.decode() if isinstance(raw, bytes) else str(raw) for raw in ids]
+        if self.rank is None:
+            listed = []
+        elif self.job_id is not None and self.job_id in listed:
+            listed = listed[: listed.index(self.job_id)]
+        else:
+            listed = listed[: self.rank]
+        self.ids = listed
+
+    @property
+    def unread(self) -> int:
+        """Jobs ahead that were not read (past `scan`)."""
+        if self.rank is None or self.ids is None:
+            return 0
+        return max(0, self.rank - len(self.ids))
+
+    def ask_jobs(self, pipe: Pipeline, also: Sequence[str] = ()) -> int:
+        """Queue the reads of the jobs ahead (and `also`); how many results."""
+        ids = [*(self.ids or []), *also]
+        for job_id in ids:
+            pipe.get(job_key_prefix + job_id)
+            pipe.exists(in_progress_key_prefix + job_id)
+        return 2 * len(ids)
+
+    def take_jobs(
+        self, results: list[Any], also: Sequence[str] = ()
+    ) -> list[QueuedJob]:
+        """The jobs of `ask_jobs`, the ones ahead first, then `also`."""
+        ids = [*(self.ids or []), *also]
+        found = []
+        for index, job_id in enumerate(ids):
+            raw, running = results[2 * index], results[2 * index + 1]
+            payload = None
+            if raw is not None:
+                with contextlib.suppress(DeserializationError):
+                    args = deserialize_job(raw, deserializer=deserialize).args
+                    payload = args[0] if args else None
+            found.append(QueuedJob(job_id, payload, bool(running)))
+        return found

@@ -307,6 +307,30 @@ def test_two_runs_at_once_finish_in_their_own_cards(visit: Visit, stack: Stack) 
         expect(card.locator(".images img")).to_have_count(1)
 
 
+def test_a_queued_run_says_when_it_should_be_done(visit: Visit, stack: Stack) -> None:
+    page = visit.page
+    account(stack, page, premium=True)
+    runs = page.locator(".run")
+    # A run first: the node learns how fast it is at this size.
+    fill(page, prompt="a first lesson", width=64, height=64, steps=60)
+    page.get_by_role("button", name="Generate").click()
+    expect(runs.first.locator(".status")).to_have_text("succeeded", timeout=60_000)
+    # A long run, and one behind it that says when it should be done.
+    fill(page, prompt="a long wait", width=128, height=128, steps=150)
+    page.get_by_role("button", name="Generate").click()
+    long = runs.filter(has_text="a long wait")
+    expect(long.locator(".steps")).to_contain_text("left", timeout=30_000)
+    fill(page, prompt="behind the wait", width=64, height=64, steps=60)
+    page.get_by_role("button", name="Generate").click()
+    queued = runs.filter(has_text="behind the wait")
+    expect(queued.locator(".run-note")).to_contain_text(
+        re.compile(r"In the queue \(position \d+\), done in about \d+ (s|min)")
+    )
+    shot(page, "eta-queued-run")
+    long.get_by_role("button", name="Cancel").click()
+    expect(queued.locator(".status")).to_have_text("succeeded", timeout=60_000)
+
+
 def test_a_validation_error_shows_beside_its_field(visit: Visit, stack: Stack) -> None:
     page = visit.page
     account(stack, page, premium=True)

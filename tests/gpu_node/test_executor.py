@@ -129,6 +129,35 @@ def test_progress_is_throttled_but_the_last_step_always_goes(
     assert len(rendered) == sum(e.preview is not None for _, e in publisher.events)
 
 
+def test_a_step_is_timed_without_the_premium_work_nested_after_it(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # The observer's clock, moved by hand: 100 ms a step, and a premium call
+    # of 500 ms nested after step 2.
+    now = [0.0]
+    monkeypatch.setattr(progress, "time", SimpleNamespace(monotonic=lambda: now[0]))
+
+    class Executor:
+        def run_pending_premium(self) -> float:
+            if now[0] == pytest.approx(0.2):
+                now[0] += 0.5
+                return 0.5
+            return 0.0
+
+    observer = _observer(
+        {"g": ItemProgress(5)},
+        _Publisher(),
+        executor=Executor(),  # type: ignore[arg-type]
+    )
+    assert observer.step_s is None
+    for step in range(1, 6):
+        now[0] += 0.1
+        observer.on_step(step, 5, lambda key: None)
+    assert observer.yielded_s == pytest.approx(0.5)
+    assert observer.timed_steps == 4
+    assert observer.step_s == pytest.approx(0.1)
+
+
 def test_progress_counts_in_the_generations_steps_across_calls() -> None:
     publisher = _Publisher()
     # Five steps, images in two calls; PNDM runs one more iteration per call.

@@ -111,10 +111,13 @@ async def test_premium_generation_events_png_and_result(
     images = events[1 + len(progress) :]
     assert [type(e) for e in images] == [ImageEvent, ImageEvent]
     assert len(events) == 1 + 6 + 2
-    assert await client.hgetall(progress_key(request.generation_id)) == {
+    stored = await client.hgetall(progress_key(request.generation_id))
+    assert {k: stored[k] for k in (b"step", b"total")} == {
         b"step": b"6",
         b"total": b"6",
     }
+    # When it started and when that step was made (the job's own rate).
+    assert float(stored[b"t0"]) <= float(stored[b"at"])
 
     for info, event in zip(result.images, images, strict=True):
         assert isinstance(event, ImageEvent)
@@ -497,10 +500,13 @@ async def test_pndm_progress_counts_the_requested_steps(
         if isinstance(e, ProgressEvent)
     ]
     assert progress == [(s, 4) for s in range(1, 5)]
-    assert await client.hgetall(progress_key(request.generation_id)) == {
+    stored = await client.hgetall(progress_key(request.generation_id))
+    assert {k: stored[k] for k in (b"step", b"total")} == {
         b"step": b"4",
         b"total": b"4",
     }
+    # When it started and when that step was made (the job's own rate).
+    assert float(stored[b"t0"]) <= float(stored[b"at"])
 
 
 async def test_images_split_over_calls_report_progress_once_through(

@@ -90,8 +90,15 @@ async def test_premium_client_gets_every_event_in_order(
         "done",
     ]
     assert all(f["id"] == ident for f in made)
-    assert made[0] == {"type": "queued", "id": ident, "position": 0}
-    assert made[1] == {"type": "started", "id": ident, "load_s": None}
+    # The node double publishes no speed: nothing learned, no estimate.
+    assert made[0] == {
+        "type": "queued",
+        "id": ident,
+        "position": 0,
+        "eta_s": None,
+        "eta": None,
+    }
+    assert made[1] == {"type": "started", "id": ident, "load_s": None, "eta_s": None}
     progress = made[2:6]
     assert [(p["step"], p["total"]) for p in progress] == [
         (1, 4),
@@ -132,7 +139,12 @@ async def test_a_model_load_is_relayed_as_a_loading_model_frame(
             "model": job.model,
         }
         await node.start(job, load_s=2.5)
-        assert await frame(ws) == {"type": "started", "id": ident, "load_s": 2.5}
+        assert await frame(ws) == {
+            "type": "started",
+            "id": ident,
+            "load_s": 2.5,
+            "eta_s": None,
+        }
 
 
 async def test_late_subscriber_gets_the_replay_including_image_and_done(
@@ -634,7 +646,13 @@ async def test_relays_per_socket_are_capped(
                 return None if answer["type"] == "error" else answer
 
             answer = await until(subscribed, 5, "a relay slot")
-            assert answer == {"type": "queued", "id": ident, "position": 2}
+            assert answer == {
+                "type": "queued",
+                "id": ident,
+                "position": 2,
+                "eta_s": None,
+                "eta": None,
+            }
 
 
 async def test_sockets_per_user_are_capped_with_a_json_429(

@@ -184,6 +184,29 @@ class Progress(BaseModel):
     total: int
 
 
+class EtaParts(BaseModel):
+    """The estimated time in its two parts, kept apart."""
+
+    wait_s: float = Field(
+        description="Seconds until it starts running: the work ranked before "
+        "it shared among the model's healthy nodes, a model load when none has "
+        "it loaded, or (normal tier) the time until `scheduled_for`; 0 once "
+        "running"
+    )
+    run_s: float = Field(
+        description="Seconds it then runs (once running: the seconds left)"
+    )
+
+
+ETA_DESCRIPTION = (
+    "Estimated seconds from now until it finishes (`eta.wait_s` + "
+    "`eta.run_s`), from the measured speed of the nodes serving its model; "
+    "null when finished, and while it cannot be known honestly: no node has "
+    "run the model yet (nothing learned), no healthy node serves it, or it "
+    "left the queue."
+)
+
+
 class ErrorRef(BaseModel):
     code: str
     message: str
@@ -217,6 +240,10 @@ class GenerationView(BaseModel):
         "`model_unavailable` after the queue's time limit.",
     )
     progress: Progress | None
+    eta_s: float | None = Field(default=None, description=ETA_DESCRIPTION)
+    eta: EtaParts | None = Field(
+        default=None, description="`eta_s` in its parts; null with it"
+    )
     images: list[ImageRef]
     error: ErrorRef | None
     delivery: Literal["download", "email"]

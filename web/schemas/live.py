@@ -8,7 +8,13 @@ from pydantic import BaseModel, Field, TypeAdapter
 
 from sdapi.contract.status import Status
 from web.schemas.base import RequestModel
-from web.schemas.generations import ErrorRef, GenerationRequest, GenerationView
+from web.schemas.generations import (
+    ETA_DESCRIPTION,
+    ErrorRef,
+    EtaParts,
+    GenerationRequest,
+    GenerationView,
+)
 
 # --- client -> server -------------------------------------------------------
 
@@ -61,6 +67,10 @@ class QueuedFrame(BaseModel):
         description="Sent (true) while no healthy GPU node serves the model; the "
         "request waits in the queue and runs when one comes up.",
     )
+    eta_s: float | None = Field(default=None, description=ETA_DESCRIPTION)
+    eta: EtaParts | None = Field(
+        default=None, description="`eta_s` in its parts; null with it"
+    )
 
 
 class LoadingModelFrame(BaseModel):
@@ -76,6 +86,11 @@ class StartedFrame(BaseModel):
         default=None,
         description="Seconds the generation waited for its model to load; null "
         "when the model was loaded already",
+    )
+    eta_s: float | None = Field(
+        default=None,
+        description="Seconds the node expects it to run, from the speed it "
+        "measured on its earlier runs of the model; null before it ran it",
     )
 
 

@@ -19,11 +19,12 @@ document.addEventListener("DOMContentLoaded", () => {
       case "scheduled":
         return "Runs at " + sdapi.when(generation.scheduled_for) + "; emailed when done.";
       case "queued":
-        return generation.waiting_for_node ? "Waiting for a GPU node." : "In the queue.";
+        return generation.waiting_for_node ? "Waiting for a GPU node."
+          : "In the queue." + (generation.eta_s === null ? "" : " Done in " + sdapi.about(generation.eta_s) + ".");
       case "running":
-        return generation.progress
+        return (generation.progress
           ? "Step " + generation.progress.step + " of " + generation.progress.total + "."
-          : "Running.";
+          : "Running.") + (generation.eta_s === null ? "" : " Done in " + sdapi.about(generation.eta_s) + ".");
       case "failed":
         return "Failed: " + (generation.error ? generation.error.message : "unknown reason");
       case "succeeded":

@@ -384,18 +384,21 @@ document.addEventListener("DOMContentLoaded", () => {
     runs.set(run.id, run);
     setStatus(run, generation.status);
     if (generation.status === "scheduled") {
+      const done = generation.eta_s === null ? "" : " (done in " + sdapi.about(generation.eta_s) + ")";
       part(run, ".run-note").textContent = "Scheduled for " + sdapi.when(generation.scheduled_for)
-        + ". It runs then in a batch, and the images will be emailed to you. "
+        + done + ". It runs then in a batch, and the images will be emailed to you. "
         + "You can follow or cancel it in History.";
       return;
     }
-    noteQueued(run, generation.queue_position, generation.waiting_for_node);
+    noteQueued(run, generation.queue_position, generation.waiting_for_node, generation.eta_s);
     follow(run);
   }
 
   // `waiting` undefined: as the model's state says now (the picker's poll).
-  function noteQueued(run, position, waiting) {
+  // `eta` (seconds until done): when it was estimated; null: not known yet.
+  function noteQueued(run, position, waiting, eta) {
     run.position = position;
+    if (eta !== undefined) run.eta = eta === null ? null : { seconds: eta, at: performance.now() };
     if (run.status !== "queued") return;
     if (waiting === undefined) {
       const model = models[run.request.model];
@@ -403,9 +406,16 @@ document.addEventListener("DOMContentLoaded", () => {
       waiting = stateOf(model) === "waiting_for_node";
     }
     const place = position === null || position === undefined ? "" : " (position " + (position + 1) + ")";
+    const left = run.eta ? sdapi.about(run.eta.seconds - (performance.now() - run.eta.at) / 1000) : "";
     part(run, ".run-note").textContent = waiting
       ? "Waiting for a GPU node to start" + place + "…"
-      : "In the queue" + place + "…";
+      : "In the queue" + place + (left ? ", done in " + left : "") + "…";
+  }
+
+  // The node's estimate of the run, counted down by the steps done.
+  function runLeft(run, step, total) {
+    if (!run.runEta) return "";
+    return sdapi.about(run.runEta * (1 - step / total));
   }
 
   async function cancel(run) {
@@ -473,11 +483,13 @@ document.addEventListener("DOMContentLoaded", () => {
     if (!run) return;
     switch (frame.type) {
       case "queued":
-        noteQueued(run, frame.position, frame.waiting_for_node);
+        noteQueued(run, frame.position, frame.waiting_for_node, frame.eta_s);
         break;
       case "started":
         if (run.status === "queued") setStatus(run, "running");
-        part(run, ".run-note").textContent = "";
+        run.runEta = frame.eta_s;
+        part(run, ".run-note").textContent = frame.eta_s === null || frame.eta_s === undefined
+          ? "" : "Running, done in " + sdapi.about(frame.eta_s) + "…";
         part(run, ".run-progress").hidden = false;
         break;
       case "progress": {
@@ -487,7 +499,9 @@ document.addEventListener("DOMContentLoaded", () => {
         bar.max = frame.total;
         bar.value = frame.step;
         part(run, ".run-progress").hidden = false;
-        part(run, ".steps").textContent = "Step " + frame.step + " of " + frame.total;
+        const left = frame.step < frame.total ? runLeft(run, frame.step, frame.total) : "";
+        part(run, ".steps").textContent = "Step " + frame.step + " of " + frame.total
+          + (left ? " · " + left + " left" : "");
         if (frame.preview) {
           const preview = part(run, ".preview");
           preview.src = frame.preview;

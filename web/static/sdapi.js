@@ -81,7 +81,16 @@
     return fallback;
   }
 
-  window.sdapi = { api, clearErrors, showErrors, el, when, localPath };
+  // An estimated time in words ("about 12 s", "about 3 min"); "" if unknown.
+  function about(seconds) {
+    if (seconds === null || seconds === undefined) return "";
+    if (seconds < 1) return "under a second";
+    if (seconds < 90) return "about " + Math.round(seconds) + " s";
+    if (seconds < 5400) return "about " + Math.round(seconds / 60) + " min";
+    return "about " + Math.round(seconds / 3600) + " h";
+  }
+
+  window.sdapi = { api, clearErrors, showErrors, el, when, about, localPath };
 
   document.addEventListener("DOMContentLoaded", () => {
     const signout = document.getElementById("signout");
