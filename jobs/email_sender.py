@@ -9,16 +9,17 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from datetime import datetime, timedelta
+from datetime import timedelta
 
-from tortoise.expressions import F, Q
+from tortoise.expressions import F
 from tortoise.transactions import in_transaction
 
+from jobs.outbox_claims import claim_due as claim_due_rows
+from jobs.outbox_claims import database_now, still_ours
 from jobs.resources import JobsResources, SmtpBackoff
 from jobs.results import TRANSIENT_ERRORS
 from jobs.settings import JobsSettings
 from jobs.smtp import SendFailed, SmtpConnection, Trouble, compose
-from sdapi.db.connection import model_connection
 from sdapi.db.models import Generation, OutboxEmail, OutboxStatus
 from sdapi.infra.backoff import backoff_s
 
@@ -37,64 +38,14 @@ class ServerDown(Exception):
     """The SMTP server cannot take mail now; the round ends."""
 
 
-async def database_now() -> datetime:
-    """The database's clock (the one every sender's claims are compared on)."""
-    rows = await model_connection(OutboxEmail).execute_query_dict("SELECT now() AS now")
-    now: datetime = rows[0]["now"]
-    return now
-
-
 async def claim_due(settings: JobsSettings) -> list[OutboxEmail]:
-    """Take up to BATCH_SIZE due rows for this sender and mark them `sending`.
-
-    Each claimed row's `claimed_at` is the database's time of the claim.
-    """
-    async with in_transaction():
-        now = await database_now()
-        stuck_before = now - timedelta(seconds=settings.outbox_stuck_after)
-        rows = (
-            await OutboxEmail.select_for_update(skip_locked=True)
-            .filter(
-                Q(status=OutboxStatus.PENDING, next_attempt_at__lte=now)
-                | Q(status=OutboxStatus.SENDING, claimed_at__lt=stuck_before)
-            )
-            .order_by("next_attempt_at", "created_at")
-            .limit(BATCH_SIZE)
-        )
-        # A sender died while sending these; one that dies on every try (a
-        # message that crashes it) must not be tried forever.
-        dead = [
-            row
-            for row in rows
-            if row.status is OutboxStatus.SENDING
-            and row.attempts >= settings.outbox_max_attempts
-        ]
-        if dead:
-            await OutboxEmail.filter(id__in=[row.id for row in dead]).update(
-                status=OutboxStatus.FAILED,
-                claimed_at=None,
-                last_error="the sender stopped while sending it, on the last attempt",
-            )
-            for row in dead:
-                log.error("email %s failed for good: its sender kept dying", row.id)
-            rows = [row for row in rows if row not in dead]
-        if not rows:
-            return []
-        await OutboxEmail.filter(id__in=[row.id for row in rows]).update(
-            status=OutboxStatus.SENDING, claimed_at=now, attempts=F("attempts") + 1
-        )
-    for row in rows:
-        if row.status is OutboxStatus.SENDING:
-            log.warning("email %s was stuck while sending; retrying it", row.id)
-        row.status = OutboxStatus.SENDING
-        row.claimed_at = now
-        row.attempts += 1
-    return rows
-
-
-def _ours(row: OutboxEmail) -> Q:
-    """Rows still claimed by this sender (a stuck-claim takeover changes claimed_at)."""
-    return Q(id=row.id, status=OutboxStatus.SENDING, claimed_at=row.claimed_at)
+    """Take up to BATCH_SIZE due emails for this sender and mark them `sending`."""
+    return await claim_due_rows(
+        OutboxEmail,
+        limit=BATCH_SIZE,
+        stuck_after_s=settings.outbox_stuck_after,
+        last_try=lambda row, _now: row.attempts >= settings.outbox_max_attempts,
+    )
 
 
 def _too_old(row: OutboxEmail, settings: JobsSettings) -> bool:
@@ -107,7 +58,7 @@ async def mark_sent(row: OutboxEmail) -> None:
     """Record delivery, and `emailed_at` of the generation the email is about."""
     async with in_transaction():
         now = await database_now()
-        updated = await OutboxEmail.filter(_ours(row)).update(
+        updated = await OutboxEmail.filter(still_ours(row)).update(
             status=OutboxStatus.SENT, sent_at=now
         )
         generation_id = row.generation_id  # type: ignore[attr-defined]
@@ -125,7 +76,7 @@ async def _give_up(
     """End a claimed row `failed`; `counted` False: its claim was no attempt."""
     if not counted:
         row.attempts -= 1
-    await OutboxEmail.filter(_ours(row)).update(
+    await OutboxEmail.filter(still_ours(row)).update(
         status=OutboxStatus.FAILED,
         last_error=error[:ERROR_LIMIT],
         claimed_at=None,
@@ -166,7 +117,7 @@ async def mark_failed_attempt(
         cap=settings.outbox_backoff_max,
         jitter=JITTER,
     )
-    await OutboxEmail.filter(_ours(row)).update(
+    await OutboxEmail.filter(still_ours(row)).update(
         status=OutboxStatus.PENDING,
         last_error=error,
         claimed_at=None,
@@ -196,7 +147,7 @@ async def release(rows: list[OutboxEmail], error: str | None = None) -> None:
         }
         if error is not None:
             changes["last_error"] = error[:ERROR_LIMIT]
-        await OutboxEmail.filter(_ours(row)).update(**changes)
+        await OutboxEmail.filter(still_ours(row)).update(**changes)
 
 
 async def _server_down(

@@ -4,9 +4,10 @@ Any number of senders can run (claims use `SKIP LOCKED`). A delivery is
 claimed (`sending`, its attempt counted) before it is POSTed, and marked
 `sent` only after a 2xx within the deadline: a sender killed in between
 leaves it `sending`, and another takes it over after `webhook_stuck_after`,
-with the same `webhook-id`. So an event is delivered at least once, and
-twice only when a receiver's 2xx came too late (past the deadline, or while
-the sender died).
+with the same `webhook-id` (jobs/outbox_claims.py, shared with the email
+sender). So an event is delivered at least once, and twice only when a
+receiver's 2xx came too late (past the deadline, or while the sender died).
+A delivery whose sender dies on it past `webhook_give_up_after` fails.
 """
 
 from __future__ import annotations
@@ -18,10 +19,9 @@ import uuid
 from datetime import timedelta
 
 import aiohttp
-from tortoise.expressions import F, Q
-from tortoise.transactions import in_transaction
 
-from jobs.email_sender import database_now
+from jobs.outbox_claims import claim_due as claim_due_rows
+from jobs.outbox_claims import database_now, still_ours
 from jobs.resources import WEBHOOKS_TASK as WEBHOOKS_TASK
 from jobs.resources import JobsResources
 from jobs.settings import JobsSettings
@@ -50,36 +50,15 @@ class Refused(Exception):
 
 
 async def claim_due(settings: JobsSettings) -> list[WebhookDelivery]:
-    """Take up to BATCH_SIZE due rows (and stuck ones) and mark them `sending`."""
-    async with in_transaction():
-        now = await database_now()
-        stuck_before = now - timedelta(seconds=settings.webhook_stuck_after)
-        rows = (
-            await WebhookDelivery.select_for_update(skip_locked=True)
-            .filter(
-                Q(status=OutboxStatus.PENDING, next_attempt_at__lte=now)
-                | Q(status=OutboxStatus.SENDING, claimed_at__lt=stuck_before)
-            )
-            .order_by("next_attempt_at", "created_at")
-            .limit(BATCH_SIZE)
-        )
-        if not rows:
-            return []
-        await WebhookDelivery.filter(id__in=[row.id for row in rows]).update(
-            status=OutboxStatus.SENDING, claimed_at=now, attempts=F("attempts") + 1
-        )
-    for row in rows:
-        if row.status is OutboxStatus.SENDING:
-            log.warning("webhook %s was stuck while sending; retrying it", row.id)
-        row.status = OutboxStatus.SENDING
-        row.claimed_at = now
-        row.attempts += 1
-    return rows
-
-
-def _ours(row: WebhookDelivery) -> Q:
-    """The row while still claimed by this sender (a takeover moves claimed_at)."""
-    return Q(id=row.id, status=OutboxStatus.SENDING, claimed_at=row.claimed_at)
+    """Take up to BATCH_SIZE due deliveries (and stuck ones) and mark them
+    `sending`; one a sender died on past the give-up time fails."""
+    give_up = timedelta(seconds=settings.webhook_give_up_after)
+    return await claim_due_rows(
+        WebhookDelivery,
+        limit=BATCH_SIZE,
+        stuck_after_s=settings.webhook_stuck_after,
+        last_try=lambda row, now: now - row.created_at >= give_up,
+    )
 
 
 async def _signing_secrets(
@@ -161,7 +140,7 @@ async def _record(
     """Record an attempt: `sent`, `pending` again with backoff, or `failed`."""
     now = await database_now()
     if error is None:
-        updated = await WebhookDelivery.filter(_ours(row)).update(
+        updated = await WebhookDelivery.filter(still_ours(row)).update(
             status=OutboxStatus.SENT, delivered_at=now, claimed_at=None
         )
         if not updated:
@@ -170,7 +149,7 @@ async def _record(
     error = error[:ERROR_LIMIT]
     age = (now - row.created_at).total_seconds()
     if final or age >= settings.webhook_give_up_after:
-        await WebhookDelivery.filter(_ours(row)).update(
+        await WebhookDelivery.filter(still_ours(row)).update(
             status=OutboxStatus.FAILED, last_error=error, claimed_at=None
         )
         log.error(
@@ -187,7 +166,7 @@ async def _record(
         cap=settings.webhook_backoff_max,
         jitter=JITTER,
     )
-    await WebhookDelivery.filter(_ours(row)).update(
+    await WebhookDelivery.filter(still_ours(row)).update(
         status=OutboxStatus.PENDING,
         last_error=error,
         claimed_at=None,

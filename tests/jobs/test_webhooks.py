@@ -369,3 +369,24 @@ async def test_a_payload_over_the_cap_is_never_sent(
     row = await WebhookDelivery.get(generation_id=job.generation_id)
     assert (row.status, row.attempts) == (OutboxStatus.FAILED, 0)
     assert row.last_error == "the payload is over 100 bytes"
+
+
+async def test_a_delivery_its_sender_keeps_dying_on_fails_after_the_give_up_time(
+    jobs_resources: JobsResources, node: NodeDouble
+) -> None:
+    user, _ = await make_user()
+    async with receiver() as hook:
+        job = await webhook_job(user, hook.url, ["completed"])
+        await node.run(job)
+        # As a sender that died mid-POST leaves it, a day after the event.
+        await WebhookDelivery.filter(generation_id=job.generation_id).update(
+            status=OutboxStatus.SENDING,
+            attempts=7,
+            claimed_at=utcnow() - timedelta(hours=1),
+            created_at=utcnow() - timedelta(days=1, seconds=1),
+        )
+        assert await send_round(sender(jobs_resources)) == 0
+    assert hook.requests == []
+    row = await WebhookDelivery.get(generation_id=job.generation_id)
+    assert (row.status, row.attempts) == (OutboxStatus.FAILED, 7)
+    assert row.last_error == "the sender stopped while sending it, on the last attempt"
