@@ -1,22 +1,27 @@
-"""A1111's `progress` for one running generation, from its own progress events.
+"""A1111's `progress` for one running generation.
 
-The time left is the steps left at the step rate measured between its
-latest progress events (the entry ids of its Redis stream carry Redis's
-clock, so no two clocks are compared): time in the queue or loading the
-model is never folded in.
+Its step and the time left are what `Generation.eta_s` shows (web/eta.py:
+this job's measured step rate blended with the speed its nodes learned);
+only the running part, as A1111's `eta_relative` means: time in the queue
+or loading the model is never folded in. The latest step preview comes from
+its event stream.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-from redis.asyncio import Redis
+from aiohttp import web
 
 from sdapi.contract.events import ProgressEvent, StartedEvent
+from sdapi.db.models import Generation
+from sdapi.infra.deadline import Deadline
 from sdapi.infra.streams import latest_events
+from web.appkeys import redis_key
+from web.eta import live_state
 
-# Events read back from the newest: enough for a few previews and a rate
-# measured over many steps, little enough for a poll every half second.
+# Events read back from the newest to find a preview (nodes send one every
+# few steps), few enough for a poll every half second.
 WINDOW = 64
 PREVIEW_PREFIX = "base64,"
 
@@ -31,33 +36,29 @@ class Running:
     preview: str | None
 
 
-def _ms(entry_id: str) -> int:
-    return int(entry_id.partition("-")[0])
+async def _latest_preview(
+    app: web.Application, generation: Generation, deadline: Deadline
+) -> str | None:
+    events = await deadline.run(
+        latest_events(app[redis_key], str(generation.id), count=WINDOW)
+    )
+    for _, event in events:
+        if isinstance(event, StartedEvent):
+            break  # nothing before it is this run's
+        if isinstance(event, ProgressEvent) and event.preview:
+            return event.preview.partition(PREVIEW_PREFIX)[2] or None
+    return None
 
 
-async def running_progress(redis: Redis, generation_id: str) -> Running:
-    """The latest step, the time left at the measured rate, the latest preview."""
-    events = await latest_events(redis, generation_id, count=WINDOW)
-    points: list[tuple[int, int]] = []  # (ms, step), newest first
-    total = 0
-    preview: str | None = None
-    for entry_id, event in events:
-        if isinstance(event, ProgressEvent):
-            points.append((_ms(entry_id), event.step))
-            total = total or event.total
-            if preview is None and event.preview:
-                preview = event.preview.partition(PREVIEW_PREFIX)[2] or None
-        elif isinstance(event, StartedEvent):
-            # Steps count from here: a rate from one progress event.
-            points.append((_ms(entry_id), 0))
-            break
-    if not points or total == 0:
-        return Running(step=0, total=total, eta_s=0.0, preview=preview)
-    (last_ms, step), (first_ms, first_step) = points[0], points[-1]
-    eta_s = 0.0
-    if step > first_step and last_ms > first_ms:
-        per_step_s = (last_ms - first_ms) / 1000 / (step - first_step)
-        seconds, micros = await redis.time()
-        since_last_s = max(0.0, seconds + micros / 1e6 - last_ms / 1000)
-        eta_s = max(0.0, (total - step) * per_step_s - since_last_s)
-    return Running(step=step, total=total, eta_s=eta_s, preview=preview)
+async def running_progress(
+    app: web.Application, generation: Generation, deadline: Deadline
+) -> Running:
+    """The latest step, the running time left, the latest preview."""
+    live = await live_state(app, generation, deadline)
+    progress = live.progress
+    return Running(
+        step=0 if progress is None else progress.step,
+        total=0 if progress is None else progress.total,
+        eta_s=0.0 if live.eta is None else round(live.eta.run_s, 1),
+        preview=await _latest_preview(app, generation, deadline),
+    )

@@ -35,7 +35,6 @@ from web.a1111_samplers import offered, scheduler_for
 from web.appkeys import (
     decoders_key,
     redis_deadline_key,
-    redis_key,
     registry_key,
     settings_key,
 )
@@ -306,15 +305,11 @@ async def progress(
     request: web.Request, *, principal: Principal, query: schemas.ProgressQuery
 ) -> web.StreamResponse:
     """Your own work only: the running generation's `progress` (0..1),
-    `eta_relative` (seconds left at its measured step rate), and its latest
-    step preview; `job_count` counts your generations queued or running."""
-    active = (
-        await Generation.filter(
-            user_id=principal.user.id, status__in=[Status.QUEUED, Status.RUNNING]
-        )
-        .order_by("started_at", "created_at")
-        .only("id", "status", "started_at")
-    )
+    `eta_relative` (its running time left, as `eta_s` estimates it), its
+    latest step preview; `job_count` counts your generations queued or running."""
+    active = await Generation.filter(
+        user_id=principal.user.id, status__in=[Status.QUEUED, Status.RUNNING]
+    ).order_by("started_at", "created_at")
     running = next((g for g in active if g.status == Status.RUNNING), None)
     state = schemas.ProgressState(
         job="",
@@ -329,8 +324,7 @@ async def progress(
                 progress=0.0, eta_relative=0.0, state=state, current_image=None
             )
         )
-    deadline = request[redis_deadline_key]
-    now = await deadline.run(running_progress(request.app[redis_key], str(running.id)))
+    now = await running_progress(request.app, running, request[redis_deadline_key])
     state.job = str(running.id)
     if running.started_at is not None:
         state.job_timestamp = running.started_at.strftime("%Y%m%d%H%M%S")
