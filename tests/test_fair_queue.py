@@ -19,22 +19,24 @@ from arq.jobs import serialize_job
 from arq.utils import timestamp_ms
 
 from sdapi.contract.names import fair_clock_key, fair_owner_key, fair_tag_key
-from sdapi.infra.queue import (
+from sdapi.infra.fair_order import (
     FAIR_BASE,
     MAX_ROUND,
     ROUND_SLOTS,
+    advance_clock,
+    fair_round,
+    places_ahead,
+)
+from sdapi.infra.queue import (
     QueuePool,
     QueueWorker,
     Retry,
     Task,
-    advance_clock,
     create_queue_pool,
     drop_waiting_job,
     enqueue_fair,
-    fair_round,
     job_or_result_exists,
     new_worker,
-    places_ahead,
     queue_position,
     run_worker,
     running_jobs,

@@ -38,10 +38,10 @@ from sdapi.db.input_images import put_inputs, store_inputs
 from sdapi.db.models import Delivery, Generation, InputRole, User, utcnow
 from sdapi.db.webhooks import queue_webhook_event
 from sdapi.infra.deadline import Deadline
+from sdapi.infra.fair_order import places_ahead
 from sdapi.infra.queue import (
     drop_waiting_job,
     enqueue_generation,
-    places_ahead,
     request_cancel,
 )
 from sdapi.infra.registry import ModelOffer
