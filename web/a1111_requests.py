@@ -8,7 +8,6 @@ subseeds...) is refused with a 422 naming the field, never dropped quietly.
 
 from __future__ import annotations
 
-import hashlib
 import io
 import json
 import math
@@ -31,7 +30,7 @@ from web.schemas.a1111 import (
     Txt2ImgRequest,
 )
 from web.schemas.generations import GenerationRequest, ResolvedRequest
-from web.uploads import CleanImage
+from web.uploads import CleanImage, as_png
 
 # Our request's fields by the A1111 field they came from, for error details.
 _A1111_FIELDS = {
@@ -224,15 +223,7 @@ def edited_mask(data: bytes, blur_x: int, blur_y: int, invert: bool) -> CleanIma
         mask = ImageOps.invert(mask)
     if blur_x or blur_y:
         mask = mask.filter(ImageFilter.GaussianBlur((blur_x, blur_y)))
-    out = io.BytesIO()
-    mask.save(out, format="PNG")
-    png = out.getvalue()
-    return CleanImage(
-        data=png,
-        sha256=hashlib.sha256(png).hexdigest(),
-        width=mask.width,
-        height=mask.height,
-    )
+    return as_png(mask)
 
 
 def parameters(body: Txt2ImgRequest) -> dict[str, Any]:

@@ -159,14 +159,19 @@ def clean_image(
         converted = upright.convert("RGB")
     # A new image of the pixels alone: no EXIF, ICC profile, text or XMP.
     fresh = Image.frombytes(converted.mode, converted.size, converted.tobytes())
+    return as_png(fresh)
+
+
+def as_png(image: Image.Image) -> CleanImage:
+    """`image` encoded as a PNG with its hash and size (run in a thread)."""
     buffer = io.BytesIO()
-    fresh.save(buffer, format="PNG", compress_level=6)
+    image.save(buffer, format="PNG", compress_level=6)
     png = buffer.getvalue()
     return CleanImage(
         data=png,
         sha256=hashlib.sha256(png).hexdigest(),
-        width=fresh.width,
-        height=fresh.height,
+        width=image.width,
+        height=image.height,
     )
 
 
@@ -174,10 +179,7 @@ def flatten(image: CleanImage) -> CleanImage:
     """The same image without its alpha channel (RGB)."""
     with Image.open(io.BytesIO(image.data), formats=["PNG"]) as opened:
         rgb = opened.convert("RGB")
-    buffer = io.BytesIO()
-    rgb.save(buffer, format="PNG", compress_level=6)
-    png = buffer.getvalue()
-    return CleanImage(png, hashlib.sha256(png).hexdigest(), rgb.width, rgb.height)
+    return as_png(rgb)
 
 
 def fit_size(width: int, height: int, cap: int) -> tuple[int, int]:
