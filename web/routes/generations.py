@@ -210,7 +210,13 @@ async def _download_generation(
     auth="optional",
     responses=[
         Response(200, "The PNG", content_type="image/png"),
+        Response(
+            302,
+            "With SDAPI_STORAGE_REDIRECT=true and an S3 store: to a presigned "
+            "URL of the PNG (Location), valid SDAPI_STORAGE_PRESIGN_S seconds",
+        ),
         Response(304, "Not modified (If-None-Match matched the ETag)"),
+        Response(410, "The image store no longer has this image", ErrorBody),
     ],
 )
 async def download_image(
