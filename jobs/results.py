@@ -153,11 +153,11 @@ async def save_result(resources: JobsResources, result: GenerationResult) -> str
         # Redis lost the images: leave the row for the reconciler to run again.
         log.warning("images of %s are gone from Redis", result.generation_id)
         return "images missing"
-    status = await Generation.filter(id=result.generation_id).values_list(
-        "status", flat=True
+    current = (
+        await Generation.filter(id=result.generation_id).only("id", "status").first()
     )
     stored: list[StoredObject] = []
-    if status and status[0] not in TERMINAL_STATUSES:
+    if current is not None and current.status not in TERMINAL_STATUSES:
         # Written before the transaction (never under the row lock), so the
         # row is marked succeeded only once its images are in the store.
         stored = await _write_pngs(resources, result, pngs)

@@ -8,15 +8,21 @@ slowly) and stops (a store that is down)."""
 from __future__ import annotations
 
 import asyncio
+import dataclasses
+import email
+import email.policy
 import time
 import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from datetime import timedelta
+from pathlib import Path
 
 import pytest
 from arq.worker import Retry
 
+from jobs.email_sender import send_due_emails
+from jobs.resources import resources_of
 from jobs.results import store_result
 from sdapi.contract.names import IMAGE_TTL_S, image_key
 from sdapi.contract.payloads import GenerationJob, GenerationParams
@@ -27,10 +33,12 @@ from sdapi.db.models import (
     GeneratedImage,
     Generation,
     OutboxEmail,
+    OutboxStatus,
     User,
     utcnow,
 )
 from sdapi.devtools.accounts import make_user
+from sdapi.devtools.mailsink import mail_sink, read_messages
 from sdapi.infra.object_store import result_object_key
 from tests.image_support import stored_bytes
 from tests.node_double import NodeDouble, jobs_context
@@ -193,3 +201,41 @@ async def test_a_stalled_store_never_holds_the_generation_row_lock(
     assert not storing.done()
     with pytest.raises(Retry):
         await storing
+
+
+async def test_an_email_whose_images_cannot_be_read_waits_for_the_store(
+    outage: Outage, tmp_path: Path
+) -> None:
+    """The email of a stored result, sent while the store is down, goes back
+    to the outbox untried (not a failed attempt) and goes out with its PNG
+    once the store answers."""
+    node = outage.node
+    user = (await make_user(premium=False)).user
+    job = await batch_item(user)
+    made = await node.images(job)
+    payload = node.result(job, Status.SUCCEEDED, [info for info, _ in made])
+    assert await store_result(node.ctx, payload) == "succeeded"
+    [email_row] = await OutboxEmail.all()
+    folder = tmp_path / "mail"
+    with mail_sink(folder) as smtp_url:
+        resources = resources_of(node.ctx)
+        resources = dataclasses.replace(
+            resources,
+            settings=resources.settings.model_copy(update={"smtp_url": smtp_url}),
+        )
+        await outage.proxy.stop()
+        await send_due_emails(resources)
+        row = await OutboxEmail.get(id=email_row.id)
+        assert (row.status, row.attempts) == (OutboxStatus.PENDING, 0)
+        assert row.last_error and "image store" in row.last_error
+        assert read_messages(folder) == []
+
+        await outage.proxy.start()
+        await send_due_emails(resources)
+        assert (await OutboxEmail.get(id=email_row.id)).status is OutboxStatus.SENT
+        [raw] = read_messages(folder)
+    message = email.message_from_bytes(
+        raw.replace(b"\r\n", b"\n"), policy=email.policy.default
+    )
+    [png] = [part.get_content() for part in message.iter_attachments()]
+    assert png == made[0][1]
