@@ -22,6 +22,7 @@ from sdapi.contract.names import (
     STORE_RESULT_FUNCTION,
 )
 from sdapi.db.connection import open_database
+from sdapi.db.image_store import ImageStores
 from sdapi.infra.consul import open_consul
 from sdapi.infra.queue import QueuePool, QueueWorker, Task, new_worker, redis_settings
 from sdapi.infra.registry import CONSUL_WAIT_S, NodeRegistry
@@ -59,6 +60,7 @@ def periodic_tasks(settings: JobsSettings) -> list[tuple[str, float, Periodic]]:
     from jobs.dispatcher import dispatch_due
     from jobs.email_sender import send_due_emails
     from jobs.reconciler import reconcile
+    from jobs.storage_deleter import delete_due_objects
     from jobs.webhook_sender import WEBHOOKS_TASK, send_due_webhooks
 
     return [
@@ -67,6 +69,7 @@ def periodic_tasks(settings: JobsSettings) -> list[tuple[str, float, Periodic]]:
         ("reconcile", settings.reconcile_interval, reconcile),
         ("cleanup", settings.cleanup_interval, clean_up),
         (WEBHOOKS_TASK, settings.webhook_interval, send_due_webhooks),
+        ("storage-deletions", settings.storage_deletion_interval, delete_due_objects),
     ]
 
 
@@ -86,11 +89,13 @@ async def on_startup(ctx: dict[str, Any]) -> None:
             )
         registry = NodeRegistry(redis, consul)
         await stack.enter_async_context(registry.watching(watch))
+        images = ImageStores(settings.storage_url, timeout_s=settings.storage_timeout)
+        stack.push_async_callback(images.close)
     except BaseException:
         await stack.aclose()
         raise
     resources = JobsResources(
-        settings=settings, redis=redis, registry=registry, stack=stack
+        settings=settings, redis=redis, registry=registry, stack=stack, images=images
     )
     ctx[RESOURCES] = resources
     for name, interval, task in periodic_tasks(settings):

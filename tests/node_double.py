@@ -36,6 +36,7 @@ from sdapi.contract.payloads import (
     StartedNotice,
 )
 from sdapi.contract.status import Status
+from sdapi.db.image_store import ImageStores
 from sdapi.db.models import utcnow
 from sdapi.infra.announcements import announce_node
 from sdapi.infra.queue import create_queue_pool, deserialize
@@ -227,6 +228,9 @@ async def jobs_context(
             redis=pool,
             registry=NodeRegistry(pool),
             stack=stack,
+            images=ImageStores(
+                settings.storage_url, timeout_s=settings.storage_timeout
+            ),
         )
         try:
             yield ctx

@@ -15,6 +15,7 @@ from pydantic import SecretStr
 from jobs.resources import JobsResources
 from jobs.settings import JobsSettings
 from sdapi.contract.status import Status, Tier
+from sdapi.db.image_store import ImageStores
 from sdapi.db.models import (
     Delivery,
     Generation,
@@ -137,6 +138,7 @@ def jobs_resources(client: TestClient, smtp_url: str, tmp_path: Path) -> JobsRes
         redis=redis,
         registry=NodeRegistry(redis),
         stack=contextlib.AsyncExitStack(),
+        images=ImageStores(settings.storage_url, timeout_s=settings.storage_timeout),
     )
 
 

@@ -17,6 +17,7 @@ from jobs.settings import JobsSettings
 from sdapi.contract.events import DoneEvent
 from sdapi.contract.names import batch_queue, premium_queue
 from sdapi.contract.status import Status
+from sdapi.db.image_store import ImageStores
 from sdapi.db.models import Generation, User, utcnow
 from sdapi.devtools.accounts import auth, make_user
 from sdapi.infra.announcements import announce_node
@@ -193,6 +194,7 @@ async def test_cancelling_a_scheduled_request_takes_it_out_of_its_window(
         redis=redis,
         registry=NodeRegistry(redis, cache_s=0),
         stack=contextlib.AsyncExitStack(),
+        images=ImageStores(settings.storage_url, timeout_s=settings.storage_timeout),
     )
     assert await dispatch_due(jobs) == 0
     assert await redis.zcard(batch_queue("tiny")) == 0
