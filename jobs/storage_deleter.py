@@ -120,15 +120,14 @@ async def _delete_batch(
     return DeletionReport(deleted=len(done) - in_use, in_use=in_use, failed=failed)
 
 
-async def delete_due_objects(resources: JobsResources) -> DeletionReport:
-    """One round: every due deletion (up to BATCHES_PER_ROUND claims)."""
-    settings = resources.settings
+async def delete_queued_objects(
+    images: ImageStores, *, backoff_base: float, backoff_max: float
+) -> DeletionReport:
+    """Every due deletion (up to BATCHES_PER_ROUND claims), with `images`."""
     deleted = in_use = failed = 0
     for _ in range(BATCHES_PER_ROUND):
         report = await _delete_batch(
-            resources.images,
-            backoff_base=settings.storage_deletion_backoff_base,
-            backoff_max=settings.storage_deletion_backoff_max,
+            images, backoff_base=backoff_base, backoff_max=backoff_max
         )
         if report is None:
             break
@@ -142,3 +141,12 @@ async def delete_due_objects(resources: JobsResources) -> DeletionReport:
     if deleted or in_use:
         log.info("deleted %d stored object(s), kept %d in use", deleted, in_use)
     return DeletionReport(deleted=deleted, in_use=in_use, failed=failed)
+
+
+async def delete_due_objects(resources: JobsResources) -> DeletionReport:
+    """One round of the jobs worker's periodic task."""
+    return await delete_queued_objects(
+        resources.images,
+        backoff_base=resources.settings.storage_deletion_backoff_base,
+        backoff_max=resources.settings.storage_deletion_backoff_max,
+    )
