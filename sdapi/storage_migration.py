@@ -34,6 +34,7 @@ from tortoise.transactions import in_transaction
 from sdapi.db.image_store import UNCLAIMED_OBJECT_TTL, ImageStores
 from sdapi.db.models import GeneratedImage, InputImage, StorageDeletion, utcnow
 from sdapi.infra.object_store import (
+    BadStoreUrl,
     ObjectMissing,
     ObjectStore,
     StoreError,
@@ -118,6 +119,9 @@ class StorageMover:
         }
 
     async def run(self) -> MigrationReport:
+        """Move every image that names another store (one pass)."""
+        self._report = MigrationReport(target=self._target.location)
+        self._failures_in_a_row = 0
         counts = await self.to_move()
         total = sum(counts.values())
         self._progress(
@@ -169,7 +173,7 @@ class StorageMover:
                 return False
             try:
                 moved = await self._copy_and_switch(image)
-            except (CopyFailed, StoreError) as exc:
+            except (CopyFailed, StoreError, BadStoreUrl) as exc:
                 self._failed(image, str(exc) or type(exc).__name__)
                 return False
             self._failures_in_a_row = 0
@@ -198,7 +202,7 @@ class StorageMover:
                 ) from None
             self._report.gone += 1
             return False
-        if sha256_hex(data) != image.sha256:
+        if await asyncio.to_thread(sha256_hex, data) != image.sha256:
             raise CopyFailed("the stored bytes do not match the row's sha256")
 
         # Waits for a deleter deleting this very object from the target.
@@ -213,7 +217,7 @@ class StorageMover:
             copied = await target.get(key)
         except ObjectMissing:
             raise CopyFailed("the target lost the object just written") from None
-        if sha256_hex(copied) != image.sha256:
+        if await asyncio.to_thread(sha256_hex, copied) != image.sha256:
             raise CopyFailed("the target's copy does not match the row's sha256")
 
         # One transaction: a run stopped here either left the row as it was
