@@ -112,11 +112,11 @@ def _mover(images: ImageStores, lines: list[str] | None = None) -> StorageMover:
     )
 
 
-async def _update_waits_on_a_lock(table: str) -> bool:
+async def _waits_on_a_lock(statement: str) -> bool:
     rows = await model_connection(StorageDeletion).execute_query_dict(
         "SELECT count(*) AS n FROM pg_stat_activity WHERE wait_event_type = 'Lock' "
         "AND query LIKE $1",
-        [f'UPDATE "{table}"%'],
+        [f"{statement}%"],
     )
     return bool(rows[0]["n"])
 
@@ -162,7 +162,7 @@ async def test_a_populated_database_moves_to_s3_and_back(
         async with _row_locked(results[5]):
             run = asyncio.create_task(_mover(to_s3, lines).run())
             await until(
-                lambda: _update_waits_on_a_lock("generated_images"),
+                lambda: _waits_on_a_lock('UPDATE "generated_images"'),
                 what="the migration to wait on the locked row",
             )
             run.cancel()
@@ -240,7 +240,7 @@ async def test_a_row_deleted_while_it_moves_leaves_nothing_behind(
         async with _row_locked(purged.id, delete_it=True) as release:
             run = asyncio.create_task(_mover(to_s3).run())
             await until(
-                lambda: _update_waits_on_a_lock("generated_images"),
+                lambda: _waits_on_a_lock('UPDATE "generated_images"'),
                 what="the migration to wait on the locked row",
             )
             # Copied already; its row goes before it can switch.
@@ -295,3 +295,53 @@ async def test_a_damaged_image_is_reported_and_left_where_it_is(
         if key != damaged
     }
     assert copies == {key: h for key, h in expected.items() if key != damaged}
+
+
+async def test_an_image_moved_back_waits_for_a_deletion_in_flight_there(
+    database: str, s3_url: str
+) -> None:
+    postgres = ImageStores("postgres", timeout_s=5)
+    expected = await _populate(postgres, users=1)
+    to_s3 = ImageStores(s3_url, timeout_s=5)
+    try:
+        assert (await _mover(to_s3).run()).total_moved == len(expected)
+        # The copies left in postgres are due for deletion, and a deleter is
+        # deleting them (it holds their rows) as the images move back.
+        await StorageDeletion.all().update(not_before=utcnow() - timedelta(seconds=1))
+        claimed, release = asyncio.Event(), asyncio.Event()
+
+        async def deleter() -> None:
+            async with in_transaction():
+                rows = await StorageDeletion.select_for_update(skip_locked=True).filter(
+                    store="postgres"
+                )
+                assert {row.object_key for row in rows} == set(expected)
+                claimed.set()
+                await release.wait()
+                await postgres.current.delete([row.object_key for row in rows])
+                await StorageDeletion.filter(id__in=[row.id for row in rows]).delete()
+
+        deleting = asyncio.create_task(deleter())
+        await until(
+            lambda: claimed.is_set() or deleting.done(),
+            what="the deletions to be claimed",
+        )
+        assert not deleting.done(), deleting.exception()
+        back = asyncio.create_task(_mover(postgres).run())
+        await until(
+            lambda: _waits_on_a_lock('DELETE FROM "storage_deletions"'),
+            what="the move back to wait for the deletion in flight",
+        )
+        assert await ImageBlob.all().count() == len(expected)
+        release.set()
+        await deleting
+        report = await back
+        assert (report.total_moved, report.failures) == (len(expected), [])
+        assert await _every_image_reads_back(postgres) == {"postgres": len(expected)}
+        assert await _blob_hashes() == expected
+        await _deletions_run(postgres)
+        assert await _blob_hashes() == expected
+    finally:
+        await to_s3.close()
+        # It read the images back from S3.
+        await postgres.close()
