@@ -7,11 +7,13 @@ import contextlib
 from collections.abc import AsyncIterator
 from datetime import timedelta
 from pathlib import Path
+from typing import Any
 
 import pytest
 
+from jobs import worker
 from jobs.cleanup import clean_up
-from jobs.resources import JobsResources
+from jobs.resources import RESOURCES, JobsResources
 from jobs.settings import JobsSettings
 from jobs.storage_deleter import DeletionReport, delete_due_objects
 from sdapi.contract.status import Status
@@ -27,6 +29,7 @@ from sdapi.db.models import (
 )
 from sdapi.devtools.accounts import make_user
 from sdapi.infra.object_store import parse_store_url, result_object_key
+from sdapi.infra.queue import create_queue_pool
 from tests.jobs.conftest import make_generation, make_resources
 from tests.s3_server import S3_ENV, MotoServer
 from tests.stored_images import image_bytes, stored_input, stored_result
@@ -214,3 +217,31 @@ async def test_cascades_from_a_deleted_account_queue_their_objects(
     assert not await InputImage.filter(user_id=user.id).exists()
     assert (await delete_due_objects(s3_jobs)).deleted == 2
     assert s3_server.keys(bucket) == []
+
+
+async def test_the_jobs_worker_deletes_purged_objects_by_itself(
+    jobs_settings: JobsSettings, s3_url: str, s3_server: MotoServer
+) -> None:
+    settings = _s3_settings(jobs_settings, s3_url).model_copy(
+        update={"storage_deletion_interval": 0.1}
+    )
+    bucket = parse_store_url(settings.storage_url).bucket
+    redis = await create_queue_pool(settings.redis_url or "")
+    ctx: dict[str, Any] = {"settings": settings, "redis": redis}
+    try:
+        await worker.on_startup(ctx)
+        try:
+            images = ctx[RESOURCES].images
+            assert images.current.location == settings.storage_url
+            user = (await make_user()).user
+            generation = await make_generation(user, status=Status.SUCCEEDED)
+            await stored_result(images, generation, 0, image_bytes())
+            assert len(s3_server.keys(bucket)) == 1
+            assert await delete_finished(generation)
+            await until(
+                lambda: not s3_server.keys(bucket), what="the worker to delete it"
+            )
+        finally:
+            await worker.on_shutdown(ctx)
+    finally:
+        await redis.aclose()
