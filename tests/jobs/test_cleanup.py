@@ -11,12 +11,14 @@ from sdapi.db.models import (
     Generation,
     GenerationInput,
     IdempotencyKey,
+    ImageBlob,
     InputImage,
     InputRole,
     utcnow,
 )
 from sdapi.devtools.accounts import make_user
 from tests.jobs.conftest import make_generation
+from tests.stored_images import image_bytes, stored_input
 
 
 async def test_inputs_go_with_their_last_generation_and_old_keys_expire(
@@ -25,9 +27,7 @@ async def test_inputs_go_with_their_last_generation_and_old_keys_expire(
     user = (await make_user(premium=False)).user
     first = await make_generation(user)
     second = await make_generation(user)
-    image = await InputImage.create(
-        id=uuid.uuid4(), user=user, sha256="a" * 64, data=b"png", width=8, height=8
-    )
+    image = await stored_input(jobs_resources.images, user, image_bytes())
     for generation in (first, second):
         await GenerationInput.create(
             id=uuid.uuid4(),
@@ -61,3 +61,5 @@ async def test_inputs_go_with_their_last_generation_and_old_keys_expire(
     await Generation.filter(id=second.id).delete()
     assert (await clean_up(jobs_resources)).input_images == 1
     assert not await InputImage.filter(id=image.id).exists()
+    # Its bytes went with it (tests/jobs/test_storage_deleter.py: other stores).
+    assert not await ImageBlob.filter(key=image.object_key).exists()
