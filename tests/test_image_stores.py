@@ -4,9 +4,8 @@ from __future__ import annotations
 
 import os
 import time
-from collections.abc import AsyncIterator, Awaitable, Iterator
+from collections.abc import AsyncIterator, Awaitable
 from pathlib import Path
-from urllib.parse import urlsplit
 
 import aiohttp
 import pytest
@@ -26,7 +25,7 @@ from sdapi.infra.object_store import (
 from sdapi.infra.s3_store import S3Store
 from sdapi.infra.settings import CommonSettings, SettingsError
 from tests.s3_server import MotoServer
-from tests.tcp_proxy import TcpProxy
+from tests.pausable_proxy import TcpProxy
 
 
 @pytest.fixture(params=["postgres", "file", "s3"])
@@ -82,16 +81,15 @@ async def test_only_s3_presigns_and_its_url_downloads(store: ObjectStore) -> Non
 
 
 @pytest.fixture
-def proxy(s3_server: MotoServer) -> Iterator[TcpProxy]:
-    """A pausable TCP proxy in front of moto (tests/tcp_proxy.py)."""
-    parts = urlsplit(s3_server.endpoint)
-    assert parts.hostname is not None and parts.port is not None
-    started = TcpProxy(parts.hostname, parts.port).start()
+async def proxy(s3_server: MotoServer) -> AsyncIterator[TcpProxy]:
+    """moto behind a TCP proxy the test can pause or stop."""
+    started = TcpProxy("127.0.0.1", s3_server.port)
+    await started.start()
     try:
         yield started
     finally:
         started.resume()
-        started.close()
+        await started.stop()
 
 
 def via(proxy: TcpProxy, s3_url: str) -> StoreSpec:
@@ -164,7 +162,7 @@ async def test_a_stopped_s3_store_is_unavailable_at_once(
     store = S3Store(via(proxy, s3_url), timeout_s=10)
     try:
         await store.put("results/d/0.png", b"before")
-        proxy.close()
+        await proxy.stop()
         # Refused connections fail long before the 10 s deadline (the time
         # is botocore's one retry, after a random backoff of up to 1 s).
         assert await elapsed(store.get("results/d/0.png")) < 4
