@@ -24,8 +24,8 @@ from sdapi.infra.object_store import (
 )
 from sdapi.infra.s3_store import S3Store
 from sdapi.infra.settings import CommonSettings, SettingsError
-from tests.s3_server import MotoServer
 from tests.pausable_proxy import TcpProxy
+from tests.s3_server import MotoServer
 
 
 @pytest.fixture(params=["postgres", "file", "s3"])
