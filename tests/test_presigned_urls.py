@@ -2,19 +2,16 @@
 
 moto's server checks neither signatures nor expiry (the last test here shows
 it), so a download that works against it proves nothing about either. These
-tests check the URLs S3Store.presign makes with a SigV4 verifier written here
-from AWS's specification (docs.aws.amazon.com/AmazonS3/latest/API/
-sigv4-query-string-auth.html), sharing no code with botocore: the canonical
-request, the string to sign, the signing key derived from the secret, and the
-expiry an S3 server enforces (X-Amz-Date + X-Amz-Expires).
+tests check the URLs S3Store.presign makes with an independent SigV4 verifier
+(tests/sigv4.py, written from AWS's specification, no code shared with
+botocore): the canonical request, the string to sign, the signing key derived
+from the secret, and the expiry an S3 server enforces.
 
 Signing is local, so no server is needed: a store with an endpoint is enough.
 """
 
 from __future__ import annotations
 
-import hashlib
-import hmac
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
 from urllib.parse import parse_qsl, quote, unquote, urlencode, urlsplit, urlunsplit
@@ -26,89 +23,14 @@ from sdapi.infra.object_store import parse_store_url
 from sdapi.infra.s3_store import S3Store
 from sdapi.infra.settings import CommonSettings
 from tests.s3_server import S3_ENV, MotoServer
+from tests.sigv4 import Rejected, signed_at, verify
 from tests.support import until
 
-ALGORITHM = "AWS4-HMAC-SHA256"
 SECRET = S3_ENV["AWS_SECRET_ACCESS_KEY"]
 ACCESS_KEY = S3_ENV["AWS_ACCESS_KEY_ID"]
 # Nothing listens there: presigning never connects.
 ENDPOINT = "http://s3.example.test:9000"
 KEY = "results/0b6f9c52-5bd3-4a8e-9a43-0f6a0c1f2d3e/2.png"
-
-
-class Rejected(Exception):
-    """What an S3 server would answer 403 to, and why."""
-
-
-def _encode(text: str) -> str:
-    # SigV4's UriEncode: every byte but the unreserved characters.
-    return quote(text, safe="-_.~")
-
-
-def _hmac(key: bytes, text: str) -> bytes:
-    return hmac.new(key, text.encode(), hashlib.sha256).digest()
-
-
-def verify(url: str, *, secret: str, now: datetime) -> dict[str, str]:
-    """Check a presigned GET as an S3 server does; its query on success."""
-    parts = urlsplit(url)
-    pairs = parse_qsl(parts.query, keep_blank_values=True, strict_parsing=True)
-    query = dict(pairs)
-    if len(query) != len(pairs):
-        raise Rejected("a parameter given twice")
-    if query.get("X-Amz-Algorithm") != ALGORITHM:
-        raise Rejected("not SigV4")
-    signature = query.get("X-Amz-Signature", "")
-    access_key, date, region, service, terminator = query["X-Amz-Credential"].split("/")
-    if service != "s3" or terminator != "aws4_request":
-        raise Rejected("bad credential scope")
-    signed_at = datetime.strptime(query["X-Amz-Date"], "%Y%m%dT%H%M%SZ").replace(
-        tzinfo=UTC
-    )
-    if signed_at.strftime("%Y%m%d") != date:
-        raise Rejected("the scope's date is not the signing date")
-    signed_headers = query["X-Amz-SignedHeaders"].split(";")
-    if signed_headers != ["host"]:
-        raise Rejected(f"unexpected signed headers {signed_headers}")
-    canonical_query = "&".join(
-        f"{_encode(name)}={_encode(value)}"
-        for name, value in sorted(pairs)
-        if name != "X-Amz-Signature"
-    )
-    canonical_request = "\n".join(
-        [
-            "GET",
-            # S3 encodes each path segment once; the slashes stay.
-            quote(unquote(parts.path), safe="/-_.~"),
-            canonical_query,
-            f"host:{parts.netloc}\n",
-            "host",
-            "UNSIGNED-PAYLOAD",
-        ]
-    )
-    scope = f"{date}/{region}/{service}/{terminator}"
-    string_to_sign = "\n".join(
-        [
-            ALGORITHM,
-            query["X-Amz-Date"],
-            scope,
-            hashlib.sha256(canonical_request.encode()).hexdigest(),
-        ]
-    )
-    key = _hmac(f"AWS4{secret}".encode(), date)
-    for step in (region, service, terminator):
-        key = _hmac(key, step)
-    expected = hmac.new(key, string_to_sign.encode(), hashlib.sha256).hexdigest()
-    if not hmac.compare_digest(expected, signature):
-        raise Rejected("signature does not match")
-    if access_key != ACCESS_KEY:
-        raise Rejected("unknown access key")
-    expires = int(query["X-Amz-Expires"])
-    if not 1 <= expires <= 7 * 24 * 3600:
-        raise Rejected("X-Amz-Expires out of range")
-    if now > signed_at + timedelta(seconds=expires):
-        raise Rejected("expired")
-    return query
 
 
 def with_query(url: str, **changes: str) -> str:
@@ -151,12 +73,10 @@ async def test_a_presigned_url_verifies_with_an_independent_sigv4(
     assert unquote(parts.path) == f"/sdapi-images/deployment-a/{KEY}"
     query = verify(url, secret=SECRET, now=after)
     assert query["X-Amz-Expires"] == str(expires_s)
-    signed_at = datetime.strptime(query["X-Amz-Date"], "%Y%m%dT%H%M%SZ").replace(
-        tzinfo=UTC
-    )
-    assert before <= signed_at <= after
+    signed = signed_at(query)
+    assert before <= signed <= after
     assert query["X-Amz-Credential"] == (
-        f"{ACCESS_KEY}/{signed_at:%Y%m%d}/eu-central-1/s3/aws4_request"
+        f"{ACCESS_KEY}/{signed:%Y%m%d}/eu-central-1/s3/aws4_request"
     )
     # What the browser is told about the file is signed with it.
     assert query["response-content-type"] == "image/png"
@@ -215,13 +135,11 @@ async def test_a_url_past_its_lifetime_is_expired(store: S3Store) -> None:
     url = await store.presign(KEY, filename="a.png", expires_s=60)
     assert url is not None
     query = verify(url, secret=SECRET, now=now())
-    signed_at = datetime.strptime(query["X-Amz-Date"], "%Y%m%dT%H%M%SZ").replace(
-        tzinfo=UTC
-    )
+    signed = signed_at(query)
     # Still good at the last second of its life, refused the second after.
-    verify(url, secret=SECRET, now=signed_at + timedelta(seconds=60))
+    verify(url, secret=SECRET, now=signed + timedelta(seconds=60))
     with pytest.raises(Rejected, match="expired"):
-        verify(url, secret=SECRET, now=signed_at + timedelta(seconds=61))
+        verify(url, secret=SECRET, now=signed + timedelta(seconds=61))
 
 
 def test_settings_keep_presigned_urls_short_lived() -> None:
@@ -247,9 +165,7 @@ async def test_motos_server_serves_an_expired_url(
         await real.close()
     assert url is not None
     query = verify(url, secret=SECRET, now=now())
-    ends = datetime.strptime(query["X-Amz-Date"], "%Y%m%dT%H%M%SZ").replace(
-        tzinfo=UTC
-    ) + timedelta(seconds=1)
+    ends = signed_at(query) + timedelta(seconds=1)
     await until(lambda: now() > ends + timedelta(seconds=1), what="the URL to expire")
     with pytest.raises(Rejected, match="expired"):
         verify(url, secret=SECRET, now=now())

@@ -1,6 +1,6 @@
 """web's 302 to the store: the URL it hands out is signed for the owner's
 object only, lives for SDAPI_STORAGE_PRESIGN_S, and verifies with the
-independent SigV4 check of tests/test_presigned_urls.py (moto would accept
+independent SigV4 check of tests/sigv4.py (moto would accept
 it whatever its signature said)."""
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ from sdapi.db.models import GeneratedImage, Generation, User
 from sdapi.devtools.accounts import auth, make_user
 from sdapi.infra.object_store import parse_store_url, result_object_key
 from tests.s3_server import S3_ENV
-from tests.test_presigned_urls import Rejected, verify
+from tests.sigv4 import Rejected, signed_at, verify
 from tests.web.conftest import AiohttpClient
 from web.app import create_app
 from web.settings import WebSettings
@@ -108,10 +108,8 @@ async def test_the_redirect_is_signed_for_the_object_and_the_configured_life(
         location, secret=S3_ENV["AWS_SECRET_ACCESS_KEY"], now=datetime.now(UTC)
     )
     assert query["X-Amz-Expires"] == str(LIFETIME_S)
-    signed_at = datetime.strptime(query["X-Amz-Date"], "%Y%m%dT%H%M%SZ").replace(
-        tzinfo=UTC
-    )
-    assert before <= signed_at <= datetime.now(UTC)
+    signed = signed_at(query)
+    assert before <= signed <= datetime.now(UTC)
     # Exactly this image's object, in the store's bucket and prefix.
     spec = parse_store_url(s3_url)
     assert unquote(urlsplit(location).path) == (
@@ -121,7 +119,7 @@ async def test_the_redirect_is_signed_for_the_object_and_the_configured_life(
         verify(
             location,
             secret=S3_ENV["AWS_SECRET_ACCESS_KEY"],
-            now=signed_at + timedelta(seconds=LIFETIME_S + 1),
+            now=signed + timedelta(seconds=LIFETIME_S + 1),
         )
     # And it downloads the image without credentials.
     async with aiohttp.ClientSession() as anonymous, anonymous.get(location) as got:
