@@ -1,6 +1,6 @@
 """Image downloads from each image store through web, and the database's size.
 
-Starts embedded PostgreSQL and Valkey, moto's S3 server (tests/s3_server.py)
+Starts embedded PostgreSQL and Valkey, moto's S3 server (sdapi/devtools/s3_server.py)
 and, per store, one `sdapi web` with that SDAPI_STORAGE_URL. For each store
 the same images are seeded as `jobs` stores results (ImageStores.write, then
 the GeneratedImage row), then downloaded through web's route
@@ -60,8 +60,8 @@ from sdapi.db.models import GeneratedImage, Generation  # noqa: E402
 from sdapi.devtools.accounts import make_user  # noqa: E402
 from sdapi.devtools.embedded import EmbeddedValkey, embedded_postgres  # noqa: E402
 from sdapi.devtools.net import free_port  # noqa: E402
+from sdapi.devtools.s3_server import S3_ENV, MotoServer  # noqa: E402
 from sdapi.infra.object_store import result_object_key  # noqa: E402
-from tests.s3_server import S3_ENV, MotoServer  # noqa: E402
 
 STORES = ("postgres", "file", "s3", "s3-redirect")
 PER_GENERATION = 4

@@ -21,8 +21,8 @@ import redis
 import redis.asyncio
 
 from sdapi.devtools.embedded import EmbeddedValkey, embedded_postgres
+from sdapi.devtools.s3_server import S3_ENV, MotoServer
 from tests.consul_double import ConsulDouble
-from tests.s3_server import S3_ENV, MotoServer
 
 
 @pytest.fixture(scope="session")
@@ -134,7 +134,7 @@ async def consul() -> AsyncIterator[ConsulDouble]:
 
 @pytest.fixture(scope="session")
 def s3_server(data_root: Path) -> Iterator[MotoServer]:
-    """moto's S3 server, for the whole run (tests/s3_server.py)."""
+    """moto's S3 server, for the whole run (sdapi/devtools/s3_server.py)."""
     server = MotoServer(data_root)
     server.start()
     try:

@@ -12,10 +12,10 @@ import hmac
 from datetime import UTC, datetime, timedelta
 from urllib.parse import parse_qsl, quote, unquote, urlsplit
 
-from tests.s3_server import S3_ENV
+from sdapi.devtools.s3_server import S3_ENV
 
 ALGORITHM = "AWS4-HMAC-SHA256"
-# The one key id the suite signs with (tests/s3_server.py).
+# The one key id the suite signs with (sdapi/devtools/s3_server.py).
 ACCESS_KEY = S3_ENV["AWS_ACCESS_KEY_ID"]
 
 

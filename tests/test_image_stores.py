@@ -13,6 +13,7 @@ from tortoise import Tortoise
 
 from sdapi.db.connection import tortoise_config
 from sdapi.db.image_store import ImageStores
+from sdapi.devtools.s3_server import MotoServer
 from sdapi.infra.file_store import FileStore
 from sdapi.infra.object_store import (
     BadStoreUrl,
@@ -25,7 +26,6 @@ from sdapi.infra.object_store import (
 from sdapi.infra.s3_store import S3Store
 from sdapi.infra.settings import CommonSettings, SettingsError
 from tests.pausable_proxy import TcpProxy
-from tests.s3_server import MotoServer
 
 
 @pytest.fixture(params=["postgres", "file", "s3"])

@@ -19,10 +19,10 @@ from urllib.parse import parse_qsl, quote, unquote, urlencode, urlsplit, urlunsp
 import aiohttp
 import pytest
 
+from sdapi.devtools.s3_server import S3_ENV, MotoServer
 from sdapi.infra.object_store import parse_store_url
 from sdapi.infra.s3_store import S3Store
 from sdapi.infra.settings import CommonSettings
-from tests.s3_server import S3_ENV, MotoServer
 from tests.sigv4 import Rejected, signed_at, verify
 from tests.support import until
 

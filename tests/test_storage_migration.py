@@ -26,11 +26,11 @@ from sdapi.db.models import (
     utcnow,
 )
 from sdapi.devtools.accounts import make_user
+from sdapi.devtools.s3_server import MotoServer
 from sdapi.infra.object_store import parse_store_url, sha256_hex
 from sdapi.storage_migration import MigrationReport, StorageMover
 from tests.image_support import image_bytes, stored_input, stored_result
 from tests.jobs.conftest import make_generation
-from tests.s3_server import MotoServer
 from tests.support import until
 from tests.test_operator import sdapi
 

@@ -14,6 +14,7 @@ import pytest
 
 from sdapi.db.connection import open_database
 from sdapi.db.models import GeneratedImage, ImageBlob
+from sdapi.devtools.s3_server import S3_ENV, MotoServer
 from sdapi.infra.object_store import parse_store_url
 from tests.e2e.test_premium import (
     Client,
@@ -23,7 +24,6 @@ from tests.e2e.test_premium import (
     test_websocket_client_gets_every_event_and_the_pushed_png,
 )
 from tests.e2e.test_premium import client as client
-from tests.s3_server import S3_ENV, MotoServer
 
 pytestmark = pytest.mark.slow
 

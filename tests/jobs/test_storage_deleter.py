@@ -28,11 +28,11 @@ from sdapi.db.models import (
     utcnow,
 )
 from sdapi.devtools.accounts import make_user
+from sdapi.devtools.s3_server import S3_ENV, MotoServer
 from sdapi.infra.object_store import parse_store_url, result_object_key
 from sdapi.infra.queue import create_queue_pool
 from tests.image_support import image_bytes, stored_input, stored_result
 from tests.jobs.conftest import make_generation, make_resources
-from tests.s3_server import S3_ENV, MotoServer
 from tests.support import until
 from web.generations import delete_finished
 

@@ -39,11 +39,11 @@ from sdapi.db.models import (
 )
 from sdapi.devtools.accounts import make_user
 from sdapi.devtools.mailsink import mail_sink, read_messages
+from sdapi.devtools.s3_server import S3_ENV, MotoServer
 from sdapi.infra.object_store import result_object_key
 from tests.image_support import stored_bytes
 from tests.node_double import NodeDouble, jobs_context
 from tests.pausable_proxy import TcpProxy
-from tests.s3_server import S3_ENV, MotoServer
 from tests.support import until
 
 # The store's deadline in these tests: a stalled store costs each try this.

@@ -19,8 +19,8 @@ from pydantic import SecretStr
 from sdapi.db.image_store import ImageStores
 from sdapi.db.models import GeneratedImage, Generation, User
 from sdapi.devtools.accounts import auth, make_user
+from sdapi.devtools.s3_server import S3_ENV
 from sdapi.infra.object_store import parse_store_url, result_object_key
-from tests.s3_server import S3_ENV
 from tests.sigv4 import Rejected, signed_at, verify
 from tests.web.conftest import AiohttpClient
 from web.app import create_app

@@ -24,10 +24,10 @@ from sdapi.contract.names import input_key
 from sdapi.db.input_images import put_inputs
 from sdapi.db.models import GeneratedImage, InputImage
 from sdapi.devtools.accounts import auth, make_user
+from sdapi.devtools.s3_server import S3_ENV, MotoServer
 from sdapi.infra.links import signed_image_url
 from tests.node_double import NodeDouble, jobs_context
 from tests.pausable_proxy import TcpProxy
-from tests.s3_server import S3_ENV, MotoServer
 from tests.web.conftest import AiohttpClient
 from web.app import create_app
 from web.appkeys import stores_key

@@ -1,4 +1,5 @@
-"""A real S3-protocol server for the tests: moto in server mode, as a process.
+"""A real S3-protocol server for the tests and benchmarks: moto in server
+mode, as a process (moto and boto3 are development dependencies).
 
 Never a mock of the client: aiobotocore talks HTTP to it exactly as it would
 to AWS or any S3-compatible server. moto does not check signatures, so the
@@ -8,18 +9,16 @@ signing of presigned URLs is tested apart (tests/test_presigned_urls.py).
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import sys
+import time
 import urllib.error
 import urllib.request
 import uuid
 from pathlib import Path
 from typing import Any
 
-import boto3
-
-from tests.support import until_sync
+from sdapi.devtools.net import free_port
 
 # Credentials moto accepts (any); set for the suite's processes and clients.
 S3_ENV = {
@@ -29,18 +28,12 @@ S3_ENV = {
 }
 
 
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
-
-
 class MotoServer:
     """moto's S3 server on one port; stopping and starting it again keeps the
     port (the store's URL) but, like a wiped server, not its objects."""
 
     def __init__(self, log_dir: Path) -> None:
-        self.port = _free_port()
+        self.port = free_port()
         self.endpoint = f"http://127.0.0.1:{self.port}"
         self._log_path = log_dir / f"moto-{self.port}.log"
         self._process: subprocess.Popen[bytes] | None = None
@@ -49,7 +42,7 @@ class MotoServer:
         if self._process is not None:
             return
         log = self._log_path.open("ab")
-        self._process = subprocess.Popen(
+        self._process = subprocess.Popen(  # noqa: S603 (our own interpreter)
             [
                 sys.executable,
                 "-m",
@@ -64,7 +57,12 @@ class MotoServer:
             env={**os.environ, **S3_ENV},
         )
         log.close()
-        until_sync(self._answers, timeout=60, what="moto's S3 server to answer")
+        deadline = time.monotonic() + 60
+        while not self._answers():
+            if time.monotonic() > deadline:
+                self.stop()
+                raise RuntimeError("moto's S3 server did not answer within 60 s")
+            time.sleep(0.05)
 
     def _answers(self) -> bool:
         if self._process is not None and self._process.poll() is not None:
@@ -89,6 +87,9 @@ class MotoServer:
 
     def client(self) -> Any:
         """A boto3 client, for a test to look at the bucket from outside."""
+        # Imported here: the package imports without the dev dependencies.
+        import boto3
+
         return boto3.client(
             "s3",
             endpoint_url=self.endpoint,
