@@ -34,6 +34,7 @@ from sdapi.contract.payloads import (
 )
 from sdapi.contract.status import TERMINAL_STATUSES, Status, Tier
 from sdapi.contract.webhooks import WebhookEvent
+from sdapi.db.connection import mark_inserted
 from sdapi.db.input_images import put_inputs, store_inputs
 from sdapi.db.models import Delivery, Generation, InputRole, User, utcnow
 from sdapi.db.webhooks import queue_webhook_event
@@ -60,7 +61,7 @@ from web.errors import (
 from web.eta import eta_before_enqueue
 from web.idempotency import IdempotencyClaim, find_replay, record
 from web.inputs import ResultRef, Source, check_mask_size, resolve_input
-from web.quota import Usage, usage
+from web.quota import Usage, insert_within_limits, usage
 from web.schemas import generations as schemas
 from web.settings import TierLimits
 from web.uploads import CleanImage, Use, fit_size
@@ -405,7 +406,7 @@ async def submit_generation(
     request = resolve_request(body, offer, tier, app, inputs)
     limits = settings.limits(tier)
 
-    async with in_transaction():
+    async with in_transaction() as connection:
         # The user's row lock serialises their concurrent requests, so two of
         # them cannot both take the last slot of the quota.
         user = await User.select_for_update().get(id=principal.user.id)
@@ -414,9 +415,8 @@ async def submit_generation(
             replay = await find_replay(user.id, idempotency, now)
             if replay is not None:
                 return replay
-        _check_limits(limits, await usage(user, now), request.num_images, now)
         premium = tier is Tier.PREMIUM
-        generation = await Generation.create(
+        generation = Generation(
             id=uuid.uuid4(),
             user=user,
             tier=tier,
@@ -441,6 +441,18 @@ async def submit_generation(
             webhook_url=request.webhook.url if request.webhook else None,
             webhook_events=list(request.webhook.events) if request.webhook else [],
         )
+        # The quota check and the insert in one statement, under the lock.
+        added, used = await insert_within_limits(
+            connection,
+            generation,
+            now=now,
+            images_per_day=limits.images_per_day,
+            max_in_flight=limits.max_in_flight,
+        )
+        if not added:
+            _check_limits(limits, used, request.num_images, now)
+            raise AssertionError(f"{used} refused a request within {limits}")
+        mark_inserted(generation)
         await store_inputs(user, generation, inputs)
         if idempotency is not None:
             await record(user, idempotency, generation, now)
@@ -469,8 +481,10 @@ async def _enqueue_premium(
     )
 
     async def enqueue() -> None:
-        # The node fetches the inputs by hash: they are in Redis before the job.
-        await put_inputs(redis, [generation.id])
+        # The node fetches the inputs by hash: they are in Redis before the job
+        # (a request without any has nothing to look up).
+        if request.init_image_sha256 is not None or request.mask_sha256 is not None:
+            await put_inputs(redis, [generation.id])
         # `queued` goes into the stream before the job exists, so no node can
         # append `started` ahead of it; the jobs ahead of this one (running
         # ones included, as arq keeps them) are those before its fair place.
