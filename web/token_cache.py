@@ -57,6 +57,11 @@ class TokenCache:
             self._subscription = subscription
         return self._size > 0 and self._listener.subscribed.is_set()
 
+    @property
+    def ready(self) -> bool:
+        """Whether it serves hits now (it hears the broadcasts)."""
+        return self._usable()
+
     def get(self, token_hash: str) -> ApiToken | None:
         """The cached live token for this hash, or None (look it up)."""
         if not self._usable():

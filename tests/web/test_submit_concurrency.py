@@ -37,7 +37,9 @@ async def _submit_all(
     replicas: tuple[TestClient, TestClient], secret: str, body: dict[str, Any]
 ) -> list[tuple[int, dict[str, Any]]]:
     async def one(n: int) -> tuple[int, dict[str, Any]]:
-        response = await replicas[n % 2].post(GENERATIONS, json=body, headers=auth(secret))
+        response = await replicas[n % 2].post(
+            GENERATIONS, json=body, headers=auth(secret)
+        )
         return response.status, await response.json()
 
     return await asyncio.gather(*(one(n) for n in range(SUBMITS)))
