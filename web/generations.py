@@ -46,7 +46,7 @@ from sdapi.infra.queue import (
     request_cancel,
 )
 from sdapi.infra.registry import ModelOffer
-from sdapi.infra.streams import append_done, append_event
+from sdapi.infra.streams import append_done
 from web.appkeys import decoders_key, redis_key, registry_key, settings_key
 from web.auth import Principal
 from web.errors import (
@@ -499,8 +499,9 @@ async def _enqueue_premium(
             wait_s=None if eta is None else round(eta.wait_s, 1),
             run_s=None if eta is None else round(eta.run_s, 1),
         )
-        await append_event(redis, generation.id, queued)
-        await enqueue_generation(redis, job, owner=owner)
+        await enqueue_generation(
+            redis, job, owner=owner, events=[(generation.id, queued)]
+        )
 
     try:
         await deadline.run(enqueue())

@@ -61,10 +61,12 @@ dispatcher (jobs/dispatcher.py), and they are served by time.
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Awaitable
-from typing import cast
+from typing import TypedDict, cast
 
 from redis.asyncio import Redis
+from redis.asyncio.client import Pipeline
 
 from sdapi.contract.names import (
     FAIR_STATE_TTL_S,
@@ -182,6 +184,19 @@ return wait
 """
 
 
+class FairCall(TypedDict):
+    """What `enqueue_tagged` and `queue_enqueue_tagged` take."""
+
+    queue: str
+    job_id: str
+    job_key: str
+    result_key: str
+    data: bytes
+    expires_ms: int
+    owner: str
+    previous_job_id: str | None
+
+
 async def enqueue_tagged(
     redis: Redis,
     *,
@@ -197,10 +212,70 @@ async def enqueue_tagged(
     """Store a job's data under `job_key` and add it to `queue` at its owner's
     fair place (or its previous attempt's), in one script; its score, or None
     when the job or its result exists already."""
+    keys, args = _enqueue_fair_call(
+        queue=queue,
+        job_id=job_id,
+        job_key=job_key,
+        result_key=result_key,
+        data=data,
+        expires_ms=expires_ms,
+        owner=owner,
+        previous_job_id=previous_job_id,
+    )
+    score = await redis.register_script(_ENQUEUE_FAIR)(keys=keys, args=args)
+    return None if score is None else float(score)
+
+
+# SHA-1 of the enqueue script, as EVALSHA names it.
+ENQUEUE_FAIR_SHA = hashlib.sha1(
+    _ENQUEUE_FAIR.encode(), usedforsecurity=False
+).hexdigest()
+
+
+def queue_enqueue_tagged(
+    pipe: Pipeline,
+    *,
+    queue: str,
+    job_id: str,
+    job_key: str,
+    result_key: str,
+    data: bytes,
+    expires_ms: int,
+    owner: str,
+    previous_job_id: str | None,
+) -> None:
+    """`enqueue_tagged`'s script as one command of the caller's pipeline, by
+    its SHA only: its reply is the score, None, or NoScriptError while Redis
+    has not seen the script (then call `enqueue_tagged`, which loads it).
+    redis-py's own script-in-pipeline asks SCRIPT EXISTS first, a round trip
+    more on every call."""
+    keys, args = _enqueue_fair_call(
+        queue=queue,
+        job_id=job_id,
+        job_key=job_key,
+        result_key=result_key,
+        data=data,
+        expires_ms=expires_ms,
+        owner=owner,
+        previous_job_id=previous_job_id,
+    )
+    pipe.evalsha(ENQUEUE_FAIR_SHA, len(keys), *keys, *args)
+
+
+def _enqueue_fair_call(
+    *,
+    queue: str,
+    job_id: str,
+    job_key: str,
+    result_key: str,
+    data: bytes,
+    expires_ms: int,
+    owner: str,
+    previous_job_id: str | None,
+) -> tuple[list[str], list[object]]:
     tag = fair_tag_key(job_id)
-    script = redis.register_script(_ENQUEUE_FAIR)
-    score = await script(
-        keys=[
+    return (
+        [
             queue,
             job_key,
             result_key,
@@ -209,7 +284,7 @@ async def enqueue_tagged(
             tag,
             fair_tag_key(previous_job_id) if previous_job_id else tag,
         ],
-        args=[
+        [
             job_id,
             data,
             expires_ms,
@@ -220,7 +295,6 @@ async def enqueue_tagged(
             MAX_ROUND,
         ],
     )
-    return None if score is None else float(score)
 
 
 async def places_ahead(redis: Redis, queue: str, owner: str) -> int:
