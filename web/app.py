@@ -53,7 +53,6 @@ from web.routes import route_tables
 from web.sessions import AppRedisStorage
 from web.settings import WebSettings
 from web.throttle import Clock
-from web.token_cache import token_cache_ctx
 
 log = logging.getLogger(__name__)
 
@@ -115,7 +114,6 @@ def create_app(settings: WebSettings) -> web.Application:
             redis_ctx,
             registry_ctx,
             revocations_ctx,
-            token_cache_ctx,
             decoders_ctx,
             background_ctx,
         ]

@@ -58,7 +58,7 @@ from web.errors import (
     ValidationFailed,
     field_error,
 )
-from web.eta import eta_before_enqueue
+from web.eta import LiveState, eta_before_enqueue
 from web.idempotency import IdempotencyClaim, find_replay, record
 from web.inputs import ResultRef, Source, check_mask_size, resolve_input
 from web.quota import Usage, insert_within_limits, usage
@@ -387,6 +387,24 @@ async def submit_generation(
     and nothing else happens (no quota, no enqueue). Its Redis work stays
     within `deadline`: an enqueue cut short is left to the reconciler.
     """
+    generation, _ = await submit_and_place(
+        app, principal, body, inputs, deadline=deadline, idempotency=idempotency
+    )
+    return generation
+
+
+async def submit_and_place(
+    app: web.Application,
+    principal: Principal,
+    body: schemas.GenerationRequest,
+    inputs: Mapping[InputRole, CleanImage] | None = None,
+    *,
+    deadline: Deadline,
+    idempotency: IdempotencyClaim | None = None,
+) -> tuple[Generation, LiveState | None]:
+    """`submit_generation`, and the live state a premium enqueue just placed
+    it in (its position and estimate, as its `queued` event tells them):
+    what the 202 shows without asking Redis again. None when not known."""
     settings = app[settings_key]
     now = utcnow()
     # Before validation: an unverified account can send nothing, valid or not.
@@ -397,7 +415,7 @@ async def submit_generation(
         # the quota is spent or the model's nodes are gone since.
         replay = await find_replay(principal.user.id, idempotency, now)
         if replay is not None:
-            return replay
+            return replay, None
     inputs = dict(inputs or {})
     await check_webhook(app, body.webhook)
     offer = await find_offer(
@@ -414,7 +432,7 @@ async def submit_generation(
             # Again under the lock: a concurrent retry may have won the race.
             replay = await find_replay(user.id, idempotency, now)
             if replay is not None:
-                return replay
+                return replay, None
         premium = tier is Tier.PREMIUM
         generation = Generation(
             id=uuid.uuid4(),
@@ -457,10 +475,11 @@ async def submit_generation(
         if idempotency is not None:
             await record(user, idempotency, generation, now)
     if generation.tier is Tier.PREMIUM:
-        await _enqueue_premium(
+        placed = await _enqueue_premium(
             app, generation, request, waiting=not offer.available, deadline=deadline
         )
-    return generation
+        return generation, placed
+    return generation, None
 
 
 async def _enqueue_premium(
@@ -470,7 +489,7 @@ async def _enqueue_premium(
     *,
     waiting: bool,
     deadline: Deadline,
-) -> None:
+) -> LiveState | None:
     redis = app[redis_key]
     job = GenerationJob(
         generation_id=generation.id,
@@ -480,7 +499,7 @@ async def _enqueue_premium(
         attempt=generation.attempts,
     )
 
-    async def enqueue() -> None:
+    async def enqueue() -> LiveState | None:
         # The node fetches the inputs by hash: they are in Redis before the job
         # (a request without any has nothing to look up).
         if request.init_image_sha256 is not None or request.mask_sha256 is not None:
@@ -499,17 +518,19 @@ async def _enqueue_premium(
             wait_s=None if eta is None else round(eta.wait_s, 1),
             run_s=None if eta is None else round(eta.run_s, 1),
         )
-        await enqueue_generation(
+        enqueued = await enqueue_generation(
             redis, job, owner=owner, events=[(generation.id, queued)]
         )
+        return LiveState(position=ahead, eta=eta) if enqueued else None
 
     try:
-        await deadline.run(enqueue())
+        return await deadline.run(enqueue())
     except (RedisError, TimeoutError):
         # Committed already: the reconciler enqueues it after its deadline
         # (a job cut short halfway is one it finds not live, as after a
         # Redis error between two of these commands).
         log.warning("enqueue of %s failed; the reconciler will retry", generation.id)
+        return None
 
 
 async def load_own(user: User, generation_id: str) -> Generation:

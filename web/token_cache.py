@@ -11,19 +11,18 @@ within that). docs/ARCHITECTURE.md tells the whole story.
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import time
 import uuid
 from collections import OrderedDict
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
 from aiohttp import web
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
-from sdapi.contract.names import REVOKED_TOKENS_CHANNEL, USERS_CHANGED_CHANNEL
+from sdapi.contract.names import USERS_CHANGED_CHANNEL
 from sdapi.db.models import ApiToken, utcnow
 from sdapi.infra.pubsub import Listener
 from web.appkeys import redis_key, settings_key
@@ -111,24 +110,17 @@ class TokenCache:
 token_cache_key = web.AppKey("token_cache", TokenCache)
 
 
-async def token_cache_ctx(app: web.Application) -> AsyncIterator[None]:
-    """The cache and the subscription that keeps it true."""
+def new_token_cache(app: web.Application, listener: Listener) -> TokenCache:
+    """The replica's cache, kept true by `listener` (web/live_socket.py
+    revocations_ctx: one subscription for the sockets and the cache), which
+    must dispatch `USERS_CHANGED_CHANNEL` to `forget_user` and revocations to
+    `forget_token`."""
     settings = app[settings_key]
-    handlers: dict[str, Callable[[bytes], None]] = {
-        REVOKED_TOKENS_CHANNEL: lambda data: cache.forget_token(data.decode()),
-        USERS_CHANGED_CHANNEL: lambda data: cache.forget_user(data.decode()),
-    }
-    listener = Listener(app[redis_key], handlers)
     cache = TokenCache(
         listener, size=settings.token_cache_size, ttl_s=settings.token_cache_ttl_s
     )
     app[token_cache_key] = cache
-    task = asyncio.create_task(listener.run(), name="token-cache")
-    try:
-        yield
-    finally:
-        task.cancel()
-        await asyncio.gather(task, return_exceptions=True)
+    return cache
 
 
 async def cached_lookup(
