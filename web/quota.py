@@ -81,7 +81,7 @@ async def insert_within_limits(
     """
     columns = insert_columns(generation)
     values: list[object] = [
-        generation.user_id,  # type: ignore[attr-defined]
+        generation.user_id,
         start_of_day(now),
         [status.value for status in NOT_COUNTED_TODAY],
         Tier.PREMIUM.value,

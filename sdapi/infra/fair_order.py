@@ -259,7 +259,7 @@ def queue_enqueue_tagged(
         owner=owner,
         previous_job_id=previous_job_id,
     )
-    pipe.evalsha(ENQUEUE_FAIR_SHA, len(keys), *keys, *args)
+    pipe.execute_command("EVALSHA", ENQUEUE_FAIR_SHA, len(keys), *keys, *args)
 
 
 def _enqueue_fair_call(
@@ -272,7 +272,7 @@ def _enqueue_fair_call(
     expires_ms: int,
     owner: str,
     previous_job_id: str | None,
-) -> tuple[list[str], list[object]]:
+) -> tuple[list[str], list[bytes | str | int | float]]:
     tag = fair_tag_key(job_id)
     return (
         [
