@@ -38,6 +38,7 @@ from sdapi.contract.status import Status, Tier
 from sdapi.db.connection import table_name
 from sdapi.db.input_images import put_inputs
 from sdapi.db.models import Generation, utcnow
+from sdapi.infra.object_store import StoreUnavailable
 from sdapi.infra.queue import enqueue_batch, queue_depth, queue_position
 from sdapi.infra.registry import ModelOffer
 from sdapi.infra.streams import append_event
@@ -191,14 +192,19 @@ def unbuildable_error() -> ErrorInfo:
 
 
 async def send_batch(resources: JobsResources, batch: BatchJob) -> bool:
-    """Enqueue a committed batch and tell its generations; False if Redis failed.
+    """Enqueue a committed batch and tell its generations; False if Redis (or
+    the image store its inputs are read from) failed.
 
     A failure leaves the rows `queued` without a job: the reconciler finds them
     once their deadline passes.
     """
     try:
         # The node fetches inputs by hash: they are in Redis before the job.
-        await put_inputs(resources.redis, [item.generation_id for item in batch.items])
+        await put_inputs(
+            resources.redis,
+            resources.stores,
+            [item.generation_id for item in batch.items],
+        )
         if not await enqueue_batch(resources.redis, batch):
             log.warning(
                 "batch %s attempt %s already queued", batch.batch_id, batch.attempt
@@ -212,7 +218,7 @@ async def send_batch(resources: JobsResources, batch: BatchJob) -> bool:
             await append_event(
                 resources.redis, item.generation_id, QueuedEvent(position=position or 0)
             )
-    except (RedisError, OSError):
+    except (RedisError, OSError, StoreUnavailable):
         log.warning(
             "enqueue of batch %s failed; the reconciler will retry it", batch.batch_id
         )

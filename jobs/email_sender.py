@@ -22,6 +22,7 @@ from jobs.settings import JobsSettings
 from jobs.smtp import SendFailed, SmtpConnection, Trouble, compose
 from sdapi.db.models import Generation, OutboxEmail, OutboxStatus
 from sdapi.infra.backoff import backoff_s
+from sdapi.infra.object_store import StoreUnavailable
 
 log = logging.getLogger(__name__)
 
@@ -180,12 +181,16 @@ async def _server_down(
 
 
 async def _deliver(
-    row: OutboxEmail, connection: SmtpConnection, settings: JobsSettings
+    row: OutboxEmail, connection: SmtpConnection, resources: JobsResources
 ) -> None:
-    """Send one claimed row and record the outcome; ServerDown if the server failed."""
+    """Send one claimed row and record the outcome; ServerDown if the server
+    failed, StoreUnavailable if its images cannot be read now."""
+    settings = resources.settings
     try:
         async with asyncio.timeout(settings.outbox_send_timeout):
-            mail = await compose(row, mail_from=settings.mail_from)
+            mail = await compose(
+                row, mail_from=settings.mail_from, stores=resources.stores
+            )
             await connection.send(mail)
     except SendFailed as failure:
         if failure.trouble is Trouble.SERVER:
@@ -240,9 +245,15 @@ async def send_round(resources: JobsResources) -> int:
                     await release(rows[index:])
                     return tried
                 try:
-                    await _deliver(row, connection, settings)
+                    await _deliver(row, connection, resources)
                 except ServerDown as down:
                     await _server_down(rows[index:], str(down), settings, state)
+                    return tried
+                except StoreUnavailable as exc:
+                    # Not the mail's fault: no attempt counted, the next round
+                    # tries again.
+                    log.warning("images for email %s unreadable: %s", row.id, exc)
+                    await release(rows[index:], f"image store: {exc}")
                     return tried
                 state.failures = 0  # the server answered
                 tried += 1

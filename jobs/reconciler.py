@@ -255,7 +255,7 @@ async def _send(
         return
     try:
         # Redis may have lost the inputs with the job: PostgreSQL has them.
-        await put_inputs(resources.redis, [job.generation_id])
+        await put_inputs(resources.redis, resources.stores, [job.generation_id])
         await enqueue_generation(resources.redis, job, owner=owner)
         position = await queue_position(
             resources.redis,

@@ -10,6 +10,7 @@ from typing import Any
 import jinja2
 
 from jobs.settings import JobsSettings
+from sdapi.db.image_store import ImageStores
 from sdapi.db.outbox import mail_templates
 from sdapi.db.webhooks import LinkSigner
 from sdapi.infra.queue import QueuePool
@@ -37,6 +38,8 @@ class JobsResources:
     redis: QueuePool
     registry: NodeRegistry
     stack: contextlib.AsyncExitStack
+    # Where image bytes are written and read (closed by `stack`).
+    stores: ImageStores
     loops: list[asyncio.Task[None]] = field(default_factory=list)
     stopping: asyncio.Event = field(default_factory=asyncio.Event)
     smtp_backoff: SmtpBackoff = field(default_factory=SmtpBackoff)

@@ -27,13 +27,15 @@ from tortoise.transactions import in_transaction
 
 from jobs.resources import WEBHOOKS_TASK, JobsResources, resources_of
 from jobs.result_emails import queue_generation_email
-from sdapi.contract.names import image_key, progress_key
+from sdapi.contract.names import IMAGE_TTL_S, image_key, progress_key
 from sdapi.contract.payloads import ErrorInfo, GenerationResult, StartedNotice
 from sdapi.contract.status import TERMINAL_STATUSES, Status
 from sdapi.contract.webhooks import WebhookEvent
 from sdapi.db.connection import table_name
+from sdapi.db.image_store import StoredObject
 from sdapi.db.models import GeneratedImage, Generation, utcnow
 from sdapi.db.webhooks import queue_webhook_event
+from sdapi.infra.object_store import StoreUnavailable, result_object_key
 from sdapi.infra.queue import retry_after
 from sdapi.infra.streams import append_done
 
@@ -68,6 +70,9 @@ TRANSIENT_ERRORS: tuple[type[BaseException], ...] = (
     asyncpg.TooManyConnectionsError,
     RedisConnectionError,
     RedisTimeoutError,
+    # The image store (SDAPI_STORAGE_URL) down or stalled: the result waits in
+    # Redis (`_keep_pngs`) and is stored once the store answers again.
+    StoreUnavailable,
 )
 
 
@@ -140,13 +145,22 @@ async def store_result(ctx: dict[str, Any], payload: dict[str, Any]) -> str:
 async def save_result(resources: JobsResources, result: GenerationResult) -> str:
     """Store a finished generation once, email it if asked, then announce `done`.
 
-    Raises one of TRANSIENT_ERRORS while the database or Redis is down.
+    Raises one of TRANSIENT_ERRORS while the database, Redis or the image store
+    is down.
     """
     pngs = await _load_pngs(resources.redis, result)
     if pngs is None:
         # Redis lost the images: leave the row for the reconciler to run again.
         log.warning("images of %s are gone from Redis", result.generation_id)
         return "images missing"
+    current = (
+        await Generation.filter(id=result.generation_id).only("id", "status").first()
+    )
+    stored: list[StoredObject] = []
+    if current is not None and current.status not in TERMINAL_STATUSES:
+        # Written before the transaction (never under the row lock), so the
+        # row is marked succeeded only once its images are in the store.
+        stored = await _write_pngs(resources, result, pngs)
 
     async with in_transaction():
         # Lock the generation row only: Tortoise joins the user with an outer
@@ -159,10 +173,14 @@ async def save_result(resources: JobsResources, result: GenerationResult) -> str
         if generation is None:
             return "unknown generation"
         webhooks = False
-        if generation.status in TERMINAL_STATUSES:
+        # Statuses only move forward: a row final at the check above is final
+        # here, and one that was not has all its images written.
+        if generation.status in TERMINAL_STATUSES or (
+            result.status is Status.SUCCEEDED and len(stored) != len(pngs)
+        ):
             outcome = "already final"
         else:
-            await _persist(generation, result, pngs)
+            await _persist(generation, result, stored)
             await queue_generation_email(resources, generation, result)
             webhooks = await _queue_result_webhooks(resources, generation, result)
             outcome = str(result.status)
@@ -171,6 +189,34 @@ async def save_result(resources: JobsResources, result: GenerationResult) -> str
         resources.wake(WEBHOOKS_TASK)
     await announce_done(resources.redis, generation)
     return outcome
+
+
+async def _write_pngs(
+    resources: JobsResources, result: GenerationResult, pngs: list[bytes]
+) -> list[StoredObject]:
+    """Write a succeeded result's PNGs to the image store (none for a failure).
+
+    While the store is down the node's copies in Redis must outlive the
+    retries (and the reconciler's), so each failure gives them a full TTL again.
+    """
+    if result.status is not Status.SUCCEEDED:
+        return []
+    stored: list[StoredObject] = []
+    try:
+        for image, png in zip(result.images, pngs, strict=True):
+            key = result_object_key(result.generation_id, image.index)
+            stored.append(await resources.stores.write(key, png))
+    except StoreUnavailable:
+        await _keep_pngs(resources.redis, result)
+        raise
+    return stored
+
+
+async def _keep_pngs(redis: Redis, result: GenerationResult) -> None:
+    async with redis.pipeline(transaction=False) as pipe:
+        for image in result.images:
+            pipe.expire(image_key(result.generation_id, image.index), IMAGE_TTL_S)
+        await pipe.execute()
 
 
 async def _queue_result_webhooks(
@@ -239,7 +285,7 @@ async def fail_generations(
 
 
 async def _persist(
-    generation: Generation, result: GenerationResult, pngs: list[bytes]
+    generation: Generation, result: GenerationResult, stored: list[StoredObject]
 ) -> None:
     """Write the images and the terminal status (inside the caller's transaction)."""
     now = utcnow()
@@ -253,9 +299,11 @@ async def _persist(
                     width=image.width,
                     height=image.height,
                     sha256=image.sha256,
-                    png=png,
+                    store=obj.store,
+                    object_key=obj.object_key,
+                    size=obj.size,
                 )
-                for image, png in zip(result.images, pngs, strict=True)
+                for image, obj in zip(result.images, stored, strict=True)
             ],
             ignore_conflicts=True,
         )

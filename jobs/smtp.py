@@ -20,6 +20,7 @@ from uuid import UUID
 import aiosmtplib
 
 from jobs.settings import SmtpConfig
+from sdapi.db.image_store import ImageStores
 from sdapi.db.models import GeneratedImage, OutboxEmail
 
 
@@ -127,7 +128,7 @@ def _render(
     )
 
 
-async def _attachments(row: OutboxEmail) -> list[Attachment]:
+async def _attachments(row: OutboxEmail, stores: ImageStores) -> list[Attachment]:
     generation_id = row.generation_id  # type: ignore[attr-defined]
     if generation_id is None:
         return []
@@ -137,15 +138,18 @@ async def _attachments(row: OutboxEmail) -> list[Attachment]:
             filename=f"sdapi-{generation_id}-{image.index}.png",
             maintype="image",
             subtype="png",
-            data=bytes(image.png),
+            data=await stores.read(image.store, image.object_key),
         )
         for image in images
     ]
 
 
-async def compose(row: OutboxEmail, *, mail_from: str) -> OutgoingMail:
-    """The outgoing mail for an outbox row, its generation's PNGs attached."""
-    attachments = await _attachments(row)
+async def compose(
+    row: OutboxEmail, *, mail_from: str, stores: ImageStores
+) -> OutgoingMail:
+    """The outgoing mail for an outbox row, its generation's PNGs attached
+    (StoreUnavailable while their store is down)."""
+    attachments = await _attachments(row, stores)
     return await asyncio.to_thread(_render, row, mail_from, attachments)
 
 

@@ -22,6 +22,7 @@ from sdapi.contract.names import (
     STORE_RESULT_FUNCTION,
 )
 from sdapi.db.connection import open_database
+from sdapi.db.image_store import ImageStores
 from sdapi.infra.consul import open_consul
 from sdapi.infra.queue import QueuePool, QueueWorker, Task, new_worker, redis_settings
 from sdapi.infra.registry import CONSUL_WAIT_S, NodeRegistry
@@ -86,11 +87,13 @@ async def on_startup(ctx: dict[str, Any]) -> None:
             )
         registry = NodeRegistry(redis, consul)
         await stack.enter_async_context(registry.watching(watch))
+        stores = ImageStores(settings.storage_url, timeout_s=settings.storage_timeout)
+        stack.push_async_callback(stores.close)
     except BaseException:
         await stack.aclose()
         raise
     resources = JobsResources(
-        settings=settings, redis=redis, registry=registry, stack=stack
+        settings=settings, redis=redis, registry=registry, stack=stack, stores=stores
     )
     ctx[RESOURCES] = resources
     for name, interval, task in periodic_tasks(settings):

@@ -22,6 +22,7 @@ import redis.asyncio
 
 from sdapi.devtools.embedded import EmbeddedValkey, embedded_postgres
 from tests.consul_double import ConsulDouble
+from tests.s3_server import S3_ENV, MotoServer
 
 
 @pytest.fixture(scope="session")
@@ -129,3 +130,23 @@ async def consul() -> AsyncIterator[ConsulDouble]:
         yield double
     finally:
         await double.close()
+
+
+@pytest.fixture(scope="session")
+def s3_server(data_root: Path) -> Iterator[MotoServer]:
+    """moto's S3 server, for the whole run (tests/s3_server.py)."""
+    server = MotoServer(data_root)
+    server.start()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture
+def s3_url(s3_server: MotoServer, monkeypatch: pytest.MonkeyPatch) -> str:
+    """SDAPI_STORAGE_URL of a new, empty bucket, with the AWS credentials set
+    in this process's environment (aiobotocore reads them there)."""
+    for name, value in S3_ENV.items():
+        monkeypatch.setenv(name, value)
+    return s3_server.store_url(s3_server.new_bucket())

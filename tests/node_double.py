@@ -36,6 +36,7 @@ from sdapi.contract.payloads import (
     StartedNotice,
 )
 from sdapi.contract.status import Status
+from sdapi.db.image_store import ImageStores
 from sdapi.db.models import utcnow
 from sdapi.infra.announcements import announce_node
 from sdapi.infra.queue import create_queue_pool, deserialize
@@ -210,7 +211,12 @@ async def announce_done(redis: Any, generation_id: uuid.UUID, status: Status) ->
 
 @contextlib.asynccontextmanager
 async def jobs_context(
-    redis_url: str, database_url: str, *, public_url: str = "http://testserver.local"
+    redis_url: str,
+    database_url: str,
+    *,
+    public_url: str = "http://testserver.local",
+    storage_url: str = "postgres",
+    storage_timeout: float = 5.0,
 ) -> AsyncIterator[dict[str, Any]]:
     """An arq ctx like the jobs worker's (the caller has opened the database)."""
     settings = JobsSettings(
@@ -218,15 +224,20 @@ async def jobs_context(
         redis_url=redis_url,
         secret_key=SecretStr("test-secret-key"),
         public_url=public_url,
+        storage_url=storage_url,
+        storage_timeout=storage_timeout,
     )
     pool = await create_queue_pool(redis_url)
     async with contextlib.AsyncExitStack() as stack:
+        stores = ImageStores(settings.storage_url, timeout_s=settings.storage_timeout)
+        stack.push_async_callback(stores.close)
         ctx: dict[str, Any] = {"redis": pool, "job_try": 1}
         ctx[RESOURCES] = JobsResources(
             settings=settings,
             redis=pool,
             registry=NodeRegistry(pool),
             stack=stack,
+            stores=stores,
         )
         try:
             yield ctx

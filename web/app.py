@@ -18,6 +18,7 @@ from redis.asyncio import BlockingConnectionPool, Redis
 
 from sdapi.contract.names import WEB_SERVICE
 from sdapi.db.connection import open_database
+from sdapi.db.image_store import ImageStores
 from sdapi.db.outbox import mail_templates
 from sdapi.infra.consul import consul_errors, open_consul
 from sdapi.infra.deadline import Deadline
@@ -39,6 +40,7 @@ from web.appkeys import (
     redis_key,
     registry_key,
     settings_key,
+    stores_key,
 )
 from web.background import Background
 from web.decoders import DecodePool
@@ -111,6 +113,7 @@ def create_app(settings: WebSettings) -> web.Application:
     app.cleanup_ctx.extend(
         [
             database_ctx,
+            stores_ctx,
             redis_ctx,
             registry_ctx,
             revocations_ctx,
@@ -168,6 +171,17 @@ async def database_ctx(app: web.Application) -> AsyncIterator[None]:
     ) as ctx:
         app[database_key] = ctx
         yield
+
+
+async def stores_ctx(app: web.Application) -> AsyncIterator[None]:
+    """The image stores (opened on first use), closed with the app."""
+    settings = app[settings_key]
+    stores = ImageStores(settings.storage_url, timeout_s=settings.storage_timeout)
+    app[stores_key] = stores
+    try:
+        yield
+    finally:
+        await stores.close()
 
 
 async def background_ctx(app: web.Application) -> AsyncIterator[None]:

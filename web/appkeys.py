@@ -12,6 +12,7 @@ from prometheus_client import CollectorRegistry
 from redis.asyncio import Redis
 from tortoise.context import TortoiseContext
 
+from sdapi.db.image_store import ImageStores
 from sdapi.infra.deadline import Deadline
 from sdapi.infra.queue import QueuePool
 from sdapi.infra.registry import NodeRegistry
@@ -42,6 +43,8 @@ live_redis_key = web.AppKey("live_redis", Redis)
 # Password hashing with the deployment's key, bounded in concurrency.
 passwords_key = web.AppKey("passwords", Passwords)
 registry_key = web.AppKey("registry", NodeRegistry)
+# Where image bytes are (SDAPI_STORAGE_URL, and any store a row still names).
+stores_key = web.AppKey("stores", ImageStores)
 # The time that throttling counts by (tests move it instead of waiting).
 clock_key = web.AppKey("clock", Clock)
 metrics_key = web.AppKey("metrics", CollectorRegistry)

@@ -22,6 +22,7 @@ from pydantic import ValidationError
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
+from sdapi.infra.object_store import ObjectMissing, StoreUnavailable
 from sdapi.infra.registry import NodesUnknown
 
 log = logging.getLogger(__name__)
@@ -120,6 +121,15 @@ class Gone(AppError):
     status = 410
     code = "gone"
     default_message = "This is no longer available."
+
+
+class ImageMissing(Gone):
+    """An image whose row exists but whose store has no object: lost (a store
+    wiped, or restored from an older backup) and not coming back, so a 410
+    rather than a 5xx a client would retry."""
+
+    code = "image_missing"
+    default_message = "This image's file is missing from the image store."
 
 
 class PayloadTooLarge(AppError):
@@ -222,6 +232,14 @@ def dependency_unavailable() -> Unavailable:
     """The 503 for a database or Redis that cannot be reached."""
     return Unavailable(
         "A database or queue is unreachable right now; try again shortly.",
+        retry_after=DEPENDENCY_RETRY_S,
+    )
+
+
+def store_unavailable() -> Unavailable:
+    """The 503 for an image store that is down or too slow (SDAPI_STORAGE_URL)."""
+    return Unavailable(
+        "The image store is unreachable right now; try again shortly.",
         retry_after=DEPENDENCY_RETRY_S,
     )
 
@@ -403,6 +421,19 @@ async def error_middleware(
             ),
             request,
         )
+    except StoreUnavailable:
+        log.warning(
+            "%s %s: the image store is unreachable",
+            request.method,
+            request.path,
+            exc_info=True,
+        )
+        return error_response(store_unavailable(), request)
+    except ObjectMissing as exc:
+        log.error(
+            "%s %s: image object %s is missing", request.method, request.path, exc
+        )
+        return error_response(ImageMissing(), request)
     except DEPENDENCY_ERRORS as exc:
         if client_gone(request, exc):
             # Anyone can do this at will: not an outage, nor worth a traceback.

@@ -24,7 +24,8 @@ from sdapi.db.webhooks import delivery_summary
 from sdapi.infra.deadline import Deadline
 from sdapi.infra.eta import Eta
 from sdapi.infra.links import image_path
-from web.appkeys import registry_key, settings_key
+from sdapi.infra.object_store import ObjectMissing, StoreUnavailable
+from web.appkeys import redis_key, registry_key, settings_key, stores_key
 from web.errors import field_error
 from web.eta import LiveState, live_state
 from web.schemas import generations as schemas
@@ -56,9 +57,23 @@ class StoredImage:
     width: int
     height: int
     sha256: str
+    # Where its PNG is (sdapi.db.image_store).
+    store: str
+    object_key: str
+    size: int
 
 
-_IMAGE_FIELDS = ("generation_id", "index", "seed", "width", "height", "sha256")
+_IMAGE_FIELDS = (
+    "generation_id",
+    "index",
+    "seed",
+    "width",
+    "height",
+    "sha256",
+    "store",
+    "object_key",
+    "size",
+)
 
 
 async def stored_images(
@@ -88,20 +103,40 @@ async def stored_image(generation_id: uuid.UUID, index: int) -> StoredImage | No
     return StoredImage(**rows[0]) if rows else None
 
 
-async def image_png(redis: Redis, generation_id: uuid.UUID, index: int) -> bytes | None:
-    """One image's PNG: from the database once stored, else the node's copy in
-    Redis (kept there until `jobs` has stored it); None if neither has it."""
-    rows = await GeneratedImage.filter(
-        generation_id=generation_id, index=index
-    ).values_list("png", flat=True)
-    if rows:
-        return bytes(rows[0])
+async def node_copy(redis: Redis, generation_id: uuid.UUID, index: int) -> bytes | None:
+    """The node's copy of an image in Redis (kept there until `jobs` has
+    stored it, and a day at least); None if it is gone or Redis is down."""
     try:
         data: bytes | None = await redis.get(image_key(generation_id, index))
     except RedisError:
         log.warning("image %d of %s: Redis unreachable", index, generation_id)
         return None
     return data
+
+
+async def image_png(
+    app: web.Application, generation_id: uuid.UUID, index: int
+) -> bytes | None:
+    """One image's PNG: from the image store once stored, else the node's copy
+    in Redis; None if neither has it. A store that is down or lost the object
+    falls back to the node's copy while Redis has it (a just-made image),
+    else raises StoreUnavailable or ObjectMissing."""
+    stored = await stored_image(generation_id, index)
+    if stored is None:
+        return await node_copy(app[redis_key], generation_id, index)
+    try:
+        return await app[stores_key].read(stored.store, stored.object_key)
+    except (StoreUnavailable, ObjectMissing):
+        data = await node_copy(app[redis_key], generation_id, index)
+        if data is None:
+            raise
+        return data
+
+
+async def read_pngs(app: web.Application, images: Iterable[StoredImage]) -> list[bytes]:
+    """The PNGs of stored images, from their stores."""
+    stores = app[stores_key]
+    return [await stores.read(image.store, image.object_key) for image in images]
 
 
 def error_ref(generation: Generation) -> schemas.ErrorRef | None:

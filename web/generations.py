@@ -11,7 +11,7 @@ import logging
 import math
 import secrets
 import uuid
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from datetime import datetime, timedelta
 
 from aiohttp import web
@@ -35,7 +35,13 @@ from sdapi.contract.payloads import (
 from sdapi.contract.status import TERMINAL_STATUSES, Status, Tier
 from sdapi.contract.webhooks import WebhookEvent
 from sdapi.db.connection import mark_inserted
-from sdapi.db.input_images import put_inputs, store_inputs
+from sdapi.db.input_images import (
+    InputsChanged,
+    PreparedInput,
+    put_input_data,
+    store_inputs,
+    write_new_inputs,
+)
 from sdapi.db.models import Delivery, Generation, InputRole, User, utcnow
 from sdapi.db.webhooks import queue_webhook_event
 from sdapi.infra.deadline import Deadline
@@ -47,7 +53,13 @@ from sdapi.infra.queue import (
 )
 from sdapi.infra.registry import ModelOffer
 from sdapi.infra.streams import append_done
-from web.appkeys import decoders_key, redis_key, registry_key, settings_key
+from web.appkeys import (
+    decoders_key,
+    redis_key,
+    registry_key,
+    settings_key,
+    stores_key,
+)
 from web.auth import Principal
 from web.errors import (
     EmailNotVerified,
@@ -309,6 +321,7 @@ async def prepare_inputs(
             use=Use.MASK if role is InputRole.MASK else Use.IMAGE,
             limits=limits,
             decoders=app[decoders_key],
+            stores=app[stores_key],
         )
     init = inputs.get(InputRole.INIT_IMAGE)
     mask = inputs.get(InputRole.MASK)
@@ -424,68 +437,99 @@ async def submit_and_place(
     request = resolve_request(body, offer, tier, app, inputs)
     limits = settings.limits(tier)
 
-    async with in_transaction() as connection:
-        # The user's row lock serialises their concurrent requests, so two of
-        # them cannot both take the last slot of the quota.
-        user = await User.select_for_update().get(id=principal.user.id)
-        if idempotency is not None:
-            # Again under the lock: a concurrent retry may have won the race.
-            replay = await find_replay(user.id, idempotency, now)
-            if replay is not None:
-                return replay, None
-        premium = tier is Tier.PREMIUM
-        generation = Generation(
-            id=uuid.uuid4(),
-            user=user,
-            tier=tier,
-            status=Status.QUEUED if premium else Status.SCHEDULED,
-            delivery=Delivery(request.delivery),
-            model=request.model,
-            request=request.model_dump(mode="json"),
-            width=request.width,
-            height=request.height,
-            steps=request.steps,
-            guidance_scale=request.guidance_scale,
-            scheduler=request.scheduler,
-            num_images=request.num_images,
-            scheduled_for=None
-            if premium
-            else now + timedelta(seconds=settings.normal_delay),
-            queued_at=now if premium else None,
-            attempts=1 if premium else 0,
-            deadline=now + timedelta(seconds=settings.queued_check_after)
-            if premium
-            else None,
-            webhook_url=request.webhook.url if request.webhook else None,
-            webhook_events=list(request.webhook.events) if request.webhook else [],
-        )
-        # The quota check and the insert in one statement, under the lock.
-        added, used = await insert_within_limits(
-            connection,
-            generation,
-            now=now,
-            images_per_day=limits.images_per_day,
-            max_in_flight=limits.max_in_flight,
-        )
-        if not added:
-            _check_limits(limits, used, request.num_images, now)
-            raise AssertionError(f"{used} refused a request within {limits}")
-        mark_inserted(generation)
-        await store_inputs(user, generation, inputs)
-        if idempotency is not None:
-            await record(user, idempotency, generation, now)
+    async def create(prepared: Mapping[InputRole, PreparedInput]) -> Generation:
+        async with in_transaction() as connection:
+            # The user's row lock serialises their concurrent requests, so two
+            # of them cannot both take the last slot of the quota.
+            user = await User.select_for_update().get(id=principal.user.id)
+            if idempotency is not None:
+                # Again under the lock: a concurrent retry may have won the race.
+                replay = await find_replay(user.id, idempotency, now)
+                if replay is not None:
+                    raise _Replayed(replay)
+            premium = tier is Tier.PREMIUM
+            generation = Generation(
+                id=uuid.uuid4(),
+                user=user,
+                tier=tier,
+                status=Status.QUEUED if premium else Status.SCHEDULED,
+                delivery=Delivery(request.delivery),
+                model=request.model,
+                request=request.model_dump(mode="json"),
+                width=request.width,
+                height=request.height,
+                steps=request.steps,
+                guidance_scale=request.guidance_scale,
+                scheduler=request.scheduler,
+                num_images=request.num_images,
+                scheduled_for=None
+                if premium
+                else now + timedelta(seconds=settings.normal_delay),
+                queued_at=now if premium else None,
+                attempts=1 if premium else 0,
+                deadline=now + timedelta(seconds=settings.queued_check_after)
+                if premium
+                else None,
+                webhook_url=request.webhook.url if request.webhook else None,
+                webhook_events=list(request.webhook.events) if request.webhook else [],
+            )
+            # The quota check and the insert in one statement, under the lock.
+            added, used = await insert_within_limits(
+                connection,
+                generation,
+                now=now,
+                images_per_day=limits.images_per_day,
+                max_in_flight=limits.max_in_flight,
+            )
+            if not added:
+                _check_limits(limits, used, request.num_images, now)
+                raise AssertionError(f"{used} refused a request within {limits}")
+            mark_inserted(generation)
+            await store_inputs(user, generation, prepared)
+            if idempotency is not None:
+                await record(user, idempotency, generation, now)
+        return generation
+
+    # New inputs go to the image store before the transaction, never under the
+    # user's lock; one the clean-up deleted in between is written on a retry.
+    stores = app[stores_key]
+    try:
+        try:
+            generation = await create(
+                await write_new_inputs(stores, principal.user.id, inputs)
+            )
+        except InputsChanged:
+            generation = await create(
+                await write_new_inputs(stores, principal.user.id, inputs)
+            )
+    except _Replayed as replayed:
+        return replayed.generation, None
     if generation.tier is Tier.PREMIUM:
         placed = await _enqueue_premium(
-            app, generation, request, waiting=not offer.available, deadline=deadline
+            app,
+            generation,
+            request,
+            inputs.values(),
+            waiting=not offer.available,
+            deadline=deadline,
         )
         return generation, placed
     return generation, None
+
+
+class _Replayed(Exception):
+    """An idempotent retry found under the user's lock: its first answer."""
+
+    def __init__(self, generation: Generation) -> None:
+        super().__init__(str(generation.id))
+        self.generation = generation
 
 
 async def _enqueue_premium(
     app: web.Application,
     generation: Generation,
     request: schemas.ResolvedRequest,
+    inputs: Iterable[CleanImage],
     *,
     waiting: bool,
     deadline: Deadline,
@@ -500,10 +544,9 @@ async def _enqueue_premium(
     )
 
     async def enqueue() -> LiveState | None:
-        # The node fetches the inputs by hash: they are in Redis before the job
-        # (a request without any has nothing to look up).
-        if request.init_image_sha256 is not None or request.mask_sha256 is not None:
-            await put_inputs(redis, [generation.id])
+        # The node fetches the inputs by hash: they are in Redis before the
+        # job, from the bytes at hand (the store is read only on re-enqueues).
+        await put_input_data(redis, inputs)
         # `queued` goes into the stream before the job exists, so no node can
         # append `started` ahead of it; the jobs ahead of this one (running
         # ones included, as arq keeps them) are those before its fair place.

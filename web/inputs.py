@@ -9,6 +9,7 @@ import uuid
 from dataclasses import dataclass
 from functools import partial
 
+from sdapi.db.image_store import ImageStores
 from sdapi.db.models import GeneratedImage, User
 from web.decoders import DecodePool
 from web.errors import ValidationFailed
@@ -44,16 +45,19 @@ def decode_base64(text: str, field: str) -> bytes:
         raise _refuse(field, "Not valid base64.") from None
 
 
-async def _own_result(user: User, ref: ResultRef, field: str) -> bytes:
+async def _own_result(
+    user: User, ref: ResultRef, field: str, stores: ImageStores
+) -> bytes:
     rows = await GeneratedImage.filter(
         generation_id=ref.generation_id,
         index=ref.index,
         generation__user_id=user.id,
-    ).values_list("png", flat=True)
+    ).values_list("store", "object_key")
     if not rows:
         # The same answer for someone else's image: never reveal it exists.
         raise _refuse(field, "No such image among your generations.")
-    return bytes(rows[0])
+    store, key = rows[0]
+    return await stores.read(store, key)
 
 
 async def resolve_input(
@@ -64,12 +68,13 @@ async def resolve_input(
     use: Use,
     limits: TierLimits,
     decoders: DecodePool,
+    stores: ImageStores,
     keep_alpha: bool = False,
 ) -> CleanImage:
     """One input, checked and cleaned, whatever form it came in: its header in
     a thread, then (if it passed) its pixels in one of the user's decode slots."""
     if isinstance(source, ResultRef):
-        data = await _own_result(user, source, field)
+        data = await _own_result(user, source, field, stores)
     elif isinstance(source, str):
         data = decode_base64(source, field)
     else:

@@ -30,8 +30,9 @@ from sdapi.contract.events import (
 from sdapi.contract.status import Status
 from sdapi.db.models import Generation
 from sdapi.infra.eta import Eta
+from sdapi.infra.object_store import ObjectMissing, StoreUnavailable
 from sdapi.infra.streams import read_events
-from web.appkeys import live_redis_key, redis_key
+from web.appkeys import live_redis_key
 from web.generation_views import (
     eta_fields,
     image_png,
@@ -244,7 +245,11 @@ async def event_frame(
             id=ident, step=event.step, total=event.total, preview=event.preview
         )
     if isinstance(event, ImageEvent):
-        data = await image_png(app[redis_key], generation_id, event.index)
+        try:
+            data = await image_png(app, generation_id, event.index)
+        except (StoreUnavailable, ObjectMissing):
+            # The frame's `url` still gets it once the store answers again.
+            data = None
         if data is None:
             return ErrorFrame(
                 id=ident,

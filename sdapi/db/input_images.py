@@ -1,21 +1,26 @@
 """Keeping a generation's input images, and handing them to GPU nodes.
 
-Inputs are stored once per user and content (PostgreSQL is the truth) and
-copied into Redis under their hash whenever work that needs them is
-enqueued, so a job payload names them and a node fetches them. `jobs`
-imports this module too (no aiohttp): it re-puts inputs when it enqueues.
+Inputs are stored once per user and content: the row in PostgreSQL, the bytes
+in the image store (sdapi.db.image_store). Whenever work that needs them is
+enqueued they are copied into Redis under their hash, so a job payload names
+them and a node fetches them there: nodes never hold storage credentials.
+`jobs` imports this module too (no aiohttp): it re-puts inputs when it
+enqueues.
 """
 
 from __future__ import annotations
 
 import uuid
 from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
 from typing import Protocol
 
 from redis.asyncio import Redis
 
 from sdapi.contract.names import INPUT_TTL_S, input_key
+from sdapi.db.image_store import ImageStores, StoredObject
 from sdapi.db.models import Generation, GenerationInput, InputImage, InputRole, User
+from sdapi.infra.object_store import input_object_key
 
 
 class Cleaned(Protocol):
@@ -31,19 +36,63 @@ class Cleaned(Protocol):
     def height(self) -> int: ...
 
 
-async def store_inputs(
-    user: User, generation: Generation, inputs: Mapping[InputRole, Cleaned]
-) -> None:
-    """Keep a generation's inputs (inside its submit transaction)."""
+@dataclass(frozen=True)
+class PreparedInput:
+    """An input ready to be linked in the submit transaction: `written` is the
+    object of a new row, None where the user already had the image."""
+
+    image: Cleaned
+    image_id: uuid.UUID
+    written: StoredObject | None
+
+
+class InputsChanged(Exception):
+    """An input found before the transaction was deleted (the clean-up) before
+    the transaction locked the user: prepare again."""
+
+
+async def write_new_inputs(
+    stores: ImageStores, user_id: uuid.UUID, inputs: Mapping[InputRole, Cleaned]
+) -> dict[InputRole, PreparedInput]:
+    """Write the inputs the user does not have yet to the image store.
+
+    Outside the submit transaction: ImageStores.write must commit its queued
+    deletion before the object exists, and an upload to a slow store must not
+    hold the user's row lock. An object whose row then never commits (the
+    submit refused, a concurrent twin won) is deleted a day later.
+    """
+    prepared: dict[InputRole, PreparedInput] = {}
     for role, image in inputs.items():
+        known = await InputImage.filter(user_id=user_id, sha256=image.sha256).first()
+        if known is not None:
+            prepared[role] = PreparedInput(image, known.id, None)
+            continue
+        image_id = uuid.uuid4()
+        written = await stores.write(input_object_key(user_id, image_id), image.data)
+        prepared[role] = PreparedInput(image, image_id, written)
+    return prepared
+
+
+async def store_inputs(
+    user: User, generation: Generation, inputs: Mapping[InputRole, PreparedInput]
+) -> None:
+    """Keep a generation's prepared inputs (inside its submit transaction);
+    InputsChanged if one found by `write_new_inputs` has gone since."""
+    for role, prepared in inputs.items():
+        image = prepared.image
         # The user's row is locked by the caller: no concurrent insert races.
         stored = await InputImage.get_or_none(user_id=user.id, sha256=image.sha256)
         if stored is None:
+            written = prepared.written
+            if written is None:
+                raise InputsChanged(role.value)
             stored = await InputImage.create(
-                id=uuid.uuid4(),
+                id=prepared.image_id,
                 user=user,
                 sha256=image.sha256,
-                data=image.data,
+                store=written.store,
+                object_key=written.object_key,
+                size=written.size,
                 width=image.width,
                 height=image.height,
             )
@@ -52,15 +101,25 @@ async def store_inputs(
         )
 
 
-async def put_inputs(redis: Redis, generation_ids: Iterable[uuid.UUID]) -> int:
-    """Copy the inputs of these generations into Redis for the node; how many."""
+async def put_input_data(redis: Redis, images: Iterable[Cleaned]) -> None:
+    """Put inputs whose bytes are at hand (a submit) into Redis for the node."""
+    for image in images:
+        await redis.set(input_key(image.sha256), image.data, ex=INPUT_TTL_S)
+
+
+async def put_inputs(
+    redis: Redis, stores: ImageStores, generation_ids: Iterable[uuid.UUID]
+) -> int:
+    """Copy the inputs of these generations from the image store into Redis
+    for the node; how many. StoreUnavailable while the store is down."""
     ids = list(generation_ids)
     if not ids:
         return 0
     rows = await GenerationInput.filter(generation_id__in=ids).values_list(
-        "image__sha256", "image__data"
+        "image__sha256", "image__store", "image__object_key"
     )
-    found = {str(digest): bytes(data) for digest, data in rows}
-    for digest, data in found.items():
+    found = {str(digest): (str(store), str(key)) for digest, store, key in rows}
+    for digest, (store, key) in found.items():
+        data = await stores.read(store, key)
         await redis.set(input_key(digest), data, ex=INPUT_TTL_S)
     return len(found)

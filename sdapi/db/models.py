@@ -220,12 +220,18 @@ class GeneratedImage(Model):
     width = fields.IntField()
     height = fields.IntField()
     sha256 = fields.CharField(max_length=64)
-    png = fields.BinaryField()
+    # The PNG is in the image store at `store` (a canonical SDAPI_STORAGE_URL)
+    # under `object_key`; deleting the row queues the object's deletion (a
+    # trigger, migration 0009), whatever deletes it.
+    store = fields.CharField(max_length=500)
+    object_key = fields.CharField(max_length=300)
+    size = fields.IntField()
     created_at = fields.DatetimeField(auto_now_add=True)
 
     class Meta:
         table = "generated_images"
         unique_together = (("generation", "index"),)
+        indexes = (Index(fields=("object_key",)),)
 
 
 class InputRole(StrEnum):
@@ -245,7 +251,10 @@ class InputImage(Model):
         "models.User", related_name="input_images", on_delete=fields.CASCADE
     )
     sha256 = fields.CharField(max_length=64)
-    data = fields.BinaryField()
+    # In the image store, as for GeneratedImage.
+    store = fields.CharField(max_length=500)
+    object_key = fields.CharField(max_length=300)
+    size = fields.IntField()
     width = fields.IntField()
     height = fields.IntField()
     created_at = fields.DatetimeField(auto_now_add=True)
@@ -253,6 +262,7 @@ class InputImage(Model):
     class Meta:
         table = "input_images"
         unique_together = (("user", "sha256"),)
+        indexes = (Index(fields=("object_key",)),)
 
 
 class GenerationInput(Model):
@@ -358,3 +368,37 @@ class WebhookDelivery(Model):
             Index(fields=("status", "next_attempt_at")),
             Index(fields=("generation_id", "created_at")),
         )
+
+
+class ImageBlob(Model):
+    """An image's bytes in the `postgres` store (the embedded default)."""
+
+    key = fields.CharField(max_length=300, primary_key=True)
+    data = fields.BinaryField()
+    created_at = fields.DatetimeField(auto_now_add=True)
+
+    class Meta:
+        table = "image_blobs"
+
+
+class StorageDeletion(Model):
+    """An object to delete from a store, retried until it is gone.
+
+    Written by a trigger when an image row is deleted (purge, clean-up, an
+    account deleted), by `sdapi storage migrate` for the copy it moved away
+    from (`not_before` past any download in flight), and before each object
+    written (a day ahead) so a write whose row never commits is not left
+    behind. The sender deletes an object only while no row names it.
+    """
+
+    id = fields.BigIntField(primary_key=True)
+    store = fields.CharField(max_length=500)
+    object_key = fields.CharField(max_length=300)
+    not_before = fields.DatetimeField(default=utcnow)
+    attempts = fields.IntField(default=0)
+    last_error = fields.TextField(null=True)
+    created_at = fields.DatetimeField(auto_now_add=True)
+
+    class Meta:
+        table = "storage_deletions"
+        indexes = (Index(fields=("not_before",)),)

@@ -14,6 +14,7 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from sdapi.infra.consul import ServiceNotFound, resolve_service_url, service_name
 from sdapi.infra.local_services import running_services
+from sdapi.infra.object_store import BadStoreUrl, parse_store_url
 
 ENV_PREFIX = "SDAPI_"
 
@@ -53,6 +54,17 @@ class CommonSettings(BaseSettings):
     # asks whether its job is still alive (seconds); live work is left alone.
     # `web` sets it on the premium rows it queues, `jobs` on everything else.
     queued_check_after: float = Field(default=60.0, gt=0)
+    # Where new image bytes go (sdapi.infra.object_store): `postgres` (the
+    # database itself), `file:///path` or `s3://bucket/prefix?endpoint=URL&
+    # region=NAME` with credentials from the AWS_* variables. Images already
+    # stored stay readable where their rows say they are.
+    storage_url: str = "postgres"
+    # Downloads answer 302 to a presigned URL (S3 only) instead of streaming.
+    storage_redirect: bool = False
+    # How long a presigned download URL works (seconds).
+    storage_presign_s: int = Field(default=300, ge=10, le=3600)
+    # The deadline of one object store call (seconds).
+    storage_timeout: float = Field(default=5.0, gt=0, le=60)
 
     @field_validator("database_url")
     @classmethod
@@ -82,6 +94,14 @@ class CommonSettings(BaseSettings):
         if value is None or value == "":
             return None
         return http_url(value, "an http://host:port URL of a Consul agent")
+
+    @field_validator("storage_url")
+    @classmethod
+    def _storage_url(cls, value: str) -> str:
+        try:
+            return parse_store_url(value).location
+        except BadStoreUrl as exc:
+            raise ValueError(str(exc)) from None
 
     @field_validator("secret_key")
     @classmethod

@@ -42,6 +42,7 @@ from tests.e2e.conftest import (
     sdapi_env,
     start_services,
 )
+from tests.image_support import stored_bytes
 from tests.support import until
 
 pytestmark = pytest.mark.slow
@@ -387,7 +388,9 @@ async def test_twelve_requests_run_as_four_batches_and_are_emailed(
         [row] = await e2e.finished([alone["id"]])
         assert row.status is Status.SUCCEEDED
         batched = await GeneratedImage.get(generation_id=data["id"], index=0)
-        assert_same_image(bytes(batched.png), await e2e.png(premium, alone["id"]))
+        assert_same_image(
+            await stored_bytes(batched), await e2e.png(premium, alone["id"])
+        )
 
 
 async def test_a_premium_request_starts_before_the_queued_batches(
@@ -640,7 +643,7 @@ async def test_img2img_and_inpainting_are_batched_apart_and_emailed(
     [row] = await e2e.finished([alone["id"]])
     assert row.status is Status.SUCCEEDED
     batched = await GeneratedImage.get(generation_id=img2img[1]["id"], index=0)
-    assert_same_image(bytes(batched.png), await e2e.png(premium, alone["id"]))
+    assert_same_image(await stored_bytes(batched), await e2e.png(premium, alone["id"]))
 
 
 async def test_inputs_lost_with_redis_are_put_back_from_postgres(

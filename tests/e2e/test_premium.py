@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import io
 import json
 import re
@@ -56,15 +57,21 @@ class Stack:
         return self.base_url.replace("http://", "ws://", 1) + "/api/v1/ws"
 
 
-@pytest.fixture(scope="module")
-def stack(
+@contextlib.contextmanager
+def premium_stack(
     database_url: str,
     redis_url: str,
     e2e_model_dir: Path,
-    tmp_path_factory: pytest.TempPathFactory,
+    root: Path,
+    *,
+    redis_db: int,
+    env: dict[str, str] | None = None,
+    **settings: object,
 ) -> Iterator[Stack]:
-    root = tmp_path_factory.mktemp("premium-e2e")
-    own_redis = own_redis_db(redis_url, REDIS_DB)
+    """web, jobs and a tiny gpu-node, with SDAPI_* `settings` and `env` (an
+    image store's credentials, say) for web and jobs: the node never gets
+    storage settings or credentials, it reads and writes images via Redis."""
+    own_redis = own_redis_db(redis_url, redis_db)
     asyncio.run(truncate_all(database_url))
     mailbox = Mailbox()
     smtp = Controller(mailbox, hostname="127.0.0.1", port=free_port())
@@ -78,17 +85,26 @@ def stack(
         "secret_key": "e2e-secret-key",
         "public_url": base_url,
     }
+    extra = env or {}
     services = Services()
-    services.add(Service("web", "web", sdapi_env(**common, port=port), root))
+    services.add(
+        Service(
+            "web", "web", {**sdapi_env(**common, **settings, port=port), **extra}, root
+        )
+    )
     services.add(
         Service(
             "jobs",
             "jobs",
-            sdapi_env(
-                **common,
-                smtp_url=f"smtp://127.0.0.1:{smtp.port}",
-                outbox_interval=0.2,
-            ),
+            {
+                **sdapi_env(
+                    **common,
+                    **settings,
+                    smtp_url=f"smtp://127.0.0.1:{smtp.port}",
+                    outbox_interval=0.2,
+                ),
+                **extra,
+            },
             root,
         )
     )
@@ -100,6 +116,7 @@ def stack(
         # Every step, so the test can check each one arrives in order.
         gpu_progress_interval_s=0,
     )
+    node = {k: v for k, v in node.items() if not k.startswith("AWS_")}
     services.add(Service("gpu-node", "gpu-node", node, root))
     try:
         start_services(services, base_url, own_redis)
@@ -107,6 +124,23 @@ def stack(
     finally:
         services.stop()
         smtp.stop()
+
+
+@pytest.fixture(scope="module")
+def stack(
+    database_url: str,
+    redis_url: str,
+    e2e_model_dir: Path,
+    tmp_path_factory: pytest.TempPathFactory,
+) -> Iterator[Stack]:
+    with premium_stack(
+        database_url,
+        redis_url,
+        e2e_model_dir,
+        tmp_path_factory.mktemp("premium-e2e"),
+        redis_db=REDIS_DB,
+    ) as found:
+        yield found
 
 
 def png_chunks(data: bytes) -> dict[str, list[bytes]]:

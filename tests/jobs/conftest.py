@@ -17,6 +17,7 @@ from jobs.settings import JobsSettings
 from sdapi.contract.nodes import NodeInfo
 from sdapi.contract.status import Status, Tier
 from sdapi.db.connection import open_database
+from sdapi.db.image_store import ImageStores
 from sdapi.db.models import Delivery, Generation, User, utcnow
 from sdapi.infra import announcements as nodes
 from sdapi.infra.queue import create_queue_pool
@@ -53,8 +54,14 @@ def make_resources(
         stack.push_async_callback(redis.aclose)
         # No cache: a test announces a node and dispatches right away.
         registry = NodeRegistry(redis, cache_s=0)
+        stores = ImageStores(settings.storage_url, timeout_s=settings.storage_timeout)
+        stack.push_async_callback(stores.close)
         return JobsResources(
-            settings=settings, redis=redis, registry=registry, stack=stack
+            settings=settings,
+            redis=redis,
+            registry=registry,
+            stack=stack,
+            stores=stores,
         )
 
     return build

@@ -367,6 +367,7 @@ async def test_a_failed_enqueue_leaves_rows_queued_for_the_reconciler(
                 redis=broken,
                 registry=res.registry,
                 stack=res.stack,
+                stores=res.stores,
             ),
             batch,
         )

@@ -43,7 +43,9 @@ from sdapi.db.outbox import queue_email
 from sdapi.devtools.accounts import make_user
 from sdapi.devtools.mailsink import free_port, mail_sink, read_messages
 from sdapi.infra.backoff import backoff_s
+from sdapi.infra.object_store import result_object_key
 from sdapi.infra.settings import SettingsError
+from tests.image_support import write_image
 from tests.jobs.conftest import make_generation
 
 
@@ -138,6 +140,7 @@ async def test_generation_email_carries_its_pngs_and_records_emailed_at(
     generation = await make_generation(user, num_images=2, status=Status.SUCCEEDED)
     pngs = [b"\x89PNG\r\n\x1a\n" + os.urandom(3000) for _ in range(2)]
     for index, png in enumerate(pngs):
+        written = await write_image(result_object_key(generation.id, index), png)
         await GeneratedImage.create(
             generation=generation,
             index=index,
@@ -145,7 +148,9 @@ async def test_generation_email_carries_its_pngs_and_records_emailed_at(
             width=64,
             height=64,
             sha256=hashlib.sha256(png).hexdigest(),
-            png=png,
+            store=written.store,
+            object_key=written.object_key,
+            size=written.size,
         )
     row = await write_email(2, to=user.email, generation=generation)
     await send_due_emails(res)
@@ -275,7 +280,7 @@ async def test_an_email_that_cannot_be_built_gives_up_after_the_last_attempt(
     url, folder = sink
     res = with_settings(jobs_resources, smtp_url=url, outbox_max_attempts=2)
 
-    async def broken(row: OutboxEmail, *, mail_from: str) -> Any:
+    async def broken(row: OutboxEmail, *, mail_from: str, stores: Any) -> Any:
         raise ValueError("a bug in building the message")
 
     monkeypatch.setattr(outbox, "compose", broken)

@@ -46,6 +46,7 @@ from sdapi.db.models import (
 from sdapi.devtools.accounts import make_user
 from sdapi.infra.queue import create_queue_pool, enqueue, new_worker
 from sdapi.infra.streams import read_events
+from tests.image_support import stored_bytes
 from tests.node_double import NodeDouble, jobs_context
 from tests.support import until
 
@@ -120,7 +121,7 @@ async def test_a_result_delivered_twice_changes_nothing(node: NodeDouble) -> Non
         "index"
     )
     assert [(i.index, i.seed) for i in images] == [(0, 1234), (1, 1235)]
-    assert [bytes(i.png) for i in images] == [png for _, png in made]
+    assert [await stored_bytes(i) for i in images] == [png for _, png in made]
     assert len(await dones(node, job)) == 1
     assert await OutboxEmail.all().count() == 0  # delivery is download
 

@@ -25,7 +25,7 @@ from sdapi.db.models import (
 )
 from sdapi.db.premium import canonical_code, code_hash, new_code
 from sdapi.infra.registry import NodeRegistry
-from web.appkeys import redis_key
+from web.appkeys import redis_key, stores_key
 
 PASSWORD = "correct horse battery"
 
@@ -137,6 +137,7 @@ def jobs_resources(client: TestClient, smtp_url: str, tmp_path: Path) -> JobsRes
         redis=redis,
         registry=NodeRegistry(redis),
         stack=contextlib.AsyncExitStack(),
+        stores=client.app[stores_key],
     )
 
 

@@ -19,6 +19,7 @@ from sdapi.contract.nodes import LoraOffer
 from sdapi.contract.status import Status
 from sdapi.db.models import Generation, InputImage, User
 from sdapi.devtools.accounts import auth, make_user
+from tests.image_support import stored_bytes
 from tests.node_double import NodeDouble, node_info
 from tests.support import until
 
@@ -201,7 +202,7 @@ async def test_img2img_inpainting_blurs_and_inverts_the_mask(
     assert job.params.strength == 0.5
     assert job.params.mask_sha256 is not None
     stored = await InputImage.get(sha256=job.params.mask_sha256)
-    with Image.open(io.BytesIO(bytes(stored.data))) as sent:
+    with Image.open(io.BytesIO(await stored_bytes(stored))) as sent:
         # Inverted: the square is kept, the rest repainted; blurred edges.
         assert sent.getpixel((32, 32)) == 0
         assert sent.getpixel((2, 2)) == 255

@@ -545,11 +545,13 @@ async def test_tier_limits_are_enforced_below_the_models(
 
 
 def _png_queries(caplog: pytest.LogCaptureFixture) -> list[str]:
-    """SQL statements logged by Tortoise that read the `png` column."""
+    """SQL statements logged by Tortoise that read PNG bytes (the `postgres`
+    image store's table)."""
     return [
         record.getMessage()
         for record in caplog.records
-        if record.name == "tortoise.db_client" and '"png"' in record.getMessage()
+        if record.name == "tortoise.db_client"
+        and '"image_blobs"' in record.getMessage()
     ]
 
 

@@ -23,7 +23,7 @@ from sdapi.infra.announcements import announce_node
 from sdapi.infra.registry import NodeRegistry
 from sdapi.infra.streams import read_events
 from tests.node_double import node_info
-from web.appkeys import redis_key
+from web.appkeys import redis_key, stores_key
 from web.settings import WebSettings
 
 DELAY_S = 120
@@ -193,6 +193,7 @@ async def test_cancelling_a_scheduled_request_takes_it_out_of_its_window(
         redis=redis,
         registry=NodeRegistry(redis, cache_s=0),
         stack=contextlib.AsyncExitStack(),
+        stores=client.app[stores_key],
     )
     assert await dispatch_due(jobs) == 0
     assert await redis.zcard(batch_queue("tiny")) == 0

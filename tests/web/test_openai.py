@@ -12,6 +12,7 @@ from aiohttp.test_utils import TestClient
 from sdapi.contract.status import Status
 from sdapi.db.models import GeneratedImage, Generation
 from sdapi.devtools.accounts import auth, make_user
+from tests.image_support import stored_bytes
 from tests.node_double import NodeDouble, jobs_context
 from web.app import create_app
 from web.settings import WebSettings
@@ -61,7 +62,7 @@ async def test_the_official_client_gets_b64_json_images(
     assert response.created == int(generation.created_at.timestamp())
     stored = await GeneratedImage.filter(generation_id=generation.id).order_by("index")
     assert [base64.b64decode(item.b64_json or "") for item in response.data] == [
-        bytes(image.png) for image in stored
+        await stored_bytes(image) for image in stored
     ]
     assert all(item.url is None for item in response.data)
 
@@ -273,4 +274,4 @@ async def test_finishing_just_as_the_wait_times_out_answers_the_images(
     assert generation.status is Status.SUCCEEDED
     [item] = (await response.json())["data"]
     stored = await GeneratedImage.get(generation_id=generation.id)
-    assert base64.b64decode(item["b64_json"]) == bytes(stored.png)
+    assert base64.b64decode(item["b64_json"]) == await stored_bytes(stored)

@@ -15,6 +15,7 @@ from PIL import Image
 from sdapi.contract.names import input_key
 from sdapi.db.models import GeneratedImage, Generation
 from sdapi.devtools.accounts import auth, make_user
+from tests.image_support import stored_bytes
 from tests.node_double import NodeDouble
 
 EDITS = "/v1/images/edits"
@@ -72,7 +73,7 @@ async def test_images_edit_through_the_official_client(
     [generation] = await Generation.all()
     stored = await GeneratedImage.filter(generation_id=generation.id).order_by("index")
     assert [base64.b64decode(item.b64_json or "") for item in response.data] == [
-        bytes(image.png) for image in stored
+        await stored_bytes(image) for image in stored
     ]
 
 

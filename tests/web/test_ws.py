@@ -23,6 +23,7 @@ from sdapi.db.models import ApiToken, GeneratedImage, Generation, utcnow
 from sdapi.devtools.accounts import auth, make_user
 from sdapi.infra.registry import NodeRegistry
 from sdapi.infra.streams import append_event
+from tests.image_support import stored_bytes
 from tests.node_double import NodeDouble, jobs_context
 from tests.support import until
 from web import live_socket
@@ -762,7 +763,7 @@ async def test_image_frames_prefer_the_stored_png(
         frames = await until_done(ws, ident)
     [image] = [f for f in frames if f["type"] == "image"]
     stored = await GeneratedImage.get(generation_id=ident, index=0)
-    assert base64.b64decode(image["data"]) == bytes(stored.png)
+    assert base64.b64decode(image["data"]) == await stored_bytes(stored)
 
 
 async def test_subscribing_again_to_a_finished_generation_sends_nothing_twice(

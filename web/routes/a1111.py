@@ -18,7 +18,7 @@ from aiohttp import web
 from pydantic import BaseModel
 
 from sdapi.contract.status import Status, Tier
-from sdapi.db.models import GeneratedImage, Generation, InputRole, User
+from sdapi.db.models import Generation, InputRole, User
 from sdapi.infra.registry import ModelOffer
 from web.a1111_progress import running_progress
 from web.a1111_requests import (
@@ -44,6 +44,7 @@ from web.errors import (
     Unauthorized,
     ValidationFailed,
 )
+from web.generation_views import read_pngs, stored_images
 from web.generations import (
     cancel_generation,
     find_offer,
@@ -190,22 +191,17 @@ async def _generate(
     except ValidationFailed as exc:
         raise a1111_error(exc) from None
     await wait_for_generation(request, generation, app[settings_key].a1111_timeout)
-    rows = (
-        await GeneratedImage.filter(generation_id=generation.id)
-        .order_by("index")
-        .values_list("seed", "png")
-    )
+    images = (await stored_images([generation.id])).get(generation.id, [])
+    pngs = await read_pngs(app, images) if body.send_images else []
     await generation.refresh_from_db(fields=["started_at"])
     resolved = ResolvedRequest.model_validate(generation.request)
     answer = schemas.TextToImageResponse(
-        images=[base64.b64encode(bytes(png)).decode() for _, png in rows]
-        if body.send_images
-        else [],
+        images=[base64.b64encode(png).decode() for png in pngs],
         parameters=parameters(body),
         info=info(
             body,
             resolved,
-            [seed for seed, _ in rows],
+            [image.seed for image in images],
             generation_id=str(generation.id),
             started_at=generation.started_at,
         ),

@@ -12,12 +12,13 @@ from sdapi.db.models import Generation
 from sdapi.infra.links import image_path, link_is_valid
 from web.appkeys import redis_deadline_key, redis_key, settings_key
 from web.auth import Principal
+from web.downloads import send_image
 from web.errors import Conflict, NotFound, Unauthorized, from_validation_error
 from web.forms import is_form, read_form
 from web.generation_views import (
     image_headers,
-    image_png,
     list_own,
+    node_copy,
     present,
     stored_image,
     stored_images,
@@ -211,7 +212,13 @@ async def _download_generation(
     auth="optional",
     responses=[
         Response(200, "The PNG", content_type="image/png"),
+        Response(
+            302,
+            "With SDAPI_STORAGE_REDIRECT=true and an S3 store: to a presigned "
+            "URL of the PNG (Location), valid SDAPI_STORAGE_PRESIGN_S seconds",
+        ),
         Response(304, "Not modified (If-None-Match matched the ETag)"),
+        Response(410, "The image store no longer has this image", ErrorBody),
     ],
 )
 async def download_image(
@@ -229,14 +236,13 @@ async def download_image(
         f'"{stored.sha256}"'
     ):
         return web.Response(status=304, headers=image_headers(stored))
-    data = await image_png(request.app[redis_key], generation.id, index)
+    if stored is not None:
+        return await send_image(request, stored)
+    data = await node_copy(request.app[redis_key], generation.id, index)
     if data is None:
         raise NotFound("No such image (yet).")
-    if stored is None:
-        # The node's copy, before `jobs` stored it: not final, not cached.
-        headers = {"Content-Type": "image/png", "Cache-Control": "no-store"}
-    else:
-        headers = image_headers(stored)
+    # The node's copy, before `jobs` stored it: not final, not cached.
+    headers = {"Content-Type": "image/png", "Cache-Control": "no-store"}
     return web.Response(body=data, headers=headers)
 
 

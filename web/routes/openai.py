@@ -18,10 +18,10 @@ from aiohttp import web
 from pydantic import BaseModel, ValidationError
 
 from sdapi.contract.status import Tier
-from sdapi.db.models import GeneratedImage, Generation, InputRole
+from sdapi.db.models import Generation, InputRole
 from sdapi.infra.deadline import Deadline
 from sdapi.infra.links import signed_image_url
-from web.appkeys import decoders_key, redis_deadline_key, settings_key
+from web.appkeys import decoders_key, redis_deadline_key, settings_key, stores_key
 from web.auth import Principal, authenticate, bearer_secret
 from web.errors import (
     PremiumRequired,
@@ -30,9 +30,7 @@ from web.errors import (
     validation_details,
 )
 from web.forms import read_form
-from web.generation_views import (
-    stored_images,
-)
+from web.generation_views import read_pngs, stored_images
 from web.generations import (
     check_allowance,
     find_offer,
@@ -167,17 +165,11 @@ async def _images_response(
 ) -> web.Response:
     """A finished generation's images in OpenAI's response shape."""
     settings = app[settings_key]
+    images = (await stored_images([generation.id])).get(generation.id, [])
     if response_format == "b64_json":
-        pngs = (
-            await GeneratedImage.filter(generation_id=generation.id)
-            .order_by("index")
-            .values_list("png", flat=True)
-        )
-        data = [
-            ImageData(b64_json=base64.b64encode(bytes(png)).decode()) for png in pngs
-        ]
+        pngs = await read_pngs(app, images)
+        data = [ImageData(b64_json=base64.b64encode(png).decode()) for png in pngs]
     else:
-        images = (await stored_images([generation.id])).get(generation.id, [])
         data = [
             ImageData(
                 url=signed_image_url(
@@ -217,6 +209,7 @@ async def _edit_inputs(
         use=Use.IMAGE,
         limits=limits,
         decoders=decoders,
+        stores=app[stores_key],
         keep_alpha=True,
     )
     mask: CleanImage | None = None
@@ -228,6 +221,7 @@ async def _edit_inputs(
             use=Use.ALPHA_MASK,
             limits=limits,
             decoders=decoders,
+            stores=app[stores_key],
         )
     elif await decoders.run(user.id, partial(has_transparency, image)):
         # No mask: as OpenAI does, the image's own transparency is the mask.
@@ -238,6 +232,7 @@ async def _edit_inputs(
             use=Use.ALPHA_MASK,
             limits=limits,
             decoders=decoders,
+            stores=app[stores_key],
         )
     # Decoding and encoding again: CPU work of the same kind, in the same share.
     init = await decoders.run(user.id, partial(flatten, image))
