@@ -5,8 +5,8 @@ working at once on every replica, so an entry is served only while this
 replica hears the revocation broadcast (sdapi/contract/names.py), each
 revocation or user change heard drops what it names, a broadcast lost to a
 Redis restart empties the cache, and no entry outlives `token_cache_ttl_s`
-(an operator's `sdapi user set-premium`, which broadcasts nothing, shows
-within that). docs/ARCHITECTURE.md tells the whole story.
+(a change whose broadcast could not be published shows within that).
+docs/ARCHITECTURE.md ("The token cache") tells the whole story.
 """
 
 from __future__ import annotations
