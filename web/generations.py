@@ -45,7 +45,6 @@ from sdapi.db.input_images import (
 from sdapi.db.models import Delivery, Generation, InputRole, User, utcnow
 from sdapi.db.webhooks import queue_webhook_event
 from sdapi.infra.deadline import Deadline
-from sdapi.infra.fair_order import places_ahead
 from sdapi.infra.queue import (
     drop_waiting_job,
     enqueue_generation,
@@ -70,7 +69,7 @@ from web.errors import (
     ValidationFailed,
     field_error,
 )
-from web.eta import LiveState, eta_before_enqueue
+from web.eta import LiveState, place_and_eta
 from web.idempotency import IdempotencyClaim, find_replay, record
 from web.inputs import ResultRef, Source, check_mask_size, resolve_input
 from web.quota import Usage, insert_within_limits, usage
@@ -551,9 +550,8 @@ async def _enqueue_premium(
         # append `started` ahead of it; the jobs ahead of this one (running
         # ones included, as arq keeps them) are those before its fair place.
         owner = str(generation.user_id)
-        ahead = await places_ahead(redis, premium_queue(generation.model), owner)
-        eta = await eta_before_enqueue(
-            app, generation.model, job.params, ahead, deadline
+        ahead, eta = await place_and_eta(
+            app, generation.model, job.params, owner, deadline
         )
         queued = QueuedEvent(
             position=ahead,

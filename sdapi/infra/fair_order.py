@@ -67,6 +67,7 @@ from typing import TypedDict, cast
 
 from redis.asyncio import Redis
 from redis.asyncio.client import Pipeline
+from redis.exceptions import NoScriptError
 
 from sdapi.contract.names import (
     FAIR_STATE_TTL_S,
@@ -306,6 +307,30 @@ async def places_ahead(redis: Redis, queue: str, owner: str) -> int:
         args=[FAIR_BASE, ROUND_SLOTS, MAX_ROUND],
     )
     return ahead
+
+
+_PLACE_SHA = hashlib.sha1(_PLACE.encode(), usedforsecurity=False).hexdigest()
+
+
+def queue_places_ahead(pipe: Pipeline, queue: str, owner: str) -> None:
+    """`places_ahead` as one command of the caller's pipeline, by its SHA (as
+    `queue_enqueue_tagged`): give its reply to `places_ahead_reply`."""
+    keys = [queue, fair_clock_key(queue), fair_owner_key(queue, owner)]
+    pipe.execute_command(
+        "EVALSHA", _PLACE_SHA, len(keys), *keys, FAIR_BASE, ROUND_SLOTS, MAX_ROUND
+    )
+
+
+async def places_ahead_reply(
+    redis: Redis, reply: object, queue: str, owner: str
+) -> int:
+    """The places ahead from `queue_places_ahead`'s reply; asked again, with
+    the script loaded, when Redis did not know it (NoScriptError)."""
+    if isinstance(reply, NoScriptError):
+        return await places_ahead(redis, queue, owner)
+    if isinstance(reply, BaseException):
+        raise reply
+    return int(cast(int, reply))
 
 
 async def advance_clock(redis: Redis, queue: str, score: float) -> bool:
