@@ -115,6 +115,12 @@ class JobsSettings(CommonSettings):
     webhook_give_up_after: float = Field(default=24 * 3600.0, gt=0)
     # POSTs in flight at once per sender.
     webhook_concurrency: int = Field(default=16, ge=1)
+    # Objects queued for deletion (jobs/storage_deleter.py) go this often; a
+    # store that fails is tried again with exponential backoff from base to
+    # max seconds, for as long as it fails (no object is ever given up on).
+    storage_deletion_interval: float = Field(default=10.0, gt=0)
+    storage_deletion_backoff_base: float = Field(default=5.0, gt=0)
+    storage_deletion_backoff_max: float = Field(default=900.0, gt=0)
     # Send to loopback, private, link-local and metadata addresses too (only
     # where every receiver is trusted, e.g. development).
     webhook_allow_private: bool = False

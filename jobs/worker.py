@@ -60,6 +60,7 @@ def periodic_tasks(settings: JobsSettings) -> list[tuple[str, float, Periodic]]:
     from jobs.dispatcher import dispatch_due
     from jobs.email_sender import send_due_emails
     from jobs.reconciler import reconcile
+    from jobs.storage_deleter import delete_due_objects
     from jobs.webhook_sender import WEBHOOKS_TASK, send_due_webhooks
 
     return [
@@ -68,6 +69,7 @@ def periodic_tasks(settings: JobsSettings) -> list[tuple[str, float, Periodic]]:
         ("reconcile", settings.reconcile_interval, reconcile),
         ("cleanup", settings.cleanup_interval, clean_up),
         (WEBHOOKS_TASK, settings.webhook_interval, send_due_webhooks),
+        ("storage-deletions", settings.storage_deletion_interval, delete_due_objects),
     ]
 
 

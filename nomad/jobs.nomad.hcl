@@ -6,7 +6,8 @@
 #   nomad job run -var-file=nomad/vars/production.vars.hcl nomad/jobs.nomad.hcl
 #
 # Secrets come from the Nomad Variable nomad/jobs/sdapi-jobs (docs/DEPLOY.md):
-# db_password, secret_key (the same as web's), smtp_url (with its credentials).
+# db_password, secret_key (the same as web's), smtp_url (with its credentials);
+# and storage_url, s3_access_key_id, s3_secret_access_key as web's.
 
 variable "datacenters" {
   type        = list(string)
@@ -109,6 +110,15 @@ job "sdapi-jobs" {
           SDAPI_DATABASE_URL=postgres://sdapi:{{ .db_password }}@sdapi-postgres.service.consul/sdapi
           SDAPI_SECRET_KEY={{ .secret_key }}
           SDAPI_SMTP_URL={{ .smtp_url }}
+          {{- with .storage_url }}
+          SDAPI_STORAGE_URL={{ . }}
+          {{- end }}
+          {{- with .s3_access_key_id }}
+          AWS_ACCESS_KEY_ID={{ . }}
+          {{- end }}
+          {{- with .s3_secret_access_key }}
+          AWS_SECRET_ACCESS_KEY={{ . }}
+          {{- end }}
           {{- end }}
         EOT
       }

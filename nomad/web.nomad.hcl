@@ -7,7 +7,9 @@
 #   nomad job run -var-file=nomad/vars/production.vars.hcl nomad/web.nomad.hcl
 #
 # Secrets come from the Nomad Variable nomad/jobs/sdapi-web (docs/DEPLOY.md):
-# db_password, secret_key.
+# db_password, secret_key, metrics_token; and, for an image store other than
+# PostgreSQL, storage_url, storage_redirect, s3_access_key_id and
+# s3_secret_access_key (left out: images stay in PostgreSQL).
 
 variable "datacenters" {
   type        = list(string)
@@ -220,6 +222,18 @@ job "sdapi-web" {
           SDAPI_DATABASE_URL=postgres://sdapi:{{ .db_password }}@sdapi-postgres.service.consul/sdapi
           SDAPI_SECRET_KEY={{ .secret_key }}
           SDAPI_METRICS_TOKEN={{ .metrics_token }}
+          {{- with .storage_url }}
+          SDAPI_STORAGE_URL={{ . }}
+          {{- end }}
+          {{- with .storage_redirect }}
+          SDAPI_STORAGE_REDIRECT={{ . }}
+          {{- end }}
+          {{- with .s3_access_key_id }}
+          AWS_ACCESS_KEY_ID={{ . }}
+          {{- end }}
+          {{- with .s3_secret_access_key }}
+          AWS_SECRET_ACCESS_KEY={{ . }}
+          {{- end }}
           {{- end }}
         EOT
       }

@@ -44,6 +44,12 @@ def _migrate(args: argparse.Namespace) -> int:
     return migrate()
 
 
+def _storage_migrate(args: argparse.Namespace) -> int:
+    from sdapi.operator import migrate_storage
+
+    return migrate_storage(to=args.to, batch_size=args.batch_size)
+
+
 def _premium_code_create(args: argparse.Namespace) -> int:
     from sdapi.operator import create_premium_codes
 
@@ -100,6 +106,37 @@ def build_parser() -> argparse.ArgumentParser:
     create.add_argument("--days", type=_positive, required=True, help="premium days")
     create.add_argument("--count", type=_positive, default=1, help="how many codes")
     create.set_defaults(handler=_premium_code_create)
+
+    storage = add("storage", lambda _: 2, "Manage the image store.")
+    storage_commands = storage.add_subparsers(
+        dest="action", required=True, metavar="ACTION"
+    )
+    move = storage_commands.add_parser(
+        "migrate",
+        help="Move every image to another image store.",
+        description="Copy every image whose row names another store to the "
+        "store at --to, checking each by its SHA-256, and switch its row; the "
+        "old copies are deleted by `sdapi jobs` once downloads that started "
+        "from them are over. Runs while the service is live; run it again to "
+        "continue after an interruption. It does not change "
+        "SDAPI_STORAGE_URL: run it, set SDAPI_STORAGE_URL to the same URL on "
+        "web and jobs and restart them, then run it again for the images "
+        "written meanwhile (docs/DEPLOY.md). Exit status: 0 every image "
+        "moved, 1 some were not (run it again), 2 a bad URL.",
+    )
+    move.add_argument(
+        "--to",
+        required=True,
+        metavar="URL",
+        help="postgres, file:///path or s3://bucket/prefix?endpoint=URL&region=NAME",
+    )
+    move.add_argument(
+        "--batch-size",
+        type=_positive,
+        default=100,
+        help="rows read per query (default 100)",
+    )
+    move.set_defaults(handler=_storage_migrate)
 
     user = add("user", lambda _: 2, "Manage users.")
     user_commands = user.add_subparsers(dest="action", required=True, metavar="ACTION")

@@ -1,4 +1,4 @@
-"""Operator commands: migrations, premium codes, premium grants.
+"""Operator commands: migrations, premium codes, premium grants, image moves.
 
 They use SDAPI_DATABASE_URL, or else the embedded PostgreSQL of SDAPI_DATA_DIR
 (attached to while `sdapi dev` runs, started for the command otherwise, then
@@ -24,6 +24,7 @@ from tortoise.transactions import in_transaction
 
 from sdapi.contract.names import USERS_CHANGED_CHANNEL
 from sdapi.db.connection import apply_migrations, open_database
+from sdapi.db.image_store import ImageStores
 from sdapi.db.models import PremiumCode, User, utcnow
 from sdapi.db.premium import (
     MAX_DAYS,
@@ -33,7 +34,9 @@ from sdapi.db.premium import (
     new_code,
 )
 from sdapi.infra.logs import setup_logging
+from sdapi.infra.object_store import BadStoreUrl, parse_store_url
 from sdapi.infra.settings import CommonSettings
+from sdapi.storage_migration import StorageMover
 
 log = logging.getLogger(__name__)
 
@@ -70,10 +73,13 @@ def _database(settings: CommonSettings) -> Iterator[tuple[str, bool]]:
 
 
 def _run(
-    work: Callable[[str], Coroutine[Any, Any, int]], *, migrate_embedded: bool = True
+    work: Callable[[str], Coroutine[Any, Any, int]],
+    *,
+    migrate_embedded: bool = True,
+    settings: CommonSettings | None = None,
 ) -> int:
     """Settings, logging and a database for one command; errors as one line."""
-    settings = CommonSettings.from_env()
+    settings = settings or CommonSettings.from_env()
     setup_logging(settings.log_level)
     try:
         with _database(settings) as (url, embedded):
@@ -182,3 +188,57 @@ def set_premium(*, email: str, days: int) -> int:
         return EXIT_OK
 
     return _run(work)
+
+
+def migrate_storage(*, to: str, batch_size: int) -> int:
+    """`sdapi storage migrate --to URL`: move every image to the store at URL.
+
+    Exit 0 when every image is there, 1 when some are not (a rerun retries
+    them), 2 on a bad URL. SDAPI_STORAGE_URL is left for the operator.
+    """
+    try:
+        target = parse_store_url(to).location
+    except BadStoreUrl as exc:
+        _error(f"--to: {exc}")
+        return EXIT_USAGE
+    settings = CommonSettings.from_env()
+
+    async def work(url: str) -> int:
+        async with open_database(url, pool_size=4):
+            images = ImageStores(target, timeout_s=settings.storage_timeout)
+            try:
+                mover = StorageMover(
+                    images,
+                    presign_s=settings.storage_presign_s,
+                    batch_size=batch_size,
+                    progress=_report,
+                )
+                report = await mover.run()
+                left = await mover.to_move()
+            finally:
+                await images.close()
+        moved = report.moved
+        _report(
+            f"moved {report.total_moved} image(s) to {target} "
+            f"({moved.get('results', 0)} results, {moved.get('inputs', 0)} "
+            f"inputs); {report.gone} deleted or moved meanwhile; "
+            f"{len(report.failures)} failed"
+        )
+        for failure in report.failures:
+            _report(f"  not moved: {failure}")
+        if report.stopped:
+            _error("stopped: the stores kept failing; run the command again")
+        still = sum(left.values())
+        if still:
+            _report(
+                f"{still} image(s) still name another store "
+                "(failed, or written there since); run the command again"
+            )
+        else:
+            _report(
+                f"every image is in {target}; the old copies are deleted by "
+                "`sdapi jobs` once downloads that began before the move are over"
+            )
+        return EXIT_FAILED if report.failures or report.stopped else EXIT_OK
+
+    return _run(work, settings=settings)

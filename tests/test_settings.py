@@ -42,6 +42,8 @@ def _run(
         ("SDAPI_WEBHOOK_TIMEOUT", "40", "jobs"),
         ("SDAPI_NORMAL_DELAY", "-5", "web"),
         ("SDAPI_CONSUL_URL", "consul:8500", "web"),
+        ("SDAPI_STORAGE_URL", "s3://bucket/p?endpoint=ftp://x", "jobs"),
+        ("SDAPI_STORAGE_PRESIGN_S", "86400", "web"),
     ],
 )
 def test_bad_setting_is_one_clear_line(

@@ -13,6 +13,7 @@ retries; it never hangs a request.
 from __future__ import annotations
 
 import hashlib
+import posixpath
 import uuid
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
@@ -72,7 +73,8 @@ def parse_store_url(url: str) -> StoreSpec:
             raise BadStoreUrl("a file store is file:///absolute/path")
         if parts.query:
             raise BadStoreUrl("a file store takes no options")
-        path = "/" + parts.path.strip("/")
+        # One spelling per folder ("/a//b/" is "/a/b"): rows name it.
+        path = posixpath.normpath("/" + parts.path.strip("/"))
         return StoreSpec(kind="file", location=f"file://{path}", path=path)
     if parts.scheme == "s3":
         bucket = parts.netloc

@@ -17,8 +17,7 @@ from sdapi.db.models import (
     utcnow,
 )
 from sdapi.devtools.accounts import make_user
-from sdapi.infra.object_store import input_object_key
-from tests.image_support import write_image
+from tests.image_support import image_bytes, stored_input
 from tests.jobs.conftest import make_generation
 
 
@@ -28,18 +27,7 @@ async def test_inputs_go_with_their_last_generation_and_old_keys_expire(
     user = (await make_user(premium=False)).user
     first = await make_generation(user)
     second = await make_generation(user)
-    image_id = uuid.uuid4()
-    written = await write_image(input_object_key(user.id, image_id), b"png")
-    image = await InputImage.create(
-        id=image_id,
-        user=user,
-        sha256="a" * 64,
-        store=written.store,
-        object_key=written.object_key,
-        size=written.size,
-        width=8,
-        height=8,
-    )
+    image = await stored_input(jobs_resources.stores, user, image_bytes())
     for generation in (first, second):
         await GenerationInput.create(
             id=uuid.uuid4(),
@@ -73,5 +61,5 @@ async def test_inputs_go_with_their_last_generation_and_old_keys_expire(
     await Generation.filter(id=second.id).delete()
     assert (await clean_up(jobs_resources)).input_images == 1
     assert not await InputImage.filter(id=image.id).exists()
-    # The row's trigger took the bytes with it (the `postgres` store).
-    assert not await ImageBlob.filter(key=written.object_key).exists()
+    # Its bytes went with it (tests/jobs/test_storage_deleter.py: other stores).
+    assert not await ImageBlob.filter(key=image.object_key).exists()

@@ -40,7 +40,7 @@ from tests.nomad.rules import (
 )
 from web.settings import WebSettings
 
-JOBS = ("web", "jobs", "gpu-node", "redis", "postgres", "traefik")
+JOBS = ("web", "jobs", "gpu-node", "redis", "postgres", "traefik", "garage")
 ENVIRONMENTS = ("production", "staging")
 MODELS = sorted(
     p.stem.removesuffix(".vars") for p in (NOMAD_DIR / "vars/models").glob("*.vars.hcl")
@@ -404,10 +404,14 @@ def test_a_literal_password_is_caught() -> None:
     ]
 
 
+# The image store's settings and credentials (web and jobs).
+STORE = ("SDAPI_STORAGE_URL", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY")
+
+
 def test_secrets_come_from_nomad_variables() -> None:
     wanted = {
-        "web": ("SDAPI_DATABASE_URL", "SDAPI_SECRET_KEY"),
-        "jobs": ("SDAPI_DATABASE_URL", "SDAPI_SECRET_KEY", "SDAPI_SMTP_URL"),
+        "web": ("SDAPI_DATABASE_URL", "SDAPI_SECRET_KEY", *STORE),
+        "jobs": ("SDAPI_DATABASE_URL", "SDAPI_SECRET_KEY", "SDAPI_SMTP_URL", *STORE),
         "postgres": ("POSTGRES_PASSWORD",),
     }
     for job_name, names in wanted.items():
@@ -419,6 +423,83 @@ def test_secrets_come_from_nomad_variables() -> None:
             for name in names:
                 if name in env:
                     assert "{{ ." in env[name]
+
+
+def env_of(job_name: str, task_name: str) -> dict[str, str]:
+    _, job = job_of(load(job_path(job_name)))
+    (task,) = [task for _, name, task in tasks(job) if name == task_name]
+    return task_environment(task)
+
+
+def test_web_and_jobs_read_the_same_store_from_their_variables() -> None:
+    """Every image is written by jobs and read by web: one store, one key."""
+    web, jobs = env_of("web", "web"), env_of("jobs", "jobs")
+    assert web["SDAPI_STORAGE_REDIRECT"] == "{{ . }}"
+    for name in STORE:
+        assert web[name] == jobs[name] == "{{ . }}", name
+    for job_name in ("web", "jobs"):
+        text = job_path(job_name).read_text()
+        # Optional: a Variable without them keeps the images in PostgreSQL
+        # (a missing key would render "<no value>" and stop the process).
+        for key in ("storage_url", "s3_access_key_id", "s3_secret_access_key"):
+            assert f"{{{{- with .{key} }}}}" in text, (job_name, key)
+    # The store's settings are read by the processes that get them.
+    assert {"SDAPI_STORAGE_URL", "SDAPI_STORAGE_REDIRECT"} <= env_names(WebSettings)
+    assert "SDAPI_STORAGE_URL" in env_names(JobsSettings)
+
+
+def garage_config() -> str:
+    _, job = job_of(load(job_path("garage")))
+    ((_, _, task),) = list(tasks(job))
+    ((template,),) = [items(task, "template")]
+    assert template["destination"].startswith("secrets/")
+    return template_data(template)
+
+
+@pytest.mark.parametrize("environment", ENVIRONMENTS)
+def test_garage_keeps_as_many_copies_as_it_has_machines_for(environment: str) -> None:
+    values = var_values("garage", *environment_files("garage", environment)[0])
+    assert 1 <= values["replication_factor"] <= values["garage_count"]
+    _, job = job_of(load(job_path("garage")))
+    ((_, group),) = list(labelled(job, "group"))
+    assert {"operator": "distinct_hosts", "value": "true"} in items(group, "constraint")
+    assert "replication_factor = ${var.replication_factor}" in garage_config()
+
+
+def test_garage_keeps_its_data_on_a_host_volume_and_its_secrets_in_variables() -> None:
+    _, job = job_of(load(job_path("garage")))
+    ((_, group),) = list(labelled(job, "group"))
+    ((_, volume),) = list(labelled(group, "volume"))
+    assert volume["type"] == "host"
+    ((_, _, task),) = list(tasks(job))
+    ((mount,),) = [items(task, "volume_mount")]
+    config = garage_config()
+    for key in ("metadata_dir", "data_dir"):
+        (line,) = [line for line in config.splitlines() if line.startswith(key)]
+        assert line.split("=")[1].strip().strip('"').startswith(mount["destination"])
+    assert 'rpc_secret = "{{ .rpc_secret }}"' in config
+    assert 'admin_token = "{{ .admin_token }}"' in config
+    assert 'nomadVar "nomad/jobs/sdapi-garage"' in config
+    ((config_block,),) = [items(task, "config")]
+    assert config_block["args"][:2] == ["-c", "/secrets/garage.toml"]
+
+
+def test_the_s3_endpoint_is_routed_by_host_and_checked_by_garage() -> None:
+    _, job = job_of(load(job_path("garage")))
+    (service,) = list(services(job))
+    assert "traefik.enable=true" in service["tags"]
+    assert (
+        "traefik.http.routers.sdapi-s3.rule=Host(`${var.s3_host}`)" in (service["tags"])
+    )
+    (check,) = items(service, "check")
+    assert (check["port"], check["path"]) == ("admin", "/health")
+    config = garage_config()
+    # Garage listens where Nomad gave it ports, and signs for the region
+    # that SDAPI_STORAGE_URL names.
+    for port in ("s3", "rpc", "admin"):
+        assert f'{{{{ env "NOMAD_PORT_{port}" }}}}' in config
+    assert 's3_region = "${var.s3_region}"' in config
+    assert 'consul_http_addr = "http://127.0.0.1:8500"' in config
 
 
 _IP = re.compile(r"\b\d{1,3}(?:\.\d{1,3}){3}\b")
