@@ -11,6 +11,11 @@ premium submits only queue, which is what is measured), then:
            event from its append to its arrival at every client.
 
     .venv/bin/python bench/web_load.py [--seconds 15] [--sockets 1000]
+
+To compare trees side by side in one run (say, main checked out in
+/tmp/before), `--trees before=/tmp/before after=.` starts one `sdapi web`
+per tree on the same databases and alternates the submit load between them
+`--rounds` times (no baseline, no fan-out).
 """
 
 from __future__ import annotations
@@ -210,8 +215,11 @@ async def run_web(
     redis_url: str,
     port: int,
     extra: dict[str, str],
+    tree: Path = REPO,
 ) -> subprocess.Popen[bytes]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("SDAPI_")}
+    # The tree's own code, whichever checkout the venv was installed from.
+    env["PYTHONPATH"] = str(tree)
     env.update(
         {
             "SDAPI_DATABASE_URL": database_url,
@@ -223,16 +231,65 @@ async def run_web(
             **extra,
         }
     )
-    log = (root / "web.log").open("wb")
+    log = (root / f"web-{port}.log").open("wb")
     # Started once, before anything is measured: blocking is fine here.
     process = subprocess.Popen(  # noqa: ASYNC220
         [sys.executable, "-m", "sdapi", "web"],
         env=env,
         stdout=log,
         stderr=subprocess.STDOUT,
+        cwd=tree,
     )
     await wait_ready(f"http://127.0.0.1:{port}/readyz")
     return process
+
+
+WEB_SETTINGS = {"SDAPI_PREMIUM_MAX_IN_FLIGHT": "100000"}
+
+
+async def compare(
+    seconds: float, trees: dict[str, Path], rounds: int
+) -> dict[str, list[dict[str, Any]]]:
+    """Alternate the submit load between one web per tree, `rounds` times."""
+    results: dict[str, list[dict[str, Any]]] = {name: [] for name in trees}
+    with tempfile.TemporaryDirectory() as folder:
+        root = Path(folder)
+        with (
+            embedded_postgres(root / "pg", database="bench") as database_url,
+            EmbeddedValkey(root / "valkey") as valkey,
+        ):
+            await apply_migrations(database_url)
+            webs: dict[str, tuple[str, subprocess.Popen[bytes]]] = {}
+            try:
+                for name, tree in trees.items():
+                    port = free_port()
+                    process = await run_web(
+                        root, database_url, valkey.url, port, WEB_SETTINGS, tree
+                    )
+                    url = f"http://127.0.0.1:{port}/api/v1/generations"
+                    webs[name] = (url, process)
+                users = await make_users(database_url, USERS)
+                for url, _ in webs.values():
+                    await load(url, users, 2)  # warm-up
+                for n in range(rounds):
+                    for name, (url, _) in webs.items():
+                        result = await load(url, users, seconds)
+                        result["load_avg"] = os.getloadavg()[0]
+                        results[name].append(result)
+                        report(f"round {n + 1} {name}", result)
+            finally:
+                for _, process in webs.values():
+                    process.terminate()
+                    process.wait()
+    for name, runs in results.items():
+        rates = sorted(run["rps"] for run in runs)
+        p99s = sorted(run["p99_ms"] for run in runs)
+        print(
+            f"{name}: median {statistics.median(rates):.0f} req/s "
+            f"(range {rates[0]:.0f}-{rates[-1]:.0f}), median p99 "
+            f"{statistics.median(p99s):.1f} ms over {len(runs)} runs"
+        )
+    return results
 
 
 async def main(seconds: float, sockets: int, events: int) -> None:
@@ -251,7 +308,7 @@ async def main(seconds: float, sockets: int, events: int) -> None:
                 valkey.url,
                 port,
                 {
-                    "SDAPI_PREMIUM_MAX_IN_FLIGHT": "100000",
+                    **WEB_SETTINGS,
                     "SDAPI_WS_MAX_SOCKETS_PER_USER": str(sockets),
                     "SDAPI_WS_MAX_RELAYS": "64",
                     # Every socket comes from this one address.
@@ -304,5 +361,20 @@ if __name__ == "__main__":
     parser.add_argument("--seconds", type=float, default=15)
     parser.add_argument("--sockets", type=int, default=1000)
     parser.add_argument("--events", type=int, default=20)
+    parser.add_argument(
+        "--trees",
+        nargs="+",
+        metavar="NAME=PATH",
+        help="compare the submit load of these checkouts, alternately",
+    )
+    parser.add_argument("--rounds", type=int, default=3)
     args = parser.parse_args()
-    asyncio.run(main(args.seconds, args.sockets, args.events))
+    if args.trees:
+        print(machine())
+        trees = {
+            name: Path(path).resolve()
+            for name, _, path in (tree.partition("=") for tree in args.trees)
+        }
+        asyncio.run(compare(args.seconds, trees, args.rounds))
+    else:
+        asyncio.run(main(args.seconds, args.sockets, args.events))

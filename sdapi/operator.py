@@ -13,12 +13,16 @@ import asyncio
 import contextlib
 import logging
 import sys
+import uuid
 from collections.abc import Callable, Coroutine, Iterator
 from typing import Any
 
+from redis.asyncio import Redis
+from redis.exceptions import RedisError
 from tortoise.exceptions import BaseORMException
 from tortoise.transactions import in_transaction
 
+from sdapi.contract.names import USERS_CHANGED_CHANNEL
 from sdapi.db.connection import apply_migrations, open_database
 from sdapi.db.image_store import ImageStores
 from sdapi.db.models import PremiumCode, User, utcnow
@@ -139,6 +143,30 @@ def create_premium_codes(*, days: int, count: int) -> int:
     return status
 
 
+# How long telling the web replicas of a changed user may take (seconds).
+ANNOUNCE_TIMEOUT_S = 2.0
+
+
+async def _announce_user_changed(user_id: uuid.UUID) -> None:
+    """Web replicas drop the user's cached tokens (the change shows at once
+    rather than after `token_cache_ttl_s`)."""
+    url = CommonSettings.from_env().redis_url
+    if url is None:
+        return
+    client = Redis.from_url(url)
+    try:
+        async with asyncio.timeout(ANNOUNCE_TIMEOUT_S):
+            await client.publish(USERS_CHANGED_CHANNEL, str(user_id).encode())
+    except (RedisError, OSError, TimeoutError) as exc:
+        log.warning(
+            "web replicas not told of the change (%s): it shows within "
+            "their token cache's age",
+            exc,
+        )
+    finally:
+        await client.aclose()
+
+
 def set_premium(*, email: str, days: int) -> int:
     """`sdapi user set-premium`: add `days` of premium to the account of `email`."""
     if not _check_days(days):
@@ -153,6 +181,7 @@ def set_premium(*, email: str, days: int) -> int:
                     _error(f"no account with the email address {email.strip()!r}")
                     return EXIT_FAILED
                 user = await add_premium_days(user.id, days, utcnow())
+        await _announce_user_changed(user.id)
         until = user.premium_until
         shown = f"{until:%Y-%m-%d %H:%M:%S} UTC" if until else "?"
         sys.stdout.write(f"{user.email} is premium until {shown}\n")

@@ -26,6 +26,8 @@ from sdapi.infra.fair_order import (
     advance_clock,
     fair_round,
     places_ahead,
+    places_ahead_reply,
+    queue_places_ahead,
 )
 from sdapi.infra.queue import (
     QueuePool,
@@ -96,6 +98,20 @@ async def serving(worker: QueueWorker) -> AsyncIterator[None]:
         with contextlib.suppress(asyncio.CancelledError):
             await task
         await asyncio.gather(*running_jobs(worker), return_exceptions=True)
+
+
+async def test_the_place_read_in_a_pipeline_is_places_ahead(pool: QueuePool) -> None:
+    """By SHA in the caller's pipeline, loaded again after Redis lost it."""
+    for job_id, owner in [("A1", "a"), ("A2", "a"), ("B1", "b")]:
+        assert await put(pool, job_id, owner) is not None
+    for flushed in (True, False):
+        if flushed:
+            await pool.script_flush()
+        async with pool.pipeline(transaction=False) as pipe:
+            queue_places_ahead(pipe, QUEUE, "c")
+            [reply] = await pipe.execute(raise_on_error=False)
+        assert await places_ahead_reply(pool, reply, QUEUE, "c") == 2
+        assert await places_ahead(pool, QUEUE, "a") == 3
 
 
 async def test_users_take_turns_and_ties_go_by_arrival(pool: QueuePool) -> None:

@@ -14,11 +14,14 @@ from pathlib import Path
 from typing import TypeVar
 
 import pytest
+from redis.asyncio import Redis
 
+from sdapi.contract.names import USERS_CHANGED_CHANNEL
 from sdapi.db.connection import open_database
 from sdapi.db.models import PremiumCode, User, utcnow
 from sdapi.db.premium import canonical_code, code_hash
 from tests.conftest import _admin, _with_database
+from tests.support import until
 
 pytestmark = pytest.mark.slow
 
@@ -120,6 +123,38 @@ def test_set_premium_adds_to_the_time_left(
     )
     assert result.returncode == 0, result.stderr
     assert run_db(clean_db, premium_until) == first + timedelta(days=2)
+
+
+def test_set_premium_tells_the_web_replicas(
+    env: dict[str, str], clean_db: str, clean_redis: str, tmp_path: Path
+) -> None:
+    """Their token caches drop the user, so the grant shows at once."""
+
+    async def create_user() -> User:
+        return await User.create(
+            email="vip@example.org", email_key="vip@example.org", password_hash="x"
+        )
+
+    user = run_db(clean_db, create_user)
+
+    async def heard() -> bytes:
+        client = Redis.from_url(clean_redis)
+        async with client.pubsub(ignore_subscribe_messages=True) as pubsub:
+            await pubsub.subscribe(USERS_CHANGED_CHANNEL)
+            result = await asyncio.to_thread(
+                sdapi,
+                *("user", "set-premium", "vip@example.org", "--days", "1"),
+                env={**env, "SDAPI_REDIS_URL": clean_redis},
+                cwd=tmp_path,
+            )
+            assert result.returncode == 0, result.stderr
+            # Ignored subscribe confirmations come back as None first.
+            message = await until(lambda: pubsub.get_message(timeout=1), what="it")
+        await client.aclose()
+        data: bytes = message["data"]
+        return data
+
+    assert asyncio.run(heard()) == str(user.id).encode()
 
 
 def test_set_premium_for_an_unknown_email_is_one_clear_line(

@@ -274,6 +274,25 @@ INTERNALS = (
         "lock one table of a joined query and empty the tables in tests",
     ),
     Internal(
+        "tortoise.models:MetaInfo.fields_db_projection",
+        "tortoise-orm",
+        "sdapi/db/connection.py (insert_columns)",
+        "list a model's columns for web/quota.py's guarded INSERT ... SELECT",
+    ),
+    Internal(
+        "tortoise.models:MetaInfo.fields_map",
+        "tortoise-orm",
+        "sdapi/db/connection.py (insert_columns)",
+        "turn each field's value into what the database takes",
+    ),
+    Internal(
+        "tortoise.fields.base:Field.get_for_dialect",
+        "tortoise-orm",
+        "sdapi/db/connection.py (insert_columns)",
+        "cast each parameter of the guarded INSERT ... SELECT to its column's type",
+        parameters=("dialect", "key"),
+    ),
+    Internal(
         "tortoise.models:MetaInfo.db",
         "tortoise-orm",
         "sdapi/db/connection.py (model_connection)",
@@ -517,6 +536,22 @@ def test_private_api_tortoise_meta() -> None:
         f"tortoise-orm {version('tortoise-orm')}: MetaInfo.db is no longer the "
         "model's connection; sdapi/db/connection.py (model_connection) reads it"
     )
+
+
+def test_private_api_tortoise_saved_in_db() -> None:
+    """mark_inserted sets `Model._saved_in_db` (an instance attribute), which
+    Tortoise checks before it takes an instance as a foreign key."""
+    from sdapi.db.connection import mark_inserted
+    from sdapi.db.models import Generation
+
+    generation = Generation()
+    gone = (
+        f"tortoise-orm {version('tortoise-orm')}: Model._saved_in_db changed; "
+        "sdapi/db/connection.py (mark_inserted) sets it"
+    )
+    assert generation._saved_in_db is False, gone
+    mark_inserted(generation)
+    assert generation._saved_in_db is True, gone
 
 
 def test_private_api_diffusers_signature_keys() -> None:

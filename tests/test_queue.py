@@ -10,12 +10,17 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import inspect
+import uuid
 from collections.abc import AsyncIterator
 from typing import Any, get_type_hints
 
 import pytest
 from arq.constants import in_progress_key_prefix, job_key_prefix
 
+from sdapi.contract.events import QueuedEvent
+from sdapi.contract.names import events_key, premium_queue, wake_channel
+from sdapi.contract.payloads import GenerationJob, GenerationParams
+from sdapi.contract.status import Tier
 from sdapi.infra.queue import (
     Lease,
     QueuedJob,
@@ -27,6 +32,7 @@ from sdapi.infra.queue import (
     create_queue_pool,
     deserialize,
     enqueue,
+    enqueue_generation,
     job_info,
     job_is_live,
     job_is_running,
@@ -39,6 +45,7 @@ from sdapi.infra.queue import (
     running_jobs,
     serialize,
 )
+from sdapi.infra.streams import read_events
 from tests.support import until
 
 QUEUE = "sdapi:test:adapter"
@@ -313,3 +320,50 @@ async def test_the_jobs_ahead_follow_the_rank_order_with_their_payloads(
     await pool.delete(job_key_prefix + "a")
     _, ahead = await order_of(pool, "b")
     assert ahead[1] == QueuedJob("a", None, running=True)
+
+
+async def test_a_generation_goes_in_one_round_trip_with_its_events_first(
+    pool: QueuePool,
+) -> None:
+    """enqueue_generation pipelines the events, the fair enqueue and the
+    wake-up; a Redis that lost its scripts (restarted) gets them loaded."""
+    job = GenerationJob(
+        generation_id=uuid.uuid4(),
+        model="tiny",
+        tier=Tier.PREMIUM,
+        params=GenerationParams(
+            prompt="a cat",
+            width=64,
+            height=64,
+            steps=4,
+            guidance_scale=7.5,
+            seed=1,
+            num_images=1,
+            scheduler="euler",
+        ),
+        attempt=1,
+    )
+    queue = premium_queue("tiny")
+    woken: list[bytes] = []
+    async with pool.pubsub(ignore_subscribe_messages=True) as pubsub:
+        await pubsub.subscribe(wake_channel(queue))
+        for flushed in (True, False):
+            if flushed:
+                await pool.script_flush()
+            attempt = job.model_copy(update={"attempt": 1 if flushed else 2})
+            queued = QueuedEvent(position=0, waiting_for_node=False)
+            assert await enqueue_generation(
+                pool, attempt, owner="u", events=[(job.generation_id, queued)]
+            )
+            message = await until(lambda: pubsub.get_message(timeout=1), what="wake")
+            woken.append(message["data"])
+        # A duplicate is refused, its events still appended.
+        again = job.model_copy(update={"attempt": 2})
+        assert not await enqueue_generation(
+            pool, again, owner="u", events=[(job.generation_id, queued)]
+        )
+    assert woken == [b"", b""]
+    assert await pool.zcard(queue) == 2
+    events = await read_events(pool, job.generation_id)
+    assert [type(event) for _, event in events] == [QueuedEvent] * 3
+    assert await pool.ttl(events_key(job.generation_id)) > 0

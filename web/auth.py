@@ -13,7 +13,8 @@ from sdapi.contract.status import Tier
 from sdapi.db.models import ApiToken, TokenKind, User, utcnow
 from web.appkeys import settings_key
 from web.errors import Forbidden, Unauthorized
-from web.tokens import find_token, find_token_by_id, note_use
+from web.token_cache import cached_lookup
+from web.tokens import find_token, find_token_by_id, hash_secret, note_use
 
 CSRF_HEADER = "X-CSRF-Token"
 SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
@@ -60,7 +61,9 @@ async def authenticate(
     principal: Principal | None = None
     secret = token or bearer_secret(request)
     if secret is not None:
-        found = await find_token(secret)
+        found = await cached_lookup(
+            request.app, hash_secret(secret), lambda: find_token(secret)
+        )
         if found is None:
             raise Unauthorized("The token is invalid, expired or revoked.")
         await note_use(found)

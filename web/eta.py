@@ -34,6 +34,7 @@ from sdapi.infra.eta import (
     queued_eta,
     running_eta,
 )
+from sdapi.infra.fair_order import places_ahead_reply, queue_places_ahead
 from sdapi.infra.queue import QueuedJob, QueueOrder
 from sdapi.infra.registry import NodesUnknown
 from web.appkeys import redis_key, registry_key
@@ -269,31 +270,41 @@ async def _read_ahead(
     return own, _ahead(jobs, progress)
 
 
-async def eta_before_enqueue(
+async def place_and_eta(
     app: web.Application,
     model: str,
     params: GenerationParams,
-    place: int,
+    owner: str,
     deadline: Deadline,
-) -> Eta | None:
-    """The estimated time of a premium job about to be enqueued at `place`
-    (the jobs ranked before it then), for its `queued` event; None when it
-    cannot be known, or Redis failed (the enqueue matters more)."""
-    order = QueueOrder(premium_queue(model), None, place=place)
+) -> tuple[int, Eta | None]:
+    """Where a premium job of `owner` enqueued now goes (the jobs ranked
+    before it then, `places_ahead`) and its estimated time, for its `queued`
+    event, read in one round trip (two with jobs ahead and known speeds).
+    The estimate is None when it cannot be known, or Redis failed past the
+    place (the enqueue matters more); a failure to place raises."""
+    queue = premium_queue(model)
+    redis = app[redis_key]
+    order = QueueOrder(queue, None)
     nodes = await _nodes(app, model, deadline)
+    async with redis.pipeline(transaction=False) as pipe:
+        queue_places_ahead(pipe, queue, owner)
+        order.ask_rank(pipe)
+        pipe.hgetall(speed_key(model))
+        first = await deadline.run(pipe.execute(raise_on_error=False))
+    place = await deadline.run(places_ahead_reply(redis, first[0], queue, owner))
     try:
-        async with app[redis_key].pipeline(transaction=False) as pipe:
-            order.ask_rank(pipe)
-            pipe.hgetall(speed_key(model))
-            first = await deadline.run(pipe.execute())
-        order.take_rank(first[:2])
-        speeds = Speeds.parse(first[2], time.time(), prefer=[n.node_id for n in nodes])
+        for reply in first[1:]:
+            if isinstance(reply, RedisError):
+                raise reply
+        order.place = place
+        order.take_rank(first[1:3])
+        speeds = Speeds.parse(first[3], time.time(), prefer=[n.node_id for n in nodes])
         if not speeds.known or not nodes:
-            return None
+            return place, None
         ahead: list[Ahead] = []
         if order.ids:
             _, ahead = await _read_ahead(app, [order], None, deadline)
     except RedisError:
         log.warning("no estimate for a job on %s: Redis failed", model)
-        return None
-    return queued_eta(speeds, Work.of(params), ahead, nodes, unread=order.unread)
+        return place, None
+    return place, queued_eta(speeds, Work.of(params), ahead, nodes, unread=order.unread)

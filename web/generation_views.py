@@ -27,7 +27,7 @@ from sdapi.infra.links import image_path
 from sdapi.infra.object_store import ObjectMissing, StoreUnavailable
 from web.appkeys import redis_key, registry_key, settings_key, stores_key
 from web.errors import field_error
-from web.eta import live_state
+from web.eta import LiveState, live_state
 from web.schemas import generations as schemas
 from web.schemas.webhooks import WebhookState
 
@@ -154,12 +154,15 @@ async def present(
     images: list[StoredImage] | None = None,
     *,
     deadline: Deadline,
+    live: LiveState | None = None,
 ) -> schemas.GenerationView:
     """The public view of a generation, with live queue position, progress
-    and estimated time as far as Redis answers within `deadline`."""
+    and estimated time as far as Redis answers within `deadline` (or as
+    `live` gives them, when the caller has just learned them)."""
     if images is None:
         images = (await stored_images([generation.id])).get(generation.id, [])
-    live = await live_state(app, generation, deadline)
+    if live is None:
+        live = await live_state(app, generation, deadline)
     eta_s, eta = eta_fields(live.eta)
     return schemas.GenerationView(
         id=str(generation.id),

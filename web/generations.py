@@ -34,6 +34,7 @@ from sdapi.contract.payloads import (
 )
 from sdapi.contract.status import TERMINAL_STATUSES, Status, Tier
 from sdapi.contract.webhooks import WebhookEvent
+from sdapi.db.connection import mark_inserted
 from sdapi.db.input_images import (
     InputsChanged,
     PreparedInput,
@@ -44,14 +45,13 @@ from sdapi.db.input_images import (
 from sdapi.db.models import Delivery, Generation, InputRole, User, utcnow
 from sdapi.db.webhooks import queue_webhook_event
 from sdapi.infra.deadline import Deadline
-from sdapi.infra.fair_order import places_ahead
 from sdapi.infra.queue import (
     drop_waiting_job,
     enqueue_generation,
     request_cancel,
 )
 from sdapi.infra.registry import ModelOffer
-from sdapi.infra.streams import append_done, append_event
+from sdapi.infra.streams import append_done
 from web.appkeys import (
     decoders_key,
     redis_key,
@@ -69,10 +69,10 @@ from web.errors import (
     ValidationFailed,
     field_error,
 )
-from web.eta import eta_before_enqueue
+from web.eta import LiveState, place_and_eta
 from web.idempotency import IdempotencyClaim, find_replay, record
 from web.inputs import ResultRef, Source, check_mask_size, resolve_input
-from web.quota import Usage, usage
+from web.quota import Usage, insert_within_limits, usage
 from web.schemas import generations as schemas
 from web.settings import TierLimits
 from web.uploads import CleanImage, Use, fit_size
@@ -399,6 +399,24 @@ async def submit_generation(
     and nothing else happens (no quota, no enqueue). Its Redis work stays
     within `deadline`: an enqueue cut short is left to the reconciler.
     """
+    generation, _ = await submit_and_place(
+        app, principal, body, inputs, deadline=deadline, idempotency=idempotency
+    )
+    return generation
+
+
+async def submit_and_place(
+    app: web.Application,
+    principal: Principal,
+    body: schemas.GenerationRequest,
+    inputs: Mapping[InputRole, CleanImage] | None = None,
+    *,
+    deadline: Deadline,
+    idempotency: IdempotencyClaim | None = None,
+) -> tuple[Generation, LiveState | None]:
+    """`submit_generation`, and the live state a premium enqueue just placed
+    it in (its position and estimate, as its `queued` event tells them):
+    what the 202 shows without asking Redis again. None when not known."""
     settings = app[settings_key]
     now = utcnow()
     # Before validation: an unverified account can send nothing, valid or not.
@@ -409,7 +427,7 @@ async def submit_generation(
         # the quota is spent or the model's nodes are gone since.
         replay = await find_replay(principal.user.id, idempotency, now)
         if replay is not None:
-            return replay
+            return replay, None
     inputs = dict(inputs or {})
     await check_webhook(app, body.webhook)
     offer = await find_offer(
@@ -419,7 +437,7 @@ async def submit_generation(
     limits = settings.limits(tier)
 
     async def create(prepared: Mapping[InputRole, PreparedInput]) -> Generation:
-        async with in_transaction():
+        async with in_transaction() as connection:
             # The user's row lock serialises their concurrent requests, so two
             # of them cannot both take the last slot of the quota.
             user = await User.select_for_update().get(id=principal.user.id)
@@ -428,9 +446,8 @@ async def submit_generation(
                 replay = await find_replay(user.id, idempotency, now)
                 if replay is not None:
                     raise _Replayed(replay)
-            _check_limits(limits, await usage(user, now), request.num_images, now)
             premium = tier is Tier.PREMIUM
-            generation = await Generation.create(
+            generation = Generation(
                 id=uuid.uuid4(),
                 user=user,
                 tier=tier,
@@ -455,6 +472,18 @@ async def submit_generation(
                 webhook_url=request.webhook.url if request.webhook else None,
                 webhook_events=list(request.webhook.events) if request.webhook else [],
             )
+            # The quota check and the insert in one statement, under the lock.
+            added, used = await insert_within_limits(
+                connection,
+                generation,
+                now=now,
+                images_per_day=limits.images_per_day,
+                max_in_flight=limits.max_in_flight,
+            )
+            if not added:
+                _check_limits(limits, used, request.num_images, now)
+                raise AssertionError(f"{used} refused a request within {limits}")
+            mark_inserted(generation)
             await store_inputs(user, generation, prepared)
             if idempotency is not None:
                 await record(user, idempotency, generation, now)
@@ -473,9 +502,9 @@ async def submit_generation(
                 await write_new_inputs(stores, principal.user.id, inputs)
             )
     except _Replayed as replayed:
-        return replayed.generation
+        return replayed.generation, None
     if generation.tier is Tier.PREMIUM:
-        await _enqueue_premium(
+        placed = await _enqueue_premium(
             app,
             generation,
             request,
@@ -483,7 +512,8 @@ async def submit_generation(
             waiting=not offer.available,
             deadline=deadline,
         )
-    return generation
+        return generation, placed
+    return generation, None
 
 
 class _Replayed(Exception):
@@ -502,7 +532,7 @@ async def _enqueue_premium(
     *,
     waiting: bool,
     deadline: Deadline,
-) -> None:
+) -> LiveState | None:
     redis = app[redis_key]
     job = GenerationJob(
         generation_id=generation.id,
@@ -512,7 +542,7 @@ async def _enqueue_premium(
         attempt=generation.attempts,
     )
 
-    async def enqueue() -> None:
+    async def enqueue() -> LiveState | None:
         # The node fetches the inputs by hash: they are in Redis before the
         # job, from the bytes at hand (the store is read only on re-enqueues).
         await put_input_data(redis, inputs)
@@ -520,9 +550,8 @@ async def _enqueue_premium(
         # append `started` ahead of it; the jobs ahead of this one (running
         # ones included, as arq keeps them) are those before its fair place.
         owner = str(generation.user_id)
-        ahead = await places_ahead(redis, premium_queue(generation.model), owner)
-        eta = await eta_before_enqueue(
-            app, generation.model, job.params, ahead, deadline
+        ahead, eta = await place_and_eta(
+            app, generation.model, job.params, owner, deadline
         )
         queued = QueuedEvent(
             position=ahead,
@@ -530,16 +559,19 @@ async def _enqueue_premium(
             wait_s=None if eta is None else round(eta.wait_s, 1),
             run_s=None if eta is None else round(eta.run_s, 1),
         )
-        await append_event(redis, generation.id, queued)
-        await enqueue_generation(redis, job, owner=owner)
+        enqueued = await enqueue_generation(
+            redis, job, owner=owner, events=[(generation.id, queued)]
+        )
+        return LiveState(position=ahead, eta=eta) if enqueued else None
 
     try:
-        await deadline.run(enqueue())
+        return await deadline.run(enqueue())
     except (RedisError, TimeoutError):
         # Committed already: the reconciler enqueues it after its deadline
         # (a job cut short halfway is one it finds not live, as after a
         # Redis error between two of these commands).
         log.warning("enqueue of %s failed; the reconciler will retry", generation.id)
+        return None
 
 
 async def load_own(user: User, generation_id: str) -> Generation:

@@ -22,7 +22,7 @@ from aiohttp import WSCloseCode, WSMsgType, web
 from pydantic import BaseModel, ValidationError
 from pydantic_core import PydanticSerializationError
 
-from sdapi.contract.names import REVOKED_TOKENS_CHANNEL
+from sdapi.contract.names import REVOKED_TOKENS_CHANNEL, USERS_CHANGED_CHANNEL
 from sdapi.contract.status import Status, Tier
 from sdapi.infra.deadline import Deadline
 from sdapi.infra.pubsub import Listener
@@ -65,6 +65,7 @@ from web.schemas.live import (
     FieldProblem,
     GenerateMessage,
 )
+from web.token_cache import new_token_cache
 from web.tokens import find_token_by_id
 
 log = logging.getLogger(__name__)
@@ -500,19 +501,28 @@ def socket_slot(app: web.Application, user_id: uuid.UUID) -> Iterator[None]:
 
 
 async def revocations_ctx(app: web.Application) -> AsyncIterator[None]:
-    """Close this replica's sockets of tokens revoked anywhere, at once."""
+    """Close this replica's sockets of tokens revoked anywhere, at once, and
+    keep its token cache true (web/token_cache.py)."""
     closing: set[asyncio.Task[None]] = set()
     sockets = app[live_sockets_key]
 
     def revoked(data: bytes) -> None:
         token_id = data.decode()
+        cache.forget_token(token_id)
         for socket in list(sockets):
             if socket.uses_token(token_id):
                 task = asyncio.create_task(socket.revoke())
                 closing.add(task)
                 task.add_done_callback(closing.discard)
 
-    listener = Listener(app[redis_key], {REVOKED_TOKENS_CHANNEL: revoked})
+    def user_changed(data: bytes) -> None:
+        cache.forget_user(data.decode())
+
+    listener = Listener(
+        app[redis_key],
+        {REVOKED_TOKENS_CHANNEL: revoked, USERS_CHANGED_CHANNEL: user_changed},
+    )
+    cache = new_token_cache(app, listener)
     task = asyncio.create_task(listener.run(), name="revocations")
     try:
         yield

@@ -2,6 +2,7 @@
 
 `usage` is what `/me` shows and what quota enforcement checks; call it inside
 the transaction that locked the user row when the answer decides an insert.
+`insert_within_limits` is the same count and the insert in one statement.
 """
 
 from __future__ import annotations
@@ -9,10 +10,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
+from tortoise.backends.base.client import BaseDBAsyncClient
 from tortoise.expressions import Q
 from tortoise.functions import Count, Sum
 
 from sdapi.contract.status import Status, Tier
+from sdapi.db.connection import insert_columns, table_name
 from sdapi.db.models import Generation, User
 
 # Failed and cancelled requests give their images back to the day's quota.
@@ -55,4 +58,66 @@ async def usage(user: User, now: datetime) -> Usage:
     return Usage(
         images_today=int(images) if isinstance(images, int) else 0,
         in_flight=int(flying) if isinstance(flying, int) else 0,
+    )
+
+
+async def insert_within_limits(
+    connection: BaseDBAsyncClient,
+    generation: Generation,
+    *,
+    now: datetime,
+    images_per_day: int,
+    max_in_flight: int | None,
+) -> tuple[bool, Usage]:
+    """Insert the unsaved `generation` if its user's limits allow it; whether
+    it was, and the usage before it (what a refusal reports).
+
+    One round trip for what `usage` and `Generation.create` do in two. Run it
+    in the transaction that already locked the user's row, in a statement of
+    its own: READ COMMITTED gives each statement a snapshot taken when it
+    starts, so this one, started after the lock, counts every request
+    committed before it. (One statement that locked and counted would count
+    from a snapshot taken before it waited for the lock.)
+    """
+    columns = insert_columns(generation)
+    values: list[object] = [
+        generation.user_id,
+        start_of_day(now),
+        [status.value for status in NOT_COUNTED_TODAY],
+        Tier.PREMIUM.value,
+        [status.value for status in IN_FLIGHT],
+        generation.num_images,
+        images_per_day,
+        max_in_flight,
+    ]
+    first = len(values) + 1
+    names = ", ".join(f'"{column}"' for column, _, _ in columns)
+    casts = ", ".join(
+        f"${first + n}::{sql_type}" for n, (_, sql_type, _) in enumerate(columns)
+    )
+    values += [value for _, _, value in columns]
+    table = table_name(Generation)
+    query = f"""
+        WITH used AS (
+            SELECT
+                COALESCE(SUM(num_images) FILTER (
+                    WHERE created_at >= $2 AND NOT status = ANY($3::text[])
+                ), 0) AS images,
+                COUNT(*) FILTER (
+                    WHERE tier = $4 AND status = ANY($5::text[])
+                ) AS flying
+            FROM "{table}" WHERE user_id = $1
+        ), added AS (
+            INSERT INTO "{table}" ({names})
+            SELECT {casts} FROM used
+            WHERE used.images + $6::int <= $7::int
+              AND ($8::int IS NULL OR used.flying < $8::int)
+            RETURNING 1
+        )
+        SELECT images, flying, (SELECT COUNT(*) FROM added) AS added FROM used
+    """  # noqa: S608 (names come from our models; every value is a parameter)
+    _, rows = await connection.execute_query(query, values)
+    row = rows[0]
+    return bool(row["added"]), Usage(
+        images_today=int(row["images"]), in_flight=int(row["flying"])
     )

@@ -137,6 +137,11 @@ class WebSettings(CommonSettings):
     # How often an open WebSocket re-checks that its token is still valid
     # (seconds); a revoked or expired one closes it with 1008.
     ws_recheck_s: float = Field(default=30.0, gt=0, description="seconds")
+    # Bearer tokens (with their users) a replica keeps between requests, and
+    # for how long at most (seconds); revocations reach it by broadcast at
+    # once, and an entry older than this is read again. 0 turns it off.
+    token_cache_size: int = Field(default=10_000, ge=0)
+    token_cache_ttl_s: float = Field(default=5.0, gt=0, description="seconds")
     # Client messages one socket may send: a steady rate, and a burst.
     ws_messages_per_s: float = Field(default=10.0, gt=0)
     ws_message_burst: int = Field(default=40, ge=1)

@@ -83,6 +83,9 @@ CANCEL_CHANNEL = "sdapi:cancels"
 # Pub/sub channel carrying the ids of revoked tokens: every web replica closes
 # the WebSockets opened with one at once (the database stays the truth).
 REVOKED_TOKENS_CHANNEL = "sdapi:tokens:revoked"
+# Pub/sub channel carrying the ids of users whose row changed (premium, email,
+# default model): every web replica drops the tokens it cached for them.
+USERS_CHANGED_CHANNEL = "sdapi:users:changed"
 
 
 def events_key(generation_id: UUID | str) -> str:

@@ -33,6 +33,31 @@ def model_connection(model: type[Model]) -> BaseDBAsyncClient:
     return model._meta.db
 
 
+def insert_columns(instance: Model) -> list[tuple[str, str, Any]]:
+    """(column, SQL type, value as the database takes it) for each column of an
+    unsaved `instance`, as Tortoise's own INSERT would write them: for an
+    INSERT ... SELECT of our own, which Tortoise cannot build."""
+    meta = instance._meta
+    columns = []
+    for name, column in meta.fields_db_projection.items():
+        field = meta.fields_map[name]
+        if field.generated:
+            continue
+        value = field.to_db_value(getattr(instance, name), instance)
+        columns.append((column, field.get_for_dialect("postgres", "SQL_TYPE"), value))
+    return columns
+
+
+def mark_inserted(instance: Model) -> None:
+    """`instance` was inserted by a query of ours: Tortoise may now relate
+    other rows to it (it refuses unsaved instances as foreign keys)."""
+    instance._saved_in_db = True
+
+
+async def _keep_session(connection: object) -> None:
+    """A pooled connection's reset: nothing beyond asyncpg's own rollback."""
+
+
 def tortoise_config(
     database_url: str, *, pool_size: int = 10, deadline_s: float | None = None
 ) -> dict[str, Any]:
@@ -44,11 +69,16 @@ def tortoise_config(
     url = database_url.replace("postgresql://", "postgres://", 1)
     sep = "&" if "?" in url else "?"
     dsn = f"{url}{sep}minsize=1&maxsize={pool_size}"
-    connection: str | dict[str, Any] = dsn
+    connection = expand_db_url(dsn)
+    # asyncpg's pool sends `RESET ALL; UNLISTEN *; CLOSE ALL;
+    # pg_advisory_unlock_all()` on every release, one more round trip per
+    # query outside a transaction (a sixth of a submit's CPU, measured in
+    # docs/BENCHMARKS.md). We set nothing per session, LISTEN through Redis
+    # only and take transaction-scoped advisory locks only, so there is
+    # nothing to reset; asyncpg still rolls back an open transaction first.
+    connection["credentials"]["reset"] = _keep_session
     if deadline_s is not None:
-        expanded = expand_db_url(dsn)
-        expanded["credentials"].update(command_timeout=deadline_s, timeout=deadline_s)
-        connection = expanded
+        connection["credentials"].update(command_timeout=deadline_s, timeout=deadline_s)
     return {
         "connections": {"default": connection},
         "apps": {

@@ -61,10 +61,13 @@ dispatcher (jobs/dispatcher.py), and they are served by time.
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Awaitable
-from typing import cast
+from typing import TypedDict, cast
 
 from redis.asyncio import Redis
+from redis.asyncio.client import Pipeline
+from redis.exceptions import NoScriptError
 
 from sdapi.contract.names import (
     FAIR_STATE_TTL_S,
@@ -182,6 +185,19 @@ return wait
 """
 
 
+class FairCall(TypedDict):
+    """What `enqueue_tagged` and `queue_enqueue_tagged` take."""
+
+    queue: str
+    job_id: str
+    job_key: str
+    result_key: str
+    data: bytes
+    expires_ms: int
+    owner: str
+    previous_job_id: str | None
+
+
 async def enqueue_tagged(
     redis: Redis,
     *,
@@ -197,10 +213,70 @@ async def enqueue_tagged(
     """Store a job's data under `job_key` and add it to `queue` at its owner's
     fair place (or its previous attempt's), in one script; its score, or None
     when the job or its result exists already."""
+    keys, args = _enqueue_fair_call(
+        queue=queue,
+        job_id=job_id,
+        job_key=job_key,
+        result_key=result_key,
+        data=data,
+        expires_ms=expires_ms,
+        owner=owner,
+        previous_job_id=previous_job_id,
+    )
+    score = await redis.register_script(_ENQUEUE_FAIR)(keys=keys, args=args)
+    return None if score is None else float(score)
+
+
+# SHA-1 of the enqueue script, as EVALSHA names it.
+ENQUEUE_FAIR_SHA = hashlib.sha1(
+    _ENQUEUE_FAIR.encode(), usedforsecurity=False
+).hexdigest()
+
+
+def queue_enqueue_tagged(
+    pipe: Pipeline,
+    *,
+    queue: str,
+    job_id: str,
+    job_key: str,
+    result_key: str,
+    data: bytes,
+    expires_ms: int,
+    owner: str,
+    previous_job_id: str | None,
+) -> None:
+    """`enqueue_tagged`'s script as one command of the caller's pipeline, by
+    its SHA only: its reply is the score, None, or NoScriptError while Redis
+    has not seen the script (then call `enqueue_tagged`, which loads it).
+    redis-py's own script-in-pipeline asks SCRIPT EXISTS first, a round trip
+    more on every call."""
+    keys, args = _enqueue_fair_call(
+        queue=queue,
+        job_id=job_id,
+        job_key=job_key,
+        result_key=result_key,
+        data=data,
+        expires_ms=expires_ms,
+        owner=owner,
+        previous_job_id=previous_job_id,
+    )
+    pipe.execute_command("EVALSHA", ENQUEUE_FAIR_SHA, len(keys), *keys, *args)
+
+
+def _enqueue_fair_call(
+    *,
+    queue: str,
+    job_id: str,
+    job_key: str,
+    result_key: str,
+    data: bytes,
+    expires_ms: int,
+    owner: str,
+    previous_job_id: str | None,
+) -> tuple[list[str], list[bytes | str | int | float]]:
     tag = fair_tag_key(job_id)
-    script = redis.register_script(_ENQUEUE_FAIR)
-    score = await script(
-        keys=[
+    return (
+        [
             queue,
             job_key,
             result_key,
@@ -209,7 +285,7 @@ async def enqueue_tagged(
             tag,
             fair_tag_key(previous_job_id) if previous_job_id else tag,
         ],
-        args=[
+        [
             job_id,
             data,
             expires_ms,
@@ -220,7 +296,6 @@ async def enqueue_tagged(
             MAX_ROUND,
         ],
     )
-    return None if score is None else float(score)
 
 
 async def places_ahead(redis: Redis, queue: str, owner: str) -> int:
@@ -232,6 +307,30 @@ async def places_ahead(redis: Redis, queue: str, owner: str) -> int:
         args=[FAIR_BASE, ROUND_SLOTS, MAX_ROUND],
     )
     return ahead
+
+
+_PLACE_SHA = hashlib.sha1(_PLACE.encode(), usedforsecurity=False).hexdigest()
+
+
+def queue_places_ahead(pipe: Pipeline, queue: str, owner: str) -> None:
+    """`places_ahead` as one command of the caller's pipeline, by its SHA (as
+    `queue_enqueue_tagged`): give its reply to `places_ahead_reply`."""
+    keys = [queue, fair_clock_key(queue), fair_owner_key(queue, owner)]
+    pipe.execute_command(
+        "EVALSHA", _PLACE_SHA, len(keys), *keys, FAIR_BASE, ROUND_SLOTS, MAX_ROUND
+    )
+
+
+async def places_ahead_reply(
+    redis: Redis, reply: object, queue: str, owner: str
+) -> int:
+    """The places ahead from `queue_places_ahead`'s reply; asked again, with
+    the script loaded, when Redis did not know it (NoScriptError)."""
+    if isinstance(reply, NoScriptError):
+        return await places_ahead(redis, queue, owner)
+    if isinstance(reply, BaseException):
+        raise reply
+    return int(cast(int, reply))
 
 
 async def advance_clock(redis: Redis, queue: str, score: float) -> bool:

@@ -29,6 +29,9 @@ class Listener:
         self._redis = redis_client
         self._handlers = dict(handlers)
         self.subscribed = asyncio.Event()
+        # How many times it (re)subscribed: a change means messages may have
+        # been lost in between (a cache kept true by them must start over).
+        self.subscriptions = 0
 
     async def run(self) -> None:
         """Dispatch messages until cancelled."""
@@ -43,6 +46,7 @@ class Listener:
     async def _listen(self) -> None:
         async with self._redis.pubsub(ignore_subscribe_messages=True) as pubsub:
             await pubsub.subscribe(*self._handlers)
+            self.subscriptions += 1
             self.subscribed.set()
             async for message in pubsub.listen():
                 channel = message["channel"]

@@ -42,17 +42,20 @@ from redis.asyncio.client import Pipeline
 from redis.asyncio.retry import Retry as RedisRetry
 from redis.backoff import ExponentialBackoff, NoBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import RedisError
+from redis.exceptions import NoScriptError, RedisError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
+from sdapi.contract.events import Event
 from sdapi.contract.names import (
     BATCH_FUNCTION,
     CANCEL_CHANNEL,
     CANCEL_TTL_S,
+    EVENT_TTL_S,
     GENERATE_FUNCTION,
     batch_job_id,
     batch_queue,
     cancel_key,
+    events_key,
     generation_job_id,
     premium_queue,
     wake_channel,
@@ -60,11 +63,14 @@ from sdapi.contract.names import (
 from sdapi.contract.payloads import BatchJob, GenerationJob
 from sdapi.infra.backoff import backoff_s
 from sdapi.infra.fair_order import (
+    FairCall,
     advance_clock,
     defer_in_place,
     drop_fair,
     enqueue_tagged,
+    queue_enqueue_tagged,
 )
+from sdapi.infra.streams import add_events
 
 __all__ = ["QueuePool", "QueueWorker", "Retry"]
 
@@ -297,12 +303,15 @@ async def enqueue_fair(
     job_id: str,
     owner: str,
     previous_job_id: str | None = None,
+    events: Sequence[tuple[UUID | str, Event]] = (),
 ) -> float | None:
     """Enqueue `function(payload)` at its owner's fair place on `queue`, and
     wake its workers; the job's score, or None when `job_id` exists already.
 
     `previous_job_id` names an earlier attempt of the same work: the job
-    takes its score (its place) if Redis still holds it.
+    takes its score (its place) if Redis still holds it. `events` go to
+    their streams first, so no worker can append after the job's own events
+    ahead of them. All of it is one pipelined round trip.
     """
     data = serialize_job(
         function,
@@ -312,8 +321,7 @@ async def enqueue_fair(
         timestamp_ms(),
         serializer=serialize,
     )
-    score = await enqueue_tagged(
-        pool,
+    call = FairCall(
         queue=queue,
         job_id=job_id,
         job_key=job_key_prefix + job_id,
@@ -323,10 +331,27 @@ async def enqueue_fair(
         owner=owner,
         previous_job_id=previous_job_id,
     )
-    if score is None:
-        return None
-    await _wake(pool, queue)
-    return score
+    async with pool.pipeline(transaction=False) as pipe:
+        add_events(pipe, events)
+        for key in dict.fromkeys(events_key(gid) for gid, _ in events):
+            pipe.expire(key, EVENT_TTL_S)
+        queue_enqueue_tagged(pipe, **call)
+        # A hint only (see _wake): sent even for a duplicate, which no
+        # worker then finds.
+        pipe.publish(wake_channel(queue), b"")
+        replies = await pipe.execute(raise_on_error=False)
+    *appended, reply, _woken = replies
+    for result in (*appended, reply):
+        if isinstance(result, Exception) and not isinstance(result, NoScriptError):
+            raise result
+    if isinstance(reply, NoScriptError):
+        # Redis has not seen the script since it started: load it and run
+        # it; the events are in their streams already.
+        score = await enqueue_tagged(pool, **call)
+        if score is not None:
+            await _wake(pool, queue)
+        return score
+    return None if reply is None else float(reply)
 
 
 def _clock_on_start(queue: str) -> StartupShutdown:
@@ -340,11 +365,16 @@ def _clock_on_start(queue: str) -> StartupShutdown:
 
 
 async def enqueue_generation(
-    pool: QueuePool, job: GenerationJob, *, owner: str
+    pool: QueuePool,
+    job: GenerationJob,
+    *,
+    owner: str,
+    events: Sequence[tuple[UUID | str, Event]] = (),
 ) -> bool:
     """Put one premium generation on its model's premium queue, in fair order
     among `owner`'s (the user's) and everyone else's; a later attempt takes
-    the place of the one before. False when the job exists already."""
+    the place of the one before. False when the job exists already. `events`
+    (its `queued`) go to their streams before, in the same round trip."""
     previous = (
         generation_job_id(job.generation_id, job.attempt - 1)
         if job.attempt > 1
@@ -358,6 +388,7 @@ async def enqueue_generation(
         job_id=generation_job_id(job.generation_id, job.attempt),
         owner=owner,
         previous_job_id=previous,
+        events=events,
     )
     return score is not None
 

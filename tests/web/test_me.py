@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import uuid
 from datetime import UTC, datetime, timedelta
 
 from aiohttp.test_utils import TestClient
@@ -19,6 +20,7 @@ from tests.web.accounts_support import (
     signup,
 )
 from web.quota import usage
+from web.token_cache import announce_user_changed
 
 
 async def test_usage_counts_todays_images_and_premium_work_in_flight(
@@ -69,6 +71,8 @@ async def test_me_shows_the_quota_of_the_current_tier(client: TestClient) -> Non
         "max_upload_pixels": 2048 * 2048,
     }
     await User.filter(id=user_id).update(premium_until=utcnow() + timedelta(days=1))
+    # As `sdapi user set-premium` and the redeem route do after the change.
+    await announce_user_changed(client.server.app, uuid.UUID(user_id))
     me = await (await client.get(ME, headers=bearer(token))).json()
     assert me["tier"] == "premium"
     assert me["quota"]["images_per_day"] == 2000

@@ -56,6 +56,7 @@ from web.openapi import ApiRoutes, Response, json_response, read_body
 from web.schemas import a1111 as schemas
 from web.schemas.a1111 import CHECKPOINT_OPTION, FIXED_OPTIONS
 from web.schemas.generations import ResolvedRequest
+from web.token_cache import announce_user_changed
 from web.uploads import CleanImage
 from web.waiting import wait_for_generation
 
@@ -480,4 +481,5 @@ async def set_options(
     if body.sd_model_checkpoint is not None:
         model = checkpoint_model(body.sd_model_checkpoint, await _offers(request))
         await User.filter(id=principal.user.id).update(default_model=model)
+        await announce_user_changed(request.app, principal.user.id)
     return json_response(schemas.A1111Empty())

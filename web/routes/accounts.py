@@ -85,7 +85,8 @@ from web.throttle import (
     reserve_or_refuse,
     signup_limit,
 )
-from web.tokens import announce_revoked, issue_token, revoke_token
+from web.token_cache import announce_user_changed, revoked_everywhere
+from web.tokens import issue_token, revoke_token
 
 log = logging.getLogger(__name__)
 
@@ -401,7 +402,7 @@ async def signout(request: web.Request, *, principal: Principal) -> web.StreamRe
     A session and the token its sign-in returned are one credential: either
     way, both stop working."""
     await revoke_token(principal.token.id)
-    await announce_revoked(request.app[redis_key], principal.token.id)
+    await revoked_everywhere(request.app, principal.token.id)
     response = web.Response(status=204)
     if principal.via == "session":
         session = await get_session(request)
@@ -558,5 +559,6 @@ async def redeem_code(
         code.redeemed_by = user
         code.redeemed_at = now
         await code.save(update_fields=["redeemed_by_id", "redeemed_at"])
+    await announce_user_changed(request.app, user.id)
     log.info("user %s redeemed a %d-day premium code", user.id, code.days)
     return json_response(UserView.of(user, now))

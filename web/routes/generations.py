@@ -29,7 +29,7 @@ from web.generations import (
     load_own,
     prepare_inputs,
     request_sources,
-    submit_generation,
+    submit_and_place,
 )
 from web.idempotency import claim_from, file_digest
 from web.openapi import (
@@ -120,10 +120,12 @@ async def create_generation(
         request.app, principal, sources, num_images=body.num_images, idempotency=claim
     )
     deadline = request[redis_deadline_key]
-    generation = await submit_generation(
+    generation, placed = await submit_and_place(
         request.app, principal, body, inputs, deadline=deadline, idempotency=claim
     )
-    view = await present(request.app, generation, images=[], deadline=deadline)
+    view = await present(
+        request.app, generation, images=[], deadline=deadline, live=placed
+    )
     response = json_response(view, status=202)
     response.headers["Location"] = f"/api/v1/generations/{generation.id}"
     return response

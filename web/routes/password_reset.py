@@ -45,7 +45,8 @@ from web.throttle import (
     reset_token_limit,
     signup_limit,
 )
-from web.tokens import announce_revoked, hash_secret, live_tokens
+from web.token_cache import revoked_everywhere
+from web.tokens import hash_secret, live_tokens
 
 log = logging.getLogger(__name__)
 
@@ -230,6 +231,6 @@ async def reset_password(
     windows = (settings.signin_global_failure_window, settings.signin_failure_window)
     await lift(redis, user.email_key, now=clock.now(), keep_s=max(windows) + 1)
     for token_id in revoked:
-        await announce_revoked(redis, token_id)
+        await revoked_everywhere(request.app, token_id)
     log.info("password reset for user %s; %d tokens revoked", user.id, len(revoked))
     return web.Response(status=204)

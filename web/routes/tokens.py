@@ -8,12 +8,12 @@ from datetime import timedelta
 from aiohttp import web
 
 from sdapi.db.models import ApiToken, TokenKind, utcnow
-from web.appkeys import redis_key
 from web.auth import Principal
 from web.errors import NotFound, ValidationFailed
 from web.openapi import ApiRoutes, ErrorBody, Response, json_response
 from web.schemas.tokens import NewToken, Token, TokenCreate, TokenList
-from web.tokens import announce_revoked, issue_token, live_tokens, revoke_token
+from web.token_cache import revoked_everywhere
+from web.tokens import issue_token, live_tokens, revoke_token
 
 routes = ApiRoutes(tags=["tokens"])
 
@@ -117,5 +117,5 @@ async def delete_token(
     if not owned:
         raise NotFound("No such token.")
     await revoke_token(token_id)
-    await announce_revoked(request.app[redis_key], token_id)
+    await revoked_everywhere(request.app, token_id)
     return web.Response(status=204)

@@ -46,6 +46,7 @@ from web.throttle import (
     reserve_or_refuse,
     signup_limit,
 )
+from web.token_cache import announce_user_changed
 from web.tokens import hash_secret
 
 log = logging.getLogger(__name__)
@@ -322,6 +323,7 @@ async def verify_email(
     settings = request.app[settings_key]
     now = utcnow()
     user = await _use_verification(query.token, now)
+    await announce_user_changed(request.app, user.id)
     if prefers_json(request):
         return json_response(VerifyResponse(user=UserView.of(user, now)))
     return _verify_page(
