@@ -24,6 +24,25 @@ from sdapi.devtools.embedded import EmbeddedValkey, embedded_postgres
 from sdapi.devtools.s3_server import S3_ENV, MotoServer
 from tests.consul_double import ConsulDouble
 
+# The slowest modules, started first: under xdist (scripts/test) a long module
+# collected last would run alone at the end while the other worker idles.
+SLOW_MODULES = (
+    "tests/test_packaging.py",
+    "tests/e2e/test_schema_fuzz.py",
+    "tests/e2e/test_dev.py",
+    "tests/e2e/test_cluster.py",
+)
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    def rank(item: pytest.Item) -> int:
+        module = item.nodeid.partition("::")[0]
+        return (
+            SLOW_MODULES.index(module) if module in SLOW_MODULES else len(SLOW_MODULES)
+        )
+
+    items.sort(key=rank)
+
 
 @pytest.fixture(scope="session")
 def data_root(tmp_path_factory: pytest.TempPathFactory) -> Path:

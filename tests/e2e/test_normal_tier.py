@@ -138,7 +138,10 @@ def stack(
                         **common,
                         smtp_url=mail.url,
                         mail_from=MAIL_FROM,
-                        smtp_timeout=5,
+                        # Far above a loaded machine's slowest answer: a reply
+                        # after the timeout is sent again (at least once), and
+                        # this module checks that each email goes out once.
+                        smtp_timeout=30,
                         dispatch_interval=0.3,
                         # Longer than it takes to submit a test's requests, so
                         # requests sent together are batched together.
