@@ -451,11 +451,19 @@ class CallObserver:
                 self._last_preview_step = step
         if self._on_step_done is not None:
             self._on_step_done(step)
-        yielded = 0.0
-        if self._executor is not None:
-            yielded = self._executor.run_pending_premium()
-            self.yielded_s += yielded
-        self._step_mark = now + yielded
+        self._step_mark = now + self._yield()
+
+    def between_images(self) -> None:
+        """Let waiting premium work run between the images the VAE decodes: a
+        batch's decode takes several steps' time."""
+        self._yield()
+
+    def _yield(self) -> float:
+        if self._executor is None:
+            return 0.0
+        yielded = self._executor.run_pending_premium()
+        self.yielded_s += yielded
+        return yielded
 
     @property
     def step_s(self) -> float | None:
