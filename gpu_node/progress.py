@@ -3,8 +3,9 @@
 The pipeline thread never waits on the event loop: it appends events to a
 locked list that one publisher task drains in order, and wakes that task at
 most once until it has run (a wake-up makes the loop thread take the GIL from
-the pipeline thread; a batch's step emits one event per image). Cancel flags are kept on the loop (pub/sub messages plus re-reads) in
-a set the pipeline thread checks at every step without I/O.
+the pipeline thread; a batch's step emits one event per image). Cancel
+flags are kept on the loop (pub/sub messages plus re-reads) in a set the
+pipeline thread checks at every step without I/O.
 """
 
 from __future__ import annotations
