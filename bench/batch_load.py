@@ -13,9 +13,9 @@ A tiny GPU node runs in this process on an embedded Valkey (as in
 A premium request's latency runs from its enqueue until its `store_result`
 job is on the results queue (polled every 2 ms; batches every 20 ms). Batch
 throughput is images per second from the first batch's enqueue to the last
-one's result. The premium requests take device time of their own, so the mixed throughput is
-also given net of it: the batch images over the phase's time less the
-premium requests' idle median each.
+one's result. The premium requests take device time of their own, so the
+mixed throughput is also given net of it: the batch images over the phase's
+time less the premium requests' idle median each.
 
     .venv/bin/python bench/batch_load.py [--rounds 3] [--batches 40] [--batch 4]
 """
