@@ -288,7 +288,7 @@ def main() -> int:
         default=[],
         metavar="NAME=VALUE",
         help="an SDAPI_NAME setting for the dev processes (repeatable), "
-        "e.g. gpu_switch_interval_s=0.005",
+        "e.g. gpu_progress_interval_s=0",
     )
     parser.add_argument(
         "--node-poll",

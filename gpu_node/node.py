@@ -12,7 +12,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import sys
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
@@ -165,8 +164,6 @@ class GpuNode:
         # start that fails half-way (say, the health port is taken) releases
         # what it opened instead of leaking a pool, a thread and tasks.
         stack = contextlib.AsyncExitStack()
-        stack.callback(sys.setswitchinterval, sys.getswitchinterval())
-        sys.setswitchinterval(self.settings.gpu_switch_interval_s)
         try:
             self._resources = await self._open(stack)
             await self._resources.announcer.start()

@@ -64,12 +64,6 @@ class GpuNodeSettings(CommonSettings):
     # Progress events at most this often (seconds; 0: every step). The last
     # step is always sent; 20 a second is more than a progress bar can show.
     gpu_progress_interval_s: float = Field(default=0.05, ge=0, le=10)
-    # Python's GIL switch interval in the node (seconds; Python's own is
-    # 0.005). The event loop waits up to this long for the GIL after every
-    # Redis reply while the pipeline thread runs Python between torch ops, so
-    # a premium job's claim and hand-over, a dozen round trips, would wait up
-    # to 5 ms each behind a running batch.
-    gpu_switch_interval_s: float = Field(default=0.0005, gt=0, le=0.1)
     node_id: str = Field(default_factory=_default_node_id, min_length=1, max_length=100)
     gpu_health_host: str = "127.0.0.1"
     # 0: pick a free port and log it.

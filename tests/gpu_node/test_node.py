@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import signal
 import socket
-import sys
 import threading
 import time
 from pathlib import Path
@@ -66,16 +65,6 @@ async def test_node_key_is_deleted_on_shutdown(
     async with running_node(settings, clean_redis, tiny_engine):
         assert await client.exists(node_key("short-lived"))
     assert not await client.exists(node_key("short-lived"))
-
-
-async def test_the_gil_switch_interval_is_the_nodes_while_it_runs(
-    models_dir: Path, clean_redis: str, tiny_engine: Engine
-) -> None:
-    before = sys.getswitchinterval()
-    settings = node_settings(models_dir, clean_redis, gpu_switch_interval_s=0.0007)
-    async with running_node(settings, clean_redis, tiny_engine):
-        assert sys.getswitchinterval() == pytest.approx(0.0007)
-    assert sys.getswitchinterval() == before
 
 
 async def test_healthz_and_metrics(node: Any, client: redis.asyncio.Redis) -> None:
