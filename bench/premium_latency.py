@@ -15,6 +15,7 @@ overhead and of its phases, from the frames' arrival times:
   finish   last `progress` -> `image` (VAE decode, PNG, Redis, relay, base64)
 
     .venv/bin/python bench/premium_latency.py [--requests 100] [--steps 20]
+        [--setting gpu_progress_interval_s=0 ...]
 """
 
 from __future__ import annotations
@@ -282,6 +283,14 @@ def main() -> int:
     parser.add_argument("--size", type=int, default=64)
     parser.add_argument("--model-dir", type=Path, help="reuse a built tiny model")
     parser.add_argument(
+        "--setting",
+        action="append",
+        default=[],
+        metavar="NAME=VALUE",
+        help="an SDAPI_NAME setting for the dev processes (repeatable), "
+        "e.g. gpu_progress_interval_s=0",
+    )
+    parser.add_argument(
         "--node-poll",
         type=float,
         help="SDAPI_GPU_PREMIUM_POLL_S for the node (default: the node's own)",
@@ -291,7 +300,8 @@ def main() -> int:
     with tempfile.TemporaryDirectory(prefix="sdapi-bench-") as tmp:
         root = Path(tmp)
         models = args.model_dir or root / "models"
-        dev, base_url = start_dev(root, models, args.node_poll)
+        settings = dict(item.split("=", 1) for item in args.setting)
+        dev, base_url = start_dev(root, models, args.node_poll, **settings)
         try:
             token = asyncio.run(premium_token(base_url, root))
             location = weights.locate_model("tiny", models)

@@ -131,6 +131,9 @@ class StepObserver(Protocol):
         `preview(key)` renders a small JPEG of item `key`'s latents now.
         """
 
+    def between_images(self) -> None:
+        """The VAE is about to decode one of the call's images (one at a time)."""
+
 
 class QuietObserver:
     """Watches nothing: a call run for its images alone (references,
@@ -142,6 +145,9 @@ class QuietObserver:
     def on_step(
         self, step: int, total: int, preview: Callable[[str], bytes | None]
     ) -> None:
+        return None
+
+    def between_images(self) -> None:
         return None
 
 

@@ -2,9 +2,10 @@
 
 Every pipeline call of a node runs on this one thread, so the device runs one
 call at a time. Premium work waits in its own queue; a running batch calls
-`run_pending_premium()` at each denoising step boundary, which runs the
-waiting premium calls right there (nested, on the same thread) before the
-batch goes on with its next step, its own state untouched.
+`run_pending_premium()` at each denoising step boundary and before the VAE
+decodes each of its images, which runs the waiting premium calls right there
+(nested, on the same thread) before the batch goes on, its own state
+untouched. Premium work never nests inside premium work.
 """
 
 from __future__ import annotations
@@ -33,6 +34,9 @@ class GpuExecutor:
         self._wake = threading.Condition()
         self._closed = False
         self._busy = False
+        # Premium work is running nested in a batch: it does not nest further
+        # (its own VAE decode passes the batch's hook).
+        self._nested = False
         self._thread = threading.Thread(target=self._serve, name=name, daemon=True)
         self._thread.start()
 
@@ -63,14 +67,20 @@ class GpuExecutor:
         """Run the waiting premium calls now (GPU thread only); seconds spent."""
         if threading.current_thread() is not self._thread:
             raise RuntimeError("run_pending_premium is for the GPU thread only")
+        if self._nested:
+            return 0.0
         started = time.monotonic()
-        while True:
-            with self._wake:
-                if not self._premium:
-                    return time.monotonic() - started
-                task = self._premium.popleft()
-            self._run(task)
-            del task
+        self._nested = True
+        try:
+            while True:
+                with self._wake:
+                    if not self._premium:
+                        return time.monotonic() - started
+                    task = self._premium.popleft()
+                self._run(task)
+                del task
+        finally:
+            self._nested = False
 
     @staticmethod
     def _run(task: _Task) -> None:

@@ -596,6 +596,16 @@ class DiffusersEngine:
 
         vae = self._base.vae
         vae_dtype = vae.dtype
+
+        def before_decode(module: Any, args: Any) -> None:
+            # The VAE decodes a batch one image at a time (slicing): waiting
+            # premium work runs between two of them. Not while SDXL has the
+            # VAE upcast to float32: a nested call's own float16 latents
+            # would not fit it.
+            if vae.dtype == vae_dtype:
+                observer.between_images()
+
+        decode_hook = vae.decoder.register_forward_pre_hook(before_decode)
         out_of_memory = False
         try:
             with torch.inference_mode():
@@ -613,6 +623,7 @@ class DiffusersEngine:
             # still holds the failed call's frames and their device tensors.
             out_of_memory = True
         finally:
+            decode_hook.remove()
             # SDXL's pipeline casts the shared float16 VAE to float32 for
             # decoding and casts it back only if decoding returns; left in
             # float32, every later call would fail on a dtype mismatch.

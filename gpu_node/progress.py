@@ -1,9 +1,11 @@
 """Progress of running generations: events to Redis, cancel flags from Redis.
 
-The pipeline thread never waits on the event loop: it hands events over with
-`loop.call_soon_threadsafe` to a queue that one publisher task drains in
-order. Cancel flags are kept on the loop (pub/sub messages plus re-reads) in
-a set the pipeline thread checks at every step without I/O.
+The pipeline thread never waits on the event loop: it appends events to a
+locked list that one publisher task drains in order, and wakes that task at
+most once until it has run (a wake-up makes the loop thread take the GIL from
+the pipeline thread; a batch's step emits one event per image). Cancel
+flags are kept on the loop (pub/sub messages plus re-reads) in a set the
+pipeline thread checks at every step without I/O.
 """
 
 from __future__ import annotations
@@ -72,8 +74,13 @@ class EventPublisher:
         renew_every_s: float = 60.0,
     ) -> None:
         self._redis = redis_client
-        self._queue: asyncio.Queue[object] = asyncio.Queue()
         self._loop = asyncio.get_running_loop()
+        # What was emitted and not drained yet, in emission order (any thread).
+        self._lock = threading.Lock()
+        self._pending: list[object] = []
+        # A wake-up of the drain is on its way: later emits only append.
+        self._wake_due = False
+        self._ready = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self._progress_every_s = progress_every_s
         self._renew_every_s = renew_every_s
@@ -93,13 +100,16 @@ class EventPublisher:
             return False
 
     def _put(self, item: object) -> None:
-        # On the loop, queue at once so that order follows the code; from the
-        # pipeline thread, hop over without waiting.
+        with self._lock:
+            self._pending.append(item)
+            if self._wake_due:
+                return
+            self._wake_due = True
         if self._on_loop():
-            self._queue.put_nowait(item)
+            self._ready.set()
             return
         with contextlib.suppress(RuntimeError):  # the loop is closing: nothing to tell
-            self._loop.call_soon_threadsafe(self._queue.put_nowait, item)
+            self._loop.call_soon_threadsafe(self._ready.set)
 
     def emit(self, generation_id: str, event: Event) -> None:
         """Queue `event` for the generation's stream (from any thread, never blocks)."""
@@ -124,7 +134,7 @@ class EventPublisher:
         if task is None or task.done():
             raise RuntimeError("the event publisher is not running")
         done: asyncio.Future[None] = self._loop.create_future()
-        self._queue.put_nowait(_Flush(done))
+        self._put(_Flush(done))
         # Wait for the task too: if it died, nobody would ever answer the flush.
         await asyncio.wait({done, task}, return_when=asyncio.FIRST_COMPLETED)
         if not done.done():
@@ -135,31 +145,34 @@ class EventPublisher:
         """Publish what is queued, then stop; never cancelled (no step gets lost)."""
         if self._task is None:
             return
-        self._queue.put_nowait(_STOP)
+        self._put(_STOP)
         await self._task
         self._task = None
 
     async def _drain(self) -> None:
         while True:
-            item: object | None = await self._queue.get()
+            await self._ready.wait()
+            self._ready.clear()
+            with self._lock:
+                items, self._pending = self._pending, []
+                self._wake_due = False
             appends: list[_Append] = []
-            while isinstance(item, _Append | _Progress):
+            for item in items:
                 if isinstance(item, _Append):
                     appends.append(item)
                     if isinstance(item.event, ProgressEvent):
                         self._note_progress(item.generation_id, item.event)
-                else:
+                elif isinstance(item, _Progress):
                     self._set(item)
-                if self._queue.empty():
-                    item = None
-                    break
-                item = self._queue.get_nowait()
-            # `item` is now None, or a flush or stop that must follow the writes.
-            await self._write(appends, force_progress=item is not None)
-            if isinstance(item, _Flush) and not item.done.done():
-                item.done.set_result(None)
-            if item is _STOP:
-                return
+                else:
+                    # A flush or stop: after everything emitted before it.
+                    await self._write(appends, force_progress=True)
+                    appends = []
+                    if isinstance(item, _Flush) and not item.done.done():
+                        item.done.set_result(None)
+                    if item is _STOP:
+                        return
+            await self._write(appends, force_progress=False)
 
     def _set(self, update: _Progress) -> None:
         # A start not written yet stays with the updates that replace it.
@@ -439,11 +452,19 @@ class CallObserver:
                 self._last_preview_step = step
         if self._on_step_done is not None:
             self._on_step_done(step)
-        yielded = 0.0
-        if self._executor is not None:
-            yielded = self._executor.run_pending_premium()
-            self.yielded_s += yielded
-        self._step_mark = now + yielded
+        self._step_mark = now + self._yield()
+
+    def between_images(self) -> None:
+        """Let waiting premium work run between the images the VAE decodes: a
+        batch's decode takes several steps' time."""
+        self._yield()
+
+    def _yield(self) -> float:
+        if self._executor is None:
+            return 0.0
+        yielded = self._executor.run_pending_premium()
+        self.yielded_s += yielded
+        return yielded
 
     @property
     def step_s(self) -> float | None:

@@ -24,6 +24,7 @@ from gpu_node.calls import CallItem, PipelineCall
 class Quiet:
     def before_start(self): pass
     def on_step(self, step, total, preview): pass
+    def between_images(self): pass
 
 location = weights.locate_model("tiny", Path(sys.argv[1]))
 tiny.prepare_model(location)

@@ -6,13 +6,20 @@ import gc
 import threading
 import time
 import weakref
+from collections.abc import Callable
 from types import SimpleNamespace
 from typing import Any
 
 import pytest
 
 from gpu_node import progress
-from gpu_node.calls import CallStopped
+from gpu_node.calls import (
+    CallItem,
+    CallStopped,
+    Engine,
+    PipelineCall,
+    QuietObserver,
+)
 from gpu_node.executor import GpuExecutor
 from gpu_node.progress import CallObserver, ItemProgress
 from sdapi.contract.events import ProgressEvent
@@ -217,6 +224,61 @@ def test_time_in_nested_premium_calls_is_counted() -> None:
         assert outer.result(5) >= 0.2
     finally:
         executor.shutdown(5)
+
+
+def test_premium_work_does_not_nest_in_premium_work() -> None:
+    executor = GpuExecutor()
+    order: list[str] = []
+    batch_running = threading.Event()
+    premium_waiting = threading.Event()
+    try:
+
+        def first() -> None:
+            order.append("first")
+            # A second premium call is waiting: it runs after this one, not
+            # inside it (its VAE decode passes the batch's hook too).
+            assert executor.run_pending_premium() == 0.0
+            order.append("first done")
+
+        def batch() -> None:
+            batch_running.set()
+            premium_waiting.wait(5)
+            executor.run_pending_premium()
+            order.append("batch goes on")
+
+        outer = executor.submit(batch, premium=False)
+        batch_running.wait(5)
+        one = executor.submit(first, premium=True)
+        two = executor.submit(lambda: order.append("second"), premium=True)
+        premium_waiting.set()
+        for future in (outer, one, two):
+            future.result(5)
+        assert order == ["first", "first done", "second", "batch goes on"]
+    finally:
+        executor.shutdown(5)
+
+
+def test_a_batch_yields_to_premium_work_between_decoded_images(
+    tiny_engine: Engine,
+) -> None:
+    seen: list[str] = []
+
+    class Recording(QuietObserver):
+        def on_step(
+            self, step: int, total: int, preview: Callable[[str], bytes | None]
+        ) -> None:
+            seen.append(f"step {step}")
+
+        def between_images(self) -> None:
+            seen.append("decode")
+
+    call = PipelineCall(
+        64, 64, 2, 7.5, "euler_a", (CallItem("g", "a castle", "", (1, 2, 3)),)
+    )
+    images = tiny_engine.run(call, Recording())["g"]
+    # The VAE decodes the three images one at a time, with a yield before each.
+    assert len(images) == 3
+    assert seen == ["step 1", "step 2", "decode", "decode", "decode"]
 
 
 def test_a_failed_call_keeps_nothing_alive() -> None:

@@ -34,6 +34,9 @@ class _Steps:
     ) -> None:
         self.seen.append((step, total))
 
+    def between_images(self) -> None:
+        pass
+
 
 def _pixels(image: Image.Image) -> np.ndarray[Any, Any]:
     return np.asarray(image.convert("RGB"), dtype=np.int16)

@@ -10,7 +10,7 @@ import redis.asyncio
 from redis.exceptions import ConnectionError as RedisConnectionError
 
 from gpu_node.progress import CancelWatch, EventPublisher
-from sdapi.contract.events import StartedEvent
+from sdapi.contract.events import ProgressEvent, StartedEvent
 from sdapi.infra.streams import read_events
 
 
@@ -66,3 +66,35 @@ async def test_a_failed_watch_watches_nothing() -> None:
         assert watch._watched == {}
     finally:
         await unreachable.aclose()
+
+
+async def test_events_from_the_pipeline_thread_arrive_whole_and_in_order(
+    redis_client: redis.asyncio.Redis,
+) -> None:
+    # As a batch's steps do: bursts of events from another thread, one per
+    # generation, while the loop also emits; wake-ups are coalesced, never
+    # events.
+    publisher = EventPublisher(redis_client)
+    publisher.start()
+    generations = [str(uuid.uuid4()) for _ in range(4)]
+
+    def steps() -> None:
+        for step in range(1, 51):
+            for generation in generations:
+                publisher.emit(generation, ProgressEvent(step=step, total=50))
+
+    try:
+        publisher.emit(generations[0], StartedEvent(node_id="n"))
+        await asyncio.to_thread(steps)
+        publisher.emit(generations[0], StartedEvent(node_id="again"))
+        await asyncio.wait_for(publisher.flush(), 5)
+    finally:
+        await publisher.close()
+    for generation in generations:
+        events = [e for _, e in await read_events(redis_client, generation)]
+        progress = [e.step for e in events if isinstance(e, ProgressEvent)]
+        assert progress == list(range(1, 51))
+        if generation == generations[0]:
+            assert events[0] == StartedEvent(node_id="n")
+            assert events[-1] == StartedEvent(node_id="again")
+    assert publisher.dropped == 0
