@@ -155,7 +155,9 @@ async def signup(request: web.Request, *, body: SignupRequest) -> web.StreamResp
     if holder is not None and _abandoned(holder, settings.unverified_takeover_after):
         # Signed up with this address and never proved it: anyone may have
         # done that with anyone's address, so it does not keep the owner out.
-        await UserRow.filter(id=holder.id, email_verified_at=None).delete()
+        if await UserRow.filter(id=holder.id, email_verified_at=None).delete():
+            # Its tokens went with it: no replica may serve them from cache.
+            await announce_user_changed(request.app, holder.id)
         holder = None
     if holder is None:
         try:

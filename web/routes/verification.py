@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import secrets
+import uuid
 from datetime import datetime, timedelta
 
 import aiohttp_jinja2
@@ -228,7 +229,10 @@ def prefers_json(request: web.Request) -> bool:
     return json_weight > 0 and json_weight >= weights.get("text/html", 0.0)
 
 
-async def _use_verification(token: str, now: datetime) -> UserRow:
+async def _use_verification(
+    token: str, now: datetime
+) -> tuple[UserRow, uuid.UUID | None]:
+    """The verified user, and the unproven account it took the address from."""
     async with in_transaction():
         # Locked: two clicks at once verify once; the second sees it used.
         verification = await EmailLink.select_for_update().get_or_none(
@@ -251,20 +255,24 @@ async def _use_verification(token: str, now: datetime) -> UserRow:
         # The user row alone: Postgres refuses to lock a join's outer side.
         user = await UserRow.select_for_update().get(id=verification.user_id)  # type: ignore[attr-defined]
         changed: list[str] = []
+        squatter: uuid.UUID | None = None
         if verification.email is not None and verification.email != user.email:
-            changed += await _move_address(user, verification.email, now)
+            squatter = await _move_address(user, verification.email)
+            changed += ["email", "email_key"]
         changed += prove_address(user, now, takeover=False)
         if changed:
             try:
                 await user.save(update_fields=changed)
             except IntegrityError:
                 raise Conflict(ADDRESS_TAKEN) from None
-        return user
+        return user, squatter
 
 
-async def _move_address(user: UserRow, email: str, now: datetime) -> list[str]:
-    """Give `user` the address `email` its link just proved."""
+async def _move_address(user: UserRow, email: str) -> uuid.UUID | None:
+    """Give `user` the address `email` its link just proved; the id of the
+    unproven account that held it (now deleted), if any."""
     email_key = email_key_of(email)
+    squatter: uuid.UUID | None = None
     if email_key != user.email_key:
         holder = await UserRow.get_or_none(email_key=email_key)
         if holder is not None:
@@ -273,13 +281,14 @@ async def _move_address(user: UserRow, email: str, now: datetime) -> list[str]:
             # Proven here, never proven there: as at a sign-up's takeover, an
             # account anyone could have made does not keep the owner out.
             await UserRow.filter(id=holder.id, email_verified_at=None).delete()
+            squatter = holder.id
     # The old address's links, and other changes asked for, prove nothing now.
     await EmailLink.filter(
         purpose=LinkPurpose.VERIFY, user_id=user.id, used_at=None
     ).delete()
     user.email = email
     user.email_key = email_key
-    return ["email", "email_key"]
+    return squatter
 
 
 async def _verify_error_page(
@@ -322,8 +331,11 @@ async def verify_email(
     `Accept: application/json` get JSON (and errors in the usual format)."""
     settings = request.app[settings_key]
     now = utcnow()
-    user = await _use_verification(query.token, now)
-    await announce_user_changed(request.app, user.id)
+    user, squatter = await _use_verification(query.token, now)
+    # The deleted squatter's tokens too: no replica may serve them from cache.
+    for changed in (user.id, squatter):
+        if changed is not None:
+            await announce_user_changed(request.app, changed)
     if prefers_json(request):
         return json_response(VerifyResponse(user=UserView.of(user, now)))
     return _verify_page(
