@@ -39,6 +39,15 @@ document.addEventListener("DOMContentLoaded", () => {
 
   // --- the form ------------------------------------------------------------
 
+  // Fields the user has typed in before the models arrived: the first list
+  // must not put the model's defaults over them.
+  const typedBeforeModels = new Set();
+  form.addEventListener("input", (event) => {
+    if (!Object.keys(models).length && event.target.name) {
+      typedBeforeModels.add(event.target.name);
+    }
+  });
+
   randomSeed.addEventListener("change", () => {
     form.seed.disabled = randomSeed.checked;
     if (!randomSeed.checked && form.seed.value === "") {
@@ -81,13 +90,16 @@ document.addEventListener("DOMContentLoaded", () => {
       ...model.schedulers.map((name) => sdapi.el("option", { value: name }, name))
     );
     form.scheduler.value = model.default_scheduler;
-    for (const [name, max] of [["width", model.max_width], ["height", model.max_height]]) {
-      form[name].max = String(max);
-      if (!keepValues) form[name].value = String(Math.min(512, max));
-    }
-    if (!keepValues) {
-      form.steps.value = String(model.default_steps);
-      form.guidance_scale.value = String(model.default_guidance);
+    const defaults = [
+      ["width", String(Math.min(512, model.max_width))],
+      ["height", String(Math.min(512, model.max_height))],
+      ["steps", String(model.default_steps)],
+      ["guidance_scale", String(model.default_guidance)],
+    ];
+    form.width.max = String(model.max_width);
+    form.height.max = String(model.max_height);
+    for (const [name, value] of defaults) {
+      if (!keepValues && !typedBeforeModels.delete(name)) form[name].value = value;
     }
     showModelNote(model);
     keepLorasOf(model);

@@ -93,6 +93,14 @@
   window.sdapi = { api, clearErrors, showErrors, el, when, about, localPath };
 
   document.addEventListener("DOMContentLoaded", () => {
+    // Submit buttons come disabled: a form sent before its page's script has
+    // taken it over would go out as a plain GET, its fields (a password) in
+    // the URL. Every page's DOMContentLoaded handler has run by this timer.
+    setTimeout(() => {
+      for (const button of document.querySelectorAll("[data-needs-script]")) {
+        button.disabled = false;
+      }
+    });
     const signout = document.getElementById("signout");
     if (signout) {
       signout.addEventListener("click", async () => {
