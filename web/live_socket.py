@@ -65,7 +65,7 @@ from web.schemas.live import (
     FieldProblem,
     GenerateMessage,
 )
-from web.token_cache import cached_lookup, new_token_cache
+from web.token_cache import new_token_cache
 from web.tokens import find_token_by_id
 
 log = logging.getLogger(__name__)
@@ -324,7 +324,7 @@ class LiveSocket:
             )
             return
         try:
-            principal = await self._current_principal(cached=True)
+            principal = await self._current_principal()
             if isinstance(message, GenerateMessage):
                 await self._generate(principal, message)
             elif isinstance(message, CancelMessage):
@@ -349,22 +349,9 @@ class LiveSocket:
                 f"Something went wrong on our side (error id {error_id}).",
             )
 
-    async def _current_principal(self, *, cached: bool = False) -> Principal:
-        """The socket's caller, re-read: a revoked token or lapsed premium counts.
-
-        `cached`: a bearer token may come from the token cache, as for a REST
-        request (a revocation or user change heard drops it, and closes the
-        socket anyway); the periodic re-check always reads the database.
-        """
-        token_id = self._principal.token.id
-        if cached and self._principal.via == "bearer":
-            token = await cached_lookup(
-                self._app,
-                self._principal.token.token_hash,
-                lambda: find_token_by_id(token_id),
-            )
-        else:
-            token = await find_token_by_id(token_id)
+    async def _current_principal(self) -> Principal:
+        """The socket's caller, re-read: a revoked token or lapsed premium counts."""
+        token = await find_token_by_id(self._principal.token.id)
         if token is None:
             raise CredentialsRevoked(
                 "Your token was revoked or has expired; sign in again."
