@@ -14,14 +14,16 @@ premium submits only queue, which is what is measured), then:
 
 To compare trees side by side in one run (say, main checked out in
 /tmp/before), `--trees before=/tmp/before after=.` starts one `sdapi web`
-per tree on the same databases and alternates the submit load between them
-`--rounds` times (no baseline, no fan-out).
+per tree (each on its own database, migrated by that tree; one Valkey) and
+alternates the submit load between them `--rounds` times (no baseline, no
+fan-out).
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import os
 import statistics
@@ -247,6 +249,19 @@ async def run_web(
 WEB_SETTINGS = {"SDAPI_PREMIUM_MAX_IN_FLIGHT": "100000"}
 
 
+def migrate_tree(tree: Path, database_url: str) -> None:
+    """Bring `database_url` to `tree`'s schema with `tree`'s own migrations."""
+    script = (
+        "import asyncio, sys\n"
+        "from sdapi.db.connection import apply_migrations\n"
+        "asyncio.run(apply_migrations(sys.argv[1]))\n"
+    )
+    env = {**os.environ, "PYTHONPATH": str(tree)}
+    subprocess.run(
+        [sys.executable, "-c", script, database_url], env=env, cwd=tree, check=True
+    )
+
+
 async def compare(
     seconds: float, trees: dict[str, Path], rounds: int
 ) -> dict[str, list[dict[str, Any]]]:
@@ -254,31 +269,34 @@ async def compare(
     results: dict[str, list[dict[str, Any]]] = {name: [] for name in trees}
     with tempfile.TemporaryDirectory() as folder:
         root = Path(folder)
-        with (
-            embedded_postgres(root / "pg", database="bench") as database_url,
-            EmbeddedValkey(root / "valkey") as valkey,
-        ):
-            await apply_migrations(database_url)
-            webs: dict[str, tuple[str, subprocess.Popen[bytes]]] = {}
+        with contextlib.ExitStack() as stack:
+            valkey = stack.enter_context(EmbeddedValkey(root / "valkey"))
+            webs: dict[str, tuple[str, list[dict[str, str]], subprocess.Popen[bytes]]]
+            webs = {}
             try:
-                for name, tree in trees.items():
+                for index, (name, tree) in enumerate(trees.items()):
+                    # A database per tree, migrated by the tree's own code:
+                    # trees on either side of a migration cannot share one.
+                    database_url = stack.enter_context(
+                        embedded_postgres(root / "pg", database=f"bench{index}")
+                    )
+                    migrate_tree(tree, database_url)
                     port = free_port()
                     process = await run_web(
                         root, database_url, valkey.url, port, WEB_SETTINGS, tree
                     )
                     url = f"http://127.0.0.1:{port}/api/v1/generations"
-                    webs[name] = (url, process)
-                users = await make_users(database_url, USERS)
-                for url, _ in webs.values():
+                    webs[name] = (url, await make_users(database_url, USERS), process)
+                for url, users, _ in webs.values():
                     await load(url, users, 2)  # warm-up
                 for n in range(rounds):
-                    for name, (url, _) in webs.items():
+                    for name, (url, users, _) in webs.items():
                         result = await load(url, users, seconds)
                         result["load_avg"] = os.getloadavg()[0]
                         results[name].append(result)
                         report(f"round {n + 1} {name}", result)
             finally:
-                for _, process in webs.values():
+                for _, _, process in webs.values():
                     process.terminate()
                     process.wait()
     for name, runs in results.items():

@@ -47,7 +47,7 @@ from web.generations import (
     load_own,
     prepare_inputs,
     request_sources,
-    submit_generation,
+    submit_and_place,
 )
 from web.live import (
     SOCKET_RETRY_S,
@@ -389,10 +389,14 @@ class LiveSocket:
         )
         # One Redis budget per message, as a REST request has.
         deadline = Deadline(self._app[settings_key].redis_timeout)
-        generation = await submit_generation(
+        # As POST /api/v1/generations: the frame shows the place and estimate
+        # the enqueue just gave its `queued` event, not a second read of them.
+        generation, placed = await submit_and_place(
             self._app, principal, message.request, inputs, deadline=deadline
         )
-        view = await present(self._app, generation, images=[], deadline=deadline)
+        view = await present(
+            self._app, generation, images=[], deadline=deadline, live=placed
+        )
         await self.send(AcceptedFrame(id=str(generation.id), generation=view))
         self._follow(generation.id)
 

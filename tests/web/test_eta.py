@@ -123,6 +123,28 @@ async def test_a_queued_generation_waits_for_the_work_ranked_before_it(
     assert (await show(client, secret, second["id"]))["queue_position"] == 2
 
 
+async def test_a_websocket_generate_is_accepted_with_its_queued_place_and_eta(
+    client: TestClient, node: NodeDouble
+) -> None:
+    redis = client.app[redis_key]
+    await learned(redis)
+    _, secret = await make_user()
+    await submit(client, secret)
+    await submit(client, secret, num_images=2)
+    async with client.ws_connect("/api/v1/ws", headers=auth(secret)) as ws:
+        await ws.send_json({"type": "generate", "request": SMALL})
+        accepted = await ws.receive_json(timeout=15)
+    assert accepted["type"] == "accepted", accepted
+    # The frame and the `queued` event say the same, as a 202 and its event.
+    view = accepted["generation"]
+    assert view["queue_position"] == 2
+    assert view["eta"] == {"wait_s": pytest.approx(3 * RUN_S), "run_s": RUN_S}
+    assert view["eta_s"] == pytest.approx(4 * RUN_S)
+    event = await queued_event(redis, accepted["id"])
+    assert event.position == 2
+    assert (event.wait_s, event.run_s) == (pytest.approx(3 * RUN_S), RUN_S)
+
+
 async def test_a_cold_model_waits_for_its_load(
     client: TestClient, node: NodeDouble
 ) -> None:
