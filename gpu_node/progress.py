@@ -18,6 +18,7 @@ import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
@@ -185,7 +186,8 @@ class EventPublisher:
             raise RuntimeError("the event publisher is not running")
         done: asyncio.Future[bytes | None] = self._loop.create_future()
         self._put(_StoreImage(generation_id, key, png, event, done))
-        await asyncio.wait({done, task}, return_when=asyncio.FIRST_COMPLETED)
+        waiting: set[asyncio.Future[Any]] = {done, task}
+        await asyncio.wait(waiting, return_when=asyncio.FIRST_COMPLETED)
         if not done.done():
             done.cancel()
             raise RuntimeError("the event publisher stopped")
@@ -270,7 +272,8 @@ class EventPublisher:
                     if isinstance(item, _Append):
                         add_events(pipe, [(item.generation_id, item.event)])
                     else:
-                        pipe.eval(
+                        pipe.execute_command(
+                            "EVAL",
                             _STORE_IMAGE,
                             2,
                             item.key,
