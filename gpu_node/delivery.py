@@ -18,7 +18,6 @@ from gpu_node.items import PreparedItem
 from gpu_node.resources import NodeResources
 from sdapi.contract.events import ImageEvent
 from sdapi.contract.names import (
-    IMAGE_TTL_S,
     RESULTS_QUEUE,
     STORE_RESULT_FUNCTION,
     image_key,
@@ -27,7 +26,7 @@ from sdapi.contract.names import (
 from sdapi.contract.payloads import ErrorInfo, GenerationResult, ImageInfo
 from sdapi.contract.status import Status, Tier
 from sdapi.infra.clock import utcnow
-from sdapi.infra.queue import QueuePool, enqueue
+from sdapi.infra.queue import enqueue
 
 if TYPE_CHECKING:
     from PIL.Image import Image
@@ -157,19 +156,29 @@ async def _store_images(
     for index, (seed, image, (png, digest)) in enumerate(
         zip(seeds, item.images, encoded, strict=True)
     ):
-        kept = await _keep_first_png(resources.redis, image_key(item.key, index), png)
-        if kept is not png:
-            digest = await asyncio.to_thread(sha256_hex, kept)
-        resources.publisher.emit(
-            item.key,
-            ImageEvent(
-                index=index,
-                seed=seed,
-                width=image.width,
-                height=image.height,
-                sha256=digest,
-            ),
+        event = ImageEvent(
+            index=index,
+            seed=seed,
+            width=image.width,
+            height=image.height,
+            sha256=digest,
         )
+        # A generation may run twice (a lost lease, a re-enqueue by the
+        # reconciler) and a GPU need not draw the same bytes twice: the first
+        # PNG stays and every result describes it, so `jobs` never finds an
+        # image that does not match its hash. The PNG and its event go in
+        # one round trip, after the item's progress.
+        kept = await resources.publisher.store_image(
+            item.key, image_key(item.key, index), png, event
+        )
+        size = len(png)
+        if kept is not None:
+            # An earlier run's PNG stays: the event and result describe it.
+            digest = await asyncio.to_thread(sha256_hex, kept)
+            size = len(kept)
+            resources.publisher.emit(
+                item.key, event.model_copy(update={"sha256": digest})
+            )
         infos.append(
             ImageInfo(
                 index=index,
@@ -177,7 +186,7 @@ async def _store_images(
                 width=image.width,
                 height=image.height,
                 sha256=digest,
-                size_bytes=len(kept),
+                size_bytes=size,
             )
         )
     return infos
@@ -186,22 +195,6 @@ async def _store_images(
 def _encode(image: Image, manifest: ImageManifest) -> tuple[bytes, str]:
     png = encode_png(image, manifest)
     return png, sha256_hex(png)
-
-
-async def _keep_first_png(redis: QueuePool, key: str, png: bytes) -> bytes:
-    """Store `png` at `key` unless it holds one already; the bytes that stay.
-
-    A generation may run twice (a lost lease, a re-enqueue by the reconciler)
-    and a GPU need not draw the same bytes twice. The first PNG stays and
-    every result of the generation describes it, so `jobs` never finds an
-    image that does not match its hash.
-    """
-    while True:
-        if await redis.set(key, png, nx=True, ex=IMAGE_TTL_S):
-            return png
-        kept: bytes | None = await redis.getex(key, ex=IMAGE_TTL_S)
-        if kept is not None:
-            return kept
 
 
 def named_generations(payload: Any) -> list[tuple[UUID, int]]:

@@ -18,14 +18,22 @@ import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
 from gpu_node.calls import CallStopped
 from gpu_node.executor import GpuExecutor
-from sdapi.contract.events import Event, ProgressEvent
-from sdapi.contract.names import EVENT_TTL_S, cancel_key, events_key, progress_key
+from sdapi.contract.events import EVENT_FIELD, Event, ImageEvent, ProgressEvent
+from sdapi.contract.names import (
+    EVENT_STREAM_MAXLEN,
+    EVENT_TTL_S,
+    IMAGE_TTL_S,
+    cancel_key,
+    events_key,
+    progress_key,
+)
 from sdapi.infra.streams import add_events
 
 log = logging.getLogger(__name__)
@@ -51,6 +59,31 @@ class _Progress:
 @dataclass(frozen=True)
 class _Flush:
     done: asyncio.Future[None]
+
+
+@dataclass(frozen=True)
+class _StoreImage:
+    generation_id: str
+    key: str
+    png: bytes
+    event: ImageEvent
+    # The PNG that was at `key` already (nothing appended), or None.
+    done: asyncio.Future[bytes | None]
+
+
+# The node's PNG and its `image` event in one step: SET NX, then the event
+# only if this PNG is the one kept; else the kept PNG comes back (its TTL
+# renewed) and the caller describes that one. One script, so the event can
+# never name bytes other than those at the key.
+_STORE_IMAGE = """
+if redis.call('SET', KEYS[1], ARGV[1], 'NX', 'EX', ARGV[2]) then
+  redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[3], '*', ARGV[4], ARGV[5])
+  redis.call('EXPIRE', KEYS[2], ARGV[6])
+  return false
+end
+redis.call('EXPIRE', KEYS[1], ARGV[2])
+return redis.call('GET', KEYS[1])
+"""
 
 
 _STOP = object()
@@ -141,6 +174,30 @@ class EventPublisher:
             done.cancel()
             raise RuntimeError("the event publisher stopped")
 
+    async def store_image(
+        self, generation_id: str, key: str, png: bytes, event: ImageEvent
+    ) -> bytes | None:
+        """Store `png` at `key` unless a PNG is there, with `event` (which
+        describes it) appended after everything emitted so far, in the same
+        round trip as they are; the PNG already there (nothing appended), or
+        None. Unlike events, a failure raises (RedisError)."""
+        task = self._task
+        if task is None or task.done():
+            raise RuntimeError("the event publisher is not running")
+        done: asyncio.Future[bytes | None] = self._loop.create_future()
+        self._put(_StoreImage(generation_id, key, png, event, done))
+        waiting: set[asyncio.Future[Any]] = {done, task}
+        try:
+            await asyncio.wait(waiting, return_when=asyncio.FIRST_COMPLETED)
+        except asyncio.CancelledError:
+            # Nobody reads its outcome now: the drain skips a done future.
+            done.cancel()
+            raise
+        if not done.done():
+            done.cancel()
+            raise RuntimeError("the event publisher stopped")
+        return done.result()
+
     async def close(self) -> None:
         """Publish what is queued, then stop; never cancelled (no step gets lost)."""
         if self._task is None:
@@ -156,12 +213,14 @@ class EventPublisher:
             with self._lock:
                 items, self._pending = self._pending, []
                 self._wake_due = False
-            appends: list[_Append] = []
+            appends: list[_Append | _StoreImage] = []
             for item in items:
                 if isinstance(item, _Append):
                     appends.append(item)
                     if isinstance(item.event, ProgressEvent):
                         self._note_progress(item.generation_id, item.event)
+                elif isinstance(item, _StoreImage):
+                    appends.append(item)
                 elif isinstance(item, _Progress):
                     self._set(item)
                 else:
@@ -186,7 +245,9 @@ class EventPublisher:
     def _note_progress(self, generation_id: str, event: ProgressEvent) -> None:
         self._set(_Progress(generation_id, event.step, event.total))
 
-    async def _write(self, appends: list[_Append], *, force_progress: bool) -> None:
+    async def _write(
+        self, appends: list[_Append | _StoreImage], *, force_progress: bool
+    ) -> None:
         now = time.monotonic()
         progress: list[_Progress] = []
         if self._progress and (
@@ -199,6 +260,8 @@ class EventPublisher:
             return
         renew = []
         for item in appends:
+            if isinstance(item, _StoreImage):
+                continue  # the script renews its stream
             key = events_key(item.generation_id)
             if now - self._renewed.get(key, -1e9) >= self._renew_every_s:
                 self._renewed[key] = now
@@ -206,9 +269,27 @@ class EventPublisher:
         if len(self._renewed) > 10_000:
             horizon = now - self._renew_every_s
             self._renewed = {k: t for k, t in self._renewed.items() if t >= horizon}
+        stores = [item for item in appends if isinstance(item, _StoreImage)]
         try:
             async with self._redis.pipeline(transaction=False) as pipe:
-                add_events(pipe, [(i.generation_id, i.event) for i in appends])
+                # In emission order: an image's event follows what came before.
+                for item in appends:
+                    if isinstance(item, _Append):
+                        add_events(pipe, [(item.generation_id, item.event)])
+                    else:
+                        pipe.execute_command(
+                            "EVAL",
+                            _STORE_IMAGE,
+                            2,
+                            item.key,
+                            events_key(item.generation_id),
+                            item.png,
+                            IMAGE_TTL_S,
+                            EVENT_STREAM_MAXLEN,
+                            EVENT_FIELD,
+                            item.event.model_dump_json(),
+                            EVENT_TTL_S,
+                        )
                 for key in renew:
                     pipe.expire(key, EVENT_TTL_S)
                 for update in progress:
@@ -222,25 +303,37 @@ class EventPublisher:
                         fields["t0"] = update.started
                     pipe.hset(key, mapping=fields)
                     pipe.expire(key, EVENT_TTL_S)
-                await pipe.execute()
+                replies = await pipe.execute()
         except (RedisError, OSError) as exc:
-            # Progress is best effort: the result itself travels via arq.
-            self.dropped += len(appends) + len(progress)
+            # Progress is best effort: the result itself travels via arq. A
+            # PNG is not: its caller fails (and the job is run again).
+            for store in stores:
+                if not store.done.done():
+                    store.done.set_exception(exc)
+            self.dropped += len(appends) - len(stores) + len(progress)
             log.warning(
                 "dropped %d event(s) and %d progress update(s): %s",
-                len(appends),
+                len(appends) - len(stores),
                 len(progress),
                 exc,
             )
+            return
         except Exception:
             # Anything else is a bug, but it must not end the one task every
             # later flush() waits on.
-            self.dropped += len(appends) + len(progress)
+            for store in stores:
+                if not store.done.done():
+                    store.done.set_exception(RuntimeError("storing the PNG failed"))
+            self.dropped += len(appends) - len(stores) + len(progress)
             log.exception(
                 "dropped %d event(s) and %d progress update(s)",
-                len(appends),
+                len(appends) - len(stores),
                 len(progress),
             )
+            return
+        for item, reply in zip(appends, replies, strict=False):
+            if isinstance(item, _StoreImage) and not item.done.done():
+                item.done.set_result(reply if isinstance(reply, bytes) else None)
 
 
 class CancelWatch:

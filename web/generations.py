@@ -34,7 +34,7 @@ from sdapi.contract.payloads import (
 )
 from sdapi.contract.status import TERMINAL_STATUSES, Status, Tier
 from sdapi.contract.webhooks import WebhookEvent
-from sdapi.db.connection import mark_inserted
+from sdapi.db.connection import mark_inserted, table_name
 from sdapi.db.input_images import (
     InputsChanged,
     PreparedInput,
@@ -413,10 +413,16 @@ async def submit_and_place(
     *,
     deadline: Deadline,
     idempotency: IdempotencyClaim | None = None,
+    check_token: bool = False,
 ) -> tuple[Generation, LiveState | None]:
     """`submit_generation`, and the live state a premium enqueue just placed
     it in (its position and estimate, as its `queued` event tells them):
-    what the 202 shows without asking Redis again. None when not known."""
+    what the 202 shows without asking Redis again. None when not known.
+
+    `check_token`: the principal was read a while ago (an open WebSocket's);
+    its token is checked in the statement that locks the user's row, and
+    `CallerChanged` is raised, nothing stored, if the token no longer works
+    or the user's row no longer says what the request was resolved with."""
     settings = app[settings_key]
     now = utcnow()
     # Before validation: an unverified account can send nothing, valid or not.
@@ -440,7 +446,10 @@ async def submit_and_place(
         async with in_transaction() as connection:
             # The user's row lock serialises their concurrent requests, so two
             # of them cannot both take the last slot of the quota.
-            user = await User.select_for_update().get(id=principal.user.id)
+            if check_token:
+                user = await _lock_caller(principal, tier, now)
+            else:
+                user = await User.select_for_update().get(id=principal.user.id)
             if idempotency is not None:
                 # Again under the lock: a concurrent retry may have won the race.
                 replay = await find_replay(user.id, idempotency, now)
@@ -514,6 +523,35 @@ async def submit_and_place(
         )
         return generation, placed
     return generation, None
+
+
+class CallerChanged(Exception):
+    """The caller's token stopped working, or their row changed in what a
+    request is resolved with, since their principal was read: read it again."""
+
+
+async def _lock_caller(principal: Principal, tier: Tier, now: datetime) -> User:
+    """Lock the caller's row, in one statement with the check that their token
+    is live (`web.tokens.live_tokens`), and check that the row still gives the
+    tier, verified address and default model the request was resolved with."""
+    user = (
+        await User.select_for_update(of=(table_name(User),))
+        .filter(
+            id=principal.user.id,
+            tokens__id=principal.token.id,
+            tokens__revoked_at=None,
+            tokens__expires_at__gt=now,
+        )
+        .first()
+    )
+    if (
+        user is None
+        or user.tier_at(now) is not tier
+        or user.email_verified_at is None
+        or user.default_model != principal.user.default_model
+    ):
+        raise CallerChanged(str(principal.token.id))
+    return user
 
 
 class _Replayed(Exception):

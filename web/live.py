@@ -35,7 +35,7 @@ from sdapi.infra.streams import read_events
 from web.appkeys import live_redis_key
 from web.generation_views import (
     eta_fields,
-    image_png,
+    event_png,
     image_url,
     stored_images,
 )
@@ -246,7 +246,7 @@ async def event_frame(
         )
     if isinstance(event, ImageEvent):
         try:
-            data = await image_png(app, generation_id, event.index)
+            data = await event_png(app, generation_id, event.index, event.sha256)
         except (StoreUnavailable, ObjectMissing):
             # The frame's `url` still gets it once the store answers again.
             data = None

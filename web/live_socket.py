@@ -43,6 +43,7 @@ from web.generation_views import (
     present,
 )
 from web.generations import (
+    CallerChanged,
     cancel_generation,
     load_own,
     prepare_inputs,
@@ -324,13 +325,12 @@ class LiveSocket:
             )
             return
         try:
-            principal = await self._current_principal()
             if isinstance(message, GenerateMessage):
-                await self._generate(principal, message)
+                await self._generate_checked(message)
             elif isinstance(message, CancelMessage):
-                await self._cancel(principal, message.id)
+                await self._cancel(await self._current_principal(), message.id)
             else:
-                await self._subscribe(principal, message.id)
+                await self._subscribe(await self._current_principal(), message.id)
         except CredentialsRevoked as exc:
             await self._error(ident, exc.code, exc.message)
             await self.close(WSCloseCode.POLICY_VIOLATION, "credentials revoked")
@@ -373,12 +373,43 @@ class LiveSocket:
                 retry_after=SOCKET_RETRY_S,
             )
 
-    async def _generate(self, principal: Principal, message: GenerateMessage) -> None:
-        if principal.tier is not Tier.PREMIUM:
-            raise PremiumRequired(
-                "Live generation needs a premium account; normal accounts use "
-                "POST /api/v1/generations and get their images by email."
-            )
+    async def _generate_checked(self, message: GenerateMessage) -> None:
+        """`_generate` with the credentials re-checked.
+
+        A premium, verified caller's request without inputs (nothing for a
+        stale principal to decide wrongly before the database is asked) has
+        its token checked in the statement that locks the user's row, one
+        query fewer; any change since the last re-read (a revoked token, a
+        lapsed premium, a new default model) takes the long way, nothing
+        stored: the credentials re-read first, as every other message.
+        """
+        principal = self._principal
+        if (
+            principal.tier is Tier.PREMIUM
+            and principal.user.email_verified_at is not None
+            and (message.request.model is not None or not principal.user.default_model)
+            and not request_sources(message.request)
+        ):
+            try:
+                await self._generate(principal, message, check_token=True)
+                return
+            except CallerChanged:
+                pass
+            except AppError:
+                # Refused on the principal read before: a revoked token is
+                # told so (and the socket closed), a lapsed premium too.
+                _require_premium(await self._current_principal())
+                raise
+        await self._generate(await self._current_principal(), message)
+
+    async def _generate(
+        self,
+        principal: Principal,
+        message: GenerateMessage,
+        *,
+        check_token: bool = False,
+    ) -> None:
+        _require_premium(principal)
         # Refused before anything is stored: the new generation needs a relay.
         self._check_room()
         # Inputs fit a message as references to earlier results, or as small
@@ -392,7 +423,12 @@ class LiveSocket:
         # As POST /api/v1/generations: the frame shows the place and estimate
         # the enqueue just gave its `queued` event, not a second read of them.
         generation, placed = await submit_and_place(
-            self._app, principal, message.request, inputs, deadline=deadline
+            self._app,
+            principal,
+            message.request,
+            inputs,
+            deadline=deadline,
+            check_token=check_token,
         )
         view = await present(
             self._app, generation, images=[], deadline=deadline, live=placed
@@ -466,6 +502,14 @@ class LiveSocket:
                 f"Following this generation failed (error id {error_id}); "
                 "subscribe again.",
             )
+
+
+def _require_premium(principal: Principal) -> None:
+    if principal.tier is not Tier.PREMIUM:
+        raise PremiumRequired(
+            "Live generation needs a premium account; normal accounts use "
+            "POST /api/v1/generations and get their images by email."
+        )
 
 
 # --- the app's sockets ---------------------------------------------------------

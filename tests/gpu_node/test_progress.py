@@ -10,7 +10,8 @@ import redis.asyncio
 from redis.exceptions import ConnectionError as RedisConnectionError
 
 from gpu_node.progress import CancelWatch, EventPublisher
-from sdapi.contract.events import ProgressEvent, StartedEvent
+from sdapi.contract.events import ImageEvent, ProgressEvent, StartedEvent
+from sdapi.contract.names import IMAGE_TTL_S, image_key
 from sdapi.infra.streams import read_events
 
 
@@ -98,3 +99,47 @@ async def test_events_from_the_pipeline_thread_arrive_whole_and_in_order(
             assert events[0] == StartedEvent(node_id="n")
             assert events[-1] == StartedEvent(node_id="again")
     assert publisher.dropped == 0
+
+
+async def test_an_image_is_stored_with_its_event_after_the_progress_before_it(
+    redis_client: redis.asyncio.Redis,
+) -> None:
+    publisher = EventPublisher(redis_client)
+    publisher.start()
+    generation = str(uuid.uuid4())
+    key = image_key(generation, 0)
+    event = ImageEvent(index=0, seed=1, width=8, height=8, sha256="a" * 64)
+    try:
+        publisher.emit(generation, ProgressEvent(step=20, total=20))
+        assert await publisher.store_image(generation, key, b"first", event) is None
+        # A second run of the generation: the first PNG stays, no event.
+        again = event.model_copy(update={"sha256": "b" * 64})
+        assert await publisher.store_image(generation, key, b"second", again) == (
+            b"first"
+        )
+        await asyncio.wait_for(publisher.flush(), 5)
+    finally:
+        await publisher.close()
+    assert await redis_client.get(key) == b"first"
+    assert 0 < await redis_client.ttl(key) <= IMAGE_TTL_S
+    assert [e for _, e in await read_events(redis_client, generation)] == [
+        ProgressEvent(step=20, total=20),
+        event,
+    ]
+
+
+async def test_an_image_that_cannot_be_stored_fails_its_caller() -> None:
+    # Nothing listens on port 1: unlike an event, a PNG is not dropped quietly.
+    unreachable = redis.asyncio.Redis(port=1, socket_connect_timeout=1)
+    publisher = EventPublisher(unreachable)
+    publisher.start()
+    event = ImageEvent(index=0, seed=1, width=8, height=8, sha256="a" * 64)
+    try:
+        with pytest.raises(RedisConnectionError):
+            await asyncio.wait_for(
+                publisher.store_image("g", image_key("g", 0), b"png", event), 10
+            )
+        assert publisher.alive
+    finally:
+        await publisher.close()
+        await unreachable.aclose()

@@ -495,6 +495,46 @@ async def test_revoked_token_ends_the_socket(
         closing = await ws.receive(timeout=5)
         assert closing.type is WSMsgType.CLOSE
         assert closing.data == aiohttp.WSCloseCode.POLICY_VIOLATION
+    assert await Generation.filter(user_id=user.id).count() == 0
+
+
+async def test_a_token_revoked_after_a_generation_submits_nothing_more(
+    client: TestClient, node: NodeDouble
+) -> None:
+    # The second message's token is checked under the submit's user lock,
+    # not re-read first: revoked without a broadcast, it still stores nothing.
+    user, secret = await make_user()
+    async with client.ws_connect(WS, headers=auth(secret)) as ws:
+        await generate(ws)
+        await ApiToken.filter(user_id=user.id).update(revoked_at=utcnow())
+        await ws.send_json({"type": "generate", "request": SMALL})
+        frames = [await frame(ws)]
+        while frames[-1]["type"] != "error":
+            frames.append(await frame(ws))
+        assert frames[-1]["code"] == "unauthorized"
+        assert "accepted" not in {f["type"] for f in frames}
+    assert await Generation.filter(user_id=user.id).count() == 1
+
+
+@pytest.mark.parametrize("invalid", [False, True])
+async def test_a_lapsed_premium_after_a_generation_submits_nothing_more(
+    client: TestClient, node: NodeDouble, invalid: bool
+) -> None:
+    user, secret = await make_user()
+    async with client.ws_connect(WS, headers=auth(secret)) as ws:
+        await generate(ws)
+        user.premium_until = utcnow()
+        await user.save(update_fields=["premium_until"])
+        # An invalid request is refused for the lapsed premium too, not for
+        # its fields by the premium limits read before.
+        request = {**SMALL, "steps": 10_000} if invalid else SMALL
+        await ws.send_json({"type": "generate", "request": request})
+        frames = [await frame(ws)]
+        while frames[-1]["type"] != "error":
+            frames.append(await frame(ws))
+        assert frames[-1]["code"] == "premium_required"
+        assert "accepted" not in {f["type"] for f in frames}
+    assert await Generation.filter(user_id=user.id).count() == 1
 
 
 def relay_tasks() -> list[asyncio.Task[Any]]:
