@@ -41,13 +41,15 @@ def start_of_day(now: datetime) -> datetime:
 async def usage(user: User, now: datetime) -> Usage:
     """The user's images today (UTC) and premium generations in flight at `now`."""
     # One query: this runs inside the transaction that holds the user's lock.
+    # Only rows one of the counts can take are read, not the user's history.
+    today = start_of_day(now)
     rows = (
         await Generation.filter(user_id=user.id)
+        .filter(Q(created_at__gte=today) | Q(status__in=IN_FLIGHT))
         .annotate(
             images=Sum(
                 "num_images",
-                _filter=Q(created_at__gte=start_of_day(now))
-                & ~Q(status__in=NOT_COUNTED_TODAY),
+                _filter=Q(created_at__gte=today) & ~Q(status__in=NOT_COUNTED_TODAY),
             ),
             flying=Count("id", _filter=Q(tier=Tier.PREMIUM, status__in=IN_FLIGHT)),
         )
@@ -106,7 +108,9 @@ async def insert_within_limits(
                 COUNT(*) FILTER (
                     WHERE tier = $4 AND status = ANY($5::text[])
                 ) AS flying
-            FROM "{table}" WHERE user_id = $1
+            FROM "{table}"
+            -- Only rows one of the counts can take: not the user's history.
+            WHERE user_id = $1 AND (created_at >= $2 OR status = ANY($5::text[]))
         ), added AS (
             INSERT INTO "{table}" ({names})
             SELECT {casts} FROM used

@@ -7,15 +7,17 @@ The user's row lock and the one-statement check and insert after it
 from __future__ import annotations
 
 import asyncio
+from datetime import timedelta
 from typing import Any
 
 from aiohttp.test_utils import TestClient
 
 from sdapi.contract.names import premium_queue
-from sdapi.contract.status import Status
-from sdapi.db.models import Generation
+from sdapi.contract.status import Status, Tier
+from sdapi.db.models import Generation, utcnow
 from sdapi.devtools.accounts import auth, make_user
 from tests.node_double import NodeDouble, jobs_context
+from tests.web.accounts_support import add_generation
 from web.app import create_app
 from web.settings import WebSettings
 
@@ -105,3 +107,33 @@ async def test_64_premium_submits_at_the_in_flight_edge_accept_exactly_the_limit
         "rate_limited"
     }
     assert await Generation.filter(user_id=user.id).count() == 10
+
+
+async def test_the_check_counts_work_still_in_flight_from_yesterday_not_history(
+    aiohttp_client: Any, web_settings: WebSettings
+) -> None:
+    # The statement reads only today's rows and those still in flight: a
+    # premium job from before midnight still holds its slot, and the user's
+    # older history counts for nothing.
+    settings = web_settings.model_copy(
+        update={"premium_max_in_flight": 2, "premium_images_per_day": 3}
+    )
+    client = await aiohttp_client(create_app(settings))
+    assert settings.redis_url and settings.database_url
+    async with jobs_context(settings.redis_url, settings.database_url) as ctx:
+        await NodeDouble(ctx).announce()
+        user, secret = await make_user()
+        before_today = utcnow() - timedelta(days=1, hours=1)
+        for status in (Status.RUNNING, Status.SUCCEEDED, Status.SUCCEEDED):
+            await add_generation(
+                str(user.id),
+                status=status,
+                num_images=4,
+                tier=Tier.PREMIUM,
+                created_at=before_today,
+            )
+        first = await client.post(GENERATIONS, json=SMALL, headers=auth(secret))
+        assert first.status == 202
+        second = await client.post(GENERATIONS, json=SMALL, headers=auth(secret))
+    assert second.status == 429
+    assert (await second.json())["error"]["code"] == "rate_limited"
