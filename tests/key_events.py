@@ -73,8 +73,11 @@ class KeyEvents:
             if job_ids is None or job_id in job_ids
         ]
 
-    def claims_after(self, queue: str, adds: int) -> list[str]:
-        """Jobs first claimed after the `adds`-th ZADD to `queue`."""
+    def claims_after(
+        self, queue: str, adds: int, job_ids: list[str] | None = None
+    ) -> list[str]:
+        """Jobs first claimed after the `adds`-th ZADD to `queue` (of `job_ids`,
+        if given: other queues' claims, `jobs`' own tasks, come in between)."""
         count = 0
         for n, (key, event) in enumerate(self.seen):
             if key == queue and event == "zadd":
@@ -85,6 +88,7 @@ class KeyEvents:
                         job_id
                         for job_id in KeyEvents._first_claims(self.seen[n:])
                         if job_id not in earlier
+                        and (job_ids is None or job_id in job_ids)
                     ]
         raise AssertionError(f"fewer than {adds} jobs were added to {queue}")
 
