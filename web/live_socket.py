@@ -47,7 +47,6 @@ from web.generations import (
     cancel_generation,
     load_own,
     prepare_inputs,
-    request_sources,
     submit_and_place,
 )
 from web.live import (
@@ -57,6 +56,7 @@ from web.live import (
     feeds_key,
     follow,
 )
+from web.request_resolution import request_sources
 from web.schemas.live import (
     CLIENT_MESSAGE,
     MESSAGE_TYPES,

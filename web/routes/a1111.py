@@ -47,12 +47,12 @@ from web.errors import (
 from web.generation_views import read_pngs, stored_images
 from web.generations import (
     cancel_generation,
-    find_offer,
     prepare_inputs,
     require_verified,
     submit_generation,
 )
 from web.openapi import ApiRoutes, Response, json_response, read_body
+from web.request_resolution import find_offer
 from web.schemas import a1111 as schemas
 from web.schemas.a1111 import CHECKPOINT_OPTION, FIXED_OPTIONS
 from web.schemas.generations import ResolvedRequest

@@ -28,7 +28,6 @@ from web.generations import (
     delete_finished,
     load_own,
     prepare_inputs,
-    request_sources,
     submit_and_place,
 )
 from web.idempotency import claim_from, file_digest
@@ -39,6 +38,7 @@ from web.openapi import (
     json_response,
     read_body,
 )
+from web.request_resolution import request_sources
 from web.schemas import generations as schemas
 
 routes = ApiRoutes(tags=["generations"])

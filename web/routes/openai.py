@@ -33,13 +33,13 @@ from web.forms import read_form
 from web.generation_views import read_pngs, stored_images
 from web.generations import (
     check_allowance,
-    find_offer,
     require_verified,
     submit_generation,
 )
 from web.idempotency import IdempotencyClaim, claim_from, file_digest
 from web.inputs import check_mask_size, resolve_input
 from web.openapi import ApiRoutes, Response, json_response
+from web.request_resolution import find_offer
 from web.schemas.generations import GenerationRequest
 from web.schemas.openai import (
     AUTO_SIZE,
