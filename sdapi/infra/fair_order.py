@@ -198,31 +198,11 @@ class FairCall(TypedDict):
     previous_job_id: str | None
 
 
-async def enqueue_tagged(
-    redis: Redis,
-    *,
-    queue: str,
-    job_id: str,
-    job_key: str,
-    result_key: str,
-    data: bytes,
-    expires_ms: int,
-    owner: str,
-    previous_job_id: str | None,
-) -> float | None:
+async def enqueue_tagged(redis: Redis, call: FairCall) -> float | None:
     """Store a job's data under `job_key` and add it to `queue` at its owner's
     fair place (or its previous attempt's), in one script; its score, or None
     when the job or its result exists already."""
-    keys, args = _enqueue_fair_call(
-        queue=queue,
-        job_id=job_id,
-        job_key=job_key,
-        result_key=result_key,
-        data=data,
-        expires_ms=expires_ms,
-        owner=owner,
-        previous_job_id=previous_job_id,
-    )
+    keys, args = _enqueue_fair_call(call)
     score = await redis.register_script(_ENQUEUE_FAIR)(keys=keys, args=args)
     return None if score is None else float(score)
 
@@ -233,53 +213,27 @@ ENQUEUE_FAIR_SHA = hashlib.sha1(
 ).hexdigest()
 
 
-def queue_enqueue_tagged(
-    pipe: Pipeline,
-    *,
-    queue: str,
-    job_id: str,
-    job_key: str,
-    result_key: str,
-    data: bytes,
-    expires_ms: int,
-    owner: str,
-    previous_job_id: str | None,
-) -> None:
+def queue_enqueue_tagged(pipe: Pipeline, call: FairCall) -> None:
     """`enqueue_tagged`'s script as one command of the caller's pipeline, by
     its SHA only: its reply is the score, None, or NoScriptError while Redis
     has not seen the script (then call `enqueue_tagged`, which loads it).
     redis-py's own script-in-pipeline asks SCRIPT EXISTS first, a round trip
     more on every call."""
-    keys, args = _enqueue_fair_call(
-        queue=queue,
-        job_id=job_id,
-        job_key=job_key,
-        result_key=result_key,
-        data=data,
-        expires_ms=expires_ms,
-        owner=owner,
-        previous_job_id=previous_job_id,
-    )
+    keys, args = _enqueue_fair_call(call)
     pipe.execute_command("EVALSHA", ENQUEUE_FAIR_SHA, len(keys), *keys, *args)
 
 
 def _enqueue_fair_call(
-    *,
-    queue: str,
-    job_id: str,
-    job_key: str,
-    result_key: str,
-    data: bytes,
-    expires_ms: int,
-    owner: str,
-    previous_job_id: str | None,
+    call: FairCall,
 ) -> tuple[list[str], list[bytes | str | int | float]]:
+    queue, job_id, owner = call["queue"], call["job_id"], call["owner"]
+    previous_job_id = call["previous_job_id"]
     tag = fair_tag_key(job_id)
     return (
         [
             queue,
-            job_key,
-            result_key,
+            call["job_key"],
+            call["result_key"],
             fair_clock_key(queue),
             fair_owner_key(queue, owner),
             tag,
@@ -287,8 +241,8 @@ def _enqueue_fair_call(
         ],
         [
             job_id,
-            data,
-            expires_ms,
+            call["data"],
+            call["expires_ms"],
             owner,
             FAIR_STATE_TTL_S,
             FAIR_BASE,

@@ -335,7 +335,7 @@ async def enqueue_fair(
         add_events(pipe, events)
         for key in dict.fromkeys(events_key(gid) for gid, _ in events):
             pipe.expire(key, EVENT_TTL_S)
-        queue_enqueue_tagged(pipe, **call)
+        queue_enqueue_tagged(pipe, call)
         # A hint only (see _wake): sent even for a duplicate, which no
         # worker then finds.
         pipe.publish(wake_channel(queue), b"")
@@ -347,7 +347,7 @@ async def enqueue_fair(
     if isinstance(reply, NoScriptError):
         # Redis has not seen the script since it started: load it and run
         # it; the events are in their streams already.
-        score = await enqueue_tagged(pool, **call)
+        score = await enqueue_tagged(pool, call)
         if score is not None:
             await _wake(pool, queue)
         return score
