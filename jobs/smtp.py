@@ -133,14 +133,15 @@ async def _attachments(row: OutboxEmail, stores: ImageStores) -> list[Attachment
     if generation_id is None:
         return []
     images = await GeneratedImage.filter(generation_id=generation_id).order_by("index")
+    pngs = await stores.read_all((image.store, image.object_key) for image in images)
     return [
         Attachment(
             filename=f"sdapi-{generation_id}-{image.index}.png",
             maintype="image",
             subtype="png",
-            data=await stores.read(image.store, image.object_key),
+            data=png,
         )
-        for image in images
+        for image, png in zip(images, pngs, strict=True)
     ]
 
 

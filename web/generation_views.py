@@ -160,8 +160,9 @@ async def event_png(
 
 async def read_pngs(app: web.Application, images: Iterable[StoredImage]) -> list[bytes]:
     """The PNGs of stored images, from their stores."""
-    stores = app[stores_key]
-    return [await stores.read(image.store, image.object_key) for image in images]
+    return await app[stores_key].read_all(
+        (image.store, image.object_key) for image in images
+    )
 
 
 def error_ref(generation: Generation) -> schemas.ErrorRef | None:

@@ -8,7 +8,7 @@ Tortoise and so lives here rather than beside the folder and S3 stores.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Awaitable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Iterable, Sequence
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
@@ -148,6 +148,15 @@ class ImageStores:
 
     async def read(self, location: str, key: str) -> bytes:
         return await self.at(location).get(key)
+
+    async def read_all(self, objects: Iterable[tuple[str, str]]) -> list[bytes]:
+        """The bytes of (location, key) pairs, in order, read concurrently:
+        a generation's images cost one store round trip, not one each. Call
+        it outside a transaction (the `postgres` store's reads would share
+        its one connection)."""
+        return list(
+            await asyncio.gather(*(self.read(where, key) for where, key in objects))
+        )
 
     async def close(self) -> None:
         stores, self._open = list(self._open.values()), {}

@@ -103,8 +103,10 @@ async def store_inputs(
 
 async def put_input_data(redis: Redis, images: Iterable[Cleaned]) -> None:
     """Put inputs whose bytes are at hand (a submit) into Redis for the node."""
-    for image in images:
-        await redis.set(input_key(image.sha256), image.data, ex=INPUT_TTL_S)
+    async with redis.pipeline(transaction=False) as pipe:
+        for image in images:
+            pipe.set(input_key(image.sha256), image.data, ex=INPUT_TTL_S)
+        await pipe.execute()
 
 
 async def put_inputs(
@@ -119,7 +121,9 @@ async def put_inputs(
         "image__sha256", "image__store", "image__object_key"
     )
     found = {str(digest): (str(store), str(key)) for digest, store, key in rows}
-    for digest, (store, key) in found.items():
-        data = await stores.read(store, key)
-        await redis.set(input_key(digest), data, ex=INPUT_TTL_S)
+    datas = await stores.read_all(found.values())
+    async with redis.pipeline(transaction=False) as pipe:
+        for digest, data in zip(found, datas, strict=True):
+            pipe.set(input_key(digest), data, ex=INPUT_TTL_S)
+        await pipe.execute()
     return len(found)
