@@ -15,6 +15,7 @@ from pydantic import SecretStr
 from jobs.resources import JobsResources
 from jobs.settings import JobsSettings
 from sdapi.contract.nodes import NodeInfo
+from sdapi.contract.payloads import GenerationJob, GenerationParams
 from sdapi.contract.status import Status, Tier
 from sdapi.db.connection import open_database
 from sdapi.db.image_store import ImageStores
@@ -150,4 +151,35 @@ async def make_generation(
         scheduler=scheduler,
         num_images=num_images,
         **fields,
+    )
+
+
+async def queued_job(
+    user: User,
+    params: GenerationParams,
+    *,
+    tier: Tier = Tier.PREMIUM,
+    deadline_s: float = 30.0,
+) -> GenerationJob:
+    """A queued generation row of `params` and the job a node would have
+    claimed for it (a normal one as the dispatcher sent it in a batch)."""
+    now = utcnow()
+    generation = await make_generation(
+        user,
+        prompt=params.prompt,
+        seed=params.seed,
+        width=params.width,
+        height=params.height,
+        steps=params.steps,
+        guidance_scale=params.guidance_scale,
+        scheduler=params.scheduler,
+        num_images=params.num_images,
+        tier=tier,
+        status=Status.QUEUED,
+        queued_at=now,
+        attempts=1,
+        deadline=now + timedelta(seconds=deadline_s),
+    )
+    return GenerationJob(
+        generation_id=generation.id, model=MODEL, tier=tier, params=params
     )

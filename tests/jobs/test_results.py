@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import uuid
 from collections.abc import AsyncIterator
-from datetime import timedelta
 from typing import Any
 
 import asyncpg
@@ -36,17 +35,16 @@ from sdapi.contract.payloads import (
 from sdapi.contract.status import Status, Tier
 from sdapi.db.connection import open_database
 from sdapi.db.models import (
-    Delivery,
     GeneratedImage,
     Generation,
     OutboxEmail,
-    User,
     utcnow,
 )
 from sdapi.devtools.accounts import make_user
 from sdapi.infra.queue import create_queue_pool, enqueue, new_worker
 from sdapi.infra.streams import read_events
 from tests.image_support import stored_bytes
+from tests.jobs.conftest import queued_job
 from tests.node_double import NodeDouble, jobs_context
 from tests.support import until
 
@@ -71,37 +69,6 @@ async def node(clean_db: str, clean_redis: str) -> AsyncIterator[NodeDouble]:
         yield NodeDouble(ctx)
 
 
-async def queued(
-    user: User, *, delivery: Delivery = Delivery.DOWNLOAD, tier: Tier = Tier.PREMIUM
-) -> GenerationJob:
-    """A queued generation row and the job a node would have claimed for it."""
-    generation = await Generation.create(
-        id=uuid.uuid4(),
-        user=user,
-        tier=tier,
-        status=Status.QUEUED,
-        delivery=delivery,
-        model="tiny",
-        request={
-            **PARAMS.model_dump(mode="json"),
-            "model": "tiny",
-            "delivery": delivery,
-        },
-        width=PARAMS.width,
-        height=PARAMS.height,
-        steps=PARAMS.steps,
-        guidance_scale=PARAMS.guidance_scale,
-        scheduler=PARAMS.scheduler,
-        num_images=PARAMS.num_images,
-        queued_at=utcnow(),
-        attempts=1,
-        deadline=utcnow() + timedelta(seconds=30),
-    )
-    return GenerationJob(
-        generation_id=generation.id, model="tiny", tier=tier, params=PARAMS
-    )
-
-
 async def dones(node: NodeDouble, job: GenerationJob) -> list[Any]:
     events = await read_events(node.redis, job.generation_id)
     return [event for _, event in events if event.type == "done"]
@@ -109,7 +76,7 @@ async def dones(node: NodeDouble, job: GenerationJob) -> list[Any]:
 
 async def test_a_result_delivered_twice_changes_nothing(node: NodeDouble) -> None:
     user, _ = await make_user()
-    job = await queued(user)
+    job = await queued_job(user, PARAMS)
     made = await node.images(job)
     payload = node.result(job, Status.SUCCEEDED, [info for info, _ in made])
     assert await store_result(node.ctx, payload) == "succeeded"
@@ -128,7 +95,7 @@ async def test_a_result_delivered_twice_changes_nothing(node: NodeDouble) -> Non
 
 async def test_status_only_moves_forward(node: NodeDouble) -> None:
     user, _ = await make_user()
-    job = await queued(user)
+    job = await queued_job(user, PARAMS)
     await node.start(job)
     row = await Generation.get(id=job.generation_id)
     assert row.status is Status.RUNNING
@@ -153,7 +120,7 @@ async def test_a_cancelled_generation_keeps_its_status_and_gets_no_images(
     node: NodeDouble,
 ) -> None:
     user, _ = await make_user()
-    job = await queued(user)
+    job = await queued_job(user, PARAMS)
     await Generation.filter(id=job.generation_id).update(
         status=Status.CANCELLED, finished_at=utcnow()
     )
@@ -170,7 +137,7 @@ async def test_failure_is_stored_and_announced_with_its_reason(
     node: NodeDouble,
 ) -> None:
     user, _ = await make_user()
-    job = await queued(user)
+    job = await queued_job(user, PARAMS)
     await node.redis.hset(
         progress_key(job.generation_id), mapping={"step": 2, "total": 4}
     )
@@ -191,7 +158,7 @@ async def test_email_delivery_writes_one_email_with_a_signed_link(
     node: NodeDouble,
 ) -> None:
     user, _ = await make_user(premium=False)
-    job = await queued(user, delivery=Delivery.EMAIL, tier=Tier.NORMAL)
+    job = await queued_job(user, PARAMS, tier=Tier.NORMAL)
     made = await node.images(job)
     payload = node.result(job, Status.SUCCEEDED, [info for info, _ in made])
     await store_result(node.ctx, payload)
@@ -208,7 +175,7 @@ async def test_email_delivery_writes_one_email_with_a_signed_link(
 
 async def test_failed_email_delivery_says_why(node: NodeDouble) -> None:
     user, _ = await make_user(premium=False)
-    job = await queued(user, delivery=Delivery.EMAIL, tier=Tier.NORMAL)
+    job = await queued_job(user, PARAMS, tier=Tier.NORMAL)
     await node.fail(job, "the prompt could not be encoded")
     [email] = await OutboxEmail.all()
     assert "the prompt could not be encoded" in email.text_body
@@ -216,7 +183,7 @@ async def test_failed_email_delivery_says_why(node: NodeDouble) -> None:
 
 async def test_cancelled_email_delivery_sends_nothing(node: NodeDouble) -> None:
     user, _ = await make_user(premium=False)
-    job = await queued(user, delivery=Delivery.EMAIL, tier=Tier.NORMAL)
+    job = await queued_job(user, PARAMS, tier=Tier.NORMAL)
     assert await store_result(node.ctx, node.result(job, Status.CANCELLED)) == (
         "cancelled"
     )
@@ -225,7 +192,7 @@ async def test_cancelled_email_delivery_sends_nothing(node: NodeDouble) -> None:
 
 async def test_lost_images_leave_the_row_for_the_reconciler(node: NodeDouble) -> None:
     user, _ = await make_user()
-    job = await queued(user)
+    job = await queued_job(user, PARAMS)
     made = await node.images(job)
     await node.redis.delete(image_key(job.generation_id, 1))
     assert await node.result_stored(job, made) == "images missing"
@@ -238,7 +205,7 @@ async def test_tampered_images_and_malformed_payloads_are_rejected(
     node: NodeDouble,
 ) -> None:
     user, _ = await make_user()
-    job = await queued(user)
+    job = await queued_job(user, PARAMS)
     made = await node.images(job)
     await node.redis.set(image_key(job.generation_id, 0), b"not the png")
     with pytest.raises(ResultRejected, match="sha256"):
@@ -252,7 +219,7 @@ async def test_tampered_images_and_malformed_payloads_are_rejected(
 
 async def test_a_result_for_an_unknown_generation_is_dropped(node: NodeDouble) -> None:
     user, _ = await make_user()
-    job = await queued(user)
+    job = await queued_job(user, PARAMS)
     ghost = job.model_copy(update={"generation_id": uuid.uuid4()})
     assert await store_result(node.ctx, node.result(ghost, Status.CANCELLED)) == (
         "unknown generation"
@@ -263,7 +230,7 @@ async def test_jobs_enqueued_as_nodes_do_run_on_the_results_queue(
     node: NodeDouble, clean_redis: str
 ) -> None:
     user, _ = await make_user()
-    job = await queued(user)
+    job = await queued_job(user, PARAMS)
     notice = StartedNotice(
         generation_id=job.generation_id, node_id="double-1", started_at=utcnow()
     )
@@ -358,7 +325,7 @@ async def test_a_query_cut_off_by_a_terminated_session_is_retried(
     node: NodeDouble, clean_db: str
 ) -> None:
     user, _ = await make_user()
-    job = await queued(user)
+    job = await queued_job(user, PARAMS)
     notice = StartedNotice(
         generation_id=job.generation_id, node_id="double-1", started_at=utcnow()
     ).model_dump(mode="json")
@@ -395,7 +362,7 @@ async def test_idle_sessions_terminated_under_the_pool_do_no_harm(
     node: NodeDouble, clean_db: str
 ) -> None:
     user, _ = await make_user()
-    job = await queued(user)
+    job = await queued_job(user, PARAMS)
     made = await node.images(job)
     payload = node.result(job, Status.SUCCEEDED, [info for info, _ in made])
     assert await terminate_backends(clean_db) >= 1
@@ -406,7 +373,7 @@ async def test_a_session_terminated_inside_the_transaction_is_retried(
     node: NodeDouble, clean_db: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     user, _ = await make_user(premium=False)
-    job = await queued(user, delivery=Delivery.EMAIL, tier=Tier.NORMAL)
+    job = await queued_job(user, PARAMS, tier=Tier.NORMAL)
     made = await node.images(job)
     payload = node.result(job, Status.SUCCEEDED, [info for info, _ in made])
     real_persist = results._persist

@@ -12,10 +12,8 @@ import dataclasses
 import email
 import email.policy
 import time
-import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
-from datetime import timedelta
 from pathlib import Path
 
 import pytest
@@ -25,16 +23,14 @@ from jobs.email_sender import send_due_emails
 from jobs.resources import resources_of
 from jobs.results import store_result
 from sdapi.contract.names import IMAGE_TTL_S, image_key
-from sdapi.contract.payloads import GenerationJob, GenerationParams
+from sdapi.contract.payloads import GenerationParams
 from sdapi.contract.status import Status, Tier
 from sdapi.db.connection import open_database
 from sdapi.db.models import (
-    Delivery,
     GeneratedImage,
     Generation,
     OutboxEmail,
     OutboxStatus,
-    User,
     utcnow,
 )
 from sdapi.devtools.accounts import make_user
@@ -42,6 +38,7 @@ from sdapi.devtools.mailsink import mail_sink, read_messages
 from sdapi.devtools.s3_server import S3_ENV, MotoServer
 from sdapi.infra.object_store import result_object_key
 from tests.image_support import stored_bytes
+from tests.jobs.conftest import queued_job
 from tests.node_double import NodeDouble, jobs_context
 from tests.pausable_proxy import TcpProxy
 from tests.support import until
@@ -97,31 +94,6 @@ async def outage(
         await proxy.stop()
 
 
-async def batch_item(user: User) -> GenerationJob:
-    """A normal-tier generation the dispatcher sent in a batch (email delivery)."""
-    generation = await Generation.create(
-        id=uuid.uuid4(),
-        user=user,
-        tier=Tier.NORMAL,
-        status=Status.QUEUED,
-        delivery=Delivery.EMAIL,
-        model="tiny",
-        request={**PARAMS.model_dump(mode="json"), "model": "tiny"},
-        width=PARAMS.width,
-        height=PARAMS.height,
-        steps=PARAMS.steps,
-        guidance_scale=PARAMS.guidance_scale,
-        scheduler=PARAMS.scheduler,
-        num_images=PARAMS.num_images,
-        queued_at=utcnow(),
-        attempts=1,
-        deadline=utcnow() + timedelta(hours=1),
-    )
-    return GenerationJob(
-        generation_id=generation.id, model="tiny", tier=Tier.NORMAL, params=PARAMS
-    )
-
-
 async def refused_within(outage: Outage, payload: dict[str, object]) -> float:
     """store_result asks arq to retry; how long it took to find out."""
     started = time.monotonic()
@@ -135,7 +107,10 @@ async def test_a_batch_stored_while_the_store_stalls_then_stops_waits_for_it(
 ) -> None:
     node = outage.node
     user = (await make_user(premium=False)).user
-    jobs = [await batch_item(user) for _ in range(3)]
+    jobs = [
+        await queued_job(user, PARAMS, tier=Tier.NORMAL, deadline_s=3600)
+        for _ in range(3)
+    ]
     made = {job.generation_id: await node.images(job) for job in jobs}
     payloads = [
         node.result(
@@ -190,7 +165,7 @@ async def test_a_stalled_store_never_holds_the_generation_row_lock(
     any other writer) goes through at once."""
     node = outage.node
     user = (await make_user(premium=False)).user
-    job = await batch_item(user)
+    job = await queued_job(user, PARAMS, tier=Tier.NORMAL, deadline_s=3600)
     made = await node.images(job)
     payload = node.result(job, Status.SUCCEEDED, [info for info, _ in made])
     outage.proxy.pause()
@@ -211,7 +186,7 @@ async def test_an_email_whose_images_cannot_be_read_waits_for_the_store(
     once the store answers."""
     node = outage.node
     user = (await make_user(premium=False)).user
-    job = await batch_item(user)
+    job = await queued_job(user, PARAMS, tier=Tier.NORMAL, deadline_s=3600)
     made = await node.images(job)
     payload = node.result(job, Status.SUCCEEDED, [info for info, _ in made])
     assert await store_result(node.ctx, payload) == "succeeded"
