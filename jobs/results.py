@@ -7,6 +7,7 @@ index), the email by a dedupe key, and the one `done` event by a Redis NX key.
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import logging
 from collections.abc import Callable, Iterable
@@ -201,15 +202,16 @@ async def _write_pngs(
     """
     if result.status is not Status.SUCCEEDED:
         return []
-    stored: list[StoredObject] = []
+    writes = (
+        resources.stores.write(result_object_key(result.generation_id, i.index), png)
+        for i, png in zip(result.images, pngs, strict=True)
+    )
     try:
-        for image, png in zip(result.images, pngs, strict=True):
-            key = result_object_key(result.generation_id, image.index)
-            stored.append(await resources.stores.write(key, png))
+        # Together: a batch's images cost one store round trip, not one each.
+        return list(await asyncio.gather(*writes))
     except StoreUnavailable:
         await _keep_pngs(resources.redis, result)
         raise
-    return stored
 
 
 async def _keep_pngs(redis: Redis, result: GenerationResult) -> None:
