@@ -29,8 +29,11 @@ DIED_ON_LAST_TRY = "the sender stopped while sending it, on the last attempt"
 
 
 async def database_now() -> datetime:
-    """The database's clock (the one every sender's claims are compared on)."""
-    rows = await model_connection(OutboxEmail).execute_query_dict("SELECT now() AS now")
+    """The database's clock (the one every sender's claims are compared on),
+    read when called, also inside a transaction (unlike now())."""
+    rows = await model_connection(OutboxEmail).execute_query_dict(
+        "SELECT clock_timestamp() AS now"
+    )
     now: datetime = rows[0]["now"]
     return now
 

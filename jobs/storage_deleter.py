@@ -18,10 +18,11 @@ from __future__ import annotations
 import logging
 from collections import defaultdict
 from dataclasses import dataclass
-from datetime import datetime, timedelta
+from datetime import timedelta
 
 from tortoise.transactions import in_transaction
 
+from jobs.outbox_claims import database_now
 from jobs.resources import JobsResources
 from sdapi.db.connection import model_connection
 from sdapi.db.image_store import ImageStores
@@ -52,15 +53,6 @@ class DeletionReport:
     failed: int = 0  # left for a retry: their store failed
 
 
-async def _database_clock() -> datetime:
-    """The database's clock now (inside a transaction too, unlike now())."""
-    rows = await model_connection(StorageDeletion).execute_query_dict(
-        "SELECT clock_timestamp() AS now"
-    )
-    now: datetime = rows[0]["now"]
-    return now
-
-
 async def _in_use(keys: list[str]) -> set[tuple[str, str]]:
     """Which (store, object_key) of these keys an image row names."""
     rows = await model_connection(StorageDeletion).execute_query_dict(_IN_USE, [keys])
@@ -72,7 +64,7 @@ async def _delete_batch(
 ) -> DeletionReport | None:
     """Claim one batch of due deletions and carry it out; None if none is due."""
     async with in_transaction():
-        now = await _database_clock()
+        now = await database_now()
         rows = (
             await StorageDeletion.select_for_update(skip_locked=True)
             .filter(not_before__lte=now)
@@ -103,7 +95,7 @@ async def _delete_batch(
                 )
                 # The backoff counts from the failure, not the claim (the
                 # failing call may have taken the whole deadline).
-                failed_at = await _database_clock()
+                failed_at = await database_now()
                 for row in queued:
                     delay = backoff_s(
                         row.attempts + 1, base=backoff_base, cap=backoff_max, jitter=0.2
