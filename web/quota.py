@@ -9,13 +9,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from typing import Any
 
 from tortoise.backends.base.client import BaseDBAsyncClient
-from tortoise.expressions import Q
-from tortoise.functions import Count, Sum
 
 from sdapi.contract.status import Status, Tier
-from sdapi.db.connection import insert_columns, table_name
+from sdapi.db.connection import insert_columns, model_connection, table_name
 from sdapi.db.models import Generation, User
 
 # Failed and cancelled requests give their images back to the day's quota.
@@ -38,29 +37,45 @@ def start_of_day(now: datetime) -> datetime:
     return now.astimezone(UTC).replace(hour=0, minute=0, second=0, microsecond=0)
 
 
+def _used_sql(table: str) -> str:
+    """What a user uses, as SQL: one definition for `usage` and the insert.
+    Parameters: $1 the user, $2 the day's start, $3 statuses not counted
+    today, $4 the premium tier, $5 statuses in flight."""
+    return f"""
+        SELECT
+            COALESCE(SUM(num_images) FILTER (
+                WHERE created_at >= $2 AND NOT status = ANY($3::text[])
+            ), 0) AS images,
+            COUNT(*) FILTER (
+                WHERE tier = $4 AND status = ANY($5::text[])
+            ) AS flying
+        FROM "{table}"
+        -- Only rows one of the counts can take: not the user's history.
+        WHERE user_id = $1 AND (created_at >= $2 OR status = ANY($5::text[]))
+    """  # noqa: S608 (the table name is our model's; every value is a parameter)
+
+
+def _used_values(user_id: object, now: datetime) -> list[object]:
+    return [
+        user_id,
+        start_of_day(now),
+        [status.value for status in NOT_COUNTED_TODAY],
+        Tier.PREMIUM.value,
+        [status.value for status in IN_FLIGHT],
+    ]
+
+
+def _usage_of(row: dict[str, Any]) -> Usage:
+    return Usage(images_today=int(row["images"]), in_flight=int(row["flying"]))
+
+
 async def usage(user: User, now: datetime) -> Usage:
     """The user's images today (UTC) and premium generations in flight at `now`."""
     # One query: this runs inside the transaction that holds the user's lock.
-    # Only rows one of the counts can take are read, not the user's history.
-    today = start_of_day(now)
-    rows = (
-        await Generation.filter(user_id=user.id)
-        .filter(Q(created_at__gte=today) | Q(status__in=IN_FLIGHT))
-        .annotate(
-            images=Sum(
-                "num_images",
-                _filter=Q(created_at__gte=today) & ~Q(status__in=NOT_COUNTED_TODAY),
-            ),
-            flying=Count("id", _filter=Q(tier=Tier.PREMIUM, status__in=IN_FLIGHT)),
-        )
-        .values("images", "flying")
+    rows = await model_connection(Generation).execute_query_dict(
+        _used_sql(table_name(Generation)), _used_values(user.id, now)
     )
-    row = rows[0] if rows else {}
-    images, flying = row.get("images"), row.get("flying")
-    return Usage(
-        images_today=int(images) if isinstance(images, int) else 0,
-        in_flight=int(flying) if isinstance(flying, int) else 0,
-    )
+    return _usage_of(rows[0])
 
 
 async def insert_within_limits(
@@ -82,12 +97,8 @@ async def insert_within_limits(
     from a snapshot taken before it waited for the lock.)
     """
     columns = insert_columns(generation)
-    values: list[object] = [
-        generation.user_id,
-        start_of_day(now),
-        [status.value for status in NOT_COUNTED_TODAY],
-        Tier.PREMIUM.value,
-        [status.value for status in IN_FLIGHT],
+    values = [
+        *_used_values(generation.user_id, now),
         generation.num_images,
         images_per_day,
         max_in_flight,
@@ -100,17 +111,7 @@ async def insert_within_limits(
     values += [value for _, _, value in columns]
     table = table_name(Generation)
     query = f"""
-        WITH used AS (
-            SELECT
-                COALESCE(SUM(num_images) FILTER (
-                    WHERE created_at >= $2 AND NOT status = ANY($3::text[])
-                ), 0) AS images,
-                COUNT(*) FILTER (
-                    WHERE tier = $4 AND status = ANY($5::text[])
-                ) AS flying
-            FROM "{table}"
-            -- Only rows one of the counts can take: not the user's history.
-            WHERE user_id = $1 AND (created_at >= $2 OR status = ANY($5::text[]))
+        WITH used AS ({_used_sql(table)}
         ), added AS (
             INSERT INTO "{table}" ({names})
             SELECT {casts} FROM used
@@ -122,6 +123,4 @@ async def insert_within_limits(
     """  # noqa: S608 (names come from our models; every value is a parameter)
     _, rows = await connection.execute_query(query, values)
     row = rows[0]
-    return bool(row["added"]), Usage(
-        images_today=int(row["images"]), in_flight=int(row["flying"])
-    )
+    return bool(row["added"]), _usage_of(row)
