@@ -356,6 +356,15 @@ INTERNALS = (
         "sdapi/infra/queue.py (create_queue_pool)",
         "give the connections of a request path's pool a read timeout",
     ),
+    # redis-py: sdapi/infra/redis_writes.py (_DeadlineWrites).
+    Internal(
+        "redis.asyncio.connection:AbstractConnection._send_packed_command",
+        "redis",
+        "sdapi/infra/redis_writes.py (_DeadlineWrites)",
+        "write a command under asyncio.timeout, not redis-py's wait_for, which "
+        "loses a cancellation on Python 3.11",
+        parameters=("command",),
+    ),
 )
 
 
@@ -496,6 +505,23 @@ def test_private_api_redis_connection_kwargs() -> None:
     assert connection.socket_timeout == 2.5, (
         f"redis {version('redis')}: ConnectionPool.connection_kwargs no longer "
         "reaches new connections; sdapi/infra/queue.py relies on it"
+    )
+
+
+def test_private_api_redis_connection_writer() -> None:
+    """A write that failed aborts the connection's transport, reached through
+    `_writer` (its asyncio StreamWriter, None until connected)."""
+    from redis.asyncio.connection import Connection
+
+    connection = Connection()
+    assert hasattr(connection, "_writer") and connection._writer is None, (
+        f"redis {version('redis')}: Connection._writer is gone; "
+        "sdapi/infra/redis_writes.py aborts a failed write's transport with it"
+    )
+    source = inspect.getsource(Connection._connect)
+    assert "self._writer = " in source or "self._reader, self._writer" in source, (
+        f"redis {version('redis')}: Connection no longer keeps its StreamWriter "
+        "in _writer; sdapi/infra/redis_writes.py aborts a failed write with it"
     )
 
 

@@ -70,6 +70,7 @@ from sdapi.infra.fair_order import (
     enqueue_tagged,
     queue_enqueue_tagged,
 )
+from sdapi.infra.redis_writes import keeping_cancellation
 from sdapi.infra.streams import add_events
 
 __all__ = ["QueuePool", "QueueWorker", "Retry"]
@@ -246,10 +247,16 @@ async def create_queue_pool(
         settings, job_serializer=serialize, job_deserializer=deserialize
     )
     if deadline_s is not None:
-        # arq passes no read timeout; connections made from now on get one
-        # (the one arq opened to ping is dropped).
-        pool.connection_pool.connection_kwargs["socket_timeout"] = deadline_s
-        await pool.connection_pool.disconnect()
+        # arq passes no read timeout; connections made from now on get one,
+        # and writes bounded without losing a cancellation. The connection
+        # arq opened to ping is dropped, not reused without them.
+        connections = pool.connection_pool
+        connections.connection_kwargs["socket_timeout"] = deadline_s
+        connections.connection_class = keeping_cancellation(
+            connections.connection_class
+        )
+        await connections.disconnect()
+        connections.reset()  # type: ignore[no-untyped-call]
     return pool
 
 

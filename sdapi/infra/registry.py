@@ -153,7 +153,8 @@ class NodeRegistry:
                 # The first view, or one asked for by `invalidate`: worth a
                 # short wait, never longer than a call to Consul may take.
                 with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._fresh.wait(), FIRST_VIEW_WAIT_S)
+                    async with asyncio.timeout(FIRST_VIEW_WAIT_S):
+                        await self._fresh.wait()
             if self._cached is None:
                 raise NodesUnknown
             return list(self._cached)
@@ -271,8 +272,11 @@ class NodeRegistry:
 
     async def _pause(self, seconds: float) -> None:
         """Sleep `seconds`, or less when `invalidate` asks for a fresh view."""
+        # asyncio.timeout, not wait_for: on Python 3.11 wait_for can lose the
+        # watch's cancellation (sdapi/infra/redis_writes.py tells how).
         with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(self._kick.wait(), seconds)
+            async with asyncio.timeout(seconds):
+                await self._kick.wait()
 
     async def _blocking_query(
         self, consul: Any, index: str | None, wait_s: float
@@ -285,6 +289,10 @@ class NodeRegistry:
         kicked = asyncio.ensure_future(self._kick.wait())
         try:
             await asyncio.wait({query, kicked}, return_when=asyncio.FIRST_COMPLETED)
+        except BaseException:
+            # Cancelled (the watch ends): the query must not outlive it.
+            query.cancel()
+            raise
         finally:
             kicked.cancel()
         if not query.done():

@@ -15,6 +15,7 @@ from typing import Any
 
 import pytest
 from aiohttp.test_utils import TestClient
+from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from sdapi.contract.status import Status
 from sdapi.db.connection import apply_migrations, open_database
@@ -22,6 +23,7 @@ from sdapi.db.models import Generation
 from sdapi.devtools.accounts import auth, make_user
 from sdapi.devtools.embedded import EmbeddedValkey, embedded_postgres
 from sdapi.devtools.net import free_port
+from sdapi.infra.queue import create_queue_pool
 from tests.consul_double import ConsulDouble
 from tests.node_double import NodeDouble, jobs_context
 from tests.support import until
@@ -242,3 +244,25 @@ async def test_a_frozen_redis_costs_an_accepted_submit_one_budget(
     stored = await Generation.get(id=body["id"])
     assert stored.status == Status.QUEUED and stored.deadline is not None
     await client.close()  # while the Consul double still answers
+
+
+async def test_a_write_to_a_frozen_redis_ends_at_the_deadline(
+    own_valkey: EmbeddedValkey,
+) -> None:
+    # More than the socket buffers hold cannot be sent to a server that reads
+    # nothing: the write itself is bounded (sdapi/infra/redis_writes.py).
+    pool = await create_queue_pool(own_valkey.url, deadline_s=DEADLINE_S)
+    try:
+        await pool.ping()
+        assert own_valkey.pid is not None
+        with frozen([own_valkey.pid]):
+            started = time.monotonic()
+            with pytest.raises(RedisTimeoutError):
+                await pool.set("sdapi-test:big", b"x" * (64 << 20))
+            took = time.monotonic() - started
+        # The write times out, then the retry after a dropped connection
+        # (its handshake unanswered): each one deadline.
+        assert took < 2 * DEADLINE_S + SLACK_S
+        assert await pool.set("sdapi-test:big", b"x") is True
+    finally:
+        await pool.aclose()
