@@ -11,6 +11,7 @@ import base64
 import io
 import re
 import shutil
+import time
 import uuid
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -22,7 +23,14 @@ from urllib.parse import urlsplit
 
 import pytest
 from aiosmtpd.controller import Controller
-from playwright.sync_api import Browser, Page, Playwright, expect, sync_playwright
+from playwright.sync_api import (
+    Browser,
+    Page,
+    Playwright,
+    Route,
+    expect,
+    sync_playwright,
+)
 
 from sdapi.db.connection import open_database, truncate_all
 from sdapi.db.models import User, utcnow
@@ -305,6 +313,43 @@ def test_two_runs_at_once_finish_in_their_own_cards(visit: Visit, stack: Stack) 
         card = runs.filter(has_text=prompt)
         expect(card.locator(".status")).to_have_text("succeeded", timeout=60_000)
         expect(card.locator(".images img")).to_have_count(1)
+
+
+def test_a_run_sent_before_the_models_arrive_waits_for_them(
+    visit: Visit, stack: Stack
+) -> None:
+    # The form shows, and takes a click, before the list of models is back:
+    # what was typed stays, and the run goes out with the chosen model.
+    page = visit.page
+    account(stack, page, premium=True)
+    held: list[Route] = []
+    page.route("**/api/v1/models", lambda route: held.append(route))
+    page.reload()
+    fill(page, prompt="before the models", width=64, height=64, steps=4)
+    page.get_by_role("button", name="Generate").click()
+    # Waiting for the models, not sending.
+    expect(page.locator("#generate")).to_be_disabled()
+    deadline = time.monotonic() + 30
+    while not held and time.monotonic() < deadline:
+        page.wait_for_timeout(20)  # lets Playwright deliver the held request
+    assert held, "the page never asked for the models"
+    with page.expect_request(
+        lambda req: req.url.endswith("/api/v1/generations") and req.method == "POST"
+    ) as sent:
+        for route in held:
+            route.continue_()
+    page.unroute("**/api/v1/models")
+    body = sent.value.post_data_json
+    assert (body["model"], body["width"], body["height"], body["steps"]) == (
+        "tiny",
+        64,
+        64,
+        4,
+    )
+    run = page.locator(".run").first
+    expect(run.locator(".status")).to_have_text("succeeded", timeout=60_000)
+    expect(page.locator('[data-error-for="form"]')).to_be_empty()
+    expect(page.locator("#width")).to_have_value("64")
 
 
 def test_a_queued_run_says_when_it_should_be_done(visit: Visit, stack: Stack) -> None:

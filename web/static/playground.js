@@ -40,8 +40,14 @@ document.addEventListener("DOMContentLoaded", () => {
   // --- the form ------------------------------------------------------------
 
   // Fields the user has typed in before the models arrived: the first list
-  // must not put the model's defaults over them.
-  const typedBeforeModels = new Set();
+  // must not put the model's defaults over them. The form shows before this
+  // script runs, so what it already holds was typed too.
+  const MODEL_DEFAULTED = ["width", "height", "steps", "guidance_scale"];
+  const typedBeforeModels = new Set(
+    MODEL_DEFAULTED.filter((name) => form[name].value !== form[name].defaultValue)
+  );
+  // The first list of models: a run sent before it arrived waits for it.
+  let firstModels = Promise.resolve();
   form.addEventListener("input", (event) => {
     if (!Object.keys(models).length && event.target.name) {
       typedBeforeModels.add(event.target.name);
@@ -333,6 +339,14 @@ document.addEventListener("DOMContentLoaded", () => {
     sdapi.clearErrors(form);
     const button = document.getElementById("generate");
     button.disabled = true;
+    await firstModels;
+    // The first list failed: asked again, and its error shown if it fails
+    // again (a run without a model could only be refused).
+    if (!Object.keys(models).length) await loadModels(true);
+    if (!Object.keys(models).length) {
+      button.disabled = false;
+      return;
+    }
     const result = await sdapi.api("POST", "/api/v1/generations", requestBody());
     button.disabled = false;
     if (!result.ok) {
@@ -575,6 +589,6 @@ document.addEventListener("DOMContentLoaded", () => {
     });
   }
 
-  loadModels(true);
+  firstModels = loadModels(true);
   pollModels();
 });
