@@ -28,6 +28,7 @@ from sdapi.devtools.s3_server import S3_ENV, MotoServer
 from sdapi.infra.links import signed_image_url
 from tests.node_double import NodeDouble, jobs_context
 from tests.pausable_proxy import TcpProxy
+from tests.support import until
 from tests.web.conftest import AiohttpClient
 from web.app import create_app
 from web.appkeys import stores_key
@@ -235,9 +236,18 @@ async def test_a_store_that_does_not_answer_is_a_quick_503(
         proxy.resume()
     else:
         await proxy.start()
-    again = await client.get(path, headers=auth(secret))
-    assert again.status == 200
-    assert await again.read() == png
+
+    async def downloaded() -> bytes | None:
+        again = await client.get(path, headers=auth(secret))
+        if again.status == 503:
+            # The store is back but its first answer can still miss this
+            # test's one-second deadline on a loaded machine (seen in a full
+            # run): a 503 again, and the next try gets the image.
+            return None
+        assert again.status == 200
+        return await again.read()
+
+    assert await until(downloaded, 30, "the download, the store back") == png
 
 
 @pytest.mark.parametrize("redirect", [False], ids=["stream"], indirect=True)
