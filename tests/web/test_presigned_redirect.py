@@ -8,13 +8,11 @@ from __future__ import annotations
 import hashlib
 import uuid
 from datetime import UTC, datetime, timedelta
-from pathlib import Path
 from urllib.parse import unquote, urlsplit
 
 import aiohttp
 import pytest
 from aiohttp.test_utils import TestClient
-from pydantic import SecretStr
 
 from sdapi.db.image_store import ImageStores
 from sdapi.db.models import GeneratedImage, Generation, User
@@ -32,22 +30,14 @@ PNG = b"\x89PNG\r\n\x1a\n" + bytes(range(256)) * 64
 
 @pytest.fixture
 async def client(
-    aiohttp_client: AiohttpClient,
-    clean_db: str,
-    clean_redis: str,
-    tmp_path: Path,
-    s3_url: str,
+    aiohttp_client: AiohttpClient, web_settings: WebSettings, s3_url: str
 ) -> TestClient:
-    settings = WebSettings(
-        database_url=clean_db,
-        redis_url=clean_redis,
-        data_dir=tmp_path,
-        secret_key=SecretStr("test-secret-key"),
-        bcrypt_rounds=4,
-        public_url="http://testserver.local",
-        storage_url=s3_url,
-        storage_redirect=True,
-        storage_presign_s=LIFETIME_S,
+    settings = web_settings.model_copy(
+        update={
+            "storage_url": s3_url,
+            "storage_redirect": True,
+            "storage_presign_s": LIFETIME_S,
+        }
     )
     result: TestClient = await aiohttp_client(create_app(settings))
     return result

@@ -10,7 +10,6 @@ import io
 import time
 import uuid
 from collections.abc import AsyncIterator
-from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -29,8 +28,6 @@ from sdapi.infra.links import signed_image_url
 from tests.node_double import NodeDouble, jobs_context
 from tests.pausable_proxy import TcpProxy
 from tests.support import until
-from tests.web.conftest import AiohttpClient
-from web.app import create_app
 from web.appkeys import stores_key
 from web.settings import WebSettings
 
@@ -75,27 +72,19 @@ def redirect(request: pytest.FixtureRequest) -> bool:
 
 @pytest.fixture
 def web_settings(
-    clean_db: str, clean_redis: str, tmp_path: Path, storage_url: str, redirect: bool
+    web_settings: WebSettings, storage_url: str, redirect: bool
 ) -> WebSettings:
-    return WebSettings(
-        database_url=clean_db,
-        redis_url=clean_redis,
-        data_dir=tmp_path,
-        secret_key=SecretStr(SECRET_KEY),
-        bcrypt_rounds=4,
-        public_url=BASE_URL,
-        storage_url=storage_url,
-        storage_redirect=redirect,
-        storage_timeout=STORE_TIMEOUT_S,
+    """tests/web/conftest.py's settings, with the S3 store behind the proxy
+    (its `client` builds the app from these)."""
+    return web_settings.model_copy(
+        update={
+            "secret_key": SecretStr(SECRET_KEY),
+            "public_url": BASE_URL,
+            "storage_url": storage_url,
+            "storage_redirect": redirect,
+            "storage_timeout": STORE_TIMEOUT_S,
+        }
     )
-
-
-@pytest.fixture
-async def client(
-    aiohttp_client: AiohttpClient, web_settings: WebSettings
-) -> TestClient:
-    result: TestClient = await aiohttp_client(create_app(web_settings))
-    return result
 
 
 @pytest.fixture

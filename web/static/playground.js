@@ -40,8 +40,8 @@ document.addEventListener("DOMContentLoaded", () => {
   // --- the form ------------------------------------------------------------
 
   // Fields the user has typed in before the models arrived: the first list
-  // must not put the model's defaults over them. The form shows before this
-  // script runs, so what it already holds was typed too.
+  // must not put the model's defaults (applyModel) over them. The form shows
+  // before this script runs, so what it already holds was typed too.
   const MODEL_DEFAULTED = ["width", "height", "steps", "guidance_scale"];
   const typedBeforeModels = new Set(
     MODEL_DEFAULTED.filter((name) => form[name].value !== form[name].defaultValue)
@@ -96,16 +96,18 @@ document.addEventListener("DOMContentLoaded", () => {
       ...model.schedulers.map((name) => sdapi.el("option", { value: name }, name))
     );
     form.scheduler.value = model.default_scheduler;
-    const defaults = [
-      ["width", String(Math.min(512, model.max_width))],
-      ["height", String(Math.min(512, model.max_height))],
-      ["steps", String(model.default_steps)],
-      ["guidance_scale", String(model.default_guidance)],
-    ];
+    const defaults = {
+      width: Math.min(512, model.max_width),
+      height: Math.min(512, model.max_height),
+      steps: model.default_steps,
+      guidance_scale: model.default_guidance,
+    };
     form.width.max = String(model.max_width);
     form.height.max = String(model.max_height);
-    for (const [name, value] of defaults) {
-      if (!keepValues && !typedBeforeModels.delete(name)) form[name].value = value;
+    for (const name of MODEL_DEFAULTED) {
+      if (!keepValues && !typedBeforeModels.delete(name)) {
+        form[name].value = String(defaults[name]);
+      }
     }
     showModelNote(model);
     keepLorasOf(model);
